@@ -1,0 +1,152 @@
+//! `edgetune bench`: kernel throughput at fixed shapes on the chosen device and on the CPU
+//! reference, in the same run. Peers (numpy/OpenBLAS) are timed by `scripts/bench.sh`.
+
+use crate::{BackendKind, DeviceArgs};
+use edgetune::backend::cpu::Cpu;
+use edgetune::{Backend, Op, WeightType};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Also time the CPU reference (slow at the largest shapes).
+    #[arg(long)]
+    with_reference: bool,
+    /// Minimum seconds to spend per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+/// One benchmark: a name, the op, and how to turn seconds per call into a rate.
+struct Item {
+    name: String,
+    m: u32,
+    k: u32,
+    n: u32,
+    wtype: Option<WeightType>,
+}
+
+impl Item {
+    fn flops(&self) -> f64 {
+        2.0 * f64::from(self.m) * f64::from(self.k) * f64::from(self.n)
+    }
+
+    /// Bytes the kernel must read (weights, activations) and write.
+    fn bytes(&self) -> f64 {
+        let w = match self.wtype {
+            Some(t) => t.row_bytes(self.k as usize).unwrap_or(0) as f64 * f64::from(self.n),
+            None => 4.0 * f64::from(self.k) * f64::from(self.n),
+        };
+        w + 4.0 * f64::from(self.m) * (f64::from(self.k) + f64::from(self.n))
+    }
+}
+
+fn items() -> Vec<Item> {
+    let mut v = vec![Item {
+        name: "matmul f32".into(),
+        m: 1024,
+        k: 1024,
+        n: 1024,
+        wtype: None,
+    }];
+    // SmolLM2-135M shapes (k = input width, n = output rows): attention/MLP projections
+    // and the output head. Q4_K needs k % 256 == 0, so it runs only where k = 1536.
+    for (k, n) in [(576u32, 1536u32), (1536, 576), (576, 49152)] {
+        for t in [WeightType::Q4_1, WeightType::Q4K] {
+            if t.row_bytes(k as usize).is_ok() {
+                v.push(Item {
+                    name: format!("qmatvec {}", t.name()),
+                    m: 1,
+                    k,
+                    n,
+                    wtype: Some(t),
+                });
+            }
+        }
+    }
+    v
+}
+
+fn fill(n: usize, salt: u32) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            let w = edgetune::rng::philox4x32_10([i as u32 / 16, salt, 0, 0], [1, 2])[0];
+            // Keep every 16-bit half a small finite f16 so quantised scales stay sane.
+            (w as u8) & if i % 2 == 1 { 0x3B } else { 0xFF }
+        })
+        .collect()
+}
+
+/// Seconds per call, repeating until `min_secs` have passed.
+fn time<B: Backend>(dev: &B, item: &Item, min_secs: f64) -> edgetune::Result<f64> {
+    let (m, k, n) = (item.m as usize, item.k as usize, item.n as usize);
+    let x = dev.upload_f32(&vec![0.5f32; m * k], "x")?;
+    let w_bytes = match item.wtype {
+        Some(t) => fill(t.row_bytes(k)? * n, 1),
+        None => (0..k * n)
+            .flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes())
+            .collect(),
+    };
+    let w = dev.upload(&w_bytes, "w")?;
+    let out = dev.alloc((m * n * 4) as u64, "out")?;
+    let op = match item.wtype {
+        Some(wtype) => Op::QMatmul {
+            x: &x,
+            w: &w,
+            out: &out,
+            wtype,
+            m: item.m,
+            k: item.k,
+            n: item.n,
+        },
+        None => Op::Matmul {
+            a: &x,
+            b: &w,
+            out: &out,
+            m: item.m,
+            k: item.k,
+            n: item.n,
+            a_t: false,
+            b_t: false,
+        },
+    };
+    dev.run(&op)?;
+    dev.sync()?;
+    let start = Instant::now();
+    let mut reps = 0u32;
+    while reps < 2 || start.elapsed().as_secs_f64() < min_secs {
+        dev.run(&op)?;
+        dev.sync()?;
+        reps += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / f64::from(reps))
+}
+
+fn report(device: &str, item: &Item, secs: f64) {
+    println!(
+        "{:<24} {:<20} {:>18} {:>10.3} ms {:>9.2} GFLOP/s {:>8.2} GB/s",
+        device,
+        item.name,
+        format!("{}x{}x{}", item.m, item.k, item.n),
+        secs * 1e3,
+        item.flops() / secs / 1e9,
+        item.bytes() / secs / 1e9
+    );
+}
+
+pub fn run(args: &BenchArgs) -> edgetune::Result<()> {
+    let gpu = match args.device.backend {
+        BackendKind::Gpu => Some(args.device.gpu()?),
+        BackendKind::Cpu => None,
+    };
+    for item in items() {
+        if let Some(gpu) = &gpu {
+            report(&gpu.report().name, &item, time(gpu, &item, args.seconds)?);
+        }
+        if gpu.is_none() || args.with_reference {
+            report("cpu reference", &item, time(&Cpu, &item, args.seconds)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! `edgetune`: a thin skin over the runtime's public API.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use edgetune::backend::cpu::Cpu;
+use edgetune::backend::wgpu::{Gpu, GpuOptions};
+use edgetune::selftest::{self, CheckRow, Tolerance};
+use std::process::ExitCode;
+
+mod bench;
+
+#[derive(Parser, Debug)]
+#[command(name = "edgetune", version, about = "On-device tuning runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    Cpu,
+    Gpu,
+}
+
+/// Device choice shared by every command.
+#[derive(clap::Args, Debug, Clone)]
+struct DeviceArgs {
+    /// Where kernels run.
+    #[arg(long, value_enum, default_value = "gpu")]
+    backend: BackendKind,
+    /// GPU adapter: case-insensitive substring of its name (default: $WGPU_ADAPTER_NAME,
+    /// then wgpu's choice).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// GPU APIs to consider, comma-separated: vulkan, metal, dx12, gl (default: $WGPU_BACKEND,
+    /// then all).
+    #[arg(long)]
+    wgpu_backend: Option<String>,
+}
+
+impl DeviceArgs {
+    fn gpu(&self) -> Result<Gpu, edgetune::Error> {
+        Gpu::open(&GpuOptions {
+            adapter_name: self.adapter.clone(),
+            backends: self.wgpu_backend.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Device conformance suite: every kernel against the CPU reference, with throughput.
+    Selftest {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only kernels whose name contains this text.
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// Kernel benchmarks at fixed shapes (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+}
+
+fn tolerance_text(t: Tolerance) -> String {
+    match t {
+        Tolerance::Exact => "exact".into(),
+        Tolerance::Close { atol, rtol } => format!("{atol:.0e}+{rtol:.0e}|r|"),
+    }
+}
+
+fn print_rows(rows: &[CheckRow], json: bool) {
+    if !json {
+        println!(
+            "{:<10} {:<36} {:>10} {:>10} {:>14} {:>5} {:>12}",
+            "kernel", "shape", "max_abs", "max_rel", "tolerance", "pass", "throughput"
+        );
+    }
+    for r in rows {
+        if json {
+            let v = serde_json::json!({
+                "kernel": r.kernel,
+                "shape": r.shape,
+                "max_abs": finite(r.max_abs),
+                "max_rel": finite(r.max_rel),
+                "tolerance": tolerance_text(r.tolerance),
+                "pass": r.pass,
+                "throughput": finite(r.throughput),
+                "unit": r.unit.label(),
+                "error": r.error,
+            });
+            println!("{v}");
+        } else {
+            let verdict = if r.pass { "ok" } else { "FAIL" };
+            println!(
+                "{:<10} {:<36} {:>10.3e} {:>10.3e} {:>14} {:>5} {:>8.2} {}",
+                r.kernel,
+                r.shape,
+                r.max_abs,
+                r.max_rel,
+                tolerance_text(r.tolerance),
+                verdict,
+                r.throughput,
+                r.unit.label()
+            );
+            if let Some(e) = &r.error {
+                println!("           error: {e}");
+            }
+        }
+    }
+}
+
+/// JSON has no NaN or infinity.
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+fn selftest(
+    device: &DeviceArgs,
+    json: bool,
+    kernel: Option<&str>,
+) -> Result<bool, edgetune::Error> {
+    let rows = match device.backend {
+        BackendKind::Cpu => {
+            if json {
+                println!("{}", serde_json::json!({"adapter": "cpu reference"}));
+            } else {
+                println!(
+                    "device: cpu reference (compared with itself: checks the harness, times the reference)"
+                );
+            }
+            selftest::run(&Cpu, kernel)
+        }
+        BackendKind::Gpu => {
+            let gpu = device.gpu()?;
+            let a = gpu.report();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "adapter": a.name, "backend": a.backend, "device_type": a.device_type,
+                        "driver": a.driver, "driver_info": a.driver_info,
+                        "max_buffer_size": a.max_buffer_size, "max_storage_binding": a.max_storage_binding,
+                        "max_workgroups_per_dim": a.max_workgroups_per_dim,
+                        "max_invocations_per_workgroup": a.max_invocations_per_workgroup,
+                        "shader_f16": a.shader_f16, "subgroups": a.subgroups,
+                    })
+                );
+            } else {
+                println!("adapter: {} ({}, {})", a.name, a.backend, a.device_type);
+                println!("driver:  {} {}", a.driver, a.driver_info);
+                println!(
+                    "limits:  buffer {} B, storage binding {} B, {} workgroups/dim, {} invocations/workgroup",
+                    a.max_buffer_size,
+                    a.max_storage_binding,
+                    a.max_workgroups_per_dim,
+                    a.max_invocations_per_workgroup
+                );
+                println!(
+                    "features: shader-f16 {}, subgroups {}",
+                    a.shader_f16, a.subgroups
+                );
+            }
+            selftest::run(&gpu, kernel)
+        }
+    };
+    print_rows(&rows, json);
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    if !json {
+        println!("{} checks, {} failed", rows.len(), failed);
+    }
+    Ok(failed == 0 && !rows.is_empty())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Selftest {
+            device,
+            json,
+            kernel,
+        } => selftest(device, *json, kernel.as_deref()),
+        Command::Bench(args) => bench::run(args).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The CPU reference backend: plain, readable Rust, no_std. Written for clarity, not speed;
+//! every other backend is tested against it, and it is tested against independent
+//! implementations (numpy, gguf-py) through committed golden files.
+
+use super::{Backend, Op, RopeStyle};
+use crate::error::{Error, Result};
+use crate::quant::{self, WeightType};
+use crate::rng::{self, ZAddr, ZKind};
+use core::cell::RefCell;
+use std::prelude::v1::*;
+
+/// The reference backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cpu;
+
+/// A host buffer. Kernels read their inputs into owned values before writing the output,
+/// so an output may alias an input.
+#[derive(Debug)]
+pub struct CpuBuffer(RefCell<Vec<u8>>);
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+impl CpuBuffer {
+    fn f32s(&self, n: usize) -> Vec<f32> {
+        let mut v = f32s(&self.0.borrow());
+        v.truncate(n);
+        v
+    }
+
+    fn bytes(&self, n: usize) -> Vec<u8> {
+        let b = self.0.borrow();
+        b[..n.min(b.len())].to_vec()
+    }
+
+    fn write_f32(&self, vals: &[f32]) {
+        let mut b = self.0.borrow_mut();
+        for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn write_u32(&self, vals: &[u32]) {
+        let mut b = self.0.borrow_mut();
+        for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+fn padded_len(bytes: u64, what: &'static str) -> Result<usize> {
+    let len = bytes.max(4).div_ceil(4) * 4;
+    usize::try_from(len).map_err(|_| Error::BufferTooLarge {
+        what,
+        bytes,
+        limit: usize::MAX as u64,
+    })
+}
+
+impl Backend for Cpu {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> String {
+        "cpu reference".into()
+    }
+
+    fn alloc(&self, bytes: u64, what: &'static str) -> Result<CpuBuffer> {
+        let len = padded_len(bytes, what)?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(len)
+            .map_err(|_| Error::OutOfMemory { what, bytes })?;
+        v.resize(len, 0);
+        Ok(CpuBuffer(RefCell::new(v)))
+    }
+
+    fn upload(&self, data: &[u8], what: &'static str) -> Result<CpuBuffer> {
+        let buf = self.alloc(data.len() as u64, what)?;
+        buf.0.borrow_mut()[..data.len()].copy_from_slice(data);
+        Ok(buf)
+    }
+
+    fn size(&self, buf: &CpuBuffer) -> u64 {
+        buf.0.borrow().len() as u64
+    }
+
+    fn read(&self, buf: &CpuBuffer) -> Result<Vec<u8>> {
+        Ok(buf.0.borrow().clone())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn run(&self, op: &Op<'_, CpuBuffer>) -> Result<()> {
+        op.check(|b| self.size(b))?;
+        match *op {
+            Op::Matmul {
+                a,
+                b,
+                out,
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+            } => {
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                out.write_f32(&matmul(&a.f32s(m * k), &b.f32s(k * n), m, k, n, a_t, b_t));
+            }
+            Op::QMatmul {
+                x,
+                w,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                let wb = w.bytes(wtype.row_bytes(k)? * n);
+                out.write_f32(&qmatmul(&x.f32s(m * k), &wb, wtype, m, k, n)?);
+            }
+            Op::Dequant { w, out, wtype, n } => {
+                let n = n as usize;
+                let mut y = vec![0.0; n];
+                quant::dequantize(wtype, &w.bytes(wtype.row_bytes(n)?), &mut y)?;
+                out.write_f32(&y);
+            }
+            Op::Embed {
+                table,
+                ids,
+                out,
+                wtype,
+                vocab,
+                dim,
+                n_ids,
+            } => {
+                let row = wtype.row_bytes(dim as usize)?;
+                let tb = table.bytes(row * vocab as usize);
+                let ids = u32s(&ids.bytes(n_ids as usize * 4));
+                out.write_f32(&embed(&tb, &ids, wtype, vocab, dim as usize)?);
+            }
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+            } => {
+                let d = dim as usize;
+                out.write_f32(&rmsnorm(
+                    &x.f32s(rows as usize * d),
+                    &weight.f32s(d),
+                    d,
+                    eps,
+                ));
+            }
+            Op::Rope {
+                x,
+                table,
+                out,
+                n_tokens,
+                n_heads,
+                head_dim,
+                pos0,
+                style,
+            } => {
+                let elems = (n_tokens * n_heads * head_dim) as usize;
+                let tab = table.f32s(((pos0 + n_tokens) * head_dim) as usize);
+                let shape = (n_tokens as usize, n_heads as usize, head_dim as usize);
+                out.write_f32(&rope(&x.f32s(elems), &tab, shape, pos0 as usize, style));
+            }
+            Op::Softmax { x, out, rows, cols } => {
+                out.write_f32(&softmax(&x.f32s((rows * cols) as usize), cols as usize));
+            }
+            Op::SwiGlu { gate, up, out, n } => {
+                let (g, u) = (gate.f32s(n as usize), up.f32s(n as usize));
+                out.write_f32(
+                    &g.iter()
+                        .zip(&u)
+                        .map(|(&g, &u)| silu(g) * u)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Op::Add { a, b, out, n } => {
+                let (a, b) = (a.f32s(n as usize), b.f32s(n as usize));
+                out.write_f32(&a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>());
+            }
+            Op::Scale { x, out, n, alpha } => {
+                out.write_f32(
+                    &x.f32s(n as usize)
+                        .iter()
+                        .map(|v| alpha * v)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                scale,
+            } => {
+                let shape = AttnShape {
+                    n_tokens: n_tokens as usize,
+                    n_heads: n_heads as usize,
+                    n_kv_heads: n_kv_heads as usize,
+                    head_dim: head_dim as usize,
+                    pos0: pos0 as usize,
+                };
+                let qo = shape.n_tokens * shape.n_heads * shape.head_dim;
+                let kv = (shape.pos0 + shape.n_tokens) * shape.n_kv_heads * shape.head_dim;
+                out.write_f32(&attention(
+                    &q.f32s(qo),
+                    &k.f32s(kv),
+                    &v.f32s(kv),
+                    shape,
+                    scale,
+                ));
+            }
+            Op::Philox {
+                out,
+                counter,
+                key,
+                n_blocks,
+            } => {
+                let mut words = Vec::with_capacity(n_blocks as usize * 4);
+                for i in 0..n_blocks {
+                    let mut c = counter;
+                    c[0] = c[0].wrapping_add(i);
+                    words.extend_from_slice(&rng::philox4x32_10(c, key));
+                }
+                out.write_u32(&words);
+            }
+            Op::PerturbZ {
+                out,
+                session_key,
+                seed,
+                tensor,
+                start,
+                n,
+                kind,
+            } => {
+                let addr = ZAddr {
+                    session_key,
+                    seed,
+                    tensor,
+                    purpose: rng::PURPOSE_PERTURB,
+                };
+                out.write_f32(&perturb_z(addr, u64::from(start), n as usize, kind));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// out[m,n] = op(a) * op(b); see [`Op::Matmul`] for the layouts.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    a_t: bool,
+    b_t: bool,
+) -> Vec<f32> {
+    let at = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
+    let bt = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f32;
+            for p in 0..k {
+                acc += at(i, p) * bt(p, j);
+            }
+            out[i * n + j] = acc;
+        }
+    }
+    out
+}
+
+/// out[m,n] = x[m,k] * dequant(w)^T, one dequantised row of w at a time.
+pub fn qmatmul(
+    x: &[f32],
+    w: &[u8],
+    wtype: WeightType,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Vec<f32>> {
+    let row_bytes = wtype.row_bytes(k)?;
+    let mut row = vec![0.0f32; k];
+    let mut out = vec![0.0f32; m * n];
+    for j in 0..n {
+        quant::dequantize(wtype, &w[j * row_bytes..(j + 1) * row_bytes], &mut row)?;
+        for i in 0..m {
+            let xi = &x[i * k..(i + 1) * k];
+            out[i * n + j] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();
+        }
+    }
+    Ok(out)
+}
+
+/// Rows `ids` of a `vocab` x `dim` table, dequantised.
+pub fn embed(
+    table: &[u8],
+    ids: &[u32],
+    wtype: WeightType,
+    vocab: u32,
+    dim: usize,
+) -> Result<Vec<f32>> {
+    let row_bytes = wtype.row_bytes(dim)?;
+    let mut out = vec![0.0f32; ids.len() * dim];
+    for (t, &id) in ids.iter().enumerate() {
+        if id >= vocab {
+            return Err(Error::IndexOutOfRange {
+                op: "embed",
+                index: u64::from(id),
+                bound: u64::from(vocab),
+            });
+        }
+        let r = id as usize * row_bytes;
+        quant::dequantize(
+            wtype,
+            &table[r..r + row_bytes],
+            &mut out[t * dim..(t + 1) * dim],
+        )?;
+    }
+    Ok(out)
+}
+
+/// Row-wise RMSNorm over rows of `dim`.
+pub fn rmsnorm(x: &[f32], weight: &[f32], dim: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / libm::sqrtf(ms + eps);
+        out.extend(row.iter().zip(weight).map(|(v, w)| v * inv * w));
+    }
+    out
+}
+
+/// RoPE over x [tokens, heads, head_dim] with a [`super::rope_table`].
+pub fn rope(
+    x: &[f32],
+    table: &[f32],
+    shape: (usize, usize, usize),
+    pos0: usize,
+    style: RopeStyle,
+) -> Vec<f32> {
+    let (n_tokens, n_heads, hd) = shape;
+    let half = hd / 2;
+    let mut out = x.to_vec();
+    for t in 0..n_tokens {
+        let cs = &table[(pos0 + t) * hd..(pos0 + t + 1) * hd];
+        for h in 0..n_heads {
+            let base = (t * n_heads + h) * hd;
+            for i in 0..half {
+                let (c, s) = (cs[2 * i], cs[2 * i + 1]);
+                let (i0, i1) = match style {
+                    RopeStyle::Interleaved => (base + 2 * i, base + 2 * i + 1),
+                    RopeStyle::HalfSplit => (base + i, base + i + half),
+                };
+                let (x0, x1) = (x[i0], x[i1]);
+                out[i0] = x0 * c - x1 * s;
+                out[i1] = x0 * s + x1 * c;
+            }
+        }
+    }
+    out
+}
+
+/// Row-wise softmax, subtracting the row maximum first.
+pub fn softmax(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(cols) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|v| libm::expf(v - max)).collect();
+        let sum: f32 = e.iter().sum();
+        out.extend(e.iter().map(|v| v / sum));
+    }
+    out
+}
+
+/// x * sigmoid(x).
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + libm::expf(-x))
+}
+
+/// The shape of an attention call; see [`Op::Attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub pos0: usize,
+}
+
+/// Causal grouped-query attention over a KV cache.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
+    let hd = s.head_dim;
+    let group = s.n_heads / s.n_kv_heads;
+    let mut out = vec![0.0f32; s.n_tokens * s.n_heads * hd];
+    for t in 0..s.n_tokens {
+        let last = s.pos0 + t;
+        for h in 0..s.n_heads {
+            let kvh = h / group;
+            let qv = &q[(t * s.n_heads + h) * hd..][..hd];
+            let kv_at = |buf: &'_ [f32], p: usize| -> Vec<f32> {
+                buf[(p * s.n_kv_heads + kvh) * hd..][..hd].to_vec()
+            };
+            let scores: Vec<f32> = (0..=last)
+                .map(|p| scale * qv.iter().zip(kv_at(k, p)).map(|(a, b)| a * b).sum::<f32>())
+                .collect();
+            let probs = softmax(&scores, scores.len());
+            let o = &mut out[(t * s.n_heads + h) * hd..][..hd];
+            for (p, w) in probs.iter().enumerate() {
+                for (oi, vi) in o.iter_mut().zip(kv_at(v, p)) {
+                    *oi += w * vi;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// z for elements start..start+n of one tensor.
+pub fn perturb_z(addr: ZAddr, start: u64, n: usize, kind: ZKind) -> Vec<f32> {
+    (0..n as u64).map(|i| addr.z(start + i, kind)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_transposes_agree() {
+        // a: 2x3, b: 3x2.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let want = [58.0, 64.0, 139.0, 154.0];
+        assert_eq!(matmul(&a, &b, 2, 3, 2, false, false), want);
+        let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+        let bt = [7.0, 9.0, 11.0, 8.0, 10.0, 12.0];
+        assert_eq!(matmul(&at, &b, 2, 3, 2, true, false), want);
+        assert_eq!(matmul(&a, &bt, 2, 3, 2, false, true), want);
+        assert_eq!(matmul(&at, &bt, 2, 3, 2, true, true), want);
+    }
+
+    #[test]
+    fn run_rejects_short_buffers_and_bad_ids() {
+        let cpu = Cpu;
+        let a = cpu.upload_f32(&[1.0; 6], "a").unwrap();
+        let small = cpu.alloc(4, "out").unwrap();
+        let err = cpu
+            .run(&Op::Matmul {
+                a: &a,
+                b: &a,
+                out: &small,
+                m: 2,
+                k: 3,
+                n: 2,
+                a_t: false,
+                b_t: false,
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::BufferTooSmall {
+                buffer: "out",
+                needed: 16,
+                actual: 4,
+                ..
+            }
+        ));
+
+        let table = cpu.upload_f32(&[0.5; 8], "table").unwrap();
+        let ids = cpu.upload(&7u32.to_le_bytes(), "ids").unwrap();
+        let out = cpu.alloc(16, "out").unwrap();
+        let err = cpu
+            .run(&Op::Embed {
+                table: &table,
+                ids: &ids,
+                out: &out,
+                wtype: WeightType::F32,
+                vocab: 2,
+                dim: 4,
+                n_ids: 1,
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::IndexOutOfRange {
+                op: "embed",
+                index: 7,
+                bound: 2
+            }
+        );
+    }
+
+    #[test]
+    fn attention_single_key_returns_its_value() {
+        let s = AttnShape {
+            n_tokens: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            pos0: 0,
+        };
+        let out = attention(&[1.0, 0.0, 0.0, 1.0], &[3.0, 4.0], &[5.0, 6.0], s, 1.0);
+        assert_eq!(out, vec![5.0, 6.0, 5.0, 6.0]);
+    }
+}

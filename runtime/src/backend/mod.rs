@@ -1,0 +1,648 @@
+//! The backend abstraction: buffers, uploads and readbacks, and kernel dispatch.
+//!
+//! A kernel call is an [`Op`] value naming its buffers and shape. Shapes are checked once,
+//! here, against the buffers' real sizes ([`Op::check`]), so every backend gets the same
+//! typed errors. `cpu` is the reference every other backend is tested against.
+
+use crate::error::{Error, Result};
+use crate::quant::WeightType;
+use crate::rng::ZKind;
+use std::prelude::v1::*;
+
+pub mod cpu;
+#[cfg(feature = "gpu")]
+pub mod wgpu;
+
+/// The two RoPE pairings in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RopeStyle {
+    /// Rotate (x[2i], x[2i+1]): GGUF Llama checkpoints (llama.cpp's "normal" mode).
+    Interleaved,
+    /// Rotate (x[i], x[i + d/2]): Hugging Face Llama/Qwen2 (llama.cpp's "neox" mode).
+    HalfSplit,
+}
+
+/// One kernel call. Buffers hold little-endian f32 unless stated; shapes are in elements.
+/// Matrices are row-major.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Op<'a, B> {
+    /// out[m,n] = op(a)[m,k] * op(b)[k,n], where op transposes when the flag is set:
+    /// `a` is stored [m,k] (or [k,m] if `a_t`), `b` is stored [k,n] (or [n,k] if `b_t`).
+    Matmul {
+        a: &'a B,
+        b: &'a B,
+        out: &'a B,
+        m: u32,
+        k: u32,
+        n: u32,
+        a_t: bool,
+        b_t: bool,
+    },
+    /// out[m,n] = x[m,k] * dequant(w)^T with w stored as n rows of k elements of `wtype`.
+    /// m = 1 is the one-token matrix-vector product.
+    QMatmul {
+        x: &'a B,
+        w: &'a B,
+        out: &'a B,
+        wtype: WeightType,
+        m: u32,
+        k: u32,
+        n: u32,
+    },
+    /// out[0..n] = dequant(w[0..n]) (the same arithmetic as QMatmul, exposed for tests).
+    Dequant {
+        w: &'a B,
+        out: &'a B,
+        wtype: WeightType,
+        n: u32,
+    },
+    /// out[t, 0..dim] = dequant(table row ids[t]); `ids` holds u32.
+    Embed {
+        table: &'a B,
+        ids: &'a B,
+        out: &'a B,
+        wtype: WeightType,
+        vocab: u32,
+        dim: u32,
+        n_ids: u32,
+    },
+    /// out[r,:] = x[r,:] / sqrt(mean(x[r,:]^2) + eps) * weight.
+    RmsNorm {
+        x: &'a B,
+        weight: &'a B,
+        out: &'a B,
+        rows: u32,
+        dim: u32,
+        eps: f32,
+    },
+    /// Rotary embedding of x [n_tokens, n_heads, head_dim]; token t sits at position pos0 + t.
+    /// `table` holds (cos, sin) pairs [positions, head_dim/2, 2] from [`rope_table`].
+    Rope {
+        x: &'a B,
+        table: &'a B,
+        out: &'a B,
+        n_tokens: u32,
+        n_heads: u32,
+        head_dim: u32,
+        pos0: u32,
+        style: RopeStyle,
+    },
+    /// Row-wise softmax of x [rows, cols].
+    Softmax {
+        x: &'a B,
+        out: &'a B,
+        rows: u32,
+        cols: u32,
+    },
+    /// out = silu(gate) * up, elementwise (SwiGLU).
+    SwiGlu {
+        gate: &'a B,
+        up: &'a B,
+        out: &'a B,
+        n: u32,
+    },
+    /// out = a + b, elementwise.
+    Add {
+        a: &'a B,
+        b: &'a B,
+        out: &'a B,
+        n: u32,
+    },
+    /// out = alpha * x, elementwise.
+    Scale {
+        x: &'a B,
+        out: &'a B,
+        n: u32,
+        alpha: f32,
+    },
+    /// Causal attention with grouped-query heads over a KV cache.
+    /// q [n_tokens, n_heads, head_dim]; k, v [capacity, n_kv_heads, head_dim] with the
+    /// first pos0 + n_tokens positions filled; token t (position pos0 + t) attends to
+    /// positions 0..=pos0 + t. Query head h reads kv head h / (n_heads / n_kv_heads).
+    Attention {
+        q: &'a B,
+        k: &'a B,
+        v: &'a B,
+        out: &'a B,
+        n_tokens: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        pos0: u32,
+        scale: f32,
+    },
+    /// out[4i..4i+4] = philox4x32_10(counter + (i, 0, 0, 0), key) as u32, i < n_blocks.
+    /// The addition wraps in the first word only.
+    Philox {
+        out: &'a B,
+        counter: [u32; 4],
+        key: [u32; 2],
+        n_blocks: u32,
+    },
+    /// out[i] = z(start + i) for i < n: the perturbation of [`crate::rng::ZAddr`], as f32.
+    PerturbZ {
+        out: &'a B,
+        session_key: u64,
+        seed: u32,
+        tensor: u32,
+        start: u32,
+        n: u32,
+        kind: ZKind,
+    },
+}
+
+/// Largest head dimension the attention kernel accepts (its per-invocation accumulator).
+pub const MAX_HEAD_DIM: u32 = 256;
+
+fn need(
+    op: &'static str,
+    buffer: &'static str,
+    actual: u64,
+    elems: u64,
+    elem_bytes: u64,
+) -> Result<()> {
+    let needed = elems
+        .checked_mul(elem_bytes)
+        .ok_or_else(|| Error::InvalidShape {
+            op,
+            reason: format!("{elems} elements of {elem_bytes} bytes overflow"),
+        })?;
+    if actual < needed {
+        return Err(Error::BufferTooSmall {
+            op,
+            buffer,
+            needed,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn nonzero(op: &'static str, dims: &[(&str, u32)]) -> Result<()> {
+    for (name, v) in dims {
+        if *v == 0 {
+            return Err(Error::InvalidShape {
+                op,
+                reason: format!("{name} must be > 0"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn mul(a: u32, b: u32) -> u64 {
+    u64::from(a) * u64::from(b)
+}
+
+/// Bytes of `rows` rows of `cols` elements of `wtype`.
+fn weight_bytes(op: &'static str, wtype: WeightType, rows: u32, cols: u32) -> Result<u64> {
+    let row = wtype.row_bytes(cols as usize).map_err(|e| match e {
+        Error::InvalidShape { reason, .. } => Error::InvalidShape { op, reason },
+        other => other,
+    })?;
+    (row as u64)
+        .checked_mul(u64::from(rows))
+        .ok_or_else(|| Error::InvalidShape {
+            op,
+            reason: "weight size overflows".into(),
+        })
+}
+
+impl<B> Op<'_, B> {
+    /// The kernel's name as the conformance suite prints it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Matmul { .. } => "matmul",
+            Op::QMatmul { m: 1, .. } => "qmatvec",
+            Op::QMatmul { .. } => "qmatmul",
+            Op::Dequant { .. } => "dequant",
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Rope { .. } => "rope",
+            Op::Softmax { .. } => "softmax",
+            Op::SwiGlu { .. } => "swiglu",
+            Op::Add { .. } => "add",
+            Op::Scale { .. } => "scale",
+            Op::Attention { .. } => "attention",
+            Op::Philox { .. } => "philox",
+            Op::PerturbZ { .. } => "perturb_z",
+        }
+    }
+
+    /// The same call on other buffers: `f` maps each buffer (for example an index into a
+    /// list, as the conformance suite stores its cases) to a buffer of another kind.
+    pub fn map_buffers<'b, C>(&self, f: impl Fn(&B) -> &'b C) -> Op<'b, C> {
+        match *self {
+            Op::Matmul {
+                a,
+                b,
+                out,
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+            } => Op::Matmul {
+                a: f(a),
+                b: f(b),
+                out: f(out),
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+            },
+            Op::QMatmul {
+                x,
+                w,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => Op::QMatmul {
+                x: f(x),
+                w: f(w),
+                out: f(out),
+                wtype,
+                m,
+                k,
+                n,
+            },
+            Op::Dequant { w, out, wtype, n } => Op::Dequant {
+                w: f(w),
+                out: f(out),
+                wtype,
+                n,
+            },
+            Op::Embed {
+                table,
+                ids,
+                out,
+                wtype,
+                vocab,
+                dim,
+                n_ids,
+            } => Op::Embed {
+                table: f(table),
+                ids: f(ids),
+                out: f(out),
+                wtype,
+                vocab,
+                dim,
+                n_ids,
+            },
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+            } => Op::RmsNorm {
+                x: f(x),
+                weight: f(weight),
+                out: f(out),
+                rows,
+                dim,
+                eps,
+            },
+            Op::Rope {
+                x,
+                table,
+                out,
+                n_tokens,
+                n_heads,
+                head_dim,
+                pos0,
+                style,
+            } => Op::Rope {
+                x: f(x),
+                table: f(table),
+                out: f(out),
+                n_tokens,
+                n_heads,
+                head_dim,
+                pos0,
+                style,
+            },
+            Op::Softmax { x, out, rows, cols } => Op::Softmax {
+                x: f(x),
+                out: f(out),
+                rows,
+                cols,
+            },
+            Op::SwiGlu { gate, up, out, n } => Op::SwiGlu {
+                gate: f(gate),
+                up: f(up),
+                out: f(out),
+                n,
+            },
+            Op::Add { a, b, out, n } => Op::Add {
+                a: f(a),
+                b: f(b),
+                out: f(out),
+                n,
+            },
+            Op::Scale { x, out, n, alpha } => Op::Scale {
+                x: f(x),
+                out: f(out),
+                n,
+                alpha,
+            },
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                scale,
+            } => Op::Attention {
+                q: f(q),
+                k: f(k),
+                v: f(v),
+                out: f(out),
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                scale,
+            },
+            Op::Philox {
+                out,
+                counter,
+                key,
+                n_blocks,
+            } => Op::Philox {
+                out: f(out),
+                counter,
+                key,
+                n_blocks,
+            },
+            Op::PerturbZ {
+                out,
+                session_key,
+                seed,
+                tensor,
+                start,
+                n,
+                kind,
+            } => Op::PerturbZ {
+                out: f(out),
+                session_key,
+                seed,
+                tensor,
+                start,
+                n,
+                kind,
+            },
+        }
+    }
+
+    /// Checks the shape against the buffers' sizes in bytes, as reported by `size`.
+    pub fn check(&self, size: impl Fn(&B) -> u64) -> Result<()> {
+        let op = self.name();
+        match *self {
+            Op::Matmul {
+                a, b, out, m, k, n, ..
+            } => {
+                nonzero(op, &[("m", m), ("k", k), ("n", n)])?;
+                need(op, "a", size(a), mul(m, k), 4)?;
+                need(op, "b", size(b), mul(k, n), 4)?;
+                need(op, "out", size(out), mul(m, n), 4)
+            }
+            Op::QMatmul {
+                x,
+                w,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                nonzero(op, &[("m", m), ("k", k), ("n", n)])?;
+                need(op, "x", size(x), mul(m, k), 4)?;
+                need(op, "w", size(w), weight_bytes(op, wtype, n, k)?, 1)?;
+                need(op, "out", size(out), mul(m, n), 4)
+            }
+            Op::Dequant { w, out, wtype, n } => {
+                nonzero(op, &[("n", n)])?;
+                need(op, "w", size(w), weight_bytes(op, wtype, 1, n)?, 1)?;
+                need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::Embed {
+                table,
+                ids,
+                out,
+                wtype,
+                vocab,
+                dim,
+                n_ids,
+            } => {
+                nonzero(op, &[("vocab", vocab), ("dim", dim), ("n_ids", n_ids)])?;
+                need(
+                    op,
+                    "table",
+                    size(table),
+                    weight_bytes(op, wtype, vocab, dim)?,
+                    1,
+                )?;
+                need(op, "ids", size(ids), u64::from(n_ids), 4)?;
+                need(op, "out", size(out), mul(n_ids, dim), 4)
+            }
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+            } => {
+                nonzero(op, &[("rows", rows), ("dim", dim)])?;
+                if !(eps.is_finite() && eps >= 0.0) {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("eps must be finite and >= 0, got {eps}"),
+                    });
+                }
+                need(op, "x", size(x), mul(rows, dim), 4)?;
+                need(op, "weight", size(weight), u64::from(dim), 4)?;
+                need(op, "out", size(out), mul(rows, dim), 4)
+            }
+            Op::Rope {
+                x,
+                table,
+                out,
+                n_tokens,
+                n_heads,
+                head_dim,
+                pos0,
+                ..
+            } => {
+                nonzero(
+                    op,
+                    &[
+                        ("n_tokens", n_tokens),
+                        ("n_heads", n_heads),
+                        ("head_dim", head_dim),
+                    ],
+                )?;
+                if head_dim % 2 != 0 {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("head_dim {head_dim} must be even"),
+                    });
+                }
+                let elems = mul(n_tokens, n_heads) * u64::from(head_dim);
+                need(op, "x", size(x), elems, 4)?;
+                need(op, "out", size(out), elems, 4)?;
+                let positions = u64::from(pos0) + u64::from(n_tokens);
+                need(op, "table", size(table), positions * u64::from(head_dim), 4)
+            }
+            Op::Softmax { x, out, rows, cols } => {
+                nonzero(op, &[("rows", rows), ("cols", cols)])?;
+                need(op, "x", size(x), mul(rows, cols), 4)?;
+                need(op, "out", size(out), mul(rows, cols), 4)
+            }
+            Op::SwiGlu {
+                gate: a,
+                up: b,
+                out,
+                n,
+            }
+            | Op::Add { a, b, out, n } => {
+                nonzero(op, &[("n", n)])?;
+                need(op, "a", size(a), u64::from(n), 4)?;
+                need(op, "b", size(b), u64::from(n), 4)?;
+                need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::Scale { x, out, n, .. } => {
+                nonzero(op, &[("n", n)])?;
+                need(op, "x", size(x), u64::from(n), 4)?;
+                need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                ..
+            } => {
+                nonzero(
+                    op,
+                    &[
+                        ("n_tokens", n_tokens),
+                        ("n_heads", n_heads),
+                        ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim),
+                    ],
+                )?;
+                if n_heads % n_kv_heads != 0 {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!(
+                            "n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
+                        ),
+                    });
+                }
+                if head_dim > MAX_HEAD_DIM {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("head_dim {head_dim} exceeds {MAX_HEAD_DIM}"),
+                    });
+                }
+                let qo = mul(n_tokens, n_heads) * u64::from(head_dim);
+                let kv = (u64::from(pos0) + u64::from(n_tokens)) * mul(n_kv_heads, head_dim);
+                need(op, "q", size(q), qo, 4)?;
+                need(op, "k", size(k), kv, 4)?;
+                need(op, "v", size(v), kv, 4)?;
+                need(op, "out", size(out), qo, 4)
+            }
+            Op::Philox { out, n_blocks, .. } => {
+                nonzero(op, &[("n_blocks", n_blocks)])?;
+                need(op, "out", size(out), u64::from(n_blocks), 16)
+            }
+            Op::PerturbZ { out, n, .. } => {
+                nonzero(op, &[("n", n)])?;
+                need(op, "out", size(out), u64::from(n), 4)
+            }
+        }
+    }
+}
+
+/// The (cos, sin) table for RoPE: [positions, head_dim/2, 2] with angle
+/// pos * theta^(-2i/head_dim), computed in f64 and rounded once. Computing it on the host
+/// keeps the kernels free of transcendental functions and lets rope scaling be applied here.
+pub fn rope_table(theta: f64, head_dim: u32, positions: u32) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut t = Vec::with_capacity(positions as usize * head_dim as usize);
+    for p in 0..positions {
+        for i in 0..half {
+            let freq = libm::pow(theta, -(2.0 * f64::from(i)) / f64::from(head_dim));
+            let angle = f64::from(p) * freq;
+            t.push(libm::cos(angle) as f32);
+            t.push(libm::sin(angle) as f32);
+        }
+    }
+    t
+}
+
+/// A compute device holding buffers and running [`Op`]s on them.
+///
+/// Work may be queued: results are guaranteed visible after [`Backend::read`] or
+/// [`Backend::sync`].
+pub trait Backend {
+    /// A device buffer (byte-addressed, size a multiple of 4).
+    type Buffer;
+
+    /// A short description of the device.
+    fn name(&self) -> String;
+    /// A zero-filled buffer of at least `bytes` bytes; `what` names it in errors.
+    fn alloc(&self, bytes: u64, what: &'static str) -> Result<Self::Buffer>;
+    /// A buffer holding `data` (padded with zeros to a multiple of 4 bytes).
+    fn upload(&self, data: &[u8], what: &'static str) -> Result<Self::Buffer>;
+    /// The buffer's size in bytes.
+    fn size(&self, buf: &Self::Buffer) -> u64;
+    /// The buffer's contents (waits for queued work).
+    fn read(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    /// Checks the shape, then runs (or queues) one kernel.
+    fn run(&self, op: &Op<'_, Self::Buffer>) -> Result<()>;
+    /// Waits until all queued work has finished.
+    fn sync(&self) -> Result<()>;
+
+    /// Uploads f32 values.
+    fn upload_f32(&self, data: &[f32], what: &'static str) -> Result<Self::Buffer> {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.upload(&bytes, what)
+    }
+
+    /// Reads `n` f32 values from the start of the buffer.
+    fn read_f32(&self, buf: &Self::Buffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = self.read(buf)?;
+        let need_bytes = n.saturating_mul(4);
+        if bytes.len() < need_bytes {
+            return Err(Error::BufferTooSmall {
+                op: "read_f32",
+                buffer: "buf",
+                needed: need_bytes as u64,
+                actual: bytes.len() as u64,
+            });
+        }
+        Ok(bytes[..need_bytes]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}

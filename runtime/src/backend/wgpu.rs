@@ -1,0 +1,777 @@
+//! The wgpu backend: WGSL kernels from `shaders/` on Vulkan, Metal, DX12 or GL.
+//!
+//! Dispatches are recorded into one pending command encoder and submitted on
+//! [`Backend::read`] / [`Backend::sync`] (or every [`MAX_OPS_PER_SUBMIT`] kernels, to bound
+//! the work per submit). Our own uncaptured-error and device-lost handlers turn GPU
+//! failures into typed errors; resource creation runs inside error scopes so that
+//! out-of-memory and validation failures are reported where they happen.
+
+use super::{Backend, Op, RopeStyle};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::prelude::v1::*;
+use std::sync::{Arc, Mutex, MutexGuard};
+use wgpu::util::DeviceExt;
+
+/// The kernel families, one WGSL file each.
+pub const SHADERS: [(&str, &str); 8] = [
+    ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("quant", include_str!("../../../shaders/quant.wgsl")),
+    ("rmsnorm", include_str!("../../../shaders/rmsnorm.wgsl")),
+    ("rope", include_str!("../../../shaders/rope.wgsl")),
+    ("softmax", include_str!("../../../shaders/softmax.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../../shaders/elementwise.wgsl"),
+    ),
+    ("attention", include_str!("../../../shaders/attention.wgsl")),
+    ("philox", include_str!("../../../shaders/philox.wgsl")),
+];
+
+/// Kernels recorded before a submit is forced.
+pub const MAX_OPS_PER_SUBMIT: u32 = 64;
+
+const WG: u32 = 64;
+
+/// How to choose the adapter. Unset fields fall back to wgpu's environment variables
+/// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), then to wgpu's default.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Case-insensitive substring of the adapter name.
+    pub adapter_name: Option<String>,
+    /// Comma list of backends: vulkan, metal, dx12, gl.
+    pub backends: Option<String>,
+}
+
+/// What the conformance suite prints about the device.
+#[derive(Debug, Clone)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub max_buffer_size: u64,
+    pub max_storage_binding: u64,
+    pub max_workgroups_per_dim: u32,
+    pub max_invocations_per_workgroup: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+}
+
+/// A GPU buffer.
+#[derive(Debug)]
+pub struct GpuBuffer {
+    buf: wgpu::Buffer,
+    size: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    ops: u32,
+}
+
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u32)>);
+
+/// The wgpu backend.
+#[derive(Debug)]
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    pending: Mutex<Pending>,
+    lost: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it; the data (caches,
+    // flags) stays usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gpu_err(context: &'static str, e: wgpu::Error) -> Error {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory {
+            what: context,
+            bytes: 0,
+        },
+        other => Error::Gpu {
+            context,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn choose_adapter(opts: &GpuOptions) -> Result<(wgpu::Instance, wgpu::Adapter)> {
+    let backends = match &opts.backends {
+        Some(list) => wgpu::Backends::from_comma_list(list),
+        None => wgpu::Backends::from_env().unwrap_or_default(),
+    };
+    if backends.is_empty() {
+        return Err(Error::NoAdapter {
+            reason: format!("no known backend in {:?}", opts.backends),
+        });
+    }
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    // wgpu's own WGPU_ADAPTER_NAME helper panics when nothing matches; match by hand instead.
+    let wanted = opts
+        .adapter_name
+        .clone()
+        .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok());
+    let adapter =
+        match wanted {
+            Some(wanted) => {
+                let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+                let needle = wanted.to_lowercase();
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+                    .ok_or(Error::NoMatchingAdapter {
+                        wanted,
+                        available: names,
+                    })?
+            }
+            None => pollster::block_on(
+                instance.request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env()
+                        .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                    ..Default::default()
+                }),
+            )
+            .map_err(|e| Error::NoAdapter {
+                reason: e.to_string(),
+            })?,
+        };
+    Ok((instance, adapter))
+}
+
+impl Gpu {
+    /// Opens a device on the chosen adapter with every limit the adapter offers.
+    pub fn open(opts: &GpuOptions) -> Result<Gpu> {
+        let (_instance, adapter) = choose_adapter(opts)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("edgetune"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let lost = Arc::new(Mutex::new(None));
+        let uncaptured = Arc::new(Mutex::new(None));
+        let lost_flag = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            *lock(&lost_flag) = Some(format!("{reason:?}: {message}"));
+        });
+        let err_flag = Arc::clone(&uncaptured);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = lock(&err_flag);
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        debug_!("wgpu adapter: {}", info.name.as_str());
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            lost,
+            uncaptured,
+        })
+    }
+
+    /// The adapter's identity, limits and features.
+    pub fn report(&self) -> AdapterReport {
+        AdapterReport {
+            name: self.info.name.clone(),
+            backend: format!("{:?}", self.info.backend),
+            device_type: format!("{:?}", self.info.device_type),
+            driver: self.info.driver.clone(),
+            driver_info: self.info.driver_info.clone(),
+            max_buffer_size: self.limits.max_buffer_size,
+            max_storage_binding: self.limits.max_storage_buffer_binding_size,
+            max_workgroups_per_dim: self.limits.max_compute_workgroups_per_dimension,
+            max_invocations_per_workgroup: self.limits.max_compute_invocations_per_workgroup,
+            shader_f16: self.features.contains(wgpu::Features::SHADER_F16),
+            subgroups: self.features.contains(wgpu::Features::SUBGROUP),
+        }
+    }
+
+    /// Destroys the device now, freeing its memory (an app going to the background, or a
+    /// test of the device-loss path); every later call returns [`Error::DeviceLost`].
+    pub fn destroy(&self) {
+        self.device.destroy();
+        let mut lost = lock(&self.lost);
+        if lost.is_none() {
+            *lost = Some("destroyed by the application".into());
+        }
+    }
+
+    /// Fails if the device was lost or an uncaptured error was reported since the last check.
+    fn check_health(&self) -> Result<()> {
+        if let Some(reason) = lock(&self.lost).clone() {
+            return Err(Error::DeviceLost { reason });
+        }
+        if let Some(message) = lock(&self.uncaptured).take() {
+            return Err(Error::Gpu {
+                context: "queued work",
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `create` inside out-of-memory and validation error scopes.
+    fn scoped<T>(&self, context: &'static str, create: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = create();
+        let v_err = pollster::block_on(validation.pop());
+        let o_err = pollster::block_on(oom.pop());
+        match o_err.or(v_err) {
+            Some(e) => Err(gpu_err(context, e)),
+            None => Ok(value),
+        }
+    }
+
+    fn pipeline(
+        &self,
+        family: &'static str,
+        entry: &'static str,
+        overrides: Vec<(&'static str, u32)>,
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = (family, entry, overrides);
+        if let Some(p) = lock(&self.pipelines).get(&key) {
+            return Ok(p.clone());
+        }
+        let module = {
+            let mut modules = lock(&self.modules);
+            match modules.get(family) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = SHADERS
+                        .iter()
+                        .find(|(name, _)| *name == family)
+                        .map(|(_, src)| *src)
+                        .ok_or(Error::Gpu {
+                            context: "shader lookup",
+                            message: format!("no shader family `{family}`"),
+                        })?;
+                    let m = self.scoped("shader module", || {
+                        self.device
+                            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                label: Some(family),
+                                source: wgpu::ShaderSource::Wgsl(src.into()),
+                            })
+                    })?;
+                    modules.insert(family, m.clone());
+                    m
+                }
+            }
+        };
+        let constants: Vec<(&str, f64)> = key.2.iter().map(|(k, v)| (*k, f64::from(*v))).collect();
+        let pipeline = self.scoped("compute pipeline", || {
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+        })?;
+        lock(&self.pipelines).insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Workgroups for `invocations` one-dimensional invocations, folded into a 2-D grid
+    /// when they exceed the per-dimension limit (the shaders rebuild the flat index).
+    fn grid(&self, op: &'static str, invocations: u64) -> Result<(u32, u32)> {
+        let groups = invocations.div_ceil(u64::from(WG)).max(1);
+        let max = u64::from(self.limits.max_compute_workgroups_per_dimension);
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        if y > max {
+            return Err(Error::InvalidShape {
+                op,
+                reason: format!("{invocations} invocations exceed the device's dispatch limit"),
+            });
+        }
+        Ok((x as u32, y as u32))
+    }
+
+    fn check_grid(&self, op: &'static str, x: u64, y: u64) -> Result<(u32, u32)> {
+        let max = u64::from(self.limits.max_compute_workgroups_per_dimension);
+        if x > max || y > max {
+            return Err(Error::InvalidShape {
+                op,
+                reason: format!(
+                    "{x}x{y} workgroups exceed the device's limit of {max} per dimension"
+                ),
+            });
+        }
+        Ok((x.max(1) as u32, y.max(1) as u32))
+    }
+
+    fn submit_pending(&self, pending: &mut Pending) {
+        if let Some(enc) = pending.encoder.take() {
+            self.queue.submit([enc.finish()]);
+        }
+        pending.ops = 0;
+    }
+
+    fn dispatch(&self, d: Dispatch<'_>) -> Result<()> {
+        for (_, buf) in &d.bindings {
+            if buf.size > self.limits.max_storage_buffer_binding_size {
+                return Err(Error::BufferTooLarge {
+                    what: "storage binding",
+                    bytes: buf.size,
+                    limit: self.limits.max_storage_buffer_binding_size,
+                });
+            }
+        }
+        let pipeline = self.pipeline(d.family, d.entry, d.overrides)?;
+        let mut words = d.params;
+        words.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
+        entries.extend(
+            d.bindings
+                .iter()
+                .map(|(binding, buf)| wgpu::BindGroupEntry {
+                    binding: *binding,
+                    resource: buf.buf.as_entire_binding(),
+                }),
+        );
+        let bind_group = self.scoped("bind group", || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(d.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        })?;
+        let mut pending = lock(&self.pending);
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("edgetune"),
+                })
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(d.entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
+        }
+        pending.ops += 1;
+        if pending.ops >= MAX_OPS_PER_SUBMIT {
+            self.submit_pending(&mut pending);
+        }
+        Ok(())
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu {
+                context: "wait",
+                message: e.to_string(),
+            })?;
+        self.check_health()
+    }
+}
+
+/// One kernel launch: which pipeline, which buffers at which bindings, the uniform words.
+struct Dispatch<'a> {
+    family: &'static str,
+    entry: &'static str,
+    overrides: Vec<(&'static str, u32)>,
+    bindings: Vec<(u32, &'a GpuBuffer)>,
+    params: Vec<u32>,
+    groups: (u32, u32),
+}
+
+impl Backend for Gpu {
+    type Buffer = GpuBuffer;
+
+    fn name(&self) -> String {
+        format!("{} ({:?})", self.info.name, self.info.backend)
+    }
+
+    fn alloc(&self, bytes: u64, what: &'static str) -> Result<GpuBuffer> {
+        self.check_health()?;
+        let size = bytes.max(4).div_ceil(4) * 4;
+        if size > self.limits.max_buffer_size {
+            return Err(Error::BufferTooLarge {
+                what,
+                bytes: size,
+                limit: self.limits.max_buffer_size,
+            });
+        }
+        let buf = self
+            .scoped(what, || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(what),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .map_err(|e| match e {
+                Error::OutOfMemory { .. } => Error::OutOfMemory { what, bytes: size },
+                other => other,
+            })?;
+        Ok(GpuBuffer { buf, size })
+    }
+
+    fn upload(&self, data: &[u8], what: &'static str) -> Result<GpuBuffer> {
+        let buf = self.alloc(data.len() as u64, what)?;
+        let whole = data.len() / 4 * 4;
+        if whole > 0 {
+            self.queue.write_buffer(&buf.buf, 0, &data[..whole]);
+        }
+        if whole < data.len() {
+            let mut tail = [0u8; 4];
+            tail[..data.len() - whole].copy_from_slice(&data[whole..]);
+            self.queue.write_buffer(&buf.buf, whole as u64, &tail);
+        }
+        Ok(buf)
+    }
+
+    fn size(&self, buf: &GpuBuffer) -> u64 {
+        buf.size
+    }
+
+    fn read(&self, buf: &GpuBuffer) -> Result<Vec<u8>> {
+        self.check_health()?;
+        let staging = self.scoped("readback", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: buf.size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        {
+            let mut pending = lock(&self.pending);
+            let encoder = pending.encoder.get_or_insert_with(|| {
+                self.device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("edgetune"),
+                    })
+            });
+            encoder.copy_buffer_to_buffer(&buf.buf, 0, &staging, 0, buf.size);
+            self.submit_pending(&mut pending);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            // The receiver outlives the wait below; a failed send cannot happen.
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match rx.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Gpu {
+                    context: "readback map",
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Gpu {
+                    context: "readback map",
+                    message: "the mapping callback never ran".into(),
+                });
+            }
+        }
+        let data = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu {
+                context: "readback map",
+                message: e.to_string(),
+            })?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.check_health()?;
+        self.submit_pending(&mut lock(&self.pending));
+        self.wait()
+    }
+
+    fn run(&self, op: &Op<'_, GpuBuffer>) -> Result<()> {
+        self.check_health()?;
+        op.check(|b| b.size)?;
+        let name = op.name();
+        let d = match *op {
+            Op::Matmul {
+                a,
+                b,
+                out,
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+            } => {
+                if !a_t && !b_t && n % 8 == 0 {
+                    Dispatch {
+                        family: "matmul",
+                        entry: "matmul_nn8",
+                        overrides: vec![],
+                        bindings: vec![(1, a), (3, out), (4, b)],
+                        params: vec![m, k, n],
+                        groups: self.check_grid(
+                            name,
+                            u64::from(n.div_ceil(64)),
+                            u64::from(m.div_ceil(64)),
+                        )?,
+                    }
+                } else {
+                    Dispatch {
+                        family: "matmul",
+                        entry: "matmul",
+                        overrides: vec![("TA", u32::from(a_t)), ("TB", u32::from(b_t))],
+                        bindings: vec![(1, a), (2, b), (3, out)],
+                        params: vec![m, k, n],
+                        groups: self.check_grid(
+                            name,
+                            u64::from(n.div_ceil(32)),
+                            u64::from(m.div_ceil(32)),
+                        )?,
+                    }
+                }
+            }
+            Op::QMatmul {
+                x,
+                w,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                let row_bytes = wtype.row_bytes(k as usize)? as u32;
+                let (entry, groups) = if m == 1 {
+                    ("qmatvec", self.grid(name, u64::from(n))?)
+                } else {
+                    (
+                        "qmatmul",
+                        self.check_grid(name, u64::from(n.div_ceil(WG)), u64::from(m.div_ceil(4)))?,
+                    )
+                };
+                Dispatch {
+                    family: "quant",
+                    entry,
+                    overrides: vec![("WTYPE", wtype.shader_code())],
+                    bindings: vec![(1, w), (2, x), (4, out)],
+                    params: vec![m, k, n, row_bytes],
+                    groups,
+                }
+            }
+            Op::Dequant { w, out, wtype, n } => Dispatch {
+                family: "quant",
+                entry: "dequant",
+                overrides: vec![("WTYPE", wtype.shader_code())],
+                bindings: vec![(1, w), (4, out)],
+                params: vec![1, n, 1, wtype.row_bytes(n as usize)? as u32],
+                groups: self.grid(name, u64::from(n.div_ceil(32)))?,
+            },
+            Op::Embed {
+                table,
+                ids,
+                out,
+                wtype,
+                vocab,
+                dim,
+                n_ids,
+            } => Dispatch {
+                family: "quant",
+                entry: "embed",
+                overrides: vec![("WTYPE", wtype.shader_code())],
+                bindings: vec![(1, table), (3, ids), (4, out)],
+                params: vec![n_ids, dim, vocab, wtype.row_bytes(dim as usize)? as u32],
+                groups: self.grid(name, u64::from(n_ids) * u64::from(dim.div_ceil(32)))?,
+            },
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+            } => Dispatch {
+                family: "rmsnorm",
+                entry: "rmsnorm",
+                overrides: vec![],
+                bindings: vec![(1, x), (2, weight), (3, out)],
+                params: vec![rows, dim, eps.to_bits()],
+                groups: self.grid(name, u64::from(rows))?,
+            },
+            Op::Rope {
+                x,
+                table,
+                out,
+                n_tokens,
+                n_heads,
+                head_dim,
+                pos0,
+                style,
+            } => Dispatch {
+                family: "rope",
+                entry: "rope",
+                overrides: vec![("STYLE", u32::from(style == RopeStyle::HalfSplit))],
+                bindings: vec![(1, x), (2, table), (3, out)],
+                params: vec![n_tokens, n_heads, head_dim, pos0],
+                groups: self.grid(
+                    name,
+                    u64::from(n_tokens) * u64::from(n_heads) * u64::from(head_dim / 2),
+                )?,
+            },
+            Op::Softmax { x, out, rows, cols } => Dispatch {
+                family: "softmax",
+                entry: "softmax",
+                overrides: vec![],
+                bindings: vec![(1, x), (2, out)],
+                params: vec![rows, cols],
+                groups: self.grid(name, u64::from(rows))?,
+            },
+            Op::SwiGlu {
+                gate: a,
+                up: b,
+                out,
+                n,
+            }
+            | Op::Add { a, b, out, n } => Dispatch {
+                family: "elementwise",
+                entry: if matches!(op, Op::Add { .. }) {
+                    "add"
+                } else {
+                    "swiglu"
+                },
+                overrides: vec![],
+                bindings: vec![(1, a), (2, b), (3, out)],
+                params: vec![n],
+                groups: self.grid(name, u64::from(n))?,
+            },
+            Op::Scale { x, out, n, alpha } => Dispatch {
+                family: "elementwise",
+                entry: "scale",
+                overrides: vec![],
+                bindings: vec![(1, x), (3, out)],
+                params: vec![n, alpha.to_bits()],
+                groups: self.grid(name, u64::from(n))?,
+            },
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                scale,
+            } => Dispatch {
+                family: "attention",
+                entry: "attention",
+                overrides: vec![],
+                bindings: vec![(1, q), (2, k), (3, v), (4, out)],
+                params: vec![
+                    n_tokens,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    pos0,
+                    scale.to_bits(),
+                ],
+                groups: self.grid(name, u64::from(n_tokens) * u64::from(n_heads))?,
+            },
+            Op::Philox {
+                out,
+                counter,
+                key,
+                n_blocks,
+            } => Dispatch {
+                family: "philox",
+                entry: "philox",
+                overrides: vec![],
+                bindings: vec![(1, out)],
+                params: vec![
+                    counter[0], counter[1], counter[2], counter[3], key[0], key[1], n_blocks,
+                ],
+                groups: self.grid(name, u64::from(n_blocks))?,
+            },
+            Op::PerturbZ {
+                out,
+                session_key,
+                seed,
+                tensor,
+                start,
+                n,
+                kind,
+            } => Dispatch {
+                family: "philox",
+                entry: "perturb_z",
+                overrides: vec![],
+                bindings: vec![(2, out)],
+                params: vec![
+                    start,
+                    tensor,
+                    seed,
+                    crate::rng::PURPOSE_PERTURB,
+                    session_key as u32,
+                    (session_key >> 32) as u32,
+                    n,
+                    kind.shader_code(),
+                ],
+                groups: self.grid(name, u64::from(n))?,
+            },
+        };
+        self.dispatch(d)
+    }
+}

@@ -1,0 +1,27 @@
+//! edgetune: an on-device tuning runtime.
+//!
+//! Data flows top to bottom through the modules: model file -> [`quant`] blocks ->
+//! [`backend`] (the CPU reference or wgpu) -> model -> train -> sync. The core
+//! ([`quant`], [`rng`], [`backend::cpu`]) builds without `std` (alloc only) so it can run
+//! on a microcontroller; the wgpu backend and the conformance suite need `std`.
+#![no_std]
+
+// The std/core facade: with `std` this is std itself, without it core + alloc.
+#[allow(unused_imports)]
+#[macro_use]
+extern crate no_std_compat as std;
+
+// Declared first so every other module can use its macros.
+#[macro_use]
+mod fmt;
+
+pub mod backend;
+pub mod error;
+pub mod quant;
+pub mod rng;
+#[cfg(feature = "std")]
+pub mod selftest;
+
+pub use backend::{Backend, Op};
+pub use error::{Error, Result};
+pub use quant::WeightType;

@@ -1,0 +1,308 @@
+//! Weight storage formats: plain floats and the GGUF block quantisations.
+//!
+//! Layouts follow ggml exactly (little-endian). Every dequantisation is written so that
+//! each output is produced by at most one rounding of correctly rounded f32 operations
+//! (see the per-format notes); that is what lets the WGSL kernels match this reference
+//! bit for bit, whatever the shader compiler fuses.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::prelude::v1::*;
+
+/// How the elements of a weight tensor are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum WeightType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Q6K,
+}
+
+/// Elements per block of the 32-element formats.
+pub const QK: usize = 32;
+/// Elements per super-block of the K-quants.
+pub const QK_K: usize = 256;
+
+impl WeightType {
+    /// Every type, in a stable order (also the order of the shader's `WTYPE` codes).
+    pub const ALL: [WeightType; 8] = [
+        WeightType::F32,
+        WeightType::F16,
+        WeightType::BF16,
+        WeightType::Q8_0,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q4K,
+        WeightType::Q6K,
+    ];
+
+    /// The name GGUF tools print.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightType::F32 => "f32",
+            WeightType::F16 => "f16",
+            WeightType::BF16 => "bf16",
+            WeightType::Q8_0 => "q8_0",
+            WeightType::Q4_0 => "q4_0",
+            WeightType::Q4_1 => "q4_1",
+            WeightType::Q4K => "q4_k",
+            WeightType::Q6K => "q6_k",
+        }
+    }
+
+    /// The ggml type id used in GGUF tensor infos.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            WeightType::F32 => 0,
+            WeightType::F16 => 1,
+            WeightType::Q4_0 => 2,
+            WeightType::Q4_1 => 3,
+            WeightType::Q8_0 => 8,
+            WeightType::Q4K => 12,
+            WeightType::Q6K => 14,
+            WeightType::BF16 => 30,
+        }
+    }
+
+    /// The code the WGSL kernels receive as the `WTYPE` override constant.
+    pub fn shader_code(self) -> u32 {
+        match self {
+            WeightType::F32 => 0,
+            WeightType::F16 => 1,
+            WeightType::BF16 => 2,
+            WeightType::Q8_0 => 3,
+            WeightType::Q4_0 => 4,
+            WeightType::Q4_1 => 5,
+            WeightType::Q4K => 6,
+            WeightType::Q6K => 7,
+        }
+    }
+
+    /// Elements per block (1 for plain floats).
+    pub fn block_elems(self) -> usize {
+        match self {
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
+            WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1 => QK,
+            WeightType::Q4K | WeightType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            WeightType::F32 => 4,
+            WeightType::F16 | WeightType::BF16 => 2,
+            WeightType::Q8_0 => Q8_0_BYTES,
+            WeightType::Q4_0 => Q4_0_BYTES,
+            WeightType::Q4_1 => Q4_1_BYTES,
+            WeightType::Q4K => Q4K_BYTES,
+            WeightType::Q6K => Q6K_BYTES,
+        }
+    }
+
+    /// Bytes of one row of `cols` elements; rows must hold whole blocks.
+    pub fn row_bytes(self, cols: usize) -> Result<usize> {
+        let be = self.block_elems();
+        if !cols.is_multiple_of(be) {
+            return Err(Error::InvalidShape {
+                op: "row_bytes",
+                reason: format!(
+                    "{cols} columns is not a multiple of the {} block size {be}",
+                    self.name()
+                ),
+            });
+        }
+        (cols / be)
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| Error::InvalidShape {
+                op: "row_bytes",
+                reason: format!("{cols} columns of {} overflow usize", self.name()),
+            })
+    }
+}
+
+// Block sizes as laid out by ggml; the offsets below are the fields' positions.
+/// Q8_0: f16 scale d, then 32 x i8.
+pub const Q8_0_BYTES: usize = 2 + QK;
+/// Q4_0: f16 scale d, then 16 bytes of nibbles (low nibbles are elements 0..16).
+pub const Q4_0_BYTES: usize = 2 + QK / 2;
+/// Q4_1: f16 scale d, f16 minimum m, then 16 bytes of nibbles.
+pub const Q4_1_BYTES: usize = 4 + QK / 2;
+/// Q4_K: f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles.
+pub const Q4K_BYTES: usize = 4 + 12 + QK_K / 2;
+/// Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 x i8 scales, f16 d.
+pub const Q6K_BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
+
+const _: () = assert!(Q8_0_BYTES == 34);
+const _: () = assert!(Q4_0_BYTES == 18);
+const _: () = assert!(Q4_1_BYTES == 20);
+const _: () = assert!(Q4K_BYTES == 144);
+const _: () = assert!(Q6K_BYTES == 210);
+
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Dequantise `out.len()` elements stored as `ty` in `src` (which must hold exactly the
+/// bytes of those elements, whole blocks).
+pub fn dequantize(ty: WeightType, src: &[u8], out: &mut [f32]) -> Result<()> {
+    let need = ty.row_bytes(out.len())?;
+    if src.len() != need {
+        return Err(Error::BufferTooSmall {
+            op: "dequantize",
+            buffer: "src",
+            needed: need as u64,
+            actual: src.len() as u64,
+        });
+    }
+    let be = ty.block_elems();
+    let bb = ty.block_bytes();
+    for (blk, y) in src.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+        match ty {
+            WeightType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
+            WeightType::F16 => y[0] = f16_at(blk, 0),
+            WeightType::BF16 => {
+                y[0] = bf16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32()
+            }
+            WeightType::Q8_0 => dequant_q8_0(blk, y),
+            WeightType::Q4_0 => dequant_q4_0(blk, y),
+            WeightType::Q4_1 => dequant_q4_1(blk, y),
+            WeightType::Q4K => dequant_q4k(blk, y),
+            WeightType::Q6K => dequant_q6k(blk, y),
+        }
+    }
+    Ok(())
+}
+
+/// y = d * q: one rounding.
+fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = d * f32::from(b[2 + i] as i8);
+    }
+}
+
+/// y = d * (q - 8): one rounding.
+fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for j in 0..QK / 2 {
+        let q = b[2 + j];
+        y[j] = d * (f32::from(q & 0x0F) - 8.0);
+        y[j + QK / 2] = d * (f32::from(q >> 4) - 8.0);
+    }
+}
+
+/// y = d * q + m: d * q is exact (11 x 4 significant bits), so one rounding even if fused.
+fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    for j in 0..QK / 2 {
+        let q = b[4 + j];
+        y[j] = d * f32::from(q & 0x0F) + m;
+        y[j + QK / 2] = d * f32::from(q >> 4) + m;
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K super-block, as ggml packs them.
+pub fn q4k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// y = (d * sc) * q - dmin * m. d * sc has at most 17 significant bits and q 4, so both
+/// products are exact and the subtraction is the only rounding.
+fn dequant_q4k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..];
+    for chunk in 0..4 {
+        let (sc1, m1) = q4k_scale_min(scales, 2 * chunk);
+        let (sc2, m2) = q4k_scale_min(scales, 2 * chunk + 1);
+        let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
+        let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
+        let q = &qs[32 * chunk..32 * chunk + 32];
+        let out = &mut y[64 * chunk..64 * chunk + 64];
+        for l in 0..32 {
+            out[l] = d1 * f32::from(q[l] & 0x0F) - min1;
+            out[l + 32] = d2 * f32::from(q[l] >> 4) - min2;
+        }
+    }
+}
+
+/// y = (d * sc) * q: d * sc is exact (11 x 8 bits), the product with q is the one rounding.
+fn dequant_q6k(b: &[u8], y: &mut [f32]) {
+    let (ql, rest) = b.split_at(QK_K / 2);
+    let (qh, rest) = rest.split_at(QK_K / 4);
+    let (sc, dbytes) = rest.split_at(QK_K / 16);
+    let d = f16_at(dbytes, 0);
+    for half in 0..2 {
+        let ql = &ql[64 * half..];
+        let qh = &qh[32 * half..];
+        let sc = &sc[8 * half..];
+        let out = &mut y[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
+            let q2 = i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            let s = |k: usize| d * f32::from(sc[is + k] as i8);
+            out[l] = s(0) * q1 as f32;
+            out[l + 32] = s(2) * q2 as f32;
+            out[l + 64] = s(4) * q3 as f32;
+            out[l + 96] = s(6) * q4 as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_bytes_rejects_partial_blocks() {
+        assert_eq!(WeightType::Q4K.row_bytes(512).unwrap(), 288);
+        assert!(matches!(
+            WeightType::Q4_0.row_bytes(33),
+            Err(Error::InvalidShape { .. })
+        ));
+    }
+
+    #[test]
+    fn dequantize_rejects_wrong_length() {
+        let mut out = [0.0f32; 32];
+        assert!(matches!(
+            dequantize(WeightType::Q8_0, &[0u8; 33], &mut out),
+            Err(Error::BufferTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn q4_1_known_block() {
+        // d = 0.5, m = -1.0, nibbles 0..15 low and 15..0 high.
+        let mut b = [0u8; Q4_1_BYTES];
+        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(-1.0).to_bits().to_le_bytes());
+        for j in 0..16u8 {
+            b[4 + j as usize] = j | ((15 - j) << 4);
+        }
+        let mut y = [0.0f32; 32];
+        dequantize(WeightType::Q4_1, &b, &mut y).unwrap();
+        assert_eq!(y[0], -1.0);
+        assert_eq!(y[15], 6.5);
+        assert_eq!(y[16], 6.5);
+        assert_eq!(y[31], -1.0);
+    }
+}

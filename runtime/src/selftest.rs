@@ -1,0 +1,690 @@
+//! The device conformance suite: every kernel on a device against the CPU reference, at
+//! several shapes, with a stated tolerance per kernel (bit-exact where the operation is
+//! exact), and the device's throughput. `edgetune selftest` prints it; the GPU tests and a
+//! device farm run it.
+//!
+//! With the CPU backend as the device the comparison is with itself, so those rows check
+//! the harness and time the reference; the reference itself is checked against
+//! independent implementations by the golden-file tests.
+
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, Op, RopeStyle, rope_table};
+use crate::error::Result;
+use crate::quant::WeightType;
+use crate::rng::{ZKind, philox4x32_10};
+use half::{bf16, f16};
+use std::prelude::v1::*;
+use std::time::Instant;
+
+/// How close the device must be to the reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Tolerance {
+    /// Every output bit equal.
+    Exact,
+    /// |device - reference| <= atol + rtol * |reference| for every element.
+    Close { atol: f64, rtol: f64 },
+}
+
+/// What the throughput figure counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    GflopPerS,
+    GbPerS,
+}
+
+impl Unit {
+    pub fn label(self) -> &'static str {
+        match self {
+            Unit::GflopPerS => "GFLOP/s",
+            Unit::GbPerS => "GB/s",
+        }
+    }
+}
+
+/// One row of the suite's report.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub kernel: &'static str,
+    pub shape: String,
+    pub tolerance: Tolerance,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub pass: bool,
+    pub throughput: f64,
+    pub unit: Unit,
+    /// Set when the check could not run (the error, as text).
+    pub error: Option<String>,
+}
+
+/// A buffer of a case: data to upload, or zeros for an output.
+#[derive(Debug, Clone)]
+enum Init {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+/// One kernel call at one shape. Buffers in `op` are indices into `bufs`.
+#[derive(Debug)]
+pub struct Case {
+    kernel: &'static str,
+    shape: String,
+    bufs: Vec<Init>,
+    op: Op<'static, usize>,
+    out: usize,
+    out_elems: usize,
+    tolerance: Tolerance,
+    /// Work per call in the unit's numerator (flops, or bytes moved).
+    work: f64,
+    unit: Unit,
+}
+
+impl Case {
+    pub fn kernel(&self) -> &'static str {
+        self.kernel
+    }
+}
+
+static IDX: [usize; 6] = [0, 1, 2, 3, 4, 5];
+
+/// Deterministic test data from Philox (so every run and every machine sees the same inputs).
+#[derive(Debug)]
+struct Data {
+    key: [u32; 2],
+    ctr: u32,
+}
+
+impl Data {
+    fn words(&mut self, n: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n + 3);
+        while out.len() < n {
+            out.extend_from_slice(&philox4x32_10([self.ctr, 0xDA7A, 0, 0], self.key));
+            self.ctr = self.ctr.wrapping_add(1);
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Uniform in [-1, 1).
+    fn f32s(&mut self, n: usize) -> Vec<f32> {
+        self.words(n)
+            .into_iter()
+            .map(|w| (w >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+            .collect()
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        self.words(n.div_ceil(4))
+            .into_iter()
+            .flat_map(u32::to_le_bytes)
+            .take(n)
+            .collect()
+    }
+
+    /// A small positive scale as f16 bits, in [2^-10, 2^-4).
+    fn scale(&mut self) -> [u8; 2] {
+        let w = self.words(1)[0];
+        let v =
+            (1.0 + (w & 0xFFFF) as f32 / 65536.0) * libm::exp2f(-(((w >> 16) % 6) as f32) - 5.0);
+        f16::from_f32(v).to_bits().to_le_bytes()
+    }
+
+    /// `rows` x `cols` weights stored as `ty`: random payload and sane scales. With
+    /// `all_bits`, half types take every finite bit pattern (subnormals included), which
+    /// tests decoding; without, values in [-1, 1], which keeps products finite.
+    fn weights(&mut self, ty: WeightType, rows: usize, cols: usize, all_bits: bool) -> Vec<u8> {
+        let n = rows * cols;
+        match ty {
+            WeightType::F32 => self
+                .f32s(n)
+                .into_iter()
+                .flat_map(f32::to_le_bytes)
+                .collect(),
+            WeightType::F16 if !all_bits => self
+                .f32s(n)
+                .into_iter()
+                .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+            WeightType::BF16 if !all_bits => self
+                .f32s(n)
+                .into_iter()
+                .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+            WeightType::F16 | WeightType::BF16 => self
+                .words(n)
+                .into_iter()
+                .flat_map(|w| {
+                    let mut h = (w & 0xFFFF) as u16;
+                    // Keep the value finite: clear one exponent bit when all are set.
+                    let exp_mask = if ty == WeightType::F16 {
+                        0x7C00
+                    } else {
+                        0x7F80
+                    };
+                    if h & exp_mask == exp_mask {
+                        h &= !0x0400;
+                        if ty == WeightType::BF16 {
+                            h &= !0x0080;
+                        }
+                    }
+                    debug_assert!(if ty == WeightType::F16 {
+                        f16::from_bits(h).is_finite()
+                    } else {
+                        bf16::from_bits(h).is_finite()
+                    });
+                    h.to_le_bytes()
+                })
+                .collect(),
+            _ => {
+                let bb = ty.block_bytes();
+                let blocks = n / ty.block_elems();
+                let mut b = self.bytes(blocks * bb);
+                for blk in b.chunks_exact_mut(bb) {
+                    let d = self.scale();
+                    let m = self.scale();
+                    match ty {
+                        WeightType::Q6K => blk[208..210].copy_from_slice(&d),
+                        WeightType::Q4_1 | WeightType::Q4K => {
+                            blk[0..2].copy_from_slice(&d);
+                            blk[2..4].copy_from_slice(&m);
+                        }
+                        _ => blk[0..2].copy_from_slice(&d),
+                    }
+                }
+                b
+            }
+        }
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn close(atol: f64, rtol: f64) -> Tolerance {
+    Tolerance::Close { atol, rtol }
+}
+
+/// Every case of the suite, in report order.
+pub fn cases() -> Vec<Case> {
+    let mut d = Data {
+        key: [0x5EED, 0xED6E],
+        ctr: 0,
+    };
+    let mut cases = Vec::new();
+
+    // f32 matmul: every transpose form, edges, and the register-blocked fast path.
+    let shapes: [(u32, u32, u32, bool, bool); 9] = [
+        (1, 1, 1, false, false),
+        (7, 13, 5, false, false),
+        (7, 13, 5, true, false),
+        (7, 13, 5, false, true),
+        (7, 13, 5, true, true),
+        (33, 64, 40, false, false),
+        (64, 96, 128, false, true),
+        (96, 64, 80, true, false),
+        (256, 256, 256, false, false),
+    ];
+    for (m, k, n, a_t, b_t) in shapes {
+        let (mu, ku, nu) = (m as usize, k as usize, n as usize);
+        cases.push(Case {
+            kernel: "matmul",
+            shape: format!(
+                "{m}x{k}x{n}{}{}",
+                if a_t { " aT" } else { "" },
+                if b_t { " bT" } else { "" }
+            ),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(mu * ku))),
+                Init::Data(f32_bytes(&d.f32s(ku * nu))),
+                Init::Zeros((mu * nu * 4) as u64),
+            ],
+            op: Op::Matmul {
+                a: &IDX[0],
+                b: &IDX[1],
+                out: &IDX[2],
+                m,
+                k,
+                n,
+                a_t,
+                b_t,
+            },
+            out: 2,
+            out_elems: mu * nu,
+            tolerance: close(2e-6 * f64::from(k), 1e-4),
+            work: 2.0 * f64::from(m) * f64::from(k) * f64::from(n),
+            unit: Unit::GflopPerS,
+        });
+    }
+
+    for ty in WeightType::ALL {
+        let k_small = if ty.block_elems() == 256 {
+            512
+        } else if ty.block_elems() == 32 {
+            96
+        } else {
+            77
+        };
+        // Dequantisation is bit-exact.
+        let n_deq = 4 * k_small;
+        cases.push(Case {
+            kernel: "dequant",
+            shape: format!("{} n={n_deq}", ty.name()),
+            bufs: vec![
+                Init::Data(d.weights(ty, 1, n_deq, true)),
+                Init::Zeros((n_deq * 4) as u64),
+            ],
+            op: Op::Dequant {
+                w: &IDX[0],
+                out: &IDX[1],
+                wtype: ty,
+                n: n_deq as u32,
+            },
+            out: 1,
+            out_elems: n_deq,
+            tolerance: Tolerance::Exact,
+            work: (ty.row_bytes(n_deq).unwrap_or(0) + 4 * n_deq) as f64,
+            unit: Unit::GbPerS,
+        });
+        // Embedding gather is a dequantisation too: bit-exact.
+        let (vocab, n_ids) = (50usize, 9usize);
+        let ids: Vec<u8> = d
+            .words(n_ids)
+            .into_iter()
+            .flat_map(|w| (w % vocab as u32).to_le_bytes())
+            .collect();
+        cases.push(Case {
+            kernel: "embed",
+            shape: format!("{} vocab={vocab} dim={k_small} ids={n_ids}", ty.name()),
+            bufs: vec![
+                Init::Data(d.weights(ty, vocab, k_small, true)),
+                Init::Data(ids),
+                Init::Zeros((n_ids * k_small * 4) as u64),
+            ],
+            op: Op::Embed {
+                table: &IDX[0],
+                ids: &IDX[1],
+                out: &IDX[2],
+                wtype: ty,
+                vocab: vocab as u32,
+                dim: k_small as u32,
+                n_ids: n_ids as u32,
+            },
+            out: 2,
+            out_elems: n_ids * k_small,
+            tolerance: Tolerance::Exact,
+            work: (n_ids * (ty.row_bytes(k_small).unwrap_or(0) + 4 * k_small)) as f64,
+            unit: Unit::GbPerS,
+        });
+        // Products: one token (matvec) and a batch, with an odd row count.
+        let k_big = if ty.block_elems() == 256 { 1536 } else { 576 };
+        for (m, k, n) in [
+            (1usize, k_small, 67usize),
+            (5, k_small, 67),
+            (1, k_big, 1536),
+        ] {
+            let wbytes = ty.row_bytes(k).unwrap_or(0) * n;
+            cases.push(Case {
+                kernel: if m == 1 { "qmatvec" } else { "qmatmul" },
+                shape: format!("{} {m}x{k}x{n}", ty.name()),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(m * k))),
+                    Init::Data(d.weights(ty, n, k, false)),
+                    Init::Zeros((m * n * 4) as u64),
+                ],
+                op: Op::QMatmul {
+                    x: &IDX[0],
+                    w: &IDX[1],
+                    out: &IDX[2],
+                    wtype: ty,
+                    m: m as u32,
+                    k: k as u32,
+                    n: n as u32,
+                },
+                out: 2,
+                out_elems: m * n,
+                tolerance: close(2e-6 * k as f64, 1e-4),
+                work: if m == 1 {
+                    wbytes as f64
+                } else {
+                    2.0 * (m * k * n) as f64
+                },
+                unit: if m == 1 {
+                    Unit::GbPerS
+                } else {
+                    Unit::GflopPerS
+                },
+            });
+        }
+    }
+
+    for (rows, dim) in [(1u32, 576u32), (7, 100)] {
+        let n = (rows * dim) as usize;
+        cases.push(Case {
+            kernel: "rmsnorm",
+            shape: format!("{rows}x{dim}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(n))),
+                Init::Data(f32_bytes(&d.f32s(dim as usize))),
+                Init::Zeros(n as u64 * 4),
+            ],
+            op: Op::RmsNorm {
+                x: &IDX[0],
+                weight: &IDX[1],
+                out: &IDX[2],
+                rows,
+                dim,
+                eps: 1e-5,
+            },
+            out: 2,
+            out_elems: n,
+            tolerance: close(1e-6, 1e-5),
+            work: 8.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+
+    for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
+        for (n_tokens, n_heads, head_dim, pos0) in [(5u32, 3u32, 64u32, 7u32), (1, 9, 128, 1000)] {
+            let n = (n_tokens * n_heads * head_dim) as usize;
+            cases.push(Case {
+                kernel: "rope",
+                shape: format!("{style:?} t={n_tokens} h={n_heads} d={head_dim} pos0={pos0}"),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(n))),
+                    Init::Data(f32_bytes(&rope_table(10000.0, head_dim, pos0 + n_tokens))),
+                    Init::Zeros(n as u64 * 4),
+                ],
+                op: Op::Rope {
+                    x: &IDX[0],
+                    table: &IDX[1],
+                    out: &IDX[2],
+                    n_tokens,
+                    n_heads,
+                    head_dim,
+                    pos0,
+                    style,
+                },
+                out: 2,
+                out_elems: n,
+                tolerance: close(1e-6, 1e-5),
+                work: 12.0 * n as f64,
+                unit: Unit::GbPerS,
+            });
+        }
+    }
+
+    for (rows, cols) in [(3u32, 1000u32), (10, 7)] {
+        let n = (rows * cols) as usize;
+        let x: Vec<f32> = d.f32s(n).into_iter().map(|v| 8.0 * v).collect();
+        cases.push(Case {
+            kernel: "softmax",
+            shape: format!("{rows}x{cols}"),
+            bufs: vec![Init::Data(f32_bytes(&x)), Init::Zeros(n as u64 * 4)],
+            op: Op::Softmax {
+                x: &IDX[0],
+                out: &IDX[1],
+                rows,
+                cols,
+            },
+            out: 1,
+            out_elems: n,
+            tolerance: close(1e-7, 1e-4),
+            work: 8.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+
+    for n in [1000u32, 100_003] {
+        let nu = n as usize;
+        let a: Vec<f32> = d.f32s(nu).into_iter().map(|v| 6.0 * v).collect();
+        let b = d.f32s(nu);
+        for kernel in ["add", "scale", "swiglu"] {
+            let op = match kernel {
+                "add" => Op::Add {
+                    a: &IDX[0],
+                    b: &IDX[1],
+                    out: &IDX[2],
+                    n,
+                },
+                "scale" => Op::Scale {
+                    x: &IDX[0],
+                    out: &IDX[2],
+                    n,
+                    alpha: -0.37,
+                },
+                _ => Op::SwiGlu {
+                    gate: &IDX[0],
+                    up: &IDX[1],
+                    out: &IDX[2],
+                    n,
+                },
+            };
+            cases.push(Case {
+                kernel,
+                shape: format!("n={n}"),
+                bufs: vec![
+                    Init::Data(f32_bytes(&a)),
+                    Init::Data(f32_bytes(&b)),
+                    Init::Zeros(u64::from(n) * 4),
+                ],
+                op,
+                out: 2,
+                out_elems: nu,
+                // Add and scale are single correctly rounded operations.
+                tolerance: if kernel == "swiglu" {
+                    close(1e-6, 1e-5)
+                } else {
+                    Tolerance::Exact
+                },
+                work: 12.0 * f64::from(n),
+                unit: Unit::GbPerS,
+            });
+        }
+    }
+
+    // (tokens, heads, kv heads, head_dim, pos0): prefill with GQA, decode with a long cache,
+    // multi-head attention, the largest head.
+    for (t, h, kv, hd, pos0) in [
+        (5u32, 9u32, 3u32, 64u32, 11u32),
+        (1, 9, 3, 64, 200),
+        (4, 4, 4, 32, 0),
+        (2, 2, 1, 256, 3),
+    ] {
+        let qn = (t * h * hd) as usize;
+        let kvn = ((pos0 + t) * kv * hd) as usize;
+        cases.push(Case {
+            kernel: "attention",
+            shape: format!("t={t} h={h} kv={kv} d={hd} pos0={pos0}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(qn))),
+                Init::Data(f32_bytes(&d.f32s(kvn))),
+                Init::Data(f32_bytes(&d.f32s(kvn))),
+                Init::Zeros(qn as u64 * 4),
+            ],
+            op: Op::Attention {
+                q: &IDX[0],
+                k: &IDX[1],
+                v: &IDX[2],
+                out: &IDX[3],
+                n_tokens: t,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+                pos0,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+            out: 3,
+            out_elems: qn,
+            tolerance: close(1e-6, 1e-4),
+            work: 4.0 * f64::from(t) * f64::from(h) * f64::from(pos0 + t) * f64::from(hd),
+            unit: Unit::GflopPerS,
+        });
+    }
+
+    // Philox: the Random123 known-answer vectors, then a long stream.
+    let kats: [([u32; 4], [u32; 2], u32); 3] = [
+        ([0; 4], [0; 2], 1),
+        ([u32::MAX; 4], [u32::MAX; 2], 1),
+        (
+            [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+            [0xa4093822, 0x299f31d0],
+            1,
+        ),
+    ];
+    for (counter, key, n_blocks) in kats.into_iter().chain([([5, 6, 7, 8], [9, 10], 100_000)]) {
+        cases.push(Case {
+            kernel: "philox",
+            shape: format!(
+                "ctr={:08x}.. key={:08x}.. blocks={n_blocks}",
+                counter[0], key[0]
+            ),
+            bufs: vec![Init::Zeros(u64::from(n_blocks) * 16)],
+            op: Op::Philox {
+                out: &IDX[0],
+                counter,
+                key,
+                n_blocks,
+            },
+            out: 0,
+            out_elems: 4 * n_blocks as usize,
+            tolerance: Tolerance::Exact,
+            work: 16.0 * f64::from(n_blocks),
+            unit: Unit::GbPerS,
+        });
+    }
+
+    // z: both kinds, from 0, from an odd start, and across the 2^32 element boundary.
+    for kind in [ZKind::Binomial, ZKind::Rademacher] {
+        for (start, n) in [(0u32, 100_000u32), (12_345, 777), (u32::MAX - 3, 16)] {
+            cases.push(Case {
+                kernel: "perturb_z",
+                shape: format!("{kind:?} start={start} n={n}"),
+                bufs: vec![Init::Zeros(u64::from(n) * 4)],
+                op: Op::PerturbZ {
+                    out: &IDX[0],
+                    session_key: 0x0123_4567_89ab_cdef,
+                    seed: 17,
+                    tensor: 3,
+                    start,
+                    n,
+                    kind,
+                },
+                out: 0,
+                out_elems: n as usize,
+                tolerance: Tolerance::Exact,
+                work: 4.0 * f64::from(n),
+                unit: Unit::GbPerS,
+            });
+        }
+    }
+    cases
+}
+
+/// Runs the case on `dev`, returning the output words and seconds per call.
+fn execute<B: Backend>(dev: &B, case: &Case, timed: bool) -> Result<(Vec<u32>, f64)> {
+    let bufs = case
+        .bufs
+        .iter()
+        .map(|init| match init {
+            Init::Data(bytes) => dev.upload(bytes, "selftest input"),
+            Init::Zeros(n) => dev.alloc(*n, "selftest output"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let op = case.op.map_buffers(|&i| &bufs[i]);
+    dev.run(&op)?;
+    let bytes = dev.read(&bufs[case.out])?;
+    let words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .take(case.out_elems)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mut secs = f64::NAN;
+    if timed {
+        // Repeat until about 50 ms have passed (at least 3 calls, at most 200).
+        let start = Instant::now();
+        let mut reps = 0u32;
+        while reps < 3 || (reps < 200 && start.elapsed().as_secs_f64() < 0.05) {
+            dev.run(&op)?;
+            dev.sync()?;
+            reps += 1;
+        }
+        secs = start.elapsed().as_secs_f64() / f64::from(reps);
+    }
+    Ok((words, secs))
+}
+
+/// Compares device output words with the reference's: (max abs, max rel, pass).
+fn compare(case: &Case, dev: &[u32], reference: &[u32]) -> (f64, f64, bool) {
+    let bits_are_floats = !matches!(case.op, Op::Philox { .. });
+    let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, dev.len() == reference.len());
+    let mut nan = false;
+    for (&g, &r) in dev.iter().zip(reference) {
+        let (gv, rv) = if bits_are_floats {
+            (f64::from(f32::from_bits(g)), f64::from(f32::from_bits(r)))
+        } else {
+            (f64::from(g), f64::from(r))
+        };
+        let diff = (gv - rv).abs();
+        if diff.is_nan() && g != r {
+            // A NaN where the reference has none (or the reverse) fails and is reported.
+            pass = false;
+            nan = true;
+            continue;
+        }
+        if diff.is_nan() {
+            continue;
+        }
+        max_abs = max_abs.max(diff);
+        if rv != 0.0 {
+            max_rel = max_rel.max(diff / rv.abs());
+        } else if diff != 0.0 {
+            max_rel = f64::INFINITY;
+        }
+        pass &= match case.tolerance {
+            Tolerance::Exact => g == r,
+            Tolerance::Close { atol, rtol } => diff <= atol + rtol * rv.abs(),
+        };
+    }
+    if nan {
+        (f64::NAN, f64::NAN, false)
+    } else {
+        (max_abs, max_rel, pass)
+    }
+}
+
+/// Runs one case on `dev` and on the CPU reference.
+pub fn check<B: Backend>(dev: &B, case: &Case) -> CheckRow {
+    let mut row = CheckRow {
+        kernel: case.kernel,
+        shape: case.shape.clone(),
+        tolerance: case.tolerance,
+        max_abs: f64::NAN,
+        max_rel: f64::NAN,
+        pass: false,
+        throughput: f64::NAN,
+        unit: case.unit,
+        error: None,
+    };
+    let outcome = execute(&Cpu, case, false)
+        .and_then(|(reference, _)| Ok((reference, execute(dev, case, true)?)));
+    match outcome {
+        Ok((reference, (got, secs))) => {
+            let (max_abs, max_rel, pass) = compare(case, &got, &reference);
+            row.max_abs = max_abs;
+            row.max_rel = max_rel;
+            row.pass = pass;
+            row.throughput = case.work / secs / 1e9;
+        }
+        Err(e) => row.error = Some(e.to_string()),
+    }
+    row
+}
+
+/// Runs every case whose kernel name contains `filter` (all when `None`).
+pub fn run<B: Backend>(dev: &B, filter: Option<&str>) -> Vec<CheckRow> {
+    cases()
+        .iter()
+        .filter(|c| filter.is_none_or(|f| c.kernel.contains(f)))
+        .map(|c| check(dev, c))
+        .collect()
+}

@@ -1,0 +1,44 @@
+// Elementwise kernels over n f32 values: add, scale, and the SwiGLU gate silu(a) * b.
+// CPU reference: runtime/src/backend/cpu.rs (`Op::Add`, `Op::Scale`, `silu`).
+// One invocation per element; the 2-D grid lifts the 65535-workgroup limit per dimension.
+
+struct Params {
+    n: u32,
+    alpha: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 64u;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[i] = a[i] + b[i];
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[i] = p.alpha * a[i];
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        let g = a[i];
+        out[i] = g / (1.0 + exp(-g)) * b[i];
+    }
+}

@@ -1,0 +1,1 @@
+//! Cross-crate test suites live in `tests/`; this library is intentionally empty.

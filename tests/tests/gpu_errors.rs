@@ -1,0 +1,102 @@
+//! Bad input and device failures on the wgpu backend become typed errors, never panics.
+
+mod common;
+
+use edgetune::backend::wgpu::{Gpu, GpuOptions};
+use edgetune::{Backend, Error, Op};
+
+#[test]
+fn unknown_adapter_name_is_a_typed_error() {
+    let err = Gpu::open(&GpuOptions {
+        adapter_name: Some("no-such-adapter-4711".into()),
+        backends: None,
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::NoMatchingAdapter { ref wanted, .. } if wanted == "no-such-adapter-4711"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_backend_list_is_a_typed_error() {
+    let err = Gpu::open(&GpuOptions {
+        adapter_name: None,
+        backends: Some("nonsense".into()),
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::NoAdapter { .. }), "{err}");
+}
+
+#[test]
+fn shape_mismatch_names_the_buffer() {
+    let Some(gpu) = common::gpu() else { return };
+    let x = gpu.upload_f32(&[1.0; 16], "x").unwrap();
+    let out = gpu.alloc(8, "out").unwrap();
+    let err = gpu
+        .run(&Op::RmsNorm {
+            x: &x,
+            weight: &x,
+            out: &out,
+            rows: 4,
+            dim: 4,
+            eps: 1e-5,
+        })
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::BufferTooSmall {
+            op: "rmsnorm",
+            buffer: "out",
+            needed: 64,
+            actual: 8
+        }
+    );
+}
+
+#[test]
+fn buffers_over_the_device_limits_are_rejected() {
+    let Some(gpu) = common::gpu() else { return };
+    let limit = gpu.report().max_buffer_size;
+    assert!(matches!(
+        gpu.alloc(limit + 4, "huge"),
+        Err(Error::BufferTooLarge { what: "huge", .. })
+    ));
+    // A buffer the device can hold but not bind as one storage buffer.
+    let binding = gpu.report().max_storage_binding;
+    if binding + 4 <= limit {
+        let big = gpu.alloc(binding + 4, "big").unwrap();
+        let out = gpu.alloc(16, "out").unwrap();
+        let err = gpu
+            .run(&Op::Scale {
+                x: &big,
+                out: &out,
+                n: 4,
+                alpha: 1.0,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::BufferTooLarge {
+                    what: "storage binding",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn lost_device_is_a_typed_error() {
+    let Some(gpu) = common::gpu() else { return };
+    let x = gpu.upload_f32(&[1.0; 4], "x").unwrap();
+    gpu.destroy();
+    assert!(matches!(
+        gpu.alloc(16, "after"),
+        Err(Error::DeviceLost { .. })
+    ));
+    assert!(matches!(gpu.read(&x), Err(Error::DeviceLost { .. })));
+    assert!(matches!(gpu.sync(), Err(Error::DeviceLost { .. })));
+}

@@ -1,0 +1,58 @@
+//! Every kernel on the wgpu backend against the CPU reference, through the same cases the
+//! `edgetune selftest` conformance suite runs. Named `<kernel>_should_match_reference`.
+
+mod common;
+
+use edgetune::selftest;
+
+fn kernel_should_match_reference(kernel: &str) {
+    let Some(gpu) = common::gpu() else { return };
+    let cases: Vec<_> = selftest::cases()
+        .into_iter()
+        .filter(|c| c.kernel() == kernel)
+        .collect();
+    assert!(!cases.is_empty(), "no cases for {kernel}");
+    let failures: Vec<String> = cases
+        .iter()
+        .map(|c| selftest::check(&gpu, c))
+        .filter(|r| !r.pass)
+        .map(|r| {
+            format!(
+                "{} {}: max_abs {} max_rel {} error {:?}",
+                r.kernel, r.shape, r.max_abs, r.max_rel, r.error
+            )
+        })
+        .collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+macro_rules! kernel_tests {
+    ($($name:ident => $kernel:literal),* $(,)?) => {
+        $(#[test] fn $name() { kernel_should_match_reference($kernel); })*
+    };
+}
+
+kernel_tests! {
+    matmul_should_match_reference => "matmul",
+    dequant_should_match_reference => "dequant",
+    embed_should_match_reference => "embed",
+    qmatvec_should_match_reference => "qmatvec",
+    qmatmul_should_match_reference => "qmatmul",
+    rmsnorm_should_match_reference => "rmsnorm",
+    rope_should_match_reference => "rope",
+    softmax_should_match_reference => "softmax",
+    add_should_match_reference => "add",
+    scale_should_match_reference => "scale",
+    swiglu_should_match_reference => "swiglu",
+    attention_should_match_reference => "attention",
+    philox_should_match_reference => "philox",
+    perturb_z_should_match_reference => "perturb_z",
+}
+
+#[test]
+fn suite_covers_every_kernel() {
+    let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
+    kernels.sort();
+    kernels.dedup();
+    assert_eq!(kernels.len(), 14, "{kernels:?}");
+}

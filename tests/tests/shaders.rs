@@ -1,0 +1,61 @@
+//! Every WGSL file parses and validates with naga (the version wgpu uses), and the runtime
+//! embeds exactly the files in shaders/.
+
+use std::path::Path;
+
+const EXPECTED_SHADERS: usize = 8;
+
+fn shader_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders")
+}
+
+#[test]
+fn every_shader_parses_and_validates() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(shader_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("wgsl") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::default(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+        assert!(
+            module
+                .entry_points
+                .iter()
+                .all(|ep| ep.stage == naga::ShaderStage::Compute),
+            "{}: only compute entry points belong in shaders/",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, EXPECTED_SHADERS, "number of WGSL files validated");
+}
+
+#[test]
+fn runtime_embeds_every_shader_file() {
+    let mut on_disk: Vec<String> = std::fs::read_dir(shader_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("wgsl"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut embedded: Vec<String> = edgetune::backend::wgpu::SHADERS
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    embedded.sort();
+    assert_eq!(on_disk, embedded);
+    for (name, src) in edgetune::backend::wgpu::SHADERS {
+        let file = std::fs::read_to_string(shader_dir().join(format!("{name}.wgsl"))).unwrap();
+        assert_eq!(file, src, "{name}.wgsl differs from the embedded copy");
+    }
+}
