@@ -29,14 +29,15 @@ const Q4_1: u32 = 5u;
 const Q4_K: u32 = 6u;
 const Q6_K: u32 = 7u;
 
-// Tokens per invocation in `qmatmul`.
-const MB: u32 = 4u;
+// Whether x can be read as vec4 (k % 4 == 0).
+override X4: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 
 fn byte_at(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xFFu;
@@ -79,69 +80,94 @@ fn f16_at(off: u32) -> f32 {
     return half_to_f32(u16_at(off));
 }
 
-fn i8_of(v: u32) -> f32 {
-    return f32(bitcast<i32>(v << 24u) >> 24u);
+// The four signed bytes of a word, in memory order.
+fn i8x4(v: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<i32>(bitcast<i32>(v << 24u), bitcast<i32>(v << 16u), bitcast<i32>(v << 8u), bitcast<i32>(v)) >> vec4<u32>(24u));
 }
 
-// Elements 32c .. 32c+32 of the row starting at byte `row`; float rows are zero past k.
-fn chunk(row: u32, c: u32, y: ptr<function, array<f32, 32>>) {
-    switch WTYPE {
-        case F32: {
-            for (var i = 0u; i < 32u; i++) {
-                let e = 32u * c + i;
-                (*y)[i] = select(0.0, bitcast<f32>(w[(row >> 2u) + e]), e < p.k);
-            }
+// The four nibbles at bit `shift` of each byte of a word, in memory order.
+fn nib4(v: u32, shift: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(v) >> vec4<u32>(shift, shift + 8u, shift + 16u, shift + 24u)) & vec4<u32>(0xFu));
+}
+
+// 32 consecutive dequantised elements as eight vec4s. Named fields, not an array: indexed
+// private arrays live in memory on CPU-emulated GPUs and run several times slower.
+struct Chunk {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+    v4: vec4<f32>,
+    v5: vec4<f32>,
+    v6: vec4<f32>,
+    v7: vec4<f32>,
+}
+
+// Elements 4i .. 4i+4 of a float row starting at byte `row`, zero past k.
+fn float4(row: u32, e: u32) -> vec4<f32> {
+    var v: vec4<f32>;
+    if WTYPE == F32 {
+        let o = (row >> 2u) + e;
+        v = vec4<f32>(bitcast<f32>(w[o]), bitcast<f32>(w[o + 1u]), bitcast<f32>(w[o + 2u]), bitcast<f32>(w[o + 3u]));
+    } else {
+        let lo = u32_at(row + 2u * e);
+        let hi = u32_at(row + 2u * e + 4u);
+        if WTYPE == BF16 {
+            v = bitcast<vec4<f32>>(vec4<u32>(lo << 16u, lo & 0xFFFF0000u, hi << 16u, hi & 0xFFFF0000u));
+        } else {
+            v = vec4<f32>(half_to_f32(lo & 0xFFFFu), half_to_f32(lo >> 16u), half_to_f32(hi & 0xFFFFu), half_to_f32(hi >> 16u));
         }
-        case F16, BF16: {
-            for (var i = 0u; i < 32u; i++) {
-                let e = 32u * c + i;
-                let h = u16_at(row + 2u * e);
-                var v = half_to_f32(h);
-                if WTYPE == BF16 {
-                    v = bitcast<f32>(h << 16u);
-                }
-                (*y)[i] = select(0.0, v, e < p.k);
-            }
+    }
+    return select(vec4<f32>(0.0), v, vec4<u32>(e, e + 1u, e + 2u, e + 3u) < vec4<u32>(p.k));
+}
+
+// Elements 32c .. 32c+32 of the row starting at byte `row`.
+fn chunk(row: u32, c: u32) -> Chunk {
+    var y: Chunk;
+    switch WTYPE {
+        case F32, F16, BF16: {
+            let e = 32u * c;
+            y = Chunk(float4(row, e), float4(row, e + 4u), float4(row, e + 8u), float4(row, e + 12u),
+                      float4(row, e + 16u), float4(row, e + 20u), float4(row, e + 24u), float4(row, e + 28u));
         }
         case Q8_0: {
             let off = row + 34u * c;
             let d = f16_at(off);
-            for (var i = 0u; i < 8u; i++) {
-                let q = u32_at(off + 2u + 4u * i);
-                for (var j = 0u; j < 4u; j++) {
-                    (*y)[4u * i + j] = d * i8_of(q >> (8u * j));
-                }
-            }
+            let q = off + 2u;
+            y = Chunk(d * i8x4(u32_at(q)), d * i8x4(u32_at(q + 4u)), d * i8x4(u32_at(q + 8u)), d * i8x4(u32_at(q + 12u)),
+                      d * i8x4(u32_at(q + 16u)), d * i8x4(u32_at(q + 20u)), d * i8x4(u32_at(q + 24u)), d * i8x4(u32_at(q + 28u)));
         }
-        case Q4_0, Q4_1: {
-            var off = row + 18u * c;
-            var m = 0.0;
-            if WTYPE == Q4_1 {
-                off = row + 20u * c;
-                m = f16_at(off + 2u);
-            }
+        case Q4_0: {
+            let off = row + 18u * c;
             let d = f16_at(off);
-            let qs = off + select(2u, 4u, WTYPE == Q4_1);
-            for (var i = 0u; i < 4u; i++) {
-                let q = u32_at(qs + 4u * i);
-                for (var j = 0u; j < 4u; j++) {
-                    let lo = f32((q >> (8u * j)) & 0xFu);
-                    let hi = f32((q >> (8u * j + 4u)) & 0xFu);
-                    if WTYPE == Q4_1 {
-                        (*y)[4u * i + j] = d * lo + m;
-                        (*y)[4u * i + j + 16u] = d * hi + m;
-                    } else {
-                        (*y)[4u * i + j] = d * (lo - 8.0);
-                        (*y)[4u * i + j + 16u] = d * (hi - 8.0);
-                    }
-                }
-            }
+            let q0 = u32_at(off + 2u);
+            let q1 = u32_at(off + 6u);
+            let q2 = u32_at(off + 10u);
+            let q3 = u32_at(off + 14u);
+            let b = vec4<f32>(8.0);
+            y = Chunk(d * (nib4(q0, 0u) - b), d * (nib4(q1, 0u) - b), d * (nib4(q2, 0u) - b), d * (nib4(q3, 0u) - b),
+                      d * (nib4(q0, 4u) - b), d * (nib4(q1, 4u) - b), d * (nib4(q2, 4u) - b), d * (nib4(q3, 4u) - b));
+        }
+        case Q4_1: {
+            // 20-byte blocks keep every field 4-byte aligned: whole-word loads.
+            let o = (row + 20u * c) >> 2u;
+            let dm = w[o];
+            let d = half_to_f32(dm & 0xFFFFu);
+            let m = half_to_f32(dm >> 16u);
+            let q0 = w[o + 1u];
+            let q1 = w[o + 2u];
+            let q2 = w[o + 3u];
+            let q3 = w[o + 4u];
+            y = Chunk(d * nib4(q0, 0u) + m, d * nib4(q1, 0u) + m, d * nib4(q2, 0u) + m, d * nib4(q3, 0u) + m,
+                      d * nib4(q0, 4u) + m, d * nib4(q1, 4u) + m, d * nib4(q2, 4u) + m, d * nib4(q3, 4u) + m);
         }
         case Q4_K: {
+            // 144-byte super-blocks: every field 4-byte aligned.
             let sb = row + 144u * (c / 8u);
             let j = c % 8u;
-            let d = f16_at(sb);
-            let dmin = f16_at(sb + 2u);
+            let dm = w[sb >> 2u];
+            let d = half_to_f32(dm & 0xFFFFu);
+            let dmin = half_to_f32(dm >> 16u);
             var sc: u32;
             var mn: u32;
             if j < 4u {
@@ -153,16 +179,14 @@ fn chunk(row: u32, c: u32, y: ptr<function, array<f32, 32>>) {
             }
             let d1 = d * f32(sc);
             let m1 = dmin * f32(mn);
-            let qs = sb + 16u + 32u * (j / 2u);
-            let shift = 4u * (j % 2u);
-            for (var i = 0u; i < 8u; i++) {
-                let q = u32_at(qs + 4u * i);
-                for (var b = 0u; b < 4u; b++) {
-                    (*y)[4u * i + b] = d1 * f32((q >> (8u * b + shift)) & 0xFu) - m1;
-                }
-            }
+            let q = (sb + 16u + 32u * (j / 2u)) >> 2u;
+            let s = 4u * (j % 2u);
+            y = Chunk(d1 * nib4(w[q], s) - m1, d1 * nib4(w[q + 1u], s) - m1, d1 * nib4(w[q + 2u], s) - m1, d1 * nib4(w[q + 3u], s) - m1,
+                      d1 * nib4(w[q + 4u], s) - m1, d1 * nib4(w[q + 5u], s) - m1, d1 * nib4(w[q + 6u], s) - m1, d1 * nib4(w[q + 7u], s) - m1);
         }
         case Q6_K: {
+            // Chunk (h, g) of a super-block: elements 128h + 32g + l, l < 32; low nibbles from
+            // ql, two high bits from qh, one i8 scale per 16 elements.
             let sb = row + 210u * (c / 8u);
             let sub = c % 8u;
             let h = sub / 4u;
@@ -170,20 +194,69 @@ fn chunk(row: u32, c: u32, y: ptr<function, array<f32, 32>>) {
             let d = f16_at(sb + 208u);
             let ql = sb + 64u * h + 32u * (g % 2u);
             let qh = sb + 128u + 32u * h;
-            let lshift = 4u * (g / 2u);
-            for (var i = 0u; i < 8u; i++) {
-                let lo4 = u32_at(ql + 4u * i);
-                let hi4 = u32_at(qh + 4u * i);
-                for (var b = 0u; b < 4u; b++) {
-                    let l = 4u * i + b;
-                    let s = d * i8_of(byte_at(sb + 192u + 8u * h + l / 16u + 2u * g));
-                    let lo = (lo4 >> (8u * b + lshift)) & 0xFu;
-                    let hi = (hi4 >> (8u * b + 2u * g)) & 3u;
-                    (*y)[l] = s * f32(i32(lo | (hi << 4u)) - 32);
-                }
-            }
+            let ls = 4u * (g / 2u);
+            let hs = 2u * g;
+            let scales = sb + 192u + 8u * h + 2u * g;
+            let s0 = d * f32(bitcast<i32>(byte_at(scales) << 24u) >> 24u);
+            let s1 = d * f32(bitcast<i32>(byte_at(scales + 1u) << 24u) >> 24u);
+            y = Chunk(s0 * q6(u32_at(ql), u32_at(qh), ls, hs), s0 * q6(u32_at(ql + 4u), u32_at(qh + 4u), ls, hs),
+                      s0 * q6(u32_at(ql + 8u), u32_at(qh + 8u), ls, hs), s0 * q6(u32_at(ql + 12u), u32_at(qh + 12u), ls, hs),
+                      s1 * q6(u32_at(ql + 16u), u32_at(qh + 16u), ls, hs), s1 * q6(u32_at(ql + 20u), u32_at(qh + 20u), ls, hs),
+                      s1 * q6(u32_at(ql + 24u), u32_at(qh + 24u), ls, hs), s1 * q6(u32_at(ql + 28u), u32_at(qh + 28u), ls, hs));
         }
         default: {}
+    }
+    return y;
+}
+
+// Four 6-bit Q6_K values minus 32: low nibbles at bit `ls` of each byte of `lo`, high bit
+// pairs at bit `hs` of each byte of `hi`.
+fn q6(lo: u32, hi: u32, ls: u32, hs: u32) -> vec4<f32> {
+    let sh = vec4<u32>(0u, 8u, 16u, 24u);
+    let l = (vec4<u32>(lo) >> (sh + vec4<u32>(ls))) & vec4<u32>(0xFu);
+    let h = (vec4<u32>(hi) >> (sh + vec4<u32>(hs))) & vec4<u32>(3u);
+    return vec4<f32>(vec4<i32>(l | (h << vec4<u32>(4u))) - vec4<i32>(32));
+}
+
+// x[o .. o+4]: vec4 loads when every row of x is vec4-aligned (X4), scalar loads otherwise.
+fn x_at(o: u32) -> vec4<f32> {
+    if X4 {
+        return x4[o / 4u];
+    }
+    return vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]);
+}
+
+// 32 consecutive elements of x, loaded once and used for several weight rows.
+struct XChunk {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+    v4: vec4<f32>,
+    v5: vec4<f32>,
+    v6: vec4<f32>,
+    v7: vec4<f32>,
+}
+
+fn dot_x(y: Chunk, x: XChunk) -> f32 {
+    return dot(y.v0, x.v0) + dot(y.v1, x.v1) + dot(y.v2, x.v2) + dot(y.v3, x.v3)
+         + dot(y.v4, x.v4) + dot(y.v5, x.v5) + dot(y.v6, x.v6) + dot(y.v7, x.v7);
+}
+
+// The dot product of a chunk with x[o .. o+32].
+fn dot_chunk(y: Chunk, o: u32) -> f32 {
+    return dot(y.v0, x_at(o)) + dot(y.v1, x_at(o + 4u)) + dot(y.v2, x_at(o + 8u)) + dot(y.v3, x_at(o + 12u))
+         + dot(y.v4, x_at(o + 16u)) + dot(y.v5, x_at(o + 20u)) + dot(y.v6, x_at(o + 24u)) + dot(y.v7, x_at(o + 28u));
+}
+
+// Writes the elements of a chunk below k to out[base + 32c ..].
+fn store_chunk(y: Chunk, base: u32, c: u32) {
+    let e = 32u * c;
+    let vs = array<vec4<f32>, 8>(y.v0, y.v1, y.v2, y.v3, y.v4, y.v5, y.v6, y.v7);
+    for (var i = 0u; i < 32u; i++) {
+        if e + i < p.k {
+            out[base + e + i] = vs[i / 4u][i % 4u];
+        }
     }
 }
 
@@ -198,14 +271,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if c >= n_chunks() {
         return;
     }
-    var y: array<f32, 32>;
-    chunk(0u, c, &y);
-    for (var i = 0u; i < 32u; i++) {
-        let e = 32u * c + i;
-        if e < p.k {
-            out[e] = y[i];
-        }
-    }
+    store_chunk(chunk(0u, c), 0u, c);
 }
 
 // One invocation per (id, chunk): out[t, :] = dequant(row ids[t]). Ids past the table
@@ -219,66 +285,64 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if t >= p.m {
         return;
     }
-    var y: array<f32, 32>;
+    var y: Chunk;
     let id = ids[t];
     if id < p.n {
-        chunk(id * p.row_bytes, c, &y);
+        y = chunk(id * p.row_bytes, c);
     }
-    for (var i = 0u; i < 32u; i++) {
-        let e = 32u * c + i;
-        if e < p.k {
-            out[t * p.k + e] = y[i];
-        }
-    }
+    store_chunk(y, t * p.k, c);
 }
 
-// One token: one invocation per weight row.
+// One token: one invocation per four weight rows, so each load of x serves four rows
+// (loads, not arithmetic, bound this kernel on CPU-emulated GPUs).
 @compute @workgroup_size(64, 1, 1)
 fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let j = gid.x + gid.y * nwg.x * 64u;
-    if j >= p.n {
+    let j0 = 4u * (gid.x + gid.y * nwg.x * 64u);
+    if j0 >= p.n {
         return;
     }
-    let row = j * p.row_bytes;
-    var acc = 0.0;
-    var y: array<f32, 32>;
+    // Rows past n are clamped to the last one and their results discarded.
+    let last = p.n - 1u;
+    let r0 = j0 * p.row_bytes;
+    let r1 = min(j0 + 1u, last) * p.row_bytes;
+    let r2 = min(j0 + 2u, last) * p.row_bytes;
+    let r3 = min(j0 + 3u, last) * p.row_bytes;
+    var acc = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
-        chunk(row, c, &y);
-        let xo = 32u * c;
-        for (var i = 0u; i < 32u; i++) {
-            if xo + i < p.k {
-                acc += y[i] * x[xo + i];
-            }
+        let o = 32u * c;
+        let xs = XChunk(x_at(o), x_at(o + 4u), x_at(o + 8u), x_at(o + 12u), x_at(o + 16u), x_at(o + 20u), x_at(o + 24u), x_at(o + 28u));
+        acc += vec4<f32>(dot_x(chunk(r0, c), xs), dot_x(chunk(r1, c), xs), dot_x(chunk(r2, c), xs), dot_x(chunk(r3, c), xs));
+    }
+    for (var t = 0u; t < 4u; t++) {
+        if j0 + t < p.n {
+            out[j0 + t] = acc[t];
         }
     }
-    out[j] = acc;
 }
 
-// Several tokens: one invocation per (weight row, group of MB tokens), so each chunk is
-// dequantised once and used MB times. x: gid.x walks rows, gid.y token groups.
+// Several tokens: one invocation per (weight row, group of 4 tokens), so each chunk is
+// dequantised once and used four times. gid.x walks rows, gid.y token groups.
 @compute @workgroup_size(64, 1, 1)
 fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x;
-    let t0 = gid.y * MB;
+    let t0 = gid.y * 4u;
     if j >= p.n || t0 >= p.m {
         return;
     }
     let row = j * p.row_bytes;
-    var acc: array<f32, MB>;
-    var y: array<f32, 32>;
+    // Tokens past m are clamped to the last one and their results discarded.
+    let last = p.m - 1u;
+    let x0 = t0 * p.k;
+    let x1 = min(t0 + 1u, last) * p.k;
+    let x2 = min(t0 + 2u, last) * p.k;
+    let x3 = min(t0 + 3u, last) * p.k;
+    var acc = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
-        chunk(row, c, &y);
-        let xo = 32u * c;
-        for (var t = 0u; t < MB; t++) {
-            let tok = min(t0 + t, p.m - 1u);
-            for (var i = 0u; i < 32u; i++) {
-                if xo + i < p.k {
-                    acc[t] += y[i] * x[tok * p.k + xo + i];
-                }
-            }
-        }
+        let y = chunk(row, c);
+        let o = 32u * c;
+        acc += vec4<f32>(dot_chunk(y, x0 + o), dot_chunk(y, x1 + o), dot_chunk(y, x2 + o), dot_chunk(y, x3 + o));
     }
-    for (var t = 0u; t < MB; t++) {
+    for (var t = 0u; t < 4u; t++) {
         if t0 + t < p.m {
             out[(t0 + t) * p.n + j] = acc[t];
         }

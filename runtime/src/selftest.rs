@@ -213,7 +213,7 @@ pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
 
     // f32 matmul: every transpose form, edges, and the register-blocked fast path.
-    let shapes: [(u32, u32, u32, bool, bool); 9] = [
+    let shapes: [(u32, u32, u32, bool, bool); 11] = [
         (1, 1, 1, false, false),
         (7, 13, 5, false, false),
         (7, 13, 5, true, false),
@@ -222,6 +222,8 @@ pub fn cases() -> Vec<Case> {
         (33, 64, 40, false, false),
         (64, 96, 128, false, true),
         (96, 64, 80, true, false),
+        (16, 32, 48, true, true),
+        (40, 36, 24, false, true),
         (256, 256, 256, false, false),
     ];
     for (m, k, n, a_t, b_t) in shapes {

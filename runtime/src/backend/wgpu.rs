@@ -557,12 +557,12 @@ impl Backend for Gpu {
                 a_t,
                 b_t,
             } => {
-                if !a_t && !b_t && n % 8 == 0 {
+                if k.is_multiple_of(4) && n.is_multiple_of(8) && (!a_t || m.is_multiple_of(8)) {
                     Dispatch {
                         family: "matmul",
-                        entry: "matmul_nn8",
-                        overrides: vec![],
-                        bindings: vec![(1, a), (3, out), (4, b)],
+                        entry: "matmul8",
+                        overrides: vec![("TA", u32::from(a_t)), ("TB", u32::from(b_t))],
+                        bindings: vec![(4, b), (5, a), (6, out)],
                         params: vec![m, k, n],
                         groups: self.check_grid(
                             name,
@@ -596,7 +596,7 @@ impl Backend for Gpu {
             } => {
                 let row_bytes = wtype.row_bytes(k as usize)? as u32;
                 let (entry, groups) = if m == 1 {
-                    ("qmatvec", self.grid(name, u64::from(n))?)
+                    ("qmatvec", self.grid(name, u64::from(n.div_ceil(4)))?)
                 } else {
                     (
                         "qmatmul",
@@ -606,8 +606,9 @@ impl Backend for Gpu {
                 Dispatch {
                     family: "quant",
                     entry,
-                    overrides: vec![("WTYPE", wtype.shader_code())],
-                    bindings: vec![(1, w), (2, x), (4, out)],
+                    overrides: vec![("WTYPE", wtype.shader_code()), ("X4", u32::from(k.is_multiple_of(4)))],
+                    // x is bound twice: as f32 and as vec4 (used when every row is aligned).
+                    bindings: vec![(1, w), (2, x), (4, out), (5, x)],
                     params: vec![m, k, n, row_bytes],
                     groups,
                 }
