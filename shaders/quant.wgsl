@@ -31,6 +31,8 @@ const Q6_K: u32 = 7u;
 
 // Whether x can be read as vec4 (k % 4 == 0).
 override X4: bool = false;
+// Weight rows per `qmatvec` invocation: 4 or 8.
+override ROWS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -293,29 +295,41 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     store_chunk(y, t * p.k, c);
 }
 
-// One token: one invocation per four weight rows, so each load of x serves four rows
-// (loads, not arithmetic, bound this kernel on CPU-emulated GPUs).
+// One token: one invocation per ROWS (4 or 8) weight rows, so each load of x serves
+// several rows (loads, not arithmetic, bound this kernel on CPU-emulated GPUs). Eight rows
+// amortise x better; four keep more invocations busy when n is small.
 @compute @workgroup_size(64, 1, 1)
 fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let j0 = 4u * (gid.x + gid.y * nwg.x * 64u);
+    let j0 = ROWS * (gid.x + gid.y * nwg.x * 64u);
     if j0 >= p.n {
         return;
     }
     // Rows past n are clamped to the last one and their results discarded.
     let last = p.n - 1u;
-    let r0 = j0 * p.row_bytes;
+    let r0 = min(j0 + 0u, last) * p.row_bytes;
     let r1 = min(j0 + 1u, last) * p.row_bytes;
     let r2 = min(j0 + 2u, last) * p.row_bytes;
     let r3 = min(j0 + 3u, last) * p.row_bytes;
-    var acc = vec4<f32>(0.0);
+    let r4 = min(j0 + 4u, last) * p.row_bytes;
+    let r5 = min(j0 + 5u, last) * p.row_bytes;
+    let r6 = min(j0 + 6u, last) * p.row_bytes;
+    let r7 = min(j0 + 7u, last) * p.row_bytes;
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
         let o = 32u * c;
         let xs = XChunk(x_at(o), x_at(o + 4u), x_at(o + 8u), x_at(o + 12u), x_at(o + 16u), x_at(o + 20u), x_at(o + 24u), x_at(o + 28u));
-        acc += vec4<f32>(dot_x(chunk(r0, c), xs), dot_x(chunk(r1, c), xs), dot_x(chunk(r2, c), xs), dot_x(chunk(r3, c), xs));
+        lo += vec4<f32>(dot_x(chunk(r0, c), xs), dot_x(chunk(r1, c), xs), dot_x(chunk(r2, c), xs), dot_x(chunk(r3, c), xs));
+        if ROWS == 8u {
+            hi += vec4<f32>(dot_x(chunk(r4, c), xs), dot_x(chunk(r5, c), xs), dot_x(chunk(r6, c), xs), dot_x(chunk(r7, c), xs));
+        }
     }
     for (var t = 0u; t < 4u; t++) {
         if j0 + t < p.n {
-            out[j0 + t] = acc[t];
+            out[j0 + t] = lo[t];
+        }
+        if ROWS == 8u && j0 + 4u + t < p.n {
+            out[j0 + 4u + t] = hi[t];
         }
     }
 }

@@ -323,6 +323,8 @@ pub fn cases() -> Vec<Case> {
             (1usize, k_small, 67usize),
             (5, k_small, 67),
             (1, k_big, 1536),
+            // Takes the eight-rows-per-invocation matvec path, with a ragged end.
+            (1, k_small, 16_389),
         ] {
             let wbytes = ty.row_bytes(k).unwrap_or(0) * n;
             cases.push(Case {

@@ -33,6 +33,9 @@ pub const MAX_OPS_PER_SUBMIT: u32 = 64;
 
 const WG: u32 = 64;
 
+/// Output rows from which `qmatvec` computes eight rows per invocation instead of four.
+const QMATVEC_ROWS8_FROM: u32 = 16_384;
+
 /// How to choose the adapter. Unset fields fall back to wgpu's environment variables
 /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), then to wgpu's default.
 #[derive(Debug, Clone, Default)]
@@ -595,8 +598,11 @@ impl Backend for Gpu {
                 n,
             } => {
                 let row_bytes = wtype.row_bytes(k as usize)? as u32;
+                // Eight rows per matvec invocation once there are rows enough to keep every
+                // core busy (measured on lavapipe; see BENCHMARKS.md).
+                let rows = if n >= QMATVEC_ROWS8_FROM { 8 } else { 4 };
                 let (entry, groups) = if m == 1 {
-                    ("qmatvec", self.grid(name, u64::from(n.div_ceil(4)))?)
+                    ("qmatvec", self.grid(name, u64::from(n.div_ceil(rows)))?)
                 } else {
                     (
                         "qmatmul",
@@ -606,7 +612,11 @@ impl Backend for Gpu {
                 Dispatch {
                     family: "quant",
                     entry,
-                    overrides: vec![("WTYPE", wtype.shader_code()), ("X4", u32::from(k.is_multiple_of(4)))],
+                    overrides: vec![
+                        ("WTYPE", wtype.shader_code()),
+                        ("X4", u32::from(k.is_multiple_of(4))),
+                        ("ROWS", rows),
+                    ],
                     // x is bound twice: as f32 and as vec4 (used when every row is aligned).
                     bindings: vec![(1, w), (2, x), (4, out), (5, x)],
                     params: vec![m, k, n, row_bytes],
