@@ -92,8 +92,8 @@ fn nib4(v: u32, shift: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(v) >> vec4<u32>(shift, shift + 8u, shift + 16u, shift + 24u)) & vec4<u32>(0xFu));
 }
 
-// 32 consecutive dequantised elements as eight vec4s. Named fields, not an array: indexed
-// private arrays live in memory on CPU-emulated GPUs and run several times slower.
+// 32 consecutive values as eight vec4s. Named fields, not an array: indexed private
+// arrays live in memory on CPU-emulated GPUs and run several times slower.
 struct Chunk {
     v0: vec4<f32>,
     v1: vec4<f32>,
@@ -105,7 +105,20 @@ struct Chunk {
     v7: vec4<f32>,
 }
 
-// Elements 4i .. 4i+4 of a float row starting at byte `row`, zero past k.
+// A chunk before its affine step: element i is s * q_i + m, with (s0, m0) for elements
+// 0..16 and (s1, m1) for 16..32. Keeping the step separate lets a dot product apply it once
+// per half instead of once per element. Every format's s * q is exact or is its one
+// rounding, and m is added after, so s * q + m is bit-identical to the reference formulas
+// (for Q4_0, d * q - 8d equals d * (q - 8) because d * q and 8d are exact).
+struct Raw {
+    q: Chunk,
+    s0: f32,
+    s1: f32,
+    m0: f32,
+    m1: f32,
+}
+
+// Elements e .. e+4 of a float row starting at byte `row`, zero past k.
 fn float4(row: u32, e: u32) -> vec4<f32> {
     var v: vec4<f32>;
     if WTYPE == F32 {
@@ -123,45 +136,53 @@ fn float4(row: u32, e: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, vec4<u32>(e, e + 1u, e + 2u, e + 3u) < vec4<u32>(p.k));
 }
 
-// Elements 32c .. 32c+32 of the row starting at byte `row`.
-fn chunk(row: u32, c: u32) -> Chunk {
-    var y: Chunk;
+fn is_float() -> bool {
+    return WTYPE == F32 || WTYPE == F16 || WTYPE == BF16;
+}
+
+// Chunk c (elements 32c .. 32c+32) of the row starting at byte `row`, before the affine step.
+fn raw(row: u32, c: u32) -> Raw {
+    var r: Raw;
+    // -0.0 leaves every value, negative zero included, unchanged when added.
+    r.m0 = -0.0;
+    r.m1 = -0.0;
     switch WTYPE {
         case F32, F16, BF16: {
             let e = 32u * c;
-            y = Chunk(float4(row, e), float4(row, e + 4u), float4(row, e + 8u), float4(row, e + 12u),
-                      float4(row, e + 16u), float4(row, e + 20u), float4(row, e + 24u), float4(row, e + 28u));
+            r.q = Chunk(float4(row, e), float4(row, e + 4u), float4(row, e + 8u), float4(row, e + 12u),
+                        float4(row, e + 16u), float4(row, e + 20u), float4(row, e + 24u), float4(row, e + 28u));
+            r.s0 = 1.0;
         }
         case Q8_0: {
             let off = row + 34u * c;
-            let d = f16_at(off);
+            r.s0 = f16_at(off);
             let q = off + 2u;
-            y = Chunk(d * i8x4(u32_at(q)), d * i8x4(u32_at(q + 4u)), d * i8x4(u32_at(q + 8u)), d * i8x4(u32_at(q + 12u)),
-                      d * i8x4(u32_at(q + 16u)), d * i8x4(u32_at(q + 20u)), d * i8x4(u32_at(q + 24u)), d * i8x4(u32_at(q + 28u)));
+            r.q = Chunk(i8x4(u32_at(q)), i8x4(u32_at(q + 4u)), i8x4(u32_at(q + 8u)), i8x4(u32_at(q + 12u)),
+                        i8x4(u32_at(q + 16u)), i8x4(u32_at(q + 20u)), i8x4(u32_at(q + 24u)), i8x4(u32_at(q + 28u)));
         }
         case Q4_0: {
             let off = row + 18u * c;
-            let d = f16_at(off);
+            r.s0 = f16_at(off);
+            r.m0 = -8.0 * r.s0;
             let q0 = u32_at(off + 2u);
             let q1 = u32_at(off + 6u);
             let q2 = u32_at(off + 10u);
             let q3 = u32_at(off + 14u);
-            let b = vec4<f32>(8.0);
-            y = Chunk(d * (nib4(q0, 0u) - b), d * (nib4(q1, 0u) - b), d * (nib4(q2, 0u) - b), d * (nib4(q3, 0u) - b),
-                      d * (nib4(q0, 4u) - b), d * (nib4(q1, 4u) - b), d * (nib4(q2, 4u) - b), d * (nib4(q3, 4u) - b));
+            r.q = Chunk(nib4(q0, 0u), nib4(q1, 0u), nib4(q2, 0u), nib4(q3, 0u),
+                        nib4(q0, 4u), nib4(q1, 4u), nib4(q2, 4u), nib4(q3, 4u));
         }
         case Q4_1: {
             // 20-byte blocks keep every field 4-byte aligned: whole-word loads.
             let o = (row + 20u * c) >> 2u;
             let dm = w[o];
-            let d = half_to_f32(dm & 0xFFFFu);
-            let m = half_to_f32(dm >> 16u);
+            r.s0 = half_to_f32(dm & 0xFFFFu);
+            r.m0 = half_to_f32(dm >> 16u);
             let q0 = w[o + 1u];
             let q1 = w[o + 2u];
             let q2 = w[o + 3u];
             let q3 = w[o + 4u];
-            y = Chunk(d * nib4(q0, 0u) + m, d * nib4(q1, 0u) + m, d * nib4(q2, 0u) + m, d * nib4(q3, 0u) + m,
-                      d * nib4(q0, 4u) + m, d * nib4(q1, 4u) + m, d * nib4(q2, 4u) + m, d * nib4(q3, 4u) + m);
+            r.q = Chunk(nib4(q0, 0u), nib4(q1, 0u), nib4(q2, 0u), nib4(q3, 0u),
+                        nib4(q0, 4u), nib4(q1, 4u), nib4(q2, 4u), nib4(q3, 4u));
         }
         case Q4_K: {
             // 144-byte super-blocks: every field 4-byte aligned.
@@ -179,12 +200,12 @@ fn chunk(row: u32, c: u32) -> Chunk {
                 sc = (byte_at(sb + 8u + j) & 0xFu) | ((byte_at(sb + j) >> 6u) << 4u);
                 mn = (byte_at(sb + 8u + j) >> 4u) | ((byte_at(sb + 4u + j) >> 6u) << 4u);
             }
-            let d1 = d * f32(sc);
-            let m1 = dmin * f32(mn);
+            r.s0 = d * f32(sc);
+            r.m0 = -(dmin * f32(mn));
             let q = (sb + 16u + 32u * (j / 2u)) >> 2u;
             let s = 4u * (j % 2u);
-            y = Chunk(d1 * nib4(w[q], s) - m1, d1 * nib4(w[q + 1u], s) - m1, d1 * nib4(w[q + 2u], s) - m1, d1 * nib4(w[q + 3u], s) - m1,
-                      d1 * nib4(w[q + 4u], s) - m1, d1 * nib4(w[q + 5u], s) - m1, d1 * nib4(w[q + 6u], s) - m1, d1 * nib4(w[q + 7u], s) - m1);
+            r.q = Chunk(nib4(w[q], s), nib4(w[q + 1u], s), nib4(w[q + 2u], s), nib4(w[q + 3u], s),
+                        nib4(w[q + 4u], s), nib4(w[q + 5u], s), nib4(w[q + 6u], s), nib4(w[q + 7u], s));
         }
         case Q6_K: {
             // Chunk (h, g) of a super-block: elements 128h + 32g + l, l < 32; low nibbles from
@@ -199,16 +220,20 @@ fn chunk(row: u32, c: u32) -> Chunk {
             let ls = 4u * (g / 2u);
             let hs = 2u * g;
             let scales = sb + 192u + 8u * h + 2u * g;
-            let s0 = d * f32(bitcast<i32>(byte_at(scales) << 24u) >> 24u);
-            let s1 = d * f32(bitcast<i32>(byte_at(scales + 1u) << 24u) >> 24u);
-            y = Chunk(s0 * q6(u32_at(ql), u32_at(qh), ls, hs), s0 * q6(u32_at(ql + 4u), u32_at(qh + 4u), ls, hs),
-                      s0 * q6(u32_at(ql + 8u), u32_at(qh + 8u), ls, hs), s0 * q6(u32_at(ql + 12u), u32_at(qh + 12u), ls, hs),
-                      s1 * q6(u32_at(ql + 16u), u32_at(qh + 16u), ls, hs), s1 * q6(u32_at(ql + 20u), u32_at(qh + 20u), ls, hs),
-                      s1 * q6(u32_at(ql + 24u), u32_at(qh + 24u), ls, hs), s1 * q6(u32_at(ql + 28u), u32_at(qh + 28u), ls, hs));
+            r.s0 = d * f32(bitcast<i32>(byte_at(scales) << 24u) >> 24u);
+            r.s1 = d * f32(bitcast<i32>(byte_at(scales + 1u) << 24u) >> 24u);
+            r.q = Chunk(q6(u32_at(ql), u32_at(qh), ls, hs), q6(u32_at(ql + 4u), u32_at(qh + 4u), ls, hs),
+                        q6(u32_at(ql + 8u), u32_at(qh + 8u), ls, hs), q6(u32_at(ql + 12u), u32_at(qh + 12u), ls, hs),
+                        q6(u32_at(ql + 16u), u32_at(qh + 16u), ls, hs), q6(u32_at(ql + 20u), u32_at(qh + 20u), ls, hs),
+                        q6(u32_at(ql + 24u), u32_at(qh + 24u), ls, hs), q6(u32_at(ql + 28u), u32_at(qh + 28u), ls, hs));
+            return r;
         }
         default: {}
     }
-    return y;
+    // One scale and offset for the whole chunk.
+    r.s1 = r.s0;
+    r.m1 = r.m0;
+    return r;
 }
 
 // Four 6-bit Q6_K values minus 32: low nibbles at bit `ls` of each byte of `lo`, high bit
@@ -220,6 +245,20 @@ fn q6(lo: u32, hi: u32, ls: u32, hs: u32) -> vec4<f32> {
     return vec4<f32>(vec4<i32>(l | (h << vec4<u32>(4u))) - vec4<i32>(32));
 }
 
+// Chunk c of the row starting at byte `row`, dequantised.
+fn chunk(row: u32, c: u32) -> Chunk {
+    let r = raw(row, c);
+    if is_float() {
+        return r.q;
+    }
+    let s0 = vec4<f32>(r.s0);
+    let s1 = vec4<f32>(r.s1);
+    let m0 = vec4<f32>(r.m0);
+    let m1 = vec4<f32>(r.m1);
+    return Chunk(s0 * r.q.v0 + m0, s0 * r.q.v1 + m0, s0 * r.q.v2 + m0, s0 * r.q.v3 + m0,
+                 s1 * r.q.v4 + m1, s1 * r.q.v5 + m1, s1 * r.q.v6 + m1, s1 * r.q.v7 + m1);
+}
+
 // x[o .. o+4]: vec4 loads when every row of x is vec4-aligned (X4), scalar loads otherwise.
 fn x_at(o: u32) -> vec4<f32> {
     if X4 {
@@ -228,27 +267,29 @@ fn x_at(o: u32) -> vec4<f32> {
     return vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]);
 }
 
-// 32 consecutive elements of x, loaded once and used for several weight rows.
+// 32 consecutive elements of x and the sums of each half, loaded once per chunk and used
+// for several weight rows.
 struct XChunk {
-    v0: vec4<f32>,
-    v1: vec4<f32>,
-    v2: vec4<f32>,
-    v3: vec4<f32>,
-    v4: vec4<f32>,
-    v5: vec4<f32>,
-    v6: vec4<f32>,
-    v7: vec4<f32>,
+    v: Chunk,
+    sum0: f32,
+    sum1: f32,
 }
 
-fn dot_x(y: Chunk, x: XChunk) -> f32 {
-    return dot(y.v0, x.v0) + dot(y.v1, x.v1) + dot(y.v2, x.v2) + dot(y.v3, x.v3)
-         + dot(y.v4, x.v4) + dot(y.v5, x.v5) + dot(y.v6, x.v6) + dot(y.v7, x.v7);
+fn x_chunk(o: u32) -> XChunk {
+    let v = Chunk(x_at(o), x_at(o + 4u), x_at(o + 8u), x_at(o + 12u), x_at(o + 16u), x_at(o + 20u), x_at(o + 24u), x_at(o + 28u));
+    let one = vec4<f32>(1.0);
+    return XChunk(v, dot(v.v0 + v.v1 + v.v2 + v.v3, one), dot(v.v4 + v.v5 + v.v6 + v.v7, one));
 }
 
-// The dot product of a chunk with x[o .. o+32].
-fn dot_chunk(y: Chunk, o: u32) -> f32 {
-    return dot(y.v0, x_at(o)) + dot(y.v1, x_at(o + 4u)) + dot(y.v2, x_at(o + 8u)) + dot(y.v3, x_at(o + 12u))
-         + dot(y.v4, x_at(o + 16u)) + dot(y.v5, x_at(o + 20u)) + dot(y.v6, x_at(o + 24u)) + dot(y.v7, x_at(o + 28u));
+// The dot product of dequantised chunk c of the row at byte `row` with x.
+fn dot_row(row: u32, c: u32, x: XChunk) -> f32 {
+    let r = raw(row, c);
+    let d0 = dot(r.q.v0, x.v.v0) + dot(r.q.v1, x.v.v1) + dot(r.q.v2, x.v.v2) + dot(r.q.v3, x.v.v3);
+    let d1 = dot(r.q.v4, x.v.v4) + dot(r.q.v5, x.v.v5) + dot(r.q.v6, x.v.v6) + dot(r.q.v7, x.v.v7);
+    if is_float() {
+        return d0 + d1;
+    }
+    return r.s0 * d0 + r.s1 * d1 + r.m0 * x.sum0 + r.m1 * x.sum1;
 }
 
 // Writes the elements of a chunk below k to out[base + 32c ..].
@@ -318,10 +359,10 @@ fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     var hi = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
         let o = 32u * c;
-        let xs = XChunk(x_at(o), x_at(o + 4u), x_at(o + 8u), x_at(o + 12u), x_at(o + 16u), x_at(o + 20u), x_at(o + 24u), x_at(o + 28u));
-        lo += vec4<f32>(dot_x(chunk(r0, c), xs), dot_x(chunk(r1, c), xs), dot_x(chunk(r2, c), xs), dot_x(chunk(r3, c), xs));
+        let xs = x_chunk(o);
+        lo += vec4<f32>(dot_row(r0, c, xs), dot_row(r1, c, xs), dot_row(r2, c, xs), dot_row(r3, c, xs));
         if ROWS == 8u {
-            hi += vec4<f32>(dot_x(chunk(r4, c), xs), dot_x(chunk(r5, c), xs), dot_x(chunk(r6, c), xs), dot_x(chunk(r7, c), xs));
+            hi += vec4<f32>(dot_row(r4, c, xs), dot_row(r5, c, xs), dot_row(r6, c, xs), dot_row(r7, c, xs));
         }
     }
     for (var t = 0u; t < 4u; t++) {
@@ -334,8 +375,8 @@ fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-// Several tokens: one invocation per (weight row, group of 4 tokens), so each chunk is
-// dequantised once and used four times. gid.x walks rows, gid.y token groups.
+// Several tokens: one invocation per (weight row, group of 4 tokens). The chunk's decode
+// is repeated per token (the compiler may share it); its loads hit the cache. gid.x walks rows, gid.y token groups.
 @compute @workgroup_size(64, 1, 1)
 fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x;
@@ -352,9 +393,9 @@ fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let x3 = min(t0 + 3u, last) * p.k;
     var acc = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
-        let y = chunk(row, c);
         let o = 32u * c;
-        acc += vec4<f32>(dot_chunk(y, x0 + o), dot_chunk(y, x1 + o), dot_chunk(y, x2 + o), dot_chunk(y, x3 + o));
+        acc += vec4<f32>(dot_row(row, c, x_chunk(x0 + o)), dot_row(row, c, x_chunk(x1 + o)),
+                         dot_row(row, c, x_chunk(x2 + o)), dot_row(row, c, x_chunk(x3 + o)));
     }
     for (var t = 0u; t < 4u; t++) {
         if t0 + t < p.m {
