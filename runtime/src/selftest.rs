@@ -656,8 +656,9 @@ fn compare(case: &Case, dev: &[u32], reference: &[u32]) -> (f64, f64, bool) {
     }
 }
 
-/// Runs one case on `dev` and on the CPU reference.
-pub fn check<B: Backend>(dev: &B, case: &Case) -> CheckRow {
+/// Runs one case on `dev` and on the CPU reference; `timed` also measures throughput
+/// (about 50 ms per case).
+pub fn check<B: Backend>(dev: &B, case: &Case, timed: bool) -> CheckRow {
     let mut row = CheckRow {
         kernel: case.kernel,
         shape: case.shape.clone(),
@@ -670,7 +671,7 @@ pub fn check<B: Backend>(dev: &B, case: &Case) -> CheckRow {
         error: None,
     };
     let outcome = execute(&Cpu, case, false)
-        .and_then(|(reference, _)| Ok((reference, execute(dev, case, true)?)));
+        .and_then(|(reference, _)| Ok((reference, execute(dev, case, timed)?)));
     match outcome {
         Ok((reference, (got, secs))) => {
             let (max_abs, max_rel, pass) = compare(case, &got, &reference);
@@ -689,6 +690,6 @@ pub fn run<B: Backend>(dev: &B, filter: Option<&str>) -> Vec<CheckRow> {
     cases()
         .iter()
         .filter(|c| filter.is_none_or(|f| c.kernel.contains(f)))
-        .map(|c| check(dev, c))
+        .map(|c| check(dev, c, true))
         .collect()
 }

@@ -14,7 +14,7 @@ fn kernel_should_match_reference(kernel: &str) {
     assert!(!cases.is_empty(), "no cases for {kernel}");
     let failures: Vec<String> = cases
         .iter()
-        .map(|c| selftest::check(&gpu, c))
+        .map(|c| selftest::check(&gpu, c, false))
         .filter(|r| !r.pass)
         .map(|r| {
             format!(
