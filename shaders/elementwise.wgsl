@@ -1,12 +1,13 @@
-// Elementwise kernels over n f32 values: add, scale, and the SwiGLU gate silu(a) * b.
-// CPU reference: runtime/src/backend/cpu.rs (`Op::Add`, `Op::Scale`, `silu`).
+// Elementwise kernels over n f32 values: add, scale, the SwiGLU gate silu(a) * b, and a
+// copy between offsets. CPU reference: runtime/src/backend/cpu.rs (`Op::Add`, `Op::Scale`,
+// `silu`, `Op::Copy`).
 // One invocation per element; the 2-D grid lifts the 65535-workgroup limit per dimension.
 
 struct Params {
     n: u32,
     alpha: f32,
-    _pad0: u32,
-    _pad1: u32,
+    src_offset: u32,
+    dst_offset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,5 +41,14 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if i < p.n {
         let g = a[i];
         out[i] = g / (1.0 + exp(-g)) * b[i];
+    }
+}
+
+// Moves 32-bit words bit for bit (f32 or u32 alike).
+@compute @workgroup_size(64, 1, 1)
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[p.dst_offset + i] = a[p.src_offset + i];
     }
 }

@@ -7,6 +7,7 @@ use edgetune::selftest::{self, CheckRow, Tolerance};
 use std::process::ExitCode;
 
 mod bench;
+mod model;
 
 #[derive(Parser, Debug)]
 #[command(name = "edgetune", version, about = "On-device tuning runtime")]
@@ -61,6 +62,23 @@ enum Command {
     },
     /// Kernel benchmarks at fixed shapes (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Architecture, parameters, quant types, tokenizer, context and memory of a model.
+    Info {
+        /// A .gguf file.
+        model: std::path::PathBuf,
+    },
+    /// Float32 logits [n_tokens, vocab] for every position, written as .npy.
+    Logits {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        tokens: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 fn tolerance_text(t: Tolerance) -> String {
@@ -182,6 +200,17 @@ fn main() -> ExitCode {
             kernel,
         } => selftest(device, *json, kernel.as_deref()),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Info { model } => model::info(model).map(|()| true),
+        Command::Logits {
+            model: path,
+            tokens,
+            out,
+            device,
+        } => model::parse_tokens(tokens).and_then(|ids| {
+            let file = model::open(path)?;
+            let (cfg, logits) = model::with_backend(device, |r| r.logits(&file, &ids))?;
+            model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits).map(|()| true)
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -56,8 +56,13 @@ pub enum Error {
         context: &'static str,
         message: String,
     },
-    /// The operation needs the `gpu` feature, which this build lacks.
-    GpuNotBuilt,
+    /// A file could not be opened or read.
+    Io { path: String, message: String },
+    /// A GGUF file is malformed.
+    Gguf {
+        path: String,
+        error: crate::format::gguf::GgufError,
+    },
 }
 
 impl fmt::Display for Error {
@@ -97,10 +102,8 @@ impl fmt::Display for Error {
                 write!(f, "out of GPU memory allocating {bytes} bytes for {what}")
             }
             Error::Gpu { context, message } => write!(f, "GPU error in {context}: {message}"),
-            Error::GpuNotBuilt => write!(
-                f,
-                "this build of edgetune has no GPU backend (feature `gpu`)"
-            ),
+            Error::Io { path, message } => write!(f, "{path}: {message}"),
+            Error::Gguf { path, error } => write!(f, "{path}: {error}"),
         }
     }
 }

@@ -17,6 +17,8 @@ mod fmt;
 
 pub mod backend;
 pub mod error;
+pub mod format;
+pub mod model;
 pub mod quant;
 pub mod rng;
 #[cfg(feature = "std")]

@@ -486,6 +486,31 @@ pub fn cases() -> Vec<Case> {
         }
     }
 
+    // Copy between offsets is a bit-exact move.
+    for (n, src_offset, dst_offset) in [(1u32, 0u32, 0u32), (1000, 17, 333), (70_000, 5, 0)] {
+        let src = d.f32s((n + src_offset) as usize);
+        cases.push(Case {
+            kernel: "copy",
+            shape: format!("n={n} src+{src_offset} dst+{dst_offset}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&src)),
+                Init::Data(f32_bytes(&d.f32s((n + dst_offset) as usize + 3))),
+            ],
+            op: Op::Copy {
+                src: &IDX[0],
+                dst: &IDX[1],
+                n,
+                src_offset,
+                dst_offset,
+            },
+            out: 1,
+            out_elems: (n + dst_offset) as usize + 3,
+            tolerance: Tolerance::Exact,
+            work: 8.0 * f64::from(n),
+            unit: Unit::GbPerS,
+        });
+    }
+
     // (tokens, heads, kv heads, head_dim, pos0): prefill with GQA, decode with a long cache,
     // multi-head attention, the largest head.
     for (t, h, kv, hd, pos0) in [

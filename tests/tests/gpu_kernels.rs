@@ -43,6 +43,7 @@ kernel_tests! {
     softmax_should_match_reference => "softmax",
     add_should_match_reference => "add",
     scale_should_match_reference => "scale",
+    copy_should_match_reference => "copy",
     swiglu_should_match_reference => "swiglu",
     attention_should_match_reference => "attention",
     philox_should_match_reference => "philox",
@@ -54,5 +55,5 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 14, "{kernels:?}");
+    assert_eq!(kernels.len(), 15, "{kernels:?}");
 }

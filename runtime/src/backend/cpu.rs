@@ -206,6 +206,21 @@ impl Backend for Cpu {
                         .collect::<Vec<_>>(),
                 );
             }
+            Op::Copy {
+                src,
+                dst,
+                n,
+                src_offset,
+                dst_offset,
+            } => {
+                let (n, so, d) = (
+                    n as usize * 4,
+                    src_offset as usize * 4,
+                    dst_offset as usize * 4,
+                );
+                let words = src.0.borrow()[so..so + n].to_vec();
+                dst.0.borrow_mut()[d..d + n].copy_from_slice(&words);
+            }
             Op::Attention {
                 q,
                 k,

@@ -117,6 +117,15 @@ pub enum Op<'a, B> {
         n: u32,
         alpha: f32,
     },
+    /// dst[dst_offset + i] = src[src_offset + i] for i < n (32-bit words): moves rows into
+    /// the KV cache and picks rows out of a batch.
+    Copy {
+        src: &'a B,
+        dst: &'a B,
+        n: u32,
+        src_offset: u32,
+        dst_offset: u32,
+    },
     /// Causal attention with grouped-query heads over a KV cache.
     /// q [n_tokens, n_heads, head_dim]; k, v [capacity, n_kv_heads, head_dim] with the
     /// first pos0 + n_tokens positions filled; token t (position pos0 + t) attends to
@@ -225,6 +234,7 @@ impl<B> Op<'_, B> {
             Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
             Op::Scale { .. } => "scale",
+            Op::Copy { .. } => "copy",
             Op::Attention { .. } => "attention",
             Op::Philox { .. } => "philox",
             Op::PerturbZ { .. } => "perturb_z",
@@ -351,6 +361,19 @@ impl<B> Op<'_, B> {
                 out: f(out),
                 n,
                 alpha,
+            },
+            Op::Copy {
+                src,
+                dst,
+                n,
+                src_offset,
+                dst_offset,
+            } => Op::Copy {
+                src: f(src),
+                dst: f(dst),
+                n,
+                src_offset,
+                dst_offset,
             },
             Op::Attention {
                 q,
@@ -527,6 +550,29 @@ impl<B> Op<'_, B> {
                 nonzero(op, &[("n", n)])?;
                 need(op, "x", size(x), u64::from(n), 4)?;
                 need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::Copy {
+                src,
+                dst,
+                n,
+                src_offset,
+                dst_offset,
+            } => {
+                nonzero(op, &[("n", n)])?;
+                need(
+                    op,
+                    "src",
+                    size(src),
+                    u64::from(src_offset) + u64::from(n),
+                    4,
+                )?;
+                need(
+                    op,
+                    "dst",
+                    size(dst),
+                    u64::from(dst_offset) + u64::from(n),
+                    4,
+                )
             }
             Op::Attention {
                 q,

@@ -716,6 +716,20 @@ impl Backend for Gpu {
                 params: vec![n, alpha.to_bits()],
                 groups: self.grid(name, u64::from(n))?,
             },
+            Op::Copy {
+                src,
+                dst,
+                n,
+                src_offset,
+                dst_offset,
+            } => Dispatch {
+                family: "elementwise",
+                entry: "copy",
+                overrides: vec![],
+                bindings: vec![(1, src), (3, dst)],
+                params: vec![n, 0, src_offset, dst_offset],
+                groups: self.grid(name, u64::from(n))?,
+            },
             Op::Attention {
                 q,
                 k,

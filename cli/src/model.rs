@@ -1,0 +1,173 @@
+//! Model commands: info, logits (and the generation commands built on them).
+
+use crate::{BackendKind, DeviceArgs};
+use edgetune::backend::cpu::Cpu;
+use edgetune::format::file::GgufFile;
+use edgetune::format::gguf::{Array, Value};
+use edgetune::model::{Config, Model};
+use edgetune::{Backend, Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Runs `f` with the chosen backend.
+pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Result<T>) -> Result<T> {
+    match device.backend {
+        BackendKind::Cpu => f(&Runner(Cpu)),
+        BackendKind::Gpu => f(&Runner(device.gpu()?)),
+    }
+}
+
+/// The model operations the CLI needs, object-safe so one code path serves every backend.
+pub trait DynRun {
+    fn logits(&self, file: &GgufFile, tokens: &[u32]) -> Result<(Config, Vec<f32>)>;
+}
+
+struct Runner<B: Backend>(B);
+
+impl<B: Backend> DynRun for Runner<B> {
+    fn logits(&self, file: &GgufFile, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
+        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+        let mut cache = model.new_cache(
+            u32::try_from(tokens.len())
+                .unwrap_or(u32::MAX)
+                .min(model.cfg.context),
+        )?;
+        let logits = model.forward(&mut cache, tokens, true)?;
+        Ok((model.cfg, logits))
+    }
+}
+
+pub fn open(path: &Path) -> Result<GgufFile> {
+    if path.is_dir() {
+        return Err(Error::Io {
+            path: path.display().to_string(),
+            message: "model directories (safetensors) are not supported yet; pass a .gguf file"
+                .into(),
+        });
+    }
+    GgufFile::open(path)
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Str(s) if s.len() > 80 => format!(
+            "{:?}... ({} bytes)",
+            &s[..s.floor_char_boundary(80)],
+            s.len()
+        ),
+        Value::Str(s) => format!("{s:?}"),
+        Value::Array(a) => {
+            let kind = match a {
+                Array::Str(_) => "strings",
+                Array::F32(_) => "f32",
+                Array::I32(_) => "i32",
+                _ => "values",
+            };
+            format!("[{} {kind}]", a.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+pub fn info(path: &Path) -> Result<()> {
+    let f = open(path)?;
+    let g = &f.header;
+    println!(
+        "file:        {} (GGUF v{}, {} bytes)",
+        f.path(),
+        g.version,
+        f.bytes().len()
+    );
+    let cfg = Config::from_gguf(g);
+    let params: u64 = g.tensors.iter().map(|t| t.n_elements()).sum();
+    let mut types: Vec<(String, usize)> = Vec::new();
+    for t in &g.tensors {
+        let name = t.ggml_type.name().to_string();
+        match types.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => types.push((name, 1)),
+        }
+    }
+    println!("parameters:  {params} ({:.1} M)", params as f64 / 1e6);
+    println!(
+        "quant types: {}",
+        types
+            .iter()
+            .map(|(n, c)| format!("{n} x{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let tok = |k: &str| g.get(k).map(describe).unwrap_or_else(|| "-".into());
+    println!(
+        "tokenizer:   model {} pre {} tokens {} merges {}",
+        tok("tokenizer.ggml.model"),
+        tok("tokenizer.ggml.pre"),
+        tok("tokenizer.ggml.tokens"),
+        tok("tokenizer.ggml.merges")
+    );
+    match cfg {
+        Ok(c) => {
+            println!(
+                "model:       {:?}, {} layers, width {}, ffn {}, {} heads ({} kv) of {}, vocab {}, rope theta {}, {} embeddings",
+                c.arch,
+                c.n_layers,
+                c.dim,
+                c.ffn_dim,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.vocab,
+                c.rope_theta,
+                if c.tied_embeddings { "tied" } else { "untied" }
+            );
+            println!("context:     {} tokens", c.context);
+            let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
+            let kv = c.kv_bytes_per_position() * u64::from(c.context);
+            println!(
+                "memory:      weights {:.1} MiB + KV cache {:.1} MiB at full context ({} bytes per position)",
+                weights as f64 / 1048576.0,
+                kv as f64 / 1048576.0,
+                c.kv_bytes_per_position()
+            );
+        }
+        Err(e) => println!("model:       not runnable: {e}"),
+    }
+    Ok(())
+}
+
+/// Writes a float32 array as .npy (version 1.0, little-endian, C order).
+pub fn write_npy(path: &PathBuf, shape: &[usize], data: &[f32]) -> Result<()> {
+    let dims = shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let dims = if shape.len() == 1 {
+        format!("{dims},")
+    } else {
+        dims
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, out).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|t| {
+            t.trim().parse::<u32>().map_err(|_| Error::InvalidShape {
+                op: "--tokens",
+                reason: format!("`{t}` is not a token id"),
+            })
+        })
+        .collect()
+}

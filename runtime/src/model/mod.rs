@@ -1,0 +1,7 @@
+//! Model implementations over the backend: one Llama family for every weight format.
+
+pub mod config;
+pub mod llama;
+
+pub use config::{Arch, Config};
+pub use llama::{KvCache, Model};
