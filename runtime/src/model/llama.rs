@@ -346,7 +346,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 n_kv_heads: c.n_kv_heads,
                 head_dim: hd,
                 pos0,
-                scale: 1.0 / (hd as f32).sqrt(),
+                scale: 1.0 / libm::sqrtf(hd as f32),
             })?;
             self.matmul(&att, &layer.wo, &h, t)?;
             be.run(&Op::Add {
