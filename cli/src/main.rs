@@ -67,6 +67,52 @@ enum Command {
         /// A .gguf file.
         model: std::path::PathBuf,
     },
+    /// Token ids of a text, as a JSON array.
+    Tokenize {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long)]
+        text: String,
+    },
+    /// Streams a continuation of a prompt.
+    Generate {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat format (ChatML, Llama 3).
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// 0 keeps every token.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Perplexity of a text file, in independent windows of the context.
+    Perplexity {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// A UTF-8 text file.
+        #[arg(long)]
+        text: std::path::PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Float32 logits [n_tokens, vocab] for every position, written as .npy.
     Logits {
         #[arg(long)]
@@ -201,6 +247,57 @@ fn main() -> ExitCode {
         } => selftest(device, *json, kernel.as_deref()),
         Command::Bench(args) => bench::run(args).map(|()| true),
         Command::Info { model } => model::info(model).map(|()| true),
+        Command::Tokenize { model: path, text } => model::open(path).and_then(|f| {
+            let ids = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?.encode(text)?;
+            println!("{}", serde_json::json!(ids));
+            Ok(true)
+        }),
+        Command::Generate {
+            model: path,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            device,
+        } => model::open(path).and_then(|f| {
+            let tokenizer = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?;
+            if *chat && tokenizer.chat == edgetune::tokenizer::ChatTemplate::Raw {
+                eprintln!("warning: the model's chat template is not recognised; using the prompt as it is");
+            }
+            let text = if *chat { tokenizer.chat.user_turn(prompt) } else { prompt.clone() };
+            let req = model::GenerateRequest {
+                prompt: tokenizer.encode_prompt(&text)?,
+                tokenizer: &tokenizer,
+                max_tokens: *max_tokens,
+                sampling: edgetune::generate::Sampling {
+                    temperature: *temperature,
+                    top_k: *top_k,
+                    top_p: *top_p,
+                    repetition_penalty: *repetition_penalty,
+                    seed: *seed,
+                },
+            };
+            model::with_backend(device, |r| r.generate(&f, &req)).map(|()| true)
+        }),
+        Command::Perplexity {
+            model: path,
+            text,
+            window,
+            device,
+        } => model::open(path).and_then(|f| {
+            let body = std::fs::read_to_string(text).map_err(|e| edgetune::Error::Io {
+                path: text.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let ids = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?.encode(&body)?;
+            let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, *window))?;
+            println!("perplexity {:.4} over {n} tokens (mean NLL {nll:.4})", nll.exp());
+            Ok(true)
+        }),
         Command::Logits {
             model: path,
             tokens,

@@ -4,8 +4,11 @@ use crate::{BackendKind, DeviceArgs};
 use edgetune::backend::cpu::Cpu;
 use edgetune::format::file::GgufFile;
 use edgetune::format::gguf::{Array, Value};
+use edgetune::generate::{Sampler, Sampling, generate};
 use edgetune::model::{Config, Model};
+use edgetune::tokenizer::Tokenizer;
 use edgetune::{Backend, Error, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Runs `f` with the chosen backend.
@@ -19,6 +22,17 @@ pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Resul
 /// The model operations the CLI needs, object-safe so one code path serves every backend.
 pub trait DynRun {
     fn logits(&self, file: &GgufFile, tokens: &[u32]) -> Result<(Config, Vec<f32>)>;
+    fn generate(&self, file: &GgufFile, req: &GenerateRequest<'_>) -> Result<()>;
+    /// (mean negative log-likelihood per token, tokens scored).
+    fn nll(&self, file: &GgufFile, tokens: &[u32], window: usize) -> Result<(f64, usize)>;
+}
+
+/// What `edgetune generate` asks for.
+pub struct GenerateRequest<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
 }
 
 struct Runner<B: Backend>(B);
@@ -33,6 +47,93 @@ impl<B: Backend> DynRun for Runner<B> {
         )?;
         let logits = model.forward(&mut cache, tokens, true)?;
         Ok((model.cfg, logits))
+    }
+
+    fn generate(&self, file: &GgufFile, req: &GenerateRequest<'_>) -> Result<()> {
+        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+        let need = req.prompt.len().saturating_add(req.max_tokens);
+        let capacity = u32::try_from(need)
+            .unwrap_or(u32::MAX)
+            .min(model.cfg.context);
+        if req.prompt.len() > capacity as usize {
+            return Err(Error::InvalidShape {
+                op: "generate",
+                reason: format!(
+                    "the prompt has {} tokens; the context holds {}",
+                    req.prompt.len(),
+                    model.cfg.context
+                ),
+            });
+        }
+        let mut cache = model.new_cache(capacity)?;
+        let mut sampler = Sampler::new(req.sampling)?;
+        let mut shown = String::new();
+        let mut ids = Vec::new();
+        let mut stdout = std::io::stdout();
+        let start = std::time::Instant::now();
+        let (out, stop) = generate(
+            &model,
+            &mut cache,
+            &req.prompt,
+            req.max_tokens,
+            &req.tokenizer.eos,
+            &mut sampler,
+            |t| {
+                ids.push(t);
+                let text = req.tokenizer.decode(&ids)?;
+                // Print only whole characters: a token may end inside a UTF-8 sequence.
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() > shown.len()
+                    && text.starts_with(&shown)
+                {
+                    let _ = write!(stdout, "{}", &text[shown.len()..]);
+                    let _ = stdout.flush();
+                    shown = text;
+                }
+                Ok(())
+            },
+        )?;
+        let text = req.tokenizer.decode(&out)?;
+        if text.len() > shown.len() && text.starts_with(&shown) {
+            print!("{}", &text[shown.len()..]);
+        }
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated in {:.2} s, stop: {stop:?}]",
+            req.prompt.len(),
+            out.len(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn nll(&self, file: &GgufFile, tokens: &[u32], window: usize) -> Result<(f64, usize)> {
+        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+        let window = window.min(model.cfg.context as usize).max(2);
+        let mut cache = model.new_cache(window as u32)?;
+        let vocab = model.cfg.vocab as usize;
+        let (mut total, mut count) = (0.0f64, 0usize);
+        // Independent windows: each token is predicted from the ones before it in its window.
+        for chunk in tokens.chunks(window) {
+            if chunk.len() < 2 {
+                continue;
+            }
+            cache.clear();
+            let logits = model.forward(&mut cache, chunk, true)?;
+            for (i, &next) in chunk.iter().enumerate().skip(1) {
+                let row = &logits[(i - 1) * vocab..i * vocab];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = f64::from(max)
+                    + row
+                        .iter()
+                        .map(|v| f64::from(v - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                total += lse - f64::from(row[next as usize]);
+                count += 1;
+            }
+        }
+        Ok((total / count.max(1) as f64, count))
     }
 }
 

@@ -18,11 +18,14 @@ mod fmt;
 pub mod backend;
 pub mod error;
 pub mod format;
+pub mod generate;
 pub mod model;
 pub mod quant;
 pub mod rng;
 #[cfg(feature = "std")]
 pub mod selftest;
+#[cfg(feature = "std")]
+pub mod tokenizer;
 
 pub use backend::{Backend, Op};
 pub use error::{Error, Result};
