@@ -40,6 +40,7 @@ override ROWS: u32 = 4u;
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> wq: array<vec4<u32>>;
 
 fn byte_at(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xFFu;
@@ -80,6 +81,35 @@ fn half_to_f32(h: u32) -> f32 {
 
 fn f16_at(off: u32) -> f32 {
     return half_to_f32(u16_at(off));
+}
+
+// The 32-element block formats (Q8_0, Q4_0, Q4_1) are stored on the device in a split
+// layout (`backend::wgpu::split_layout`): first every block's scale (a u16 per block, or for
+// Q4_1 a u32 holding d and m), padded to 16 bytes, then every block's quants as 16-byte
+// vectors. Each lane then issues one or two wide loads per block instead of many unaligned
+// word loads, which is what limits matrix-vector products on CPU-emulated GPUs.
+
+// The block holding chunk c of row j.
+fn block_index(j: u32, c: u32) -> u32 {
+    return j * (p.k / 32u) + c;
+}
+
+fn n_blocks() -> u32 {
+    return p.n * (p.k / 32u);
+}
+
+// Block b's f16 scale from the packed u16 scale section.
+fn split_scale16(b: u32) -> f32 {
+    return half_to_f32((w[b >> 1u] >> (16u * (b & 1u))) & 0xFFFFu);
+}
+
+// Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block.
+fn split_quants(b: u32, per_block: u32) -> u32 {
+    var scale_bytes = 2u * n_blocks();
+    if WTYPE == Q4_1 {
+        scale_bytes = 4u * n_blocks();
+    }
+    return (scale_bytes + 15u) / 16u + b * per_block;
 }
 
 // The four signed bytes of a word, in memory order.
@@ -140,9 +170,11 @@ fn is_float() -> bool {
     return WTYPE == F32 || WTYPE == F16 || WTYPE == BF16;
 }
 
-// Chunk c (elements 32c .. 32c+32) of the row starting at byte `row`, before the affine step.
-fn raw(row: u32, c: u32) -> Raw {
+// Chunk c (elements 32c .. 32c+32) of weight row j, before the affine step.
+fn raw(j: u32, c: u32) -> Raw {
     var r: Raw;
+    // Byte offset of the row, for the formats kept in their GGUF layout.
+    let row = j * p.row_bytes;
     // -0.0 leaves every value, negative zero included, unchanged when added.
     r.m0 = -0.0;
     r.m1 = -0.0;
@@ -154,35 +186,26 @@ fn raw(row: u32, c: u32) -> Raw {
             r.s0 = 1.0;
         }
         case Q8_0: {
-            let off = row + 34u * c;
-            r.s0 = f16_at(off);
-            let q = off + 2u;
-            r.q = Chunk(i8x4(u32_at(q)), i8x4(u32_at(q + 4u)), i8x4(u32_at(q + 8u)), i8x4(u32_at(q + 12u)),
-                        i8x4(u32_at(q + 16u)), i8x4(u32_at(q + 20u)), i8x4(u32_at(q + 24u)), i8x4(u32_at(q + 28u)));
+            let b = block_index(j, c);
+            r.s0 = split_scale16(b);
+            let q = split_quants(b, 2u);
+            let lo = wq[q];
+            let hi = wq[q + 1u];
+            r.q = Chunk(i8x4(lo.x), i8x4(lo.y), i8x4(lo.z), i8x4(lo.w), i8x4(hi.x), i8x4(hi.y), i8x4(hi.z), i8x4(hi.w));
         }
-        case Q4_0: {
-            let off = row + 18u * c;
-            r.s0 = f16_at(off);
-            r.m0 = -8.0 * r.s0;
-            let q0 = u32_at(off + 2u);
-            let q1 = u32_at(off + 6u);
-            let q2 = u32_at(off + 10u);
-            let q3 = u32_at(off + 14u);
-            r.q = Chunk(nib4(q0, 0u), nib4(q1, 0u), nib4(q2, 0u), nib4(q3, 0u),
-                        nib4(q0, 4u), nib4(q1, 4u), nib4(q2, 4u), nib4(q3, 4u));
-        }
-        case Q4_1: {
-            // 20-byte blocks keep every field 4-byte aligned: whole-word loads.
-            let o = (row + 20u * c) >> 2u;
-            let dm = w[o];
-            r.s0 = half_to_f32(dm & 0xFFFFu);
-            r.m0 = half_to_f32(dm >> 16u);
-            let q0 = w[o + 1u];
-            let q1 = w[o + 2u];
-            let q2 = w[o + 3u];
-            let q3 = w[o + 4u];
-            r.q = Chunk(nib4(q0, 0u), nib4(q1, 0u), nib4(q2, 0u), nib4(q3, 0u),
-                        nib4(q0, 4u), nib4(q1, 4u), nib4(q2, 4u), nib4(q3, 4u));
+        case Q4_0, Q4_1: {
+            let b = block_index(j, c);
+            if WTYPE == Q4_1 {
+                let dm = w[b];
+                r.s0 = half_to_f32(dm & 0xFFFFu);
+                r.m0 = half_to_f32(dm >> 16u);
+            } else {
+                r.s0 = split_scale16(b);
+                r.m0 = -8.0 * r.s0;
+            }
+            let q = wq[split_quants(b, 1u)];
+            r.q = Chunk(nib4(q.x, 0u), nib4(q.y, 0u), nib4(q.z, 0u), nib4(q.w, 0u),
+                        nib4(q.x, 4u), nib4(q.y, 4u), nib4(q.z, 4u), nib4(q.w, 4u));
         }
         case Q4_K: {
             // 144-byte super-blocks: every field 4-byte aligned.
@@ -245,9 +268,9 @@ fn q6(lo: u32, hi: u32, ls: u32, hs: u32) -> vec4<f32> {
     return vec4<f32>(vec4<i32>(l | (h << vec4<u32>(4u))) - vec4<i32>(32));
 }
 
-// Chunk c of the row starting at byte `row`, dequantised.
-fn chunk(row: u32, c: u32) -> Chunk {
-    let r = raw(row, c);
+// Chunk c of weight row j, dequantised.
+fn chunk(j: u32, c: u32) -> Chunk {
+    let r = raw(j, c);
     if is_float() {
         return r.q;
     }
@@ -281,9 +304,9 @@ fn x_chunk(o: u32) -> XChunk {
     return XChunk(v, dot(v.v0 + v.v1 + v.v2 + v.v3, one), dot(v.v4 + v.v5 + v.v6 + v.v7, one));
 }
 
-// The dot product of dequantised chunk c of the row at byte `row` with x.
-fn dot_row(row: u32, c: u32, x: XChunk) -> f32 {
-    let r = raw(row, c);
+// The dot product of dequantised chunk c of weight row j with x.
+fn dot_row(j: u32, c: u32, x: XChunk) -> f32 {
+    let r = raw(j, c);
     let d0 = dot(r.q.v0, x.v.v0) + dot(r.q.v1, x.v.v1) + dot(r.q.v2, x.v.v2) + dot(r.q.v3, x.v.v3);
     let d1 = dot(r.q.v4, x.v.v4) + dot(r.q.v5, x.v.v5) + dot(r.q.v6, x.v.v6) + dot(r.q.v7, x.v.v7);
     if is_float() {
@@ -331,7 +354,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     var y: Chunk;
     let id = ids[t];
     if id < p.n {
-        y = chunk(id * p.row_bytes, c);
+        y = chunk(id, c);
     }
     store_chunk(y, t * p.k, c);
 }
@@ -347,14 +370,14 @@ fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
     // Rows past n are clamped to the last one and their results discarded.
     let last = p.n - 1u;
-    let r0 = min(j0 + 0u, last) * p.row_bytes;
-    let r1 = min(j0 + 1u, last) * p.row_bytes;
-    let r2 = min(j0 + 2u, last) * p.row_bytes;
-    let r3 = min(j0 + 3u, last) * p.row_bytes;
-    let r4 = min(j0 + 4u, last) * p.row_bytes;
-    let r5 = min(j0 + 5u, last) * p.row_bytes;
-    let r6 = min(j0 + 6u, last) * p.row_bytes;
-    let r7 = min(j0 + 7u, last) * p.row_bytes;
+    let r0 = min(j0 + 0u, last);
+    let r1 = min(j0 + 1u, last);
+    let r2 = min(j0 + 2u, last);
+    let r3 = min(j0 + 3u, last);
+    let r4 = min(j0 + 4u, last);
+    let r5 = min(j0 + 5u, last);
+    let r6 = min(j0 + 6u, last);
+    let r7 = min(j0 + 7u, last);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
@@ -384,7 +407,6 @@ fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     if j >= p.n || t0 >= p.m {
         return;
     }
-    let row = j * p.row_bytes;
     // Tokens past m are clamped to the last one and their results discarded.
     let last = p.m - 1u;
     let x0 = t0 * p.k;
@@ -394,8 +416,8 @@ fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc = vec4<f32>(0.0);
     for (var c = 0u; c < n_chunks(); c++) {
         let o = 32u * c;
-        acc += vec4<f32>(dot_row(row, c, x_chunk(x0 + o)), dot_row(row, c, x_chunk(x1 + o)),
-                         dot_row(row, c, x_chunk(x2 + o)), dot_row(row, c, x_chunk(x3 + o)));
+        acc += vec4<f32>(dot_row(j, c, x_chunk(x0 + o)), dot_row(j, c, x_chunk(x1 + o)),
+                         dot_row(j, c, x_chunk(x2 + o)), dot_row(j, c, x_chunk(x3 + o)));
     }
     for (var t = 0u; t < 4u; t++) {
         if t0 + t < p.m {

@@ -64,7 +64,7 @@ fn items() -> Vec<Item> {
     // SmolLM2-135M shapes (k = input width, n = output rows): attention/MLP projections
     // and the output head. Q4_K needs k % 256 == 0, so it runs only where k = 1536.
     for (k, n) in [(576u32, 1536u32), (1536, 576), (576, 49152)] {
-        for t in [WeightType::Q4_1, WeightType::Q4K] {
+        for t in [WeightType::Q4_1, WeightType::Q4K, WeightType::Q8_0] {
             if t.row_bytes(k as usize).is_ok() {
                 v.push(Item {
                     name: format!("qmatvec {}", t.name()),
@@ -101,7 +101,10 @@ fn time<B: Backend>(dev: &B, item: &Item, min_secs: f64) -> edgetune::Result<f64
             .flat_map(|i| ((i % 7) as f32 * 0.1).to_le_bytes())
             .collect(),
     };
-    let w = dev.upload(&w_bytes, "w")?;
+    let w = match item.wtype {
+        Some(t) => dev.upload_weights(t, &w_bytes, "w")?,
+        None => dev.upload(&w_bytes, "w")?,
+    };
     let out = dev.alloc((m * n * 4) as u64, "out")?;
     let op = match item.wtype {
         Some(wtype) => Op::QMatmul {

@@ -60,6 +60,8 @@ pub struct CheckRow {
 #[derive(Debug, Clone)]
 enum Init {
     Data(Vec<u8>),
+    /// Weights in GGUF layout, uploaded with [`Backend::upload_weights`].
+    Weights(WeightType, Vec<u8>),
     Zeros(u64),
 }
 
@@ -272,7 +274,7 @@ pub fn cases() -> Vec<Case> {
             kernel: "dequant",
             shape: format!("{} n={n_deq}", ty.name()),
             bufs: vec![
-                Init::Data(d.weights(ty, 1, n_deq, true)),
+                Init::Weights(ty, d.weights(ty, 1, n_deq, true)),
                 Init::Zeros((n_deq * 4) as u64),
             ],
             op: Op::Dequant {
@@ -298,7 +300,7 @@ pub fn cases() -> Vec<Case> {
             kernel: "embed",
             shape: format!("{} vocab={vocab} dim={k_small} ids={n_ids}", ty.name()),
             bufs: vec![
-                Init::Data(d.weights(ty, vocab, k_small, true)),
+                Init::Weights(ty, d.weights(ty, vocab, k_small, true)),
                 Init::Data(ids),
                 Init::Zeros((n_ids * k_small * 4) as u64),
             ],
@@ -332,7 +334,7 @@ pub fn cases() -> Vec<Case> {
                 shape: format!("{} {m}x{k}x{n}", ty.name()),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(m * k))),
-                    Init::Data(d.weights(ty, n, k, false)),
+                    Init::Weights(ty, d.weights(ty, n, k, false)),
                     Init::Zeros((m * n * 4) as u64),
                 ],
                 op: Op::QMatmul {
@@ -616,6 +618,7 @@ fn execute<B: Backend>(dev: &B, case: &Case, timed: bool) -> Result<(Vec<u32>, f
         .iter()
         .map(|init| match init {
             Init::Data(bytes) => dev.upload(bytes, "selftest input"),
+            Init::Weights(wtype, bytes) => dev.upload_weights(*wtype, bytes, "selftest weights"),
             Init::Zeros(n) => dev.alloc(*n, "selftest output"),
         })
         .collect::<Result<Vec<_>>>()?;

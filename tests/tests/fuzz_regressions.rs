@@ -16,7 +16,12 @@ fn gguf_fuzz_inputs_never_panic() {
             let bytes = std::fs::read(&path).unwrap();
             if let Ok(g) = Gguf::parse(&bytes) {
                 for t in &g.tensors {
-                    assert_eq!(g.tensor_data(&bytes, t).map(<[u8]>::len), Some(t.size as usize), "{}", path.display());
+                    assert_eq!(
+                        g.tensor_data(&bytes, t).map(<[u8]>::len),
+                        Some(t.size as usize),
+                        "{}",
+                        path.display()
+                    );
                 }
             }
             n += 1;

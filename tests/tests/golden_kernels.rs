@@ -75,10 +75,16 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
             "qmatmul" | "matmul" => (false, 1e-5 * f64::from(u32_of(p, "k")), 1e-5),
             _ => (false, 1e-6, 1e-5),
         };
-        let bufs: Vec<_> = ["w", "x", "a", "b", "weight", "gate", "up", "q", "k", "v"]
+        let mut bufs: Vec<_> = ["w", "x", "a", "b", "weight", "gate", "up", "q", "k", "v"]
             .iter()
             .map(|n| t.get(*n).map(|_| up(n)))
             .collect();
+        if let Some(name) = p["wtype"].as_str() {
+            bufs[0] = Some(
+                dev.upload_weights(wtype(name), &g.bytes(&t["w"]), "golden weights")
+                    .unwrap(),
+            );
+        }
         let b = |i: usize| bufs[i].as_ref().unwrap();
         let table;
         let op = match kind {

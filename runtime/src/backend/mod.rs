@@ -668,6 +668,19 @@ pub trait Backend {
     /// Waits until all queued work has finished.
     fn sync(&self) -> Result<()>;
 
+    /// A buffer holding weights stored as `wtype` (GGUF bytes). A backend may rearrange
+    /// them into a layout its kernels read faster; buffers from here are what
+    /// [`Op::QMatmul`], [`Op::Dequant`] and [`Op::Embed`] take as weights.
+    fn upload_weights(
+        &self,
+        wtype: WeightType,
+        data: &[u8],
+        what: &'static str,
+    ) -> Result<Self::Buffer> {
+        let _ = wtype;
+        self.upload(data, what)
+    }
+
     /// Uploads f32 values.
     fn upload_f32(&self, data: &[f32], what: &'static str) -> Result<Self::Buffer> {
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -8,6 +8,7 @@
 
 use super::{Backend, Op, RopeStyle};
 use crate::error::{Error, Result};
+use crate::quant::WeightType;
 use std::collections::HashMap;
 use std::prelude::v1::*;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,7 +87,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     features: wgpu::Features,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<PipelineKey, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     pending: Mutex<Pending>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -263,7 +264,7 @@ impl Gpu {
         family: &'static str,
         entry: &'static str,
         overrides: Vec<(&'static str, u32)>,
-    ) -> Result<wgpu::ComputePipeline> {
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
         let key = (family, entry, overrides);
         if let Some(p) = lock(&self.pipelines).get(&key) {
             return Ok(p.clone());
@@ -308,8 +309,9 @@ impl Gpu {
                     cache: None,
                 })
         })?;
-        lock(&self.pipelines).insert(key, pipeline.clone());
-        Ok(pipeline)
+        let entry = (pipeline.clone(), pipeline.get_bind_group_layout(0));
+        lock(&self.pipelines).insert(key, entry.clone());
+        Ok(entry)
     }
 
     /// Workgroups for `invocations` one-dimensional invocations, folded into a 2-D grid
@@ -381,13 +383,13 @@ impl Gpu {
                     resource: buf.buf.as_entire_binding(),
                 }),
         );
-        let bind_group = self.scoped("bind group", || {
-            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(d.entry),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
-        })?;
+        // No error scope here: scopes cost a round trip per call on the hot path, and a
+        // validation error still reaches our uncaptured-error handler and the next call.
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(d.entry),
+            layout: &pipeline.1,
+            entries: &entries,
+        });
         let mut pending = lock(&self.pending);
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device
@@ -400,7 +402,7 @@ impl Gpu {
                 label: Some(d.entry),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(&pipeline.0);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
         }
@@ -420,6 +422,37 @@ impl Gpu {
             })?;
         self.check_health()
     }
+}
+
+/// The device layout of the 32-element block formats (see shaders/quant.wgsl): every
+/// block's scale first (u16 d; for Q4_1 a u32 of d and m), padded to 16 bytes, then every
+/// block's quants, 16 or 32 bytes each. `None` for formats kept in their GGUF layout.
+pub fn split_layout(wtype: WeightType, data: &[u8]) -> Result<Option<Vec<u8>>> {
+    let (scale_bytes, quant_offset) = match wtype {
+        WeightType::Q8_0 | WeightType::Q4_0 => (2, 2),
+        WeightType::Q4_1 => (4, 4),
+        _ => return Ok(None),
+    };
+    let bb = wtype.block_bytes();
+    if !data.len().is_multiple_of(bb) {
+        return Err(Error::InvalidShape {
+            op: "upload_weights",
+            reason: format!(
+                "{} bytes is not a whole number of {} blocks",
+                data.len(),
+                wtype.name()
+            ),
+        });
+    }
+    let n_blocks = data.len() / bb;
+    let quants_at = (n_blocks * scale_bytes).div_ceil(16) * 16;
+    let mut out = vec![0u8; quants_at + n_blocks * (bb - quant_offset)];
+    for (b, block) in data.chunks_exact(bb).enumerate() {
+        out[b * scale_bytes..(b + 1) * scale_bytes].copy_from_slice(&block[..scale_bytes]);
+        let q = bb - quant_offset;
+        out[quants_at + b * q..quants_at + (b + 1) * q].copy_from_slice(&block[quant_offset..]);
+    }
+    Ok(Some(out))
 }
 
 /// One kernel launch: which pipeline, which buffers at which bindings, the uniform words.
@@ -479,6 +512,18 @@ impl Backend for Gpu {
             self.queue.write_buffer(&buf.buf, whole as u64, &tail);
         }
         Ok(buf)
+    }
+
+    fn upload_weights(
+        &self,
+        wtype: WeightType,
+        data: &[u8],
+        what: &'static str,
+    ) -> Result<GpuBuffer> {
+        match split_layout(wtype, data)? {
+            Some(split) => self.upload(&split, what),
+            None => self.upload(data, what),
+        }
     }
 
     fn size(&self, buf: &GpuBuffer) -> u64 {
@@ -617,8 +662,8 @@ impl Backend for Gpu {
                         ("X4", u32::from(k.is_multiple_of(4))),
                         ("ROWS", rows),
                     ],
-                    // x is bound twice: as f32 and as vec4 (used when every row is aligned).
-                    bindings: vec![(1, w), (2, x), (4, out), (5, x)],
+                    // x and w are bound twice: as scalars and as vectors.
+                    bindings: vec![(1, w), (2, x), (4, out), (5, x), (6, w)],
                     params: vec![m, k, n, row_bytes],
                     groups,
                 }
@@ -627,7 +672,7 @@ impl Backend for Gpu {
                 family: "quant",
                 entry: "dequant",
                 overrides: vec![("WTYPE", wtype.shader_code())],
-                bindings: vec![(1, w), (4, out)],
+                bindings: vec![(1, w), (4, out), (6, w)],
                 params: vec![1, n, 1, wtype.row_bytes(n as usize)? as u32],
                 groups: self.grid(name, u64::from(n.div_ceil(32)))?,
             },
@@ -643,7 +688,7 @@ impl Backend for Gpu {
                 family: "quant",
                 entry: "embed",
                 overrides: vec![("WTYPE", wtype.shader_code())],
-                bindings: vec![(1, table), (3, ids), (4, out)],
+                bindings: vec![(1, table), (3, ids), (4, out), (6, table)],
                 params: vec![n_ids, dim, vocab, wtype.row_bytes(dim as usize)? as u32],
                 groups: self.grid(name, u64::from(n_ids) * u64::from(dim.div_ceil(32)))?,
             },

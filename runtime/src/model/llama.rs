@@ -115,7 +115,9 @@ impl<B: Backend> Loader<'_, B> {
                 format!("type {} is not supported", t.ggml_type.name()),
             )
         })?;
-        let buf = self.backend.upload(self.data(t)?, "weight")?;
+        let buf = self
+            .backend
+            .upload_weights(wtype, self.data(t)?, "weight")?;
         Ok(Weight {
             buf,
             wtype,
