@@ -1,12 +1,12 @@
-// Elementwise kernels over n f32 values: add, scale, the SwiGLU gate silu(a) * b, and a
-// copy between offsets. CPU reference: runtime/src/backend/cpu.rs (`Op::Add`, `Op::Scale`,
-// `silu`, `Op::Copy`).
+// Elementwise kernels over n f32 values: add, a bias added to every row, scale, the SwiGLU
+// gate silu(a) * b, and a copy between offsets. CPU reference: runtime/src/backend/cpu.rs
+// (`Op::Add`, `Op::AddBias`, `Op::Scale`, `silu`, `Op::Copy`).
 // One invocation per element; the 2-D grid lifts the 65535-workgroup limit per dimension.
 
 struct Params {
     n: u32,
     alpha: f32,
-    src_offset: u32,
+    src_offset: u32,  // also the row length for `add_bias`
     dst_offset: u32,
 }
 
@@ -24,6 +24,15 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let i = index(gid, nwg);
     if i < p.n {
         out[i] = a[i] + b[i];
+    }
+}
+
+// out = a + b[i % cols], cols in src_offset.
+@compute @workgroup_size(64, 1, 1)
+fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[i] = a[i] + b[i % p.src_offset];
     }
 }
 

@@ -22,6 +22,36 @@ enum BackendKind {
     Gpu,
 }
 
+/// Load-time quantisation of a safetensors model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum QuantArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+/// The model shared by the model commands.
+#[derive(clap::Args, Debug, Clone)]
+struct ModelArgs {
+    /// A .gguf file, or a directory with config.json, safetensors and tokenizer.json.
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Quantise a safetensors model's projections at load.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantArg>,
+}
+
+impl ModelArgs {
+    fn open(&self) -> Result<edgetune::model::files::ModelFiles, edgetune::Error> {
+        let q = self.quantize.map(|q| match q {
+            QuantArg::Q8_0 => edgetune::WeightType::Q8_0,
+            QuantArg::Q4_0 => edgetune::WeightType::Q4_0,
+        });
+        edgetune::model::files::ModelFiles::open(&self.model, q)
+    }
+}
+
 /// Device choice shared by every command.
 #[derive(clap::Args, Debug, Clone)]
 struct DeviceArgs {
@@ -64,20 +94,20 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Architecture, parameters, quant types, tokenizer, context and memory of a model.
     Info {
-        /// A .gguf file.
+        /// A .gguf file or a Hugging Face model directory.
         model: std::path::PathBuf,
     },
     /// Token ids of a text, as a JSON array.
     Tokenize {
-        #[arg(long)]
-        model: std::path::PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         text: String,
     },
     /// Streams a continuation of a prompt.
     Generate {
-        #[arg(long)]
-        model: std::path::PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt in the model's chat format (ChatML, Llama 3).
@@ -102,8 +132,8 @@ enum Command {
     },
     /// Perplexity of a text file, in independent windows of the context.
     Perplexity {
-        #[arg(long)]
-        model: std::path::PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// A UTF-8 text file.
         #[arg(long)]
         text: std::path::PathBuf,
@@ -115,8 +145,8 @@ enum Command {
     },
     /// Float32 logits [n_tokens, vocab] for every position, written as .npy.
     Logits {
-        #[arg(long)]
-        model: std::path::PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Comma-separated token ids.
         #[arg(long)]
         tokens: String,
@@ -247,13 +277,13 @@ fn main() -> ExitCode {
         } => selftest(device, *json, kernel.as_deref()),
         Command::Bench(args) => bench::run(args).map(|()| true),
         Command::Info { model } => model::info(model).map(|()| true),
-        Command::Tokenize { model: path, text } => model::open(path).and_then(|f| {
-            let ids = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?.encode(text)?;
+        Command::Tokenize { model: m, text } => m.open().and_then(|f| {
+            let ids = f.tokenizer()?.encode(text)?;
             println!("{}", serde_json::json!(ids));
             Ok(true)
         }),
         Command::Generate {
-            model: path,
+            model: m,
             prompt,
             chat,
             max_tokens,
@@ -263,8 +293,8 @@ fn main() -> ExitCode {
             repetition_penalty,
             seed,
             device,
-        } => model::open(path).and_then(|f| {
-            let tokenizer = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?;
+        } => m.open().and_then(|f| {
+            let tokenizer = f.tokenizer()?;
             if *chat && tokenizer.chat == edgetune::tokenizer::ChatTemplate::Raw {
                 eprintln!("warning: the model's chat template is not recognised; using the prompt as it is");
             }
@@ -284,27 +314,27 @@ fn main() -> ExitCode {
             model::with_backend(device, |r| r.generate(&f, &req)).map(|()| true)
         }),
         Command::Perplexity {
-            model: path,
+            model: m,
             text,
             window,
             device,
-        } => model::open(path).and_then(|f| {
+        } => m.open().and_then(|f| {
             let body = std::fs::read_to_string(text).map_err(|e| edgetune::Error::Io {
                 path: text.display().to_string(),
                 message: e.to_string(),
             })?;
-            let ids = edgetune::tokenizer::Tokenizer::from_gguf(&f.header)?.encode(&body)?;
+            let ids = f.tokenizer()?.encode(&body)?;
             let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, *window))?;
             println!("perplexity {:.4} over {n} tokens (mean NLL {nll:.4})", nll.exp());
             Ok(true)
         }),
         Command::Logits {
-            model: path,
+            model: m,
             tokens,
             out,
             device,
         } => model::parse_tokens(tokens).and_then(|ids| {
-            let file = model::open(path)?;
+            let file = m.open()?;
             let (cfg, logits) = model::with_backend(device, |r| r.logits(&file, &ids))?;
             model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits).map(|()| true)
         }),

@@ -2,10 +2,10 @@
 
 use crate::{BackendKind, DeviceArgs};
 use edgetune::backend::cpu::Cpu;
-use edgetune::format::file::GgufFile;
 use edgetune::format::gguf::{Array, Value};
 use edgetune::generate::{Sampler, Sampling, generate};
-use edgetune::model::{Config, Model};
+use edgetune::model::Config;
+use edgetune::model::files::ModelFiles;
 use edgetune::tokenizer::Tokenizer;
 use edgetune::{Backend, Error, Result};
 use std::io::Write;
@@ -21,10 +21,10 @@ pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Resul
 
 /// The model operations the CLI needs, object-safe so one code path serves every backend.
 pub trait DynRun {
-    fn logits(&self, file: &GgufFile, tokens: &[u32]) -> Result<(Config, Vec<f32>)>;
-    fn generate(&self, file: &GgufFile, req: &GenerateRequest<'_>) -> Result<()>;
+    fn logits(&self, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)>;
+    fn generate(&self, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()>;
     /// (mean negative log-likelihood per token, tokens scored).
-    fn nll(&self, file: &GgufFile, tokens: &[u32], window: usize) -> Result<(f64, usize)>;
+    fn nll(&self, file: &ModelFiles, tokens: &[u32], window: usize) -> Result<(f64, usize)>;
 }
 
 /// What `edgetune generate` asks for.
@@ -38,8 +38,8 @@ pub struct GenerateRequest<'a> {
 struct Runner<B: Backend>(B);
 
 impl<B: Backend> DynRun for Runner<B> {
-    fn logits(&self, file: &GgufFile, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
-        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+    fn logits(&self, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
+        let model = file.load(&self.0)?;
         let mut cache = model.new_cache(
             u32::try_from(tokens.len())
                 .unwrap_or(u32::MAX)
@@ -49,8 +49,8 @@ impl<B: Backend> DynRun for Runner<B> {
         Ok((model.cfg, logits))
     }
 
-    fn generate(&self, file: &GgufFile, req: &GenerateRequest<'_>) -> Result<()> {
-        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+    fn generate(&self, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()> {
+        let model = file.load(&self.0)?;
         let need = req.prompt.len().saturating_add(req.max_tokens);
         let capacity = u32::try_from(need)
             .unwrap_or(u32::MAX)
@@ -107,8 +107,8 @@ impl<B: Backend> DynRun for Runner<B> {
         Ok(())
     }
 
-    fn nll(&self, file: &GgufFile, tokens: &[u32], window: usize) -> Result<(f64, usize)> {
-        let model = Model::from_gguf(&self.0, &file.header, file.bytes())?;
+    fn nll(&self, file: &ModelFiles, tokens: &[u32], window: usize) -> Result<(f64, usize)> {
+        let model = file.load(&self.0)?;
         let window = window.min(model.cfg.context as usize).max(2);
         let mut cache = model.new_cache(window as u32)?;
         let vocab = model.cfg.vocab as usize;
@@ -137,17 +137,6 @@ impl<B: Backend> DynRun for Runner<B> {
     }
 }
 
-pub fn open(path: &Path) -> Result<GgufFile> {
-    if path.is_dir() {
-        return Err(Error::Io {
-            path: path.display().to_string(),
-            message: "model directories (safetensors) are not supported yet; pass a .gguf file"
-                .into(),
-        });
-    }
-    GgufFile::open(path)
-}
-
 fn describe(v: &Value) -> String {
     match v {
         Value::Str(s) if s.len() > 80 => format!(
@@ -170,41 +159,72 @@ fn describe(v: &Value) -> String {
 }
 
 pub fn info(path: &Path) -> Result<()> {
-    let f = open(path)?;
-    let g = &f.header;
-    println!(
-        "file:        {} (GGUF v{}, {} bytes)",
-        f.path(),
-        g.version,
-        f.bytes().len()
-    );
-    let cfg = Config::from_gguf(g);
-    let params: u64 = g.tensors.iter().map(|t| t.n_elements()).sum();
-    let mut types: Vec<(String, usize)> = Vec::new();
-    for t in &g.tensors {
-        let name = t.ggml_type.name().to_string();
-        match types.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, c)) => *c += 1,
-            None => types.push((name, 1)),
+    let files = ModelFiles::open(path, None)?;
+    let (cfg, weights) = match &files {
+        ModelFiles::Gguf(f) => {
+            let g = &f.header;
+            println!(
+                "file:        {} (GGUF v{}, {} bytes)",
+                f.path(),
+                g.version,
+                f.bytes().len()
+            );
+            let params: u64 = g.tensors.iter().map(|t| t.n_elements()).sum();
+            let mut types: Vec<(String, usize)> = Vec::new();
+            for t in &g.tensors {
+                let name = t.ggml_type.name().to_string();
+                match types.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, c)) => *c += 1,
+                    None => types.push((name, 1)),
+                }
+            }
+            println!("parameters:  {params} ({:.1} M)", params as f64 / 1e6);
+            println!(
+                "quant types: {}",
+                types
+                    .iter()
+                    .map(|(n, c)| format!("{n} x{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let tok = |k: &str| g.get(k).map(describe).unwrap_or_else(|| "-".into());
+            println!(
+                "tokenizer:   model {} pre {} tokens {} merges {}",
+                tok("tokenizer.ggml.model"),
+                tok("tokenizer.ggml.pre"),
+                tok("tokenizer.ggml.tokens"),
+                tok("tokenizer.ggml.merges")
+            );
+            (
+                Config::from_gguf(g),
+                g.tensors.iter().map(|t| t.size).sum::<u64>(),
+            )
         }
-    }
-    println!("parameters:  {params} ({:.1} M)", params as f64 / 1e6);
-    println!(
-        "quant types: {}",
-        types
-            .iter()
-            .map(|(n, c)| format!("{n} x{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let tok = |k: &str| g.get(k).map(describe).unwrap_or_else(|| "-".into());
-    println!(
-        "tokenizer:   model {} pre {} tokens {} merges {}",
-        tok("tokenizer.ggml.model"),
-        tok("tokenizer.ggml.pre"),
-        tok("tokenizer.ggml.tokens"),
-        tok("tokenizer.ggml.merges")
-    );
+        ModelFiles::Hf(_) => {
+            println!(
+                "directory:   {} (Hugging Face config.json + safetensors)",
+                path.display()
+            );
+            match files.tokenizer() {
+                Ok(t) => println!(
+                    "tokenizer:   tokenizer.json, {} tokens, chat {:?}",
+                    t.vocab_size(),
+                    t.chat
+                ),
+                Err(e) => println!("tokenizer:   {e}"),
+            }
+            let size = std::fs::read_dir(path)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            (files.config(), size)
+        }
+    };
     match cfg {
         Ok(c) => {
             println!(
@@ -221,7 +241,6 @@ pub fn info(path: &Path) -> Result<()> {
                 if c.tied_embeddings { "tied" } else { "untied" }
             );
             println!("context:     {} tokens", c.context);
-            let weights: u64 = g.tensors.iter().map(|t| t.size).sum();
             let kv = c.kv_bytes_per_position() * u64::from(c.context);
             println!(
                 "memory:      weights {:.1} MiB + KV cache {:.1} MiB at full context ({} bytes per position)",

@@ -267,6 +267,54 @@ fn dequant_q6k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// Quantises `x` (a whole number of 32-element blocks) to Q8_0 as ggml's reference does:
+/// d = max|x| / 127, q = round(x / d).
+pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
+    blocks_of(x, "quantize_q8_0")?;
+    let mut out = Vec::with_capacity(x.len() / QK * Q8_0_BYTES);
+    for b in x.chunks_exact(QK) {
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend(b.iter().map(|v| libm::roundf(v * id) as i8 as u8));
+    }
+    Ok(out)
+}
+
+/// Quantises `x` to Q4_0 as ggml's reference does: d = (the value of largest magnitude) / -8,
+/// q = min(15, trunc(x / d + 8.5)).
+pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<u8>> {
+    blocks_of(x, "quantize_q4_0")?;
+    let mut out = Vec::with_capacity(x.len() / QK * Q4_0_BYTES);
+    for b in x.chunks_exact(QK) {
+        let mut max = 0.0f32;
+        for &v in b {
+            if v.abs() > max.abs() {
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        let q = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+        for j in 0..QK / 2 {
+            out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
+        }
+    }
+    Ok(out)
+}
+
+fn blocks_of(x: &[f32], op: &'static str) -> Result<()> {
+    if x.is_empty() || !x.len().is_multiple_of(QK) {
+        return Err(Error::InvalidShape {
+            op,
+            reason: format!("{} values is not a whole number of 32-blocks", x.len()),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +335,34 @@ mod tests {
             dequantize(WeightType::Q8_0, &[0u8; 33], &mut out),
             Err(Error::BufferTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn quantize_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 10.0)
+            .collect();
+        for (ty, q) in [
+            (WeightType::Q8_0, quantize_q8_0(&x).unwrap()),
+            (WeightType::Q4_0, quantize_q4_0(&x).unwrap()),
+        ] {
+            let mut y = vec![0.0; 64];
+            dequantize(ty, &q, &mut y).unwrap();
+            let step = if ty == WeightType::Q8_0 {
+                3.15 / 127.0
+            } else {
+                3.15 / 8.0
+            };
+            for (a, b) in x.iter().zip(&y) {
+                // Q4_0 maps the largest magnitude to -8d, so the other sign tops out at 7d.
+                let clipped = ty == WeightType::Q4_0 && a.abs() > 7.0 * step;
+                assert!(
+                    (a - b).abs() <= step * 0.51 + 1e-3 || clipped,
+                    "{ty:?}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(quantize_q8_0(&x[..33]).is_err());
     }
 
     #[test]

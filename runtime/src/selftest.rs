@@ -488,6 +488,32 @@ pub fn cases() -> Vec<Case> {
         }
     }
 
+    // Bias rows: one correctly rounded addition per element.
+    for (rows, cols) in [(1u32, 1u32), (5, 192), (3, 1000)] {
+        let n = (rows * cols) as usize;
+        cases.push(Case {
+            kernel: "add_bias",
+            shape: format!("{rows}x{cols}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(n))),
+                Init::Data(f32_bytes(&d.f32s(cols as usize))),
+                Init::Zeros(n as u64 * 4),
+            ],
+            op: Op::AddBias {
+                x: &IDX[0],
+                bias: &IDX[1],
+                out: &IDX[2],
+                rows,
+                cols,
+            },
+            out: 2,
+            out_elems: n,
+            tolerance: Tolerance::Exact,
+            work: 12.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+
     // Copy between offsets is a bit-exact move.
     for (n, src_offset, dst_offset) in [(1u32, 0u32, 0u32), (1000, 17, 333), (70_000, 5, 0)] {
         let src = d.f32s((n + src_offset) as usize);

@@ -66,6 +66,18 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
         let kind = case["kind"].as_str().unwrap();
         let p = &case["params"];
         let t = &case["tensors"];
+        if kind == "quantize" {
+            // Host-side: the same on every backend; checked byte for byte.
+            let x = g.f32s(&t["x"]);
+            let got = match p["wtype"].as_str().unwrap() {
+                "q8_0" => edgetune::quant::quantize_q8_0(&x).unwrap(),
+                _ => edgetune::quant::quantize_q4_0(&x).unwrap(),
+            };
+            if got != g.bytes(&t["q"]) {
+                failures.push(format!("quantize {p}: bytes differ from gguf-py"));
+            }
+            continue;
+        }
         let up = |name: &str| dev.upload(&g.bytes(&t[name]), "golden").unwrap();
         let want = g.f32s(&t["out"]);
         let out = dev.alloc(want.len() as u64 * 4, "out").unwrap();

@@ -44,6 +44,7 @@ kernel_tests! {
     add_should_match_reference => "add",
     scale_should_match_reference => "scale",
     copy_should_match_reference => "copy",
+    add_bias_should_match_reference => "add_bias",
     swiglu_should_match_reference => "swiglu",
     attention_should_match_reference => "attention",
     philox_should_match_reference => "philox",
@@ -55,5 +56,5 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 15, "{kernels:?}");
+    assert_eq!(kernels.len(), 16, "{kernels:?}");
 }

@@ -85,6 +85,13 @@ for name, cols in [("f16", 64), ("bf16", 64), ("q8_0", 96), ("q4_0", 96), ("q4_1
     case("qmatmul", {"wtype": name, "m": m, "k": cols, "n": rows},
          x=put(x, np.float32), w=put(data, np.uint8), out=put(y, np.float32))
 
+# Load-time quantisation (safetensors --quantize) against gguf-py's quantisers.
+for name, qtype in [("q8_0", T.Q8_0), ("q4_0", T.Q4_0)]:
+    x = rng.normal(0, 0.05, (4, 64)).astype(np.float32)
+    x[1] = 0.0  # an all-zero block row
+    case("quantize", {"wtype": name, "n": x.size}, x=put(x, np.float32),
+         q=put(quants.quantize(x, qtype).reshape(-1), np.uint8), out=put(np.zeros(1), np.float32))
+
 # f32 matmul in every transpose form.
 for m, k, n in [(5, 7, 3), (16, 32, 24)]:
     a = rng.uniform(-1, 1, (m, k))

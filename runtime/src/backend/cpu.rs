@@ -206,6 +206,21 @@ impl Backend for Cpu {
                         .collect::<Vec<_>>(),
                 );
             }
+            Op::AddBias {
+                x,
+                bias,
+                out,
+                rows,
+                cols,
+            } => {
+                let (x, b) = (x.f32s((rows * cols) as usize), bias.f32s(cols as usize));
+                let y: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + b[i % cols as usize])
+                    .collect();
+                out.write_f32(&y);
+            }
             Op::Copy {
                 src,
                 dst,

@@ -110,6 +110,14 @@ pub enum Op<'a, B> {
         out: &'a B,
         n: u32,
     },
+    /// out[r, c] = x[r, c] + bias[c] for x [rows, cols] (projection biases).
+    AddBias {
+        x: &'a B,
+        bias: &'a B,
+        out: &'a B,
+        rows: u32,
+        cols: u32,
+    },
     /// out = alpha * x, elementwise.
     Scale {
         x: &'a B,
@@ -235,6 +243,7 @@ impl<B> Op<'_, B> {
             Op::Add { .. } => "add",
             Op::Scale { .. } => "scale",
             Op::Copy { .. } => "copy",
+            Op::AddBias { .. } => "add_bias",
             Op::Attention { .. } => "attention",
             Op::Philox { .. } => "philox",
             Op::PerturbZ { .. } => "perturb_z",
@@ -361,6 +370,19 @@ impl<B> Op<'_, B> {
                 out: f(out),
                 n,
                 alpha,
+            },
+            Op::AddBias {
+                x,
+                bias,
+                out,
+                rows,
+                cols,
+            } => Op::AddBias {
+                x: f(x),
+                bias: f(bias),
+                out: f(out),
+                rows,
+                cols,
             },
             Op::Copy {
                 src,
@@ -550,6 +572,18 @@ impl<B> Op<'_, B> {
                 nonzero(op, &[("n", n)])?;
                 need(op, "x", size(x), u64::from(n), 4)?;
                 need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::AddBias {
+                x,
+                bias,
+                out,
+                rows,
+                cols,
+            } => {
+                nonzero(op, &[("rows", rows), ("cols", cols)])?;
+                need(op, "x", size(x), mul(rows, cols), 4)?;
+                need(op, "bias", size(bias), u64::from(cols), 4)?;
+                need(op, "out", size(out), mul(rows, cols), 4)
             }
             Op::Copy {
                 src,

@@ -761,6 +761,20 @@ impl Backend for Gpu {
                 params: vec![n, alpha.to_bits()],
                 groups: self.grid(name, u64::from(n))?,
             },
+            Op::AddBias {
+                x,
+                bias,
+                out,
+                rows,
+                cols,
+            } => Dispatch {
+                family: "elementwise",
+                entry: "add_bias",
+                overrides: vec![],
+                bindings: vec![(1, x), (2, bias), (3, out)],
+                params: vec![rows * cols, 0, cols],
+                groups: self.grid(name, u64::from(rows) * u64::from(cols))?,
+            },
             Op::Copy {
                 src,
                 dst,

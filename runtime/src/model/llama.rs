@@ -26,6 +26,9 @@ struct Layer<B: Backend> {
     wq: Weight<B>,
     wk: Weight<B>,
     wv: Weight<B>,
+    bq: Option<B::Buffer>,
+    bk: Option<B::Buffer>,
+    bv: Option<B::Buffer>,
     wo: Weight<B>,
     ffn_norm: B::Buffer,
     w_gate: Weight<B>,
@@ -81,110 +84,210 @@ fn bad_tensor(t: &str, reason: String) -> Error {
     }
 }
 
-struct Loader<'a, B: Backend> {
-    backend: &'a B,
-    gguf: &'a Gguf,
-    bytes: &'a [u8],
+/// What a tensor is for in the model; sources map roles to their own names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embed,
+    OutputNorm,
+    /// The output projection; absent when tied to the embedding.
+    Output,
+    AttnNorm(u32),
+    Q(u32),
+    K(u32),
+    V(u32),
+    O(u32),
+    QBias(u32),
+    KBias(u32),
+    VBias(u32),
+    FfnNorm(u32),
+    Gate(u32),
+    Up(u32),
+    Down(u32),
 }
 
-impl<B: Backend> Loader<'_, B> {
-    fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.gguf
-            .tensor(name)
-            .ok_or_else(|| bad_tensor(name, "missing".into()))
-    }
+/// A tensor as a source holds it: format, shape [rows, cols] (vectors have one row), bytes.
+#[derive(Debug)]
+pub struct HostTensor<'a> {
+    pub name: String,
+    pub wtype: WeightType,
+    pub rows: u64,
+    pub cols: u64,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
 
-    fn data(&self, t: &TensorInfo) -> Result<&[u8]> {
-        self.gguf
-            .tensor_data(self.bytes, t)
-            .ok_or_else(|| bad_tensor(&t.name, "data outside the file".into()))
-    }
+/// Where a model's tensors come from (a GGUF file, a safetensors directory, ...).
+pub trait TensorSource {
+    /// The tensor for `role`, or `None` if the source has none.
+    fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>>;
+}
 
-    /// A matrix of `rows` x `cols` kept in its stored format.
-    fn matrix(&self, name: &str, rows: u32, cols: u32) -> Result<Weight<B>> {
-        let t = self.info(name)?;
-        if t.dims != [u64::from(cols), u64::from(rows)] {
-            return Err(bad_tensor(
-                name,
-                format!("dims {:?}, expected [{cols}, {rows}]", t.dims),
-            ));
-        }
+/// The tensors of a GGUF file, by llama.cpp's names.
+#[derive(Debug)]
+pub struct GgufSource<'a> {
+    pub gguf: &'a Gguf,
+    pub bytes: &'a [u8],
+}
+
+impl GgufSource<'_> {
+    fn host(&self, t: &TensorInfo) -> Result<HostTensor<'_>> {
         let wtype = t.ggml_type.weight_type().ok_or_else(|| {
             bad_tensor(
-                name,
+                &t.name,
                 format!("type {} is not supported", t.ggml_type.name()),
             )
         })?;
-        let buf = self
-            .backend
-            .upload_weights(wtype, self.data(t)?, "weight")?;
+        let (cols, rows) = match t.dims[..] {
+            [n] => (n, 1),
+            [c, r] => (c, r),
+            _ => {
+                return Err(bad_tensor(
+                    &t.name,
+                    format!("dims {:?} are not a matrix or vector", t.dims),
+                ));
+            }
+        };
+        let data = self
+            .gguf
+            .tensor_data(self.bytes, t)
+            .ok_or_else(|| bad_tensor(&t.name, "data outside the file".into()))?;
+        Ok(HostTensor {
+            name: t.name.clone(),
+            wtype,
+            rows,
+            cols,
+            data: data.into(),
+        })
+    }
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>> {
+        let name = match role {
+            Role::Embed => "token_embd.weight".into(),
+            Role::OutputNorm => "output_norm.weight".into(),
+            Role::Output => "output.weight".into(),
+            Role::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Role::Q(l) => format!("blk.{l}.attn_q.weight"),
+            Role::K(l) => format!("blk.{l}.attn_k.weight"),
+            Role::V(l) => format!("blk.{l}.attn_v.weight"),
+            Role::O(l) => format!("blk.{l}.attn_output.weight"),
+            Role::QBias(l) => format!("blk.{l}.attn_q.bias"),
+            Role::KBias(l) => format!("blk.{l}.attn_k.bias"),
+            Role::VBias(l) => format!("blk.{l}.attn_v.bias"),
+            Role::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Role::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
+            Role::Up(l) => format!("blk.{l}.ffn_up.weight"),
+            Role::Down(l) => format!("blk.{l}.ffn_down.weight"),
+        };
+        self.gguf.tensor(&name).map(|t| self.host(t)).transpose()
+    }
+}
+
+struct Loader<'a, B: Backend, S: TensorSource> {
+    backend: &'a B,
+    source: &'a S,
+}
+
+impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
+    fn required(&self, role: Role) -> Result<HostTensor<'_>> {
+        self.source
+            .tensor(role)?
+            .ok_or_else(|| bad_tensor(&format!("{role:?}"), "missing".into()))
+    }
+
+    /// A matrix of `rows` x `cols` kept in its stored format.
+    fn matrix(&self, role: Role, rows: u32, cols: u32) -> Result<Weight<B>> {
+        let t = self.required(role)?;
+        if (t.rows, t.cols) != (u64::from(rows), u64::from(cols)) {
+            return Err(bad_tensor(
+                &t.name,
+                format!("shape {}x{}, expected {rows}x{cols}", t.rows, t.cols),
+            ));
+        }
+        let buf = self.backend.upload_weights(t.wtype, &t.data, "weight")?;
         Ok(Weight {
             buf,
-            wtype,
+            wtype: t.wtype,
             rows,
             cols,
         })
     }
 
-    /// A vector of `n` values, converted to f32 on the host (norms are tiny).
-    fn vector(&self, name: &str, n: u32) -> Result<B::Buffer> {
-        let t = self.info(name)?;
-        if t.dims != [u64::from(n)] {
+    /// A vector of `n` values, converted to f32 on the host (norms and biases are tiny).
+    fn vector(&self, role: Role, n: u32) -> Result<Option<B::Buffer>> {
+        let Some(t) = self.source.tensor(role)? else {
+            return Ok(None);
+        };
+        if t.rows * t.cols != u64::from(n) {
             return Err(bad_tensor(
-                name,
-                format!("dims {:?}, expected [{n}]", t.dims),
+                &t.name,
+                format!("{} values, expected {n}", t.rows * t.cols),
             ));
         }
-        let wtype = t.ggml_type.weight_type().ok_or_else(|| {
-            bad_tensor(
-                name,
-                format!("type {} is not supported", t.ggml_type.name()),
-            )
-        })?;
         let mut v = vec![0.0f32; n as usize];
-        quant::dequantize(wtype, self.data(t)?, &mut v)?;
-        self.backend.upload_f32(&v, "norm")
+        quant::dequantize(t.wtype, &t.data, &mut v)?;
+        Ok(Some(self.backend.upload_f32(&v, "vector")?))
+    }
+
+    fn required_vector(&self, role: Role, n: u32) -> Result<B::Buffer> {
+        self.vector(role, n)?
+            .ok_or_else(|| bad_tensor(&format!("{role:?}"), "missing".into()))
     }
 }
 
 impl<'b, B: Backend> Model<'b, B> {
     /// Loads a GGUF model whose header `gguf` was parsed from `bytes` (the whole file).
     pub fn from_gguf(backend: &'b B, gguf: &Gguf, bytes: &[u8]) -> Result<Self> {
-        let cfg = Config::from_gguf(gguf)?;
-        if cfg.arch == Arch::Qwen2 {
-            return Err(Error::InvalidShape {
-                op: "load model",
-                reason: "qwen2 (q/k/v biases) is not implemented yet".into(),
-            });
-        }
-        let l = Loader {
+        Self::load(
             backend,
-            gguf,
-            bytes,
+            Config::from_gguf(gguf)?,
+            &GgufSource { gguf, bytes },
+        )
+    }
+
+    /// Loads a model of shape `cfg` from any tensor source.
+    pub fn load(backend: &'b B, cfg: Config, source: &impl TensorSource) -> Result<Self> {
+        let l = Loader { backend, source };
+        let (dim, q_dim, kv_dim) = (
+            cfg.dim,
+            cfg.n_heads * cfg.head_dim,
+            cfg.n_kv_heads * cfg.head_dim,
+        );
+        let biased = cfg.arch == Arch::Qwen2;
+        let bias = |role: Role, n: u32| -> Result<Option<B::Buffer>> {
+            let b = l.vector(role, n)?;
+            if biased && b.is_none() {
+                return Err(bad_tensor(
+                    &format!("{role:?}"),
+                    "missing (qwen2 has q/k/v biases)".into(),
+                ));
+            }
+            Ok(b)
         };
-        let (dim, kv_dim) = (cfg.dim, cfg.n_kv_heads * cfg.head_dim);
         let mut layers = Vec::with_capacity(cfg.n_layers as usize);
         for i in 0..cfg.n_layers {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
-                attn_norm: l.vector(&n("attn_norm"), dim)?,
-                wq: l.matrix(&n("attn_q"), cfg.n_heads * cfg.head_dim, dim)?,
-                wk: l.matrix(&n("attn_k"), kv_dim, dim)?,
-                wv: l.matrix(&n("attn_v"), kv_dim, dim)?,
-                wo: l.matrix(&n("attn_output"), dim, cfg.n_heads * cfg.head_dim)?,
-                ffn_norm: l.vector(&n("ffn_norm"), dim)?,
-                w_gate: l.matrix(&n("ffn_gate"), cfg.ffn_dim, dim)?,
-                w_up: l.matrix(&n("ffn_up"), cfg.ffn_dim, dim)?,
-                w_down: l.matrix(&n("ffn_down"), dim, cfg.ffn_dim)?,
+                attn_norm: l.required_vector(Role::AttnNorm(i), dim)?,
+                wq: l.matrix(Role::Q(i), q_dim, dim)?,
+                wk: l.matrix(Role::K(i), kv_dim, dim)?,
+                wv: l.matrix(Role::V(i), kv_dim, dim)?,
+                bq: bias(Role::QBias(i), q_dim)?,
+                bk: bias(Role::KBias(i), kv_dim)?,
+                bv: bias(Role::VBias(i), kv_dim)?,
+                wo: l.matrix(Role::O(i), dim, q_dim)?,
+                ffn_norm: l.required_vector(Role::FfnNorm(i), dim)?,
+                w_gate: l.matrix(Role::Gate(i), cfg.ffn_dim, dim)?,
+                w_up: l.matrix(Role::Up(i), cfg.ffn_dim, dim)?,
+                w_down: l.matrix(Role::Down(i), dim, cfg.ffn_dim)?,
             });
         }
-        let embed = l.matrix("token_embd.weight", cfg.vocab, dim)?;
+        let embed = l.matrix(Role::Embed, cfg.vocab, dim)?;
         let output = if cfg.tied_embeddings {
             None
         } else {
-            Some(l.matrix("output.weight", cfg.vocab, dim)?)
+            Some(l.matrix(Role::Output, cfg.vocab, dim)?)
         };
-        let out_norm = l.vector("output_norm.weight", dim)?;
+        let out_norm = l.required_vector(Role::OutputNorm, dim)?;
         Ok(Model {
             backend,
             cfg,
@@ -306,9 +409,24 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?;
-            self.matmul(&h, &layer.wq, &q, t)?;
-            self.matmul(&h, &layer.wk, &k, t)?;
-            self.matmul(&h, &layer.wv, &v, t)?;
+            // Each projection lands in `out`; with a bias it passes through `tmp` first.
+            let project =
+                |w: &Weight<B>, b: &Option<B::Buffer>, tmp: &B::Buffer, out: &B::Buffer| match b {
+                    Some(bias) => {
+                        self.matmul(&h, w, tmp, t)?;
+                        be.run(&Op::AddBias {
+                            x: tmp,
+                            bias,
+                            out,
+                            rows: t,
+                            cols: w.rows,
+                        })
+                    }
+                    None => self.matmul(&h, w, out, t),
+                };
+            project(&layer.wq, &layer.bq, &qr, &q)?;
+            project(&layer.wk, &layer.bk, &kr, &k)?;
+            project(&layer.wv, &layer.bv, &kr, &v)?;
             let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
                 be.run(&Op::Rope {
                     x,

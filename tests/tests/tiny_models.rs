@@ -1,0 +1,141 @@
+//! Small random Llama and Qwen2 models against Hugging Face transformers (golden logits
+//! from tools/reference/tiny_models.py): safetensors (f32, and quantised at load to Q8_0
+//! and Q4_0) and GGUF (F32, Q8_0, Q4_0), on the CPU reference and on the GPU.
+//! Quantised variants are compared with transformers running the same dequantised weights.
+
+mod common;
+
+use edgetune::backend::cpu::Cpu;
+use edgetune::model::files::ModelFiles;
+use edgetune::{Backend, WeightType};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny")
+}
+
+/// (model, variant, path, load-time quantisation, golden logits key)
+fn variants() -> Vec<(
+    String,
+    &'static str,
+    PathBuf,
+    Option<WeightType>,
+    &'static str,
+)> {
+    let mut v = Vec::new();
+    for name in ["llama_gqa_tied", "llama_mha_untied_odd", "qwen2_gqa_bias"] {
+        let d = dir().join(name);
+        v.push((name.to_string(), "safetensors", d.clone(), None, "f32"));
+        v.push((
+            name.to_string(),
+            "safetensors --quantize q8_0",
+            d.clone(),
+            Some(WeightType::Q8_0),
+            "q8_0",
+        ));
+        v.push((
+            name.to_string(),
+            "safetensors --quantize q4_0",
+            d.clone(),
+            Some(WeightType::Q4_0),
+            "q4_0",
+        ));
+        for q in ["f32", "q8_0", "q4_0"] {
+            v.push((name.to_string(), q, d.join(format!("{q}.gguf")), None, q));
+        }
+    }
+    v
+}
+
+fn check_all<B: Backend>(be: &B) -> Vec<String> {
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("logits.json")).unwrap()).unwrap();
+    let tokens: Vec<u32> = golden["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let mut failures = Vec::new();
+    for (name, variant, path, quantize, key) in variants() {
+        let want: Vec<f32> = golden["models"][&name][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let files = ModelFiles::open(&path, quantize).unwrap();
+        let model = files.load(be).unwrap();
+        let mut cache = model.new_cache(16).unwrap();
+        let got = model.forward(&mut cache, &tokens, true).unwrap();
+        assert_eq!(got.len(), want.len(), "{name} {variant}");
+        let (lo, hi) = want
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0f32, f32::max)
+            / (hi - lo);
+        if worst.is_nan() || worst >= 1e-3 {
+            failures.push(format!(
+                "{name} {variant}: max |diff| / logit range = {worst}"
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn cpu_matches_transformers_on_every_format() {
+    let failures = check_all(&Cpu);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn gpu_matches_transformers_on_every_format() {
+    let Some(gpu) = common::gpu() else { return };
+    let failures = check_all(&gpu);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn bad_model_directories_are_typed_errors() {
+    let tmp = std::env::temp_dir().join(format!("edgetune-bad-model-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // No config.json.
+    assert!(matches!(
+        ModelFiles::open(&tmp, None),
+        Err(edgetune::Error::Io { .. })
+    ));
+    // An unknown architecture.
+    std::fs::write(tmp.join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
+    let err = ModelFiles::open(&tmp, None).unwrap_err().to_string();
+    assert!(err.contains("gpt_neox"), "{err}");
+    // A truncated safetensors file.
+    let cfg = std::fs::read_to_string(dir().join("llama_gqa_tied/config.json")).unwrap();
+    std::fs::write(tmp.join("config.json"), cfg).unwrap();
+    let st = std::fs::read(dir().join("llama_gqa_tied/model.safetensors")).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    assert!(matches!(
+        ModelFiles::open(&tmp, None),
+        Err(edgetune::Error::Io { .. })
+    ));
+    // --quantize with a GGUF file, and an unsupported target type.
+    assert!(
+        ModelFiles::open(
+            &dir().join("llama_gqa_tied/f32.gguf"),
+            Some(WeightType::Q8_0)
+        )
+        .is_err()
+    );
+    assert!(ModelFiles::open(&dir().join("llama_gqa_tied"), Some(WeightType::Q4K)).is_err());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
