@@ -13,6 +13,15 @@ pub struct BenchArgs {
     /// Also time the CPU reference (slow at the largest shapes).
     #[arg(long)]
     with_reference: bool,
+    /// Benchmark this model instead of the kernels: prompt processing and generation.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Prompt tokens for the model benchmark.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Generated tokens for the model benchmark.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
     /// Seconds to spend per measurement (five batches).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
@@ -165,7 +174,68 @@ fn report(device: &str, item: &Item, secs: f64) {
     );
 }
 
+/// Peak resident set size of this process, from /proc (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Prompt processing (one batched forward of `prompt_tokens`) and generation (`gen_tokens`
+/// single-token forwards), like llama-bench's pp and tg tests.
+fn model_bench<B: Backend>(
+    dev: &B,
+    label: &str,
+    files: &edgetune::model::files::ModelFiles,
+    args: &BenchArgs,
+) -> edgetune::Result<()> {
+    let model = files.load(dev)?;
+    let vocab = model.cfg.vocab;
+    let tokens: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let capacity = (args.prompt_tokens + args.gen_tokens) as u32;
+    let mut cache = model.new_cache(capacity.min(model.cfg.context))?;
+    model.forward(&mut cache, &tokens[..8.min(tokens.len())], false)?; // warm-up: pipelines
+    cache.clear();
+    let start = Instant::now();
+    model.forward(&mut cache, &tokens, false)?;
+    let pp = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut next = 1u32;
+    for _ in 0..args.gen_tokens {
+        let logits = model.forward(&mut cache, &[next], false)?;
+        next = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
+    }
+    let tg = start.elapsed().as_secs_f64();
+    println!(
+        "{label:<34} prompt {:>4} tokens {:>8.1} tok/s   generate {:>4} tokens {:>7.2} tok/s   peak RSS {:.0} MiB",
+        args.prompt_tokens,
+        args.prompt_tokens as f64 / pp,
+        args.gen_tokens,
+        args.gen_tokens as f64 / tg,
+        peak_rss().unwrap_or(0) as f64 / 1048576.0
+    );
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> edgetune::Result<()> {
+    if let Some(path) = &args.model {
+        let files = edgetune::model::files::ModelFiles::open(path, None)?;
+        return match args.device.backend {
+            BackendKind::Gpu => {
+                let gpu = args.device.gpu()?;
+                model_bench(
+                    &gpu,
+                    &format!("edgetune wgpu ({})", gpu.report().name),
+                    &files,
+                    args,
+                )
+            }
+            BackendKind::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
+        };
+    }
     let gpu = match args.device.backend {
         BackendKind::Gpu => Some(args.device.gpu()?),
         BackendKind::Cpu => None,

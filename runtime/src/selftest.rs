@@ -327,6 +327,8 @@ pub fn cases() -> Vec<Case> {
             (1, k_big, 1536),
             // Takes the eight-rows-per-invocation matvec path, with a ragged end.
             (1, k_small, 16_389),
+            // Enough tokens to dequantise to f32 scratch and use the f32 matmul.
+            (20, k_big, 64),
         ] {
             let wbytes = ty.row_bytes(k).unwrap_or(0) * n;
             cases.push(Case {
@@ -545,6 +547,9 @@ pub fn cases() -> Vec<Case> {
         (5u32, 9u32, 3u32, 64u32, 11u32),
         (1, 9, 3, 64, 200),
         (4, 4, 4, 32, 0),
+        // The widest head of the vec4 path, and a head the vec4 path cannot take.
+        (3, 2, 1, 128, 5),
+        (2, 3, 3, 6, 1),
         (2, 2, 1, 256, 3),
     ] {
         let qn = (t * h * hd) as usize;

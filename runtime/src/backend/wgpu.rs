@@ -34,6 +34,9 @@ pub const MAX_OPS_PER_SUBMIT: u32 = 64;
 
 const WG: u32 = 64;
 
+/// Tokens from which a quantised product dequantises its weights to f32 scratch first.
+const DEQUANT_MATMUL_FROM: u32 = 16;
+
 /// Output rows from which `qmatvec` computes eight rows per invocation instead of four.
 const QMATVEC_ROWS8_FROM: u32 = 16_384;
 
@@ -89,6 +92,9 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     pending: Mutex<Pending>,
+    /// f32 scratch for dequantised weights, grown on demand. Queued work reading an older,
+    /// smaller one keeps that one alive; wgpu orders the passes that share this one.
+    scratch: Mutex<Option<Arc<GpuBuffer>>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -200,6 +206,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
+            scratch: Mutex::new(None),
             lost,
             uncaptured,
         })
@@ -230,6 +237,17 @@ impl Gpu {
         if lost.is_none() {
             *lost = Some("destroyed by the application".into());
         }
+    }
+
+    /// A scratch buffer of at least `bytes`.
+    fn scratch(&self, bytes: u64) -> Result<Arc<GpuBuffer>> {
+        let mut slot = lock(&self.scratch);
+        if let Some(buf) = slot.as_ref().filter(|b| b.size >= bytes) {
+            return Ok(Arc::clone(buf));
+        }
+        let buf = Arc::new(self.alloc(bytes, "dequantised weights")?);
+        *slot = Some(Arc::clone(&buf));
+        Ok(buf)
     }
 
     /// Fails if the device was lost or an uncaptured error was reported since the last check.
@@ -642,6 +660,34 @@ impl Backend for Gpu {
                 k,
                 n,
             } => {
+                // Many tokens: dequantise the weights once into f32 scratch and use the
+                // register-blocked matmul, which outruns dequantising per tile (issue 3's
+                // prompt processing; see BENCHMARKS.md).
+                let scratch_bytes = u64::from(n) * u64::from(k) * 4;
+                if m >= DEQUANT_MATMUL_FROM
+                    && k.is_multiple_of(4)
+                    && n.is_multiple_of(8)
+                    && scratch_bytes <= self.limits.max_storage_buffer_binding_size
+                    && let Some(total) = n.checked_mul(k)
+                {
+                    let scratch = self.scratch(scratch_bytes)?;
+                    self.run(&Op::Dequant {
+                        w,
+                        out: &scratch,
+                        wtype,
+                        n: total,
+                    })?;
+                    return self.run(&Op::Matmul {
+                        a: x,
+                        b: &scratch,
+                        out,
+                        m,
+                        k,
+                        n,
+                        a_t: false,
+                        b_t: true,
+                    });
+                }
                 let row_bytes = wtype.row_bytes(k as usize)? as u32;
                 // Eight rows per matvec invocation once there are rows enough to keep every
                 // core busy (measured on lavapipe; see BENCHMARKS.md).
@@ -788,6 +834,32 @@ impl Backend for Gpu {
                 bindings: vec![(1, src), (3, dst)],
                 params: vec![n, 0, src_offset, dst_offset],
                 groups: self.grid(name, u64::from(n))?,
+            },
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                scale,
+            } if head_dim.is_multiple_of(4) && head_dim <= 128 => Dispatch {
+                family: "attention",
+                entry: "attention_v4",
+                overrides: vec![("HD4", head_dim / 4)],
+                bindings: vec![(5, q), (6, k), (7, v), (8, out)],
+                params: vec![
+                    n_tokens,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    pos0,
+                    scale.to_bits(),
+                ],
+                groups: self.grid(name, u64::from(n_tokens) * u64::from(n_heads))?,
             },
             Op::Attention {
                 q,
