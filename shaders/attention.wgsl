@@ -71,9 +71,13 @@ override HD4: u32 = 16u;
 @group(0) @binding(7) var<storage, read> v4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> out4: array<vec4<f32>>;
 
-@compute @workgroup_size(64, 1, 1)
+// Small workgroups (AT_WG) spread the few (token, head) pairs of a decode step over every
+// core: CPU-emulated GPUs run one workgroup per thread.
+override AT_WG: u32 = 64u;
+
+@compute @workgroup_size(AT_WG, 1, 1)
 fn attention_v4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 64u;
+    let idx = gid.x + gid.y * nwg.x * AT_WG;
     let t = idx / p.n_heads;
     let h = idx % p.n_heads;
     if t >= p.n_tokens {

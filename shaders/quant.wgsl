@@ -33,6 +33,8 @@ const Q6_K: u32 = 7u;
 override X4: bool = false;
 // Weight rows per `qmatvec` invocation: 4 or 8.
 override ROWS: u32 = 4u;
+// Invocations per `qmatvec` workgroup.
+override MV_WG: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -361,10 +363,12 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 
 // One token: one invocation per ROWS (4 or 8) weight rows, so each load of x serves
 // several rows (loads, not arithmetic, bound this kernel on CPU-emulated GPUs). Eight rows
-// amortise x better; four keep more invocations busy when n is small.
-@compute @workgroup_size(64, 1, 1)
+// amortise x better; four keep more invocations busy when n is small. Small workgroups
+// (MV_WG) spread short matrices over every core: CPU-emulated GPUs run one workgroup per
+// thread.
+@compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let j0 = ROWS * (gid.x + gid.y * nwg.x * 64u);
+    let j0 = ROWS * (gid.x + gid.y * nwg.x * MV_WG);
     if j0 >= p.n {
         return;
     }

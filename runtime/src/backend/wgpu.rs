@@ -37,6 +37,16 @@ const WG: u32 = 64;
 /// Tokens from which a quantised product dequantises its weights to f32 scratch first.
 const DEQUANT_MATMUL_FROM: u32 = 16;
 
+/// Invocations per `qmatvec` workgroup: small, so short matrices still spread over every
+/// core of a CPU-emulated GPU.
+const QMATVEC_WG: u32 = 16;
+
+/// Invocations per `attention_v4` workgroup (one invocation per token and head): few when
+/// there are few pairs (a decode step), so they spread over every core.
+fn attention_wg(pairs: u32) -> u32 {
+    if pairs < 256 { 4 } else { 64 }
+}
+
 /// Output rows from which `qmatvec` computes eight rows per invocation instead of four.
 const QMATVEC_ROWS8_FROM: u32 = 16_384;
 
@@ -335,7 +345,12 @@ impl Gpu {
     /// Workgroups for `invocations` one-dimensional invocations, folded into a 2-D grid
     /// when they exceed the per-dimension limit (the shaders rebuild the flat index).
     fn grid(&self, op: &'static str, invocations: u64) -> Result<(u32, u32)> {
-        let groups = invocations.div_ceil(u64::from(WG)).max(1);
+        self.grid_of(op, invocations, WG)
+    }
+
+    /// [`Gpu::grid`] for workgroups of `wg` invocations.
+    fn grid_of(&self, op: &'static str, invocations: u64, wg: u32) -> Result<(u32, u32)> {
+        let groups = invocations.div_ceil(u64::from(wg)).max(1);
         let max = u64::from(self.limits.max_compute_workgroups_per_dimension);
         let x = groups.min(max);
         let y = groups.div_ceil(x);
@@ -693,7 +708,10 @@ impl Backend for Gpu {
                 // core busy (measured on lavapipe; see BENCHMARKS.md).
                 let rows = if n >= QMATVEC_ROWS8_FROM { 8 } else { 4 };
                 let (entry, groups) = if m == 1 {
-                    ("qmatvec", self.grid(name, u64::from(n.div_ceil(rows)))?)
+                    (
+                        "qmatvec",
+                        self.grid_of(name, u64::from(n.div_ceil(rows)), QMATVEC_WG)?,
+                    )
                 } else {
                     (
                         "qmatmul",
@@ -707,6 +725,7 @@ impl Backend for Gpu {
                         ("WTYPE", wtype.shader_code()),
                         ("X4", u32::from(k.is_multiple_of(4))),
                         ("ROWS", rows),
+                        ("MV_WG", QMATVEC_WG),
                     ],
                     // x and w are bound twice: as scalars and as vectors.
                     bindings: vec![(1, w), (2, x), (4, out), (5, x), (6, w)],
@@ -849,7 +868,10 @@ impl Backend for Gpu {
             } if head_dim.is_multiple_of(4) && head_dim <= 128 => Dispatch {
                 family: "attention",
                 entry: "attention_v4",
-                overrides: vec![("HD4", head_dim / 4)],
+                overrides: vec![
+                    ("HD4", head_dim / 4),
+                    ("AT_WG", attention_wg(n_tokens * n_heads)),
+                ],
                 bindings: vec![(5, q), (6, k), (7, v), (8, out)],
                 params: vec![
                     n_tokens,
@@ -859,7 +881,11 @@ impl Backend for Gpu {
                     pos0,
                     scale.to_bits(),
                 ],
-                groups: self.grid(name, u64::from(n_tokens) * u64::from(n_heads))?,
+                groups: self.grid_of(
+                    name,
+                    u64::from(n_tokens) * u64::from(n_heads),
+                    attention_wg(n_tokens * n_heads),
+                )?,
             },
             Op::Attention {
                 q,
