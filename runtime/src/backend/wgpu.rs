@@ -34,6 +34,9 @@ pub const MAX_OPS_PER_SUBMIT: u32 = 64;
 
 const WG: u32 = 64;
 
+/// Uploaded bytes after which the staging copies are flushed.
+const MAX_STAGED_BYTES: u64 = 16 << 20;
+
 /// Tokens from which a quantised product dequantises its weights to f32 scratch first.
 const DEQUANT_MATMUL_FROM: u32 = 16;
 
@@ -105,6 +108,8 @@ pub struct Gpu {
     /// f32 scratch for dequantised weights, grown on demand. Queued work reading an older,
     /// smaller one keeps that one alive; wgpu orders the passes that share this one.
     scratch: Mutex<Option<Arc<GpuBuffer>>>,
+    /// Bytes written with `upload` since the last submission.
+    staged: Mutex<u64>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -217,6 +222,7 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             scratch: Mutex::new(None),
+            staged: Mutex::new(0),
             lost,
             uncaptured,
         })
@@ -543,6 +549,15 @@ impl Backend for Gpu {
             let mut tail = [0u8; 4];
             tail[..data.len() - whole].copy_from_slice(&data[whole..]);
             self.queue.write_buffer(&buf.buf, whole as u64, &tail);
+        }
+        // wgpu stages written data until the next submission; flushing every so often keeps
+        // the staging copies of a whole model from piling up in memory while it loads.
+        let mut staged = lock(&self.staged);
+        *staged += data.len() as u64;
+        if *staged >= MAX_STAGED_BYTES {
+            *staged = 0;
+            drop(staged);
+            self.sync()?;
         }
         Ok(buf)
     }

@@ -33,6 +33,34 @@ impl MappedFile {
         &self.map
     }
 
+    /// Drops the pages of `range` (byte offsets) from memory; see [`MappedFile::release_pages`].
+    pub fn release_range(&self, range: core::ops::Range<usize>) {
+        if range.start >= range.end || range.end > self.map.len() {
+            return;
+        }
+        // SAFETY: as in `release_pages`; the range lies inside the mapping (checked above).
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.end - range.start,
+            )
+        };
+    }
+
+    /// Drops the pages read so far from memory (they are read again from the file if
+    /// touched): once a model's weights are on the device, its file need not stay resident.
+    pub fn release_pages(&self) {
+        // SAFETY: MADV_DONTNEED on a read-only, file-backed private mapping only discards
+        // clean page-cache copies; later reads fault the same bytes back in from the file.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     pub fn path(&self) -> &str {
         &self.path
     }
@@ -54,6 +82,16 @@ impl GgufFile {
                 error,
             })?;
         Ok(GgufFile { file, header })
+    }
+
+    /// See [`MappedFile::release_pages`].
+    pub fn release_pages(&self) {
+        self.file.release_pages();
+    }
+
+    /// See [`MappedFile::release_range`].
+    pub fn release_range(&self, range: core::ops::Range<usize>) {
+        self.file.release_range(range);
     }
 
     /// The whole file (tensor data is borrowed from here).

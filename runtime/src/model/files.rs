@@ -2,12 +2,13 @@
 //! model.safetensors or a sharded index, tokenizer.json), optionally quantised at load.
 
 use super::config::{Arch, Config};
-use super::llama::{HostTensor, Model, Role, TensorSource};
+use super::llama::{GgufSource, HostTensor, Model, Role, TensorSource};
 use crate::backend::{Backend, RopeStyle};
 use crate::error::{Error, Result};
 use crate::format::file::{GgufFile, MappedFile};
 use crate::quant::{self, WeightType};
 use crate::tokenizer::Tokenizer;
+use core::cell::Cell;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -266,6 +267,32 @@ impl TensorSource for HfDir {
     }
 }
 
+/// A GGUF source that lets each tensor's pages go once the next one is asked for (by then
+/// the loader has uploaded it), so a model's file and its device copy are not both resident.
+struct Releasing<'a> {
+    file: &'a GgufFile,
+    inner: GgufSource<'a>,
+    last: Cell<Option<core::ops::Range<usize>>>,
+}
+
+impl TensorSource for Releasing<'_> {
+    fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>> {
+        if let Some(range) = self.last.take() {
+            self.file.release_range(range);
+        }
+        let t = self.inner.tensor(role)?;
+        if let Some(t) = &t {
+            let start = t.data.as_ptr() as usize - self.file.bytes().as_ptr() as usize;
+            // Whole pages only: a page shared with the next tensor is kept.
+            let page = 4096;
+            self.last.set(Some(
+                start.div_ceil(page) * page..(start + t.data.len()) / page * page,
+            ));
+        }
+        Ok(t)
+    }
+}
+
 /// A model on disk, whichever its format.
 #[derive(Debug)]
 pub enum ModelFiles {
@@ -303,10 +330,28 @@ impl ModelFiles {
         }
     }
 
+    /// Loads the model onto `backend`, then lets the file's pages go: the weights now live
+    /// in the backend's buffers.
     pub fn load<'b, B: Backend>(&self, backend: &'b B) -> Result<Model<'b, B>> {
         match self {
-            ModelFiles::Gguf(f) => Model::from_gguf(backend, &f.header, f.bytes()),
-            ModelFiles::Hf(d) => Model::load(backend, d.config.clone(), d),
+            ModelFiles::Gguf(f) => {
+                let source = Releasing {
+                    file: f,
+                    inner: GgufSource {
+                        gguf: &f.header,
+                        bytes: f.bytes(),
+                    },
+                    last: Cell::new(None),
+                };
+                let m = Model::load(backend, Config::from_gguf(&f.header)?, &source);
+                f.release_pages();
+                m
+            }
+            ModelFiles::Hf(d) => {
+                let m = Model::load(backend, d.config.clone(), d);
+                d.shards.iter().for_each(|s| s.file.release_pages());
+                m
+            }
         }
     }
 }
