@@ -8,7 +8,7 @@
 //! independent implementations by the golden-file tests.
 
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, Op, RopeStyle, rope_table};
+use crate::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
 use crate::error::Result;
 use crate::quant::WeightType;
 use crate::rng::{ZKind, philox4x32_10};
@@ -399,7 +399,12 @@ pub fn cases() -> Vec<Case> {
                 shape: format!("{style:?} t={n_tokens} h={n_heads} d={head_dim} pos0={pos0}"),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(n))),
-                    Init::Data(f32_bytes(&rope_table(10000.0, head_dim, pos0 + n_tokens))),
+                    Init::Data(f32_bytes(&rope_table(
+                        10000.0,
+                        head_dim,
+                        pos0 + n_tokens,
+                        &RopeScaling::None,
+                    ))),
                     Init::Zeros(n as u64 * 4),
                 ],
                 op: Op::Rope {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use edgetune::backend::{RopeStyle, rope_table};
+use edgetune::backend::{RopeScaling, RopeStyle, rope_table};
 use edgetune::{Backend, Op, WeightType};
 use serde_json::Value;
 
@@ -141,7 +141,12 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
                 );
                 table = dev
                     .upload_f32(
-                        &rope_table(p["theta"].as_f64().unwrap(), head_dim, pos0 + n_tokens),
+                        &rope_table(
+                            p["theta"].as_f64().unwrap(),
+                            head_dim,
+                            pos0 + n_tokens,
+                            &RopeScaling::None,
+                        ),
                         "table",
                     )
                     .unwrap();

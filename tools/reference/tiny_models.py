@@ -35,6 +35,12 @@ MODELS = {
     "llama_mha_untied_odd": ("llama", dict(hidden_size=96, intermediate_size=80, num_attention_heads=3,
                                            num_key_value_heads=3, num_hidden_layers=1, vocab_size=101,
                                            tie_word_embeddings=False, rope_theta=500000.0)),
+    "llama_rope_llama3": ("llama", dict(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=1, vocab_size=100,
+                                        tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 16})),
     "qwen2_gqa_bias": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_attention_heads=8,
                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=96,
                                      tie_word_embeddings=False, rope_theta=1000000.0)),
@@ -79,6 +85,25 @@ def write_gguf(path, arch, cfg, state, qtype):
     w.add_rope_freq_base(theta.get("rope_theta") or cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    if rp.get("rope_type") == "llama3":
+        # As llama.cpp's converter: per-frequency divisors in a `rope_freqs` tensor.
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        freqs = 1.0 / (rp["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        low = rp["original_max_position_embeddings"] / rp["low_freq_factor"]
+        high = rp["original_max_position_embeddings"] / rp["high_freq_factor"]
+        factors = []
+        for f in freqs:
+            wavelen = 2 * np.pi / f
+            if wavelen < high:
+                factors.append(1.0)
+            elif wavelen > low:
+                factors.append(rp["factor"])
+            else:
+                smooth = (rp["original_max_position_embeddings"] / wavelen - rp["low_freq_factor"]) / (
+                    rp["high_freq_factor"] - rp["low_freq_factor"])
+                factors.append(1 / ((1 - smooth) / rp["factor"] + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     for name, t in state.items():
         a = t.detach().float().numpy()
         if arch == "llama" and name.endswith("q_proj.weight"):
@@ -118,6 +143,10 @@ for name, (arch, kw) in MODELS.items():
     model.save_pretrained(d, safe_serialization=True)
     for junk in ("generation_config.json",):
         (d / junk).unlink(missing_ok=True)
+    if name == "qwen2_gqa_bias":
+        # The same weights again as a sharded checkpoint (model.safetensors.index.json).
+        model.save_pretrained(OUT / (name + "_sharded"), safe_serialization=True, max_shard_size="150KB")
+        (OUT / (name + "_sharded") / "generation_config.json").unlink(missing_ok=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

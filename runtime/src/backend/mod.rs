@@ -662,15 +662,68 @@ impl<B> Op<'_, B> {
     }
 }
 
+/// How the RoPE frequencies are stretched for contexts longer than the training one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Every frequency divided by the factor (positions interpolated).
+    Linear(f64),
+    /// Frequency i divided by `divisors[i]` (Llama 3's scheme; llama.cpp's `rope_freqs`).
+    Divisors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// Llama 3's frequency-dependent scaling, as transformers computes it: long wavelengths
+    /// divided by `factor`, short ones kept, the band between interpolated.
+    pub fn llama3(
+        theta: f64,
+        head_dim: u32,
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    ) -> RopeScaling {
+        let low_wavelen = original_context / low_freq_factor;
+        let high_wavelen = original_context / high_freq_factor;
+        let divisors = (0..head_dim / 2)
+            .map(|i| {
+                let freq = libm::pow(theta, -(2.0 * f64::from(i)) / f64::from(head_dim));
+                let wavelen = 2.0 * core::f64::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (original_context / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        RopeScaling::Divisors(divisors)
+    }
+}
+
 /// The (cos, sin) table for RoPE: [positions, head_dim/2, 2] with angle
-/// pos * theta^(-2i/head_dim), computed in f64 and rounded once. Computing it on the host
-/// keeps the kernels free of transcendental functions and lets rope scaling be applied here.
-pub fn rope_table(theta: f64, head_dim: u32, positions: u32) -> Vec<f32> {
+/// pos * theta^(-2i/head_dim) / scaling_i, computed in f64 and rounded once. Computing it on
+/// the host keeps the kernels free of transcendental functions and gives rope scaling one
+/// home.
+pub fn rope_table(theta: f64, head_dim: u32, positions: u32, scaling: &RopeScaling) -> Vec<f32> {
     let half = head_dim / 2;
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| {
+            let f = libm::pow(theta, -(2.0 * f64::from(i)) / f64::from(head_dim));
+            match scaling {
+                RopeScaling::None => f,
+                RopeScaling::Linear(factor) => f / factor,
+                RopeScaling::Divisors(d) => f / d.get(i as usize).copied().unwrap_or(1.0),
+            }
+        })
+        .collect();
     let mut t = Vec::with_capacity(positions as usize * head_dim as usize);
     for p in 0..positions {
-        for i in 0..half {
-            let freq = libm::pow(theta, -(2.0 * f64::from(i)) / f64::from(head_dim));
+        for freq in &freqs {
             let angle = f64::from(p) * freq;
             t.push(libm::cos(angle) as f32);
             t.push(libm::sin(angle) as f32);

@@ -1,6 +1,6 @@
 //! The shape of a Llama-family model, read from GGUF metadata.
 
-use crate::backend::RopeStyle;
+use crate::backend::{RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::format::gguf::{Gguf, Value};
 use std::prelude::v1::*;
@@ -28,6 +28,7 @@ pub struct Config {
     pub context: u32,
     pub rope_theta: f64,
     pub rope_style: RopeStyle,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
     /// The output projection is the token embedding (no separate `output.weight`).
     pub tied_embeddings: bool,
@@ -37,6 +38,26 @@ fn bad(what: String) -> Error {
     Error::InvalidShape {
         op: "model config",
         reason: what,
+    }
+}
+
+/// Rope scaling as llama.cpp's metadata records it (`rope.scaling.type`). Llama 3's
+/// per-frequency divisors come as a tensor, `rope_freqs.weight`, read by the model loader.
+fn gguf_rope_scaling(g: &Gguf, arch: &str) -> Result<RopeScaling> {
+    match g
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(Value::as_str)
+    {
+        None | Some("none") => Ok(RopeScaling::None),
+        Some("linear") => {
+            let factor = g
+                .get(&format!("{arch}.rope.scaling.factor"))
+                .and_then(Value::as_f64)
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .ok_or_else(|| bad("rope.scaling.factor is missing or not positive".into()))?;
+            Ok(RopeScaling::Linear(factor))
+        }
+        Some(other) => Err(bad(format!("rope scaling `{other}` is not supported"))),
     }
 }
 
@@ -104,6 +125,7 @@ impl Config {
                 Arch::Llama => RopeStyle::Interleaved,
                 Arch::Qwen2 => RopeStyle::HalfSplit,
             },
+            rope_scaling: gguf_rope_scaling(g, arch_name)?,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5) as f32,
             tied_embeddings: g.tensor("output.weight").is_none(),
         };
@@ -112,6 +134,15 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
+        if let RopeScaling::Divisors(d) = &self.rope_scaling
+            && d.len() != (self.head_dim / 2) as usize
+        {
+            return Err(bad(format!(
+                "{} rope frequency factors for head dimension {}",
+                d.len(),
+                self.head_dim
+            )));
+        }
         if !self.dim.is_multiple_of(self.n_heads) || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(bad(format!(
                 "{} heads, {} kv heads and width {} do not divide",

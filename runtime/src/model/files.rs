@@ -3,7 +3,7 @@
 
 use super::config::{Arch, Config};
 use super::llama::{GgufSource, HostTensor, Model, Role, TensorSource};
-use crate::backend::{Backend, RopeStyle};
+use crate::backend::{Backend, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::format::file::{GgufFile, MappedFile};
 use crate::quant::{self, WeightType};
@@ -66,15 +66,6 @@ pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
     };
     // transformers 5 writes `rope_parameters`; earlier versions `rope_theta` and `rope_scaling`.
     let rope = c.get("rope_parameters").filter(|v| !v.is_null());
-    if let Some(scaling) = rope.or_else(|| c.get("rope_scaling").filter(|v| !v.is_null())) {
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Json::as_str);
-        if kind != Some("default") {
-            return Err(bad(format!("rope scaling {kind:?} is not supported yet")));
-        }
-    }
     let rope_theta = rope
         .and_then(|r| r.get("rope_theta"))
         .or_else(|| c.get("rope_theta"))
@@ -82,6 +73,41 @@ pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
         .unwrap_or(10_000.0);
     let dim = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
+    let head_dim = if c.get("head_dim").is_some_and(|v| !v.is_null()) {
+        int("head_dim")?
+    } else {
+        dim / n_heads
+    };
+    let mut rope_scaling = RopeScaling::None;
+    if let Some(s) = rope.or_else(|| c.get("rope_scaling").filter(|v| !v.is_null())) {
+        let num = |k: &str| -> Result<f64> {
+            s.get(k)
+                .and_then(Json::as_f64)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| bad(format!("rope scaling `{k}` is missing or not positive")))
+        };
+        rope_scaling = match s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Json::as_str)
+        {
+            Some("default") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear(num("factor")?),
+            Some("llama3") => RopeScaling::llama3(
+                rope_theta,
+                head_dim,
+                num("factor")?,
+                num("low_freq_factor")?,
+                num("high_freq_factor")?,
+                num("original_max_position_embeddings")?,
+            ),
+            other => {
+                return Err(bad(format!(
+                    "rope scaling {other:?} is not supported yet (linear and llama3 are)"
+                )));
+            }
+        };
+    }
     let cfg = Config {
         arch,
         n_layers: int("num_hidden_layers")?,
@@ -93,16 +119,13 @@ pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
         } else {
             n_heads
         },
-        head_dim: if c.get("head_dim").is_some_and(|v| !v.is_null()) {
-            int("head_dim")?
-        } else {
-            dim / n_heads
-        },
+        head_dim,
         vocab: int("vocab_size")?,
         context: int("max_position_embeddings")?,
         rope_theta,
         // Hugging Face checkpoints rotate (x[i], x[i + d/2]).
         rope_style: RopeStyle::HalfSplit,
+        rope_scaling,
         rms_eps: c.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
         tied_embeddings: c
             .get("tie_word_embeddings")
@@ -192,6 +215,8 @@ impl HfDir {
             Role::KBias(i) => l(i, "self_attn.k_proj.bias"),
             Role::VBias(i) => l(i, "self_attn.v_proj.bias"),
             Role::FfnNorm(i) => l(i, "post_attention_layernorm.weight"),
+            // Hugging Face configs describe rope scaling in config.json instead.
+            Role::RopeFreqs => String::new(),
             Role::Gate(i) => l(i, "mlp.gate_proj.weight"),
             Role::Up(i) => l(i, "mlp.up_proj.weight"),
             Role::Down(i) => l(i, "mlp.down_proj.weight"),

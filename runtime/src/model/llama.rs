@@ -5,7 +5,7 @@
 //! (decode) against a KV cache.
 
 use super::config::{Arch, Config};
-use crate::backend::{Backend, Op, rope_table};
+use crate::backend::{Backend, Op, RopeScaling, rope_table};
 use crate::error::{Error, Result};
 use crate::format::gguf::{Gguf, TensorInfo};
 use crate::quant::{self, WeightType};
@@ -100,6 +100,8 @@ pub enum Role {
     KBias(u32),
     VBias(u32),
     FfnNorm(u32),
+    /// Per-frequency RoPE divisors (Llama 3 scaling in GGUF).
+    RopeFreqs,
     Gate(u32),
     Up(u32),
     Down(u32),
@@ -175,6 +177,7 @@ impl TensorSource for GgufSource<'_> {
             Role::KBias(l) => format!("blk.{l}.attn_k.bias"),
             Role::VBias(l) => format!("blk.{l}.attn_v.bias"),
             Role::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Role::RopeFreqs => "rope_freqs.weight".into(),
             Role::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Role::Up(l) => format!("blk.{l}.ffn_up.weight"),
             Role::Down(l) => format!("blk.{l}.ffn_down.weight"),
@@ -246,7 +249,13 @@ impl<'b, B: Backend> Model<'b, B> {
     }
 
     /// Loads a model of shape `cfg` from any tensor source.
-    pub fn load(backend: &'b B, cfg: Config, source: &impl TensorSource) -> Result<Self> {
+    pub fn load(backend: &'b B, mut cfg: Config, source: &impl TensorSource) -> Result<Self> {
+        if let Some(t) = source.tensor(Role::RopeFreqs)? {
+            let mut v = vec![0.0f32; (t.rows * t.cols) as usize];
+            quant::dequantize(t.wtype, &t.data, &mut v)?;
+            cfg.rope_scaling = RopeScaling::Divisors(v.iter().map(|&d| f64::from(d)).collect());
+            cfg.validate()?;
+        }
         let l = Loader { backend, source };
         let (dim, q_dim, kv_dim) = (
             cfg.dim,
@@ -315,7 +324,12 @@ impl<'b, B: Backend> Model<'b, B> {
             v.push(self.backend.alloc(per_layer, "kv cache")?);
         }
         let rope = self.backend.upload_f32(
-            &rope_table(self.cfg.rope_theta, self.cfg.head_dim, capacity),
+            &rope_table(
+                self.cfg.rope_theta,
+                self.cfg.head_dim,
+                capacity,
+                &self.cfg.rope_scaling,
+            ),
             "rope table",
         )?;
         Ok(KvCache {
