@@ -880,54 +880,36 @@ impl Backend for Gpu {
                 head_dim,
                 pos0,
                 scale,
-            } if head_dim.is_multiple_of(4) && head_dim <= 128 => Dispatch {
-                family: "attention",
-                entry: "attention_v4",
-                overrides: vec![
-                    ("HD4", head_dim / 4),
-                    ("AT_WG", attention_wg(n_tokens * n_heads)),
-                ],
-                bindings: vec![(5, q), (6, k), (7, v), (8, out)],
-                params: vec![
+            } => {
+                let pairs = n_tokens * n_heads;
+                let params = vec![
                     n_tokens,
                     n_heads,
                     n_kv_heads,
                     head_dim,
                     pos0,
                     scale.to_bits(),
-                ],
-                groups: self.grid_of(
-                    name,
-                    u64::from(n_tokens) * u64::from(n_heads),
-                    attention_wg(n_tokens * n_heads),
-                )?,
-            },
-            Op::Attention {
-                q,
-                k,
-                v,
-                out,
-                n_tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0,
-                scale,
-            } => Dispatch {
-                family: "attention",
-                entry: "attention",
-                overrides: vec![],
-                bindings: vec![(1, q), (2, k), (3, v), (4, out)],
-                params: vec![
-                    n_tokens,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    pos0,
-                    scale.to_bits(),
-                ],
-                groups: self.grid(name, u64::from(n_tokens) * u64::from(n_heads))?,
-            },
+                ];
+                if head_dim.is_multiple_of(4) && head_dim <= 128 {
+                    Dispatch {
+                        family: "attention",
+                        entry: "attention_v4",
+                        overrides: vec![("HD4", head_dim / 4), ("AT_WG", attention_wg(pairs))],
+                        bindings: vec![(5, q), (6, k), (7, v), (8, out)],
+                        params,
+                        groups: self.grid_of(name, u64::from(pairs), attention_wg(pairs))?,
+                    }
+                } else {
+                    Dispatch {
+                        family: "attention",
+                        entry: "attention",
+                        overrides: vec![],
+                        bindings: vec![(1, q), (2, k), (3, v), (4, out)],
+                        params,
+                        groups: self.grid(name, u64::from(pairs))?,
+                    }
+                }
+            }
             Op::Philox {
                 out,
                 counter,
