@@ -307,12 +307,15 @@ impl TensorSource for Releasing<'_> {
         }
         let t = self.inner.tensor(role)?;
         if let Some(t) = &t {
-            let start = t.data.as_ptr() as usize - self.file.bytes().as_ptr() as usize;
-            // Whole pages only: a page shared with the next tensor is kept.
-            let page = 4096;
-            self.last.set(Some(
-                start.div_ceil(page) * page..(start + t.data.len()) / page * page,
-            ));
+            // Only data borrowed from the map has pages to let go.
+            let base = self.file.bytes().as_ptr() as usize;
+            if let Some(start) = (t.data.as_ptr() as usize).checked_sub(base) {
+                // Whole pages only: a page shared with the next tensor is kept.
+                let page = 4096;
+                self.last.set(Some(
+                    start.div_ceil(page) * page..(start + t.data.len()) / page * page,
+                ));
+            }
         }
         Ok(t)
     }
