@@ -1,9 +1,11 @@
 //! edgetune: an on-device tuning runtime.
 //!
-//! Data flows top to bottom through the modules: model file -> [`quant`] blocks ->
-//! [`backend`] (the CPU reference or wgpu) -> model -> train -> sync. The core
-//! ([`quant`], [`rng`], [`backend::cpu`]) builds without `std` (alloc only) so it can run
-//! on a microcontroller; the wgpu backend and the conformance suite need `std`.
+//! Data flows top to bottom through the modules: model file -> [`format`] readers ->
+//! [`quant`] blocks -> [`backend`] (the CPU reference or wgpu) -> [`model`] ->
+//! [`generate`] (later: train -> sync). The core ([`format::gguf`], [`quant`], [`rng`],
+//! [`backend::cpu`], [`model`], [`generate`]) builds without `std` (alloc only) so it can
+//! run on a microcontroller; file maps, tokenizers, the wgpu backend and the conformance
+//! suite need `std`.
 #![no_std]
 
 // The std/core facade: with `std` this is std itself, without it core + alloc.
