@@ -1,6 +1,6 @@
 //! edgetune: an on-device tuning runtime.
 //!
-//! Data flows top to bottom through the modules: model file -> [`format`] readers ->
+//! Data flows top to bottom through the modules: model file -> [`format`](mod@format) readers ->
 //! [`quant`] blocks -> [`backend`] (the CPU reference or wgpu) -> [`model`] ->
 //! [`generate`] (later: train -> sync). The core ([`format::gguf`], [`quant`], [`rng`],
 //! [`backend::cpu`], [`model`], [`generate`]) builds without `std` (alloc only) so it can

@@ -71,7 +71,7 @@ impl ZAddr {
         [self.session_key as u32, (self.session_key >> 32) as u32]
     }
 
-    /// 4 * z for `element`, an integer in [-32, 32]. Elements up to 2^33 are addressable.
+    /// 4 * z for `element`, an integer in \[-32, 32\]. Elements up to 2^33 are addressable.
     pub fn z4(&self, element: u64, kind: ZKind) -> i32 {
         let ctr = [(element >> 1) as u32, self.tensor, self.seed, self.purpose];
         let w = philox4x32_10(ctr, self.key());

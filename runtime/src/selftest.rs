@@ -132,7 +132,7 @@ impl Data {
 
     /// `rows` x `cols` weights stored as `ty`: random payload and sane scales. With
     /// `all_bits`, half types take every finite bit pattern (subnormals included), which
-    /// tests decoding; without, values in [-1, 1], which keeps products finite.
+    /// tests decoding; without, values in \[-1, 1\], which keeps products finite.
     fn weights(&mut self, ty: WeightType, rows: usize, cols: usize, all_bits: bool) -> Vec<u8> {
         let n = rows * cols;
         match ty {

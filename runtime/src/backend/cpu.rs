@@ -301,7 +301,7 @@ impl Backend for Cpu {
     }
 }
 
-/// out[m,n] = op(a) * op(b); see [`Op::Matmul`] for the layouts.
+/// out\[m,n\] = op(a) * op(b); see [`Op::Matmul`] for the layouts.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     a: &[f32],
@@ -327,7 +327,7 @@ pub fn matmul(
     out
 }
 
-/// out[m,n] = x[m,k] * dequant(w)^T, one dequantised row of w at a time.
+/// out\[m,n\] = x\[m,k\] * dequant(w)^T, one dequantised row of w at a time.
 pub fn qmatmul(
     x: &[f32],
     w: &[u8],
@@ -388,7 +388,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], dim: usize, eps: f32) -> Vec<f32> {
     out
 }
 
-/// RoPE over x [tokens, heads, head_dim] with a [`super::rope_table`].
+/// RoPE over x \[tokens, heads, head_dim\] with a [`super::rope_table`].
 pub fn rope(
     x: &[f32],
     table: &[f32],

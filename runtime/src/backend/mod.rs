@@ -17,9 +17,9 @@ pub mod wgpu;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum RopeStyle {
-    /// Rotate (x[2i], x[2i+1]): GGUF Llama checkpoints (llama.cpp's "normal" mode).
+    /// Rotate (x\[2i\], x\[2i+1\]): GGUF Llama checkpoints (llama.cpp's "normal" mode).
     Interleaved,
-    /// Rotate (x[i], x[i + d/2]): Hugging Face Llama/Qwen2 (llama.cpp's "neox" mode).
+    /// Rotate (x\[i\], x\[i + d/2\]): Hugging Face Llama/Qwen2 (llama.cpp's "neox" mode).
     HalfSplit,
 }
 
@@ -28,8 +28,8 @@ pub enum RopeStyle {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Op<'a, B> {
-    /// out[m,n] = op(a)[m,k] * op(b)[k,n], where op transposes when the flag is set:
-    /// `a` is stored [m,k] (or [k,m] if `a_t`), `b` is stored [k,n] (or [n,k] if `b_t`).
+    /// out\[m,n\] = op(a)\[m,k\] * op(b)\[k,n\], where op transposes when the flag is set:
+    /// `a` is stored \[m,k\] (or \[k,m\] if `a_t`), `b` is stored \[k,n\] (or \[n,k\] if `b_t`).
     Matmul {
         a: &'a B,
         b: &'a B,
@@ -40,7 +40,7 @@ pub enum Op<'a, B> {
         a_t: bool,
         b_t: bool,
     },
-    /// out[m,n] = x[m,k] * dequant(w)^T with w stored as n rows of k elements of `wtype`.
+    /// out\[m,n\] = x\[m,k\] * dequant(w)^T with w stored as n rows of k elements of `wtype`.
     /// m = 1 is the one-token matrix-vector product.
     QMatmul {
         x: &'a B,
@@ -51,14 +51,14 @@ pub enum Op<'a, B> {
         k: u32,
         n: u32,
     },
-    /// out[0..n] = dequant(w[0..n]) (the same arithmetic as QMatmul, exposed for tests).
+    /// out\[0..n\] = dequant(w\[0..n\]) (the same arithmetic as QMatmul, exposed for tests).
     Dequant {
         w: &'a B,
         out: &'a B,
         wtype: WeightType,
         n: u32,
     },
-    /// out[t, 0..dim] = dequant(table row ids[t]); `ids` holds u32.
+    /// out\[t, 0..dim\] = dequant(table row ids\[t\]); `ids` holds u32.
     Embed {
         table: &'a B,
         ids: &'a B,
@@ -68,7 +68,7 @@ pub enum Op<'a, B> {
         dim: u32,
         n_ids: u32,
     },
-    /// out[r,:] = x[r,:] / sqrt(mean(x[r,:]^2) + eps) * weight.
+    /// out\[r,:\] = x\[r,:\] / sqrt(mean(x\[r,:\]^2) + eps) * weight.
     RmsNorm {
         x: &'a B,
         weight: &'a B,
@@ -77,8 +77,8 @@ pub enum Op<'a, B> {
         dim: u32,
         eps: f32,
     },
-    /// Rotary embedding of x [n_tokens, n_heads, head_dim]; token t sits at position pos0 + t.
-    /// `table` holds (cos, sin) pairs [positions, head_dim/2, 2] from [`rope_table`].
+    /// Rotary embedding of x \[n_tokens, n_heads, head_dim\]; token t sits at position pos0 + t.
+    /// `table` holds (cos, sin) pairs \[positions, head_dim/2, 2\] from [`rope_table`].
     Rope {
         x: &'a B,
         table: &'a B,
@@ -89,7 +89,7 @@ pub enum Op<'a, B> {
         pos0: u32,
         style: RopeStyle,
     },
-    /// Row-wise softmax of x [rows, cols].
+    /// Row-wise softmax of x \[rows, cols\].
     Softmax {
         x: &'a B,
         out: &'a B,
@@ -110,7 +110,7 @@ pub enum Op<'a, B> {
         out: &'a B,
         n: u32,
     },
-    /// out[r, c] = x[r, c] + bias[c] for x [rows, cols] (projection biases).
+    /// out\[r, c\] = x\[r, c\] + bias\[c\] for x \[rows, cols\] (projection biases).
     AddBias {
         x: &'a B,
         bias: &'a B,
@@ -125,7 +125,7 @@ pub enum Op<'a, B> {
         n: u32,
         alpha: f32,
     },
-    /// dst[dst_offset + i] = src[src_offset + i] for i < n (32-bit words): moves rows into
+    /// dst\[dst_offset + i\] = src\[src_offset + i\] for i < n (32-bit words): moves rows into
     /// the KV cache and picks rows out of a batch.
     Copy {
         src: &'a B,
@@ -135,7 +135,7 @@ pub enum Op<'a, B> {
         dst_offset: u32,
     },
     /// Causal attention with grouped-query heads over a KV cache.
-    /// q [n_tokens, n_heads, head_dim]; k, v [capacity, n_kv_heads, head_dim] with the
+    /// q \[n_tokens, n_heads, head_dim\]; k, v \[capacity, n_kv_heads, head_dim\] with the
     /// first pos0 + n_tokens positions filled; token t (position pos0 + t) attends to
     /// positions 0..=pos0 + t. Query head h reads kv head h / (n_heads / n_kv_heads).
     Attention {
@@ -150,7 +150,7 @@ pub enum Op<'a, B> {
         pos0: u32,
         scale: f32,
     },
-    /// out[4i..4i+4] = philox4x32_10(counter + (i, 0, 0, 0), key) as u32, i < n_blocks.
+    /// out\[4i..4i+4\] = philox4x32_10(counter + (i, 0, 0, 0), key) as u32, i < n_blocks.
     /// The addition wraps in the first word only.
     Philox {
         out: &'a B,
@@ -158,7 +158,7 @@ pub enum Op<'a, B> {
         key: [u32; 2],
         n_blocks: u32,
     },
-    /// out[i] = z(start + i) for i < n: the perturbation of [`crate::rng::ZAddr`], as f32.
+    /// out\[i\] = z(start + i) for i < n: the perturbation of [`crate::rng::ZAddr`], as f32.
     PerturbZ {
         out: &'a B,
         session_key: u64,
@@ -669,7 +669,7 @@ pub enum RopeScaling {
     None,
     /// Every frequency divided by the factor (positions interpolated).
     Linear(f64),
-    /// Frequency i divided by `divisors[i]` (Llama 3's scheme; llama.cpp's `rope_freqs`).
+    /// Frequency i divided by `divisors\[i\]` (Llama 3's scheme; llama.cpp's `rope_freqs`).
     Divisors(Vec<f64>),
 }
 
@@ -705,7 +705,7 @@ impl RopeScaling {
     }
 }
 
-/// The (cos, sin) table for RoPE: [positions, head_dim/2, 2] with angle
+/// The (cos, sin) table for RoPE: \[positions, head_dim/2, 2\] with angle
 /// pos * theta^(-2i/head_dim) / scaling_i, computed in f64 and rounded once. Computing it on
 /// the host keeps the kernels free of transcendental functions and gives rope scaling one
 /// home.

@@ -353,7 +353,7 @@ impl GgmlType {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
     pub name: String,
-    /// Dimensions in ggml order: `dims[0]` is the row length (contiguous).
+    /// Dimensions in ggml order: `dims\[0\]` is the row length (contiguous).
     pub dims: Vec<u64>,
     pub ggml_type: GgmlType,
     /// Absolute byte offset of the data in the file.

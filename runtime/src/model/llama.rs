@@ -107,7 +107,7 @@ pub enum Role {
     Down(u32),
 }
 
-/// A tensor as a source holds it: format, shape [rows, cols] (vectors have one row), bytes.
+/// A tensor as a source holds it: format, shape \[rows, cols\] (vectors have one row), bytes.
 #[derive(Debug)]
 pub struct HostTensor<'a> {
     pub name: String,
@@ -354,7 +354,7 @@ impl<'b, B: Backend> Model<'b, B> {
     }
 
     /// Runs `tokens` at the cache's next positions and appends their keys and values.
-    /// Returns logits [tokens.len(), vocab] if `all_logits`, else those of the last token.
+    /// Returns logits \[tokens.len(), vocab\] if `all_logits`, else those of the last token.
     pub fn forward(
         &self,
         cache: &mut KvCache<B>,
