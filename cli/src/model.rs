@@ -114,7 +114,10 @@ impl<B: Backend> DynRun for Runner<B> {
         let vocab = model.cfg.vocab as usize;
         let (mut total, mut count) = (0.0f64, 0usize);
         // Independent windows: each token is predicted from the ones before it in its window.
-        for chunk in tokens.chunks(window) {
+        let windows = tokens.len().div_ceil(window);
+        let start = std::time::Instant::now();
+        for (w, chunk) in tokens.chunks(window).enumerate() {
+            progress(w, windows, start);
             if chunk.len() < 2 {
                 continue;
             }
@@ -133,6 +136,8 @@ impl<B: Backend> DynRun for Runner<B> {
                 count += 1;
             }
         }
+        progress(windows, windows, start);
+        eprintln!();
         Ok((total / count.max(1) as f64, count))
     }
 }
@@ -252,6 +257,22 @@ pub fn info(path: &Path) -> Result<()> {
         Err(e) => println!("model:       not runnable: {e}"),
     }
     Ok(())
+}
+
+/// A one-line progress bar on stderr: `[#####-----] done/total, elapsed, remaining`.
+fn progress(done: usize, total: usize, start: std::time::Instant) {
+    let width = 30;
+    let filled = (done * width).checked_div(total).unwrap_or(width);
+    let elapsed = start.elapsed().as_secs_f64();
+    let eta = match done {
+        0 => "?".to_string(),
+        _ => format!("{:.0}", elapsed / done as f64 * (total - done) as f64),
+    };
+    eprint!(
+        "\r[{}{}] {done}/{total} windows, {elapsed:.0} s elapsed, {eta} s left ",
+        "#".repeat(filled),
+        "-".repeat(width - filled)
+    );
 }
 
 /// Writes a float32 array as .npy (version 1.0, little-endian, C order).
