@@ -2,8 +2,8 @@
 // dequantising matrix-vector / matrix-matrix products out = x * dequant(w)^T.
 // CPU reference: runtime/src/quant.rs `dequantize`, runtime/src/backend/cpu.rs `qmatmul`, `embed`.
 //
-// w is n rows of k elements in a GGUF layout, read as raw little-endian bytes from an
-// array<u32>. The format is the WTYPE override constant (codes as `WeightType::shader_code`),
+// w is n rows of k elements, read as raw little-endian bytes from an array<u32>: in the
+// GGUF layout, except Q8_0/Q4_0/Q4_1, which the backend stores split (see `block_index`). The format is the WTYPE override constant (codes as `WeightType::shader_code`),
 // so each format is its own specialised pipeline and the switch folds away.
 // Every format is decoded in chunks of 32 consecutive elements. Each value is produced by
 // the same correctly rounded operations as the reference (products that are exact by

@@ -3,7 +3,7 @@
 //! Dispatches are recorded into one pending command encoder and submitted on
 //! [`Backend::read`] / [`Backend::sync`] (or every [`MAX_OPS_PER_SUBMIT`] kernels, to bound
 //! the work per submit). Our own uncaptured-error and device-lost handlers turn GPU
-//! failures into typed errors; resource creation runs inside error scopes so that
+//! failures into typed errors; buffer and pipeline creation run inside error scopes so that
 //! out-of-memory and validation failures are reported where they happen.
 
 use super::{Backend, Op, RopeStyle};

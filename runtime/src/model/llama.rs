@@ -55,6 +55,49 @@ pub struct KvCache<B: Backend> {
     rope: B::Buffer,
     capacity: u32,
     len: u32,
+    /// Activation buffers of the last call, reused while the token count stays the same
+    /// (every decode step), so a step allocates nothing but its logits.
+    scratch: Option<Scratch<B>>,
+}
+
+/// One forward call's activations for `tokens` tokens.
+#[derive(Debug)]
+struct Scratch<B: Backend> {
+    tokens: u32,
+    x: B::Buffer,
+    x2: B::Buffer,
+    h: B::Buffer,
+    q: B::Buffer,
+    qr: B::Buffer,
+    k: B::Buffer,
+    kr: B::Buffer,
+    v: B::Buffer,
+    att: B::Buffer,
+    gate: B::Buffer,
+    up: B::Buffer,
+    act: B::Buffer,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new(be: &B, c: &Config, t: u32) -> Result<Self> {
+        let f = |n: u32| u64::from(t) * u64::from(n) * 4;
+        let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        Ok(Scratch {
+            tokens: t,
+            x: be.alloc(f(c.dim), "activations")?,
+            x2: be.alloc(f(c.dim), "activations")?,
+            h: be.alloc(f(c.dim), "activations")?,
+            q: be.alloc(f(q_dim), "q")?,
+            qr: be.alloc(f(q_dim), "q")?,
+            k: be.alloc(f(kv_dim), "k")?,
+            kr: be.alloc(f(kv_dim), "k")?,
+            v: be.alloc(f(kv_dim), "v")?,
+            att: be.alloc(f(q_dim), "attention")?,
+            gate: be.alloc(f(c.ffn_dim), "ffn")?,
+            up: be.alloc(f(c.ffn_dim), "ffn")?,
+            act: be.alloc(f(c.ffn_dim), "ffn")?,
+        })
+    }
 }
 
 impl<B: Backend> KvCache<B> {
@@ -338,6 +381,7 @@ impl<'b, B: Backend> Model<'b, B> {
             rope,
             capacity,
             len: 0,
+            scratch: None,
         })
     }
 
@@ -389,26 +433,32 @@ impl<'b, B: Backend> Model<'b, B> {
             });
         }
         let (dim, hd) = (c.dim, c.head_dim);
-        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
-        let f = |n: u32| u64::from(t) * u64::from(n) * 4;
+        let kv_dim = c.n_kv_heads * hd;
         let ids: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
         let ids = be.upload(&ids, "token ids")?;
-        let x = be.alloc(f(dim), "activations")?;
-        let x2 = be.alloc(f(dim), "activations")?;
-        let h = be.alloc(f(dim), "activations")?;
-        let q = be.alloc(f(q_dim), "q")?;
-        let qr = be.alloc(f(q_dim), "q")?;
-        let k = be.alloc(f(kv_dim), "k")?;
-        let kr = be.alloc(f(kv_dim), "k")?;
-        let v = be.alloc(f(kv_dim), "v")?;
-        let att = be.alloc(f(q_dim), "attention")?;
-        let gate = be.alloc(f(c.ffn_dim), "ffn")?;
-        let up = be.alloc(f(c.ffn_dim), "ffn")?;
-        let act = be.alloc(f(c.ffn_dim), "ffn")?;
+        let scratch = match cache.scratch.take() {
+            Some(s) if s.tokens == t => s,
+            _ => Scratch::new(be, c, t)?,
+        };
+        let Scratch {
+            x,
+            x2,
+            h,
+            q,
+            qr,
+            k,
+            kr,
+            v,
+            att,
+            gate,
+            up,
+            act,
+            ..
+        } = &scratch;
         be.run(&Op::Embed {
             table: &self.embed.buf,
             ids: &ids,
-            out: &x,
+            out: x,
             wtype: self.embed.wtype,
             vocab: c.vocab,
             dim,
@@ -416,9 +466,9 @@ impl<'b, B: Backend> Model<'b, B> {
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
             be.run(&Op::RmsNorm {
-                x: &x,
+                x,
                 weight: &layer.attn_norm,
-                out: &h,
+                out: h,
                 rows: t,
                 dim,
                 eps: c.rms_eps,
@@ -427,7 +477,7 @@ impl<'b, B: Backend> Model<'b, B> {
             let project =
                 |w: &Weight<B>, b: &Option<B::Buffer>, tmp: &B::Buffer, out: &B::Buffer| match b {
                     Some(bias) => {
-                        self.matmul(&h, w, tmp, t)?;
+                        self.matmul(h, w, tmp, t)?;
                         be.run(&Op::AddBias {
                             x: tmp,
                             bias,
@@ -436,11 +486,11 @@ impl<'b, B: Backend> Model<'b, B> {
                             cols: w.rows,
                         })
                     }
-                    None => self.matmul(&h, w, out, t),
+                    None => self.matmul(h, w, out, t),
                 };
-            project(&layer.wq, &layer.bq, &qr, &q)?;
-            project(&layer.wk, &layer.bk, &kr, &k)?;
-            project(&layer.wv, &layer.bv, &kr, &v)?;
+            project(&layer.wq, &layer.bq, qr, q)?;
+            project(&layer.wk, &layer.bk, kr, k)?;
+            project(&layer.wv, &layer.bv, kr, v)?;
             let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
                 be.run(&Op::Rope {
                     x,
@@ -453,28 +503,28 @@ impl<'b, B: Backend> Model<'b, B> {
                     style: c.rope_style,
                 })
             };
-            rope(&q, &qr, c.n_heads)?;
-            rope(&k, &kr, c.n_kv_heads)?;
+            rope(q, qr, c.n_heads)?;
+            rope(k, kr, c.n_kv_heads)?;
             let at = pos0 * kv_dim;
             be.run(&Op::Copy {
-                src: &kr,
+                src: kr,
                 dst: &cache.k[i],
                 n: t * kv_dim,
                 src_offset: 0,
                 dst_offset: at,
             })?;
             be.run(&Op::Copy {
-                src: &v,
+                src: v,
                 dst: &cache.v[i],
                 n: t * kv_dim,
                 src_offset: 0,
                 dst_offset: at,
             })?;
             be.run(&Op::Attention {
-                q: &qr,
+                q: qr,
                 k: &cache.k[i],
                 v: &cache.v[i],
-                out: &att,
+                out: att,
                 n_tokens: t,
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
@@ -482,56 +532,57 @@ impl<'b, B: Backend> Model<'b, B> {
                 pos0,
                 scale: 1.0 / libm::sqrtf(hd as f32),
             })?;
-            self.matmul(&att, &layer.wo, &h, t)?;
+            self.matmul(att, &layer.wo, h, t)?;
             be.run(&Op::Add {
-                a: &x,
-                b: &h,
-                out: &x2,
+                a: x,
+                b: h,
+                out: x2,
                 n: t * dim,
             })?;
             be.run(&Op::RmsNorm {
-                x: &x2,
+                x: x2,
                 weight: &layer.ffn_norm,
-                out: &h,
+                out: h,
                 rows: t,
                 dim,
                 eps: c.rms_eps,
             })?;
-            self.matmul(&h, &layer.w_gate, &gate, t)?;
-            self.matmul(&h, &layer.w_up, &up, t)?;
+            self.matmul(h, &layer.w_gate, gate, t)?;
+            self.matmul(h, &layer.w_up, up, t)?;
             be.run(&Op::SwiGlu {
-                gate: &gate,
-                up: &up,
-                out: &act,
+                gate,
+                up,
+                out: act,
                 n: t * c.ffn_dim,
             })?;
-            self.matmul(&act, &layer.w_down, &h, t)?;
+            self.matmul(act, &layer.w_down, h, t)?;
             be.run(&Op::Add {
-                a: &x2,
-                b: &h,
-                out: &x,
+                a: x2,
+                b: h,
+                out: x,
                 n: t * dim,
             })?;
         }
         cache.len = pos0 + t;
         // Only the rows whose logits are wanted go through the output head.
         let rows = if all_logits { t } else { 1 };
+        let last_row;
         let last = if all_logits {
             x
         } else {
-            let last = be.alloc(u64::from(dim) * 4, "activations")?;
+            last_row = be.alloc(u64::from(dim) * 4, "activations")?;
             be.run(&Op::Copy {
-                src: &x,
-                dst: &last,
+                src: x,
+                dst: &last_row,
                 n: dim,
                 src_offset: (t - 1) * dim,
                 dst_offset: 0,
             })?;
-            last
+            &last_row
         };
         let normed = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
         be.run(&Op::RmsNorm {
-            x: &last,
+            x: last,
             weight: &self.out_norm,
             out: &normed,
             rows,
@@ -541,6 +592,8 @@ impl<'b, B: Backend> Model<'b, B> {
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
         self.matmul(&normed, head, &logits, rows)?;
-        be.read_f32(&logits, rows as usize * c.vocab as usize)
+        let out = be.read_f32(&logits, rows as usize * c.vocab as usize);
+        cache.scratch = Some(scratch);
+        out
     }
 }
