@@ -1,7 +1,7 @@
 //! `edgetune bench`: kernel throughput at fixed shapes on the chosen device and on the CPU
 //! reference, in the same run. Peers (numpy/OpenBLAS) are timed by `scripts/bench.sh`.
 
-use crate::{BackendKind, DeviceArgs};
+use crate::{BackendKind, CliError, DeviceArgs, flag, in_range};
 use edgetune::backend::cpu::Cpu;
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
@@ -220,10 +220,26 @@ fn model_bench<B: Backend>(
     Ok(())
 }
 
-pub fn run(args: &BenchArgs) -> edgetune::Result<()> {
+pub fn run(args: &BenchArgs) -> Result<(), CliError> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
+        return flag(
+            "--seconds",
+            format!("{} must be in (0, 3600]", args.seconds),
+        );
+    }
     if let Some(path) = &args.model {
         let files = edgetune::model::files::ModelFiles::open(path, None)?;
-        return match args.device.backend {
+        let context = files.config()?.context as usize;
+        let why = format!("prompt and generated tokens share the model's context of {context}");
+        in_range("--prompt-tokens", args.prompt_tokens, 1, context - 1, &why)?;
+        in_range(
+            "--gen-tokens",
+            args.gen_tokens,
+            1,
+            context - args.prompt_tokens,
+            &why,
+        )?;
+        return Ok(match args.device.backend {
             BackendKind::Gpu => {
                 let gpu = args.device.gpu()?;
                 model_bench(
@@ -234,7 +250,7 @@ pub fn run(args: &BenchArgs) -> edgetune::Result<()> {
                 )
             }
             BackendKind::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
-        };
+        }?);
     }
     let gpu = match args.device.backend {
         BackendKind::Gpu => Some(args.device.gpu()?),

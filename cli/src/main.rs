@@ -9,6 +9,52 @@ use std::process::ExitCode;
 mod bench;
 mod model;
 
+/// Why a command failed: a flag out of range (named as the user typed it), or an error
+/// from the runtime.
+#[derive(Debug)]
+pub enum CliError {
+    Flag { flag: &'static str, reason: String },
+    Runtime(edgetune::Error),
+}
+
+impl From<edgetune::Error> for CliError {
+    fn from(e: edgetune::Error) -> Self {
+        CliError::Runtime(e)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Flag { flag, reason } => write!(f, "{flag}: {reason}"),
+            CliError::Runtime(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A flag error.
+pub fn flag<T>(flag: &'static str, reason: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError::Flag {
+        flag,
+        reason: reason.into(),
+    })
+}
+
+/// Checks that a count flag is in `lo..=hi`, where `hi` comes from `why` (the model's
+/// context, ...).
+pub fn in_range(
+    name: &'static str,
+    v: usize,
+    lo: usize,
+    hi: usize,
+    why: &str,
+) -> Result<(), CliError> {
+    if v < lo || v > hi {
+        return flag(name, format!("{v} is outside {lo}..={hi} ({why})"));
+    }
+    Ok(())
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "edgetune", version, about = "On-device tuning runtime")]
 struct Cli {
@@ -210,11 +256,20 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-fn selftest(
-    device: &DeviceArgs,
-    json: bool,
-    kernel: Option<&str>,
-) -> Result<bool, edgetune::Error> {
+fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<bool, CliError> {
+    if let Some(k) = kernel {
+        let mut known: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
+        known.dedup();
+        if !known.iter().any(|n| n.contains(k)) {
+            return flag(
+                "--kernel",
+                format!(
+                    "no kernel name contains `{k}`; the kernels are: {}",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
     let rows = match device.backend {
         BackendKind::Cpu => {
             if json {
@@ -267,21 +322,60 @@ fn selftest(
     Ok(failed == 0 && !rows.is_empty())
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.command {
+/// The sampling flags, checked before any work.
+fn sampling(
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    repetition_penalty: f32,
+    seed: u64,
+    vocab: u32,
+) -> Result<edgetune::generate::Sampling, CliError> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return flag(
+            "--temperature",
+            format!("{temperature} must be finite and >= 0"),
+        );
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return flag("--top-p", format!("{top_p} must be in (0, 1]"));
+    }
+    in_range(
+        "--top-k",
+        top_k,
+        0,
+        vocab as usize,
+        "0 keeps all; at most the vocabulary",
+    )?;
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return flag(
+            "--repetition-penalty",
+            format!("{repetition_penalty} must be finite and > 0"),
+        );
+    }
+    Ok(edgetune::generate::Sampling {
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        seed,
+    })
+}
+
+fn run(cli: &Cli) -> Result<bool, CliError> {
+    match &cli.command {
         Command::Selftest {
             device,
             json,
             kernel,
         } => selftest(device, *json, kernel.as_deref()),
         Command::Bench(args) => bench::run(args).map(|()| true),
-        Command::Info { model } => model::info(model).map(|()| true),
-        Command::Tokenize { model: m, text } => m.open().and_then(|f| {
-            let ids = f.tokenizer()?.encode(text)?;
+        Command::Info { model } => Ok(model::info(model).map(|()| true)?),
+        Command::Tokenize { model: m, text } => {
+            let ids = m.open()?.tokenizer()?.encode(text)?;
             println!("{}", serde_json::json!(ids));
             Ok(true)
-        }),
+        }
         Command::Generate {
             model: m,
             prompt,
@@ -293,53 +387,127 @@ fn main() -> ExitCode {
             repetition_penalty,
             seed,
             device,
-        } => m.open().and_then(|f| {
+        } => {
+            let f = m.open()?;
+            let cfg = f.config()?;
+            let sampling = sampling(
+                *temperature,
+                *top_k,
+                *top_p,
+                *repetition_penalty,
+                *seed,
+                cfg.vocab,
+            )?;
             let tokenizer = f.tokenizer()?;
             if *chat && tokenizer.chat == edgetune::tokenizer::ChatTemplate::Raw {
-                eprintln!("warning: the model's chat template is not recognised; using the prompt as it is");
+                eprintln!(
+                    "warning: the model's chat template is not recognised; using the prompt as it is"
+                );
             }
-            let text = if *chat { tokenizer.chat.user_turn(prompt) } else { prompt.clone() };
+            let text = if *chat {
+                tokenizer.chat.user_turn(prompt)
+            } else {
+                prompt.clone()
+            };
+            let prompt = tokenizer.encode_prompt(&text)?;
+            let context = cfg.context as usize;
+            in_range(
+                "--prompt",
+                prompt.len(),
+                1,
+                context,
+                &format!("tokens; the model's context is {context}"),
+            )?;
+            in_range(
+                "--max-tokens",
+                *max_tokens,
+                1,
+                context - prompt.len(),
+                &format!(
+                    "the prompt's {} tokens and these must fit the context of {context}",
+                    prompt.len()
+                ),
+            )?;
             let req = model::GenerateRequest {
-                prompt: tokenizer.encode_prompt(&text)?,
+                prompt,
                 tokenizer: &tokenizer,
                 max_tokens: *max_tokens,
-                sampling: edgetune::generate::Sampling {
-                    temperature: *temperature,
-                    top_k: *top_k,
-                    top_p: *top_p,
-                    repetition_penalty: *repetition_penalty,
-                    seed: *seed,
-                },
+                sampling,
             };
-            model::with_backend(device, |r| r.generate(&f, &req)).map(|()| true)
-        }),
+            model::with_backend(device, |r| r.generate(&f, &req))?;
+            Ok(true)
+        }
         Command::Perplexity {
             model: m,
             text,
             window,
             device,
-        } => m.open().and_then(|f| {
-            let body = std::fs::read_to_string(text).map_err(|e| edgetune::Error::Io {
-                path: text.display().to_string(),
-                message: e.to_string(),
-            })?;
+        } => {
+            let f = m.open()?;
+            let context = f.config()?.context as usize;
+            in_range(
+                "--window",
+                *window,
+                2,
+                context,
+                &format!("tokens; the model's context is {context}"),
+            )?;
+            let body =
+                edgetune::format::file::read_text(text, edgetune::format::file::FileKind::Text)?;
             let ids = f.tokenizer()?.encode(&body)?;
+            if ids.len() < 2 {
+                return flag(
+                    "--text",
+                    format!(
+                        "{} holds {} tokens; perplexity needs at least 2",
+                        text.display(),
+                        ids.len()
+                    ),
+                );
+            }
             let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, *window))?;
-            println!("perplexity {:.4} over {n} tokens (mean NLL {nll:.4})", nll.exp());
+            if !nll.is_finite() {
+                return Err(edgetune::Error::NonFinite {
+                    what: "perplexity",
+                    at: format!("the mean negative log-likelihood over {n} tokens ({nll})"),
+                }
+                .into());
+            }
+            println!(
+                "perplexity {:.4} over {n} tokens (mean NLL {nll:.4})",
+                nll.exp()
+            );
             Ok(true)
-        }),
+        }
         Command::Logits {
             model: m,
             tokens,
             out,
             device,
-        } => model::parse_tokens(tokens).and_then(|ids| {
+        } => {
+            let ids = model::parse_tokens(tokens)?;
             let file = m.open()?;
+            let context = file.config()?.context as usize;
+            in_range(
+                "--tokens",
+                ids.len(),
+                1,
+                context,
+                &format!("ids; the model's context is {context}"),
+            )?;
             let (cfg, logits) = model::with_backend(device, |r| r.logits(&file, &ids))?;
-            model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits).map(|()| true)
-        }),
-    };
-    match result {
+            model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits)?;
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Panics caught at the runtime's boundary (inside a dependency) are reported as errors;
+    // do not also print them.
+    edgetune::guard::quiet_caught_panics();
+    let cli = Cli::parse();
+    match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

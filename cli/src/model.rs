@@ -109,8 +109,10 @@ impl<B: Backend> DynRun for Runner<B> {
 
     fn nll(&self, file: &ModelFiles, tokens: &[u32], window: usize) -> Result<(f64, usize)> {
         let model = file.load(&self.0)?;
-        let window = window.min(model.cfg.context as usize).max(2);
-        let mut cache = model.new_cache(window as u32)?;
+        // The caller checked 2 <= window <= context; a text shorter than a window needs
+        // only its own length of cache.
+        let window = window.min(tokens.len()).max(2);
+        let mut cache = model.new_cache(u32::try_from(window).unwrap_or(u32::MAX))?;
         let vocab = model.cfg.vocab as usize;
         let (mut total, mut count) = (0.0f64, 0usize);
         // Independent windows: each token is predicted from the ones before it in its window.
@@ -138,7 +140,7 @@ impl<B: Backend> DynRun for Runner<B> {
         }
         progress(windows, windows, start);
         eprintln!();
-        Ok((total / count.max(1) as f64, count))
+        Ok((total / count as f64, count))
     }
 }
 
@@ -201,7 +203,7 @@ pub fn info(path: &Path) -> Result<()> {
                 tok("tokenizer.ggml.merges")
             );
             (
-                Config::from_gguf(g),
+                Config::from_gguf(g, f.path()),
                 g.tensors.iter().map(|t| t.size).sum::<u64>(),
             )
         }
@@ -302,12 +304,12 @@ pub fn write_npy(path: &PathBuf, shape: &[usize], data: &[f32]) -> Result<()> {
     })
 }
 
-pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+pub fn parse_tokens(s: &str) -> std::result::Result<Vec<u32>, crate::CliError> {
     s.split(',')
         .map(|t| {
-            t.trim().parse::<u32>().map_err(|_| Error::InvalidShape {
-                op: "--tokens",
-                reason: format!("`{t}` is not a token id"),
+            t.trim().parse::<u32>().map_err(|_| crate::CliError::Flag {
+                flag: "--tokens",
+                reason: format!("`{}` is not a token id", t.escape_debug()),
             })
         })
         .collect()

@@ -1,5 +1,7 @@
 //! Typed errors. Every failure names what went wrong and where; nothing in the library
-//! panics on bad input, device loss or out-of-memory.
+//! panics on bad input, device loss or out-of-memory. Text taken from files (keys, tensor
+//! names, values) is shown with control characters escaped, so a message cannot rewrite
+//! the user's terminal.
 
 use core::fmt;
 use std::prelude::v1::*;
@@ -58,6 +60,49 @@ pub enum Error {
     },
     /// A file could not be opened or read.
     Io { path: String, message: String },
+    /// A path names something other than a regular file (a directory, FIFO, device or
+    /// socket): edgetune reads only regular files, so it never blocks on a pipe.
+    NotAFile { path: String, found: &'static str },
+    /// A file is larger than edgetune reads for its kind.
+    FileTooLarge {
+        path: String,
+        kind: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
+    /// A text or JSON file is not well formed.
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A metadata value (a config.json key, a GGUF key) is missing, of the wrong type, out
+    /// of range, or disagrees with another value or with the tensors the file holds.
+    Metadata {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    /// A tensor is missing, of an unsupported type, or of a shape the metadata does not
+    /// imply.
+    Tensor {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+    /// A tokenizer could not be built from its description, or could not run.
+    Tokenizer { source: String, reason: String },
+    /// A third-party library panicked; the panic was caught at edgetune's boundary.
+    DependencyPanic {
+        library: &'static str,
+        context: String,
+        message: String,
+    },
+    /// A parameter of a call is out of its range (a count, a probability, a window).
+    InvalidArgument { name: &'static str, reason: String },
+    /// A result holds NaN or infinity; `at` names the first such value.
+    NonFinite { what: &'static str, at: String },
     /// A GGUF file is malformed.
     Gguf {
         path: String,
@@ -67,6 +112,32 @@ pub enum Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Messages quote names and values from files: escape their control characters here,
+        // once, for every variant.
+        let raw = self.raw_message();
+        for c in raw.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    fn raw_message(&self) -> String {
+        struct Raw<'a>(&'a Error);
+        impl fmt::Display for Raw<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.write_raw(f)
+            }
+        }
+        Raw(self).to_string()
+    }
+
+    fn write_raw(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::BufferTooSmall {
                 op,
@@ -104,6 +175,46 @@ impl fmt::Display for Error {
             Error::Gpu { context, message } => write!(f, "GPU error in {context}: {message}"),
             Error::Io { path, message } => write!(f, "{path}: {message}"),
             Error::Gguf { path, error } => write!(f, "{path}: {error}"),
+            Error::NotAFile { path, found } => {
+                write!(f, "{path}: is {found}, not a regular file")
+            }
+            Error::FileTooLarge {
+                path,
+                kind,
+                bytes,
+                limit,
+            } => write!(
+                f,
+                "{path}: {bytes} bytes is more than edgetune reads for a {kind} ({limit} bytes)"
+            ),
+            Error::Syntax {
+                path,
+                line,
+                column,
+                message,
+            } => write!(f, "{path}:{line}:{column}: {message}"),
+            Error::Metadata { file, key, reason } => write!(f, "{file}: `{key}`: {reason}"),
+            Error::Tensor {
+                file,
+                tensor,
+                reason,
+            } => write!(f, "{file}: tensor `{tensor}`: {reason}"),
+            Error::Tokenizer { source, reason } => write!(f, "{source}: tokenizer: {reason}"),
+            Error::DependencyPanic {
+                library,
+                context,
+                message,
+            } => write!(
+                f,
+                "{context}: the `{library}` library failed on this input (it panicked: {message})"
+            ),
+            Error::InvalidArgument { name, reason } => write!(f, "{name}: {reason}"),
+            Error::NonFinite { what, at } => {
+                write!(
+                    f,
+                    "{what} are not finite: the first NaN or infinity is at {at}"
+                )
+            }
         }
     }
 }

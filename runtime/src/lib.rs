@@ -21,6 +21,8 @@ pub mod backend;
 pub mod error;
 pub mod format;
 pub mod generate;
+#[cfg(feature = "std")]
+pub mod guard;
 pub mod model;
 pub mod quant;
 pub mod rng;

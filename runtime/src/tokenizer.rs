@@ -3,7 +3,9 @@
 //! pure-Rust regex engine, no C/C++). Chat templates are recognised, never executed.
 
 use crate::error::{Error, Result};
+use crate::format::file::{FileKind, parse_json, read_bounded, read_json};
 use crate::format::gguf::{Array, Gguf, Value};
+use crate::guard::guarded;
 use serde_json::json;
 use std::path::Path;
 use std::prelude::v1::*;
@@ -76,16 +78,171 @@ pub struct Tokenizer {
     pub chat: ChatTemplate,
 }
 
-fn tok_err(context: &str, e: impl core::fmt::Display) -> Error {
-    Error::InvalidShape {
-        op: "tokenizer",
-        reason: format!("{context}: {e}"),
+fn tok_err(source: &str, reason: impl core::fmt::Display) -> Error {
+    Error::Tokenizer {
+        source: source.to_owned(),
+        reason: reason.to_string(),
     }
+}
+
+/// The component types the `tokenizers` crate runs, by tokenizer.json's `type` names. A
+/// file naming another is reported by name before the crate sees it.
+const MODELS: &[&str] = &["BPE", "WordPiece", "WordLevel", "Unigram"];
+const NORMALIZERS: &[&str] = &[
+    "BertNormalizer",
+    "Bert",
+    "Strip",
+    "StripAccents",
+    "NFC",
+    "NFD",
+    "NFKC",
+    "NFKD",
+    "Sequence",
+    "Lowercase",
+    "Nmt",
+    "Precompiled",
+    "Replace",
+    "Prepend",
+    "ByteLevel",
+];
+const PRE_TOKENIZERS: &[&str] = &[
+    "BertPreTokenizer",
+    "ByteLevel",
+    "CharDelimiterSplit",
+    "Metaspace",
+    "Whitespace",
+    "Sequence",
+    "Split",
+    "Punctuation",
+    "WhitespaceSplit",
+    "Digits",
+    "UnicodeScripts",
+    "FixedLength",
+];
+
+/// Checks that `v` (a component of tokenizer.json under `key`) and, for sequences, its
+/// parts have a `type` from `known`.
+fn check_component(
+    source: &str,
+    key: &str,
+    v: &serde_json::Value,
+    known: &[&str],
+    parts: &str,
+) -> Result<()> {
+    if v.is_null() {
+        return Ok(());
+    }
+    let kind = v
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| tok_err(source, format!("`{key}` has no `type` string")))?;
+    if !known.contains(&kind) {
+        return Err(tok_err(
+            source,
+            format!(
+                "{key} type `{kind}` is not supported (supported: {})",
+                known.join(", ")
+            ),
+        ));
+    }
+    if kind == "Precompiled" {
+        check_precompiled(source, v)?;
+    }
+    if kind == "Sequence" {
+        let list = v
+            .get(parts)
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| {
+                tok_err(
+                    source,
+                    format!("the `{key}` sequence has no `{parts}` list"),
+                )
+            })?;
+        for part in list {
+            check_component(source, key, part, known, parts)?;
+        }
+    }
+    Ok(())
+}
+
+/// SentencePiece's precompiled normaliser is base64 of a u32 trie size in bytes, the trie,
+/// then the normalised strings. The `tokenizers` crate reserves the declared trie size
+/// before checking it against the data (4 GiB from 8 characters, an abort no panic
+/// boundary catches), so the size is checked here first.
+fn check_precompiled(source: &str, v: &serde_json::Value) -> Result<()> {
+    let bad = |why: &str| {
+        Err(tok_err(
+            source,
+            format!("normalizer Precompiled: `precompiled_charsmap` {why}"),
+        ))
+    };
+    let Some(b64) = v
+        .get("precompiled_charsmap")
+        .and_then(serde_json::Value::as_str)
+    else {
+        return bad("is missing or not a string");
+    };
+    let sextet = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let body = b64.trim_end_matches('=').as_bytes();
+    if body.len() < 6 || b64.len() % 4 != 0 {
+        return bad("is too short or not base64");
+    }
+    // The first six characters carry the first four bytes (and a half).
+    let mut bits = 0u64;
+    for &c in &body[..6] {
+        let Some(v) = sextet(c) else {
+            return bad("is not base64");
+        };
+        bits = bits << 6 | u64::from(v);
+    }
+    let first4 = (bits >> 4) as u32; // 36 bits, the top 32 are bytes 0..4
+    let trie_bytes = u64::from(first4.swap_bytes());
+    let total = body.len() as u64 * 6 / 8;
+    if trie_bytes % 4 != 0 || trie_bytes > total - 4 {
+        return bad(&format!(
+            "declares a trie of {trie_bytes} bytes in {total} bytes of data"
+        ));
+    }
+    Ok(())
+}
+
+/// Builds a tokenizer from a tokenizer.json document, behind the panic boundary. Its own
+/// padding and truncation are dropped: edgetune decides sequence lengths.
+fn build(source: &str, mut spec: serde_json::Value) -> Result<tokenizers::Tokenizer> {
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| tok_err(source, "the document is not a JSON object"))?;
+    obj.insert("padding".into(), serde_json::Value::Null);
+    obj.insert("truncation".into(), serde_json::Value::Null);
+    let model = obj
+        .get("model")
+        .ok_or_else(|| tok_err(source, "`model` is missing"))?;
+    check_component(source, "model", model, MODELS, "")?;
+    if let Some(n) = obj.get("normalizer") {
+        check_component(source, "normalizer", n, NORMALIZERS, "normalizers")?;
+    }
+    if let Some(p) = obj.get("pre_tokenizer") {
+        check_component(source, "pre_tokenizer", p, PRE_TOKENIZERS, "pretokenizers")?;
+    }
+    let bytes = serde_json::to_vec(&spec).map_err(|e| tok_err(source, e))?;
+    guarded("tokenizers", source, || {
+        tokenizers::Tokenizer::from_bytes(&bytes)
+    })?
+    .map_err(|e| tok_err(source, e))
 }
 
 /// The pre-tokenizer of each llama.cpp `tokenizer.ggml.pre` name we support, as
 /// tokenizer.json describes it.
-fn pre_tokenizer(pre: &str) -> Result<serde_json::Value> {
+fn pre_tokenizer(pre: &str) -> core::result::Result<serde_json::Value, String> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
@@ -98,18 +255,14 @@ fn pre_tokenizer(pre: &str) -> Result<serde_json::Value> {
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [
             split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
             byte_level(false)]}),
-        other => {
-            return Err(tok_err(
-                "tokenizer.ggml.pre",
-                format!("pre-tokenizer `{other}` is not supported"),
-            ));
-        }
+        other => return Err(format!("pre-tokenizer `{other}` is not supported")),
     })
 }
 
 impl Tokenizer {
-    /// The tokenizer embedded in a GGUF file's metadata.
-    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
+    /// The tokenizer embedded in a GGUF file's metadata (`file` names it in errors).
+    pub fn from_gguf(g: &Gguf, file: &str) -> Result<Tokenizer> {
+        let tok_err = |key: &str, reason: &str| tok_err(file, format!("`{key}`: {reason}"));
         let s = |k: &str| g.get(k).and_then(Value::as_str);
         let id = |k: &str| {
             g.get(k)
@@ -121,7 +274,7 @@ impl Tokenizer {
         if model != "gpt2" {
             return Err(tok_err(
                 "tokenizer.ggml.model",
-                format!("`{model}` is not supported (byte-level BPE `gpt2` is)"),
+                &format!("`{model}` is not supported (byte-level BPE `gpt2` is)"),
             ));
         }
         let Some(Value::Array(Array::Str(tokens))) = g.get("tokenizer.ggml.tokens") else {
@@ -156,15 +309,15 @@ impl Tokenizer {
             "padding": null,
             "added_tokens": added,
             "normalizer": null,
-            "pre_tokenizer": pre_tokenizer(s("tokenizer.ggml.pre").unwrap_or("default"))?,
+            "pre_tokenizer": pre_tokenizer(s("tokenizer.ggml.pre").unwrap_or("default"))
+                .map_err(|e| tok_err("tokenizer.ggml.pre", &e))?,
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
-        let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-            .map_err(|e| tok_err("building the GGUF tokenizer", e))?;
+        let inner = build(file, spec)?;
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
         // Chat models end turns with their end-of-turn token, not always the EOS.
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
@@ -188,36 +341,72 @@ impl Tokenizer {
     }
 
     /// A Hugging Face tokenizer.json (with tokenizer_config.json beside it, if present,
-    /// for the chat template).
+    /// for the special tokens and the chat template).
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| tok_err(&path.display().to_string(), e))?;
-        let config: Option<serde_json::Value> = path
-            .parent()
-            .and_then(|d| std::fs::read_to_string(d.join("tokenizer_config.json")).ok())
-            .and_then(|s| serde_json::from_str(&s).ok());
-        let token_of = |key: &str| -> Option<u32> {
-            let v = config.as_ref()?.get(key)?;
-            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
-            inner.token_to_id(text)
+        let source = path.display().to_string();
+        let bytes = read_bounded(path, FileKind::Tokenizer)?;
+        let inner = build(&source, parse_json(&bytes, &source)?)?;
+        let config_path = path.parent().map(|d| d.join("tokenizer_config.json"));
+        let config = match config_path {
+            Some(p) if p.exists() => Some((read_json(&p, FileKind::TokenizerConfig)?, p)),
+            _ => None,
         };
-        let mut eos: Vec<u32> = token_of("eos_token").into_iter().collect();
+        let config_error = |key: &str, reason: &str| -> Error {
+            Error::Metadata {
+                file: config
+                    .as_ref()
+                    .map(|(_, p)| p.display().to_string())
+                    .unwrap_or_default(),
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            }
+        };
+        let get = |key: &str| -> Option<&serde_json::Value> {
+            config.as_ref()?.0.get(key).filter(|v| !v.is_null())
+        };
+        // A special token is written as its text or as an object with `content`.
+        let token_of = |key: &str| -> Result<Option<u32>> {
+            let Some(v) = get(key) else { return Ok(None) };
+            let text = v
+                .as_str()
+                .or_else(|| v.get("content")?.as_str())
+                .ok_or_else(|| {
+                    config_error(key, "is neither a string nor {\"content\": string}")
+                })?;
+            Ok(inner.token_to_id(text))
+        };
+        let mut eos: Vec<u32> = token_of("eos_token")?.into_iter().collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
             if let Some(i) = inner.token_to_id(name).filter(|i| !eos.contains(i)) {
                 eos.push(i);
             }
         }
-        let template = config
-            .as_ref()
-            .and_then(|c| c.get("chat_template")?.as_str().map(str::to_owned));
+        // `chat_template` is one template, or a list of named ones of which `default` is used.
+        let template = match get("chat_template") {
+            None => None,
+            Some(serde_json::Value::String(t)) => Some(t.as_str()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(serde_json::Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str()),
+            Some(_) => {
+                return Err(config_error(
+                    "chat_template",
+                    "is neither a string nor a list",
+                ));
+            }
+        };
+        let add_bos = match get("add_bos_token") {
+            None => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| config_error("add_bos_token", "is not a boolean"))?,
+        };
         Ok(Tokenizer {
-            bos: token_of("bos_token"),
-            add_bos: config
-                .as_ref()
-                .and_then(|c| c.get("add_bos_token")?.as_bool())
-                .unwrap_or(false),
+            bos: token_of("bos_token")?,
+            add_bos,
             eos,
-            chat: ChatTemplate::recognise(template.as_deref()),
+            chat: ChatTemplate::recognise(template),
             inner,
         })
     }
@@ -225,12 +414,12 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
     /// ids; no BOS is added (see [`Tokenizer::encode_prompt`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(|e| tok_err("encode", e))?
-            .get_ids()
-            .to_vec())
+        Ok(
+            guarded("tokenizers", "encode", || self.inner.encode(text, false))?
+                .map_err(|e| tok_err("encode", e))?
+                .get_ids()
+                .to_vec(),
+        )
     }
 
     /// Token ids of a prompt: the BOS token first when the model wants one.
@@ -245,8 +434,7 @@ impl Tokenizer {
 
     /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
+        guarded("tokenizers", "decode", || self.inner.decode(ids, false))?
             .map_err(|e| tok_err("decode", e))
     }
 

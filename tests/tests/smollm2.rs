@@ -43,7 +43,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn tokenizer_matches_transformers() {
     let Some(f) = model_file() else { return };
-    let tok = Tokenizer::from_gguf(&f.header).unwrap();
+    let tok = Tokenizer::from_gguf(&f.header, f.path()).unwrap();
     let g = golden();
     for case in g["tokens"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -67,7 +67,7 @@ fn tokenizer_matches_transformers() {
 fn logits_match<B: Backend>(be: &B, f: &GgufFile) {
     let g = golden();
     let prompt = ids(&g["prompt_ids"]);
-    let model = Model::from_gguf(be, &f.header, f.bytes()).unwrap();
+    let model = Model::from_gguf(be, &f.header, f.bytes(), f.path()).unwrap();
     let mut cache = model.new_cache(64).unwrap();
     let logits = model.forward(&mut cache, &prompt, true).unwrap();
     let vocab = model.cfg.vocab as usize;
@@ -105,7 +105,7 @@ fn gpu_logits_match_transformers() {
 
 fn greedy_matches<B: Backend>(be: &B, f: &GgufFile) {
     let g = golden();
-    let model = Model::from_gguf(be, &f.header, f.bytes()).unwrap();
+    let model = Model::from_gguf(be, &f.header, f.bytes(), f.path()).unwrap();
     let prompt = ids(&g["prompt_ids"]);
     let mut cache = model.new_cache(128).unwrap();
     let mut sampler = Sampler::new(Sampling::default()).unwrap();
@@ -136,7 +136,7 @@ fn cpu_greedy_generation_matches_transformers() {
 #[test]
 fn bad_tokens_and_overlong_prompts_are_errors() {
     let Some(f) = model_file() else { return };
-    let model = Model::from_gguf(&Cpu, &f.header, f.bytes()).unwrap();
+    let model = Model::from_gguf(&Cpu, &f.header, f.bytes(), f.path()).unwrap();
     let mut cache = model.new_cache(4).unwrap();
     assert!(matches!(
         model.forward(&mut cache, &[1, 49_152], false),

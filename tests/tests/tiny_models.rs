@@ -142,7 +142,7 @@ fn bad_model_directories_are_typed_errors() {
     std::fs::write(tmp.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
     assert!(matches!(
         ModelFiles::open(&tmp, None),
-        Err(edgetune::Error::Io { .. })
+        Err(edgetune::Error::Syntax { .. })
     ));
     // --quantize with a GGUF file, and an unsupported target type.
     assert!(

@@ -209,6 +209,17 @@ fn nonzero(op: &'static str, dims: &[(&str, u32)]) -> Result<()> {
     Ok(())
 }
 
+/// The product of `dims` in u64, or an error if it overflows: shapes are checked before
+/// any kernel multiplies them in `usize`.
+fn elems(op: &'static str, dims: &[u64]) -> Result<u64> {
+    dims.iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::InvalidShape {
+            op,
+            reason: format!("the product of {dims:?} overflows"),
+        })
+}
+
 fn mul(a: u32, b: u32) -> u64 {
     u64::from(a) * u64::from(b)
 }
@@ -545,11 +556,17 @@ impl<B> Op<'_, B> {
                         reason: format!("head_dim {head_dim} must be even"),
                     });
                 }
-                let elems = mul(n_tokens, n_heads) * u64::from(head_dim);
-                need(op, "x", size(x), elems, 4)?;
-                need(op, "out", size(out), elems, 4)?;
+                let n = elems(op, &[n_tokens.into(), n_heads.into(), head_dim.into()])?;
+                need(op, "x", size(x), n, 4)?;
+                need(op, "out", size(out), n, 4)?;
                 let positions = u64::from(pos0) + u64::from(n_tokens);
-                need(op, "table", size(table), positions * u64::from(head_dim), 4)
+                need(
+                    op,
+                    "table",
+                    size(table),
+                    elems(op, &[positions, head_dim.into()])?,
+                    4,
+                )
             }
             Op::Softmax { x, out, rows, cols } => {
                 nonzero(op, &[("rows", rows), ("cols", cols)])?;
@@ -643,8 +660,9 @@ impl<B> Op<'_, B> {
                         reason: format!("head_dim {head_dim} exceeds {MAX_HEAD_DIM}"),
                     });
                 }
-                let qo = mul(n_tokens, n_heads) * u64::from(head_dim);
-                let kv = (u64::from(pos0) + u64::from(n_tokens)) * mul(n_kv_heads, head_dim);
+                let qo = elems(op, &[n_tokens.into(), n_heads.into(), head_dim.into()])?;
+                let positions = u64::from(pos0) + u64::from(n_tokens);
+                let kv = elems(op, &[positions, n_kv_heads.into(), head_dim.into()])?;
                 need(op, "q", size(q), qo, 4)?;
                 need(op, "k", size(k), kv, 4)?;
                 need(op, "v", size(v), kv, 4)?;

@@ -1,9 +1,191 @@
-//! Model files on std targets: memory-mapped, so tensor data is read in place and never
-//! copied as a whole.
+//! The one way edgetune opens files on std targets. Every file a user hands over (a model,
+//! a directory's config, shards and tokenizer, a text to score) comes through
+//! [`open_regular`]: only regular files are accepted (a FIFO would block the open, a
+//! device could stream forever), each kind of file has a size cap checked before anything
+//! is read, and every error names the file. Model files are then memory-mapped, so tensor
+//! data is read in place and never copied as a whole.
 
 use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 use std::prelude::v1::*;
+
+/// What a file is for, which sets the most edgetune will read of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A GGUF file or a safetensors shard: memory-mapped, never read whole.
+    Weights,
+    /// A model directory's config.json.
+    Config,
+    /// model.safetensors.index.json.
+    ShardIndex,
+    /// tokenizer.json.
+    Tokenizer,
+    /// tokenizer_config.json (chat template, special tokens).
+    TokenizerConfig,
+    /// A UTF-8 text to score or train on.
+    Text,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl FileKind {
+    /// The largest file of this kind edgetune accepts, in bytes. Real files are far below:
+    /// config.json a few KiB, tokenizer.json up to about 35 MiB (Gemma 3's 262k tokens).
+    pub fn limit(self) -> u64 {
+        match self {
+            FileKind::Weights => 1 << 40,
+            FileKind::Config => MIB,
+            FileKind::ShardIndex => 16 * MIB,
+            FileKind::Tokenizer => 64 * MIB,
+            FileKind::TokenizerConfig => 16 * MIB,
+            FileKind::Text => 256 * MIB,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FileKind::Weights => "model file",
+            FileKind::Config => "config.json",
+            FileKind::ShardIndex => "shard index",
+            FileKind::Tokenizer => "tokenizer.json",
+            FileKind::TokenizerConfig => "tokenizer_config.json",
+            FileKind::Text => "text file",
+        }
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// What a non-regular file is, for the error message.
+fn describe(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+/// Opens `path` for reading if it is a regular file no larger than `kind`'s cap; returns
+/// the file and its length.
+pub fn open_regular(path: &Path, kind: FileKind) -> Result<(File, u64)> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Non-blocking, so opening a FIFO with no writer returns at once instead of waiting;
+    // the type check below then rejects it. Regular files ignore the flag.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| io_error(path, &e))?;
+    // The type and size of what was opened, not of what the path named a moment earlier.
+    let meta = file.metadata().map_err(|e| io_error(path, &e))?;
+    if !meta.is_file() {
+        return Err(Error::NotAFile {
+            path: path.display().to_string(),
+            found: describe(&meta),
+        });
+    }
+    let len = meta.len();
+    if len > kind.limit() {
+        return Err(Error::FileTooLarge {
+            path: path.display().to_string(),
+            kind: kind.label(),
+            bytes: len,
+            limit: kind.limit(),
+        });
+    }
+    Ok((file, len))
+}
+
+/// The whole of a file of `kind`, at most its cap (a file growing while it is read is cut
+/// off there and reported).
+pub fn read_bounded(path: &Path, kind: FileKind) -> Result<Vec<u8>> {
+    let (file, len) = open_regular(path, kind)?;
+    let mut bytes = Vec::new();
+    // `len` is within the cap, which fits in memory on every host we support.
+    bytes
+        .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
+        .map_err(|_| Error::FileTooLarge {
+            path: path.display().to_string(),
+            kind: kind.label(),
+            bytes: len,
+            limit: kind.limit(),
+        })?;
+    file.take(kind.limit() + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_error(path, &e))?;
+    if bytes.len() as u64 > kind.limit() {
+        return Err(Error::FileTooLarge {
+            path: path.display().to_string(),
+            kind: kind.label(),
+            bytes: bytes.len() as u64,
+            limit: kind.limit(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// A UTF-8 text file of `kind`.
+pub fn read_text(path: &Path, kind: FileKind) -> Result<String> {
+    let bytes = read_bounded(path, kind)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+            + 1;
+        Error::Syntax {
+            path: path.display().to_string(),
+            line,
+            column,
+            message: format!("invalid UTF-8 at byte {at}"),
+        }
+    })
+}
+
+/// A JSON file of `kind`, parsed. serde_json limits nesting to 128 levels, so a deeply
+/// nested file is an error rather than a stack overflow.
+pub fn read_json(path: &Path, kind: FileKind) -> Result<serde_json::Value> {
+    parse_json(&read_bounded(path, kind)?, &path.display().to_string())
+}
+
+/// JSON from bytes already in memory; `name` is what errors call it.
+pub fn parse_json(bytes: &[u8], name: &str) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Syntax {
+        path: name.to_owned(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    })
+}
 
 /// A read-only memory map of a whole file.
 #[derive(Debug)]
@@ -15,17 +197,13 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn open(path: &Path) -> Result<MappedFile> {
         let shown = path.display().to_string();
-        let io = |e: std::io::Error| Error::Io {
-            path: shown.clone(),
-            message: e.to_string(),
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let (file, _) = open_regular(path, FileKind::Weights)?;
         // SAFETY: the map is read-only and private to this process. If another process
         // truncates or rewrites the file while it is mapped, reads may fault or see the
         // new bytes; every read goes through bounds checks against the length the header
         // was validated with, so no out-of-bounds access can follow from the contents.
         #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_error(path, &e))?;
         Ok(MappedFile { map, path: shown })
     }
 

@@ -238,6 +238,18 @@ impl Array {
 }
 
 impl Value {
+    /// The value's type, as an error message names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::U8(_) | Value::U16(_) | Value::U32(_) | Value::U64(_) => "an unsigned integer",
+            Value::I8(_) | Value::I16(_) | Value::I32(_) | Value::I64(_) => "a signed integer",
+            Value::F32(_) | Value::F64(_) => "a float",
+            Value::Bool(_) => "a boolean",
+            Value::Str(_) => "a string",
+            Value::Array(_) => "an array",
+        }
+    }
+
     /// The value as an unsigned integer, if it is one of the integer types and not negative.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {

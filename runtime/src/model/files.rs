@@ -1,11 +1,12 @@
 //! Model files on std targets: a GGUF file, or a Hugging Face directory (config.json,
 //! model.safetensors or a sharded index, tokenizer.json), optionally quantised at load.
 
-use super::config::{Arch, Config};
+use super::config::{Arch, Config, Field, Origin, layers_present};
 use super::llama::{GgufSource, HostTensor, Model, Role, TensorSource};
 use crate::backend::{Backend, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
-use crate::format::file::{GgufFile, MappedFile};
+use crate::format::file::{FileKind, GgufFile, MappedFile, read_json};
+use crate::guard::guarded;
 use crate::quant::{self, WeightType};
 use crate::tokenizer::Tokenizer;
 use core::cell::Cell;
@@ -13,13 +14,6 @@ use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::prelude::v1::*;
-
-fn io(path: &Path, message: impl core::fmt::Display) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        message: message.to_string(),
-    }
-}
 
 /// One safetensors file: its map and validated header.
 #[derive(Debug)]
@@ -40,123 +34,228 @@ pub struct HfDir {
     quantize: Option<WeightType>,
 }
 
-fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| io(path, e))
+/// config.json's values, read by type: `null` counts as absent (transformers writes it for
+/// unset options), a value of the wrong type is an error, never a default.
+struct JsonKeys<'a> {
+    obj: &'a serde_json::Map<String, Json>,
+    origin: &'a Origin,
+    /// Prefix of keys inside a nested object (`rope_scaling.`), for messages.
+    prefix: &'a str,
 }
 
-/// The model's shape from config.json.
+fn json_kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+impl<'a> JsonKeys<'a> {
+    fn error(&self, key: &str, reason: String) -> Error {
+        self.origin
+            .key_error(format!("{}{key}", self.prefix), reason)
+    }
+
+    fn get<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        convert: impl Fn(&'a Json) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match self.obj.get(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => convert(v).map(Some).ok_or_else(|| {
+                self.error(
+                    key,
+                    format!("is {} ({v}), expected {expected}", json_kind(v)),
+                )
+            }),
+        }
+    }
+
+    fn count(&self, key: &str) -> Result<Option<u32>> {
+        self.get(key, "an integer in 1..=4294967295", |v| {
+            v.as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| v > 0)
+        })
+    }
+
+    fn required_count(&self, key: &str) -> Result<u32> {
+        self.count(key)?
+            .ok_or_else(|| self.error(key, "is missing".into()))
+    }
+
+    /// A float that scales or divides: finite and positive.
+    fn positive(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key, "a finite positive number", |v| {
+            v.as_f64().filter(|v| v.is_finite() && *v > 0.0)
+        })
+    }
+
+    fn required_positive(&self, key: &str) -> Result<f64> {
+        self.positive(key)?
+            .ok_or_else(|| self.error(key, "is missing".into()))
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        self.get(key, "a string", Json::as_str)
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key, "a boolean", Json::as_bool)
+    }
+
+    fn object(&self, key: &str) -> Result<Option<&'a serde_json::Map<String, Json>>> {
+        self.get(key, "an object", Json::as_object)
+    }
+}
+
+/// The model's shape from config.json (`path` names it in errors). Counts are checked
+/// against each other here and against the tensors by [`HfDir::open`].
 pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
-    let bad = |what: String| io(path, what);
-    let int = |k: &str| -> Result<u32> {
-        c.get(k)
-            .and_then(Json::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|&v| v > 0)
-            .ok_or_else(|| bad(format!("`{k}` is missing or not a positive integer")))
+    let origin = Origin::Json {
+        file: path.display().to_string(),
     };
-    let arch = match c.get("model_type").and_then(Json::as_str) {
+    let obj = c.as_object().ok_or_else(|| {
+        origin.key_error(
+            "(top level)".into(),
+            format!("is {}, expected an object", json_kind(c)),
+        )
+    })?;
+    let keys = JsonKeys {
+        obj,
+        origin: &origin,
+        prefix: "",
+    };
+    let arch = match keys.string("model_type")? {
         Some("llama" | "mistral") => Arch::Llama,
         Some("qwen2") => Arch::Qwen2,
         other => {
-            return Err(bad(format!(
-                "model_type {other:?} is not supported (llama, mistral, qwen2 are)"
-            )));
+            return Err(keys.error(
+                "model_type",
+                format!("{other:?} is not supported (llama, mistral, qwen2 are)"),
+            ));
         }
     };
     // transformers 5 writes `rope_parameters`; earlier versions `rope_theta` and `rope_scaling`.
-    let rope = c.get("rope_parameters").filter(|v| !v.is_null());
-    let rope_theta = rope
-        .and_then(|r| r.get("rope_theta"))
-        .or_else(|| c.get("rope_theta"))
-        .and_then(Json::as_f64)
-        .unwrap_or(10_000.0);
-    let dim = int("hidden_size")?;
-    let n_heads = int("num_attention_heads")?;
-    let head_dim = if c.get("head_dim").is_some_and(|v| !v.is_null()) {
-        int("head_dim")?
-    } else {
-        dim / n_heads
+    let (rope, rope_key) = match keys.object("rope_parameters")? {
+        Some(r) => (Some(r), "rope_parameters"),
+        None => (keys.object("rope_scaling")?, "rope_scaling"),
     };
-    let mut rope_scaling = RopeScaling::None;
-    if let Some(s) = rope.or_else(|| c.get("rope_scaling").filter(|v| !v.is_null())) {
-        let num = |k: &str| -> Result<f64> {
-            s.get(k)
-                .and_then(Json::as_f64)
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| bad(format!("rope scaling `{k}` is missing or not positive")))
-        };
-        rope_scaling = match s
-            .get("rope_type")
-            .or_else(|| s.get("type"))
-            .and_then(Json::as_str)
-        {
-            Some("default") => RopeScaling::None,
-            Some("linear") => RopeScaling::Linear(num("factor")?),
-            Some("llama3") => RopeScaling::llama3(
-                rope_theta,
-                head_dim,
-                num("factor")?,
-                num("low_freq_factor")?,
-                num("high_freq_factor")?,
-                num("original_max_position_embeddings")?,
-            ),
-            other => {
-                return Err(bad(format!(
-                    "rope scaling {other:?} is not supported yet (linear and llama3 are)"
-                )));
-            }
-        };
+    let rope_theta = match rope.map(|r| JsonKeys {
+        obj: r,
+        origin: &origin,
+        prefix: "rope_parameters.",
+    }) {
+        Some(r) if rope_key == "rope_parameters" && r.obj.contains_key("rope_theta") => {
+            r.positive("rope_theta")?
+        }
+        _ => keys.positive("rope_theta")?,
     }
-    let cfg = Config {
+    .unwrap_or(10_000.0);
+    let dim = keys.required_count("hidden_size")?;
+    let n_heads = keys.required_count("num_attention_heads")?;
+    let mut cfg = Config {
         arch,
-        n_layers: int("num_hidden_layers")?,
+        n_layers: keys.required_count("num_hidden_layers")?,
         dim,
-        ffn_dim: int("intermediate_size")?,
+        ffn_dim: keys.required_count("intermediate_size")?,
         n_heads,
-        n_kv_heads: if c.get("num_key_value_heads").is_some() {
-            int("num_key_value_heads")?
-        } else {
-            n_heads
-        },
-        head_dim,
-        vocab: int("vocab_size")?,
-        context: int("max_position_embeddings")?,
+        n_kv_heads: keys.count("num_key_value_heads")?.unwrap_or(n_heads),
+        head_dim: keys.count("head_dim")?.unwrap_or(dim / n_heads),
+        vocab: keys.required_count("vocab_size")?,
+        context: keys.required_count("max_position_embeddings")?,
         rope_theta,
         // Hugging Face checkpoints rotate (x[i], x[i + d/2]).
         rope_style: RopeStyle::HalfSplit,
-        rope_scaling,
-        rms_eps: c.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
-        tied_embeddings: c
-            .get("tie_word_embeddings")
-            .and_then(Json::as_bool)
-            .unwrap_or(false),
+        rope_scaling: RopeScaling::None,
+        rms_eps: keys.positive("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+        tied_embeddings: keys.boolean("tie_word_embeddings")?.unwrap_or(false),
+        origin: origin.clone(),
     };
+    // The shape first: Llama 3's divisors are sized by the head dimension.
     cfg.validate()?;
+    if let Some(s) = rope {
+        let prefix = format!("{rope_key}.");
+        let r = JsonKeys {
+            obj: s,
+            origin: &origin,
+            prefix: &prefix,
+        };
+        let kind = match r.string("rope_type")? {
+            Some(k) => Some(k),
+            None => r.string("type")?,
+        };
+        cfg.rope_scaling = match kind {
+            None | Some("default") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear(r.required_positive("factor")?),
+            Some("llama3") => {
+                let (low, high) = (
+                    r.required_positive("low_freq_factor")?,
+                    r.required_positive("high_freq_factor")?,
+                );
+                if high <= low {
+                    return Err(r.error(
+                        "high_freq_factor",
+                        format!("{high} must be greater than low_freq_factor {low}"),
+                    ));
+                }
+                RopeScaling::llama3(
+                    cfg.rope_theta,
+                    cfg.head_dim,
+                    r.required_positive("factor")?,
+                    low,
+                    high,
+                    r.required_positive("original_max_position_embeddings")?,
+                )
+            }
+            Some(other) => {
+                return Err(r.error(
+                    "rope_type",
+                    format!("`{other}` is not supported yet (default, linear and llama3 are)"),
+                ));
+            }
+        };
+        cfg.validate()?;
+    }
     Ok(cfg)
 }
 
 impl HfDir {
     pub fn open(dir: &Path, quantize: Option<WeightType>) -> Result<HfDir> {
         if !matches!(quantize, None | Some(WeightType::Q8_0 | WeightType::Q4_0)) {
-            return Err(io(dir, "--quantize takes q8_0 or q4_0"));
+            return Err(Error::InvalidArgument {
+                name: "quantize",
+                reason: format!("{quantize:?}: load-time quantisation takes Q8_0 or Q4_0"),
+            });
         }
-        let config = config_from_json(
-            &read_json(&dir.join("config.json"))?,
-            &dir.join("config.json"),
-        )?;
+        let config_path = dir.join("config.json");
+        let config = config_from_json(&read_json(&config_path, FileKind::Config)?, &config_path)?;
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<String> = if index_path.exists() {
-            let idx = read_json(&index_path)?;
+            let idx = read_json(&index_path, FileKind::ShardIndex)?;
+            let bad = |reason: &str| Error::Metadata {
+                file: index_path.display().to_string(),
+                key: "weight_map".into(),
+                reason: reason.into(),
+            };
             let map = idx
                 .get("weight_map")
                 .and_then(Json::as_object)
-                .ok_or_else(|| io(&index_path, "no weight_map"))?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(Json::as_str)
-                .map(str::to_owned)
-                .collect();
+                .ok_or_else(|| bad("is missing or not an object"))?;
+            let mut files = Vec::new();
+            for v in map.values() {
+                files.push(
+                    v.as_str()
+                        .ok_or_else(|| bad("maps a tensor to something other than a file name"))?
+                        .to_owned(),
+                );
+            }
             files.sort();
             files.dedup();
             files
@@ -167,22 +266,37 @@ impl HfDir {
         let mut index = HashMap::new();
         for name in files {
             // Shard names are data: only plain file names inside the directory are accepted.
-            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                return Err(io(
-                    &index_path,
-                    format!("shard name `{name}` is not a plain file name"),
-                ));
+            if name.is_empty()
+                || name.contains('/')
+                || name.contains('\\')
+                || name.contains('\0')
+                || name.starts_with('.')
+            {
+                return Err(Error::Metadata {
+                    file: index_path.display().to_string(),
+                    key: "weight_map".into(),
+                    reason: format!("shard name `{name}` is not a plain file name"),
+                });
             }
             let path = dir.join(&name);
             let file = MappedFile::open(&path)?;
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(file.bytes()).map_err(|e| io(&path, e))?;
+            let shown = path.display().to_string();
+            let (header_len, meta) = guarded("safetensors", &shown, || {
+                safetensors::SafeTensors::read_metadata(file.bytes())
+            })?
+            .map_err(|e| Error::Syntax {
+                path: shown.clone(),
+                line: 1,
+                column: 1,
+                message: format!("not a valid safetensors file: {e}"),
+            })?;
             for tensor in meta.tensors().keys() {
                 if index.insert(tensor.clone(), shards.len()).is_some() {
-                    return Err(io(
-                        &path,
-                        format!("tensor `{tensor}` appears in two shards"),
-                    ));
+                    return Err(Error::Tensor {
+                        file: shown,
+                        tensor: tensor.clone(),
+                        reason: "appears in two shards".into(),
+                    });
                 }
             }
             shards.push(Shard {
@@ -191,13 +305,51 @@ impl HfDir {
                 meta,
             });
         }
-        Ok(HfDir {
+        let d = HfDir {
             dir: dir.to_owned(),
             config,
             shards,
             index,
             quantize,
-        })
+        };
+        d.check_against_tensors()?;
+        Ok(d)
+    }
+
+    /// The counts config.json declares against the tensors the shards hold, before any of
+    /// them sizes an allocation.
+    fn check_against_tensors(&self) -> Result<()> {
+        let c = &self.config;
+        c.check_layers(layers_present(
+            self.index.keys().map(String::as_str),
+            "model.layers.",
+        ))?;
+        let name = Self::name(Role::Embed);
+        let shape = self
+            .index
+            .get(&name)
+            .and_then(|&s| self.shards[s].meta.info(&name))
+            .map(|i| i.shape.clone())
+            .ok_or_else(|| Error::Tensor {
+                file: self.dir.display().to_string(),
+                tensor: name.clone(),
+                reason: "is missing".into(),
+            })?;
+        if shape != [c.vocab as usize, c.dim as usize] {
+            return Err(Error::Tensor {
+                file: self.dir.display().to_string(),
+                tensor: name,
+                reason: format!(
+                    "has shape {shape:?} but {} says [{}, {}] ({}, {})",
+                    c.origin.file(),
+                    c.vocab,
+                    c.dim,
+                    c.origin.key(Field::Vocab),
+                    c.origin.key(Field::Dim)
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn name(role: Role) -> String {
@@ -225,32 +377,49 @@ impl HfDir {
 }
 
 impl TensorSource for HfDir {
+    fn name(&self, role: Role) -> String {
+        Self::name(role)
+    }
+
+    fn origin(&self) -> String {
+        self.dir.display().to_string()
+    }
+
     fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>> {
         let name = Self::name(role);
         let Some(&s) = self.index.get(&name) else {
             return Ok(None);
         };
         let shard = &self.shards[s];
-        let path = self.dir.join(shard.file.path());
+        let path = shard.file.path().to_owned();
+        let bad = |reason: String| Error::Tensor {
+            file: path.clone(),
+            tensor: name.clone(),
+            reason,
+        };
         let info = shard
             .meta
             .info(&name)
-            .ok_or_else(|| io(&path, format!("`{name}` vanished")))?;
+            .ok_or_else(|| bad("is listed but has no header entry".into()))?;
         let wtype = match info.dtype {
             safetensors::Dtype::F32 => WeightType::F32,
             safetensors::Dtype::F16 => WeightType::F16,
             safetensors::Dtype::BF16 => WeightType::BF16,
             other => {
-                return Err(io(
-                    &path,
-                    format!("`{name}` has dtype {other:?} (f32, f16, bf16 are supported)"),
-                ));
+                return Err(bad(format!(
+                    "has dtype {other:?} (F32, F16, BF16 are supported)"
+                )));
             }
         };
         let (rows, cols) = match info.shape[..] {
             [n] => (1, n as u64),
             [r, c] => (r as u64, c as u64),
-            _ => return Err(io(&path, format!("`{name}` has shape {:?}", info.shape))),
+            _ => {
+                return Err(bad(format!(
+                    "has shape {:?}, not a matrix or vector",
+                    info.shape
+                )));
+            }
         };
         // read_metadata checked that the offsets lie in the buffer after the header.
         let start = 8 + shard.header_len + info.data_offsets.0;
@@ -259,9 +428,9 @@ impl TensorSource for HfDir {
             .file
             .bytes()
             .get(start..end)
-            .ok_or_else(|| io(&path, format!("`{name}` lies outside the file")))?;
+            .ok_or_else(|| bad("lies outside the file".into()))?;
         let mut t = HostTensor {
-            name,
+            name: name.clone(),
             wtype,
             rows,
             cols,
@@ -279,7 +448,9 @@ impl TensorSource for HfDir {
                 | Role::VBias(_)
         );
         if let (Some(q), true) = (self.quantize, is_matrix && cols.is_multiple_of(32)) {
-            let mut f = vec![0.0f32; (rows * cols) as usize];
+            // safetensors checked that the shape covers the data, so this is bounded by the file.
+            let n = usize::try_from(rows * cols).map_err(|_| bad("is too large".into()))?;
+            let mut f = vec![0.0f32; n];
             quant::dequantize(wtype, &t.data, &mut f)?;
             t.data = match q {
                 WeightType::Q4_0 => quant::quantize_q4_0(&f)?,
@@ -301,6 +472,14 @@ struct Releasing<'a> {
 }
 
 impl TensorSource for Releasing<'_> {
+    fn name(&self, role: Role) -> String {
+        self.inner.name(role)
+    }
+
+    fn origin(&self) -> String {
+        self.inner.origin()
+    }
+
     fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>> {
         if let Some(range) = self.last.take() {
             self.file.release_range(range);
@@ -336,24 +515,27 @@ impl ModelFiles {
             return Ok(ModelFiles::Hf(HfDir::open(path, quantize)?));
         }
         if quantize.is_some() {
-            return Err(io(
-                path,
-                "--quantize applies to safetensors models; a GGUF file is already quantised",
-            ));
+            return Err(Error::InvalidArgument {
+                name: "quantize",
+                reason: format!(
+                    "{}: load-time quantisation applies to safetensors models; a GGUF file is already quantised",
+                    path.display()
+                ),
+            });
         }
         Ok(ModelFiles::Gguf(GgufFile::open(path)?))
     }
 
     pub fn config(&self) -> Result<Config> {
         match self {
-            ModelFiles::Gguf(f) => Config::from_gguf(&f.header),
+            ModelFiles::Gguf(f) => Config::from_gguf(&f.header, f.path()),
             ModelFiles::Hf(d) => Ok(d.config.clone()),
         }
     }
 
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         match self {
-            ModelFiles::Gguf(f) => Tokenizer::from_gguf(&f.header),
+            ModelFiles::Gguf(f) => Tokenizer::from_gguf(&f.header, f.path()),
             ModelFiles::Hf(d) => Tokenizer::from_file(&d.dir.join("tokenizer.json")),
         }
     }
@@ -368,10 +550,11 @@ impl ModelFiles {
                     inner: GgufSource {
                         gguf: &f.header,
                         bytes: f.bytes(),
+                        file: f.path(),
                     },
                     last: Cell::new(None),
                 };
-                let m = Model::load(backend, Config::from_gguf(&f.header)?, &source);
+                let m = Model::load(backend, Config::from_gguf(&f.header, f.path())?, &source);
                 f.release_pages();
                 m
             }

@@ -120,13 +120,6 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-fn bad_tensor(t: &str, reason: String) -> Error {
-    Error::InvalidShape {
-        op: "load model",
-        reason: format!("tensor `{t}`: {reason}"),
-    }
-}
-
 /// What a tensor is for in the model; sources map roles to their own names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -164,6 +157,10 @@ pub struct HostTensor<'a> {
 pub trait TensorSource {
     /// The tensor for `role`, or `None` if the source has none.
     fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>>;
+    /// What the source calls the tensor for `role` (errors use the file's own names).
+    fn name(&self, role: Role) -> String;
+    /// The file or directory the tensors come from.
+    fn origin(&self) -> String;
 }
 
 /// The tensors of a GGUF file, by llama.cpp's names.
@@ -171,30 +168,32 @@ pub trait TensorSource {
 pub struct GgufSource<'a> {
     pub gguf: &'a Gguf,
     pub bytes: &'a [u8],
+    /// The file's name, for errors.
+    pub file: &'a str,
 }
 
 impl GgufSource<'_> {
     fn host(&self, t: &TensorInfo) -> Result<HostTensor<'_>> {
-        let wtype = t.ggml_type.weight_type().ok_or_else(|| {
-            bad_tensor(
-                &t.name,
-                format!("type {} is not supported", t.ggml_type.name()),
-            )
-        })?;
+        let bad = |reason: String| Error::Tensor {
+            file: self.file.to_owned(),
+            tensor: t.name.clone(),
+            reason,
+        };
+        let wtype = t
+            .ggml_type
+            .weight_type()
+            .ok_or_else(|| bad(format!("type {} is not supported", t.ggml_type.name())))?;
         let (cols, rows) = match t.dims[..] {
             [n] => (n, 1),
             [c, r] => (c, r),
             _ => {
-                return Err(bad_tensor(
-                    &t.name,
-                    format!("dims {:?} are not a matrix or vector", t.dims),
-                ));
+                return Err(bad(format!("dims {:?} are not a matrix or vector", t.dims)));
             }
         };
         let data = self
             .gguf
             .tensor_data(self.bytes, t)
-            .ok_or_else(|| bad_tensor(&t.name, "data outside the file".into()))?;
+            .ok_or_else(|| bad("lies outside the file".into()))?;
         Ok(HostTensor {
             name: t.name.clone(),
             wtype,
@@ -207,7 +206,16 @@ impl GgufSource<'_> {
 
 impl TensorSource for GgufSource<'_> {
     fn tensor(&self, role: Role) -> Result<Option<HostTensor<'_>>> {
-        let name = match role {
+        let name = self.name(role);
+        self.gguf.tensor(&name).map(|t| self.host(t)).transpose()
+    }
+
+    fn origin(&self) -> String {
+        self.file.to_owned()
+    }
+
+    fn name(&self, role: Role) -> String {
+        match role {
             Role::Embed => "token_embd.weight".into(),
             Role::OutputNorm => "output_norm.weight".into(),
             Role::Output => "output.weight".into(),
@@ -224,30 +232,46 @@ impl TensorSource for GgufSource<'_> {
             Role::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Role::Up(l) => format!("blk.{l}.ffn_up.weight"),
             Role::Down(l) => format!("blk.{l}.ffn_down.weight"),
-        };
-        self.gguf.tensor(&name).map(|t| self.host(t)).transpose()
+        }
     }
 }
 
 struct Loader<'a, B: Backend, S: TensorSource> {
     backend: &'a B,
     source: &'a S,
+    /// The file the expected shapes come from (config.json, GGUF metadata).
+    config: &'a str,
 }
 
 impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
+    fn error(&self, tensor: String, reason: String) -> Error {
+        Error::Tensor {
+            file: self.source.origin(),
+            tensor,
+            reason,
+        }
+    }
+
+    fn missing(&self, role: Role, why: &str) -> Error {
+        self.error(self.source.name(role), format!("is missing{why}"))
+    }
+
     fn required(&self, role: Role) -> Result<HostTensor<'_>> {
         self.source
             .tensor(role)?
-            .ok_or_else(|| bad_tensor(&format!("{role:?}"), "missing".into()))
+            .ok_or_else(|| self.missing(role, ""))
     }
 
     /// A matrix of `rows` x `cols` kept in its stored format.
     fn matrix(&self, role: Role, rows: u32, cols: u32) -> Result<Weight<B>> {
         let t = self.required(role)?;
         if (t.rows, t.cols) != (u64::from(rows), u64::from(cols)) {
-            return Err(bad_tensor(
-                &t.name,
-                format!("shape {}x{}, expected {rows}x{cols}", t.rows, t.cols),
+            return Err(self.error(
+                t.name,
+                format!(
+                    "holds [{}, {}] but {} implies [{rows}, {cols}] (rows, columns)",
+                    t.rows, t.cols, self.config
+                ),
             ));
         }
         let buf = self.backend.upload_weights(t.wtype, &t.data, "weight")?;
@@ -264,10 +288,13 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
         let Some(t) = self.source.tensor(role)? else {
             return Ok(None);
         };
-        if t.rows * t.cols != u64::from(n) {
-            return Err(bad_tensor(
-                &t.name,
-                format!("{} values, expected {n}", t.rows * t.cols),
+        if t.rows.checked_mul(t.cols) != Some(u64::from(n)) {
+            return Err(self.error(
+                t.name,
+                format!(
+                    "holds [{}, {}] values but {} implies {n}",
+                    t.rows, t.cols, self.config
+                ),
             ));
         }
         let mut v = vec![0.0f32; n as usize];
@@ -276,30 +303,47 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
     }
 
     fn required_vector(&self, role: Role, n: u32) -> Result<B::Buffer> {
-        self.vector(role, n)?
-            .ok_or_else(|| bad_tensor(&format!("{role:?}"), "missing".into()))
+        self.vector(role, n)?.ok_or_else(|| self.missing(role, ""))
     }
 }
 
 impl<'b, B: Backend> Model<'b, B> {
-    /// Loads a GGUF model whose header `gguf` was parsed from `bytes` (the whole file).
-    pub fn from_gguf(backend: &'b B, gguf: &Gguf, bytes: &[u8]) -> Result<Self> {
+    /// Loads a GGUF model whose header `gguf` was parsed from `bytes` (the whole file);
+    /// `file` names it in errors.
+    pub fn from_gguf(backend: &'b B, gguf: &Gguf, bytes: &[u8], file: &str) -> Result<Self> {
         Self::load(
             backend,
-            Config::from_gguf(gguf)?,
-            &GgufSource { gguf, bytes },
+            Config::from_gguf(gguf, file)?,
+            &GgufSource { gguf, bytes, file },
         )
     }
 
     /// Loads a model of shape `cfg` from any tensor source.
     pub fn load(backend: &'b B, mut cfg: Config, source: &impl TensorSource) -> Result<Self> {
+        cfg.validate()?;
         if let Some(t) = source.tensor(Role::RopeFreqs)? {
-            let mut v = vec![0.0f32; (t.rows * t.cols) as usize];
+            let want = u64::from(cfg.head_dim / 2);
+            if t.rows.checked_mul(t.cols) != Some(want) {
+                return Err(Error::Tensor {
+                    file: source.origin(),
+                    tensor: t.name,
+                    reason: format!(
+                        "holds [{}, {}] values; head dimension {} needs {want}",
+                        t.rows, t.cols, cfg.head_dim
+                    ),
+                });
+            }
+            let mut v = vec![0.0f32; want as usize];
             quant::dequantize(t.wtype, &t.data, &mut v)?;
             cfg.rope_scaling = RopeScaling::Divisors(v.iter().map(|&d| f64::from(d)).collect());
             cfg.validate()?;
         }
-        let l = Loader { backend, source };
+        let config = cfg.origin.file().to_owned();
+        let l = Loader {
+            backend,
+            source,
+            config: &config,
+        };
         let (dim, q_dim, kv_dim) = (
             cfg.dim,
             cfg.n_heads * cfg.head_dim,
@@ -309,14 +353,13 @@ impl<'b, B: Backend> Model<'b, B> {
         let bias = |role: Role, n: u32| -> Result<Option<B::Buffer>> {
             let b = l.vector(role, n)?;
             if biased && b.is_none() {
-                return Err(bad_tensor(
-                    &format!("{role:?}"),
-                    "missing (qwen2 has q/k/v biases)".into(),
-                ));
+                return Err(l.missing(role, " (qwen2 has q/k/v biases)"));
             }
             Ok(b)
         };
-        let mut layers = Vec::with_capacity(cfg.n_layers as usize);
+        // Grown one layer at a time: a layer count that the source does not back fails at
+        // its first missing tensor, not in a reservation sized by the count.
+        let mut layers = Vec::new();
         for i in 0..cfg.n_layers {
             layers.push(Layer {
                 attn_norm: l.required_vector(Role::AttnNorm(i), dim)?,
@@ -434,6 +477,22 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         let (dim, hd) = (c.dim, c.head_dim);
         let kv_dim = c.n_kv_heads * hd;
+        // Element counts and offsets below are u32 products of token counts or positions
+        // and row widths: check the largest of each once so none of them can overflow.
+        let widest = [dim, c.n_heads * hd, c.ffn_dim, c.vocab]
+            .into_iter()
+            .fold(kv_dim, u32::max);
+        let positions = u64::from(pos0) + u64::from(t);
+        if u64::from(t) * u64::from(widest) > u64::from(u32::MAX)
+            || positions * u64::from(kv_dim) > u64::from(u32::MAX)
+        {
+            return Err(Error::InvalidShape {
+                op: "forward",
+                reason: format!(
+                    "{t} tokens at {positions} positions exceed the 2^32 elements one call addresses"
+                ),
+            });
+        }
         let ids: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
         let ids = be.upload(&ids, "token ids")?;
         let scratch = match cache.scratch.take() {
@@ -592,8 +651,26 @@ impl<'b, B: Backend> Model<'b, B> {
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
         self.matmul(&normed, head, &logits, rows)?;
-        let out = be.read_f32(&logits, rows as usize * c.vocab as usize);
+        let out = be.read_f32(&logits, rows as usize * c.vocab as usize)?;
         cache.scratch = Some(scratch);
-        out
+        // NaN or infinity here means the weights or the config hold nonsense; say where it
+        // shows rather than return numbers nothing downstream can use.
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            let vocab = c.vocab as usize;
+            let token = if all_logits {
+                i / vocab
+            } else {
+                t as usize - 1
+            };
+            return Err(Error::NonFinite {
+                what: "logits",
+                at: format!(
+                    "token {token} (position {}), vocabulary id {}",
+                    pos0 as usize + token,
+                    i % vocab
+                ),
+            });
+        }
+        Ok(out)
     }
 }
