@@ -70,7 +70,8 @@ pub enum Error {
         bytes: u64,
         limit: u64,
     },
-    /// A text or JSON file is not well formed.
+    /// A file is not well formed (JSON, text, a safetensors header); `line` is 0 where
+    /// the format has no lines.
     Syntax {
         path: String,
         line: usize,
@@ -187,6 +188,13 @@ impl Error {
                 f,
                 "{path}: {bytes} bytes is more than edgetune reads for a {kind} ({limit} bytes)"
             ),
+            // Binary formats have no lines: line 0 means no position.
+            Error::Syntax {
+                path,
+                line: 0,
+                message,
+                ..
+            } => write!(f, "{path}: {message}"),
             Error::Syntax {
                 path,
                 line,

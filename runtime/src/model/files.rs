@@ -286,8 +286,8 @@ impl HfDir {
             })?
             .map_err(|e| Error::Syntax {
                 path: shown.clone(),
-                line: 1,
-                column: 1,
+                line: 0,
+                column: 0,
                 message: format!("not a valid safetensors file: {e}"),
             })?;
             for tensor in meta.tensors().keys() {
