@@ -183,9 +183,9 @@ enum Command {
         /// A UTF-8 text file.
         #[arg(long)]
         text: std::path::PathBuf,
-        /// Tokens per window.
-        #[arg(long, default_value_t = 512)]
-        window: usize,
+        /// Tokens per window (default: 512, or the model's context if shorter).
+        #[arg(long)]
+        window: Option<usize>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -445,9 +445,10 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
         } => {
             let f = m.open()?;
             let context = f.config()?.context as usize;
+            let window = window.unwrap_or(context.min(512));
             in_range(
                 "--window",
-                *window,
+                window,
                 2,
                 context,
                 &format!("tokens; the model's context is {context}"),
@@ -465,7 +466,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                     ),
                 );
             }
-            let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, *window))?;
+            let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, window))?;
             if !nll.is_finite() {
                 return Err(edgetune::Error::NonFinite {
                     what: "perplexity",

@@ -51,7 +51,8 @@ pub enum Error {
     RequestDevice { adapter: String, reason: String },
     /// The device was lost (driver reset, GPU removed, destroyed).
     DeviceLost { reason: String },
-    /// The device ran out of memory creating a resource.
+    /// The device (the GPU, or host memory for the CPU reference) ran out of memory
+    /// creating a resource.
     OutOfMemory { what: &'static str, bytes: u64 },
     /// Any other error the GPU API reported (validation, internal), with context.
     Gpu {
@@ -171,7 +172,7 @@ impl Error {
             }
             Error::DeviceLost { reason } => write!(f, "GPU device lost: {reason}"),
             Error::OutOfMemory { what, bytes } => {
-                write!(f, "out of GPU memory allocating {bytes} bytes for {what}")
+                write!(f, "out of memory allocating {bytes} bytes for {what}")
             }
             Error::Gpu { context, message } => write!(f, "GPU error in {context}: {message}"),
             Error::Io { path, message } => write!(f, "{path}: {message}"),

@@ -432,9 +432,20 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// The text of `ids`, special tokens included.
+    /// The text of `ids`, special tokens included. Ids the tokenizer does not know (a model's
+    /// vocabulary is often padded past its tokenizer's) contribute nothing, as in
+    /// transformers.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        guarded("tokenizers", "decode", || self.inner.decode(ids, false))?
+        let known: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| self.inner.id_to_token(id).is_some())
+            .collect();
+        // Some decoders index the last token unconditionally.
+        if known.is_empty() {
+            return Ok(String::new());
+        }
+        guarded("tokenizers", "decode", || self.inner.decode(&known, false))?
             .map_err(|e| tok_err("decode", e))
     }
 
