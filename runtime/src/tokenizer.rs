@@ -340,17 +340,34 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from the bytes of a tokenizer.json alone (`source` names it in errors):
+    /// checked, stripped of padding and truncation, built behind the panic boundary.
+    pub fn from_json_bytes(bytes: &[u8], source: &str) -> Result<Tokenizer> {
+        Self::with_config(build(source, parse_json(bytes, source)?)?, None)
+    }
+
     /// A Hugging Face tokenizer.json (with tokenizer_config.json beside it, if present,
     /// for the special tokens and the chat template).
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let source = path.display().to_string();
-        let bytes = read_bounded(path, FileKind::Tokenizer)?;
-        let inner = build(&source, parse_json(&bytes, &source)?)?;
+        let inner = build(
+            &source,
+            parse_json(&read_bounded(path, FileKind::Tokenizer)?, &source)?,
+        )?;
         let config_path = path.parent().map(|d| d.join("tokenizer_config.json"));
         let config = match config_path {
             Some(p) if p.exists() => Some((read_json(&p, FileKind::TokenizerConfig)?, p)),
             _ => None,
         };
+        Self::with_config(inner, config)
+    }
+
+    /// The special tokens and chat format from tokenizer_config.json (parsed, with its
+    /// path), if there is one.
+    fn with_config(
+        inner: tokenizers::Tokenizer,
+        config: Option<(serde_json::Value, std::path::PathBuf)>,
+    ) -> Result<Tokenizer> {
         let config_error = |key: &str, reason: &str| -> Error {
             Error::Metadata {
                 file: config

@@ -226,6 +226,56 @@ pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
     Ok(cfg)
 }
 
+/// The header of a safetensors file (`name` for errors): its length and tensor index,
+/// read by the `safetensors` crate behind the panic boundary. The crate caps the header
+/// and checks that the tensors cover the data exactly.
+pub fn safetensors_header(
+    bytes: &[u8],
+    name: &str,
+) -> Result<(usize, safetensors::tensor::Metadata)> {
+    guarded("safetensors", name, || {
+        safetensors::SafeTensors::read_metadata(bytes)
+    })?
+    .map_err(|e| Error::Syntax {
+        path: name.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("not a valid safetensors file: {e}"),
+    })
+}
+
+/// Checks config.json's layer count, width and vocabulary against the tensors a checkpoint
+/// holds (`names`, and `shape` of a tensor by name); `origin` names the checkpoint.
+pub fn check_config_against_tensors<'a>(
+    c: &Config,
+    origin: &str,
+    names: impl Iterator<Item = &'a str>,
+    shape: impl Fn(&str) -> Option<Vec<usize>>,
+) -> Result<()> {
+    c.check_layers(layers_present(names, "model.layers."))?;
+    let name = HfDir::name(Role::Embed);
+    let shape = shape(&name).ok_or_else(|| Error::Tensor {
+        file: origin.to_owned(),
+        tensor: name.clone(),
+        reason: "is missing".into(),
+    })?;
+    if shape != [c.vocab as usize, c.dim as usize] {
+        return Err(Error::Tensor {
+            file: origin.to_owned(),
+            tensor: name,
+            reason: format!(
+                "has shape {shape:?} but {} says [{}, {}] ({}, {})",
+                c.origin.file(),
+                c.vocab,
+                c.dim,
+                c.origin.key(Field::Vocab),
+                c.origin.key(Field::Dim)
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl HfDir {
     pub fn open(dir: &Path, quantize: Option<WeightType>) -> Result<HfDir> {
         if !matches!(quantize, None | Some(WeightType::Q8_0 | WeightType::Q4_0)) {
@@ -281,15 +331,7 @@ impl HfDir {
             let path = dir.join(&name);
             let file = MappedFile::open(&path)?;
             let shown = path.display().to_string();
-            let (header_len, meta) = guarded("safetensors", &shown, || {
-                safetensors::SafeTensors::read_metadata(file.bytes())
-            })?
-            .map_err(|e| Error::Syntax {
-                path: shown.clone(),
-                line: 0,
-                column: 0,
-                message: format!("not a valid safetensors file: {e}"),
-            })?;
+            let (header_len, meta) = safetensors_header(file.bytes(), &shown)?;
             for tensor in meta.tensors().keys() {
                 if index.insert(tensor.clone(), shards.len()).is_some() {
                     return Err(Error::Tensor {
@@ -319,37 +361,15 @@ impl HfDir {
     /// The counts config.json declares against the tensors the shards hold, before any of
     /// them sizes an allocation.
     fn check_against_tensors(&self) -> Result<()> {
-        let c = &self.config;
-        c.check_layers(layers_present(
+        check_config_against_tensors(
+            &self.config,
+            &self.dir.display().to_string(),
             self.index.keys().map(String::as_str),
-            "model.layers.",
-        ))?;
-        let name = Self::name(Role::Embed);
-        let shape = self
-            .index
-            .get(&name)
-            .and_then(|&s| self.shards[s].meta.info(&name))
-            .map(|i| i.shape.clone())
-            .ok_or_else(|| Error::Tensor {
-                file: self.dir.display().to_string(),
-                tensor: name.clone(),
-                reason: "is missing".into(),
-            })?;
-        if shape != [c.vocab as usize, c.dim as usize] {
-            return Err(Error::Tensor {
-                file: self.dir.display().to_string(),
-                tensor: name,
-                reason: format!(
-                    "has shape {shape:?} but {} says [{}, {}] ({}, {})",
-                    c.origin.file(),
-                    c.vocab,
-                    c.dim,
-                    c.origin.key(Field::Vocab),
-                    c.origin.key(Field::Dim)
-                ),
-            });
-        }
-        Ok(())
+            |name| {
+                let &s = self.index.get(name)?;
+                Some(self.shards[s].meta.info(name)?.shape.clone())
+            },
+        )
     }
 
     fn name(role: Role) -> String {
