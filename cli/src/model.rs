@@ -51,20 +51,11 @@ impl<B: Backend> DynRun for Runner<B> {
 
     fn generate(&self, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()> {
         let model = file.load(&self.0)?;
+        // The caller checked that the prompt and the tokens to generate fit the context.
         let need = req.prompt.len().saturating_add(req.max_tokens);
         let capacity = u32::try_from(need)
             .unwrap_or(u32::MAX)
             .min(model.cfg.context);
-        if req.prompt.len() > capacity as usize {
-            return Err(Error::InvalidShape {
-                op: "generate",
-                reason: format!(
-                    "the prompt has {} tokens; the context holds {}",
-                    req.prompt.len(),
-                    model.cfg.context
-                ),
-            });
-        }
         let mut cache = model.new_cache(capacity)?;
         let mut sampler = Sampler::new(req.sampling)?;
         let mut shown = String::new();
@@ -256,7 +247,11 @@ pub fn info(path: &Path) -> Result<()> {
                 c.kv_bytes_per_position()
             );
         }
-        Err(e) => println!("model:       not runnable: {e}"),
+        Err(e) => {
+            // Described as far as it could be; still a failure, not an exit 0.
+            println!("model:       not runnable");
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -35,26 +35,21 @@ impl Default for Sampling {
 
 impl Sampling {
     fn validate(&self) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::InvalidShape {
-                op: "sampling",
-                reason,
-            })
-        };
+        let bad = |name, reason: String| Err(Error::InvalidArgument { name, reason });
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!(
-                "temperature {} must be finite and >= 0",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!("{} must be finite and >= 0", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top-p {} must be in (0, 1]", self.top_p));
+            return bad("top_p", format!("{} must be in (0, 1]", self.top_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition penalty {} must be finite and > 0",
-                self.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!("{} must be finite and > 0", self.repetition_penalty),
+            );
         }
         Ok(())
     }
@@ -84,15 +79,15 @@ impl Sampler {
     /// The next token from `logits` (one row of the vocabulary), given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-            return Err(Error::InvalidShape {
-                op: "sampling",
-                reason: format!("logit {i} is not finite"),
+            return Err(Error::NonFinite {
+                what: "logits",
+                at: format!("vocabulary id {i}"),
             });
         }
         if logits.is_empty() {
-            return Err(Error::InvalidShape {
-                op: "sampling",
-                reason: "no logits".into(),
+            return Err(Error::InvalidArgument {
+                name: "logits",
+                reason: "no logits to sample from".into(),
             });
         }
         let mut l = logits.to_vec();
@@ -176,14 +171,14 @@ pub fn generate<B: Backend>(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, Stop)> {
     if prompt.is_empty() {
-        return Err(Error::InvalidShape {
-            op: "generate",
-            reason: "empty prompt".into(),
+        return Err(Error::InvalidArgument {
+            name: "prompt",
+            reason: "is empty".into(),
         });
     }
     if cache.len() as usize + prompt.len() > cache.capacity() as usize {
-        return Err(Error::InvalidShape {
-            op: "generate",
+        return Err(Error::InvalidArgument {
+            name: "prompt",
             reason: format!(
                 "the prompt of {} tokens does not fit the context of {}",
                 prompt.len(),

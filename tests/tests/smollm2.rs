@@ -144,7 +144,7 @@ fn bad_tokens_and_overlong_prompts_are_errors() {
     ));
     assert!(matches!(
         model.forward(&mut cache, &[1; 5], false),
-        Err(Error::InvalidShape { .. })
+        Err(Error::InvalidArgument { name: "tokens", .. })
     ));
     assert!(cache.is_empty(), "a failed call must not advance the cache");
     assert!(model.new_cache(8193).is_err());

@@ -396,9 +396,12 @@ impl<'b, B: Backend> Model<'b, B> {
     /// An empty KV cache for up to `capacity` positions (at most the model's context).
     pub fn new_cache(&self, capacity: u32) -> Result<KvCache<B>> {
         if capacity == 0 || capacity > self.cfg.context {
-            return Err(Error::InvalidShape {
-                op: "kv cache",
-                reason: format!("capacity {capacity} must be in 1..={}", self.cfg.context),
+            return Err(Error::InvalidArgument {
+                name: "kv cache capacity",
+                reason: format!(
+                    "{capacity} must be in 1..={} (the context)",
+                    self.cfg.context
+                ),
             });
         }
         let per_layer =
@@ -453,8 +456,8 @@ impl<'b, B: Backend> Model<'b, B> {
         let t = u32::try_from(tokens.len())
             .ok()
             .filter(|&t| t > 0)
-            .ok_or_else(|| Error::InvalidShape {
-                op: "forward",
+            .ok_or_else(|| Error::InvalidArgument {
+                name: "tokens",
                 reason: format!("{} tokens (1 to u32::MAX allowed)", tokens.len()),
             })?;
         if let Some(&bad) = tokens.iter().find(|&&id| id >= c.vocab) {
@@ -466,8 +469,8 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         let pos0 = cache.len;
         if u64::from(pos0) + u64::from(t) > u64::from(cache.capacity) {
-            return Err(Error::InvalidShape {
-                op: "forward",
+            return Err(Error::InvalidArgument {
+                name: "tokens",
                 reason: format!(
                     "{} positions exceed the KV cache capacity {}",
                     u64::from(pos0) + u64::from(t),
