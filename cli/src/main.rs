@@ -159,8 +159,9 @@ enum Command {
         /// Wrap the prompt in the model's chat format (ChatML, Llama 3).
         #[arg(long)]
         chat: bool,
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
+        /// Tokens to generate (default: 128, or what the context leaves after the prompt).
+        #[arg(long)]
+        max_tokens: Option<usize>,
         /// 0 is greedy.
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
@@ -411,16 +412,18 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
             };
             let prompt = tokenizer.encode_prompt(&text)?;
             let context = cfg.context as usize;
+            // At least one token must be left to generate.
             in_range(
                 "--prompt",
                 prompt.len(),
                 1,
-                context,
+                context - 1,
                 &format!("tokens; the model's context is {context}"),
             )?;
+            let max_tokens = max_tokens.unwrap_or((context - prompt.len()).min(128));
             in_range(
                 "--max-tokens",
-                *max_tokens,
+                max_tokens,
                 1,
                 context - prompt.len(),
                 &format!(
@@ -431,7 +434,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
             let req = model::GenerateRequest {
                 prompt,
                 tokenizer: &tokenizer,
-                max_tokens: *max_tokens,
+                max_tokens,
                 sampling,
             };
             model::with_backend(device, |r| r.generate(&f, &req))?;

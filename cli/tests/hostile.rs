@@ -145,303 +145,200 @@ fn commands_reject_hostile_input_with_exit_2_and_a_named_cause() {
     let gguf = golden("tiny/llama_gqa_tied/q8_0.gguf")
         .display()
         .to_string();
+    // The GGUF with a billion layers declared (the u32 after the key and its type tag).
+    let layers_gguf = fx.path("layers.gguf");
+    let mut b = std::fs::read(&gguf).unwrap();
+    let key = b"llama.block_count";
+    let at = b.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    b[at..at + 4].copy_from_slice(&1_000_000_000u32.to_le_bytes());
+    std::fs::write(&layers_gguf, b).unwrap();
+    // The model with NaN in its output norm: every logit is NaN.
+    let nan = fx.model_with_config("nan", |_| {});
+    let st = Path::new(&nan).join("model.safetensors");
+    let mut w = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&w[8..8 + n]).unwrap();
+    let at = 8
+        + n
+        + header["model.norm.weight"]["data_offsets"][0]
+            .as_u64()
+            .unwrap() as usize;
+    w[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&st, w).unwrap();
     let long_prompt = "the numbers ".repeat(100);
     let ids_65 = vec!["1"; 65].join(",");
-    let cpu = ["--backend", "cpu"];
-    let g = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["generate", "--model", &m, "--prompt", "the robot"]
-            .iter()
-            .chain(cpu.iter())
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+    // Command lines: the model commands on the CPU reference, with extra flags.
+    let with = |base: &[&str], extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
-    let own = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let cases: Vec<(Vec<String>, String)> = vec![
-        (
-            g(&["--max-tokens", "0"]),
-            "--max-tokens: 0 is outside 1..=".into(),
-        ),
-        (
-            g(&["--max-tokens", "18446744073709551615"]),
-            "--max-tokens: 18446744073709551615 is outside 1..=".into(),
-        ),
-        (g(&["--top-p", "0"]), "--top-p: 0 must be in (0, 1]".into()),
-        (
-            g(&["--top-p", "1.5"]),
-            "--top-p: 1.5 must be in (0, 1]".into(),
-        ),
-        (
-            g(&["--top-p", "NaN"]),
-            "--top-p: NaN must be in (0, 1]".into(),
-        ),
-        (
-            g(&["--temperature=-1"]),
-            "--temperature: -1 must be finite and >= 0".into(),
-        ),
-        (
-            g(&["--temperature", "inf"]),
-            "--temperature: inf must be finite and >= 0".into(),
-        ),
-        (
-            g(&["--top-k", "1000"]),
-            "--top-k: 1000 is outside 0..=128".into(),
-        ),
-        (
-            g(&["--repetition-penalty", "0"]),
-            "--repetition-penalty: 0 must be finite and > 0".into(),
-        ),
-        (
-            own(&[
+    let gen_ = |model: &str, extra: &[&str]| {
+        with(
+            &[
                 "generate",
-                "--model",
-                &m,
                 "--backend",
                 "cpu",
+                "--model",
+                model,
                 "--prompt",
-                &long_prompt,
-            ]),
-            "--prompt: 200 is outside 1..=64 (tokens; the model's context is 64)".into(),
-        ),
-        (
-            own(&[
-                "generate",
-                "--model",
-                &huge_context,
-                "--backend",
-                "cpu",
-                "--prompt",
-                "the",
-                "--max-tokens",
-                "3999999990",
-            ]),
-            "kv cache".into(),
-        ),
-        (
-            own(&[
+                "the robot",
+            ],
+            extra,
+        )
+    };
+    let ppl = |model: &str, text: &str, extra: &[&str]| {
+        with(
+            &[
                 "perplexity",
-                "--model",
-                &m,
                 "--backend",
                 "cpu",
+                "--model",
+                model,
                 "--text",
-                &text,
-                "--window",
-                "1",
-            ]),
-            "--window: 1 is outside 2..=64".into(),
-        ),
-        (
-            own(&[
-                "perplexity",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--text",
-                &text,
-                "--window",
-                "100000",
-            ]),
-            "--window: 100000 is outside 2..=64".into(),
-        ),
-        (
-            own(&[
-                "perplexity",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--text",
-                &empty,
-            ]),
-            "holds 0 tokens; perplexity needs at least 2".into(),
-        ),
-        (
-            own(&[
-                "perplexity",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--text",
-                &fifo,
-            ]),
-            "fifo: is a FIFO, not a regular file".into(),
-        ),
-        (
-            own(&[
-                "perplexity",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--text",
-                "/dev/zero",
-            ]),
-            "/dev/zero: is a character device, not a regular file".into(),
-        ),
-        (
-            own(&[
+                text,
+            ],
+            extra,
+        )
+    };
+    let logits = |model: &str, tokens: &str, extra: &[&str]| {
+        let tokens = format!("--tokens={tokens}");
+        with(
+            &[
                 "logits",
-                "--model",
-                &m,
                 "--backend",
                 "cpu",
-                "--tokens",
-                "",
+                "--model",
+                model,
+                &tokens,
                 "--out",
                 "/dev/null",
-            ]),
-            "--tokens: `` is not a token id".into(),
+            ],
+            extra,
+        )
+    };
+    let bench = |extra: &[&str]| with(&["bench", "--backend", "cpu", "--model", &gguf], extra);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            gen_(&m, &["--max-tokens", "0"]),
+            "--max-tokens: 0 is outside 1..=",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--tokens",
-                "1,,2",
-                "--out",
-                "/dev/null",
-            ]),
-            "--tokens: `` is not a token id".into(),
+            gen_(&m, &["--max-tokens", "18446744073709551615"]),
+            "--max-tokens: 18446744073709551615 is outside 1..=",
+        ),
+        (gen_(&m, &["--top-p", "0"]), "--top-p: 0 must be in (0, 1]"),
+        (
+            gen_(&m, &["--top-p", "1.5"]),
+            "--top-p: 1.5 must be in (0, 1]",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--tokens=-1",
-                "--out",
-                "/dev/null",
-            ]),
-            "--tokens: `-1` is not a token id".into(),
+            gen_(&m, &["--top-p", "NaN"]),
+            "--top-p: NaN must be in (0, 1]",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &m,
-                "--backend",
-                "cpu",
-                "--tokens",
-                &ids_65,
-                "--out",
-                "/dev/null",
-            ]),
-            "--tokens: 65 is outside 1..=64".into(),
+            gen_(&m, &["--temperature=-1"]),
+            "--temperature: -1 must be finite and >= 0",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &fifo,
-                "--backend",
-                "cpu",
-                "--tokens",
-                "1",
-                "--out",
-                "/dev/null",
-            ]),
-            "is a FIFO, not a regular file".into(),
+            gen_(&m, &["--temperature", "inf"]),
+            "--temperature: inf must be finite and >= 0",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &zero_theta,
-                "--backend",
-                "cpu",
-                "--tokens",
-                "1",
-                "--out",
-                "/dev/null",
-            ]),
-            "`rope_parameters.rope_theta`: is a number (0.0), expected a finite positive number"
-                .into(),
+            gen_(&m, &["--top-k", "1000"]),
+            "--top-k: 1000 is outside 0..=128",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &many_layers,
-                "--backend",
-                "cpu",
-                "--tokens",
-                "1",
-                "--out",
-                "/dev/null",
-            ]),
-            "declares 1000000000 layers but the model's tensors are for 2".into(),
+            gen_(&m, &["--repetition-penalty", "0"]),
+            "--repetition-penalty: 0 must be finite and > 0",
         ),
         (
-            own(&[
-                "logits",
-                "--model",
-                &gguf,
-                "--quantize",
-                "q8_0",
-                "--backend",
-                "cpu",
-                "--tokens",
-                "1",
-                "--out",
-                "/dev/null",
-            ]),
-            "a GGUF file is already quantised".into(),
+            with(
+                &[
+                    "generate",
+                    "--backend",
+                    "cpu",
+                    "--model",
+                    &m,
+                    "--prompt",
+                    &long_prompt,
+                ],
+                &[],
+            ),
+            "--prompt: 200 is outside 1..=63 (tokens; the model's context is 64)",
         ),
         (
-            own(&["tokenize", "--model", &fifo_tok, "--text", "hi"]),
-            "tokenizer.json: is a FIFO, not a regular file".into(),
+            gen_(&huge_context, &["--max-tokens", "3999999990"]),
+            "kv cache",
+        ),
+        (gen_(&nan, &[]), "logits are not finite"),
+        (
+            ppl(&m, &text, &["--window", "1"]),
+            "--window: 1 is outside 2..=64",
         ),
         (
-            own(&["info", &fifo]),
-            "is a FIFO, not a regular file".into(),
+            ppl(&m, &text, &["--window", "100000"]),
+            "--window: 100000 is outside 2..=64",
         ),
         (
-            own(&["selftest", "--kernel", "nosuch"]),
-            "--kernel: no kernel name contains `nosuch`; the kernels are: matmul".into(),
+            ppl(&m, &empty, &[]),
+            "holds 0 tokens; perplexity needs at least 2",
+        ),
+        (ppl(&m, &fifo, &[]), "fifo: is a FIFO, not a regular file"),
+        (
+            ppl(&m, "/dev/zero", &[]),
+            "/dev/zero: is a character device, not a regular file",
         ),
         (
-            own(&[
-                "bench",
-                "--backend",
-                "cpu",
-                "--model",
-                &gguf,
-                "--prompt-tokens",
-                "0",
-            ]),
-            "--prompt-tokens: 0 is outside 1..=".into(),
+            ppl(&nan, &text, &[]),
+            "logits are not finite: the first NaN or infinity is at token 0 (position 0)",
+        ),
+        (logits(&m, "", &[]), "--tokens: `` is not a token id"),
+        (logits(&m, "1,,2", &[]), "--tokens: `` is not a token id"),
+        (logits(&m, "-1", &[]), "--tokens: `-1` is not a token id"),
+        (logits(&m, &ids_65, &[]), "--tokens: 65 is outside 1..=64"),
+        (logits(&fifo, "1", &[]), "is a FIFO, not a regular file"),
+        (
+            logits(&zero_theta, "1", &[]),
+            "`rope_parameters.rope_theta`: is a number (0.0), expected a finite positive number",
         ),
         (
-            own(&[
-                "bench",
-                "--backend",
-                "cpu",
-                "--model",
-                &gguf,
-                "--prompt-tokens",
-                "1000000000000",
-            ]),
-            "--prompt-tokens: 1000000000000 is outside 1..=".into(),
+            logits(&many_layers, "1", &[]),
+            "declares 1000000000 layers but the model's tensors are for 2",
         ),
         (
-            own(&["bench", "--backend", "cpu", "--seconds", "NaN"]),
-            "--seconds: NaN must be in (0, 3600]".into(),
+            logits(&gguf, "1", &["--quantize", "q8_0"]),
+            "a GGUF file is already quantised",
+        ),
+        (
+            with(&["tokenize", "--model", &fifo_tok, "--text", "hi"], &[]),
+            "tokenizer.json: is a FIFO, not a regular file",
+        ),
+        (with(&["info", &fifo], &[]), "is a FIFO, not a regular file"),
+        (
+            with(&["info", &layers_gguf], &[]),
+            "`llama.block_count`: declares 1000000000 layers but the model's tensors are for 2",
+        ),
+        (
+            with(&["selftest", "--kernel", "nosuch"], &[]),
+            "--kernel: no kernel name contains `nosuch`; the kernels are: matmul",
+        ),
+        (
+            bench(&["--prompt-tokens", "0"]),
+            "--prompt-tokens: 0 is outside 1..=",
+        ),
+        (
+            bench(&["--prompt-tokens", "1000000000000"]),
+            "--prompt-tokens: 1000000000000 is outside 1..=",
+        ),
+        (
+            with(&["bench", "--backend", "cpu", "--seconds", "NaN"], &[]),
+            "--seconds: NaN must be in (0, 3600]",
         ),
     ];
     let mut failures = Vec::new();
     for (args, want) in &cases {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, err) = run(&argv);
-        if code != Some(2) || !err.contains(want.as_str()) || err.contains("panicked") {
+        if code != Some(2) || !err.contains(want) || err.contains("panicked") {
             failures.push(format!(
                 "{args:?}: exit {code:?}, stderr `{err}`, expected `{want}`"
             ));
