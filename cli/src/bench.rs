@@ -192,8 +192,9 @@ fn model_bench<B: Backend>(
 ) -> edgetune::Result<()> {
     let model = files.load(dev)?;
     let vocab = model.cfg.vocab;
-    let tokens: Vec<u32> = (0..args.prompt_tokens as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
+    // Arbitrary ids spread over the vocabulary (u64: the product passes u32 for long prompts).
+    let tokens: Vec<u32> = (0..args.prompt_tokens as u64)
+        .map(|i| ((i * 7919 + 13) % u64::from(vocab)) as u32)
         .collect();
     let capacity = (args.prompt_tokens + args.gen_tokens) as u32;
     let mut cache = model.new_cache(capacity.min(model.cfg.context))?;

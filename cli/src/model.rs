@@ -198,7 +198,7 @@ pub fn info(path: &Path) -> Result<()> {
                 g.tensors.iter().map(|t| t.size).sum::<u64>(),
             )
         }
-        ModelFiles::Hf(_) => {
+        ModelFiles::Hf(d) => {
             println!(
                 "directory:   {} (Hugging Face config.json + safetensors)",
                 path.display()
@@ -211,15 +211,7 @@ pub fn info(path: &Path) -> Result<()> {
                 ),
                 Err(e) => println!("tokenizer:   {e}"),
             }
-            let size = std::fs::read_dir(path)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                        .filter_map(|e| e.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0);
+            let size = d.shard_bytes();
             (files.config(), size)
         }
     };
@@ -239,7 +231,9 @@ pub fn info(path: &Path) -> Result<()> {
                 if c.tied_embeddings { "tied" } else { "untied" }
             );
             println!("context:     {} tokens", c.context);
-            let kv = c.kv_bytes_per_position() * u64::from(c.context);
+            let kv = c
+                .kv_bytes_per_position()
+                .saturating_mul(u64::from(c.context));
             println!(
                 "memory:      weights {:.1} MiB + KV cache {:.1} MiB at full context ({} bytes per position)",
                 weights as f64 / 1048576.0,

@@ -2,6 +2,10 @@
 //! whatever they do with hostile input, a panic inside them becomes
 //! [`Error::DependencyPanic`] instead of unwinding through edgetune into the host app.
 //!
+//! The boundary needs panics to unwind: a binary built with `panic = "abort"` (a profile
+//! setting of the final application) aborts inside the dependency before any boundary is
+//! reached. edgetune's own binaries keep the default, `unwind`.
+//!
 //! Rust's default panic hook still prints a caught panic to stderr. A skin (the CLI, the
 //! C API) that wants caught panics silent calls [`quiet_caught_panics`] once; panics
 //! outside a boundary still reach the previous hook.

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::file::{FileKind, parse_json, read_bounded, read_json};
 use crate::format::gguf::{Array, Gguf, Value};
 use crate::guard::guarded;
+use crate::model::config::gguf_value;
 use serde_json::json;
 use std::path::Path;
 use std::prelude::v1::*;
@@ -166,9 +167,9 @@ fn check_component(
 }
 
 /// SentencePiece's precompiled normaliser is base64 of a u32 trie size in bytes, the trie,
-/// then the normalised strings. The `tokenizers` crate reserves the declared trie size
-/// before checking it against the data (4 GiB from 8 characters, an abort no panic
-/// boundary catches), so the size is checked here first.
+/// then the normalised strings. The `tokenizers` crate reserves a `usize` per declared trie
+/// byte before checking the size against the data (8 characters can ask for 32 GiB, an
+/// abort no panic boundary catches), so the size is checked here first.
 fn check_precompiled(source: &str, v: &serde_json::Value) -> Result<()> {
     let bad = |why: &str| {
         Err(tok_err(
@@ -263,14 +264,10 @@ impl Tokenizer {
     /// The tokenizer embedded in a GGUF file's metadata (`file` names it in errors).
     pub fn from_gguf(g: &Gguf, file: &str) -> Result<Tokenizer> {
         let tok_err = |key: &str, reason: &str| tok_err(file, format!("`{key}`: {reason}"));
-        let s = |k: &str| g.get(k).and_then(Value::as_str);
-        let id = |k: &str| {
-            g.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-        };
+        // Typed reads: a value of the wrong type is an error, never a default.
+        let s = |k: &str| gguf_value(g, file, k, "a string", Value::as_str);
         let model =
-            s("tokenizer.ggml.model").ok_or_else(|| tok_err("tokenizer.ggml.model", "missing"))?;
+            s("tokenizer.ggml.model")?.ok_or_else(|| tok_err("tokenizer.ggml.model", "missing"))?;
         if model != "gpt2" {
             return Err(tok_err(
                 "tokenizer.ggml.model",
@@ -284,8 +281,30 @@ impl Tokenizer {
             return Err(tok_err("tokenizer.ggml.merges", "missing or not strings"));
         };
         let types: &[i32] = match g.get("tokenizer.ggml.token_type") {
+            None => &[],
             Some(Value::Array(Array::I32(t))) if t.len() == tokens.len() => t,
-            _ => &[],
+            Some(_) => {
+                return Err(tok_err(
+                    "tokenizer.ggml.token_type",
+                    &format!("is not {} i32 values, one per token", tokens.len()),
+                ));
+            }
+        };
+        // Special token ids must name tokens of this vocabulary.
+        let id = |k: &str| -> Result<Option<u32>> {
+            let Some(v) = gguf_value(g, file, k, "an unsigned integer", Value::as_u64)? else {
+                return Ok(None);
+            };
+            match u32::try_from(v) {
+                Ok(i) if (i as usize) < tokens.len() => Ok(Some(i)),
+                _ => Err(tok_err(
+                    k,
+                    &format!(
+                        "{v} is not a token id (the vocabulary has {})",
+                        tokens.len()
+                    ),
+                )),
+            }
         };
         let vocab: serde_json::Map<String, serde_json::Value> = tokens
             .iter()
@@ -309,7 +328,7 @@ impl Tokenizer {
             "padding": null,
             "added_tokens": added,
             "normalizer": null,
-            "pre_tokenizer": pre_tokenizer(s("tokenizer.ggml.pre").unwrap_or("default"))
+            "pre_tokenizer": pre_tokenizer(s("tokenizer.ggml.pre")?.unwrap_or("default"))
                 .map_err(|e| tok_err("tokenizer.ggml.pre", &e))?,
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -318,7 +337,7 @@ impl Tokenizer {
                       "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
         let inner = build(file, spec)?;
-        let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
+        let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
         // Chat models end turns with their end-of-turn token, not always the EOS.
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
             if let Some(i) = tokens.iter().position(|t| t == name) {
@@ -331,12 +350,16 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             eos,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            add_bos: g
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            chat: ChatTemplate::recognise(s("tokenizer.chat_template")),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            add_bos: gguf_value(
+                g,
+                file,
+                "tokenizer.ggml.add_bos_token",
+                "a boolean",
+                Value::as_bool,
+            )?
+            .unwrap_or(false),
+            chat: ChatTemplate::recognise(s("tokenizer.chat_template")?),
         })
     }
 
@@ -355,8 +378,14 @@ impl Tokenizer {
             parse_json(&read_bounded(path, FileKind::Tokenizer)?, &source)?,
         )?;
         let config_path = path.parent().map(|d| d.join("tokenizer_config.json"));
+        // A tokenizer_config.json that cannot be read is an error, not a file to ignore.
         let config = match config_path {
-            Some(p) if p.exists() => Some((read_json(&p, FileKind::TokenizerConfig)?, p)),
+            Some(p)
+                if p.try_exists()
+                    .map_err(|e| tok_err(&p.display().to_string(), e))? =>
+            {
+                Some((read_json(&p, FileKind::TokenizerConfig)?, p))
+            }
             _ => None,
         };
         Self::with_config(inner, config)
@@ -390,7 +419,9 @@ impl Tokenizer {
                 .ok_or_else(|| {
                     config_error(key, "is neither a string nor {\"content\": string}")
                 })?;
-            Ok(inner.token_to_id(text))
+            inner.token_to_id(text).map(Some).ok_or_else(|| {
+                config_error(key, &format!("`{text}` is not a token of tokenizer.json"))
+            })
         };
         let mut eos: Vec<u32> = token_of("eos_token")?.into_iter().collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {

@@ -179,11 +179,19 @@ pub fn read_json(path: &Path, kind: FileKind) -> Result<serde_json::Value> {
 
 /// JSON from bytes already in memory; `name` is what errors call it.
 pub fn parse_json(bytes: &[u8], name: &str) -> Result<serde_json::Value> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Syntax {
-        path: name.to_owned(),
-        line: e.line(),
-        column: e.column(),
-        message: e.to_string(),
+    serde_json::from_slice(bytes).map_err(|e| {
+        // The position is shown as path:line:column; drop serde_json's own copy of it.
+        let text = e.to_string();
+        let message = text
+            .rsplit_once(" at line ")
+            .map_or(text.as_str(), |(m, _)| m)
+            .to_owned();
+        Error::Syntax {
+            path: name.to_owned(),
+            line: e.line(),
+            column: e.column(),
+            message,
+        }
     })
 }
 

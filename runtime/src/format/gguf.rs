@@ -20,6 +20,15 @@ pub const MAX_NAME_LEN: u64 = 65_536;
 pub const MAX_STRING_LEN: u64 = 16 << 20;
 /// Deepest nesting of arrays accepted.
 pub const MAX_ARRAY_DEPTH: u32 = 3;
+/// Most elements in one metadata array (the largest vocabularies and merge lists hold well
+/// under a million). Parsed elements can take more memory than their bytes in the file (a
+/// `String` per 8-byte empty string), so the count is capped, not only bounded by the file.
+pub const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Most tensors in one file (large mixture-of-experts checkpoints hold about 100 000).
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Elements reserved ahead of parsing: collections then grow with what was really read, so
+/// a large count on a sparse file cannot reserve gigabytes up front.
+const RESERVE_AHEAD: usize = 4096;
 /// Most dimensions a tensor may have (ggml's GGML_MAX_DIMS).
 pub const MAX_DIMS: u32 = 4;
 /// Largest `general.alignment` accepted.
@@ -506,9 +515,9 @@ impl Reader<'_> {
             value_type: elem_type,
         })?;
         // Bounded by the bytes left: each element occupies at least `min` of them.
-        let n = self.count("array length", min, u64::MAX)? as usize;
+        let n = self.count("array length", min, MAX_ARRAY_LEN)? as usize;
         fn many<T>(n: usize, mut f: impl FnMut() -> R<T>) -> R<Vec<T>> {
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n.min(RESERVE_AHEAD));
             for _ in 0..n {
                 v.push(f()?);
             }
@@ -562,7 +571,7 @@ impl Gguf {
         }
         // A tensor info is at least 8 (name length) + 4 (n_dims) + 8 (one dim) + 4 + 8 bytes;
         // a key-value pair at least 8 (key length) + 4 (type) + 1.
-        let n_tensors = r.count("tensor count", 32, u64::MAX)?;
+        let n_tensors = r.count("tensor count", 32, MAX_TENSORS)?;
         let n_kv = r.count("metadata count", 13, u64::MAX)?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -582,7 +591,7 @@ impl Gguf {
                 });
             }
         };
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(RESERVE_AHEAD));
         let mut names = BTreeMap::new();
         for _ in 0..n_tensors {
             let name = r.name("tensor name length")?;

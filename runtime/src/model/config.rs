@@ -123,20 +123,19 @@ impl Origin {
 
 /// A GGUF metadata value of the expected type: a missing key is `None`, a value of another
 /// type is an error (never a silent default).
-fn gguf_value<'a, T>(
+pub(crate) fn gguf_value<'a, T>(
     g: &'a Gguf,
-    origin: &Origin,
+    file: &str,
     key: &str,
     expected: &str,
     convert: impl Fn(&'a Value) -> Option<T>,
 ) -> Result<Option<T>> {
     match g.get(key) {
         None => Ok(None),
-        Some(v) => convert(v).map(Some).ok_or_else(|| {
-            origin.key_error(
-                key.to_owned(),
-                format!("is {}, expected {expected}", v.kind()),
-            )
+        Some(v) => convert(v).map(Some).ok_or_else(|| Error::Metadata {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            reason: format!("is {}, expected {expected}", v.kind()),
         }),
     }
 }
@@ -145,11 +144,11 @@ fn gguf_value<'a, T>(
 /// per-frequency divisors come as a tensor, `rope_freqs.weight`, read by the model loader.
 fn gguf_rope_scaling(g: &Gguf, origin: &Origin, arch: &str) -> Result<RopeScaling> {
     let kind_key = format!("{arch}.rope.scaling.type");
-    match gguf_value(g, origin, &kind_key, "a string", Value::as_str)? {
+    match gguf_value(g, origin.file(), &kind_key, "a string", Value::as_str)? {
         None | Some("none") => Ok(RopeScaling::None),
         Some("linear") => {
             let key = format!("{arch}.rope.scaling.factor");
-            let factor = gguf_value(g, origin, &key, "a number", Value::as_f64)?
+            let factor = gguf_value(g, origin.file(), &key, "a number", Value::as_f64)?
                 .ok_or_else(|| origin.key_error(key.clone(), "is missing".into()))?;
             positive(origin, key, factor)?;
             Ok(RopeScaling::Linear(factor))
@@ -170,10 +169,30 @@ fn positive(origin: &Origin, key: String, v: f64) -> Result<()> {
     }
 }
 
-/// The layer count a file's tensor names show: one more than the highest index `i` in
-/// names `{prefix}{i}.`, or 0 if none has that form.
-pub fn layers_present<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> u64 {
-    names
+/// A float kept as f32 (the RMS epsilon): finite and positive after rounding, with the
+/// file's own value in the message when rounding is what broke it.
+pub fn positive_f32(origin: &Origin, field: Field, v: f64) -> Result<f32> {
+    let r = v as f32;
+    if r.is_finite() && r > 0.0 {
+        Ok(r)
+    } else {
+        Err(origin.error(
+            field,
+            format!("{v:e} must be finite and positive as an f32 (it rounds to {r})"),
+        ))
+    }
+}
+
+/// The layers a file's tensors are for, from names `{prefix}{i}.…`: how many distinct
+/// indices there are, and one past the highest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayersPresent {
+    pub distinct: u64,
+    pub end: u64,
+}
+
+pub fn layers_present<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> LayersPresent {
+    let indices: std::collections::BTreeSet<u64> = names
         .filter_map(|n| {
             n.strip_prefix(prefix)?
                 .split('.')
@@ -181,9 +200,11 @@ pub fn layers_present<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) ->
                 .parse::<u64>()
                 .ok()
         })
-        .map(|i| i.saturating_add(1))
-        .max()
-        .unwrap_or(0)
+        .collect();
+    LayersPresent {
+        distinct: indices.len() as u64,
+        end: indices.last().map_or(0, |i| i.saturating_add(1)),
+    }
 }
 
 impl Config {
@@ -191,25 +212,20 @@ impl Config {
     /// mistyped or inconsistent value is an error, and the counts are checked against the
     /// tensors the file holds.
     pub fn from_gguf(g: &Gguf, file: &str) -> Result<Config> {
-        let unknown = Origin::Json {
+        let arch_error = |reason: String| Error::Metadata {
             file: file.to_owned(),
+            key: "general.architecture".into(),
+            reason,
         };
-        let arch_name = gguf_value(
-            g,
-            &unknown,
-            "general.architecture",
-            "a string",
-            Value::as_str,
-        )?
-        .ok_or_else(|| unknown.key_error("general.architecture".into(), "is missing".into()))?;
+        let arch_name = gguf_value(g, file, "general.architecture", "a string", Value::as_str)?
+            .ok_or_else(|| arch_error("is missing".into()))?;
         let arch = match arch_name {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             other => {
-                return Err(unknown.key_error(
-                    "general.architecture".into(),
-                    format!("`{other}` is not supported (llama, mistral, qwen2 are)"),
-                ));
+                return Err(arch_error(format!(
+                    "`{other}` is not supported (llama, mistral, qwen2 are)"
+                )));
             }
         };
         let origin = Origin::Gguf {
@@ -218,7 +234,7 @@ impl Config {
         };
         let count = |field: Field| -> Result<Option<u32>> {
             let key = origin.key(field);
-            let Some(v) = gguf_value(g, &origin, &key, "an unsigned integer", Value::as_u64)?
+            let Some(v) = gguf_value(g, origin.file(), &key, "an unsigned integer", Value::as_u64)?
             else {
                 return Ok(None);
             };
@@ -233,7 +249,8 @@ impl Config {
         };
         let float = |field: Field, default: f64| -> Result<f64> {
             let key = origin.key(field);
-            let v = gguf_value(g, &origin, &key, "a number", Value::as_f64)?.unwrap_or(default);
+            let v =
+                gguf_value(g, origin.file(), &key, "a number", Value::as_f64)?.unwrap_or(default);
             positive(&origin, key, v)?;
             Ok(v)
         };
@@ -298,7 +315,7 @@ impl Config {
                 Arch::Qwen2 => RopeStyle::HalfSplit,
             },
             rope_scaling: gguf_rope_scaling(g, &origin, arch_name)?,
-            rms_eps: float(Field::RmsEps, 1e-5)? as f32,
+            rms_eps: positive_f32(&origin, Field::RmsEps, float(Field::RmsEps, 1e-5)?)?,
             tied_embeddings: g.tensor("output.weight").is_none(),
             origin,
         };
@@ -310,14 +327,25 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks the declared layer count against the layers whose tensors the file holds.
-    pub fn check_layers(&self, present: u64) -> Result<()> {
-        if u64::from(self.n_layers) != present {
+    /// Checks the declared layer count against the layers whose tensors the file holds:
+    /// every layer from 0 up must have tensors, and no more.
+    pub fn check_layers(&self, present: LayersPresent) -> Result<()> {
+        if u64::from(self.n_layers) != present.end {
             return Err(self.origin.error(
                 Field::Layers,
                 format!(
-                    "declares {} layers but the model's tensors are for {present}",
-                    self.n_layers
+                    "declares {} layers but the model's tensors are for {}",
+                    self.n_layers, present.end
+                ),
+            ));
+        }
+        if present.distinct != present.end {
+            return Err(self.origin.error(
+                Field::Layers,
+                format!(
+                    "the model's tensors number layers up to {} but only {} of them have tensors",
+                    present.end - 1,
+                    present.distinct
                 ),
             ));
         }
@@ -361,11 +389,22 @@ impl Config {
             ));
         }
         if !self.head_dim.is_multiple_of(2) || self.head_dim > crate::backend::MAX_HEAD_DIM {
+            // Without its own key the head dimension is width / heads: blame the heads.
+            let derived = self.head_dim == self.dim / self.n_heads;
             return Err(o.error(
-                Field::HeadDim,
+                if derived {
+                    Field::Heads
+                } else {
+                    Field::HeadDim
+                },
                 format!(
-                    "head dimension {} must be even and at most {}",
+                    "head dimension {}{} must be even and at most {}",
                     self.head_dim,
+                    if derived {
+                        format!(" (width {} / {} heads)", self.dim, self.n_heads)
+                    } else {
+                        String::new()
+                    },
                     crate::backend::MAX_HEAD_DIM
                 ),
             ));

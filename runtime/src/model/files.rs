@@ -1,7 +1,7 @@
 //! Model files on std targets: a GGUF file, or a Hugging Face directory (config.json,
 //! model.safetensors or a sharded index, tokenizer.json), optionally quantised at load.
 
-use super::config::{Arch, Config, Field, Origin, layers_present};
+use super::config::{Arch, Config, Field, Origin, layers_present, positive_f32};
 use super::llama::{GgufSource, HostTensor, Model, Role, TensorSource};
 use crate::backend::{Backend, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
@@ -174,7 +174,11 @@ pub fn config_from_json(c: &Json, path: &Path) -> Result<Config> {
         // Hugging Face checkpoints rotate (x[i], x[i + d/2]).
         rope_style: RopeStyle::HalfSplit,
         rope_scaling: RopeScaling::None,
-        rms_eps: keys.positive("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+        rms_eps: positive_f32(
+            &origin,
+            Field::RmsEps,
+            keys.positive("rms_norm_eps")?.unwrap_or(1e-6),
+        )?,
         tied_embeddings: keys.boolean("tie_word_embeddings")?.unwrap_or(false),
         origin: origin.clone(),
     };
@@ -287,7 +291,11 @@ impl HfDir {
         let config_path = dir.join("config.json");
         let config = config_from_json(&read_json(&config_path, FileKind::Config)?, &config_path)?;
         let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<String> = if index_path.exists() {
+        let indexed = index_path.try_exists().map_err(|e| Error::Io {
+            path: index_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let files: Vec<String> = if indexed {
             let idx = read_json(&index_path, FileKind::ShardIndex)?;
             let bad = |reason: &str| Error::Metadata {
                 file: index_path.display().to_string(),
@@ -356,6 +364,14 @@ impl HfDir {
         };
         d.check_against_tensors()?;
         Ok(d)
+    }
+
+    /// Bytes of the safetensors files the model is read from.
+    pub fn shard_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.file.bytes().len() as u64)
+            .sum()
     }
 
     /// The counts config.json declares against the tensors the shards hold, before any of
@@ -451,6 +467,7 @@ impl TensorSource for HfDir {
             .ok_or_else(|| bad("lies outside the file".into()))?;
         let mut t = HostTensor {
             name: name.clone(),
+            file: path.clone(),
             wtype,
             rows,
             cols,

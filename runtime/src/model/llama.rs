@@ -147,6 +147,8 @@ pub enum Role {
 #[derive(Debug)]
 pub struct HostTensor<'a> {
     pub name: String,
+    /// The file it was read from (a GGUF file, one safetensors shard), for errors.
+    pub file: String,
     pub wtype: WeightType,
     pub rows: u64,
     pub cols: u64,
@@ -196,6 +198,7 @@ impl GgufSource<'_> {
             .ok_or_else(|| bad("lies outside the file".into()))?;
         Ok(HostTensor {
             name: t.name.clone(),
+            file: self.file.to_owned(),
             wtype,
             rows,
             cols,
@@ -244,16 +247,21 @@ struct Loader<'a, B: Backend, S: TensorSource> {
 }
 
 impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
-    fn error(&self, tensor: String, reason: String) -> Error {
+    /// A tensor the source holds, of the wrong shape.
+    fn error(t: HostTensor<'_>, reason: String) -> Error {
         Error::Tensor {
-            file: self.source.origin(),
-            tensor,
+            file: t.file,
+            tensor: t.name,
             reason,
         }
     }
 
     fn missing(&self, role: Role, why: &str) -> Error {
-        self.error(self.source.name(role), format!("is missing{why}"))
+        Error::Tensor {
+            file: self.source.origin(),
+            tensor: self.source.name(role),
+            reason: format!("is missing{why}"),
+        }
     }
 
     fn required(&self, role: Role) -> Result<HostTensor<'_>> {
@@ -266,13 +274,11 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
     fn matrix(&self, role: Role, rows: u32, cols: u32) -> Result<Weight<B>> {
         let t = self.required(role)?;
         if (t.rows, t.cols) != (u64::from(rows), u64::from(cols)) {
-            return Err(self.error(
-                t.name,
-                format!(
-                    "holds [{}, {}] but {} implies [{rows}, {cols}] (rows, columns)",
-                    t.rows, t.cols, self.config
-                ),
-            ));
+            let reason = format!(
+                "holds [{}, {}] but {} implies [{rows}, {cols}] (rows, columns)",
+                t.rows, t.cols, self.config
+            );
+            return Err(Self::error(t, reason));
         }
         let buf = self.backend.upload_weights(t.wtype, &t.data, "weight")?;
         Ok(Weight {
@@ -289,13 +295,11 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
             return Ok(None);
         };
         if t.rows.checked_mul(t.cols) != Some(u64::from(n)) {
-            return Err(self.error(
-                t.name,
-                format!(
-                    "holds [{}, {}] values but {} implies {n}",
-                    t.rows, t.cols, self.config
-                ),
-            ));
+            let reason = format!(
+                "holds [{}, {}] values but {} implies {n}",
+                t.rows, t.cols, self.config
+            );
+            return Err(Self::error(t, reason));
         }
         let mut v = vec![0.0f32; n as usize];
         quant::dequantize(t.wtype, &t.data, &mut v)?;
@@ -325,12 +329,12 @@ impl<'b, B: Backend> Model<'b, B> {
             let want = u64::from(cfg.head_dim / 2);
             if t.rows.checked_mul(t.cols) != Some(want) {
                 return Err(Error::Tensor {
-                    file: source.origin(),
-                    tensor: t.name,
                     reason: format!(
                         "holds [{}, {}] values; head dimension {} needs {want}",
                         t.rows, t.cols, cfg.head_dim
                     ),
+                    file: t.file,
+                    tensor: t.name,
                 });
             }
             let mut v = vec![0.0f32; want as usize];
@@ -412,6 +416,8 @@ impl<'b, B: Backend> Model<'b, B> {
             k.push(self.backend.alloc(per_layer, "kv cache")?);
             v.push(self.backend.alloc(per_layer, "kv cache")?);
         }
+        // The table is capacity x head_dim floats, no larger than one layer's keys just
+        // allocated (kv_dim >= head_dim), so that allocation bounds this one.
         let rope = self.backend.upload_f32(
             &rope_table(
                 self.cfg.rope_theta,
