@@ -222,6 +222,24 @@ fn build(source: &str, mut spec: serde_json::Value) -> Result<tokenizers::Tokeni
     let obj = spec
         .as_object_mut()
         .ok_or_else(|| tok_err(source, "the document is not a JSON object"))?;
+    // The crate reports an unknown key as a syntax error at the end of the document.
+    const KEYS: &[&str] = &[
+        "version",
+        "truncation",
+        "padding",
+        "added_tokens",
+        "normalizer",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+        "model",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(tok_err(
+            source,
+            format!("unknown top-level key `{k}` (known: {})", KEYS.join(", ")),
+        ));
+    }
     obj.insert("padding".into(), serde_json::Value::Null);
     obj.insert("truncation".into(), serde_json::Value::Null);
     let model = obj

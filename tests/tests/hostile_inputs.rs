@@ -740,6 +740,12 @@ fn tokenizer_json_cannot_take_the_process_down() {
             "the `tokenizers` library failed on this input",
         ),
         (
+            "an unknown top-level key",
+            |t| t["paddings"] = json!(null),
+            None,
+            "unknown top-level key `paddings` (known: version,",
+        ),
+        (
             "not an object",
             |t| *t = json!(["BPE"]),
             None,
