@@ -222,7 +222,8 @@ fn build(source: &str, mut spec: serde_json::Value) -> Result<tokenizers::Tokeni
     let obj = spec
         .as_object_mut()
         .ok_or_else(|| tok_err(source, "the document is not a JSON object"))?;
-    // The crate reports an unknown key as a syntax error at the end of the document.
+    // The crate reports an unknown key as a syntax error at a position in the document it
+    // was handed, not in the user's file.
     const KEYS: &[&str] = &[
         "version",
         "truncation",
@@ -301,10 +302,16 @@ impl Tokenizer {
         let types: &[i32] = match g.get("tokenizer.ggml.token_type") {
             None => &[],
             Some(Value::Array(Array::I32(t))) if t.len() == tokens.len() => t,
-            Some(_) => {
+            Some(Value::Array(Array::I32(t))) => {
                 return Err(tok_err(
                     "tokenizer.ggml.token_type",
-                    &format!("is not {} i32 values, one per token", tokens.len()),
+                    &format!("has {} entries for {} tokens", t.len(), tokens.len()),
+                ));
+            }
+            Some(other) => {
+                return Err(tok_err(
+                    "tokenizer.ggml.token_type",
+                    &format!("is {}, expected an array of i32", other.kind_of_array()),
                 ));
             }
         };
@@ -437,9 +444,10 @@ impl Tokenizer {
                 .ok_or_else(|| {
                     config_error(key, "is neither a string nor {\"content\": string}")
                 })?;
-            inner.token_to_id(text).map(Some).ok_or_else(|| {
-                config_error(key, &format!("`{text}` is not a token of tokenizer.json"))
-            })
+            // transformers adds a special token missing from tokenizer.json to the vocabulary;
+            // here it has no id, which matters only where it would be used (a BOS that
+            // prompts start with, checked below).
+            Ok(inner.token_to_id(text))
         };
         let mut eos: Vec<u32> = token_of("eos_token")?.into_iter().collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
@@ -468,8 +476,15 @@ impl Tokenizer {
                 .as_bool()
                 .ok_or_else(|| config_error("add_bos_token", "is not a boolean"))?,
         };
+        let bos = token_of("bos_token")?;
+        if add_bos && bos.is_none() {
+            return Err(config_error(
+                "bos_token",
+                "is missing or not a token of tokenizer.json, but add_bos_token is true",
+            ));
+        }
         Ok(Tokenizer {
-            bos: token_of("bos_token")?,
+            bos,
             add_bos,
             eos,
             chat: ChatTemplate::recognise(template),

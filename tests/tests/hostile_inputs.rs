@@ -541,7 +541,7 @@ fn gguf_metadata_of_every_wrong_kind_is_a_named_error() {
         (
             "a layer count that is a float",
             patch_gguf("llama.block_count", Some(6), f(2.0)),
-            "`llama.block_count`: is a float, expected an unsigned integer",
+            "`llama.block_count`: is a float (2), expected an unsigned integer",
         ),
         (
             "a width the embedding does not have",
@@ -588,7 +588,7 @@ fn gguf_metadata_of_every_wrong_kind_is_a_named_error() {
     cases.push((
         "a gap in the layers",
         gap,
-        "`llama.block_count`: the model's tensors number layers up to 7 but only 3 of them have tensors",
+        "`llama.block_count`: the model's tensors are for layers 0 to 7 but layer 2 has none",
     ));
     let mut table = Vec::new();
     for (i, (case, bytes, want)) in cases.into_iter().enumerate() {
@@ -665,6 +665,14 @@ fn tokenizer_json_cannot_take_the_process_down() {
                 "strategy": "LongestFirst"})
         }),
     ];
+    // An EOS that tokenizer.json lacks (transformers would add it) is not used: no error.
+    let got = tokenize(tokenizer_dir(
+        &tmp,
+        "eos",
+        |_| {},
+        Some(r#"{"eos_token": "</s>"}"#),
+    ));
+    assert_eq!(got.as_ref().ok(), Some(&want_ids), "{got:?}");
     for (i, (case, edit)) in harmless.into_iter().enumerate() {
         let got = tokenize(tokenizer_dir(&tmp, &format!("h{i}"), edit, None));
         assert_eq!(got.as_ref().ok(), Some(&want_ids), "{case}: {got:?}");
@@ -768,6 +776,12 @@ fn tokenizer_json_cannot_take_the_process_down() {
             |_| {},
             Some(r#"{"eos_token": 3}"#),
             "`eos_token`: is neither a string",
+        ),
+        (
+            "a BOS prompts start with that tokenizer.json lacks",
+            |_| {},
+            Some(r#"{"bos_token": "<s>", "add_bos_token": true}"#),
+            "`bos_token`: is missing or not a token of tokenizer.json, but add_bos_token is true",
         ),
         (
             "a malformed tokenizer_config.json",

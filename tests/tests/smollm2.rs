@@ -200,7 +200,7 @@ fn gguf_tokenizer_metadata_of_the_wrong_kind_is_an_error() {
                 0,
                 &0u32.to_le_bytes(),
             ),
-            "`tokenizer.ggml.add_bos_token`: is an unsigned integer, expected a boolean",
+            "`tokenizer.ggml.add_bos_token`: is an unsigned integer (0), expected a boolean",
         ),
         (
             // The element type of the i32 array turned into f32 (same size).
@@ -210,7 +210,7 @@ fn gguf_tokenizer_metadata_of_the_wrong_kind_is_an_error() {
                 4,
                 &6u32.to_le_bytes(),
             ),
-            "`tokenizer.ggml.token_type`: is not 49152 i32 values, one per token",
+            "`tokenizer.ggml.token_type`: is an array of f32, expected an array of i32",
         ),
     ];
     for (bytes, want) in cases {

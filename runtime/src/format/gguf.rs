@@ -24,6 +24,11 @@ pub const MAX_ARRAY_DEPTH: u32 = 3;
 /// under a million). Parsed elements can take more memory than their bytes in the file (a
 /// `String` per 8-byte empty string), so the count is capped, not only bounded by the file.
 pub const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// Most bytes of metadata and tensor descriptions read: real headers, 262k-token
+/// vocabularies and their merges included, take a few tens of MiB. Parsed metadata can take
+/// a few times its bytes in memory, so this bounds the memory a header costs whatever the
+/// file's (possibly sparse) size.
+pub const MAX_HEADER_BYTES: u64 = 256 << 20;
 /// Most tensors in one file (large mixture-of-experts checkpoints hold about 100 000).
 pub const MAX_TENSORS: u64 = 1 << 20;
 /// Elements reserved ahead of parsing: collections then grow with what was really read, so
@@ -103,6 +108,10 @@ pub enum GgufError {
         end: u64,
         file_len: u64,
     },
+    /// The metadata and tensor descriptions run past [`MAX_HEADER_BYTES`].
+    HeaderTooLarge {
+        limit: u64,
+    },
     /// A tensor not at the previous one's padded end (out of order, overlapping, or a gap).
     UnexpectedOffset {
         tensor: String,
@@ -120,6 +129,10 @@ impl fmt::Display for GgufError {
             }
             BadMagic { found } => write!(f, "not a GGUF file (magic {found:#010x})"),
             BigEndian => write!(f, "big-endian GGUF files are not supported"),
+            HeaderTooLarge { limit } => write!(
+                f,
+                "the metadata and tensor descriptions run past {limit} bytes, more than edgetune reads"
+            ),
             UnsupportedVersion { version } => {
                 write!(f, "GGUF version {version} is not supported (2 and 3 are)")
             }
@@ -223,6 +236,25 @@ pub enum Array {
 }
 
 impl Array {
+    /// The element type, as messages name it.
+    pub fn element_kind(&self) -> &'static str {
+        match self {
+            Array::U8(_) => "u8",
+            Array::I8(_) => "i8",
+            Array::U16(_) => "u16",
+            Array::I16(_) => "i16",
+            Array::U32(_) => "u32",
+            Array::I32(_) => "i32",
+            Array::F32(_) => "f32",
+            Array::Bool(_) => "bool",
+            Array::Str(_) => "string",
+            Array::Array(_) => "array",
+            Array::U64(_) => "u64",
+            Array::I64(_) => "i64",
+            Array::F64(_) => "f64",
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Array::U8(v) => v.len(),
@@ -257,6 +289,33 @@ impl Value {
             Value::Str(_) => "a string",
             Value::Array(_) => "an array",
         }
+    }
+
+    /// The value's type, naming an array's element type too.
+    pub fn kind_of_array(&self) -> String {
+        match self {
+            Value::Array(a) => format!("an array of {}", a.element_kind()),
+            other => other.kind().into(),
+        }
+    }
+
+    /// A scalar value as text, for messages (arrays and long strings are left out).
+    pub fn brief(&self) -> Option<String> {
+        Some(match self {
+            Value::U8(v) => v.to_string(),
+            Value::I8(v) => v.to_string(),
+            Value::U16(v) => v.to_string(),
+            Value::I16(v) => v.to_string(),
+            Value::U32(v) => v.to_string(),
+            Value::I32(v) => v.to_string(),
+            Value::U64(v) => v.to_string(),
+            Value::I64(v) => v.to_string(),
+            Value::F32(v) => v.to_string(),
+            Value::F64(v) => v.to_string(),
+            Value::Bool(v) => v.to_string(),
+            Value::Str(v) if v.len() <= 64 => format!("{v:?}"),
+            Value::Str(_) | Value::Array(_) => return None,
+        })
     }
 
     /// The value as an unsigned integer, if it is one of the integer types and not negative.
@@ -557,7 +616,29 @@ fn min_value_bytes(value_type: u32) -> Option<u64> {
 impl Gguf {
     /// Parses the header of a GGUF file held in `bytes` (the whole file).
     pub fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
-        let mut r = Reader { b: bytes, pos: 0 };
+        Self::parse_within(bytes, MAX_HEADER_BYTES)
+    }
+
+    /// [`Gguf::parse`] with the header confined to its first `budget` bytes.
+    fn parse_within(bytes: &[u8], budget: u64) -> Result<Gguf, GgufError> {
+        let header_end = (bytes.len() as u64).min(budget) as usize;
+        // Where the budget cut the file, running out of bytes (or of room for a count)
+        // means the header would run past it.
+        let cut = header_end < bytes.len();
+        Self::parse_header(bytes, header_end).map_err(|e| match e {
+            GgufError::Truncated { .. } | GgufError::CountTooLarge { .. } if cut => {
+                GgufError::HeaderTooLarge { limit: budget }
+            }
+            other => other,
+        })
+    }
+
+    /// Parses the header from `bytes[..header_end]`; tensor data may lie beyond it.
+    fn parse_header(bytes: &[u8], header_end: usize) -> Result<Gguf, GgufError> {
+        let mut r = Reader {
+            b: &bytes[..header_end],
+            pos: 0,
+        };
         let magic = r.u32()?;
         if magic != MAGIC {
             return Err(GgufError::BadMagic { found: magic });
@@ -771,6 +852,19 @@ mod tests {
 
     fn err(b: &[u8]) -> GgufError {
         Gguf::parse(b).unwrap_err()
+    }
+
+    #[test]
+    fn a_header_past_the_budget_is_its_own_error() {
+        let b = Builder::new().bytes();
+        assert!(Gguf::parse_within(&b, b.len() as u64).is_ok());
+        // The tensor data may lie past the budget; the header may not.
+        let header = Gguf::parse(&b).unwrap().data_offset as usize;
+        assert!(Gguf::parse_within(&b, header as u64).is_ok());
+        assert_eq!(
+            Gguf::parse_within(&b, 40).unwrap_err(),
+            GgufError::HeaderTooLarge { limit: 40 }
+        );
     }
 
     #[test]

@@ -135,7 +135,10 @@ pub(crate) fn gguf_value<'a, T>(
         Some(v) => convert(v).map(Some).ok_or_else(|| Error::Metadata {
             file: file.to_owned(),
             key: key.to_owned(),
-            reason: format!("is {}, expected {expected}", v.kind()),
+            reason: match v.brief() {
+                Some(b) => format!("is {} ({b}), expected {expected}", v.kind()),
+                None => format!("is {}, expected {expected}", v.kind_of_array()),
+            },
         }),
     }
 }
@@ -183,12 +186,13 @@ pub fn positive_f32(origin: &Origin, field: Field, v: f64) -> Result<f32> {
     }
 }
 
-/// The layers a file's tensors are for, from names `{prefix}{i}.…`: how many distinct
-/// indices there are, and one past the highest.
+/// The layers a file's tensors are for, from names `{prefix}{i}.…`: one past the highest
+/// index, and the lowest index below it that no tensor has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayersPresent {
-    pub distinct: u64,
     pub end: u64,
+    /// The lowest layer below `end` without tensors, if any.
+    pub first_missing: Option<u64>,
 }
 
 pub fn layers_present<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> LayersPresent {
@@ -202,8 +206,12 @@ pub fn layers_present<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) ->
         })
         .collect();
     LayersPresent {
-        distinct: indices.len() as u64,
         end: indices.last().map_or(0, |i| i.saturating_add(1)),
+        first_missing: indices
+            .iter()
+            .zip(0u64..)
+            .find(|(i, n)| *i != n)
+            .map(|(_, n)| n),
     }
 }
 
@@ -339,13 +347,12 @@ impl Config {
                 ),
             ));
         }
-        if present.distinct != present.end {
+        if let Some(gap) = present.first_missing {
             return Err(self.origin.error(
                 Field::Layers,
                 format!(
-                    "the model's tensors number layers up to {} but only {} of them have tensors",
-                    present.end - 1,
-                    present.distinct
+                    "the model's tensors are for layers 0 to {} but layer {gap} has none",
+                    present.end - 1
                 ),
             ));
         }
