@@ -3,6 +3,7 @@
 
 use crate::{BackendKind, CliError, DeviceArgs, flag, in_range};
 use edgetune::backend::cpu::Cpu;
+use edgetune::backend::host::Host;
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
 
@@ -250,18 +251,26 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     args,
                 )
             }
+            BackendKind::Host => {
+                let host = Host::default();
+                model_bench(&host, &format!("edgetune {}", host.name()), &files, args)
+            }
             BackendKind::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
         }?);
     }
     let gpu = match args.device.backend {
         BackendKind::Gpu => Some(args.device.gpu()?),
-        BackendKind::Cpu => None,
+        BackendKind::Cpu | BackendKind::Host => None,
     };
+    let host = Host::default();
     for item in items() {
         if let Some(gpu) = &gpu {
             report(&gpu.report().name, &item, time(gpu, &item, args.seconds)?);
         }
-        if gpu.is_none() || args.with_reference {
+        if args.device.backend == BackendKind::Host {
+            report(&host.name(), &item, time(&host, &item, args.seconds)?);
+        }
+        if args.device.backend == BackendKind::Cpu || args.with_reference {
             report("cpu reference", &item, time(&Cpu, &item, args.seconds)?);
         }
     }

@@ -1,7 +1,9 @@
 //! `edgetune`: a thin skin over the runtime's public API.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use edgetune::Backend;
 use edgetune::backend::cpu::Cpu;
+use edgetune::backend::host::Host;
 use edgetune::backend::wgpu::{Gpu, GpuOptions};
 use edgetune::selftest::{self, CheckRow, Tolerance};
 use std::process::ExitCode;
@@ -64,7 +66,10 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
+    /// The CPU reference: plain, single-threaded, the oracle.
     Cpu,
+    /// The multi-threaded CPU path.
+    Host,
     Gpu,
 }
 
@@ -281,6 +286,15 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                 );
             }
             selftest::run(&Cpu, kernel)
+        }
+        BackendKind::Host => {
+            let host = Host::default();
+            if json {
+                println!("{}", serde_json::json!({"adapter": host.name()}));
+            } else {
+                println!("device: {} (against the cpu reference)", host.name());
+            }
+            selftest::run(&host, kernel)
         }
         BackendKind::Gpu => {
             let gpu = device.gpu()?;

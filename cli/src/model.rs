@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Result<T>) -> Result<T> {
     match device.backend {
         BackendKind::Cpu => f(&Runner(Cpu)),
+        BackendKind::Host => f(&Runner(edgetune::backend::host::Host::default())),
         BackendKind::Gpu => f(&Runner(device.gpu()?)),
     }
 }

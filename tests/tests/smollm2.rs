@@ -98,6 +98,12 @@ fn cpu_logits_match_transformers() {
 }
 
 #[test]
+fn host_logits_match_transformers() {
+    let Some(f) = model_file() else { return };
+    logits_match(&edgetune::backend::host::Host::new(2), &f);
+}
+
+#[test]
 fn gpu_logits_match_transformers() {
     let Some(f) = model_file() else { return };
     let Some(gpu) = common::gpu() else { return };

@@ -116,6 +116,12 @@ fn cpu_matches_transformers_on_every_format() {
 }
 
 #[test]
+fn host_matches_transformers_on_every_format() {
+    let failures = check_all(&edgetune::backend::host::Host::new(3));
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
 fn gpu_matches_transformers_on_every_format() {
     let Some(gpu) = common::gpu() else { return };
     let failures = check_all(&gpu);

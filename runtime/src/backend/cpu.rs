@@ -33,7 +33,7 @@ fn u32s(bytes: &[u8]) -> Vec<u32> {
 }
 
 impl CpuBuffer {
-    fn f32s(&self, n: usize) -> Vec<f32> {
+    pub(crate) fn f32s(&self, n: usize) -> Vec<f32> {
         let mut v = f32s(&self.0.borrow());
         v.truncate(n);
         v
@@ -44,7 +44,13 @@ impl CpuBuffer {
         b[..n.min(b.len())].to_vec()
     }
 
-    fn write_f32(&self, vals: &[f32]) {
+    /// The bytes in place, for a reader that must not copy them (weights).
+    #[cfg(feature = "std")]
+    pub(crate) fn borrow_bytes(&self) -> core::cell::Ref<'_, Vec<u8>> {
+        self.0.borrow()
+    }
+
+    pub(crate) fn write_f32(&self, vals: &[f32]) {
         let mut b = self.0.borrow_mut();
         for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
             dst.copy_from_slice(&v.to_le_bytes());

@@ -10,6 +10,8 @@ use crate::rng::ZKind;
 use std::prelude::v1::*;
 
 pub mod cpu;
+#[cfg(feature = "std")]
+pub mod host;
 #[cfg(feature = "gpu")]
 pub mod wgpu;
 
