@@ -33,10 +33,11 @@ fn u32s(bytes: &[u8]) -> Vec<u32> {
 }
 
 impl CpuBuffer {
+    /// The first `n` values (at most the buffer's), converting only those: a KV cache
+    /// read for its first positions must not cost its whole capacity.
     pub(crate) fn f32s(&self, n: usize) -> Vec<f32> {
-        let mut v = f32s(&self.0.borrow());
-        v.truncate(n);
-        v
+        let b = self.0.borrow();
+        f32s(&b[..n.saturating_mul(4).min(b.len())])
     }
 
     fn bytes(&self, n: usize) -> Vec<u8> {
