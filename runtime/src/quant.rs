@@ -144,6 +144,7 @@ const _: () = assert!(Q4_1_BYTES == 20);
 const _: () = assert!(Q4K_BYTES == 144);
 const _: () = assert!(Q6K_BYTES == 210);
 
+#[inline(always)]
 pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
 }

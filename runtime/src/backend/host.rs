@@ -15,6 +15,56 @@ use std::prelude::v1::*;
 #[derive(Debug, Clone, Copy)]
 pub struct Host {
     threads: usize,
+    isa: Isa,
+}
+
+/// The instruction sets the quantised products are compiled for; one is chosen when a
+/// [`Host`] is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The target's baseline (SSE2 on x86-64, NEON on aarch64): runs everywhere.
+    Baseline,
+    /// x86-64 with AVX2: eight f32 lanes.
+    Avx2,
+    /// x86-64 with AVX-512 F and BW: sixteen f32 lanes.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+
+    /// Whether this processor can run the variant.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Baseline => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => false,
+        }
+    }
+
+    /// The widest variant this processor runs.
+    pub fn detect() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| i.available())
+            .unwrap_or(Isa::Baseline)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Baseline => "baseline",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
 }
 
 impl Default for Host {
@@ -28,15 +78,29 @@ impl Default for Host {
 const MIN_BYTES_PER_THREAD: usize = 256 << 10;
 
 impl Host {
-    /// A backend using up to `threads` threads (at least one).
+    /// A backend using up to `threads` threads (at least one) and the widest instruction
+    /// set this processor has.
     pub fn new(threads: usize) -> Host {
         Host {
             threads: threads.max(1),
+            isa: Isa::detect(),
         }
+    }
+
+    /// The same with a chosen instruction set, or `None` if this processor lacks it.
+    pub fn with_isa(threads: usize, isa: Isa) -> Option<Host> {
+        isa.available().then_some(Host {
+            threads: threads.max(1),
+            isa,
+        })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 }
 
@@ -208,21 +272,39 @@ fn qmatmul_rows_avx2(
     qmatmul_rows_body(x, w, wtype, shape, rows)
 }
 
-fn qmatmul_rows(
+/// The same source compiled for AVX-512 (sixteen f32 lanes), chosen at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+fn qmatmul_rows_avx512(
     x: &[f32],
     w: &[u8],
     wtype: WeightType,
     shape: (usize, usize),
     rows: core::ops::Range<usize>,
 ) -> Result<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the processor has AVX2, checked just above; the function is otherwise
-        // ordinary safe Rust.
+    qmatmul_rows_body(x, w, wtype, shape, rows)
+}
+
+/// The variant of `isa`; a [`Host`] holds only instruction sets the processor has.
+fn qmatmul_rows(
+    isa: Isa,
+    x: &[f32],
+    w: &[u8],
+    wtype: WeightType,
+    shape: (usize, usize),
+    rows: core::ops::Range<usize>,
+) -> Result<Vec<f32>> {
+    match isa {
+        // SAFETY (both): `Host::new` and `Host::with_isa` admit only an instruction set the
+        // processor reports; the functions are otherwise ordinary safe Rust.
+        #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        return unsafe { qmatmul_rows_avx2(x, w, wtype, shape, rows) };
+        Isa::Avx512 => unsafe { qmatmul_rows_avx512(x, w, wtype, shape, rows) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { qmatmul_rows_avx2(x, w, wtype, shape, rows) },
+        _ => qmatmul_rows_baseline(x, w, wtype, shape, rows),
     }
-    qmatmul_rows_baseline(x, w, wtype, shape, rows)
 }
 
 /// Attention for the query heads `heads` of every token: \[n_tokens, heads.len(), hd\].
@@ -314,7 +396,7 @@ impl Host {
             .min((row_bytes * n) / MIN_BYTES_PER_THREAD)
             .clamp(1, n);
         if threads == 1 {
-            return qmatmul_rows(x, w, wtype, (m, k), 0..n);
+            return qmatmul_rows(self.isa, x, w, wtype, (m, k), 0..n);
         }
         let per = n.div_ceil(threads);
         let blocks: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
@@ -322,7 +404,8 @@ impl Host {
                 .step_by(per)
                 .map(|j0| {
                     let rows = j0..(j0 + per).min(n);
-                    s.spawn(move || qmatmul_rows(x, w, wtype, (m, k), rows))
+                    let isa = self.isa;
+                    s.spawn(move || qmatmul_rows(isa, x, w, wtype, (m, k), rows))
                 })
                 .collect();
             handles
@@ -349,7 +432,7 @@ impl Backend for Host {
     type Buffer = CpuBuffer;
 
     fn name(&self) -> String {
-        format!("cpu, {} threads", self.threads)
+        format!("cpu, {} threads, {}", self.threads, self.isa.name())
     }
 
     fn alloc(&self, bytes: u64, what: &'static str) -> Result<CpuBuffer> {
