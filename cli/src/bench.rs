@@ -1,9 +1,8 @@
 //! `edgetune bench`: kernel throughput at fixed shapes on the chosen device and on the CPU
 //! reference, in the same run. Peers (numpy/OpenBLAS) are timed by `scripts/bench.sh`.
 
-use crate::{BackendKind, CliError, DeviceArgs, flag, in_range};
+use crate::{CliError, Device, DeviceArgs, flag, in_range};
 use edgetune::backend::cpu::Cpu;
-use edgetune::backend::host::Host;
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
 
@@ -241,36 +240,27 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             context - args.prompt_tokens,
             &why,
         )?;
-        return Ok(match args.device.backend {
-            BackendKind::Gpu => {
-                let gpu = args.device.gpu()?;
-                model_bench(
-                    &gpu,
-                    &format!("edgetune wgpu ({})", gpu.report().name),
-                    &files,
-                    args,
-                )
-            }
-            BackendKind::Host => {
-                let host = Host::default();
+        return Ok(match args.device.open()? {
+            Device::Gpu(gpu) => model_bench(
+                &gpu,
+                &format!("edgetune wgpu ({})", gpu.report().name),
+                &files,
+                args,
+            ),
+            Device::Host(host) => {
                 model_bench(&host, &format!("edgetune {}", host.name()), &files, args)
             }
-            BackendKind::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
+            Device::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
         }?);
     }
-    let gpu = match args.device.backend {
-        BackendKind::Gpu => Some(args.device.gpu()?),
-        BackendKind::Cpu | BackendKind::Host => None,
-    };
-    let host = Host::default();
+    let device = args.device.open()?;
     for item in items() {
-        if let Some(gpu) = &gpu {
-            report(&gpu.report().name, &item, time(gpu, &item, args.seconds)?);
+        match &device {
+            Device::Gpu(gpu) => report(&gpu.report().name, &item, time(gpu, &item, args.seconds)?),
+            Device::Host(host) => report(&host.name(), &item, time(host, &item, args.seconds)?),
+            Device::Cpu => {}
         }
-        if args.device.backend == BackendKind::Host {
-            report(&host.name(), &item, time(&host, &item, args.seconds)?);
-        }
-        if args.device.backend == BackendKind::Cpu || args.with_reference {
+        if matches!(device, Device::Cpu) || args.with_reference {
             report("cpu reference", &item, time(&Cpu, &item, args.seconds)?);
         }
     }

@@ -66,6 +66,9 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
+    /// A real GPU if there is one, else the multi-threaded CPU path (a CPU-emulated adapter
+    /// such as llvmpipe counts as no GPU).
+    Auto,
     /// The CPU reference: plain, single-threaded, the oracle.
     Cpu,
     /// The multi-threaded CPU path.
@@ -107,7 +110,7 @@ impl ModelArgs {
 #[derive(clap::Args, Debug, Clone)]
 struct DeviceArgs {
     /// Where kernels run.
-    #[arg(long, value_enum, default_value = "gpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     backend: BackendKind,
     /// GPU adapter: case-insensitive substring of its name (default: $WGPU_ADAPTER_NAME,
     /// then wgpu's choice).
@@ -119,12 +122,50 @@ struct DeviceArgs {
     wgpu_backend: Option<String>,
 }
 
+/// The backend a command runs on, `auto` resolved.
+#[derive(Debug)]
+pub enum Device {
+    Cpu,
+    Host(Host),
+    Gpu(Gpu),
+}
+
 impl DeviceArgs {
     fn gpu(&self) -> Result<Gpu, edgetune::Error> {
         Gpu::open(&GpuOptions {
             adapter_name: self.adapter.clone(),
             backends: self.wgpu_backend.clone(),
         })
+    }
+
+    /// Opens the chosen backend and says on stderr which it is (and, for `auto`, why).
+    pub fn open(&self) -> Result<Device, edgetune::Error> {
+        let (device, why) = match self.backend {
+            BackendKind::Cpu => (Device::Cpu, None),
+            BackendKind::Host => (Device::Host(Host::default()), None),
+            BackendKind::Gpu => (Device::Gpu(self.gpu()?), None),
+            BackendKind::Auto => match self.gpu() {
+                Ok(g) if g.report().device_type != "Cpu" => (Device::Gpu(g), Some("a GPU".into())),
+                Ok(g) => (
+                    Device::Host(Host::default()),
+                    Some(format!(
+                        "{} emulates a GPU on the CPU; --backend gpu uses it",
+                        g.report().name
+                    )),
+                ),
+                Err(e) => (Device::Host(Host::default()), Some(format!("no GPU: {e}"))),
+            },
+        };
+        let name = match &device {
+            Device::Cpu => Cpu.name(),
+            Device::Host(h) => h.name(),
+            Device::Gpu(g) => format!("wgpu, {}", g.report().name),
+        };
+        match why {
+            Some(why) => eprintln!("backend: {name} (auto: {why})"),
+            None => eprintln!("backend: {name}"),
+        }
+        Ok(device)
     }
 }
 
@@ -276,8 +317,8 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             );
         }
     }
-    let rows = match device.backend {
-        BackendKind::Cpu => {
+    let rows = match device.open()? {
+        Device::Cpu => {
             if json {
                 println!("{}", serde_json::json!({"adapter": "cpu reference"}));
             } else {
@@ -287,8 +328,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             }
             selftest::run(&Cpu, kernel)
         }
-        BackendKind::Host => {
-            let host = Host::default();
+        Device::Host(host) => {
             if json {
                 println!("{}", serde_json::json!({"adapter": host.name()}));
             } else {
@@ -296,8 +336,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             }
             selftest::run(&host, kernel)
         }
-        BackendKind::Gpu => {
-            let gpu = device.gpu()?;
+        Device::Gpu(gpu) => {
             let a = gpu.report();
             if json {
                 println!(

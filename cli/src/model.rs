@@ -1,6 +1,6 @@
 //! Model commands: info, logits (and the generation commands built on them).
 
-use crate::{BackendKind, DeviceArgs};
+use crate::{Device, DeviceArgs};
 use edgetune::backend::cpu::Cpu;
 use edgetune::format::gguf::{Array, Value};
 use edgetune::generate::{Sampler, Sampling, generate};
@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 /// Runs `f` with the chosen backend.
 pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Result<T>) -> Result<T> {
-    match device.backend {
-        BackendKind::Cpu => f(&Runner(Cpu)),
-        BackendKind::Host => f(&Runner(edgetune::backend::host::Host::default())),
-        BackendKind::Gpu => f(&Runner(device.gpu()?)),
+    match device.open()? {
+        Device::Cpu => f(&Runner(Cpu)),
+        Device::Host(h) => f(&Runner(h)),
+        Device::Gpu(g) => f(&Runner(g)),
     }
 }
 
