@@ -242,7 +242,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         )?;
         return Ok(match args.device.open()? {
             Device::Gpu(gpu) => model_bench(
-                &gpu,
+                &*gpu,
                 &format!("edgetune wgpu ({})", gpu.report().name),
                 &files,
                 args,
@@ -256,7 +256,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let device = args.device.open()?;
     for item in items() {
         match &device {
-            Device::Gpu(gpu) => report(&gpu.report().name, &item, time(gpu, &item, args.seconds)?),
+            Device::Gpu(gpu) => report(
+                &gpu.report().name,
+                &item,
+                time(&**gpu, &item, args.seconds)?,
+            ),
             Device::Host(host) => report(&host.name(), &item, time(host, &item, args.seconds)?),
             Device::Cpu => {}
         }

@@ -127,7 +127,8 @@ struct DeviceArgs {
 pub enum Device {
     Cpu,
     Host(Host),
-    Gpu(Gpu),
+    /// Boxed: a wgpu device is large beside the others.
+    Gpu(Box<Gpu>),
 }
 
 impl DeviceArgs {
@@ -143,9 +144,11 @@ impl DeviceArgs {
         let (device, why) = match self.backend {
             BackendKind::Cpu => (Device::Cpu, None),
             BackendKind::Host => (Device::Host(Host::default()), None),
-            BackendKind::Gpu => (Device::Gpu(self.gpu()?), None),
+            BackendKind::Gpu => (Device::Gpu(Box::new(self.gpu()?)), None),
             BackendKind::Auto => match self.gpu() {
-                Ok(g) if g.report().device_type != "Cpu" => (Device::Gpu(g), Some("a GPU".into())),
+                Ok(g) if g.report().device_type != "Cpu" => {
+                    (Device::Gpu(Box::new(g)), Some("a GPU".into()))
+                }
                 Ok(g) => (
                     Device::Host(Host::default()),
                     Some(format!(
@@ -365,7 +368,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                     a.shader_f16, a.subgroups
                 );
             }
-            selftest::run(&gpu, kernel)
+            selftest::run(&*gpu, kernel)
         }
     };
     print_rows(&rows, json);

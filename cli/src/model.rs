@@ -16,7 +16,7 @@ pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Resul
     match device.open()? {
         Device::Cpu => f(&Runner(Cpu)),
         Device::Host(h) => f(&Runner(h)),
-        Device::Gpu(g) => f(&Runner(g)),
+        Device::Gpu(g) => f(&Runner(*g)),
     }
 }
 
