@@ -243,34 +243,11 @@ impl Backend for Cpu {
                 let words = src.0.borrow()[so..so + n].to_vec();
                 dst.0.borrow_mut()[d..d + n].copy_from_slice(&words);
             }
-            Op::Attention {
-                q,
-                k,
-                v,
-                out,
-                n_tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0,
-                scale,
-            } => {
-                let shape = AttnShape {
-                    n_tokens: n_tokens as usize,
-                    n_heads: n_heads as usize,
-                    n_kv_heads: n_kv_heads as usize,
-                    head_dim: head_dim as usize,
-                    pos0: pos0 as usize,
-                };
-                let qo = shape.n_tokens * shape.n_heads * shape.head_dim;
-                let kv = (shape.pos0 + shape.n_tokens) * shape.n_kv_heads * shape.head_dim;
-                out.write_f32(&attention(
-                    &q.f32s(qo),
-                    &k.f32s(kv),
-                    &v.f32s(kv),
-                    shape,
-                    scale,
-                ));
+            Op::Attention { .. } => {
+                if let Some(a) = AttnCall::read(op) {
+                    a.out
+                        .write_f32(&attention(&a.q, &a.k, &a.v, a.shape, a.scale));
+                }
             }
             Op::Philox {
                 out,
@@ -450,6 +427,55 @@ pub struct AttnShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub pos0: usize,
+}
+
+/// An attention op's operands read from its buffers (q, and the keys and values of the
+/// positions it attends to), for the reference and the threaded path alike.
+pub(crate) struct AttnCall<'a> {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub shape: AttnShape,
+    pub scale: f32,
+    pub out: &'a CpuBuffer,
+}
+
+impl<'a> AttnCall<'a> {
+    /// The operands of `op` if it is an attention op (checked by the caller).
+    pub(crate) fn read(op: &Op<'a, CpuBuffer>) -> Option<AttnCall<'a>> {
+        let Op::Attention {
+            q,
+            k,
+            v,
+            out,
+            n_tokens,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            pos0,
+            scale,
+        } = *op
+        else {
+            return None;
+        };
+        let shape = AttnShape {
+            n_tokens: n_tokens as usize,
+            n_heads: n_heads as usize,
+            n_kv_heads: n_kv_heads as usize,
+            head_dim: head_dim as usize,
+            pos0: pos0 as usize,
+        };
+        let qo = shape.n_tokens * shape.n_heads * shape.head_dim;
+        let kv = (shape.pos0 + shape.n_tokens) * shape.n_kv_heads * shape.head_dim;
+        Some(AttnCall {
+            q: q.f32s(qo),
+            k: k.f32s(kv),
+            v: v.f32s(kv),
+            shape,
+            scale,
+            out,
+        })
+    }
 }
 
 /// Causal grouped-query attention over a KV cache.

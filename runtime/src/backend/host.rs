@@ -5,7 +5,7 @@
 //! attention (query heads split over threads). The reference stays plain and remains the
 //! oracle; the conformance suite checks this backend against it.
 
-use super::cpu::{AttnShape, Cpu, CpuBuffer, softmax};
+use super::cpu::{AttnCall, AttnShape, Cpu, CpuBuffer, softmax};
 use super::{Backend, Op};
 use crate::error::Result;
 use crate::quant::{self, WeightType};
@@ -248,42 +248,39 @@ fn qmatmul_rows_body(
     Ok(out)
 }
 
-/// The portable variant (SSE2 on x86-64, NEON on aarch64: the target's baseline).
-fn qmatmul_rows_baseline(
-    x: &[f32],
-    w: &[u8],
-    wtype: WeightType,
-    shape: (usize, usize),
-    rows: core::ops::Range<usize>,
-) -> Result<Vec<f32>> {
-    qmatmul_rows_body(x, w, wtype, shape, rows)
+/// One instruction-set variant of the quantised product: the same body, compiled under the
+/// given attributes.
+macro_rules! qmatmul_variant {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        fn $name(
+            x: &[f32],
+            w: &[u8],
+            wtype: WeightType,
+            shape: (usize, usize),
+            rows: core::ops::Range<usize>,
+        ) -> Result<Vec<f32>> {
+            qmatmul_rows_body(x, w, wtype, shape, rows)
+        }
+    };
 }
 
-/// The same source compiled for AVX2 (eight f32 lanes), chosen at run time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn qmatmul_rows_avx2(
-    x: &[f32],
-    w: &[u8],
-    wtype: WeightType,
-    shape: (usize, usize),
-    rows: core::ops::Range<usize>,
-) -> Result<Vec<f32>> {
-    qmatmul_rows_body(x, w, wtype, shape, rows)
-}
-
-/// The same source compiled for AVX-512 (sixteen f32 lanes), chosen at run time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2")]
-fn qmatmul_rows_avx512(
-    x: &[f32],
-    w: &[u8],
-    wtype: WeightType,
-    shape: (usize, usize),
-    rows: core::ops::Range<usize>,
-) -> Result<Vec<f32>> {
-    qmatmul_rows_body(x, w, wtype, shape, rows)
-}
+qmatmul_variant!(
+    /// The portable variant (SSE2 on x86-64, NEON on aarch64: the target's baseline).
+    qmatmul_rows_baseline
+);
+qmatmul_variant!(
+    /// Eight f32 lanes, chosen at run time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    qmatmul_rows_avx2
+);
+qmatmul_variant!(
+    /// Sixteen f32 lanes, chosen at run time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    qmatmul_rows_avx512
+);
 
 /// The variant of `isa`; a [`Host`] holds only instruction sets the processor has.
 fn qmatmul_rows(
@@ -477,30 +474,12 @@ impl Backend for Host {
                 out.write_f32(&result);
                 Ok(())
             }
-            Op::Attention {
-                q,
-                k,
-                v,
-                out,
-                n_tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0,
-                scale,
-            } => {
+            Op::Attention { .. } => {
                 op.check(|b| self.size(b))?;
-                let s = AttnShape {
-                    n_tokens: n_tokens as usize,
-                    n_heads: n_heads as usize,
-                    n_kv_heads: n_kv_heads as usize,
-                    head_dim: head_dim as usize,
-                    pos0: pos0 as usize,
-                };
-                let qo = s.n_tokens * s.n_heads * s.head_dim;
-                let kv = (s.pos0 + s.n_tokens) * s.n_kv_heads * s.head_dim;
-                let result = self.attention(&q.f32s(qo), &k.f32s(kv), &v.f32s(kv), s, scale);
-                out.write_f32(&result);
+                if let Some(a) = AttnCall::read(op) {
+                    a.out
+                        .write_f32(&self.attention(&a.q, &a.k, &a.v, a.shape, a.scale));
+                }
                 Ok(())
             }
             _ => Cpu.run(op),
