@@ -132,10 +132,11 @@ pub enum Device {
 }
 
 impl DeviceArgs {
-    fn gpu(&self) -> Result<Gpu, edgetune::Error> {
+    fn gpu(&self, real_gpu_only: bool) -> Result<Gpu, edgetune::Error> {
         Gpu::open(&GpuOptions {
             adapter_name: self.adapter.clone(),
             backends: self.wgpu_backend.clone(),
+            real_gpu_only,
         })
     }
 
@@ -144,19 +145,13 @@ impl DeviceArgs {
         let (device, why) = match self.backend {
             BackendKind::Cpu => (Device::Cpu, None),
             BackendKind::Host => (Device::Host(Host::default()), None),
-            BackendKind::Gpu => (Device::Gpu(Box::new(self.gpu()?)), None),
-            BackendKind::Auto => match self.gpu() {
-                Ok(g) if g.report().device_type != "Cpu" => {
-                    (Device::Gpu(Box::new(g)), Some("a GPU".into()))
-                }
-                Ok(g) => (
+            BackendKind::Gpu => (Device::Gpu(Box::new(self.gpu(false)?)), None),
+            BackendKind::Auto => match self.gpu(true) {
+                Ok(g) => (Device::Gpu(Box::new(g)), Some("a GPU".into())),
+                Err(e) => (
                     Device::Host(Host::default()),
-                    Some(format!(
-                        "{} emulates a GPU on the CPU; --backend gpu uses it",
-                        g.report().name
-                    )),
+                    Some(format!("{e}; --backend gpu takes any adapter")),
                 ),
-                Err(e) => (Device::Host(Host::default()), Some(format!("no GPU: {e}"))),
             },
         };
         let name = match &device {

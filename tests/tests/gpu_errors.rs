@@ -10,6 +10,7 @@ fn unknown_adapter_name_is_a_typed_error() {
     let err = Gpu::open(&GpuOptions {
         adapter_name: Some("no-such-adapter-4711".into()),
         backends: None,
+        ..GpuOptions::default()
     })
     .unwrap_err();
     assert!(
@@ -23,6 +24,7 @@ fn unknown_backend_list_is_a_typed_error() {
     let err = Gpu::open(&GpuOptions {
         adapter_name: None,
         backends: Some("nonsense".into()),
+        ..GpuOptions::default()
     })
     .unwrap_err();
     assert!(matches!(err, Error::NoAdapter { .. }), "{err}");
@@ -99,4 +101,22 @@ fn lost_device_is_a_typed_error() {
     ));
     assert!(matches!(gpu.read(&x), Err(Error::DeviceLost { .. })));
     assert!(matches!(gpu.sync(), Err(Error::DeviceLost { .. })));
+}
+
+#[test]
+fn real_gpu_only_refuses_a_cpu_emulated_adapter_before_making_a_device() {
+    let Some(gpu) = common::gpu() else { return };
+    let emulated = gpu.report().device_type == "Cpu";
+    drop(gpu);
+    let only_real = Gpu::open(&GpuOptions {
+        real_gpu_only: true,
+        ..GpuOptions::default()
+    });
+    match only_real {
+        Err(Error::NoAdapter { reason }) if emulated => {
+            assert!(reason.contains("emulates a GPU on the CPU"), "{reason}");
+        }
+        Ok(_) if !emulated => {}
+        other => panic!("emulated adapter: {emulated}; got {:?}", other.err()),
+    }
 }

@@ -61,6 +61,9 @@ pub struct GpuOptions {
     pub adapter_name: Option<String>,
     /// Comma list of backends: vulkan, metal, dx12, gl.
     pub backends: Option<String>,
+    /// Refuse an adapter that emulates a GPU on the CPU (llvmpipe, lavapipe, WARP) before
+    /// any device is made on it: a caller with its own CPU path would only throw it away.
+    pub real_gpu_only: bool,
 }
 
 /// What the conformance suite prints about the device.
@@ -184,6 +187,11 @@ impl Gpu {
     pub fn open(opts: &GpuOptions) -> Result<Gpu> {
         let (_instance, adapter) = choose_adapter(opts)?;
         let info = adapter.get_info();
+        if opts.real_gpu_only && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::NoAdapter {
+                reason: format!("`{}` emulates a GPU on the CPU", info.name),
+            });
+        }
         let limits = adapter.limits();
         let features = adapter.features();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
