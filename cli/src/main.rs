@@ -374,7 +374,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
     Ok(failed == 0 && !rows.is_empty())
 }
 
-/// The sampling flags, checked before any work.
+/// The sampling flags, checked against the model before any work.
 fn sampling(
     temperature: f32,
     top_k: usize,
@@ -383,15 +383,6 @@ fn sampling(
     seed: u64,
     vocab: u32,
 ) -> Result<edgetune::generate::Sampling, CliError> {
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        return flag(
-            "--temperature",
-            format!("{temperature} must be finite and >= 0"),
-        );
-    }
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return flag("--top-p", format!("{top_p} must be in (0, 1]"));
-    }
     in_range(
         "--top-k",
         top_k,
@@ -399,19 +390,27 @@ fn sampling(
         vocab as usize,
         "0 keeps all; at most the vocabulary",
     )?;
-    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-        return flag(
-            "--repetition-penalty",
-            format!("{repetition_penalty} must be finite and > 0"),
-        );
-    }
-    Ok(edgetune::generate::Sampling {
+    let sampling = edgetune::generate::Sampling {
         temperature,
         top_k,
         top_p,
         repetition_penalty,
         seed,
-    })
+    };
+    // The ranges live in the runtime; here its field names become the flags.
+    sampling.validate().map_err(|e| match e {
+        edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {
+            flag: match name {
+                "temperature" => "--temperature",
+                "top_p" => "--top-p",
+                "repetition_penalty" => "--repetition-penalty",
+                other => other,
+            },
+            reason,
+        },
+        other => other.into(),
+    })?;
+    Ok(sampling)
 }
 
 fn run(cli: &Cli) -> Result<bool, CliError> {

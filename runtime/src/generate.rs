@@ -34,7 +34,9 @@ impl Default for Sampling {
 }
 
 impl Sampling {
-    fn validate(&self) -> Result<()> {
+    /// Checks every parameter's range; an error names the field
+    /// ([`Error::InvalidArgument`]).
+    pub fn validate(&self) -> Result<()> {
         let bad = |name, reason: String| Err(Error::InvalidArgument { name, reason });
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad(

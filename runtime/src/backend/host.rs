@@ -94,14 +94,6 @@ impl Host {
             isa,
         })
     }
-
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
 }
 
 /// The dot product of two equal-length rows, in eight independent partial sums so the
