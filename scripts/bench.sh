@@ -28,4 +28,4 @@ env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python3 -c "$peer"
 
 echo "== edgetune bench (wgpu adapter, then the CPU reference)"
 cargo build --release -q -p edgetune-cli
-./target/release/edgetune bench --with-reference "$@"
+./target/release/edgetune bench --backend gpu --with-reference "$@"

@@ -14,7 +14,7 @@ cargo build --release -q -p edgetune-cli
 threads=$(nproc)
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $threads threads;" \
     "flags: $(grep -m1 -o -w -E 'avx512f|avx2|fma|neon|asimd' /proc/cpuinfo | sort -u | xargs)"
-./target/release/edgetune bench --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
+./target/release/edgetune bench --backend gpu --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
 ./target/release/edgetune bench --backend host --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
 ./target/release/edgetune bench --backend cpu --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
 python3 scripts/llama_cpp_peer.py "$model" "$pp" "$tg" "$threads"
