@@ -40,15 +40,10 @@ impl CpuBuffer {
         f32s(&b[..n.saturating_mul(4).min(b.len())])
     }
 
-    fn bytes(&self, n: usize) -> Vec<u8> {
-        let b = self.0.borrow();
-        b[..n.min(b.len())].to_vec()
-    }
-
-    /// The bytes in place, for a reader that must not copy them (weights).
-    #[cfg(feature = "std")]
-    pub(crate) fn borrow_bytes(&self) -> core::cell::Ref<'_, Vec<u8>> {
-        self.0.borrow()
+    /// The first `n` bytes in place (weights are not copied). Callers drop the borrow
+    /// before writing an output, which may be the same buffer.
+    pub(crate) fn bytes(&self, n: usize) -> core::cell::Ref<'_, [u8]> {
+        core::cell::Ref::map(self.0.borrow(), |b| &b[..n.min(b.len())])
     }
 
     pub(crate) fn write_f32(&self, vals: &[f32]) {
@@ -135,8 +130,15 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let wb = w.bytes(wtype.row_bytes(k)? * n);
-                out.write_f32(&qmatmul(&x.f32s(m * k), &wb, wtype, m, k, n)?);
+                let y = qmatmul(
+                    &x.f32s(m * k),
+                    &w.bytes(wtype.row_bytes(k)? * n),
+                    wtype,
+                    m,
+                    k,
+                    n,
+                )?;
+                out.write_f32(&y);
             }
             Op::Dequant { w, out, wtype, n } => {
                 let n = n as usize;
@@ -154,9 +156,15 @@ impl Backend for Cpu {
                 n_ids,
             } => {
                 let row = wtype.row_bytes(dim as usize)?;
-                let tb = table.bytes(row * vocab as usize);
                 let ids = u32s(&ids.bytes(n_ids as usize * 4));
-                out.write_f32(&embed(&tb, &ids, wtype, vocab, dim as usize)?);
+                let y = embed(
+                    &table.bytes(row * vocab as usize),
+                    &ids,
+                    wtype,
+                    vocab,
+                    dim as usize,
+                )?;
+                out.write_f32(&y);
             }
             Op::RmsNorm {
                 x,

@@ -10,12 +10,17 @@ use super::{Backend, Op};
 use crate::error::Result;
 use crate::quant::{self, WeightType};
 use std::prelude::v1::*;
+use std::sync::Arc;
 
 /// The threaded CPU backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Host {
     threads: usize,
     isa: Isa,
+    /// `threads - 1` workers that stay alive between ops (starting threads per op cost
+    /// about a third of a decode step); the calling thread takes the last share. `None`
+    /// with one thread.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// The instruction sets the quantised products are compiled for; one is chosen when a
@@ -81,18 +86,55 @@ impl Host {
     /// A backend using up to `threads` threads (at least one) and the widest instruction
     /// set this processor has.
     pub fn new(threads: usize) -> Host {
-        Host {
-            threads: threads.max(1),
-            isa: Isa::detect(),
-        }
+        Host::make(threads, Isa::detect())
     }
 
     /// The same with a chosen instruction set, or `None` if this processor lacks it.
     pub fn with_isa(threads: usize, isa: Isa) -> Option<Host> {
-        isa.available().then_some(Host {
-            threads: threads.max(1),
+        isa.available().then(|| Host::make(threads, isa))
+    }
+
+    /// If the system refuses the workers, the backend runs on the calling thread alone
+    /// (and its name says so).
+    fn make(threads: usize, isa: Isa) -> Host {
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads - 1)
+                    .thread_name(|i| format!("edgetune-host-{i}"))
+                    .build()
+                    .ok()
+            })
+            .flatten();
+        Host {
+            threads: if pool.is_some() { threads } else { 1 },
             isa,
-        })
+            pool: pool.map(Arc::new),
+        }
+    }
+
+    /// `f(0..parts)` in order, the parts after the first on the workers and the first on
+    /// the calling thread.
+    fn parallel<T: Send>(&self, parts: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+        let mut slots: Vec<Option<T>> = (0..parts).map(|_| None).collect();
+        match (&self.pool, slots.split_first_mut()) {
+            (Some(pool), Some((first, rest))) if !rest.is_empty() => {
+                pool.in_place_scope(|scope| {
+                    let f = &f;
+                    for (i, slot) in rest.iter_mut().enumerate() {
+                        scope.spawn(move |_| *slot = Some(f(i + 1)));
+                    }
+                    *first = Some(f(0));
+                });
+            }
+            _ => {
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    *slot = Some(f(i));
+                }
+            }
+        }
+        // The scope returns once every part has run (a panic in one is re-raised here).
+        slots.into_iter().flatten().collect()
     }
 }
 
@@ -175,27 +217,10 @@ fn dot_q4_1(x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
 /// on it dequantises each weight row once and reuses it for every x row.
 const DEQUANT_FROM_ROWS: usize = 4;
 
-/// Fills `out` (\[m, width\]) with `dot_row(i, row j)` for the weight rows `rows`.
-#[inline(always)]
-fn fill<'w>(
-    out: &mut [f32],
-    m: usize,
-    rows: core::ops::Range<usize>,
-    weights: impl Fn(usize) -> &'w [u8],
-    dot_row: impl Fn(usize, &[u8]) -> f32,
-) {
-    let width = rows.len();
-    for (c, j) in rows.enumerate() {
-        let r = weights(j);
-        for i in 0..m {
-            out[i * width + c] = dot_row(i, r);
-        }
-    }
-}
-
 /// out\[i, j\] for j in `rows` (a column block of out, stored row-major as
 /// \[m, rows.len()\]). Inlined into each instruction-set variant below, so the compiler
-/// vectorises the same source for each.
+/// vectorises the same source for each; the fused loops are written out here rather than
+/// passed as closures, which would be compiled apart from the variant's instruction set.
 #[inline(always)]
 fn qmatmul_rows_body(
     x: &[f32],
@@ -205,31 +230,34 @@ fn qmatmul_rows_body(
     rows: core::ops::Range<usize>,
 ) -> Result<Vec<f32>> {
     let row_bytes = wtype.row_bytes(k)?;
-    let mut out = vec![0.0f32; m * rows.len()];
+    let width = rows.len();
+    let mut out = vec![0.0f32; m * width];
     let weights = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
     let xs = |i: usize| &x[i * k..(i + 1) * k];
+    // Each weight row `$r` decoded in registers against every x row `$i`.
+    macro_rules! fused {
+        ($i:ident, $r:ident => $dot:expr) => {{
+            for (c, j) in rows.enumerate() {
+                let $r = &w[j * row_bytes..(j + 1) * row_bytes];
+                for $i in 0..m {
+                    out[$i * width + c] = $dot;
+                }
+            }
+            return Ok(out);
+        }};
+    }
     if m < DEQUANT_FROM_ROWS {
         match wtype {
-            WeightType::Q8_0 => {
-                fill(&mut out, m, rows, weights, |i, r| dot_q8_0(xs(i), r));
-                return Ok(out);
-            }
-            WeightType::Q4_0 => {
-                fill(&mut out, m, rows, weights, |i, r| dot_q4_0(xs(i), r));
-                return Ok(out);
-            }
+            WeightType::Q8_0 => fused!(i, r => dot_q8_0(&x[i * k..(i + 1) * k], r)),
+            WeightType::Q4_0 => fused!(i, r => dot_q4_0(&x[i * k..(i + 1) * k], r)),
             WeightType::Q4_1 => {
                 let sums: Vec<Vec<f32>> = (0..m).map(|i| block_sums(xs(i))).collect();
-                fill(&mut out, m, rows, weights, |i, r| {
-                    dot_q4_1(xs(i), &sums[i], r)
-                });
-                return Ok(out);
+                fused!(i, r => dot_q4_1(&x[i * k..(i + 1) * k], &sums[i], r))
             }
             _ => {}
         }
     }
     // Dequantise each weight row once and reuse it for every x row.
-    let width = rows.len();
     let mut row = vec![0.0f32; k];
     for (c, j) in rows.enumerate() {
         quant::dequantize(wtype, weights(j), &mut row)?;
@@ -345,18 +373,9 @@ impl Host {
             return attention_heads(q, k, v, s, scale, 0..s.n_heads);
         }
         let per = s.n_heads.div_ceil(threads);
-        let blocks: Vec<(usize, Vec<f32>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..s.n_heads)
-                .step_by(per)
-                .map(|h0| {
-                    let heads = h0..(h0 + per).min(s.n_heads);
-                    scope.spawn(move || (heads.len(), attention_heads(q, k, v, s, scale, heads)))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+        let blocks = self.parallel(s.n_heads.div_ceil(per), |b| {
+            let heads = b * per..((b + 1) * per).min(s.n_heads);
+            (heads.len(), attention_heads(q, k, v, s, scale, heads))
         });
         let hd = s.head_dim;
         let mut out = vec![0.0f32; s.n_tokens * s.n_heads * hd];
@@ -388,19 +407,9 @@ impl Host {
             return qmatmul_rows(self.isa, x, w, wtype, (m, k), 0..n);
         }
         let per = n.div_ceil(threads);
-        let blocks: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..n)
-                .step_by(per)
-                .map(|j0| {
-                    let rows = j0..(j0 + per).min(n);
-                    let isa = self.isa;
-                    s.spawn(move || qmatmul_rows(isa, x, w, wtype, (m, k), rows))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+        let blocks = self.parallel(n.div_ceil(per), |b| {
+            let rows = b * per..((b + 1) * per).min(n);
+            qmatmul_rows(self.isa, x, w, wtype, (m, k), rows)
         });
         // Interleave the column blocks back into rows of n.
         let mut out = vec![0.0f32; m * n];
@@ -459,10 +468,8 @@ impl Backend for Host {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
                 // The result is computed before `out` is written: it may alias `x`.
-                let result = {
-                    let wb = w.borrow_bytes();
-                    self.qmatmul(&xs, &wb[..wtype.row_bytes(k)? * n], wtype, (m, k, n))?
-                };
+                let result =
+                    self.qmatmul(&xs, &w.bytes(wtype.row_bytes(k)? * n), wtype, (m, k, n))?;
                 out.write_f32(&result);
                 Ok(())
             }
