@@ -1,34 +1,111 @@
 #!/usr/bin/env python3
-"""llama.cpp (through llama-cpp-python, its CPU backend) on the same model and machine:
-prompt processing and generation tokens/s and peak RSS, as `edgetune bench --model` reports.
+"""llama.cpp (through llama-cpp-python, its CPU backend) on the same model and machine, the
+tests `edgetune bench --model` runs: prompt processing (ppN), generation after it (tgN) and
+the training shape (trainBxT: B sequences of T tokens, each one forward with the loss at
+every position), with tokens/s and each test's peak RSS.
 
 Usage: python3 scripts/llama_cpp_peer.py MODEL.gguf [prompt_tokens] [gen_tokens] [threads]
-Needs: pip install llama-cpp-python (builds llama.cpp; about 4 minutes on 2 cores).
+           [--train BxT] [--json]
+Needs: pip install llama-cpp-python numpy (builds llama.cpp; about 7 minutes on 2 cores).
 """
-import resource
-import sys
+import argparse
+import json
 import time
 
+import numpy as np
 from llama_cpp import Llama
 
-path = sys.argv[1]
-pp = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-tg = int(sys.argv[3]) if len(sys.argv) > 3 else 128
-threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-llm = Llama(model_path=path, n_ctx=pp + tg + 8, n_batch=pp, n_threads=threads, n_threads_batch=threads,
-            verbose=False)
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("pp", nargs="?", type=int, default=512)
+ap.add_argument("tg", nargs="?", type=int, default=128)
+ap.add_argument("threads", nargs="?", type=int, default=2)
+ap.add_argument("--train", default="4x128")
+ap.add_argument("--json", action="store_true")
+a = ap.parse_args()
+batch, length = (int(v) for v in a.train.split("x"))
+
+
+def reset_peak():
+    # VmHWM restarts from the current RSS (Linux), as edgetune bench does per test.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+rows = []
+
+
+def timed(test, tokens, fn):
+    reset_peak()
+    t = time.perf_counter()
+    loss = fn()
+    rows.append({"test": test, "tokens": tokens, "seconds": time.perf_counter() - t,
+                 "peak_rss_mib": peak_mib(), "loss": loss})
+
+
+llm = Llama(model_path=a.model, n_ctx=a.pp + a.tg + 8, n_batch=a.pp, n_threads=a.threads,
+            n_threads_batch=a.threads, verbose=False)
 vocab = llm.n_vocab()
-tokens = [(i * 7919 + 13) % vocab for i in range(pp)]
+
+
+def ids(n, salt):
+    # The same ids as edgetune bench.
+    return [(i * 7919 + 13 + salt * 104729) % vocab for i in range(n)]
+
+
+tokens = ids(a.pp, 0)
 llm.eval(tokens[:8])  # warm-up
 llm.reset()
-t = time.perf_counter()
-llm.eval(tokens)
-pp_s = time.perf_counter() - t
-t = time.perf_counter()
-# One token per call, as in generation (which tokens does not change the cost).
-for i in range(tg):
-    llm.eval([tokens[i % pp]])
-tg_s = time.perf_counter() - t
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"{'llama.cpp CPU (' + str(threads) + ' threads)':<34} prompt {pp:>4} tokens {pp / pp_s:>8.1f} tok/s   "
-      f"generate {tg:>4} tokens {tg / tg_s:>7.2f} tok/s   peak RSS {rss:.0f} MiB")
+timed(f"pp{a.pp}", a.pp, lambda: llm.eval(tokens))
+
+
+def generate():
+    # One token per call, as in generation (which tokens does not change the cost).
+    for i in range(a.tg):
+        llm.eval([tokens[i % a.pp]])
+
+
+timed(f"tg{a.tg}", a.tg, generate)
+del llm
+
+# Loss at every position needs every position's logits.
+train = Llama(model_path=a.model, n_ctx=length, n_batch=length, n_threads=a.threads,
+              n_threads_batch=a.threads, logits_all=True, verbose=False)
+
+
+def train_step():
+    total, count = 0.0, 0
+    for b in range(batch):
+        seq = ids(length, b + 1)
+        train.reset()
+        train.eval(seq)
+        logits = np.asarray(train.scores[:length - 1], dtype=np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+        total += float((lse - logits[np.arange(length - 1), seq[1:]]).sum())
+        count += length - 1
+    return total / count
+
+
+timed(f"train{batch}x{length}", batch * length, train_step)
+label = f"llama.cpp CPU ({a.threads} threads)"
+if a.json:
+    for r in rows:
+        r["tok_s"] = r["tokens"] / r["seconds"]
+    print(json.dumps({"system": label, "model": a.model, "rows": rows}))
+else:
+    for r in rows:
+        loss = f"   loss {r['loss']:.3f}" if r["loss"] is not None else ""
+        print(f"{label:<34} {r['test']:<12} {r['tokens']:>5} tokens {r['tokens'] / r['seconds']:>8.2f} tok/s"
+              f"   peak RSS {r['peak_rss_mib']:>4.0f} MiB{loss}")

@@ -22,9 +22,26 @@ pub struct BenchArgs {
     /// Generated tokens for the model benchmark.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Training shape for the model benchmark, BATCHxTOKENS: that many sequences, each one
+    /// forward with the loss over all its positions (a zeroth-order step runs this twice).
+    #[arg(long, default_value = "4x128", value_parser = parse_batch)]
+    train: (usize, usize),
     /// Seconds to spend per measurement (five batches).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// Print one JSON object (for scripts/bench_compare.py) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_batch(s: &str) -> Result<(usize, usize), String> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&v| v > 0);
+    match s.split_once('x').map(|(b, t)| (parse(b), parse(t))) {
+        Some((Some(b), Some(t))) if b <= 1024 => Ok((b, t)),
+        _ => Err(format!(
+            "{s:?} is not BATCHxTOKENS with 1 <= BATCH <= 1024 and TOKENS >= 1, e.g. 4x128"
+        )),
+    }
 }
 
 /// One benchmark: a name, the op, and how to turn seconds per call into a rate.
@@ -162,16 +179,21 @@ fn time<B: Backend>(dev: &B, item: &Item, min_secs: f64) -> edgetune::Result<f64
     Ok(batches[2])
 }
 
-fn report(device: &str, item: &Item, secs: f64) {
-    println!(
-        "{:<24} {:<20} {:>18} {:>10.3} ms {:>9.2} GFLOP/s {:>8.2} GB/s",
-        device,
-        item.name,
-        format!("{}x{}x{}", item.m, item.k, item.n),
-        secs * 1e3,
-        item.flops() / secs / 1e9,
-        item.bytes() / secs / 1e9
-    );
+/// One kernel measurement, as a table line or a JSON row.
+fn report(device: &str, item: &Item, secs: f64, json: &mut Option<Vec<serde_json::Value>>) {
+    let shape = format!("{}x{}x{}", item.m, item.k, item.n);
+    let (gflops, gbs) = (item.flops() / secs / 1e9, item.bytes() / secs / 1e9);
+    match json {
+        Some(rows) => rows.push(serde_json::json!({
+            "device": device, "kernel": item.name, "shape": shape,
+            "ms": secs * 1e3, "gflop_s": gflops, "gb_s": gbs,
+        })),
+        None => println!(
+            "{device:<24} {:<20} {shape:>18} {:>10.3} ms {gflops:>9.2} GFLOP/s {gbs:>8.2} GB/s",
+            item.name,
+            secs * 1e3,
+        ),
+    }
 }
 
 /// Peak resident set size of this process, from /proc (Linux), in bytes.
@@ -182,8 +204,80 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Prompt processing (one batched forward of `prompt_tokens`) and generation (`gen_tokens`
-/// single-token forwards), like llama-bench's pp and tg tests.
+/// Starts a new peak (Linux: "5" to clear_refs resets VmHWM to the current RSS), so each
+/// test reports its own; where that is refused the peaks are cumulative, which the JSON
+/// says.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The processor and the flags that pick the CPU paths' variants, as BENCHMARKS.md names
+/// them.
+pub fn cpu_description() -> (String, Vec<String>) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let listed = field("flags")
+        .or_else(|| field("Features"))
+        .unwrap_or_default();
+    let have: Vec<&str> = listed
+        .split_whitespace()
+        .map(|f| if f == "asimd" { "neon" } else { f })
+        .collect();
+    let flags = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "neon",
+    ]
+    .into_iter()
+    .filter(|f| have.contains(f))
+    .map(String::from)
+    .collect();
+    (model, flags)
+}
+
+/// One model test: tokens per second and the peak RSS while it ran.
+struct Row {
+    test: String,
+    tokens: usize,
+    secs: f64,
+    peak_rss: Option<u64>,
+    loss: Option<f64>,
+}
+
+impl Row {
+    fn timed<T>(
+        test: String,
+        tokens: usize,
+        f: impl FnOnce() -> edgetune::Result<T>,
+    ) -> edgetune::Result<(Row, T)> {
+        reset_peak_rss();
+        let start = Instant::now();
+        let value = f()?;
+        let secs = start.elapsed().as_secs_f64();
+        let row = Row {
+            test,
+            tokens,
+            secs,
+            peak_rss: peak_rss(),
+            loss: None,
+        };
+        Ok((row, value))
+    }
+}
+
+/// Prompt processing (one batched forward of `prompt_tokens`), generation (`gen_tokens`
+/// single-token forwards after it), like llama-bench's pp and tg tests, and the training
+/// shape: `batch` sequences of `tokens`, each one forward with the loss at every position.
 fn model_bench<B: Backend>(
     dev: &B,
     label: &str,
@@ -193,31 +287,82 @@ fn model_bench<B: Backend>(
     let model = files.load(dev)?;
     let vocab = model.cfg.vocab;
     // Arbitrary ids spread over the vocabulary (u64: the product passes u32 for long prompts).
-    let tokens: Vec<u32> = (0..args.prompt_tokens as u64)
-        .map(|i| ((i * 7919 + 13) % u64::from(vocab)) as u32)
-        .collect();
+    let ids = |n: usize, salt: u64| -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| ((i * 7919 + 13 + salt * 104_729) % u64::from(vocab)) as u32)
+            .collect()
+    };
+    let tokens = ids(args.prompt_tokens, 0);
     let capacity = (args.prompt_tokens + args.gen_tokens) as u32;
     let mut cache = model.new_cache(capacity.min(model.cfg.context))?;
     model.forward(&mut cache, &tokens[..8.min(tokens.len())], false)?; // warm-up: pipelines
     cache.clear();
-    let start = Instant::now();
-    model.forward(&mut cache, &tokens, false)?;
-    let pp = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    let mut next = 1u32;
-    for _ in 0..args.gen_tokens {
-        let logits = model.forward(&mut cache, &[next], false)?;
-        next = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
-    }
-    let tg = start.elapsed().as_secs_f64();
-    println!(
-        "{label:<34} prompt {:>4} tokens {:>8.1} tok/s   generate {:>4} tokens {:>7.2} tok/s   peak RSS {:.0} MiB",
+    let mut rows = Vec::new();
+    let (row, ()) = Row::timed(
+        format!("pp{}", args.prompt_tokens),
         args.prompt_tokens,
-        args.prompt_tokens as f64 / pp,
-        args.gen_tokens,
-        args.gen_tokens as f64 / tg,
-        peak_rss().unwrap_or(0) as f64 / 1048576.0
-    );
+        || model.forward(&mut cache, &tokens, false).map(drop),
+    )?;
+    rows.push(row);
+    let (row, ()) = Row::timed(format!("tg{}", args.gen_tokens), args.gen_tokens, || {
+        let mut next = 1u32;
+        for _ in 0..args.gen_tokens {
+            let logits = model.forward(&mut cache, &[next], false)?;
+            next =
+                (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
+        }
+        Ok(())
+    })?;
+    rows.push(row);
+    drop(cache);
+    let (batch, len) = args.train;
+    let mut cache = model.new_cache(len as u32)?;
+    let (mut row, (nll, count)) = Row::timed(format!("train{batch}x{len}"), batch * len, || {
+        (0..batch).try_fold((0.0, 0), |(total, count), b| {
+            let (nll, n) = model.sequence_nll(&mut cache, &ids(len, b as u64 + 1))?;
+            Ok((total + nll, count + n))
+        })
+    })?;
+    row.loss = Some(nll / count as f64);
+    rows.push(row);
+    let mib = |b: Option<u64>| b.unwrap_or(0) as f64 / 1048576.0;
+    if args.json {
+        let (cpu, flags) = cpu_description();
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "test": r.test, "tokens": r.tokens, "seconds": r.secs,
+                    "tok_s": r.tokens as f64 / r.secs,
+                    "peak_rss_mib": r.peak_rss.map(|b| b as f64 / 1048576.0),
+                    "loss": r.loss,
+                })
+            })
+            .collect();
+        let peaks_per_test = reset_peak_rss();
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": label, "model": args.model.as_ref().map(|p| p.display().to_string()),
+                "cpu": cpu, "cpu_flags": flags, "peak_rss_per_test": peaks_per_test,
+                "rows": rows,
+            })
+        );
+        return Ok(());
+    }
+    for r in &rows {
+        let extra = r
+            .loss
+            .map(|l| format!("   loss {l:.3}"))
+            .unwrap_or_default();
+        println!(
+            "{label:<34} {:<12} {:>5} tokens {:>8.2} tok/s   peak RSS {:>4.0} MiB{extra}",
+            r.test,
+            r.tokens,
+            r.tokens as f64 / r.secs,
+            mib(r.peak_rss),
+        );
+    }
     Ok(())
 }
 
@@ -240,6 +385,14 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             context - args.prompt_tokens,
             &why,
         )?;
+        in_range(
+            "--train",
+            args.train.1,
+            2,
+            context,
+            "each training sequence is one window of the model's context, with at least one \
+             token to predict",
+        )?;
         return Ok(match args.device.open()? {
             Device::Gpu(gpu) => model_bench(
                 &*gpu,
@@ -254,19 +407,38 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         }?);
     }
     let device = args.device.open()?;
+    let mut json = args.json.then(Vec::new);
     for item in items() {
         match &device {
             Device::Gpu(gpu) => report(
                 &gpu.report().name,
                 &item,
                 time(&**gpu, &item, args.seconds)?,
+                &mut json,
             ),
-            Device::Host(host) => report(&host.name(), &item, time(host, &item, args.seconds)?),
+            Device::Host(host) => report(
+                &host.name(),
+                &item,
+                time(host, &item, args.seconds)?,
+                &mut json,
+            ),
             Device::Cpu => {}
         }
         if matches!(device, Device::Cpu) || args.with_reference {
-            report("cpu reference", &item, time(&Cpu, &item, args.seconds)?);
+            report(
+                "cpu reference",
+                &item,
+                time(&Cpu, &item, args.seconds)?,
+                &mut json,
+            );
         }
+    }
+    if let Some(rows) = json {
+        let (cpu, flags) = cpu_description();
+        println!(
+            "{}",
+            serde_json::json!({"cpu": cpu, "cpu_flags": flags, "kernels": rows})
+        );
     }
     Ok(())
 }

@@ -105,7 +105,6 @@ impl<B: Backend> DynRun for Runner<B> {
         // only its own length of cache.
         let window = window.min(tokens.len()).max(2);
         let mut cache = model.new_cache(u32::try_from(window).unwrap_or(u32::MAX))?;
-        let vocab = model.cfg.vocab as usize;
         let (mut total, mut count) = (0.0f64, 0usize);
         // Independent windows: each token is predicted from the ones before it in its window.
         let windows = tokens.len().div_ceil(window);
@@ -115,20 +114,9 @@ impl<B: Backend> DynRun for Runner<B> {
             if chunk.len() < 2 {
                 continue;
             }
-            cache.clear();
-            let logits = model.forward(&mut cache, chunk, true)?;
-            for (i, &next) in chunk.iter().enumerate().skip(1) {
-                let row = &logits[(i - 1) * vocab..i * vocab];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = f64::from(max)
-                    + row
-                        .iter()
-                        .map(|v| f64::from(v - max).exp())
-                        .sum::<f64>()
-                        .ln();
-                total += lse - f64::from(row[next as usize]);
-                count += 1;
-            }
+            let (nll, n) = model.sequence_nll(&mut cache, chunk)?;
+            total += nll;
+            count += n;
         }
         progress(windows, windows, start);
         eprintln!();

@@ -105,6 +105,31 @@ fn check_all<B: Backend>(be: &B) -> Vec<String> {
                 "{name} {variant}: max |diff| / logit range = {worst}"
             ));
         }
+        // The training loss: mean next-token NLL, against the same from transformers'
+        // logits.
+        let vocab = want.len() / tokens.len();
+        let want_nll = want
+            .chunks_exact(vocab)
+            .zip(&tokens[1..])
+            .map(|(row, &next)| {
+                let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                lse - row[next as usize] as f64
+            })
+            .sum::<f64>()
+            / (tokens.len() - 1) as f64;
+        let (nll, n) = model.sequence_nll(&mut cache, &tokens).unwrap();
+        let got_nll = nll / n as f64;
+        if n != tokens.len() - 1 || !((got_nll - want_nll).abs() < 1e-3 * want_nll.abs().max(1.0)) {
+            failures.push(format!(
+                "{name} {variant}: loss {got_nll} over {n} tokens, transformers {want_nll}"
+            ));
+        }
     }
     failures
 }

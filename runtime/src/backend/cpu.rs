@@ -253,8 +253,8 @@ impl Backend for Cpu {
             }
             Op::Attention { .. } => {
                 if let Some(a) = AttnCall::read(op) {
-                    a.out
-                        .write_f32(&attention(&a.q, &a.k, &a.v, a.shape, a.scale));
+                    let (k, v) = (a.k.f32s(a.kv), a.v.f32s(a.kv));
+                    a.out.write_f32(&attention(&a.q, &k, &v, a.shape, a.scale));
                 }
             }
             Op::Philox {
@@ -441,8 +441,11 @@ pub struct AttnShape {
 /// positions it attends to), for the reference and the threaded path alike.
 pub(crate) struct AttnCall<'a> {
     pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    /// The caches, read in place by the host path (a copy per call would cost more than
+    /// a decode step's attention); `kv` f32 values of each are in use.
+    pub k: &'a CpuBuffer,
+    pub v: &'a CpuBuffer,
+    pub kv: usize,
     pub shape: AttnShape,
     pub scale: f32,
     pub out: &'a CpuBuffer,
@@ -477,8 +480,9 @@ impl<'a> AttnCall<'a> {
         let kv = (shape.pos0 + shape.n_tokens) * shape.n_kv_heads * shape.head_dim;
         Some(AttnCall {
             q: q.f32s(qo),
-            k: k.f32s(kv),
-            v: v.f32s(kv),
+            k,
+            v,
+            kv,
             shape,
             scale,
             out,

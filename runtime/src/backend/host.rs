@@ -324,12 +324,18 @@ fn qmatmul_rows(
     }
 }
 
+/// The f32 at each 4-byte little-endian chunk (a plain load on little-endian targets).
+#[inline(always)]
+fn le_f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    b.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c))
+}
+
 /// Attention for the query heads `heads` of every token: \[n_tokens, heads.len(), hd\].
-/// The same arithmetic as the reference, without its per-position copies.
+/// The same arithmetic as the reference, reading the caches' bytes in place.
 fn attention_heads(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[u8],
+    v: &[u8],
     s: AttnShape,
     scale: f32,
     heads: core::ops::Range<usize>,
@@ -339,17 +345,23 @@ fn attention_heads(
     let width = heads.len();
     let mut out = vec![0.0f32; s.n_tokens * width * hd];
     let mut scores = Vec::with_capacity(s.pos0 + s.n_tokens);
+    let mut kv = vec![0.0f32; hd];
     for t in 0..s.n_tokens {
         let last = s.pos0 + t;
         for (c, h) in heads.clone().enumerate() {
-            let at = |p: usize| (p * s.n_kv_heads + h / group) * hd;
+            let at = |p: usize| (p * s.n_kv_heads + h / group) * hd * 4;
             let qv = &q[(t * s.n_heads + h) * hd..][..hd];
             scores.clear();
-            scores.extend((0..=last).map(|p| scale * dot(qv, &k[at(p)..][..hd])));
+            for p in 0..=last {
+                for (d, x) in kv.iter_mut().zip(le_f32s(&k[at(p)..][..hd * 4])) {
+                    *d = x;
+                }
+                scores.push(scale * dot(qv, &kv));
+            }
             let probs = softmax(&scores, scores.len());
             let o = &mut out[(t * width + c) * hd..][..hd];
             for (p, w) in probs.iter().enumerate() {
-                for (oi, vi) in o.iter_mut().zip(&v[at(p)..][..hd]) {
+                for (oi, vi) in o.iter_mut().zip(le_f32s(&v[at(p)..][..hd * 4])) {
                     *oi += w * vi;
                 }
             }
@@ -363,7 +375,7 @@ const MIN_ATTENTION_WORK_PER_THREAD: usize = 1 << 18;
 
 impl Host {
     /// Causal grouped-query attention, the query heads split over threads.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
+    fn attention(&self, q: &[f32], k: &[u8], v: &[u8], s: AttnShape, scale: f32) -> Vec<f32> {
         let work = s.n_tokens * s.n_heads * (s.pos0 + s.n_tokens) * s.head_dim * 2;
         let threads = self
             .threads
@@ -476,8 +488,12 @@ impl Backend for Host {
             Op::Attention { .. } => {
                 op.check(|b| self.size(b))?;
                 if let Some(a) = AttnCall::read(op) {
-                    a.out
-                        .write_f32(&self.attention(&a.q, &a.k, &a.v, a.shape, a.scale));
+                    // Computed before `out` is written: it may alias a cache.
+                    let y = {
+                        let (k, v) = (a.k.bytes(a.kv * 4), a.v.bytes(a.kv * 4));
+                        self.attention(&a.q, &k, &v, a.shape, a.scale)
+                    };
+                    a.out.write_f32(&y);
                 }
                 Ok(())
             }
@@ -516,7 +532,8 @@ mod tests {
         let (k, v) = (values(kv, 2), values(kv, 3));
         let want = super::super::cpu::attention(&q, &k, &v, s, 0.125);
         for threads in [1, 2, 4] {
-            let got = Host::new(threads).attention(&q, &k, &v, s, 0.125);
+            let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+            let got = Host::new(threads).attention(&q, &bytes(&k), &bytes(&v), s, 0.125);
             let worst = got
                 .iter()
                 .zip(&want)

@@ -682,4 +682,29 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         Ok(out)
     }
+    /// The summed negative log-likelihood of each token after the first, given the ones
+    /// before it, from one forward of `tokens` on the cleared cache, and how many tokens
+    /// were predicted: a training sequence's loss (mean = sum / count) and the numerator of
+    /// perplexity. Accumulated in f64 (log-sum-exp per position).
+    pub fn sequence_nll(&self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<(f64, usize)> {
+        if tokens.len() < 2 {
+            return Err(Error::InvalidArgument {
+                name: "tokens",
+                reason: format!("{} tokens; a loss needs at least 2", tokens.len()),
+            });
+        }
+        cache.clear();
+        let logits = self.forward(cache, tokens, true)?;
+        let vocab = self.cfg.vocab as usize;
+        let total = logits
+            .chunks_exact(vocab)
+            .zip(&tokens[1..])
+            .map(|(row, &next)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
+                f64::from(max) + libm::log(sum) - f64::from(row[next as usize])
+            })
+            .sum();
+        Ok((total, tokens.len() - 1))
+    }
 }
