@@ -125,7 +125,8 @@ fn check_all<B: Backend>(be: &B) -> Vec<String> {
             / (tokens.len() - 1) as f64;
         let (nll, n) = model.sequence_nll(&mut cache, &tokens).unwrap();
         let got_nll = nll / n as f64;
-        if n != tokens.len() - 1 || !((got_nll - want_nll).abs() < 1e-3 * want_nll.abs().max(1.0)) {
+        let close = (got_nll - want_nll).abs() < 1e-3 * want_nll.abs().max(1.0);
+        if n != tokens.len() - 1 || !close {
             failures.push(format!(
                 "{name} {variant}: loss {got_nll} over {n} tokens, transformers {want_nll}"
             ));
