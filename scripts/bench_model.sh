@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# Model benchmark with its peer, side by side in one run: prompt processing and generation
-# tokens/s and peak RSS on the same GGUF, for edgetune (wgpu adapter, the multi-threaded
-# CPU path, the CPU reference) and llama.cpp's CPU backend (llama-cpp-python, the same
-# thread count). Prints the host's processor flags that matter for the CPU paths.
-# Usage: scripts/bench_model.sh MODEL.gguf [prompt_tokens] [gen_tokens]
+# Model benchmark with its peer, side by side in one run: prompt processing (ppN),
+# generation after it (tgN) and the training shape (trainBxT, loss at every position), with
+# tokens/s and each test's peak RSS, for edgetune (wgpu adapter, the multi-threaded CPU
+# path, the CPU reference) and llama.cpp's CPU backend (llama-cpp-python, the same thread
+# count). Writes the run as JSON lines and prints it with the ratios to llama.cpp through
+# scripts/bench_compare.py; with a baseline run, also the change per test.
+# Usage: scripts/bench_model.sh MODEL.gguf [prompt_tokens] [gen_tokens] [BASELINE.jsonl]
+# Environment: BENCH_OUT (default target/bench/<time>.jsonl), BENCH_BACKENDS (default
+# "gpu host cpu"), BENCH_TRAIN (default 4x128).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1
 pp=${2:-512}
 tg=${3:-128}
-python3 -c 'import llama_cpp' 2>/dev/null || pip install -q llama-cpp-python
+baseline=${4:-}
+train=${BENCH_TRAIN:-4x128}
+out=${BENCH_OUT:-target/bench/$(date +%Y%m%d-%H%M%S).jsonl}
+python3 -c 'import llama_cpp, numpy' 2>/dev/null || pip install -q llama-cpp-python numpy
 cargo build --release -q -p edgetune-cli
 threads=$(nproc)
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $threads threads;" \
-    "flags: $(grep -m1 -o -w -E 'avx512f|avx2|fma|neon|asimd' /proc/cpuinfo | sort -u | xargs)"
-./target/release/edgetune bench --backend gpu --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
-./target/release/edgetune bench --backend host --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
-./target/release/edgetune bench --backend cpu --model "$model" --prompt-tokens "$pp" --gen-tokens "$tg"
-python3 scripts/llama_cpp_peer.py "$model" "$pp" "$tg" "$threads"
+mkdir -p "$(dirname "$out")"
+: > "$out"
+for backend in ${BENCH_BACKENDS:-gpu host cpu}; do
+    ./target/release/edgetune bench --backend "$backend" --model "$model" --json \
+        --prompt-tokens "$pp" --gen-tokens "$tg" --train "$train" >> "$out"
+done
+python3 scripts/llama_cpp_peer.py "$model" "$pp" "$tg" "$threads" --train "$train" --json >> "$out"
+echo "run written to $out"
+python3 scripts/bench_compare.py $baseline "$out"
