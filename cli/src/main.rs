@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use edgetune::Backend;
 use edgetune::backend::cpu::Cpu;
 use edgetune::backend::host::Host;
+use edgetune::backend::tune::{KernelShapes, Tuning};
 use edgetune::backend::wgpu::{Gpu, GpuOptions};
 use edgetune::selftest::{self, CheckRow, Tolerance};
 use std::process::ExitCode;
@@ -120,6 +121,20 @@ struct DeviceArgs {
     /// then all).
     #[arg(long)]
     wgpu_backend: Option<String>,
+    /// GPU kernel shapes: `cached` (measured on first use of an adapter and driver, then
+    /// read from the cache), `measure` (again, replacing the cache), `defaults`, or forced
+    /// as matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG.
+    #[arg(long, default_value = "cached", value_parser = parse_tuning)]
+    kernel_shapes: Tuning,
+}
+
+fn parse_tuning(s: &str) -> Result<Tuning, String> {
+    Ok(match s {
+        "cached" => Tuning::Cached,
+        "measure" => Tuning::Measure,
+        "defaults" => Tuning::Defaults,
+        spec => Tuning::Force(KernelShapes::parse(spec).map_err(|e| e.to_string())?),
+    })
 }
 
 /// The backend a command runs on, `auto` resolved.
@@ -137,6 +152,8 @@ impl DeviceArgs {
             adapter_name: self.adapter.clone(),
             backends: self.wgpu_backend.clone(),
             real_gpu_only,
+            tuning: self.kernel_shapes.clone(),
+            cache_dir: None,
         })
     }
 
@@ -162,6 +179,14 @@ impl DeviceArgs {
         match why {
             Some(why) => eprintln!("backend: {name} (auto: {why})"),
             None => eprintln!("backend: {name}"),
+        }
+        if let Device::Gpu(g) = &device
+            && let Some(t) = g.tuning()
+        {
+            eprintln!("kernel shapes: {} ({})", t.shapes.spec(), t.origin);
+            for note in &t.notes {
+                eprintln!("notice: {note}");
+            }
         }
         Ok(device)
     }
@@ -336,6 +361,10 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
         }
         Device::Gpu(gpu) => {
             let a = gpu.report();
+            let (shapes, origin) = gpu
+                .tuning()
+                .map(|t| (t.shapes.spec(), t.origin.clone()))
+                .unwrap_or_default();
             if json {
                 println!(
                     "{}",
@@ -346,6 +375,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                         "max_workgroups_per_dim": a.max_workgroups_per_dim,
                         "max_invocations_per_workgroup": a.max_invocations_per_workgroup,
                         "shader_f16": a.shader_f16, "subgroups": a.subgroups,
+                        "kernel_shapes": shapes, "kernel_shapes_origin": origin,
                     })
                 );
             } else {
@@ -362,6 +392,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                     "features: shader-f16 {}, subgroups {}",
                     a.shader_f16, a.subgroups
                 );
+                println!("kernel shapes: {shapes} ({origin})");
             }
             selftest::run(&*gpu, kernel)
         }

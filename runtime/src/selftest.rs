@@ -84,6 +84,10 @@ impl Case {
     pub fn kernel(&self) -> &'static str {
         self.kernel
     }
+
+    pub fn shape(&self) -> &str {
+        &self.shape
+    }
 }
 
 static IDX: [usize; 6] = [0, 1, 2, 3, 4, 5];

@@ -13,6 +13,8 @@ pub mod cpu;
 #[cfg(feature = "std")]
 pub mod host;
 #[cfg(feature = "gpu")]
+pub mod tune;
+#[cfg(feature = "gpu")]
 pub mod wgpu;
 
 /// The two RoPE pairings in use.

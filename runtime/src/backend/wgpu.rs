@@ -6,6 +6,7 @@
 //! failures into typed errors; buffer and pipeline creation run inside error scopes so that
 //! out-of-memory and validation failures are reported where they happen.
 
+use super::tune::{self, KernelShapes, TuneReport, Tuning};
 use super::{Backend, Op, RopeStyle};
 use crate::error::{Error, Result};
 use crate::quant::WeightType;
@@ -40,18 +41,9 @@ const MAX_STAGED_BYTES: u64 = 16 << 20;
 /// Tokens from which a quantised product dequantises its weights to f32 scratch first.
 const DEQUANT_MATMUL_FROM: u32 = 16;
 
-/// Invocations per `qmatvec` workgroup: small, so short matrices still spread over every
-/// core of a CPU-emulated GPU.
-const QMATVEC_WG: u32 = 16;
-
-/// Invocations per `attention_v4` workgroup (one invocation per token and head): few when
-/// there are few pairs (a decode step), so they spread over every core.
-fn attention_wg(pairs: u32) -> u32 {
-    if pairs < 256 { 4 } else { 64 }
-}
-
-/// Output rows from which `qmatvec` computes eight rows per invocation instead of four.
-const QMATVEC_ROWS8_FROM: u32 = 16_384;
+/// Invocations per `attention_v4` workgroup (one invocation per token and head) beyond a
+/// decode step, whose count is tuned per device (see [`super::tune`]).
+const ATTENTION_WG: u32 = 64;
 
 /// How to choose the adapter. Unset fields fall back to wgpu's environment variables
 /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), then to wgpu's default.
@@ -64,6 +56,10 @@ pub struct GpuOptions {
     /// Refuse an adapter that emulates a GPU on the CPU (llvmpipe, lavapipe, WARP) before
     /// any device is made on it: a caller with its own CPU path would only throw it away.
     pub real_gpu_only: bool,
+    /// How kernel shapes are chosen (measured once per adapter and driver, then cached).
+    pub tuning: Tuning,
+    /// Where the kernel shape cache lives (default: see [`tune`]).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// What the conformance suite prints about the device.
@@ -115,6 +111,8 @@ pub struct Gpu {
     staged: Mutex<u64>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    shapes: KernelShapes,
+    tune: Option<TuneReport>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -220,7 +218,7 @@ impl Gpu {
             }
         }));
         debug_!("wgpu adapter: {}", info.name.as_str());
-        Ok(Gpu {
+        let mut gpu = Gpu {
             device,
             queue,
             info,
@@ -233,7 +231,36 @@ impl Gpu {
             staged: Mutex::new(0),
             lost,
             uncaptured,
-        })
+            shapes: KernelShapes::default(),
+            tune: None,
+        };
+        // A measurement that fails leaves the defaults, which every device runs; a lost
+        // device shows on the next op.
+        let report = tune::autotune(&mut gpu, &opts.tuning, opts.cache_dir.as_deref())
+            .unwrap_or_else(|e| TuneReport {
+                shapes: KernelShapes::default(),
+                origin: "defaults".into(),
+                notes: vec![format!(
+                    "measuring kernel shapes failed ({e}); using the defaults"
+                )],
+            });
+        gpu.shapes = report.shapes;
+        gpu.tune = Some(report);
+        Ok(gpu)
+    }
+
+    /// The kernel shapes this device runs with, where they came from, and any notice.
+    pub fn tuning(&self) -> Option<&TuneReport> {
+        self.tune.as_ref()
+    }
+
+    pub(crate) fn set_shapes(&mut self, shapes: KernelShapes) {
+        self.shapes = shapes;
+    }
+
+    /// PCI vendor and device ids (zero where the backend does not report them).
+    pub(crate) fn vendor_device(&self) -> (u32, u32) {
+        (self.info.vendor, self.info.device)
     }
 
     /// The adapter's identity, limits and features.
@@ -727,13 +754,16 @@ impl Backend for Gpu {
                     });
                 }
                 let row_bytes = wtype.row_bytes(k as usize)? as u32;
-                // Eight rows per matvec invocation once there are rows enough to keep every
-                // core busy (measured on lavapipe; see BENCHMARKS.md).
-                let rows = if n >= QMATVEC_ROWS8_FROM { 8 } else { 4 };
+                // Wide products (output heads) and projections each have their tuned shape.
+                let mv = if n >= tune::WIDE_FROM {
+                    self.shapes.matvec_wide
+                } else {
+                    self.shapes.matvec
+                };
                 let (entry, groups) = if m == 1 {
                     (
                         "qmatvec",
-                        self.grid_of(name, u64::from(n.div_ceil(rows)), QMATVEC_WG)?,
+                        self.grid_of(name, u64::from(n.div_ceil(mv.rows)), mv.wg)?,
                     )
                 } else {
                     (
@@ -747,8 +777,8 @@ impl Backend for Gpu {
                     overrides: vec![
                         ("WTYPE", wtype.shader_code()),
                         ("X4", u32::from(k.is_multiple_of(4))),
-                        ("ROWS", rows),
-                        ("MV_WG", QMATVEC_WG),
+                        ("ROWS", mv.rows),
+                        ("MV_WG", mv.wg),
                     ],
                     // x and w are bound twice: as scalars and as vectors.
                     bindings: vec![(1, w), (2, x), (4, out), (5, x), (6, w)],
@@ -890,6 +920,11 @@ impl Backend for Gpu {
                 scale,
             } => {
                 let pairs = n_tokens * n_heads;
+                let wg = if pairs < tune::DECODE_PAIRS_BELOW {
+                    self.shapes.attention_decode_wg
+                } else {
+                    ATTENTION_WG
+                };
                 let params = vec![
                     n_tokens,
                     n_heads,
@@ -902,10 +937,10 @@ impl Backend for Gpu {
                     Dispatch {
                         family: "attention",
                         entry: "attention_v4",
-                        overrides: vec![("HD4", head_dim / 4), ("AT_WG", attention_wg(pairs))],
+                        overrides: vec![("HD4", head_dim / 4), ("AT_WG", wg)],
                         bindings: vec![(5, q), (6, k), (7, v), (8, out)],
                         params,
-                        groups: self.grid_of(name, u64::from(pairs), attention_wg(pairs))?,
+                        groups: self.grid_of(name, u64::from(pairs), wg)?,
                     }
                 } else {
                     Dispatch {

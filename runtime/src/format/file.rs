@@ -26,6 +26,8 @@ pub enum FileKind {
     TokenizerConfig,
     /// A UTF-8 text to score or train on.
     Text,
+    /// A cached choice of GPU kernel shapes (backend::tune).
+    TuneCache,
 }
 
 const MIB: u64 = 1 << 20;
@@ -41,6 +43,7 @@ impl FileKind {
             FileKind::Tokenizer => 64 * MIB,
             FileKind::TokenizerConfig => 16 * MIB,
             FileKind::Text => 256 * MIB,
+            FileKind::TuneCache => MIB,
         }
     }
 
@@ -52,6 +55,7 @@ impl FileKind {
             FileKind::Tokenizer => "tokenizer.json",
             FileKind::TokenizerConfig => "tokenizer_config.json",
             FileKind::Text => "text file",
+            FileKind::TuneCache => "kernel shape cache",
         }
     }
 }

@@ -1,0 +1,405 @@
+//! Kernel shapes chosen per device by measurement. The quantised matrix-vector product and
+//! decode-step attention have shapes (invocations per workgroup, rows per invocation) whose
+//! best value differs between devices by several times (register counts, cores, how an
+//! emulated GPU maps workgroups to threads). On first use of an adapter and driver,
+//! [`autotune`] times each candidate on the shapes of a small model and keeps the fastest;
+//! the choice is cached on disk, keyed by adapter, driver and edgetune version, and a cache
+//! that is unreadable, stale or names a shape outside the candidates is ignored and
+//! rebuilt. Every candidate computes the same values (each output is one invocation's
+//! sum, in the same order); the conformance suite and `tests/tests/tune.rs` check them.
+
+use super::wgpu::Gpu;
+use super::{Backend, Op};
+use crate::error::{Error, Result};
+use crate::format::file::{FileKind, read_json};
+use crate::quant::WeightType;
+use std::path::{Path, PathBuf};
+use std::prelude::v1::*;
+use std::time::Instant;
+
+/// The shape of one `qmatvec` dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatvecShape {
+    /// Invocations per workgroup.
+    pub wg: u32,
+    /// Weight rows per invocation (4 or 8).
+    pub rows: u32,
+}
+
+/// The shapes the wgpu backend dispatches with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelShapes {
+    /// Matrix-vector products with fewer than [`WIDE_FROM`] output rows (projections).
+    pub matvec: MatvecShape,
+    /// Those with at least [`WIDE_FROM`] (output heads).
+    pub matvec_wide: MatvecShape,
+    /// Invocations per workgroup of attention with few (token, head) pairs: a decode step.
+    pub attention_decode_wg: u32,
+}
+
+/// Output rows from which a product counts as wide.
+pub const WIDE_FROM: u32 = 16_384;
+/// (token, head) pairs below which attention counts as a decode step.
+pub const DECODE_PAIRS_BELOW: u32 = 256;
+
+const MATVEC_WG: [u32; 4] = [8, 16, 32, 64];
+const MATVEC_ROWS: [u32; 2] = [4, 8];
+const ATTENTION_WG: [u32; 3] = [4, 16, 64];
+
+impl Default for KernelShapes {
+    /// The shapes measured best on lavapipe (BENCHMARKS.md), used without measurement.
+    fn default() -> Self {
+        KernelShapes {
+            matvec: MatvecShape { wg: 16, rows: 4 },
+            matvec_wide: MatvecShape { wg: 16, rows: 8 },
+            attention_decode_wg: 4,
+        }
+    }
+}
+
+impl KernelShapes {
+    /// `matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG`, as `--kernel-shapes`
+    /// takes and `selftest` shows it.
+    pub fn spec(&self) -> String {
+        format!(
+            "matvec={}x{},matvec_wide={}x{},attention_decode={}",
+            self.matvec.wg,
+            self.matvec.rows,
+            self.matvec_wide.wg,
+            self.matvec_wide.rows,
+            self.attention_decode_wg
+        )
+    }
+
+    /// Parses [`KernelShapes::spec`]'s form; keys left out keep their default. Only
+    /// candidate values are accepted, so a forced shape is one the tests cover.
+    pub fn parse(spec: &str) -> Result<KernelShapes> {
+        let bad = |reason: String| Error::InvalidArgument {
+            name: "kernel shapes",
+            reason,
+        };
+        let mut s = KernelShapes::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not KEY=VALUE")))?;
+            let num = |v: &str, allowed: &[u32]| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| allowed.contains(n))
+                    .ok_or_else(|| bad(format!("{key}: {v:?} is not one of {allowed:?}")))
+            };
+            let matvec = |v: &str| -> Result<MatvecShape> {
+                let (wg, rows) = v
+                    .split_once('x')
+                    .ok_or_else(|| bad(format!("{key}: {v:?} is not WGxROWS, e.g. 16x4")))?;
+                Ok(MatvecShape {
+                    wg: num(wg, &MATVEC_WG)?,
+                    rows: num(rows, &MATVEC_ROWS)?,
+                })
+            };
+            match key {
+                "matvec" => s.matvec = matvec(value)?,
+                "matvec_wide" => s.matvec_wide = matvec(value)?,
+                "attention_decode" => s.attention_decode_wg = num(value, &ATTENTION_WG)?,
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {key:?} (matvec, matvec_wide, attention_decode)"
+                    )));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Every candidate for each shape (the tests run them all against the reference).
+    pub fn candidates() -> Vec<KernelShapes> {
+        let mut v = Vec::new();
+        for wg in MATVEC_WG {
+            for rows in MATVEC_ROWS {
+                for a in ATTENTION_WG {
+                    let m = MatvecShape { wg, rows };
+                    v.push(KernelShapes {
+                        matvec: m,
+                        matvec_wide: m,
+                        attention_decode_wg: a,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// How to choose the shapes when a device is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Tuning {
+    /// The cached choice for this adapter and driver, measured and cached if there is none
+    /// (or it is unreadable or stale).
+    #[default]
+    Cached,
+    /// Measure again and replace the cache.
+    Measure,
+    /// The built-in defaults, without measuring or touching the cache.
+    Defaults,
+    /// These shapes.
+    Force(KernelShapes),
+}
+
+/// The shapes a device runs with and where they came from, for `selftest` and `bench`.
+#[derive(Debug, Clone)]
+pub struct TuneReport {
+    pub shapes: KernelShapes,
+    /// "measured now (…ms), cached in PATH", "cached in PATH", "defaults", "forced".
+    pub origin: String,
+    /// Notices: a cache that was ignored and why, a cache that could not be written.
+    pub notes: Vec<String>,
+}
+
+/// Where a cache for this adapter lives: under `dir` if given, else `$EDGETUNE_CACHE_DIR`,
+/// `$XDG_CACHE_HOME/edgetune` or `$HOME/.cache/edgetune`; `None` without any of them.
+fn cache_path(identity: &str, dir: Option<&Path>) -> Option<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = dir
+        .map(Path::to_path_buf)
+        .or_else(|| env("EDGETUNE_CACHE_DIR"))
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("edgetune")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("edgetune")))?;
+    // FNV-1a: a file name stable across Rust versions (the identity is checked inside).
+    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    Some(dir.join("autotune").join(format!("{hash:016x}.json")))
+}
+
+/// The cached shapes, or why the cache cannot be trusted.
+fn load(path: &Path, identity: &str) -> core::result::Result<KernelShapes, String> {
+    let v = read_json(path, FileKind::TuneCache).map_err(|e| e.to_string())?;
+    if v["identity"].as_str() != Some(identity) {
+        return Err("it was made for another adapter, driver or edgetune version".into());
+    }
+    let spec = v["shapes"].as_str().ok_or("it holds no shapes")?;
+    KernelShapes::parse(spec).map_err(|e| e.to_string())
+}
+
+/// Writes atomically (a temporary file renamed into place), so concurrent processes
+/// never read half a cache.
+fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) -> Result<()> {
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let body = serde_json::json!({
+        "identity": identity,
+        "shapes": shapes.spec(),
+        "timings_us": timings,
+    });
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, body.to_string()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Seconds per call of `op` on `gpu` with `shapes`: the median of five after a warm-up
+/// (which compiles the pipeline).
+fn time_op(
+    gpu: &mut Gpu,
+    shapes: KernelShapes,
+    op: &Op<'_, super::wgpu::GpuBuffer>,
+) -> Result<f64> {
+    gpu.set_shapes(shapes);
+    gpu.run(op)?;
+    gpu.sync()?;
+    let mut t = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let start = Instant::now();
+        for _ in 0..4 {
+            gpu.run(op)?;
+        }
+        gpu.sync()?;
+        t.push(start.elapsed().as_secs_f64() / 4.0);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[2])
+}
+
+/// Measures every candidate on SmolLM2-135M's shapes (a projection, a wide output head, a
+/// decode step's attention at 256 positions) and returns the fastest of each, with the
+/// timings for the cache.
+fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
+    let mut best = KernelShapes::default();
+    let mut timings = Vec::new();
+    let wtype = WeightType::Q4_1;
+    for (k, n) in [(576u32, 1536u32), (576, WIDE_FROM)] {
+        let x = gpu.upload_f32(&vec![0.5; k as usize], "tune x")?;
+        let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
+            .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
+            .collect();
+        let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
+        let out = gpu.alloc(u64::from(n) * 4, "tune out")?;
+        let op = Op::QMatmul {
+            x: &x,
+            w: &w,
+            out: &out,
+            wtype,
+            m: 1,
+            k,
+            n,
+        };
+        let mut fastest = (f64::INFINITY, best.matvec);
+        for wg in MATVEC_WG {
+            for rows in MATVEC_ROWS {
+                let shape = MatvecShape { wg, rows };
+                let s = time_op(
+                    gpu,
+                    KernelShapes {
+                        matvec: shape,
+                        matvec_wide: shape,
+                        ..best
+                    },
+                    &op,
+                )?;
+                timings.push(format!("matvec {k}x{n} {wg}x{rows}: {:.1}", s * 1e6));
+                if s < fastest.0 {
+                    fastest = (s, shape);
+                }
+            }
+        }
+        if n >= WIDE_FROM {
+            best.matvec_wide = fastest.1;
+        } else {
+            best.matvec = fastest.1;
+        }
+    }
+    let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 255u32);
+    let q = gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?;
+    let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
+    let (kb, vb) = (
+        gpu.upload_f32(&kv, "tune k")?,
+        gpu.upload_f32(&kv, "tune v")?,
+    );
+    let out = gpu.alloc(u64::from(heads * hd) * 4, "tune out")?;
+    let op = Op::Attention {
+        q: &q,
+        k: &kb,
+        v: &vb,
+        out: &out,
+        n_tokens: 1,
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        pos0,
+        scale: 0.125,
+    };
+    let mut fastest = (f64::INFINITY, best.attention_decode_wg);
+    for wg in ATTENTION_WG {
+        let s = time_op(
+            gpu,
+            KernelShapes {
+                attention_decode_wg: wg,
+                ..best
+            },
+            &op,
+        )?;
+        timings.push(format!("attention decode {wg}: {:.1}", s * 1e6));
+        if s < fastest.0 {
+            fastest = (s, wg);
+        }
+    }
+    best.attention_decode_wg = fastest.1;
+    Ok((best, timings))
+}
+
+/// Applies `tuning` to a freshly opened device: see [`Tuning`].
+pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Result<TuneReport> {
+    let report = |shapes, origin: &str, notes| TuneReport {
+        shapes,
+        origin: origin.to_string(),
+        notes,
+    };
+    let r = gpu.report();
+    let identity = format!(
+        "edgetune {} | {} | {} | {} {} | {:04x}:{:04x}",
+        env!("CARGO_PKG_VERSION"),
+        r.name,
+        r.backend,
+        r.driver,
+        r.driver_info,
+        gpu.vendor_device().0,
+        gpu.vendor_device().1,
+    );
+    let path = cache_path(&identity, dir);
+    let mut notes = Vec::new();
+    match tuning {
+        Tuning::Defaults => return Ok(report(KernelShapes::default(), "defaults", notes)),
+        Tuning::Force(s) => {
+            gpu.set_shapes(*s);
+            return Ok(report(*s, "forced", notes));
+        }
+        Tuning::Cached => match &path {
+            Some(p) if p.exists() => match load(p, &identity) {
+                Ok(s) => {
+                    gpu.set_shapes(s);
+                    return Ok(report(s, &format!("cached in {}", p.display()), notes));
+                }
+                Err(why) => notes.push(format!(
+                    "ignored the kernel shape cache {}: {why}; measuring again",
+                    p.display()
+                )),
+            },
+            _ => {}
+        },
+        Tuning::Measure => {}
+    }
+    let start = Instant::now();
+    let (shapes, timings) = measure(gpu)?;
+    gpu.set_shapes(shapes);
+    let took = format!("measured now ({:.1} s)", start.elapsed().as_secs_f64());
+    let origin = match &path {
+        Some(p) => match save(p, &identity, &shapes, &timings) {
+            Ok(()) => format!("{took}, cached in {}", p.display()),
+            Err(e) => {
+                notes.push(format!("could not cache the kernel shapes: {e}"));
+                took
+            }
+        },
+        None => {
+            notes.push("no cache directory (EDGETUNE_CACHE_DIR, XDG_CACHE_HOME, HOME)".into());
+            took
+        }
+    };
+    Ok(report(shapes, &origin, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_and_rejects_what_is_not_a_candidate() {
+        for c in KernelShapes::candidates() {
+            assert_eq!(KernelShapes::parse(&c.spec()).unwrap(), c);
+        }
+        assert_eq!(KernelShapes::parse("").unwrap(), KernelShapes::default());
+        let partial = KernelShapes::parse("attention_decode=64").unwrap();
+        assert_eq!(partial.attention_decode_wg, 64);
+        assert_eq!(partial.matvec, KernelShapes::default().matvec);
+        for bad in [
+            "matvec=7x4",
+            "matvec=16x5",
+            "matvec=16",
+            "speed=11",
+            "matvec",
+            "attention_decode=-1",
+        ] {
+            let err = KernelShapes::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("kernel shapes"), "{bad}: {err}");
+        }
+    }
+}
