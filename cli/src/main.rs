@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use edgetune::Backend;
 use edgetune::backend::cpu::Cpu;
-use edgetune::backend::host::Host;
+use edgetune::backend::host::{Host, Isa};
 use edgetune::backend::tune::{KernelShapes, Tuning};
 use edgetune::backend::wgpu::{Gpu, GpuOptions};
 use edgetune::selftest::{self, CheckRow, Tolerance};
@@ -77,6 +77,16 @@ enum BackendKind {
     Gpu,
 }
 
+/// The instruction set of the multi-threaded CPU path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IsaArg {
+    /// The widest this processor has.
+    Auto,
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
 /// Load-time quantisation of a safetensors model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum QuantArg {
@@ -126,6 +136,9 @@ struct DeviceArgs {
     /// as matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG.
     #[arg(long, default_value = "cached", value_parser = parse_tuning)]
     kernel_shapes: Tuning,
+    /// Instruction set of the multi-threaded CPU path (to compare variants on one host).
+    #[arg(long, value_enum, default_value = "auto")]
+    cpu_isa: IsaArg,
 }
 
 fn parse_tuning(s: &str) -> Result<Tuning, String> {
@@ -158,15 +171,29 @@ impl DeviceArgs {
     }
 
     /// Opens the chosen backend and says on stderr which it is (and, for `auto`, why).
+    fn host(&self) -> Result<Host, edgetune::Error> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let isa = match self.cpu_isa {
+            IsaArg::Auto => return Ok(Host::new(threads)),
+            IsaArg::Baseline => Isa::Baseline,
+            IsaArg::Avx2 => Isa::Avx2,
+            IsaArg::Avx512 => Isa::Avx512,
+        };
+        Host::with_isa(threads, isa).ok_or_else(|| edgetune::Error::InvalidArgument {
+            name: "--cpu-isa",
+            reason: format!("this processor cannot run the {} variant", isa.name()),
+        })
+    }
+
     pub fn open(&self) -> Result<Device, edgetune::Error> {
         let (device, why) = match self.backend {
             BackendKind::Cpu => (Device::Cpu, None),
-            BackendKind::Host => (Device::Host(Host::default()), None),
+            BackendKind::Host => (Device::Host(self.host()?), None),
             BackendKind::Gpu => (Device::Gpu(Box::new(self.gpu(false)?)), None),
             BackendKind::Auto => match self.gpu(true) {
                 Ok(g) => (Device::Gpu(Box::new(g)), Some("a GPU".into())),
                 Err(e) => (
-                    Device::Host(Host::default()),
+                    Device::Host(self.host()?),
                     Some(format!("{e}; --backend gpu takes any adapter")),
                 ),
             },
