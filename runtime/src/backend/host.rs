@@ -216,6 +216,38 @@ fn dot_q4_1(x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
     acc.iter().sum::<f32>() + mins
 }
 
+/// [`dot_q8_0`] in the variant of `isa`.
+#[inline(always)]
+fn dot_q8_0_isa(isa: Isa, x: &[f32], row: &[u8]) -> f32 {
+    match isa {
+        // SAFETY (both): the Host's instruction set is one the processor reports; a row of
+        // k elements is k / 32 whole blocks and x holds k values (`WeightType::row_bytes`
+        // admits only whole blocks).
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx512 => unsafe { x86::q8_0_avx512(x, row) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { x86::q8_0_avx2(x, row) },
+        _ => dot_q8_0(x, row),
+    }
+}
+
+/// [`dot_q4_1`] in the variant of `isa`.
+#[inline(always)]
+fn dot_q4_1_isa(isa: Isa, x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
+    match isa {
+        // SAFETY (both): as in `dot_q8_0_isa`; `sums` holds one value per block.
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx512 => unsafe { x86::q4_1_avx512(x, sums, row) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { x86::q4_1_avx2(x, sums, row) },
+        _ => dot_q4_1(x, sums, row),
+    }
+}
+
 /// Below this many x rows a product decodes each weight block where it is used; from here
 /// on it dequantises each weight row once and reuses it for every x row.
 const DEQUANT_FROM_ROWS: usize = 4;
@@ -252,11 +284,11 @@ fn qmatmul_rows_body(
     }
     if m < DEQUANT_FROM_ROWS {
         match wtype {
-            WeightType::Q8_0 => fused!(i, r => dot_q8_0(&x[i * k..(i + 1) * k], r)),
+            WeightType::Q8_0 => fused!(i, r => dot_q8_0_isa(isa, &x[i * k..(i + 1) * k], r)),
             WeightType::Q4_0 => fused!(i, r => dot_q4_0(&x[i * k..(i + 1) * k], r)),
             WeightType::Q4_1 => {
                 let sums: Vec<Vec<f32>> = (0..m).map(|i| block_sums(xs(i))).collect();
-                fused!(i, r => dot_q4_1(&x[i * k..(i + 1) * k], &sums[i], r))
+                fused!(i, r => dot_q4_1_isa(isa, &x[i * k..(i + 1) * k], &sums[i], r))
             }
             _ => {}
         }
@@ -320,7 +352,134 @@ fn tile(isa: Isa, xs: [&[f32]; TILE], ws: [&[f32]; TILE]) -> [[f32; TILE]; TILE]
 #[allow(unsafe_code)]
 mod x86 {
     use super::TILE;
+    use crate::quant::{self, Q4_1_BYTES, Q8_0_BYTES};
     use core::arch::x86_64::*;
+
+    /// x . row for a Q8_0 row: each block's 32 signed bytes widened to two 16-lane vectors;
+    /// two accumulators (even and odd blocks) so consecutive blocks do not wait on each
+    /// other.
+    ///
+    /// # Safety
+    /// AVX-512 F; `row` is whole blocks and `x` holds 32 values per block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q8_0_avx512(x: &[f32], row: &[u8]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for (b, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+            let d = _mm512_set1_ps(quant::f16_at(blk, 0));
+            // SAFETY: a block holds 2 + 32 bytes; x holds 32 values for block b.
+            let (q0, q1, x0, x1) = unsafe {
+                (
+                    _mm_loadu_si128(blk.as_ptr().add(2).cast()),
+                    _mm_loadu_si128(blk.as_ptr().add(18).cast()),
+                    _mm512_loadu_ps(x.as_ptr().add(b * 32)),
+                    _mm512_loadu_ps(x.as_ptr().add(b * 32 + 16)),
+                )
+            };
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+            let p = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+            acc[b & 1] = _mm512_fmadd_ps(d, p, acc[b & 1]);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+
+    /// x . row for a Q4_1 row: d * (x . nibbles) per block in vectors, m * (sum of x) in
+    /// two scalar chains.
+    ///
+    /// # Safety
+    /// AVX-512 F; `row` is whole blocks, `x` holds 32 values and `sums` one per block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q4_1_avx512(x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut mins = [0.0f32; 2];
+        let low = _mm512_set1_epi32(0x0F);
+        for ((b, blk), s) in row.chunks_exact(Q4_1_BYTES).enumerate().zip(sums) {
+            let d = _mm512_set1_ps(quant::f16_at(blk, 0));
+            mins[b & 1] += quant::f16_at(blk, 2) * s;
+            // SAFETY: a block holds 4 + 16 bytes; x holds 32 values for block b.
+            let (q, x0, x1) = unsafe {
+                (
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(4).cast())),
+                    _mm512_loadu_ps(x.as_ptr().add(b * 32)),
+                    _mm512_loadu_ps(x.as_ptr().add(b * 32 + 16)),
+                )
+            };
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
+            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q));
+            let p = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+            acc[b & 1] = _mm512_fmadd_ps(d, p, acc[b & 1]);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (mins[0] + mins[1])
+    }
+
+    /// The sum of an 8-lane vector.
+    #[target_feature(enable = "avx2")]
+    fn hsum256(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    /// [`q8_0_avx512`] in 8-lane vectors.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `row` is whole blocks and `x` holds 32 values per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn q8_0_avx2(x: &[f32], row: &[u8]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for (b, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+            let d = _mm256_set1_ps(quant::f16_at(blk, 0));
+            let mut p = _mm256_setzero_ps();
+            for part in 0..4 {
+                // SAFETY: bytes 2 + 8 * part .. + 8 lie in the 34-byte block; x holds 32
+                // values for block b.
+                let (q, xv) = unsafe {
+                    (
+                        _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * part).cast()),
+                        _mm256_loadu_ps(x.as_ptr().add(b * 32 + 8 * part)),
+                    )
+                };
+                p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), xv, p);
+            }
+            acc[b & 1] = _mm256_fmadd_ps(d, p, acc[b & 1]);
+        }
+        hsum256(_mm256_add_ps(acc[0], acc[1]))
+    }
+
+    /// [`q4_1_avx512`] in 8-lane vectors.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `row` is whole blocks, `x` holds 32 values and `sums` one per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn q4_1_avx2(x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut mins = [0.0f32; 2];
+        let low = _mm256_set1_epi32(0x0F);
+        for ((b, blk), s) in row.chunks_exact(Q4_1_BYTES).enumerate().zip(sums) {
+            let d = _mm256_set1_ps(quant::f16_at(blk, 0));
+            mins[b & 1] += quant::f16_at(blk, 2) * s;
+            let mut p = _mm256_setzero_ps();
+            for part in 0..2 {
+                // SAFETY: bytes 4 + 8 * part .. + 8 lie in the 20-byte block; x holds 32
+                // values for block b.
+                let (q, x0, x1) = unsafe {
+                    (
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            blk.as_ptr().add(4 + 8 * part).cast(),
+                        )),
+                        _mm256_loadu_ps(x.as_ptr().add(b * 32 + 8 * part)),
+                        _mm256_loadu_ps(x.as_ptr().add(b * 32 + 16 + 8 * part)),
+                    )
+                };
+                let lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, low));
+                let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(q));
+                p = _mm256_fmadd_ps(lo, x0, p);
+                p = _mm256_fmadd_ps(hi, x1, p);
+            }
+            acc[b & 1] = _mm256_fmadd_ps(d, p, acc[b & 1]);
+        }
+        hsum256(_mm256_add_ps(acc[0], acc[1])) + (mins[0] + mins[1])
+    }
 
     /// Sixteen 16-lane accumulators; the last partial chunk through masked loads.
     ///
@@ -465,15 +624,36 @@ fn qmatmul_rows(
     }
 }
 
-/// The f32 at each 4-byte little-endian chunk (a plain load on little-endian targets).
+/// The f32 at byte 4i of `b` (little-endian: a plain load on little-endian targets).
 #[inline(always)]
-fn le_f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    b.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c))
+fn le(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+/// [`dot`] with the second row as little-endian bytes, read in place.
+#[inline(always)]
+fn dot_le(a: &[f32], b: &[u8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, _) = b.as_chunks::<32>();
+    for (x, y) in ca.iter().zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * le(y, i);
+        }
+    }
+    let base = ca.len() * 8;
+    let mut tail = 0.0;
+    for (i, x) in ra.iter().enumerate() {
+        tail += x * le(b, base + i);
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Attention for the query heads `heads` of every token: \[n_tokens, heads.len(), hd\].
-/// The same arithmetic as the reference, reading the caches' bytes in place.
-fn attention_heads(
+/// The same arithmetic as the reference, reading the caches' bytes in place; inlined into
+/// each instruction-set variant below.
+#[inline(always)]
+fn attention_heads_body(
     q: &[f32],
     k: &[u8],
     v: &[u8],
@@ -485,30 +665,99 @@ fn attention_heads(
     let group = s.n_heads / s.n_kv_heads;
     let width = heads.len();
     let mut out = vec![0.0f32; s.n_tokens * width * hd];
-    let mut scores = Vec::with_capacity(s.pos0 + s.n_tokens);
-    let mut kv = vec![0.0f32; hd];
+    let mut scores: Vec<Vec<f32>> = Vec::new();
     for t in 0..s.n_tokens {
         let last = s.pos0 + t;
-        for (c, h) in heads.clone().enumerate() {
-            let at = |p: usize| (p * s.n_kv_heads + h / group) * hd * 4;
-            let qv = &q[(t * s.n_heads + h) * hd..][..hd];
-            scores.clear();
+        // The query heads sharing a cached key/value head go together, so each cached row
+        // is read once per group rather than once per head (the cache outgrows the caches
+        // of the processor on long contexts).
+        let mut h0 = heads.start;
+        while h0 < heads.end {
+            let kv_head = h0 / group;
+            let h1 = ((kv_head + 1) * group).min(heads.end);
+            let qs: Vec<&[f32]> = (h0..h1)
+                .map(|h| &q[(t * s.n_heads + h) * hd..][..hd])
+                .collect();
+            scores.resize_with(qs.len(), Vec::new);
+            for sc in &mut scores {
+                sc.clear();
+            }
             for p in 0..=last {
-                for (d, x) in kv.iter_mut().zip(le_f32s(&k[at(p)..][..hd * 4])) {
-                    *d = x;
-                }
-                scores.push(scale * dot(qv, &kv));
-            }
-            let probs = softmax(&scores, scores.len());
-            let o = &mut out[(t * width + c) * hd..][..hd];
-            for (p, w) in probs.iter().enumerate() {
-                for (oi, vi) in o.iter_mut().zip(le_f32s(&v[at(p)..][..hd * 4])) {
-                    *oi += w * vi;
+                let kr = &k[(p * s.n_kv_heads + kv_head) * hd * 4..][..hd * 4];
+                for (sc, qv) in scores.iter_mut().zip(&qs) {
+                    sc.push(scale * dot_le(qv, kr));
                 }
             }
+            let probs: Vec<Vec<f32>> = scores[..qs.len()]
+                .iter()
+                .map(|sc| softmax(sc, sc.len()))
+                .collect();
+            let o0 = (t * width + (h0 - heads.start)) * hd;
+            let os = &mut out[o0..o0 + (h1 - h0) * hd];
+            for p in 0..=last {
+                let vr = &v[(p * s.n_kv_heads + kv_head) * hd * 4..][..hd * 4];
+                for (o, pr) in os.chunks_exact_mut(hd).zip(&probs) {
+                    let w = pr[p];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi += w * le(vr, i);
+                    }
+                }
+            }
+            h0 = h1;
         }
     }
     out
+}
+
+/// One instruction-set variant of attention: the same body under the given attributes.
+macro_rules! attention_variant {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        fn $name(
+            q: &[f32],
+            k: &[u8],
+            v: &[u8],
+            s: AttnShape,
+            scale: f32,
+            heads: core::ops::Range<usize>,
+        ) -> Vec<f32> {
+            attention_heads_body(q, k, v, s, scale, heads)
+        }
+    };
+}
+
+attention_variant!(attention_heads_baseline);
+attention_variant!(
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    attention_heads_avx2
+);
+attention_variant!(
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    attention_heads_avx512
+);
+
+/// The attention variant of `isa`.
+fn attention_heads(
+    isa: Isa,
+    q: &[f32],
+    k: &[u8],
+    v: &[u8],
+    s: AttnShape,
+    scale: f32,
+    heads: core::ops::Range<usize>,
+) -> Vec<f32> {
+    match isa {
+        // SAFETY (both): a Host holds only an instruction set the processor reports.
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx512 => unsafe { attention_heads_avx512(q, k, v, s, scale, heads) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { attention_heads_avx2(q, k, v, s, scale, heads) },
+        _ => attention_heads_baseline(q, k, v, s, scale, heads),
+    }
 }
 
 /// Below this many multiply-adds an attention call runs on the calling thread.
@@ -523,12 +772,15 @@ impl Host {
             .min(work / MIN_ATTENTION_WORK_PER_THREAD)
             .clamp(1, s.n_heads);
         if threads == 1 {
-            return attention_heads(q, k, v, s, scale, 0..s.n_heads);
+            return attention_heads(self.isa, q, k, v, s, scale, 0..s.n_heads);
         }
         let per = s.n_heads.div_ceil(threads);
         let blocks = self.parallel(s.n_heads.div_ceil(per), |b| {
             let heads = b * per..((b + 1) * per).min(s.n_heads);
-            (heads.len(), attention_heads(q, k, v, s, scale, heads))
+            (
+                heads.len(),
+                attention_heads(self.isa, q, k, v, s, scale, heads),
+            )
         });
         let hd = s.head_dim;
         let mut out = vec![0.0f32; s.n_tokens * s.n_heads * hd];
