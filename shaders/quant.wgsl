@@ -402,6 +402,62 @@ fn qmatvec(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
+// Partial sums of `qmatvec_split`: four rows' (lo) and four more rows' (hi) per invocation,
+// for up to 64 invocations.
+var<workgroup> partial: array<vec4<f32>, 128>;
+
+// One token, the other way round: one workgroup of MV_WG invocations (a power of two, at most
+// 64) per ROWS weight rows, its invocations striding over the chunks of k and their partial
+// sums added in workgroup memory. Neighbouring invocations read neighbouring chunks of the
+// same rows, which real GPUs coalesce; which of the two forms is faster is measured per
+// device (backend::tune).
+@compute @workgroup_size(MV_WG, 1, 1)
+fn qmatvec_split(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j0 = ROWS * (wid.x + wid.y * nwg.x);
+    // Uniform per workgroup, so every invocation of a running workgroup reaches the barriers.
+    if j0 >= p.n {
+        return;
+    }
+    let last = p.n - 1u;
+    let r0 = min(j0 + 0u, last);
+    let r1 = min(j0 + 1u, last);
+    let r2 = min(j0 + 2u, last);
+    let r3 = min(j0 + 3u, last);
+    let r4 = min(j0 + 4u, last);
+    let r5 = min(j0 + 5u, last);
+    let r6 = min(j0 + 6u, last);
+    let r7 = min(j0 + 7u, last);
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    for (var c = lid; c < n_chunks(); c += MV_WG) {
+        let xs = x_chunk(32u * c);
+        lo += vec4<f32>(dot_row(r0, c, xs), dot_row(r1, c, xs), dot_row(r2, c, xs), dot_row(r3, c, xs));
+        if ROWS == 8u {
+            hi += vec4<f32>(dot_row(r4, c, xs), dot_row(r5, c, xs), dot_row(r6, c, xs), dot_row(r7, c, xs));
+        }
+    }
+    partial[lid] = lo;
+    partial[64u + lid] = hi;
+    workgroupBarrier();
+    for (var s = MV_WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            partial[lid] += partial[lid + s];
+            partial[64u + lid] += partial[64u + lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        for (var t = 0u; t < 4u; t++) {
+            if j0 + t < p.n {
+                out[j0 + t] = partial[0][t];
+            }
+            if ROWS == 8u && j0 + 4u + t < p.n {
+                out[j0 + 4u + t] = partial[64][t];
+            }
+        }
+    }
+}
+
 // Several tokens: one invocation per (weight row, group of 4 tokens). The chunk's decode
 // is repeated per token (the compiler may share it); its loads hit the cache. gid.x walks rows, gid.y token groups.
 @compute @workgroup_size(64, 1, 1)

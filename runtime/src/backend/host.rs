@@ -6,11 +6,12 @@
 //! oracle; the conformance suite checks this backend against it.
 
 use super::cpu::{AttnCall, AttnShape, Cpu, CpuBuffer, softmax};
+use super::pool::Pool;
 use super::{Backend, Op};
 use crate::error::Result;
 use crate::quant::{self, WeightType};
 use std::prelude::v1::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The threaded CPU backend.
 #[derive(Debug, Clone)]
@@ -18,9 +19,9 @@ pub struct Host {
     threads: usize,
     isa: Isa,
     /// `threads - 1` workers that stay alive between ops (starting threads per op cost
-    /// about a third of a decode step); the calling thread takes the last share. `None`
-    /// with one thread.
-    pool: Option<Arc<rayon::ThreadPool>>,
+    /// about a third of a decode step); the calling thread takes parts too. `None` with
+    /// one thread.
+    pool: Option<Arc<Pool>>,
 }
 
 /// The instruction sets the quantised products are compiled for; one is chosen when a
@@ -100,15 +101,7 @@ impl Host {
     /// If the system refuses the workers, the backend runs on the calling thread alone
     /// (and its name says so).
     fn make(threads: usize, isa: Isa) -> Host {
-        let pool = (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads - 1)
-                    .thread_name(|i| format!("edgetune-host-{i}"))
-                    .build()
-                    .ok()
-            })
-            .flatten();
+        let pool = (threads > 1).then(|| Pool::new(threads - 1)).flatten();
         Host {
             threads: if pool.is_some() { threads } else { 1 },
             isa,
@@ -116,28 +109,22 @@ impl Host {
         }
     }
 
-    /// `f(0..parts)` in order, the parts after the first on the workers and the first on
-    /// the calling thread.
+    /// `f(0..parts)` in order, run on the workers and the calling thread.
     fn parallel<T: Send>(&self, parts: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-        let mut slots: Vec<Option<T>> = (0..parts).map(|_| None).collect();
-        match (&self.pool, slots.split_first_mut()) {
-            (Some(pool), Some((first, rest))) if !rest.is_empty() => {
-                pool.in_place_scope(|scope| {
-                    let f = &f;
-                    for (i, slot) in rest.iter_mut().enumerate() {
-                        scope.spawn(move |_| *slot = Some(f(i + 1)));
-                    }
-                    *first = Some(f(0));
-                });
-            }
-            _ => {
-                for (i, slot) in slots.iter_mut().enumerate() {
-                    *slot = Some(f(i));
-                }
-            }
+        let slots: Vec<Mutex<Option<T>>> = (0..parts).map(|_| Mutex::new(None)).collect();
+        let run = |i: usize| {
+            let v = f(i);
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        };
+        match &self.pool {
+            Some(pool) if parts > 1 => pool.run(parts, &run),
+            _ => (0..parts).for_each(run),
         }
-        // The scope returns once every part has run (a panic in one is re-raised here).
-        slots.into_iter().flatten().collect()
+        // `run` returns once every part has run (a panic in one is re-raised there).
+        slots
+            .into_iter()
+            .filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect()
     }
 }
 

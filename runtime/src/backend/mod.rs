@@ -12,6 +12,8 @@ use std::prelude::v1::*;
 pub mod cpu;
 #[cfg(feature = "std")]
 pub mod host;
+#[cfg(feature = "std")]
+mod pool;
 #[cfg(feature = "gpu")]
 pub mod tune;
 #[cfg(feature = "gpu")]

@@ -5,8 +5,8 @@
 //! [`autotune`] times each candidate on the shapes of a small model and keeps the fastest;
 //! the choice is cached on disk, keyed by adapter, driver and edgetune version, and a cache
 //! that is unreadable, stale or names a shape outside the candidates is ignored and
-//! rebuilt. Every candidate computes the same values (each output is one invocation's
-//! sum, in the same order); the conformance suite and `tests/tests/tune.rs` check them.
+//! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
+//! never in what is summed; `tests/tests/tune.rs` checks every one against the reference.
 
 use super::wgpu::Gpu;
 use super::{Backend, Op};
@@ -17,13 +17,27 @@ use std::path::{Path, PathBuf};
 use std::prelude::v1::*;
 use std::time::Instant;
 
-/// The shape of one `qmatvec` dispatch.
+/// The shape of one matrix-vector dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatvecShape {
     /// Invocations per workgroup.
     pub wg: u32,
-    /// Weight rows per invocation (4 or 8).
+    /// Weight rows per invocation (4 or 8), or per workgroup when `split`.
     pub rows: u32,
+    /// `qmatvec_split`: a workgroup's invocations split each row's k and add their sums
+    /// in workgroup memory (written `WGxROWSs`); else `qmatvec`, one invocation per rows.
+    pub split: bool,
+}
+
+impl MatvecShape {
+    fn spec(&self) -> String {
+        format!(
+            "{}x{}{}",
+            self.wg,
+            self.rows,
+            if self.split { "s" } else { "" }
+        )
+    }
 }
 
 /// The shapes the wgpu backend dispatches with.
@@ -50,8 +64,16 @@ impl Default for KernelShapes {
     /// The shapes measured best on lavapipe (BENCHMARKS.md), used without measurement.
     fn default() -> Self {
         KernelShapes {
-            matvec: MatvecShape { wg: 16, rows: 4 },
-            matvec_wide: MatvecShape { wg: 16, rows: 8 },
+            matvec: MatvecShape {
+                wg: 16,
+                rows: 4,
+                split: false,
+            },
+            matvec_wide: MatvecShape {
+                wg: 16,
+                rows: 8,
+                split: false,
+            },
             attention_decode_wg: 4,
         }
     }
@@ -62,11 +84,9 @@ impl KernelShapes {
     /// takes and `selftest` shows it.
     pub fn spec(&self) -> String {
         format!(
-            "matvec={}x{},matvec_wide={}x{},attention_decode={}",
-            self.matvec.wg,
-            self.matvec.rows,
-            self.matvec_wide.wg,
-            self.matvec_wide.rows,
+            "matvec={},matvec_wide={},attention_decode={}",
+            self.matvec.spec(),
+            self.matvec_wide.spec(),
             self.attention_decode_wg
         )
     }
@@ -90,12 +110,19 @@ impl KernelShapes {
                     .ok_or_else(|| bad(format!("{key}: {v:?} is not one of {allowed:?}")))
             };
             let matvec = |v: &str| -> Result<MatvecShape> {
-                let (wg, rows) = v
-                    .split_once('x')
-                    .ok_or_else(|| bad(format!("{key}: {v:?} is not WGxROWS, e.g. 16x4")))?;
+                let (wg, rows) = v.split_once('x').ok_or_else(|| {
+                    bad(format!(
+                        "{key}: {v:?} is not WGxROWS[s], e.g. 16x4 or 32x4s"
+                    ))
+                })?;
+                let (rows, split) = match rows.strip_suffix('s') {
+                    Some(r) => (r, true),
+                    None => (rows, false),
+                };
                 Ok(MatvecShape {
                     wg: num(wg, &MATVEC_WG)?,
                     rows: num(rows, &MATVEC_ROWS)?,
+                    split,
                 })
             };
             match key {
@@ -115,20 +142,29 @@ impl KernelShapes {
     /// Every candidate for each shape (the tests run them all against the reference).
     pub fn candidates() -> Vec<KernelShapes> {
         let mut v = Vec::new();
-        for wg in MATVEC_WG {
-            for rows in MATVEC_ROWS {
-                for a in ATTENTION_WG {
-                    let m = MatvecShape { wg, rows };
-                    v.push(KernelShapes {
-                        matvec: m,
-                        matvec_wide: m,
-                        attention_decode_wg: a,
-                    });
-                }
+        for m in matvec_candidates() {
+            for a in ATTENTION_WG {
+                v.push(KernelShapes {
+                    matvec: m,
+                    matvec_wide: m,
+                    attention_decode_wg: a,
+                });
             }
         }
         v
     }
+}
+
+fn matvec_candidates() -> Vec<MatvecShape> {
+    let mut v = Vec::new();
+    for split in [false, true] {
+        for wg in MATVEC_WG {
+            for rows in MATVEC_ROWS {
+                v.push(MatvecShape { wg, rows, split });
+            }
+        }
+    }
+    v
 }
 
 /// How to choose the shapes when a device is opened.
@@ -253,22 +289,19 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             n,
         };
         let mut fastest = (f64::INFINITY, best.matvec);
-        for wg in MATVEC_WG {
-            for rows in MATVEC_ROWS {
-                let shape = MatvecShape { wg, rows };
-                let s = time_op(
-                    gpu,
-                    KernelShapes {
-                        matvec: shape,
-                        matvec_wide: shape,
-                        ..best
-                    },
-                    &op,
-                )?;
-                timings.push(format!("matvec {k}x{n} {wg}x{rows}: {:.1}", s * 1e6));
-                if s < fastest.0 {
-                    fastest = (s, shape);
-                }
+        for shape in matvec_candidates() {
+            let s = time_op(
+                gpu,
+                KernelShapes {
+                    matvec: shape,
+                    matvec_wide: shape,
+                    ..best
+                },
+                &op,
+            )?;
+            timings.push(format!("matvec {k}x{n} {}: {:.1}", shape.spec(), s * 1e6));
+            if s < fastest.0 {
+                fastest = (s, shape);
             }
         }
         if n >= WIDE_FROM {
@@ -390,9 +423,15 @@ mod tests {
         let partial = KernelShapes::parse("attention_decode=64").unwrap();
         assert_eq!(partial.attention_decode_wg, 64);
         assert_eq!(partial.matvec, KernelShapes::default().matvec);
+        let split = KernelShapes::parse("matvec_wide=32x8s")
+            .unwrap()
+            .matvec_wide;
+        assert!(split.split && split.wg == 32 && split.rows == 8);
         for bad in [
             "matvec=7x4",
             "matvec=16x5",
+            "matvec=16x4t",
+            "matvec=16x4ss",
             "matvec=16",
             "speed=11",
             "matvec",

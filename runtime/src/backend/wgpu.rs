@@ -760,7 +760,11 @@ impl Backend for Gpu {
                 } else {
                     self.shapes.matvec
                 };
-                let (entry, groups) = if m == 1 {
+                let (entry, groups) = if m == 1 && mv.split {
+                    // One workgroup per `rows` rows.
+                    let groups = u64::from(n.div_ceil(mv.rows)) * u64::from(mv.wg);
+                    ("qmatvec_split", self.grid_of(name, groups, mv.wg)?)
+                } else if m == 1 {
                     (
                         "qmatvec",
                         self.grid_of(name, u64::from(n.div_ceil(mv.rows)), mv.wg)?,
