@@ -243,15 +243,24 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
 }
 
 /// Seconds per call of `op` on `gpu` with `shapes`: the median of five after a warm-up
-/// (which compiles the pipeline).
+/// (which compiles the pipeline), or one call's time if that is over three times `best`.
 fn time_op(
     gpu: &mut Gpu,
     shapes: KernelShapes,
     op: &Op<'_, super::wgpu::GpuBuffer>,
+    best: f64,
 ) -> Result<f64> {
     gpu.set_shapes(shapes);
     gpu.run(op)?;
     gpu.sync()?;
+    // A candidate several times slower than the best so far is not timed further.
+    let start = Instant::now();
+    gpu.run(op)?;
+    gpu.sync()?;
+    let once = start.elapsed().as_secs_f64();
+    if once > 3.0 * best {
+        return Ok(once);
+    }
     let mut t = Vec::with_capacity(5);
     for _ in 0..5 {
         let start = Instant::now();
@@ -298,6 +307,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                     ..best
                 },
                 &op,
+                fastest.0,
             )?;
             timings.push(format!("matvec {k}x{n} {}: {:.1}", shape.spec(), s * 1e6));
             if s < fastest.0 {
@@ -339,6 +349,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                 ..best
             },
             &op,
+            fastest.0,
         )?;
         timings.push(format!("attention decode {wg}: {:.1}", s * 1e6));
         if s < fastest.0 {
