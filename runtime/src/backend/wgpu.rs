@@ -113,7 +113,13 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     shapes: KernelShapes,
     tune: Option<TuneReport>,
+    /// One uniform buffer per dispatch slot of a submission, rewritten for each op (a
+    /// buffer made per op cost an allocation per dispatch: a decode step makes ~500).
+    param_slots: Vec<wgpu::Buffer>,
 }
+
+/// Bytes of an op's parameters a reused slot holds; larger ones get their own buffer.
+const PARAM_SLOT_BYTES: u64 = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked while holding it; the data (caches,
@@ -233,7 +239,18 @@ impl Gpu {
             uncaptured,
             shapes: KernelShapes::default(),
             tune: None,
+            param_slots: Vec::new(),
         };
+        gpu.param_slots = (0..MAX_OPS_PER_SUBMIT)
+            .map(|_| {
+                gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: PARAM_SLOT_BYTES,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
         // A measurement that fails leaves the defaults, which every device runs; a lost
         // device shows on the next op.
         let report = tune::autotune(&mut gpu, &opts.tuning, opts.cache_dir.as_deref())
@@ -438,13 +455,26 @@ impl Gpu {
         let mut words = d.params;
         words.resize(words.len().div_ceil(4).max(1) * 4, 0);
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let params = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: &bytes,
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let mut pending = lock(&self.pending);
+        // The slot of this op in the pending submission: the write lands before that
+        // submission runs, and after the previous one, which used the slot before.
+        let own;
+        let params = match self.param_slots.get(pending.ops as usize) {
+            Some(slot) if bytes.len() as u64 <= PARAM_SLOT_BYTES => {
+                self.queue.write_buffer(slot, 0, &bytes);
+                slot
+            }
+            _ => {
+                own = self
+                    .device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("params"),
+                        contents: &bytes,
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    });
+                &own
+            }
+        };
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: params.as_entire_binding(),
@@ -464,7 +494,6 @@ impl Gpu {
             layout: &pipeline.1,
             entries: &entries,
         });
-        let mut pending = lock(&self.pending);
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
