@@ -30,8 +30,9 @@ pub const SHADERS: [(&str, &str); 8] = [
     ("philox", include_str!("../../../shaders/philox.wgsl")),
 ];
 
-/// Kernels recorded before a submit is forced.
-pub const MAX_OPS_PER_SUBMIT: u32 = 64;
+/// Kernels recorded before a submit is forced: submitting early lets the device run them
+/// while the rest of a step is recorded (on lavapipe 16-64 were alike, 256 was slower).
+pub const MAX_OPS_PER_SUBMIT: u32 = 32;
 
 const WG: u32 = 64;
 
@@ -88,7 +89,38 @@ pub struct GpuBuffer {
 #[derive(Debug, Default)]
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
+    /// The open compute pass on `encoder`: consecutive dispatches share one pass (wgpu
+    /// still orders them by their buffer use), which costs lavapipe less per dispatch than
+    /// a pass each. It must end before the encoder is used otherwise.
+    pass: Option<wgpu::ComputePass<'static>>,
     ops: u32,
+}
+
+impl Pending {
+    /// The encoder with no pass open on it.
+    fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("edgetune"),
+            })
+        })
+    }
+
+    /// The open pass, begun if there is none.
+    fn pass(&mut self, device: &wgpu::Device) -> &mut wgpu::ComputePass<'static> {
+        let pass = match self.pass.take() {
+            Some(pass) => pass,
+            None => self
+                .encoder(device)
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("edgetune"),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime(),
+        };
+        self.pass.insert(pass)
+    }
 }
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u32)>);
@@ -435,6 +467,7 @@ impl Gpu {
     }
 
     fn submit_pending(&self, pending: &mut Pending) {
+        pending.pass = None;
         if let Some(enc) = pending.encoder.take() {
             self.queue.submit([enc.finish()]);
         }
@@ -494,21 +527,10 @@ impl Gpu {
             layout: &pipeline.1,
             entries: &entries,
         });
-        let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("edgetune"),
-                })
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(d.entry),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline.0);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
-        }
+        let pass = pending.pass(&self.device);
+        pass.set_pipeline(&pipeline.0);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
         pending.ops += 1;
         if pending.ops >= MAX_OPS_PER_SUBMIT {
             self.submit_pending(&mut pending);
@@ -654,13 +676,9 @@ impl Backend for Gpu {
         })?;
         {
             let mut pending = lock(&self.pending);
-            let encoder = pending.encoder.get_or_insert_with(|| {
-                self.device
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("edgetune"),
-                    })
-            });
-            encoder.copy_buffer_to_buffer(&buf.buf, 0, &staging, 0, buf.size);
+            pending
+                .encoder(&self.device)
+                .copy_buffer_to_buffer(&buf.buf, 0, &staging, 0, buf.size);
             self.submit_pending(&mut pending);
         }
         let (tx, rx) = std::sync::mpsc::channel();
