@@ -63,22 +63,16 @@ fn u16_at(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 2u) * 8u)) & 0xFFFFu;
 }
 
+// Exact for every half, without branches (lanes of a CPU-emulated GPU would run every
+// branch): normals re-biased in integer arithmetic, subnormals as mantissa * 2^-24 (exact,
+// and a normal f32, so no device flushes it), infinities and NaNs by their bits.
 fn half_to_f32(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1Fu;
-    let man = h & 0x3FFu;
-    if e == 0u {
-        if man == 0u {
-            return bitcast<f32>(sign);
-        }
-        // Subnormal half: normalise the mantissa so its leading one sits at bit 10.
-        let shift = countLeadingZeros(man) - 21u;
-        return bitcast<f32>(sign | ((113u - shift) << 23u) | (((man << shift) & 0x3FFu) << 13u));
-    }
-    if e == 31u {
-        return bitcast<f32>(sign | 0x7F800000u | (man << 13u));
-    }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
+    let mag = h & 0x7FFFu;
+    let normal = sign | ((mag << 13u) + (112u << 23u));
+    let sub = sign | bitcast<u32>(ldexp(f32(mag), -24));
+    let special = sign | 0x7F800000u | ((mag & 0x3FFu) << 13u);
+    return bitcast<f32>(select(select(normal, sub, mag < 0x400u), special, mag >= 0x7C00u));
 }
 
 fn f16_at(off: u32) -> f32 {

@@ -58,3 +58,48 @@ fn suite_covers_every_kernel() {
     kernels.dedup();
     assert_eq!(kernels.len(), 16, "{kernels:?}");
 }
+
+/// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of
+/// the 65536 bit patterns must come out as the reference's bits (NaNs as NaN).
+#[test]
+fn every_half_dequantises_exactly() {
+    use edgetune::backend::cpu::Cpu;
+    use edgetune::{Backend, Op, WeightType};
+    let Some(gpu) = common::gpu() else { return };
+    let bytes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+    let n = 1u32 << 16;
+    let on = |b: &[u8]| -> Vec<f32> {
+        let w = gpu.upload_weights(WeightType::F16, b, "halves").unwrap();
+        let out = gpu.alloc(u64::from(n) * 4, "out").unwrap();
+        gpu.run(&Op::Dequant {
+            w: &w,
+            out: &out,
+            wtype: WeightType::F16,
+            n,
+        })
+        .unwrap();
+        gpu.read_f32(&out, n as usize).unwrap()
+    };
+    let reference = |b: &[u8]| -> Vec<f32> {
+        let w = Cpu.upload_weights(WeightType::F16, b, "halves").unwrap();
+        let out = Cpu.alloc(u64::from(n) * 4, "out").unwrap();
+        Cpu.run(&Op::Dequant {
+            w: &w,
+            out: &out,
+            wtype: WeightType::F16,
+            n,
+        })
+        .unwrap();
+        Cpu.read_f32(&out, n as usize).unwrap()
+    };
+    let (got, want) = (on(&bytes), reference(&bytes));
+    let wrong: Vec<String> = got
+        .iter()
+        .zip(&want)
+        .enumerate()
+        .filter(|(_, (g, w))| g.to_bits() != w.to_bits() && !(g.is_nan() && w.is_nan()))
+        .take(5)
+        .map(|(h, (g, w))| format!("{h:#06x}: {g:e} vs {w:e}"))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
