@@ -30,7 +30,7 @@ pub struct MatvecShape {
 }
 
 impl MatvecShape {
-    fn spec(&self) -> String {
+    pub fn spec(&self) -> String {
         format!(
             "{}x{}{}",
             self.wg,
@@ -47,8 +47,24 @@ pub struct KernelShapes {
     pub matvec: MatvecShape,
     /// Those with at least [`WIDE_FROM`] (output heads).
     pub matvec_wide: MatvecShape,
-    /// Invocations per workgroup of attention with few (token, head) pairs: a decode step.
-    pub attention_decode_wg: u32,
+    /// Attention with few (token, head) pairs: a decode step.
+    pub attention_decode: AttentionShape,
+}
+
+/// The shape of decode-step attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Invocations per workgroup.
+    pub wg: u32,
+    /// `attention_split`: a workgroup per (token, head), its invocations splitting the
+    /// positions (written `WGs`); else `attention_v4`, one invocation per pair.
+    pub split: bool,
+}
+
+impl AttentionShape {
+    pub fn spec(&self) -> String {
+        format!("{}{}", self.wg, if self.split { "s" } else { "" })
+    }
 }
 
 /// Output rows from which a product counts as wide.
@@ -59,6 +75,13 @@ pub const DECODE_PAIRS_BELOW: u32 = 256;
 const MATVEC_WG: [u32; 4] = [8, 16, 32, 64];
 const MATVEC_ROWS: [u32; 2] = [4, 8];
 const ATTENTION_WG: [u32; 3] = [4, 16, 64];
+const ATTENTION_SPLIT: [u32; 2] = [8, 16];
+
+fn attention_candidates() -> Vec<AttentionShape> {
+    let one = ATTENTION_WG.map(|wg| AttentionShape { wg, split: false });
+    let split = ATTENTION_SPLIT.map(|wg| AttentionShape { wg, split: true });
+    one.into_iter().chain(split).collect()
+}
 
 impl Default for KernelShapes {
     /// The shapes measured best on lavapipe (BENCHMARKS.md), used without measurement.
@@ -74,7 +97,10 @@ impl Default for KernelShapes {
                 rows: 8,
                 split: false,
             },
-            attention_decode_wg: 4,
+            attention_decode: AttentionShape {
+                wg: 4,
+                split: false,
+            },
         }
     }
 }
@@ -87,7 +113,7 @@ impl KernelShapes {
             "matvec={},matvec_wide={},attention_decode={}",
             self.matvec.spec(),
             self.matvec_wide.spec(),
-            self.attention_decode_wg
+            self.attention_decode.spec()
         )
     }
 
@@ -128,7 +154,18 @@ impl KernelShapes {
             match key {
                 "matvec" => s.matvec = matvec(value)?,
                 "matvec_wide" => s.matvec_wide = matvec(value)?,
-                "attention_decode" => s.attention_decode_wg = num(value, &ATTENTION_WG)?,
+                "attention_decode" => {
+                    s.attention_decode = match value.strip_suffix('s') {
+                        Some(wg) => AttentionShape {
+                            wg: num(wg, &ATTENTION_SPLIT)?,
+                            split: true,
+                        },
+                        None => AttentionShape {
+                            wg: num(value, &ATTENTION_WG)?,
+                            split: false,
+                        },
+                    }
+                }
                 _ => {
                     return Err(bad(format!(
                         "unknown key {key:?} (matvec, matvec_wide, attention_decode)"
@@ -143,15 +180,30 @@ impl KernelShapes {
     pub fn candidates() -> Vec<KernelShapes> {
         let mut v = Vec::new();
         for m in matvec_candidates() {
-            for a in ATTENTION_WG {
+            for a in attention_candidates() {
                 v.push(KernelShapes {
                     matvec: m,
                     matvec_wide: m,
-                    attention_decode_wg: a,
+                    attention_decode: a,
                 });
             }
         }
         v
+    }
+
+    /// Fewer shapes that still hold every candidate of each kind: each matrix-vector form
+    /// once, the attention forms in turn beside them (what the tests run on a device).
+    pub fn covering() -> Vec<KernelShapes> {
+        let attention = attention_candidates();
+        matvec_candidates()
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| KernelShapes {
+                matvec: m,
+                matvec_wide: m,
+                attention_decode: attention[i % attention.len()],
+            })
+            .collect()
     }
 }
 
@@ -340,23 +392,23 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         pos0,
         scale: 0.125,
     };
-    let mut fastest = (f64::INFINITY, best.attention_decode_wg);
-    for wg in ATTENTION_WG {
+    let mut fastest = (f64::INFINITY, best.attention_decode);
+    for shape in attention_candidates() {
         let s = time_op(
             gpu,
             KernelShapes {
-                attention_decode_wg: wg,
+                attention_decode: shape,
                 ..best
             },
             &op,
             fastest.0,
         )?;
-        timings.push(format!("attention decode {wg}: {:.1}", s * 1e6));
+        timings.push(format!("attention decode {}: {:.1}", shape.spec(), s * 1e6));
         if s < fastest.0 {
-            fastest = (s, wg);
+            fastest = (s, shape);
         }
     }
-    best.attention_decode_wg = fastest.1;
+    best.attention_decode = fastest.1;
     Ok((best, timings))
 }
 
@@ -432,7 +484,11 @@ mod tests {
         }
         assert_eq!(KernelShapes::parse("").unwrap(), KernelShapes::default());
         let partial = KernelShapes::parse("attention_decode=64").unwrap();
-        assert_eq!(partial.attention_decode_wg, 64);
+        assert_eq!(partial.attention_decode.wg, 64);
+        let split = KernelShapes::parse("attention_decode=8s")
+            .unwrap()
+            .attention_decode;
+        assert!(split.split && split.wg == 8);
         assert_eq!(partial.matvec, KernelShapes::default().matvec);
         let split = KernelShapes::parse("matvec_wide=32x8s")
             .unwrap()
@@ -443,6 +499,8 @@ mod tests {
             "matvec=16x5",
             "matvec=16x4t",
             "matvec=16x4ss",
+            "attention_decode=4s",
+            "attention_decode=8",
             "matvec=16",
             "speed=11",
             "matvec",

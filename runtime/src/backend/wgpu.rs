@@ -971,10 +971,13 @@ impl Backend for Gpu {
                 scale,
             } => {
                 let pairs = n_tokens * n_heads;
-                let wg = if pairs < tune::DECODE_PAIRS_BELOW {
-                    self.shapes.attention_decode_wg
+                let shape = if pairs < tune::DECODE_PAIRS_BELOW {
+                    self.shapes.attention_decode
                 } else {
-                    ATTENTION_WG
+                    tune::AttentionShape {
+                        wg: ATTENTION_WG,
+                        split: false,
+                    }
                 };
                 let params = vec![
                     n_tokens,
@@ -984,7 +987,18 @@ impl Backend for Gpu {
                     pos0,
                     scale.to_bits(),
                 ];
-                if head_dim.is_multiple_of(4) && head_dim <= 128 {
+                let wg = shape.wg;
+                if head_dim.is_multiple_of(4) && head_dim <= 128 && shape.split {
+                    // One workgroup per (token, head).
+                    Dispatch {
+                        family: "attention",
+                        entry: "attention_split",
+                        overrides: vec![("HD4", head_dim / 4), ("AT_SPLIT", wg)],
+                        bindings: vec![(5, q), (6, k), (7, v), (8, out)],
+                        params,
+                        groups: self.grid_of(name, u64::from(pairs) * u64::from(wg), wg)?,
+                    }
+                } else if head_dim.is_multiple_of(4) && head_dim <= 128 {
                     Dispatch {
                         family: "attention",
                         entry: "attention_v4",
