@@ -333,6 +333,43 @@ fn commands_reject_hostile_input_with_exit_2_and_a_named_cause() {
             with(&["bench", "--backend", "cpu", "--seconds", "NaN"], &[]),
             "--seconds: NaN must be in (0, 3600]",
         ),
+        (
+            bench(&[
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "8",
+                "--train",
+                "4x1",
+            ]),
+            "--train: 1 is outside 2..=",
+        ),
+        (
+            bench(&[
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "8",
+                "--train",
+                "0x128",
+            ]),
+            "is not BATCHxTOKENS with 1 <= BATCH <= 1024",
+        ),
+        (
+            with(&["selftest", "--kernel-shapes", "matvec=7x4"], &[]),
+            "matvec: \"7\" is not one of [8, 16, 32, 64]",
+        ),
+        (
+            with(&["selftest", "--kernel-shapes", "speed=11"], &[]),
+            "unknown key \"speed\"",
+        ),
+        (
+            with(
+                &["selftest", "--backend", "host", "--cpu-isa", "nosuch"],
+                &[],
+            ),
+            "invalid value 'nosuch' for '--cpu-isa <CPU_ISA>'",
+        ),
     ];
     let mut failures = Vec::new();
     for (args, want) in &cases {
