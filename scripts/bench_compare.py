@@ -49,6 +49,9 @@ def main(argv):
     peer = {r["test"]: r["tok_s"] for s in run if kind(s["system"]) == "peer" for r in s["rows"]}
     if run and "cpu" in run[0]:
         print(f"cpu: {run[0]['cpu']}; flags: {' '.join(run[0].get('cpu_flags', []))}")
+    for s in run:
+        if s.get("kernel_shapes"):
+            print(f"{s['system']}: kernel shapes {s['kernel_shapes']}")
     marked = 0
     print(f"{'system':<44} {'test':<12} {'tok/s':>9} {'peak MiB':>9} {'vs llama.cpp':>13} {'vs baseline':>12}")
     for s in run:

@@ -281,6 +281,7 @@ impl Row {
 fn model_bench<B: Backend>(
     dev: &B,
     label: &str,
+    shapes: Option<String>,
     files: &edgetune::model::files::ModelFiles,
     args: &BenchArgs,
 ) -> edgetune::Result<()> {
@@ -345,7 +346,7 @@ fn model_bench<B: Backend>(
             serde_json::json!({
                 "system": label, "model": args.model.as_ref().map(|p| p.display().to_string()),
                 "cpu": cpu, "cpu_flags": flags, "peak_rss_per_test": peaks_per_test,
-                "rows": rows,
+                "kernel_shapes": shapes, "rows": rows,
             })
         );
         return Ok(());
@@ -364,6 +365,12 @@ fn model_bench<B: Backend>(
         );
     }
     Ok(())
+}
+
+/// The kernel shapes a GPU runs with and where they came from, for the JSON output.
+fn shapes_of(gpu: &edgetune::backend::wgpu::Gpu) -> Option<String> {
+    gpu.tuning()
+        .map(|t| format!("{} ({})", t.shapes.spec(), t.origin))
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), CliError> {
@@ -397,13 +404,18 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             Device::Gpu(gpu) => model_bench(
                 &*gpu,
                 &format!("edgetune wgpu ({})", gpu.report().name),
+                shapes_of(&gpu),
                 &files,
                 args,
             ),
-            Device::Host(host) => {
-                model_bench(&host, &format!("edgetune {}", host.name()), &files, args)
-            }
-            Device::Cpu => model_bench(&Cpu, "edgetune cpu reference", &files, args),
+            Device::Host(host) => model_bench(
+                &host,
+                &format!("edgetune {}", host.name()),
+                None,
+                &files,
+                args,
+            ),
+            Device::Cpu => model_bench(&Cpu, "edgetune cpu reference", None, &files, args),
         }?);
     }
     let device = args.device.open()?;
@@ -435,9 +447,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     }
     if let Some(rows) = json {
         let (cpu, flags) = cpu_description();
+        let shapes = match &device {
+            Device::Gpu(gpu) => shapes_of(gpu),
+            _ => None,
+        };
         println!(
             "{}",
-            serde_json::json!({"cpu": cpu, "cpu_flags": flags, "kernels": rows})
+            serde_json::json!({
+                "cpu": cpu, "cpu_flags": flags, "kernel_shapes": shapes, "kernels": rows,
+            })
         );
     }
     Ok(())
