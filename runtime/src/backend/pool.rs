@@ -11,9 +11,12 @@ use std::thread::JoinHandle;
 
 /// A job's parts as the workers see it: a type-erased borrow of the caller's closure.
 /// The caller waits until every claimed part has finished before the borrow ends (see
-/// [`Pool::run`]), and a part can be claimed only while its job is current.
+/// [`Pool::run`]), and a part can be claimed only while its job is current: a worker takes
+/// parts only of the job whose number it read with the job, and claims them through a
+/// cursor carrying that number.
 #[derive(Clone, Copy)]
 struct Job {
+    epoch: u64,
     f: *const (dyn Fn(usize) + Sync + 'static),
     parts: usize,
 }
@@ -45,12 +48,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const SPINS: u32 = 1 << 15;
 
 impl Shared {
-    /// Claims and runs parts of job `epoch` until none is left; returns how many it ran.
-    fn work(&self, epoch: u64, job: Job) {
+    /// Claims and runs parts of `job` until none is left.
+    fn work(&self, job: Job) {
         loop {
             let c = self.cursor.load(Ordering::Acquire);
             let i = (c & 0xFFFF_FFFF) as usize;
-            if c >> 32 != epoch || i >= job.parts {
+            if c >> 32 != job.epoch || i >= job.parts {
                 return;
             }
             if self
@@ -98,8 +101,13 @@ impl Shared {
                 return;
             }
             seen = epoch;
-            if let Some(job) = *lock(&self.job) {
-                self.work(epoch, job);
+            // The job read here may already be a newer one than the number seen (published
+            // between the two reads) or an older one: only the matching one is worked on,
+            // else the next loop sees the newer number.
+            if let Some(job) = *lock(&self.job)
+                && job.epoch == epoch
+            {
+                self.work(job);
             }
         }
     }
@@ -150,6 +158,11 @@ impl Pool {
     /// Runs `f(0..parts)`, the calling thread taking parts too, and returns when all have
     /// finished; a panic in a part is re-raised here after the others finish.
     pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        // The cursor counts parts in 32 bits; one part needs no workers.
+        if parts <= 1 || parts > u32::MAX as usize {
+            (0..parts).for_each(f);
+            return;
+        }
         let _one_caller = lock(&self.caller);
         let s = &*self.shared;
         // SAFETY: the lifetime is erased only for the workers' copy; this function does not
@@ -162,16 +175,20 @@ impl Pool {
                 *const (dyn Fn(usize) + Sync + 'static),
             >(f)
         };
-        let job = Job { f: erased, parts };
+        let epoch = (s.cursor.load(Ordering::Acquire) >> 32) + 1;
+        let job = Job {
+            epoch,
+            f: erased,
+            parts,
+        };
         *lock(&s.job) = Some(job);
         s.remaining.store(parts, Ordering::Release);
-        let epoch = (s.cursor.load(Ordering::Acquire) >> 32) + 1;
         s.cursor.store(epoch << 32, Ordering::Release);
         if *lock(&s.sleeping) > 0 {
             let _guard = lock(&s.sleeping);
             s.wake.notify_all();
         }
-        s.work(epoch, job);
+        s.work(job);
         while s.remaining.load(Ordering::Acquire) > 0 {
             std::hint::spin_loop();
         }
@@ -210,6 +227,24 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
+        }
+    }
+
+    #[test]
+    fn jobs_of_changing_size_never_share_parts() {
+        // More workers than this machine's cores, and every job a different size from the
+        // last: a late worker must not run a part of a newer job with an older claim.
+        let pool = Pool::new(4).unwrap();
+        for round in 0..3000usize {
+            let parts = 2 + (round * 7) % 13;
+            let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(parts, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "round {round}"
+            );
         }
     }
 

@@ -289,7 +289,11 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
         "shapes": shapes.spec(),
         "timings_us": timings,
     });
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per process and call: two devices opened at once in one process must not
+    // write into the same temporary file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{call}", std::process::id()));
     std::fs::write(&tmp, body.to_string()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
