@@ -206,10 +206,12 @@ fn dot_q4_1(x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
 /// [`dot_q8_0`] in the variant of `isa`.
 #[inline(always)]
 fn dot_q8_0_isa(isa: Isa, x: &[f32], row: &[u8]) -> f32 {
+    // The kernels' reads rest on these lengths; checked here so no caller can break them.
+    let fits = x.len() == row.len() / quant::Q8_0_BYTES * QK;
     match isa {
-        // SAFETY (both): the Host's instruction set is one the processor reports; a row of
-        // k elements is k / 32 whole blocks and x holds k values (`WeightType::row_bytes`
-        // admits only whole blocks).
+        _ if !fits => dot_q8_0(x, row),
+        // SAFETY (both): the Host's instruction set is one the processor reports; `row` is
+        // whole blocks (chunks_exact) and x holds 32 values per block (checked above).
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
         Isa::Avx512 => unsafe { x86::q8_0_avx512(x, row) },
@@ -223,8 +225,11 @@ fn dot_q8_0_isa(isa: Isa, x: &[f32], row: &[u8]) -> f32 {
 /// [`dot_q4_1`] in the variant of `isa`.
 #[inline(always)]
 fn dot_q4_1_isa(isa: Isa, x: &[f32], sums: &[f32], row: &[u8]) -> f32 {
+    let blocks = row.len() / quant::Q4_1_BYTES;
+    let fits = x.len() == blocks * QK && sums.len() == blocks;
     match isa {
-        // SAFETY (both): as in `dot_q8_0_isa`; `sums` holds one value per block.
+        _ if !fits => dot_q4_1(x, sums, row),
+        // SAFETY (both): as in `dot_q8_0_isa`; `sums` holds one value per block (checked).
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
         Isa::Avx512 => unsafe { x86::q4_1_avx512(x, sums, row) },
@@ -318,10 +323,13 @@ const TILE: usize = 4;
 /// in the variant of `isa`.
 #[inline(always)]
 fn tile(isa: Isa, xs: [&[f32]; TILE], ws: [&[f32]; TILE]) -> [[f32; TILE]; TILE] {
+    let k = ws[0].len();
+    let fits = xs.iter().chain(&ws).all(|r| r.len() == k);
     match isa {
+        _ if !fits => xs.map(|x| ws.map(|w| dot(x, w))),
         // SAFETY (both): a Host holds only an instruction set the processor reports (see
         // `qmatmul_rows`); the kernels read k = ws[0].len() values of each row, and every
-        // row has that length (x rows and dequantised rows are all k long).
+        // row has that length (checked above).
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
         Isa::Avx512 => unsafe { x86::tile_avx512(xs, ws) },
