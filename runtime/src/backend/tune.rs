@@ -298,8 +298,9 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Seconds per call of `op` on `gpu` with `shapes`: the median of five after a warm-up
-/// (which compiles the pipeline), or one call's time if that is over three times `best`.
+/// Seconds per call of `op` on `gpu` with `shapes`: the fastest of five batches after a
+/// warm-up (which compiles the pipeline), since other work on the machine only ever adds
+/// time; or one call's time if that is over three times `best`.
 fn time_op(
     gpu: &mut Gpu,
     shapes: KernelShapes,
@@ -326,8 +327,7 @@ fn time_op(
         gpu.sync()?;
         t.push(start.elapsed().as_secs_f64() / 4.0);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[2])
+    Ok(t.into_iter().fold(f64::INFINITY, f64::min))
 }
 
 /// Measures every candidate on SmolLM2-135M's shapes (a projection, a wide output head, a
