@@ -1,7 +1,8 @@
 //! `edgetune bench`: kernel throughput at fixed shapes on the chosen device and on the CPU
 //! reference, in the same run. Peers (numpy/OpenBLAS) are timed by `scripts/bench.sh`.
 
-use crate::{CliError, Device, DeviceArgs, flag, in_range};
+use crate::{CliError, DeviceArgs, flag, in_range};
+use edgetune::backend::any::AnyBackend;
 use edgetune::backend::cpu::Cpu;
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
@@ -401,42 +402,42 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
              token to predict",
         )?;
         return Ok(match args.device.open()? {
-            Device::Gpu(gpu) => model_bench(
+            AnyBackend::Gpu(gpu) => model_bench(
                 &*gpu,
                 &format!("edgetune wgpu ({})", gpu.report().name),
                 shapes_of(&gpu),
                 &files,
                 args,
             ),
-            Device::Host(host) => model_bench(
+            AnyBackend::Host(host) => model_bench(
                 &host,
                 &format!("edgetune {}", host.name()),
                 None,
                 &files,
                 args,
             ),
-            Device::Cpu => model_bench(&Cpu, "edgetune cpu reference", None, &files, args),
+            AnyBackend::Cpu(_) => model_bench(&Cpu, "edgetune cpu reference", None, &files, args),
         }?);
     }
     let device = args.device.open()?;
     let mut json = args.json.then(Vec::new);
     for item in items() {
         match &device {
-            Device::Gpu(gpu) => report(
+            AnyBackend::Gpu(gpu) => report(
                 &gpu.report().name,
                 &item,
                 time(&**gpu, &item, args.seconds)?,
                 &mut json,
             ),
-            Device::Host(host) => report(
+            AnyBackend::Host(host) => report(
                 &host.name(),
                 &item,
                 time(host, &item, args.seconds)?,
                 &mut json,
             ),
-            Device::Cpu => {}
+            AnyBackend::Cpu(_) => {}
         }
-        if matches!(device, Device::Cpu) || args.with_reference {
+        if matches!(device, AnyBackend::Cpu(_)) || args.with_reference {
             report(
                 "cpu reference",
                 &item,
@@ -447,10 +448,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     }
     if let Some(rows) = json {
         let (cpu, flags) = cpu_description();
-        let shapes = match &device {
-            Device::Gpu(gpu) => shapes_of(gpu),
-            _ => None,
-        };
+        let shapes = device.gpu().and_then(shapes_of);
         println!(
             "{}",
             serde_json::json!({

@@ -2,8 +2,9 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edgetune::Backend;
+use edgetune::backend::any::{AnyBackend, BackendKind as Kind, BackendOptions};
 use edgetune::backend::cpu::Cpu;
-use edgetune::backend::host::{Host, Isa};
+use edgetune::backend::host::Isa;
 use edgetune::backend::tune::{KernelShapes, Tuning};
 use edgetune::backend::wgpu::{Gpu, GpuOptions};
 use edgetune::selftest::{self, CheckRow, Tolerance};
@@ -150,72 +151,43 @@ fn parse_tuning(s: &str) -> Result<Tuning, String> {
     })
 }
 
-/// The backend a command runs on, `auto` resolved.
-#[derive(Debug)]
-pub enum Device {
-    Cpu,
-    Host(Host),
-    /// Boxed: a wgpu device is large beside the others.
-    Gpu(Box<Gpu>),
-}
-
 impl DeviceArgs {
-    fn gpu(&self, real_gpu_only: bool) -> Result<Gpu, edgetune::Error> {
-        Gpu::open(&GpuOptions {
-            adapter_name: self.adapter.clone(),
-            backends: self.wgpu_backend.clone(),
-            real_gpu_only,
-            tuning: self.kernel_shapes.clone(),
-            cache_dir: None,
-        })
-    }
-
-    /// Opens the chosen backend and says on stderr which it is (and, for `auto`, why).
-    fn host(&self) -> Result<Host, edgetune::Error> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let isa = match self.cpu_isa {
-            IsaArg::Auto => return Ok(Host::new(threads)),
-            IsaArg::Baseline => Isa::Baseline,
-            IsaArg::Avx2 => Isa::Avx2,
-            IsaArg::Avx512 => Isa::Avx512,
-        };
-        Host::with_isa(threads, isa).ok_or_else(|| edgetune::Error::InvalidArgument {
-            name: "--cpu-isa",
-            reason: format!("this processor cannot run the {} variant", isa.name()),
-        })
-    }
-
-    pub fn open(&self) -> Result<Device, edgetune::Error> {
-        let (device, why) = match self.backend {
-            BackendKind::Cpu => (Device::Cpu, None),
-            BackendKind::Host => (Device::Host(self.host()?), None),
-            BackendKind::Gpu => (Device::Gpu(Box::new(self.gpu(false)?)), None),
-            BackendKind::Auto => match self.gpu(true) {
-                Ok(g) => (Device::Gpu(Box::new(g)), Some("a GPU".into())),
-                Err(e) => (
-                    Device::Host(self.host()?),
-                    Some(format!("{e}; --backend gpu takes any adapter")),
-                ),
+    /// Opens the chosen backend and says on stderr which it is (and, for `auto`, why),
+    /// with the GPU's kernel shapes and any notice about them.
+    pub fn open(&self) -> Result<AnyBackend, edgetune::Error> {
+        let opts = BackendOptions {
+            kind: match self.backend {
+                BackendKind::Auto => Kind::Auto,
+                BackendKind::Cpu => Kind::Cpu,
+                BackendKind::Host => Kind::Host,
+                BackendKind::Gpu => Kind::Gpu,
+            },
+            threads: None,
+            isa: match self.cpu_isa {
+                IsaArg::Auto => None,
+                IsaArg::Baseline => Some(Isa::Baseline),
+                IsaArg::Avx2 => Some(Isa::Avx2),
+                IsaArg::Avx512 => Some(Isa::Avx512),
+            },
+            gpu: GpuOptions {
+                adapter_name: self.adapter.clone(),
+                backends: self.wgpu_backend.clone(),
+                tuning: self.kernel_shapes.clone(),
+                ..GpuOptions::default()
             },
         };
-        let name = match &device {
-            Device::Cpu => Cpu.name(),
-            Device::Host(h) => h.name(),
-            Device::Gpu(g) => format!("wgpu, {}", g.report().name),
-        };
+        let (backend, why) = AnyBackend::open(&opts)?;
         match why {
-            Some(why) => eprintln!("backend: {name} (auto: {why})"),
-            None => eprintln!("backend: {name}"),
+            Some(why) => eprintln!("backend: {} (auto: {why})", backend.name()),
+            None => eprintln!("backend: {}", backend.name()),
         }
-        if let Device::Gpu(g) = &device
-            && let Some(t) = g.tuning()
-        {
+        if let Some(t) = backend.gpu().and_then(Gpu::tuning) {
             eprintln!("kernel shapes: {} ({})", t.shapes.spec(), t.origin);
             for note in &t.notes {
                 eprintln!("notice: {note}");
             }
         }
-        Ok(device)
+        Ok(backend)
     }
 }
 
@@ -368,7 +340,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
         }
     }
     let rows = match device.open()? {
-        Device::Cpu => {
+        AnyBackend::Cpu(_) => {
             if json {
                 println!("{}", serde_json::json!({"adapter": "cpu reference"}));
             } else {
@@ -378,7 +350,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             }
             selftest::run(&Cpu, kernel)
         }
-        Device::Host(host) => {
+        AnyBackend::Host(host) => {
             if json {
                 println!("{}", serde_json::json!({"adapter": host.name()}));
             } else {
@@ -386,7 +358,7 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             }
             selftest::run(&host, kernel)
         }
-        Device::Gpu(gpu) => {
+        AnyBackend::Gpu(gpu) => {
             let a = gpu.report();
             let (shapes, origin) = gpu
                 .tuning()
@@ -545,7 +517,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                 max_tokens,
                 sampling,
             };
-            model::with_backend(device, |r| r.generate(&f, &req))?;
+            model::generate_text(&device.open()?, &f, &req)?;
             Ok(true)
         }
         Command::Perplexity {
@@ -577,7 +549,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                     ),
                 );
             }
-            let (nll, n) = model::with_backend(device, |r| r.nll(&f, &ids, window))?;
+            let (nll, n) = model::nll(&device.open()?, &f, &ids, window)?;
             if !nll.is_finite() {
                 return Err(edgetune::Error::NonFinite {
                     what: "perplexity",
@@ -607,7 +579,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                 context,
                 &format!("ids; the model's context is {context}"),
             )?;
-            let (cfg, logits) = model::with_backend(device, |r| r.logits(&file, &ids))?;
+            let (cfg, logits) = model::logits(&device.open()?, &file, &ids)?;
             model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits)?;
             Ok(true)
         }

@@ -1,32 +1,14 @@
 //! Model commands: info, logits (and the generation commands built on them).
 
-use crate::{Device, DeviceArgs};
-use edgetune::backend::cpu::Cpu;
+use edgetune::backend::any::AnyBackend;
 use edgetune::format::gguf::{Array, Value};
 use edgetune::generate::{Sampler, Sampling, generate};
 use edgetune::model::Config;
 use edgetune::model::files::ModelFiles;
 use edgetune::tokenizer::Tokenizer;
-use edgetune::{Backend, Error, Result};
+use edgetune::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// Runs `f` with the chosen backend.
-pub fn with_backend<T>(device: &DeviceArgs, f: impl FnOnce(&dyn DynRun) -> Result<T>) -> Result<T> {
-    match device.open()? {
-        Device::Cpu => f(&Runner(Cpu)),
-        Device::Host(h) => f(&Runner(h)),
-        Device::Gpu(g) => f(&Runner(*g)),
-    }
-}
-
-/// The model operations the CLI needs, object-safe so one code path serves every backend.
-pub trait DynRun {
-    fn logits(&self, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)>;
-    fn generate(&self, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()>;
-    /// (mean negative log-likelihood per token, tokens scored).
-    fn nll(&self, file: &ModelFiles, tokens: &[u32], window: usize) -> Result<(f64, usize)>;
-}
 
 /// What `edgetune generate` asks for.
 pub struct GenerateRequest<'a> {
@@ -36,92 +18,93 @@ pub struct GenerateRequest<'a> {
     pub sampling: Sampling,
 }
 
-struct Runner<B: Backend>(B);
-
-impl<B: Backend> DynRun for Runner<B> {
-    fn logits(&self, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
-        let model = file.load(&self.0)?;
-        let mut cache = model.new_cache(
-            u32::try_from(tokens.len())
-                .unwrap_or(u32::MAX)
-                .min(model.cfg.context),
-        )?;
-        let logits = model.forward(&mut cache, tokens, true)?;
-        Ok((model.cfg, logits))
-    }
-
-    fn generate(&self, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()> {
-        let model = file.load(&self.0)?;
-        // The caller checked that the prompt and the tokens to generate fit the context.
-        let need = req.prompt.len().saturating_add(req.max_tokens);
-        let capacity = u32::try_from(need)
+/// Logits at every position of `tokens`, with the model's config.
+pub fn logits(be: &AnyBackend, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
+    let model = file.load(be)?;
+    let mut cache = model.new_cache(
+        u32::try_from(tokens.len())
             .unwrap_or(u32::MAX)
-            .min(model.cfg.context);
-        let mut cache = model.new_cache(capacity)?;
-        let mut sampler = Sampler::new(req.sampling)?;
-        let mut shown = String::new();
-        let mut ids = Vec::new();
-        let mut stdout = std::io::stdout();
-        let start = std::time::Instant::now();
-        let (out, stop) = generate(
-            &model,
-            &mut cache,
-            &req.prompt,
-            req.max_tokens,
-            &req.tokenizer.eos,
-            &mut sampler,
-            |t| {
-                ids.push(t);
-                let text = req.tokenizer.decode(&ids)?;
-                // Print only whole characters: a token may end inside a UTF-8 sequence.
-                if !text.ends_with('\u{FFFD}')
-                    && text.len() > shown.len()
-                    && text.starts_with(&shown)
-                {
-                    let _ = write!(stdout, "{}", &text[shown.len()..]);
-                    let _ = stdout.flush();
-                    shown = text;
-                }
-                Ok(())
-            },
-        )?;
-        let text = req.tokenizer.decode(&out)?;
-        if text.len() > shown.len() && text.starts_with(&shown) {
-            print!("{}", &text[shown.len()..]);
-        }
-        println!();
-        eprintln!(
-            "[{} prompt tokens, {} generated in {:.2} s, stop: {stop:?}]",
-            req.prompt.len(),
-            out.len(),
-            start.elapsed().as_secs_f64()
-        );
-        Ok(())
-    }
+            .min(model.cfg.context),
+    )?;
+    let logits = model.forward(&mut cache, tokens, true)?;
+    Ok((model.cfg, logits))
+}
 
-    fn nll(&self, file: &ModelFiles, tokens: &[u32], window: usize) -> Result<(f64, usize)> {
-        let model = file.load(&self.0)?;
-        // The caller checked 2 <= window <= context; a text shorter than a window needs
-        // only its own length of cache.
-        let window = window.min(tokens.len()).max(2);
-        let mut cache = model.new_cache(u32::try_from(window).unwrap_or(u32::MAX))?;
-        let (mut total, mut count) = (0.0f64, 0usize);
-        // Independent windows: each token is predicted from the ones before it in its window.
-        let windows = tokens.len().div_ceil(window);
-        let start = std::time::Instant::now();
-        for (w, chunk) in tokens.chunks(window).enumerate() {
-            progress(w, windows, start);
-            if chunk.len() < 2 {
-                continue;
+/// Streams a continuation of the request's prompt to stdout.
+pub fn generate_text(be: &AnyBackend, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()> {
+    let model = file.load(be)?;
+    // The caller checked that the prompt and the tokens to generate fit the context.
+    let need = req.prompt.len().saturating_add(req.max_tokens);
+    let capacity = u32::try_from(need)
+        .unwrap_or(u32::MAX)
+        .min(model.cfg.context);
+    let mut cache = model.new_cache(capacity)?;
+    let mut sampler = Sampler::new(req.sampling)?;
+    let mut shown = String::new();
+    let mut ids = Vec::new();
+    let mut stdout = std::io::stdout();
+    let start = std::time::Instant::now();
+    let (out, stop) = generate(
+        &model,
+        &mut cache,
+        &req.prompt,
+        req.max_tokens,
+        &req.tokenizer.eos,
+        &mut sampler,
+        |t| {
+            ids.push(t);
+            let text = req.tokenizer.decode(&ids)?;
+            // Print only whole characters: a token may end inside a UTF-8 sequence.
+            if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
+                let _ = write!(stdout, "{}", &text[shown.len()..]);
+                let _ = stdout.flush();
+                shown = text;
             }
-            let (nll, n) = model.sequence_nll(&mut cache, chunk)?;
-            total += nll;
-            count += n;
-        }
-        progress(windows, windows, start);
-        eprintln!();
-        Ok((total / count as f64, count))
+            Ok(())
+        },
+    )?;
+    let text = req.tokenizer.decode(&out)?;
+    if text.len() > shown.len() && text.starts_with(&shown) {
+        print!("{}", &text[shown.len()..]);
     }
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {} generated in {:.2} s, stop: {stop:?}]",
+        req.prompt.len(),
+        out.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// (mean negative log-likelihood per token, tokens scored) over independent windows.
+pub fn nll(
+    be: &AnyBackend,
+    file: &ModelFiles,
+    tokens: &[u32],
+    window: usize,
+) -> Result<(f64, usize)> {
+    let model = file.load(be)?;
+    // The caller checked 2 <= window <= context; a text shorter than a window needs
+    // only its own length of cache.
+    let window = window.min(tokens.len()).max(2);
+    let mut cache = model.new_cache(u32::try_from(window).unwrap_or(u32::MAX))?;
+    let (mut total, mut count) = (0.0f64, 0usize);
+    // Independent windows: each token is predicted from the ones before it in its window.
+    let windows = tokens.len().div_ceil(window);
+    let start = std::time::Instant::now();
+    for (w, chunk) in tokens.chunks(window).enumerate() {
+        progress(w, windows, start);
+        if chunk.len() < 2 {
+            continue;
+        }
+        let (nll, n) = model.sequence_nll(&mut cache, chunk)?;
+        total += nll;
+        count += n;
+    }
+    progress(windows, windows, start);
+    eprintln!();
+    Ok((total / count as f64, count))
 }
 
 fn describe(v: &Value) -> String {

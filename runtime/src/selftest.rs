@@ -9,7 +9,7 @@
 
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quant::WeightType;
 use crate::rng::{ZKind, philox4x32_10};
 use half::{bf16, f16};
@@ -662,7 +662,16 @@ fn execute<B: Backend>(dev: &B, case: &Case, timed: bool) -> Result<(Vec<u32>, f
             Init::Zeros(n) => dev.alloc(*n, "selftest output"),
         })
         .collect::<Result<Vec<_>>>()?;
-    let op = case.op.map_buffers(|&i| &bufs[i]);
+    let op = case
+        .op
+        .map_buffers(|&i| bufs.get(i))
+        .ok_or_else(|| Error::InvalidArgument {
+            name: "conformance case",
+            reason: format!(
+                "{} {} names a buffer it does not hold",
+                case.kernel, case.shape
+            ),
+        })?;
     dev.run(&op)?;
     let bytes = dev.read(&bufs[case.out])?;
     let words: Vec<u32> = bytes

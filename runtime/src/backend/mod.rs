@@ -9,6 +9,8 @@ use crate::quant::WeightType;
 use crate::rng::ZKind;
 use std::prelude::v1::*;
 
+#[cfg(feature = "std")]
+pub mod any;
 pub mod cpu;
 #[cfg(feature = "std")]
 pub mod host;
@@ -176,6 +178,44 @@ pub enum Op<'a, B> {
     },
 }
 
+/// The same op over other buffers: each variant with its buffer fields mapped by `$f`
+/// (which returns `None` for a buffer it cannot map) and its other fields copied.
+macro_rules! map_op {
+    ($op:expr, $f:expr; $($variant:ident { $($buf:ident),* ; $($val:ident),* })*) => {
+        match *$op {
+            $(Op::$variant { $($buf,)* $($val,)* } => Op::$variant {
+                $($buf: $f($buf)?,)*
+                $($val,)*
+            },)*
+        }
+    };
+}
+
+impl<'a, B> Op<'a, B> {
+    /// The same call on other buffers: `f` maps each buffer to one of another kind (an
+    /// index into a list, as the conformance suite stores its cases; the buffer inside an
+    /// [`any::AnyBuffer`]), or to `None` if it cannot (a buffer of another backend).
+    pub fn map_buffers<'b, C>(&self, f: impl Fn(&'a B) -> Option<&'b C>) -> Option<Op<'b, C>> {
+        Some(map_op!(self, f;
+            Matmul { a, b, out; m, k, n, a_t, b_t }
+            QMatmul { x, w, out; wtype, m, k, n }
+            Dequant { w, out; wtype, n }
+            Embed { table, ids, out; wtype, vocab, dim, n_ids }
+            RmsNorm { x, weight, out; rows, dim, eps }
+            Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, style }
+            Softmax { x, out; rows, cols }
+            SwiGlu { gate, up, out; n }
+            Add { a, b, out; n }
+            AddBias { x, bias, out; rows, cols }
+            Scale { x, out; n, alpha }
+            Copy { src, dst; n, src_offset, dst_offset }
+            Attention { q, k, v, out; n_tokens, n_heads, n_kv_heads, head_dim, pos0, scale }
+            Philox { out; counter, key, n_blocks }
+            PerturbZ { out; session_key, seed, tensor, start, n, kind }
+        ))
+    }
+}
+
 /// Largest head dimension the attention kernel accepts (its per-invocation accumulator).
 pub const MAX_HEAD_DIM: u32 = 256;
 
@@ -264,207 +304,6 @@ impl<B> Op<'_, B> {
             Op::Attention { .. } => "attention",
             Op::Philox { .. } => "philox",
             Op::PerturbZ { .. } => "perturb_z",
-        }
-    }
-
-    /// The same call on other buffers: `f` maps each buffer (for example an index into a
-    /// list, as the conformance suite stores its cases) to a buffer of another kind.
-    pub fn map_buffers<'b, C>(&self, f: impl Fn(&B) -> &'b C) -> Op<'b, C> {
-        match *self {
-            Op::Matmul {
-                a,
-                b,
-                out,
-                m,
-                k,
-                n,
-                a_t,
-                b_t,
-            } => Op::Matmul {
-                a: f(a),
-                b: f(b),
-                out: f(out),
-                m,
-                k,
-                n,
-                a_t,
-                b_t,
-            },
-            Op::QMatmul {
-                x,
-                w,
-                out,
-                wtype,
-                m,
-                k,
-                n,
-            } => Op::QMatmul {
-                x: f(x),
-                w: f(w),
-                out: f(out),
-                wtype,
-                m,
-                k,
-                n,
-            },
-            Op::Dequant { w, out, wtype, n } => Op::Dequant {
-                w: f(w),
-                out: f(out),
-                wtype,
-                n,
-            },
-            Op::Embed {
-                table,
-                ids,
-                out,
-                wtype,
-                vocab,
-                dim,
-                n_ids,
-            } => Op::Embed {
-                table: f(table),
-                ids: f(ids),
-                out: f(out),
-                wtype,
-                vocab,
-                dim,
-                n_ids,
-            },
-            Op::RmsNorm {
-                x,
-                weight,
-                out,
-                rows,
-                dim,
-                eps,
-            } => Op::RmsNorm {
-                x: f(x),
-                weight: f(weight),
-                out: f(out),
-                rows,
-                dim,
-                eps,
-            },
-            Op::Rope {
-                x,
-                table,
-                out,
-                n_tokens,
-                n_heads,
-                head_dim,
-                pos0,
-                style,
-            } => Op::Rope {
-                x: f(x),
-                table: f(table),
-                out: f(out),
-                n_tokens,
-                n_heads,
-                head_dim,
-                pos0,
-                style,
-            },
-            Op::Softmax { x, out, rows, cols } => Op::Softmax {
-                x: f(x),
-                out: f(out),
-                rows,
-                cols,
-            },
-            Op::SwiGlu { gate, up, out, n } => Op::SwiGlu {
-                gate: f(gate),
-                up: f(up),
-                out: f(out),
-                n,
-            },
-            Op::Add { a, b, out, n } => Op::Add {
-                a: f(a),
-                b: f(b),
-                out: f(out),
-                n,
-            },
-            Op::Scale { x, out, n, alpha } => Op::Scale {
-                x: f(x),
-                out: f(out),
-                n,
-                alpha,
-            },
-            Op::AddBias {
-                x,
-                bias,
-                out,
-                rows,
-                cols,
-            } => Op::AddBias {
-                x: f(x),
-                bias: f(bias),
-                out: f(out),
-                rows,
-                cols,
-            },
-            Op::Copy {
-                src,
-                dst,
-                n,
-                src_offset,
-                dst_offset,
-            } => Op::Copy {
-                src: f(src),
-                dst: f(dst),
-                n,
-                src_offset,
-                dst_offset,
-            },
-            Op::Attention {
-                q,
-                k,
-                v,
-                out,
-                n_tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0,
-                scale,
-            } => Op::Attention {
-                q: f(q),
-                k: f(k),
-                v: f(v),
-                out: f(out),
-                n_tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0,
-                scale,
-            },
-            Op::Philox {
-                out,
-                counter,
-                key,
-                n_blocks,
-            } => Op::Philox {
-                out: f(out),
-                counter,
-                key,
-                n_blocks,
-            },
-            Op::PerturbZ {
-                out,
-                session_key,
-                seed,
-                tensor,
-                start,
-                n,
-                kind,
-            } => Op::PerturbZ {
-                out: f(out),
-                session_key,
-                seed,
-                tensor,
-                start,
-                n,
-                kind,
-            },
         }
     }
 
