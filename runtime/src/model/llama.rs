@@ -20,20 +20,72 @@ pub struct Weight<B: Backend> {
     pub cols: u32,
 }
 
+impl<B: Backend> Weight<B> {
+    /// out \[m, rows\] = x \[m, cols\] * self^T.
+    fn apply(&self, be: &B, x: &B::Buffer, out: &B::Buffer, m: u32) -> Result<()> {
+        be.run(&Op::QMatmul {
+            x,
+            w: &self.buf,
+            out,
+            wtype: self.wtype,
+            m,
+            k: self.cols,
+            n: self.rows,
+        })
+    }
+}
+
+/// A linear projection: a frozen weight and an optional bias. Every projection of the
+/// model goes through its `forward`, the one place adapters, in-kernel perturbation
+/// and backprop attach (tuning issues).
+#[derive(Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Weight<B>,
+    pub bias: Option<B::Buffer>,
+}
+
+impl<B: Backend> Linear<B> {
+    fn new(weight: Weight<B>) -> Linear<B> {
+        Linear { weight, bias: None }
+    }
+
+    /// out \[m, rows\] = x \[m, cols\] * weight^T (+ bias). With a bias the product passes
+    /// through `tmp` (at least as large as `out`; unused without one).
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Buffer,
+        tmp: &B::Buffer,
+        out: &B::Buffer,
+        m: u32,
+    ) -> Result<()> {
+        match &self.bias {
+            None => self.weight.apply(be, x, out, m),
+            Some(bias) => {
+                self.weight.apply(be, x, tmp, m)?;
+                be.run(&Op::AddBias {
+                    x: tmp,
+                    bias,
+                    out,
+                    rows: m,
+                    cols: self.weight.rows,
+                })
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Layer<B: Backend> {
     attn_norm: B::Buffer,
-    wq: Weight<B>,
-    wk: Weight<B>,
-    wv: Weight<B>,
-    bq: Option<B::Buffer>,
-    bk: Option<B::Buffer>,
-    bv: Option<B::Buffer>,
-    wo: Weight<B>,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    o: Linear<B>,
     ffn_norm: B::Buffer,
-    w_gate: Weight<B>,
-    w_up: Weight<B>,
-    w_down: Weight<B>,
+    gate: Linear<B>,
+    up: Linear<B>,
+    down: Linear<B>,
 }
 
 /// A loaded model.
@@ -367,17 +419,23 @@ impl<'b, B: Backend> Model<'b, B> {
         for i in 0..cfg.n_layers {
             layers.push(Layer {
                 attn_norm: l.required_vector(Role::AttnNorm(i), dim)?,
-                wq: l.matrix(Role::Q(i), q_dim, dim)?,
-                wk: l.matrix(Role::K(i), kv_dim, dim)?,
-                wv: l.matrix(Role::V(i), kv_dim, dim)?,
-                bq: bias(Role::QBias(i), q_dim)?,
-                bk: bias(Role::KBias(i), kv_dim)?,
-                bv: bias(Role::VBias(i), kv_dim)?,
-                wo: l.matrix(Role::O(i), dim, q_dim)?,
+                q: Linear {
+                    weight: l.matrix(Role::Q(i), q_dim, dim)?,
+                    bias: bias(Role::QBias(i), q_dim)?,
+                },
+                k: Linear {
+                    weight: l.matrix(Role::K(i), kv_dim, dim)?,
+                    bias: bias(Role::KBias(i), kv_dim)?,
+                },
+                v: Linear {
+                    weight: l.matrix(Role::V(i), kv_dim, dim)?,
+                    bias: bias(Role::VBias(i), kv_dim)?,
+                },
+                o: Linear::new(l.matrix(Role::O(i), dim, q_dim)?),
                 ffn_norm: l.required_vector(Role::FfnNorm(i), dim)?,
-                w_gate: l.matrix(Role::Gate(i), cfg.ffn_dim, dim)?,
-                w_up: l.matrix(Role::Up(i), cfg.ffn_dim, dim)?,
-                w_down: l.matrix(Role::Down(i), dim, cfg.ffn_dim)?,
+                gate: Linear::new(l.matrix(Role::Gate(i), cfg.ffn_dim, dim)?),
+                up: Linear::new(l.matrix(Role::Up(i), cfg.ffn_dim, dim)?),
+                down: Linear::new(l.matrix(Role::Down(i), dim, cfg.ffn_dim)?),
             });
         }
         let embed = l.matrix(Role::Embed, cfg.vocab, dim)?;
@@ -434,18 +492,6 @@ impl<'b, B: Backend> Model<'b, B> {
             capacity,
             len: 0,
             scratch: None,
-        })
-    }
-
-    fn matmul(&self, x: &B::Buffer, w: &Weight<B>, out: &B::Buffer, m: u32) -> Result<()> {
-        self.backend.run(&Op::QMatmul {
-            x,
-            w: &w.buf,
-            out,
-            wtype: w.wtype,
-            m,
-            k: w.cols,
-            n: w.rows,
         })
     }
 
@@ -541,24 +587,10 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?;
-            // Each projection lands in `out`; with a bias it passes through `tmp` first.
-            let project =
-                |w: &Weight<B>, b: &Option<B::Buffer>, tmp: &B::Buffer, out: &B::Buffer| match b {
-                    Some(bias) => {
-                        self.matmul(h, w, tmp, t)?;
-                        be.run(&Op::AddBias {
-                            x: tmp,
-                            bias,
-                            out,
-                            rows: t,
-                            cols: w.rows,
-                        })
-                    }
-                    None => self.matmul(h, w, out, t),
-                };
-            project(&layer.wq, &layer.bq, qr, q)?;
-            project(&layer.wk, &layer.bk, kr, k)?;
-            project(&layer.wv, &layer.bv, kr, v)?;
+            // With a bias a projection passes through the rotation's buffer first.
+            layer.q.forward(be, h, qr, q, t)?;
+            layer.k.forward(be, h, kr, k, t)?;
+            layer.v.forward(be, h, kr, v, t)?;
             let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
                 be.run(&Op::Rope {
                     x,
@@ -600,7 +632,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 pos0,
                 scale: 1.0 / libm::sqrtf(hd as f32),
             })?;
-            self.matmul(att, &layer.wo, h, t)?;
+            layer.o.forward(be, att, h, h, t)?;
             be.run(&Op::Add {
                 a: x,
                 b: h,
@@ -615,15 +647,15 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?;
-            self.matmul(h, &layer.w_gate, gate, t)?;
-            self.matmul(h, &layer.w_up, up, t)?;
+            layer.gate.forward(be, h, gate, gate, t)?;
+            layer.up.forward(be, h, up, up, t)?;
             be.run(&Op::SwiGlu {
                 gate,
                 up,
                 out: act,
                 n: t * c.ffn_dim,
             })?;
-            self.matmul(act, &layer.w_down, h, t)?;
+            layer.down.forward(be, act, h, h, t)?;
             be.run(&Op::Add {
                 a: x2,
                 b: h,
@@ -659,7 +691,7 @@ impl<'b, B: Backend> Model<'b, B> {
         })?;
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
-        self.matmul(&normed, head, &logits, rows)?;
+        head.apply(be, &normed, &logits, rows)?;
         let out = be.read_f32(&logits, rows as usize * c.vocab as usize)?;
         cache.scratch = Some(scratch);
         // NaN or infinity here means the weights or the config hold nonsense; say where it
