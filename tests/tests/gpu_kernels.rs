@@ -103,3 +103,57 @@ fn every_half_dequantises_exactly() {
         .collect();
     assert!(wrong.is_empty(), "{wrong:?}");
 }
+
+/// Products of many tokens dequantise their weights into one shared scratch buffer first;
+/// two threads issuing them on one device must each get their own weights' result.
+#[test]
+fn concurrent_dequantising_products_keep_their_weights() {
+    use edgetune::backend::cpu::Cpu;
+    use edgetune::{Backend, Op, WeightType};
+    let Some(gpu) = common::gpu() else { return };
+    let (m, k, n) = (16u32, 64u32, 64u32);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+    // Two different weight matrices, one per thread.
+    let weights = |salt: u32| -> Vec<u8> {
+        (0..n * k)
+            .flat_map(|i| (((i * (salt + 3)) % 17) as f32 * 0.05 - 0.4).to_le_bytes())
+            .collect()
+    };
+    fn product<B: Backend>(be: &B, x: &[f32], w: &[u8], (m, k, n): (u32, u32, u32)) -> Vec<f32> {
+        let xb = be.upload_f32(x, "x").unwrap();
+        let wb = be.upload_weights(WeightType::F32, w, "w").unwrap();
+        let out = be.alloc(u64::from(m * n) * 4, "out").unwrap();
+        be.run(&Op::QMatmul {
+            x: &xb,
+            w: &wb,
+            out: &out,
+            wtype: WeightType::F32,
+            m,
+            k,
+            n,
+        })
+        .unwrap();
+        be.read_f32(&out, (m * n) as usize).unwrap()
+    }
+    let (w0, w1) = (weights(0), weights(1));
+    let want = [
+        product(&Cpu, &x, &w0, (m, k, n)),
+        product(&Cpu, &x, &w1, (m, k, n)),
+    ];
+    std::thread::scope(|s| {
+        for (w, want) in [(&w0, &want[0]), (&w1, &want[1])] {
+            let (gpu, x) = (&gpu, &x);
+            s.spawn(move || {
+                for round in 0..20 {
+                    let got = product(gpu, x, w, (m, k, n));
+                    let worst = got
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(worst < 1e-3, "round {round}: max diff {worst}");
+                }
+            });
+        }
+    });
+}

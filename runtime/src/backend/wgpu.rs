@@ -139,6 +139,9 @@ pub struct Gpu {
     /// f32 scratch for dequantised weights, grown on demand. Queued work reading an older,
     /// smaller one keeps that one alive; wgpu orders the passes that share this one.
     scratch: Mutex<Option<Arc<GpuBuffer>>>,
+    /// Held while a dequantise-then-multiply pair is recorded, so a product on another
+    /// thread cannot dequantise its weights into the scratch between the two.
+    scratch_pair: Mutex<()>,
     /// Bytes written with `upload` since the last submission.
     staged: Mutex<u64>,
     lost: Arc<Mutex<Option<String>>>,
@@ -266,6 +269,7 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             scratch: Mutex::new(None),
+            scratch_pair: Mutex::new(()),
             staged: Mutex::new(0),
             lost,
             uncaptured,
@@ -782,6 +786,7 @@ impl Backend for Gpu {
                     && scratch_bytes <= self.limits.max_storage_buffer_binding_size
                     && let Some(total) = n.checked_mul(k)
                 {
+                    let _pair = lock(&self.scratch_pair);
                     let scratch = self.scratch(scratch_bytes)?;
                     self.run(&Op::Dequant {
                         w,
