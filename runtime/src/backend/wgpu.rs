@@ -691,7 +691,9 @@ impl Backend for Gpu {
             let _ = tx.send(r);
         });
         self.wait()?;
-        match rx.try_recv() {
+        // The work is done, but with several threads on one device the callback may be
+        // running on another thread's poll right now: give it time rather than failing.
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Error::Gpu {
