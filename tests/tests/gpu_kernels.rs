@@ -67,32 +67,20 @@ fn every_half_dequantises_exactly() {
     use edgetune::{Backend, Op, WeightType};
     let Some(gpu) = common::gpu() else { return };
     let bytes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
-    let n = 1u32 << 16;
-    let on = |b: &[u8]| -> Vec<f32> {
-        let w = gpu.upload_weights(WeightType::F16, b, "halves").unwrap();
-        let out = gpu.alloc(u64::from(n) * 4, "out").unwrap();
-        gpu.run(&Op::Dequant {
+    fn widen<B: Backend>(be: &B, bytes: &[u8]) -> Vec<f32> {
+        let n = 1u32 << 16;
+        let w = be.upload_weights(WeightType::F16, bytes, "halves").unwrap();
+        let out = be.alloc(u64::from(n) * 4, "out").unwrap();
+        be.run(&Op::Dequant {
             w: &w,
             out: &out,
             wtype: WeightType::F16,
             n,
         })
         .unwrap();
-        gpu.read_f32(&out, n as usize).unwrap()
-    };
-    let reference = |b: &[u8]| -> Vec<f32> {
-        let w = Cpu.upload_weights(WeightType::F16, b, "halves").unwrap();
-        let out = Cpu.alloc(u64::from(n) * 4, "out").unwrap();
-        Cpu.run(&Op::Dequant {
-            w: &w,
-            out: &out,
-            wtype: WeightType::F16,
-            n,
-        })
-        .unwrap();
-        Cpu.read_f32(&out, n as usize).unwrap()
-    };
-    let (got, want) = (on(&bytes), reference(&bytes));
+        be.read_f32(&out, n as usize).unwrap()
+    }
+    let (got, want) = (widen(&gpu, &bytes), widen(&Cpu, &bytes));
     let wrong: Vec<String> = got
         .iter()
         .zip(&want)

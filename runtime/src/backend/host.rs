@@ -117,8 +117,8 @@ impl Host {
             *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
         };
         match &self.pool {
-            Some(pool) if parts > 1 => pool.run(parts, &run),
-            _ => (0..parts).for_each(run),
+            Some(pool) => pool.run(parts, &run),
+            None => (0..parts).for_each(run),
         }
         // `run` returns once every part has run (a panic in one is re-raised there).
         slots

@@ -176,23 +176,8 @@ impl KernelShapes {
         Ok(s)
     }
 
-    /// Every candidate for each shape (the tests run them all against the reference).
-    pub fn candidates() -> Vec<KernelShapes> {
-        let mut v = Vec::new();
-        for m in matvec_candidates() {
-            for a in attention_candidates() {
-                v.push(KernelShapes {
-                    matvec: m,
-                    matvec_wide: m,
-                    attention_decode: a,
-                });
-            }
-        }
-        v
-    }
-
-    /// Fewer shapes that still hold every candidate of each kind: each matrix-vector form
-    /// once, the attention forms in turn beside them (what the tests run on a device).
+    /// Shapes that hold every candidate of each kind: each matrix-vector form once, the
+    /// attention forms in turn beside them (what the tests run on a device).
     pub fn covering() -> Vec<KernelShapes> {
         let attention = attention_candidates();
         matvec_candidates()
@@ -353,27 +338,20 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        let mut fastest = (f64::INFINITY, best.matvec);
-        for shape in matvec_candidates() {
-            let s = time_op(
-                gpu,
+        let shape = fastest(gpu, &op, matvec_candidates(), &mut timings, |m| {
+            (
                 KernelShapes {
-                    matvec: shape,
-                    matvec_wide: shape,
+                    matvec: m,
+                    matvec_wide: m,
                     ..best
                 },
-                &op,
-                fastest.0,
-            )?;
-            timings.push(format!("matvec {k}x{n} {}: {:.1}", shape.spec(), s * 1e6));
-            if s < fastest.0 {
-                fastest = (s, shape);
-            }
-        }
+                format!("matvec {k}x{n} {}", m.spec()),
+            )
+        })?;
         if n >= WIDE_FROM {
-            best.matvec_wide = fastest.1;
+            best.matvec_wide = shape;
         } else {
-            best.matvec = fastest.1;
+            best.matvec = shape;
         }
     }
     let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 255u32);
@@ -396,24 +374,41 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         pos0,
         scale: 0.125,
     };
-    let mut fastest = (f64::INFINITY, best.attention_decode);
-    for shape in attention_candidates() {
-        let s = time_op(
-            gpu,
+    best.attention_decode = fastest(gpu, &op, attention_candidates(), &mut timings, |a| {
+        (
             KernelShapes {
-                attention_decode: shape,
+                attention_decode: a,
                 ..best
             },
-            &op,
-            fastest.0,
-        )?;
-        timings.push(format!("attention decode {}: {:.1}", shape.spec(), s * 1e6));
-        if s < fastest.0 {
-            fastest = (s, shape);
+            format!("attention decode {}", a.spec()),
+        )
+    })?;
+    Ok((best, timings))
+}
+
+/// The candidate whose shapes (`shapes_of` gives them and a label) run `op` fastest; each
+/// candidate's time is added to `timings`.
+fn fastest<T: Copy>(
+    gpu: &mut Gpu,
+    op: &Op<'_, super::wgpu::GpuBuffer>,
+    candidates: Vec<T>,
+    timings: &mut Vec<String>,
+    shapes_of: impl Fn(T) -> (KernelShapes, String),
+) -> Result<T> {
+    let mut best: Option<(f64, T)> = None;
+    for c in candidates {
+        let (shapes, label) = shapes_of(c);
+        let bound = best.map_or(f64::INFINITY, |b| b.0);
+        let s = time_op(gpu, shapes, op, bound)?;
+        timings.push(format!("{label}: {:.1}", s * 1e6));
+        if s < bound {
+            best = Some((s, c));
         }
     }
-    best.attention_decode = fastest.1;
-    Ok((best, timings))
+    best.map(|b| b.1).ok_or_else(|| Error::InvalidArgument {
+        name: "kernel shapes",
+        reason: "no candidate to measure".into(),
+    })
 }
 
 /// Applies `tuning` to a freshly opened device: see [`Tuning`].
@@ -483,7 +478,7 @@ mod tests {
 
     #[test]
     fn spec_round_trips_and_rejects_what_is_not_a_candidate() {
-        for c in KernelShapes::candidates() {
+        for c in KernelShapes::covering() {
             assert_eq!(KernelShapes::parse(&c.spec()).unwrap(), c);
         }
         assert_eq!(KernelShapes::parse("").unwrap(), KernelShapes::default());
