@@ -1,6 +1,7 @@
-// Elementwise kernels over n f32 values: add, a bias added to every row, scale, the SwiGLU
-// gate silu(a) * b, and a copy between offsets. CPU reference: runtime/src/backend/cpu.rs
-// (`Op::Add`, `Op::AddBias`, `Op::Scale`, `silu`, `Op::Copy`).
+// Elementwise kernels over n f32 values: add, a bias added to every row, columns scaled,
+// scale, the SwiGLU gate silu(a) * b, and a copy between offsets. CPU reference:
+// runtime/src/backend/cpu.rs (`Op::Add`, `Op::AddBias`, `Op::MulCols`, `Op::Scale`, `silu`,
+// `Op::Copy`).
 // One invocation per element; the 2-D grid lifts the 65535-workgroup limit per dimension.
 
 struct Params {
@@ -33,6 +34,15 @@ fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let i = index(gid, nwg);
     if i < p.n {
         out[i] = a[i] + b[i % p.src_offset];
+    }
+}
+
+// out = a * b[i % cols], cols in src_offset (IA3).
+@compute @workgroup_size(64, 1, 1)
+fn mul_cols(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[i] = a[i] * b[i % p.src_offset];
     }
 }
 

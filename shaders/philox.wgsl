@@ -1,5 +1,7 @@
-// Philox4x32-10 (Random123) and the integer-only perturbation z.
-// CPU reference: runtime/src/rng.rs; the two must agree bit for bit on every device.
+// Philox4x32-10 (Random123), the integer-only perturbation z, and the two zeroth-order
+// kernels built on it: a trainable tensor perturbed on the fly, and the fused multi-seed
+// integer update. CPU reference: runtime/src/rng.rs and runtime/src/backend/cpu.rs
+// (`Op::ZoWeights`, `Op::ZoAccumulate`); z and the update agree bit for bit on every device.
 // WGSL has no 64-bit integers, so the 32x32 -> 64-bit product is built from 16-bit limbs.
 // z addressing: key = session key (lo, hi); counter = (element / 2, tensor, seed, purpose);
 // even elements use words 0 and 1, odd elements words 2 and 3.
@@ -11,13 +13,18 @@ struct Params {
     c3: u32,
     k0: u32,
     k1: u32,
-    n: u32,      // blocks for `philox`, elements for `perturb_z`
+    n: u32,      // blocks for `philox`, elements for the others
     kind: u32,   // z kind: 0 binomial, 1 rademacher
+    step: f32,   // zo_weights: the accumulator's unit
+    eps: f32,    // zo_weights: the signed perturbation scale
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out_u: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out_f: array<f32>;
+@group(0) @binding(3) var<storage, read> base: array<f32>;
+@group(0) @binding(4) var<storage, read_write> acc: array<i32>;
+@group(0) @binding(5) var<storage, read> seeds: array<vec2<u32>>;
 
 // (hi, lo) of the full 64-bit product a * b.
 fn mulhilo(a: u32, b: u32) -> vec2<u32> {
@@ -78,15 +85,45 @@ fn perturb_z(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let carry = select(0u, 1u, e < p.c0);
     let pair = (e >> 1u) | (carry << 31u);
     let r = philox4x32_10(vec4<u32>(pair, p.c1, p.c2, p.c3), vec2<u32>(p.k0, p.k1));
+    out_f[i] = f32(z4_of(r, e)) * 0.25;
+}
+
+// 4z for element e from its Philox block r: an integer in [-32, 32].
+fn z4_of(r: vec4<u32>, e: u32) -> i32 {
     var words = r.xy;
     if (e & 1u) == 1u {
         words = r.zw;
     }
-    var z4: i32;
     if p.kind == 1u {
-        z4 = select(-4, 4, (words.x & 1u) == 1u);
-    } else {
-        z4 = i32(countOneBits(words.x) + countOneBits(words.y)) - 32;
+        return select(-4, 4, (words.x & 1u) == 1u);
     }
-    out_f[i] = f32(z4) * 0.25;
+    return i32(countOneBits(words.x) + countOneBits(words.y)) - 32;
+}
+
+// out_f[i] = (base[i] + step * acc[i]) + eps * z(i) for tensor c1, seed c2, purpose c3.
+@compute @workgroup_size(64, 1, 1)
+fn zo_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i >= p.n {
+        return;
+    }
+    let r = philox4x32_10(vec4<u32>(i >> 1u, p.c1, p.c2, p.c3), vec2<u32>(p.k0, p.k1));
+    out_f[i] = (base[i] + p.step * f32(acc[i])) + p.eps * (f32(z4_of(r, i)) * 0.25);
+}
+
+// acc[i] += sum of coef * 4z(seed, i) over the c0 (seed, coef) pairs, tensor c1, purpose c3.
+// WGSL integer arithmetic wraps, as the reference's does.
+@compute @workgroup_size(64, 1, 1)
+fn zo_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i >= p.n {
+        return;
+    }
+    var d = acc[i];
+    for (var j = 0u; j < p.c0; j++) {
+        let s = seeds[j];
+        let r = philox4x32_10(vec4<u32>(i >> 1u, p.c1, s.x, p.c3), vec2<u32>(p.k0, p.k1));
+        d += bitcast<i32>(s.y) * z4_of(r, i);
+    }
+    acc[i] = d;
 }

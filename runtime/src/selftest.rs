@@ -525,6 +525,32 @@ pub fn cases() -> Vec<Case> {
         });
     }
 
+    // Columns scaled (IA3): one correctly rounded product per element.
+    for (rows, cols) in [(1u32, 1u32), (4, 576), (3, 1000)] {
+        let n = (rows * cols) as usize;
+        cases.push(Case {
+            kernel: "mul_cols",
+            shape: format!("{rows}x{cols}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(n))),
+                Init::Data(f32_bytes(&d.f32s(cols as usize))),
+                Init::Zeros(n as u64 * 4),
+            ],
+            op: Op::MulCols {
+                x: &IDX[0],
+                scale: &IDX[1],
+                out: &IDX[2],
+                rows,
+                cols,
+            },
+            out: 2,
+            out_elems: n,
+            tolerance: Tolerance::Exact,
+            work: 12.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+
     // Copy between offsets is a bit-exact move.
     for (n, src_offset, dst_offset) in [(1u32, 0u32, 0u32), (1000, 17, 333), (70_000, 5, 0)] {
         let src = d.f32s((n + src_offset) as usize);
@@ -648,6 +674,92 @@ pub fn cases() -> Vec<Case> {
             });
         }
     }
+
+    // A perturbed trainable tensor. Unperturbed (eps = 0) with accumulators under 2^24 it
+    // is one rounding, so exact; perturbed, a device may fuse the multiply-add.
+    let accs = |d: &mut Data, n: usize, bound: u32| -> Vec<u8> {
+        d.words(n)
+            .into_iter()
+            .map(|w| (w % (2 * bound + 1)) as i32 - bound as i32)
+            .flat_map(i32::to_le_bytes)
+            .collect()
+    };
+    for (n, eps, kind) in [
+        (1u32, 0.0f32, ZKind::Binomial),
+        (4_099, 0.0, ZKind::Binomial),
+        (4_099, 1e-3, ZKind::Binomial),
+        (70_000, -2e-2, ZKind::Rademacher),
+    ] {
+        cases.push(Case {
+            kernel: "zo_weights",
+            shape: format!("{kind:?} n={n} eps={eps}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&d.f32s(n as usize))),
+                Init::Data(accs(&mut d, n as usize, (1 << 24) - 1)),
+                Init::Zeros(u64::from(n) * 4),
+            ],
+            op: Op::ZoWeights {
+                base: &IDX[0],
+                acc: &IDX[1],
+                out: &IDX[2],
+                n,
+                step: 1.0 / (1u32 << 22) as f32,
+                eps,
+                session_key: 0xfeed_f00d_1234_5678,
+                seed: 4_000_000_000,
+                tensor: 9,
+                kind,
+            },
+            out: 2,
+            out_elems: n as usize,
+            tolerance: if eps == 0.0 {
+                Tolerance::Exact
+            } else {
+                close(1e-7, 1e-6)
+            },
+            work: 12.0 * f64::from(n),
+            unit: Unit::GbPerS,
+        });
+    }
+
+    // The fused multi-seed update: integer, so exact on every device; one case wraps.
+    for (n, n_seeds, coef_bound) in [
+        (1u32, 1u32, 5u32),
+        (3_001, 7, 1 << 20),
+        (20_000, 40, 1 << 30),
+    ] {
+        let seeds: Vec<u8> = d
+            .words(2 * n_seeds as usize)
+            .chunks_exact(2)
+            .flat_map(|w| {
+                let coef = (w[1] % (2 * coef_bound + 1)) as i32 - coef_bound as i32;
+                [w[0].to_le_bytes(), coef.to_le_bytes()]
+            })
+            .flatten()
+            .collect();
+        cases.push(Case {
+            kernel: "zo_accumulate",
+            shape: format!("n={n} seeds={n_seeds} |coef|<={coef_bound}"),
+            bufs: vec![
+                Init::Data(accs(&mut d, n as usize, 1 << 30)),
+                Init::Data(seeds),
+            ],
+            op: Op::ZoAccumulate {
+                acc: &IDX[0],
+                seeds: &IDX[1],
+                n,
+                n_seeds,
+                session_key: 0x0123_4567_89ab_cdef,
+                tensor: 2,
+                kind: ZKind::Binomial,
+            },
+            out: 0,
+            out_elems: n as usize,
+            tolerance: Tolerance::Exact,
+            work: 8.0 * f64::from(n) * f64::from(n_seeds),
+            unit: Unit::GbPerS,
+        });
+    }
     cases
 }
 
@@ -696,7 +808,7 @@ fn execute<B: Backend>(dev: &B, case: &Case, timed: bool) -> Result<(Vec<u32>, f
 
 /// Compares device output words with the reference's: (max abs, max rel, pass).
 fn compare(case: &Case, dev: &[u32], reference: &[u32]) -> (f64, f64, bool) {
-    let bits_are_floats = !matches!(case.op, Op::Philox { .. });
+    let bits_are_floats = !matches!(case.op, Op::Philox { .. } | Op::ZoAccumulate { .. });
     let (mut max_abs, mut max_rel, mut pass) = (0.0f64, 0.0f64, dev.len() == reference.len());
     let mut nan = false;
     for (&g, &r) in dev.iter().zip(reference) {

@@ -49,6 +49,9 @@ kernel_tests! {
     attention_should_match_reference => "attention",
     philox_should_match_reference => "philox",
     perturb_z_should_match_reference => "perturb_z",
+    zo_weights_should_match_reference => "zo_weights",
+    zo_accumulate_should_match_reference => "zo_accumulate",
+    mul_cols_should_match_reference => "mul_cols",
 }
 
 #[test]
@@ -56,7 +59,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 16, "{kernels:?}");
+    assert_eq!(kernels.len(), 19, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of

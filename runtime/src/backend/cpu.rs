@@ -46,6 +46,15 @@ impl CpuBuffer {
         core::cell::Ref::map(self.0.borrow(), |b| &b[..n.min(b.len())])
     }
 
+    /// The first `n` values as i32 (accumulators, seed lists).
+    pub(crate) fn i32s(&self, n: usize) -> Vec<i32> {
+        let b = self.0.borrow();
+        u32s(&b[..n.saturating_mul(4).min(b.len())])
+            .into_iter()
+            .map(|v| v as i32)
+            .collect()
+    }
+
     pub(crate) fn write_f32(&self, vals: &[f32]) {
         let mut b = self.0.borrow_mut();
         for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
@@ -287,6 +296,69 @@ impl Backend for Cpu {
                     purpose: rng::PURPOSE_PERTURB,
                 };
                 out.write_f32(&perturb_z(addr, u64::from(start), n as usize, kind));
+            }
+            Op::ZoWeights {
+                base,
+                acc,
+                out,
+                n,
+                step,
+                eps,
+                session_key,
+                seed,
+                tensor,
+                kind,
+            } => {
+                let addr = ZAddr {
+                    session_key,
+                    seed,
+                    tensor,
+                    purpose: rng::PURPOSE_PERTURB,
+                };
+                let (base, acc) = (base.f32s(n as usize), acc.i32s(n as usize));
+                let w: Vec<f32> = (0..n as usize)
+                    .map(|i| (base[i] + step * acc[i] as f32) + eps * addr.z(i as u64, kind))
+                    .collect();
+                out.write_f32(&w);
+            }
+            Op::ZoAccumulate {
+                acc,
+                seeds,
+                n,
+                n_seeds,
+                session_key,
+                tensor,
+                kind,
+            } => {
+                let pairs = seeds.i32s(2 * n_seeds as usize);
+                let mut d = acc.i32s(n as usize);
+                for pair in pairs.chunks_exact(2) {
+                    let addr = ZAddr {
+                        session_key,
+                        seed: pair[0] as u32,
+                        tensor,
+                        purpose: rng::PURPOSE_PERTURB,
+                    };
+                    for (e, v) in d.iter_mut().enumerate() {
+                        *v = v.wrapping_add(pair[1].wrapping_mul(addr.z4(e as u64, kind)));
+                    }
+                }
+                acc.write_u32(&d.iter().map(|&v| v as u32).collect::<Vec<_>>());
+            }
+            Op::MulCols {
+                x,
+                scale,
+                out,
+                rows,
+                cols,
+            } => {
+                let (x, s) = (x.f32s((rows * cols) as usize), scale.f32s(cols as usize));
+                let y: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v * s[i % cols as usize])
+                    .collect();
+                out.write_f32(&y);
             }
         }
         Ok(())

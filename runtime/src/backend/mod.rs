@@ -176,6 +176,42 @@ pub enum Op<'a, B> {
         n: u32,
         kind: ZKind,
     },
+    /// out\[i\] = (base\[i\] + step * acc\[i\]) + eps * z(i) for i < n: a trainable tensor's
+    /// value (f32 start `base`, i32 accumulator `acc`, see [`crate::train`]) moved by eps
+    /// along z of (session key, seed, tensor), computed on the fly: nothing is written back
+    /// to `base` or `acc`, so there is nothing to restore.
+    ZoWeights {
+        base: &'a B,
+        acc: &'a B,
+        out: &'a B,
+        n: u32,
+        step: f32,
+        eps: f32,
+        session_key: u64,
+        seed: u32,
+        tensor: u32,
+        kind: ZKind,
+    },
+    /// acc\[i\] += sum over j < n_seeds of coef_j * 4z_j(i), for i < n, in wrapping i32
+    /// arithmetic; `seeds` holds (seed u32, coef i32) pairs. Integer, so exact and
+    /// independent of order: the fused update and replay of [`crate::train`].
+    ZoAccumulate {
+        acc: &'a B,
+        seeds: &'a B,
+        n: u32,
+        n_seeds: u32,
+        session_key: u64,
+        tensor: u32,
+        kind: ZKind,
+    },
+    /// out\[r, c\] = x\[r, c\] * scale\[c\] for x \[rows, cols\] (IA3's learned scales).
+    MulCols {
+        x: &'a B,
+        scale: &'a B,
+        out: &'a B,
+        rows: u32,
+        cols: u32,
+    },
 }
 
 /// The same op over other buffers: each variant with its buffer fields mapped by `$f`
@@ -212,6 +248,9 @@ impl<'a, B> Op<'a, B> {
             Attention { q, k, v, out; n_tokens, n_heads, n_kv_heads, head_dim, pos0, scale }
             Philox { out; counter, key, n_blocks }
             PerturbZ { out; session_key, seed, tensor, start, n, kind }
+            ZoWeights { base, acc, out; n, step, eps, session_key, seed, tensor, kind }
+            ZoAccumulate { acc, seeds; n, n_seeds, session_key, tensor, kind }
+            MulCols { x, scale, out; rows, cols }
         ))
     }
 }
@@ -304,6 +343,9 @@ impl<B> Op<'_, B> {
             Op::Attention { .. } => "attention",
             Op::Philox { .. } => "philox",
             Op::PerturbZ { .. } => "perturb_z",
+            Op::ZoWeights { .. } => "zo_weights",
+            Op::ZoAccumulate { .. } => "zo_accumulate",
+            Op::MulCols { .. } => "mul_cols",
         }
     }
 
@@ -520,6 +562,49 @@ impl<B> Op<'_, B> {
             Op::PerturbZ { out, n, .. } => {
                 nonzero(op, &[("n", n)])?;
                 need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::ZoWeights {
+                base,
+                acc,
+                out,
+                n,
+                step,
+                eps,
+                ..
+            } => {
+                nonzero(op, &[("n", n)])?;
+                if !(step.is_finite() && eps.is_finite()) {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("step {step} and eps {eps} must be finite"),
+                    });
+                }
+                need(op, "base", size(base), u64::from(n), 4)?;
+                need(op, "acc", size(acc), u64::from(n), 4)?;
+                need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::ZoAccumulate {
+                acc,
+                seeds,
+                n,
+                n_seeds,
+                ..
+            } => {
+                nonzero(op, &[("n", n), ("n_seeds", n_seeds)])?;
+                need(op, "acc", size(acc), u64::from(n), 4)?;
+                need(op, "seeds", size(seeds), u64::from(n_seeds), 8)
+            }
+            Op::MulCols {
+                x,
+                scale,
+                out,
+                rows,
+                cols,
+            } => {
+                nonzero(op, &[("rows", rows), ("cols", cols)])?;
+                need(op, "x", size(x), mul(rows, cols), 4)?;
+                need(op, "scale", size(scale), u64::from(cols), 4)?;
+                need(op, "out", size(out), mul(rows, cols), 4)
             }
         }
     }
