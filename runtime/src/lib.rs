@@ -17,6 +17,7 @@ extern crate no_std_compat as std;
 #[macro_use]
 mod fmt;
 
+pub mod adapter;
 pub mod backend;
 pub mod error;
 pub mod format;
@@ -30,6 +31,7 @@ pub mod rng;
 pub mod selftest;
 #[cfg(feature = "std")]
 pub mod tokenizer;
+pub mod train;
 
 pub use backend::{Backend, Op};
 pub use error::{Error, Result};

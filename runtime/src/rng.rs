@@ -55,6 +55,10 @@ impl ZKind {
 
 /// Purpose tags for the counter's last word, so streams for different uses never overlap.
 pub const PURPOSE_PERTURB: u32 = 0;
+/// The stream of adapter start values (`adapter::init_values`).
+pub const PURPOSE_INIT: u32 = 1;
+/// The stream that draws FedKSeed's seed per step (`train::ZoConfig::seed_for_step`).
+pub const PURPOSE_SAMPLE: u32 = 2;
 
 /// Where one z value lives: which session, seed, tensor and element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,6 +49,35 @@ impl ChatTemplate {
         }
     }
 
+    /// One turn of a conversation as (header, body): the loss of a training conversation
+    /// covers an assistant turn's body, which ends with the end-of-turn marker. `None`
+    /// without a recognised format.
+    pub fn turn(&self, role: &str, content: &str) -> Option<(String, String)> {
+        match self {
+            ChatTemplate::ChatMl { .. } => Some((
+                format!("<|im_start|>{role}\n"),
+                format!("{content}<|im_end|>\n"),
+            )),
+            ChatTemplate::Llama3 => Some((
+                format!("<|start_header_id|>{role}<|end_header_id|>\n\n"),
+                format!("{content}<|eot_id|>"),
+            )),
+            ChatTemplate::Raw => None,
+        }
+    }
+
+    /// What a conversation starts with: Llama 3's begin marker, or ChatML's default system
+    /// turn when the conversation has no system message.
+    pub fn conversation_start(&self, has_system: bool) -> String {
+        match self {
+            ChatTemplate::ChatMl {
+                default_system: Some(s),
+            } if !has_system => format!("<|im_start|>system\n{s}<|im_end|>\n"),
+            ChatTemplate::Llama3 => "<|begin_of_text|>".into(),
+            _ => String::new(),
+        }
+    }
+
     /// The prompt for one user turn, ready for the assistant's reply.
     pub fn user_turn(&self, user: &str) -> String {
         match self {

@@ -262,25 +262,12 @@ fn load(path: &Path, identity: &str) -> core::result::Result<KernelShapes, Strin
 /// Writes atomically (a temporary file renamed into place), so concurrent processes
 /// never read half a cache.
 fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) -> Result<()> {
-    let io = |e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
     let body = serde_json::json!({
         "identity": identity,
         "shapes": shapes.spec(),
         "timings_us": timings,
     });
-    // Unique per process and call: two devices opened at once in one process must not
-    // write into the same temporary file.
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{call}", std::process::id()));
-    std::fs::write(&tmp, body.to_string()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::format::file::write_atomic(path, body.to_string().as_bytes())
 }
 
 /// Seconds per call of `op` on `gpu` with `shapes`: the fastest of five batches after a

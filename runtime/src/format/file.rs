@@ -28,6 +28,12 @@ pub enum FileKind {
     Text,
     /// A cached choice of GPU kernel shapes (backend::tune).
     TuneCache,
+    /// A JSONL training or evaluation set.
+    Data,
+    /// A seed history or training session file (train::history).
+    History,
+    /// An adapter's tensors (adapter_model.safetensors) or config.
+    Adapter,
 }
 
 const MIB: u64 = 1 << 20;
@@ -44,6 +50,9 @@ impl FileKind {
             FileKind::TokenizerConfig => 16 * MIB,
             FileKind::Text => 256 * MIB,
             FileKind::TuneCache => MIB,
+            FileKind::Data => 1 << 30,
+            FileKind::History => 256 * MIB,
+            FileKind::Adapter => 4 << 30,
         }
     }
 
@@ -56,6 +65,9 @@ impl FileKind {
             FileKind::TokenizerConfig => "tokenizer_config.json",
             FileKind::Text => "text file",
             FileKind::TuneCache => "kernel shape cache",
+            FileKind::Data => "JSONL data file",
+            FileKind::History => "seed history",
+            FileKind::Adapter => "adapter file",
         }
     }
 }
@@ -292,4 +304,32 @@ impl GgufFile {
     pub fn path(&self) -> &str {
         self.file.path()
     }
+}
+
+/// Writes `bytes` to `path` atomically: into a temporary file beside it, synced, then
+/// renamed into place, so a reader (or a crash) never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    // Unique per process and call: two writers in one process must not share a temporary.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}-{call}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    std::fs::rename(&tmp, path).map_err(io)
 }

@@ -577,6 +577,27 @@ impl ModelFiles {
         }
     }
 
+    /// SHA-256 of what the model is made of: the GGUF file, or each safetensors shard in
+    /// order and the load-time quantisation. Pins a training session to its base model.
+    pub fn sha256(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match self {
+            ModelFiles::Gguf(f) => {
+                h.update(f.bytes());
+                f.release_pages();
+            }
+            ModelFiles::Hf(d) => {
+                h.update(format!("quantize={:?}\n", d.quantize).as_bytes());
+                for s in &d.shards {
+                    h.update(s.file.bytes());
+                    s.file.release_pages();
+                }
+            }
+        }
+        h.finalize().into()
+    }
+
     /// Loads the model onto `backend`, then lets the file's pages go: the weights now live
     /// in the backend's buffers.
     pub fn load<'b, B: Backend>(&self, backend: &'b B) -> Result<Model<'b, B>> {

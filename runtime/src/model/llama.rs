@@ -5,6 +5,7 @@
 //! (decode) against a KV cache.
 
 use super::config::{Arch, Config};
+use crate::adapter::{self, AdapterConfig, Dims, Init, Method, ParamInfo, Slot, Target};
 use crate::backend::{Backend, Op, RopeScaling, rope_table};
 use crate::error::{Error, Result};
 use crate::format::gguf::{Gguf, TensorInfo};
@@ -35,43 +36,134 @@ impl<B: Backend> Weight<B> {
     }
 }
 
-/// A linear projection: a frozen weight and an optional bias. Every projection of the
-/// model goes through its `forward`, the one place adapters, in-kernel perturbation
-/// and backprop attach (tuning issues).
+/// LoRA's low-rank pair on one projection: y += scale * B (A x).
+#[derive(Debug)]
+pub struct Lora<B: Backend> {
+    /// \[rank, in\]
+    pub a: B::Buffer,
+    /// \[out, rank\]
+    pub b: B::Buffer,
+    pub rank: u32,
+    pub scale: f32,
+}
+
+/// A linear projection: a frozen weight, an optional bias, and the adapter slot (LoRA, or
+/// IA3 scales on its output or input). Every projection of the model goes through its
+/// `forward`, the one place adapters, in-kernel perturbation and backprop attach.
 #[derive(Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Weight<B>,
     pub bias: Option<B::Buffer>,
+    pub lora: Option<Lora<B>>,
+    /// IA3 scales of the output features (k, v).
+    pub scale_out: Option<B::Buffer>,
+    /// IA3 scales of the input features (down, PEFT's feed-forward case).
+    pub scale_in: Option<B::Buffer>,
 }
 
 impl<B: Backend> Linear<B> {
-    fn new(weight: Weight<B>) -> Linear<B> {
-        Linear { weight, bias: None }
+    fn new(weight: Weight<B>, bias: Option<B::Buffer>) -> Linear<B> {
+        Linear {
+            weight,
+            bias,
+            lora: None,
+            scale_out: None,
+            scale_in: None,
+        }
     }
 
-    /// out \[m, rows\] = x \[m, cols\] * weight^T (+ bias). With a bias the product passes
-    /// through `tmp` (at least as large as `out`; unused without one).
+    /// out \[m, rows\] = x \[m, cols\] * weight^T, then the bias, LoRA and IA3 steps as
+    /// PEFT orders them. Intermediate results pass through the scratch's `y` pair, so
+    /// no kernel reads and writes one buffer (which wgpu forbids); `out` must not be `x`.
     fn forward(
         &self,
         be: &B,
         x: &B::Buffer,
-        tmp: &B::Buffer,
         out: &B::Buffer,
         m: u32,
+        s: &Scratch<B>,
     ) -> Result<()> {
-        match &self.bias {
-            None => self.weight.apply(be, x, out, m),
-            Some(bias) => {
-                self.weight.apply(be, x, tmp, m)?;
-                be.run(&Op::AddBias {
-                    x: tmp,
-                    bias,
-                    out,
+        let (rows, cols) = (self.weight.rows, self.weight.cols);
+        let input = match (&self.scale_in, &s.adapter) {
+            (Some(scale), Some(a)) => {
+                be.run(&Op::MulCols {
+                    x,
+                    scale,
+                    out: &a.input,
                     rows: m,
-                    cols: self.weight.rows,
-                })
+                    cols,
+                })?;
+                &a.input
             }
+            _ => x,
+        };
+        let steps = usize::from(self.bias.is_some())
+            + usize::from(self.lora.is_some())
+            + usize::from(self.scale_out.is_some());
+        let spare = s.adapter.as_ref().map_or(&s.y, |a| &a.y);
+        // Step i writes dst(i); the last writes `out`.
+        let dst = |i: usize| match i {
+            _ if i == steps => out,
+            _ if i.is_multiple_of(2) => &s.y,
+            _ => spare,
+        };
+        self.weight.apply(be, input, dst(0), m)?;
+        let mut at = 0;
+        if let Some(bias) = &self.bias {
+            be.run(&Op::AddBias {
+                x: dst(at),
+                bias,
+                out: dst(at + 1),
+                rows: m,
+                cols: rows,
+            })?;
+            at += 1;
         }
+        if let (Some(l), Some(a)) = (&self.lora, &s.adapter) {
+            be.run(&Op::Matmul {
+                a: input,
+                b: &l.a,
+                out: &a.u,
+                m,
+                k: cols,
+                n: l.rank,
+                a_t: false,
+                b_t: true,
+            })?;
+            be.run(&Op::Scale {
+                x: &a.u,
+                out: &a.u2,
+                n: m * l.rank,
+                alpha: l.scale,
+            })?;
+            be.run(&Op::Matmul {
+                a: &a.u2,
+                b: &l.b,
+                out: &a.low_rank,
+                m,
+                k: l.rank,
+                n: rows,
+                a_t: false,
+                b_t: true,
+            })?;
+            be.run(&Op::Add {
+                a: dst(at),
+                b: &a.low_rank,
+                out: dst(at + 1),
+                n: m * rows,
+            })?;
+            at += 1;
+        }
+        if let Some(scale) = &self.scale_out {
+            be.run(&Op::MulCols {
+                x: dst(at),
+                scale,
+                out: dst(at + 1),
+                rows: m,
+                cols: rows,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -97,6 +189,8 @@ pub struct Model<'b, B: Backend> {
     layers: Vec<Layer<B>>,
     out_norm: B::Buffer,
     output: Option<Weight<B>>,
+    /// The attached adapter and its trainable tensors in the pinned order.
+    adapter: Option<(AdapterConfig, Vec<ParamInfo>)>,
 }
 
 /// Keys and values of every layer for up to `capacity` positions, plus the RoPE table.
@@ -128,12 +222,40 @@ struct Scratch<B: Backend> {
     gate: B::Buffer,
     up: B::Buffer,
     act: B::Buffer,
+    /// A projection's intermediate result (before its bias), \[tokens, widest\].
+    y: B::Buffer,
+    adapter: Option<AdapterScratch<B>>,
+}
+
+/// What adapter steps need besides: a scaled input, a second intermediate, LoRA's
+/// low-rank activations and its product.
+#[derive(Debug)]
+struct AdapterScratch<B: Backend> {
+    rank: u32,
+    input: B::Buffer,
+    y: B::Buffer,
+    u: B::Buffer,
+    u2: B::Buffer,
+    low_rank: B::Buffer,
 }
 
 impl<B: Backend> Scratch<B> {
-    fn new(be: &B, c: &Config, t: u32) -> Result<Self> {
+    /// `rank` is Some(LoRA's rank, or 1) when an adapter is attached.
+    fn new(be: &B, c: &Config, t: u32, rank: Option<u32>) -> Result<Self> {
         let f = |n: u32| u64::from(t) * u64::from(n) * 4;
         let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let widest = [c.dim, q_dim, c.ffn_dim].into_iter().fold(kv_dim, u32::max);
+        let adapter = match rank {
+            None => None,
+            Some(rank) => Some(AdapterScratch {
+                rank,
+                input: be.alloc(f(widest), "adapter")?,
+                y: be.alloc(f(widest), "adapter")?,
+                u: be.alloc(f(rank), "adapter")?,
+                u2: be.alloc(f(rank), "adapter")?,
+                low_rank: be.alloc(f(widest), "adapter")?,
+            }),
+        };
         Ok(Scratch {
             tokens: t,
             x: be.alloc(f(c.dim), "activations")?,
@@ -148,7 +270,13 @@ impl<B: Backend> Scratch<B> {
             gate: be.alloc(f(c.ffn_dim), "ffn")?,
             up: be.alloc(f(c.ffn_dim), "ffn")?,
             act: be.alloc(f(c.ffn_dim), "ffn")?,
+            y: be.alloc(f(widest), "activations")?,
+            adapter,
         })
+    }
+
+    fn fits(&self, t: u32, rank: Option<u32>) -> bool {
+        self.tokens == t && self.adapter.as_ref().map(|a| a.rank) == rank
     }
 }
 
@@ -419,23 +547,23 @@ impl<'b, B: Backend> Model<'b, B> {
         for i in 0..cfg.n_layers {
             layers.push(Layer {
                 attn_norm: l.required_vector(Role::AttnNorm(i), dim)?,
-                q: Linear {
-                    weight: l.matrix(Role::Q(i), q_dim, dim)?,
-                    bias: bias(Role::QBias(i), q_dim)?,
-                },
-                k: Linear {
-                    weight: l.matrix(Role::K(i), kv_dim, dim)?,
-                    bias: bias(Role::KBias(i), kv_dim)?,
-                },
-                v: Linear {
-                    weight: l.matrix(Role::V(i), kv_dim, dim)?,
-                    bias: bias(Role::VBias(i), kv_dim)?,
-                },
-                o: Linear::new(l.matrix(Role::O(i), dim, q_dim)?),
+                q: Linear::new(
+                    l.matrix(Role::Q(i), q_dim, dim)?,
+                    bias(Role::QBias(i), q_dim)?,
+                ),
+                k: Linear::new(
+                    l.matrix(Role::K(i), kv_dim, dim)?,
+                    bias(Role::KBias(i), kv_dim)?,
+                ),
+                v: Linear::new(
+                    l.matrix(Role::V(i), kv_dim, dim)?,
+                    bias(Role::VBias(i), kv_dim)?,
+                ),
+                o: Linear::new(l.matrix(Role::O(i), dim, q_dim)?, None),
                 ffn_norm: l.required_vector(Role::FfnNorm(i), dim)?,
-                gate: Linear::new(l.matrix(Role::Gate(i), cfg.ffn_dim, dim)?),
-                up: Linear::new(l.matrix(Role::Up(i), cfg.ffn_dim, dim)?),
-                down: Linear::new(l.matrix(Role::Down(i), dim, cfg.ffn_dim)?),
+                gate: Linear::new(l.matrix(Role::Gate(i), cfg.ffn_dim, dim)?, None),
+                up: Linear::new(l.matrix(Role::Up(i), cfg.ffn_dim, dim)?, None),
+                down: Linear::new(l.matrix(Role::Down(i), dim, cfg.ffn_dim)?, None),
             });
         }
         let embed = l.matrix(Role::Embed, cfg.vocab, dim)?;
@@ -452,6 +580,177 @@ impl<'b, B: Backend> Model<'b, B> {
             layers,
             out_norm,
             output,
+            adapter: None,
+        })
+    }
+
+    /// The model's dimensions as adapters see them.
+    pub fn dims(&self) -> Dims {
+        let c = &self.cfg;
+        Dims {
+            n_layers: c.n_layers,
+            dim: c.dim,
+            q_dim: c.n_heads * c.head_dim,
+            kv_dim: c.n_kv_heads * c.head_dim,
+            ffn_dim: c.ffn_dim,
+        }
+    }
+
+    /// Attaches `cfg`'s trainable tensors (one adapter at a time), started as
+    /// [`adapter::init_values`] with `init_seed`; trainable norms keep the model's values.
+    /// The frozen weights are untouched. Returns the pinned layout.
+    pub fn attach(&mut self, mut cfg: AdapterConfig, init_seed: u64) -> Result<&[ParamInfo]> {
+        if self.adapter.is_some() {
+            return Err(Error::InvalidArgument {
+                name: "adapter",
+                reason: "the model already has an adapter attached".into(),
+            });
+        }
+        cfg.validate()?;
+        let layout = adapter::layout(&cfg, &self.dims());
+        // Every buffer first, so a failed allocation leaves the model as it was.
+        let mut bufs = Vec::with_capacity(layout.len());
+        for (i, p) in layout.iter().enumerate() {
+            bufs.push(match p.init {
+                Init::Model => None,
+                init => {
+                    let v = adapter::init_values(init, p.len(), i as u32, init_seed);
+                    Some(self.backend.upload_f32(&v, "adapter")?)
+                }
+            });
+        }
+        let (rank, scale) = match cfg.method {
+            Method::Lora { rank, .. } => (rank, cfg.lora_scale()),
+            _ => (0, 1.0),
+        };
+        let mut pending_a = None;
+        for (p, buf) in layout.iter().zip(bufs) {
+            let Some(buf) = buf else { continue };
+            match p.slot {
+                Slot::LoraA(..) => pending_a = Some(buf),
+                Slot::LoraB(l, t) => {
+                    if let (Some(a), Some(lin)) = (pending_a.take(), self.linear_mut(l, t)) {
+                        lin.lora = Some(Lora {
+                            a,
+                            b: buf,
+                            rank,
+                            scale,
+                        });
+                    }
+                }
+                Slot::Ia3(l, t) => {
+                    if let Some(lin) = self.linear_mut(l, t) {
+                        if t == Target::Down {
+                            lin.scale_in = Some(buf);
+                        } else {
+                            lin.scale_out = Some(buf);
+                        }
+                    }
+                }
+                Slot::AttnNorm(_) | Slot::FfnNorm(_) | Slot::OutputNorm => {}
+            }
+        }
+        self.adapter = Some((cfg, layout));
+        Ok(self.layout())
+    }
+
+    /// The attached adapter's configuration.
+    pub fn adapter(&self) -> Option<&AdapterConfig> {
+        self.adapter.as_ref().map(|(c, _)| c)
+    }
+
+    /// The attached adapter's tensors in the pinned order (empty without one).
+    pub fn layout(&self) -> &[ParamInfo] {
+        self.adapter.as_ref().map_or(&[], |(_, l)| l)
+    }
+
+    /// The device buffers the forward pass reads for each tensor of [`Model::layout`], in
+    /// that order: what training writes its perturbed values into.
+    pub fn params(&self) -> Result<Vec<&B::Buffer>> {
+        self.layout()
+            .iter()
+            .map(|p| {
+                self.param(p.slot).ok_or_else(|| Error::InvalidArgument {
+                    name: "adapter",
+                    reason: format!("tensor `{}` has no buffer in the model", p.name),
+                })
+            })
+            .collect()
+    }
+
+    /// The current values of every adapter tensor, in layout order.
+    pub fn read_params(&self) -> Result<Vec<Vec<f32>>> {
+        self.params()?
+            .into_iter()
+            .zip(self.layout())
+            .map(|(b, p)| self.backend.read_f32(b, p.len() as usize))
+            .collect()
+    }
+
+    /// Sets every adapter tensor (layout order, exact lengths): a loaded adapter's values.
+    pub fn write_params(&self, values: &[Vec<f32>]) -> Result<()> {
+        let layout = self.layout();
+        if values.len() != layout.len() {
+            return Err(Error::InvalidArgument {
+                name: "adapter values",
+                reason: format!("{} tensors for a layout of {}", values.len(), layout.len()),
+            });
+        }
+        for ((v, p), dst) in values.iter().zip(layout).zip(self.params()?) {
+            if v.len() != p.len() as usize {
+                return Err(Error::Tensor {
+                    file: "adapter".into(),
+                    tensor: p.name.clone(),
+                    reason: format!("holds {} values; the model needs {}", v.len(), p.len()),
+                });
+            }
+            let src = self.backend.upload_f32(v, "adapter")?;
+            self.backend.run(&Op::Copy {
+                src: &src,
+                dst,
+                n: p.len(),
+                src_offset: 0,
+                dst_offset: 0,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn param(&self, slot: Slot) -> Option<&B::Buffer> {
+        match slot {
+            Slot::LoraA(l, t) => self.linear(l, t)?.lora.as_ref().map(|x| &x.a),
+            Slot::LoraB(l, t) => self.linear(l, t)?.lora.as_ref().map(|x| &x.b),
+            Slot::Ia3(l, Target::Down) => self.linear(l, Target::Down)?.scale_in.as_ref(),
+            Slot::Ia3(l, t) => self.linear(l, t)?.scale_out.as_ref(),
+            Slot::AttnNorm(l) => Some(&self.layers.get(l as usize)?.attn_norm),
+            Slot::FfnNorm(l) => Some(&self.layers.get(l as usize)?.ffn_norm),
+            Slot::OutputNorm => Some(&self.out_norm),
+        }
+    }
+
+    fn linear(&self, l: u32, t: Target) -> Option<&Linear<B>> {
+        let layer = self.layers.get(l as usize)?;
+        Some(match t {
+            Target::Q => &layer.q,
+            Target::K => &layer.k,
+            Target::V => &layer.v,
+            Target::O => &layer.o,
+            Target::Gate => &layer.gate,
+            Target::Up => &layer.up,
+            Target::Down => &layer.down,
+        })
+    }
+
+    fn linear_mut(&mut self, l: u32, t: Target) -> Option<&mut Linear<B>> {
+        let layer = self.layers.get_mut(l as usize)?;
+        Some(match t {
+            Target::Q => &mut layer.q,
+            Target::K => &mut layer.k,
+            Target::V => &mut layer.v,
+            Target::O => &mut layer.o,
+            Target::Gate => &mut layer.gate,
+            Target::Up => &mut layer.up,
+            Target::Down => &mut layer.down,
         })
     }
 
@@ -550,10 +849,15 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         let ids: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
         let ids = be.upload(&ids, "token ids")?;
+        let rank = self.adapter.as_ref().map(|(a, _)| match a.method {
+            Method::Lora { rank, .. } => rank,
+            _ => 1,
+        });
         let scratch = match cache.scratch.take() {
-            Some(s) if s.tokens == t => s,
-            _ => Scratch::new(be, c, t)?,
+            Some(s) if s.fits(t, rank) => s,
+            _ => Scratch::new(be, c, t, rank)?,
         };
+        let s = &scratch;
         let Scratch {
             x,
             x2,
@@ -587,10 +891,9 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?;
-            // With a bias a projection passes through the rotation's buffer first.
-            layer.q.forward(be, h, qr, q, t)?;
-            layer.k.forward(be, h, kr, k, t)?;
-            layer.v.forward(be, h, kr, v, t)?;
+            layer.q.forward(be, h, q, t, s)?;
+            layer.k.forward(be, h, k, t, s)?;
+            layer.v.forward(be, h, v, t, s)?;
             let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
                 be.run(&Op::Rope {
                     x,
@@ -632,7 +935,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 pos0,
                 scale: 1.0 / libm::sqrtf(hd as f32),
             })?;
-            layer.o.forward(be, att, h, h, t)?;
+            layer.o.forward(be, att, h, t, s)?;
             be.run(&Op::Add {
                 a: x,
                 b: h,
@@ -647,15 +950,15 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?;
-            layer.gate.forward(be, h, gate, gate, t)?;
-            layer.up.forward(be, h, up, up, t)?;
+            layer.gate.forward(be, h, gate, t, s)?;
+            layer.up.forward(be, h, up, t, s)?;
             be.run(&Op::SwiGlu {
                 gate,
                 up,
                 out: act,
                 n: t * c.ffn_dim,
             })?;
-            layer.down.forward(be, act, h, h, t)?;
+            layer.down.forward(be, act, h, t, s)?;
             be.run(&Op::Add {
                 a: x2,
                 b: h,
@@ -719,24 +1022,44 @@ impl<'b, B: Backend> Model<'b, B> {
     /// were predicted: a training sequence's loss (mean = sum / count) and the numerator of
     /// perplexity. Accumulated in f64 (log-sum-exp per position).
     pub fn sequence_nll(&self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<(f64, usize)> {
+        self.masked_nll(cache, tokens, None)
+    }
+
+    /// [`Model::sequence_nll`] over the tokens `targets` marks (`targets[i]`: token i is
+    /// predicted; `targets[0]` is ignored): a completion's loss without its prompt's.
+    pub fn masked_nll(
+        &self,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        targets: Option<&[bool]>,
+    ) -> Result<(f64, usize)> {
         if tokens.len() < 2 {
             return Err(Error::InvalidArgument {
                 name: "tokens",
                 reason: format!("{} tokens; a loss needs at least 2", tokens.len()),
             });
         }
+        if let Some(t) = targets
+            && t.len() != tokens.len()
+        {
+            return Err(Error::InvalidArgument {
+                name: "targets",
+                reason: format!("{} flags for {} tokens", t.len(), tokens.len()),
+            });
+        }
         cache.clear();
         let logits = self.forward(cache, tokens, true)?;
         let vocab = self.cfg.vocab as usize;
-        let total = logits
-            .chunks_exact(vocab)
-            .zip(&tokens[1..])
-            .map(|(row, &next)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
-                f64::from(max) + libm::log(sum) - f64::from(row[next as usize])
-            })
-            .sum();
-        Ok((total, tokens.len() - 1))
+        let (mut total, mut count) = (0.0, 0);
+        for (i, (row, &next)) in logits.chunks_exact(vocab).zip(&tokens[1..]).enumerate() {
+            if targets.is_some_and(|t| !t[i + 1]) {
+                continue;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
+            total += f64::from(max) + libm::log(sum) - f64::from(row[next as usize]);
+            count += 1;
+        }
+        Ok((total, count))
     }
 }

@@ -1,0 +1,323 @@
+//! Adapter files: PEFT's `adapter_config.json` + `adapter_model.safetensors` for LoRA and
+//! IA3 (tensor names, shapes and config keys as `peft` writes and reads them), and the
+//! same pair for trainable norms under an edgetune-only `peft_type`.
+
+use super::{AdapterConfig, Method, ParamInfo, Target};
+use crate::error::{Error, Result};
+use crate::format::file::{FileKind, read_bounded, read_json, write_atomic};
+use crate::guard::guarded;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::Path;
+use std::prelude::v1::*;
+
+pub const CONFIG: &str = "adapter_config.json";
+pub const WEIGHTS: &str = "adapter_model.safetensors";
+/// `peft_type` of trainable norms, which PEFT has no type for.
+const NORMS_TYPE: &str = "EDGETUNE_NORMS";
+
+/// adapter_config.json for `cfg`.
+pub fn config_json(cfg: &AdapterConfig) -> Value {
+    let modules: Vec<&str> = cfg.targets.iter().map(|t| t.module()).collect();
+    match cfg.method {
+        Method::Lora {
+            rank,
+            alpha,
+            rslora,
+        } => json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": alpha,
+            "use_rslora": rslora,
+            "target_modules": modules,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "base_model_name_or_path": null,
+        }),
+        Method::Ia3 => json!({
+            "peft_type": "IA3",
+            "task_type": "CAUSAL_LM",
+            "target_modules": modules,
+            "feedforward_modules": cfg.targets.iter().filter(|&&t| t == Target::Down)
+                .map(|t| t.module()).collect::<Vec<_>>(),
+            "fan_in_fan_out": false,
+            "init_ia3_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "base_model_name_or_path": null,
+        }),
+        Method::Norms => json!({ "peft_type": NORMS_TYPE }),
+    }
+}
+
+/// The adapter an adapter_config.json describes; `file` names it in errors. Options
+/// edgetune does not implement are refused by name rather than ignored.
+pub fn parse_config(v: &Value, file: &str) -> Result<AdapterConfig> {
+    let bad = |key: &str, reason: String| Error::Metadata {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    let str_of = |key: &str| v.get(key).and_then(Value::as_str);
+    let peft_type = str_of("peft_type").ok_or_else(|| bad("peft_type", "is missing".into()))?;
+    let targets = || -> Result<Vec<Target>> {
+        let list = v
+            .get("target_modules")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("target_modules", "must be a list of module names".into()))?;
+        list.iter()
+            .map(|m| {
+                let m = m.as_str().unwrap_or_default();
+                Target::parse(m).map_err(|_| {
+                    bad(
+                        "target_modules",
+                        format!("`{m}` is not a Llama projection edgetune adapts"),
+                    )
+                })
+            })
+            .collect()
+    };
+    // Keys whose non-default values change what the adapter computes.
+    let unsupported = |key: &str, ok: &dyn Fn(&Value) -> bool| -> Result<()> {
+        match v.get(key) {
+            Some(x) if !ok(x) => Err(bad(key, format!("{x} is not supported"))),
+            _ => Ok(()),
+        }
+    };
+    let empty = |x: &Value| x.is_null() || x.as_object().is_some_and(|o| o.is_empty());
+    unsupported("layers_to_transform", &|x| x.is_null())?;
+    unsupported("modules_to_save", &|x| x.is_null())?;
+    unsupported("fan_in_fan_out", &|x| x == &json!(false))?;
+    let mut cfg = match peft_type {
+        "LORA" => {
+            unsupported("rank_pattern", &empty)?;
+            unsupported("alpha_pattern", &empty)?;
+            unsupported("bias", &|x| x == "none")?;
+            unsupported("use_dora", &|x| x == &json!(false))?;
+            let rank = v
+                .get("r")
+                .and_then(Value::as_u64)
+                .and_then(|r| u32::try_from(r).ok())
+                .ok_or_else(|| bad("r", "must be a positive integer".into()))?;
+            let alpha = v
+                .get("lora_alpha")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| bad("lora_alpha", "must be a number".into()))?
+                as f32;
+            let rslora = v
+                .get("use_rslora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            AdapterConfig {
+                method: Method::Lora {
+                    rank,
+                    alpha,
+                    rslora,
+                },
+                targets: targets()?,
+            }
+        }
+        "IA3" => {
+            let targets = targets()?;
+            let ff: Vec<Target> = match v.get("feedforward_modules") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|m| Target::parse(m.as_str().unwrap_or_default()))
+                    .collect::<Result<_>>()?,
+                Some(x) => return Err(bad("feedforward_modules", format!("{x} is not a list"))),
+            };
+            // edgetune scales the input of down and the output of every other target.
+            let want: Vec<Target> = targets
+                .iter()
+                .copied()
+                .filter(|&t| t == Target::Down)
+                .collect();
+            let mut ff_sorted = ff.clone();
+            ff_sorted.sort();
+            if ff_sorted != want {
+                return Err(bad(
+                    "feedforward_modules",
+                    "edgetune supports exactly down_proj (when targeted) as feed-forward".into(),
+                ));
+            }
+            AdapterConfig {
+                method: Method::Ia3,
+                targets,
+            }
+        }
+        NORMS_TYPE => AdapterConfig::norms(),
+        other => {
+            return Err(bad(
+                "peft_type",
+                format!("`{other}` is not one edgetune reads (LORA, IA3, {NORMS_TYPE})"),
+            ));
+        }
+    };
+    cfg.validate().map_err(|e| bad("adapter", e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Writes the adapter (config and tensors in layout order) into `dir`, each file atomically.
+pub fn save(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    layout: &[ParamInfo],
+    values: &[Vec<f32>],
+) -> Result<()> {
+    let bytes = safetensors_bytes(layout, values, "adapter")?;
+    write_atomic(&dir.join(WEIGHTS), &bytes)?;
+    let text = serde_json::to_string_pretty(&config_json(cfg)).unwrap_or_default();
+    write_atomic(&dir.join(CONFIG), text.as_bytes())
+}
+
+/// A safetensors file of f32 tensors named and shaped by `layout`.
+pub fn safetensors_bytes(layout: &[ParamInfo], values: &[Vec<f32>], what: &str) -> Result<Vec<u8>> {
+    let data: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = layout
+        .iter()
+        .zip(&data)
+        .map(|(p, d)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![p.rows as usize, p.cols as usize],
+                d,
+            )
+            .map_err(|e| Error::Tensor {
+                file: what.to_owned(),
+                tensor: p.name.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok((p.name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None).map_err(|e| Error::Tensor {
+        file: what.to_owned(),
+        tensor: String::new(),
+        reason: e.to_string(),
+    })
+}
+
+/// Tensors by name: shape and f32 values.
+pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The tensors of a safetensors file by name, as f32 (from F32, F16 or BF16), each with
+/// its shape.
+pub fn read_tensors(path: &Path) -> Result<Tensors> {
+    let shown = path.display().to_string();
+    let bytes = read_bounded(path, FileKind::Adapter)?;
+    let st = guarded("safetensors", &shown, || {
+        safetensors::SafeTensors::deserialize(&bytes).map(|st| {
+            st.tensors()
+                .into_iter()
+                .map(|(name, t)| (name, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+                .collect::<Vec<_>>()
+        })
+    })?
+    .map_err(|e| Error::Syntax {
+        path: shown.clone(),
+        line: 0,
+        column: 0,
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut out = HashMap::new();
+    for (name, dtype, shape, data) in st {
+        let vals: Vec<f32> = match dtype {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Tensor {
+                    file: shown,
+                    tensor: name,
+                    reason: format!("dtype {other:?} is not F32, F16 or BF16"),
+                });
+            }
+        };
+        out.insert(name, (shape, vals));
+    }
+    Ok(out)
+}
+
+/// Reads an adapter directory: its configuration, and its tensors' values in the order of
+/// `layout_of(config)` (the model's layout for it), checked by name and shape. Names PEFT
+/// writes with an adapter name (`.lora_A.default.weight`) are accepted too.
+pub fn load(
+    dir: &Path,
+    layout_of: impl FnOnce(&AdapterConfig) -> Vec<ParamInfo>,
+) -> Result<(AdapterConfig, Vec<Vec<f32>>)> {
+    let cfg_path = dir.join(CONFIG);
+    let cfg = parse_config(
+        &read_json(&cfg_path, FileKind::Adapter)?,
+        &cfg_path.display().to_string(),
+    )?;
+    let layout = layout_of(&cfg);
+    let weights = dir.join(WEIGHTS);
+    let shown = weights.display().to_string();
+    let mut tensors = read_tensors(&weights)?;
+    let mut values = Vec::with_capacity(layout.len());
+    for p in &layout {
+        let alt = p
+            .name
+            .replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight")
+            .replace(".ia3_l", ".ia3_l.default");
+        let (shape, v) = tensors
+            .remove(&p.name)
+            .or_else(|| tensors.remove(&alt))
+            .ok_or_else(|| Error::Tensor {
+                file: shown.clone(),
+                tensor: p.name.clone(),
+                reason: "is missing (the config implies it for this model)".into(),
+            })?;
+        let want = vec![p.rows as usize, p.cols as usize];
+        if shape != want && !(shape.len() == 1 && shape[0] == p.len() as usize) {
+            return Err(Error::Tensor {
+                file: shown,
+                tensor: p.name.clone(),
+                reason: format!("has shape {shape:?}; the model needs {want:?}"),
+            });
+        }
+        values.push(v);
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::Tensor {
+            file: shown,
+            tensor: extra.clone(),
+            reason: "does not belong to this model's layout for the adapter (wrong target names or layer count?)".into(),
+        });
+    }
+    Ok((cfg, values))
+}
+
+/// Loads the adapter in `dir` onto `model` (which must have none): checked against the
+/// model's layout for it by name and shape before anything is attached.
+pub fn attach_dir<B: crate::Backend>(
+    model: &mut crate::model::Model<'_, B>,
+    dir: &Path,
+) -> Result<()> {
+    let dims = model.dims();
+    let (cfg, values) = load(dir, |cfg| super::layout(cfg, &dims))?;
+    model.attach(cfg, 0)?;
+    model.write_params(&values)
+}

@@ -1,0 +1,300 @@
+//! A training run's directory: the session (`session.json`: model and layout hashes, the
+//! adapter, the zeroth-order constants), the start values (`w0.safetensors`), the seed
+//! history (`history.jsonl`, one `{"step","seed","g"}` per applied step) and the adapter.
+//! Every file is written atomically; everything read back is checked before any of it is
+//! applied, so a bad history applies nothing.
+
+use super::{SeedMode, ZoConfig, check_scalar};
+use crate::adapter::peft::{config_json, parse_config, read_tensors, safetensors_bytes};
+use crate::adapter::{AdapterConfig, ParamInfo};
+use crate::error::{Error, Result};
+use crate::format::file::{FileKind, read_json, read_text, write_atomic};
+use crate::rng::ZKind;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::prelude::v1::*;
+
+pub const SESSION: &str = "session.json";
+pub const HISTORY: &str = "history.jsonl";
+pub const W0: &str = "w0.safetensors";
+/// The version of the session and history formats this build reads and writes.
+pub const VERSION: u64 = 1;
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Everything a replay needs besides the records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub model_sha256: String,
+    pub layout_sha256: String,
+    pub adapter: AdapterConfig,
+    pub init_seed: u64,
+    pub zo: ZoConfig,
+    /// What produced the records (data seed, batch, sequence length, ...): informative.
+    pub run: Value,
+}
+
+/// One applied step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    pub step: u64,
+    pub seed: u32,
+    pub g: f32,
+}
+
+impl Session {
+    pub fn to_json(&self) -> Value {
+        let (mode, k) = match self.zo.mode {
+            SeedMode::Mezo => ("mezo", Value::Null),
+            SeedMode::KSeed { k } => ("kseed", json!(k)),
+        };
+        json!({
+            "format": "edgetune-zo-session",
+            "version": VERSION,
+            "model_sha256": self.model_sha256,
+            "layout_sha256": self.layout_sha256,
+            "adapter": config_json(&self.adapter),
+            "init_seed": self.init_seed.to_string(),
+            "session_key": self.zo.session_key.to_string(),
+            "z": match self.zo.kind { ZKind::Binomial => "binomial", ZKind::Rademacher => "rademacher" },
+            "mode": mode,
+            "k": k,
+            "eps": self.zo.eps,
+            "lr": self.zo.lr,
+            "delta_exp": self.zo.delta_exp,
+            "run": self.run,
+        })
+    }
+
+    pub fn from_json(v: &Value, file: &str) -> Result<Session> {
+        let bad = |key: &str, reason: &str| Error::Metadata {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if v["format"] != "edgetune-zo-session" {
+            return Err(bad("format", "is not edgetune-zo-session"));
+        }
+        match v["version"].as_u64() {
+            Some(VERSION) => {}
+            Some(other) => {
+                return Err(bad(
+                    "version",
+                    &format!("{other} is not a version this build reads ({VERSION})"),
+                ));
+            }
+            None => return Err(bad("version", "is missing")),
+        }
+        let text = |key: &str| {
+            v[key]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad(key, "must be a string"))
+        };
+        let u64_text = |key: &str| {
+            text(key)?
+                .parse::<u64>()
+                .map_err(|_| bad(key, "must be a decimal u64 in a string"))
+        };
+        let f32_of = |key: &str| {
+            v[key]
+                .as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| bad(key, "must be a number"))
+        };
+        let kind = match text("z")?.as_str() {
+            "binomial" => ZKind::Binomial,
+            "rademacher" => ZKind::Rademacher,
+            _ => return Err(bad("z", "must be binomial or rademacher")),
+        };
+        let mode = match text("mode")?.as_str() {
+            "mezo" => SeedMode::Mezo,
+            "kseed" => SeedMode::KSeed {
+                k: v["k"]
+                    .as_u64()
+                    .and_then(|k| u32::try_from(k).ok())
+                    .ok_or_else(|| bad("k", "must be an integer below 2^32"))?,
+            },
+            _ => return Err(bad("mode", "must be mezo or kseed")),
+        };
+        let zo = ZoConfig {
+            session_key: u64_text("session_key")?,
+            kind,
+            mode,
+            eps: f32_of("eps")?,
+            lr: f32_of("lr")?,
+            delta_exp: v["delta_exp"]
+                .as_u64()
+                .and_then(|d| u32::try_from(d).ok())
+                .ok_or_else(|| bad("delta_exp", "must be an integer"))?,
+        };
+        zo.validate().map_err(|e| bad("zo", &e.to_string()))?;
+        Ok(Session {
+            model_sha256: text("model_sha256")?,
+            layout_sha256: text("layout_sha256")?,
+            adapter: parse_config(&v["adapter"], &format!("{file}: adapter"))?,
+            init_seed: u64_text("init_seed")?,
+            zo,
+            run: v["run"].clone(),
+        })
+    }
+
+    /// Fails unless this session belongs to the model and layout given (hex SHA-256).
+    pub fn check_target(&self, model_sha256: &str, layout_sha256: &str, file: &str) -> Result<()> {
+        for (what, want, got) in [
+            ("model_sha256", &self.model_sha256, model_sha256),
+            ("layout_sha256", &self.layout_sha256, layout_sha256),
+        ] {
+            if want != got {
+                return Err(Error::Metadata {
+                    file: file.to_owned(),
+                    key: what.to_owned(),
+                    reason: format!(
+                        "is {want}, but this model{} gives {got}: the history belongs to another {}",
+                        if what == "layout_sha256" {
+                            " with this adapter"
+                        } else {
+                            ""
+                        },
+                        if what == "layout_sha256" {
+                            "trainable layout"
+                        } else {
+                            "model"
+                        }
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes session.json and w0.safetensors (once per run).
+pub fn write_start(dir: &Path, s: &Session, layout: &[ParamInfo], w0: &[Vec<f32>]) -> Result<()> {
+    write_atomic(&dir.join(W0), &safetensors_bytes(layout, w0, W0)?)?;
+    let text = serde_json::to_string_pretty(&s.to_json()).unwrap_or_default();
+    write_atomic(&dir.join(SESSION), text.as_bytes())
+}
+
+/// Rewrites history.jsonl with every record so far.
+pub fn write_history(dir: &Path, records: &[Record]) -> Result<()> {
+    let mut text = String::with_capacity(records.len() * 48);
+    for r in records {
+        // `{:?}` prints the shortest decimal that reads back as the same f32.
+        let _ = writeln!(
+            text,
+            "{{\"step\":{},\"seed\":{},\"g\":{:?}}}",
+            r.step, r.seed, r.g
+        );
+    }
+    write_atomic(&dir.join(HISTORY), text.as_bytes())
+}
+
+pub fn read_session(dir: &Path) -> Result<Session> {
+    let path = dir.join(SESSION);
+    Session::from_json(
+        &read_json(&path, FileKind::History)?,
+        &path.display().to_string(),
+    )
+}
+
+/// The start values in layout order, checked by name and shape.
+pub fn read_w0(dir: &Path, layout: &[ParamInfo]) -> Result<Vec<Vec<f32>>> {
+    let path = dir.join(W0);
+    let shown = path.display().to_string();
+    let mut t = read_tensors(&path)?;
+    let out = layout
+        .iter()
+        .map(|p| match t.remove(&p.name) {
+            Some((shape, v)) if shape == [p.rows as usize, p.cols as usize] => {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Tensor {
+                        file: shown.clone(),
+                        tensor: p.name.clone(),
+                        reason: format!("value {i} is not finite"),
+                    });
+                }
+                Ok(v)
+            }
+            Some((shape, _)) => Err(Error::Tensor {
+                file: shown.clone(),
+                tensor: p.name.clone(),
+                reason: format!(
+                    "has shape {shape:?}; the layout needs [{}, {}]",
+                    p.rows, p.cols
+                ),
+            }),
+            None => Err(Error::Tensor {
+                file: shown.clone(),
+                tensor: p.name.clone(),
+                reason: "is missing".into(),
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(extra) = t.keys().min() {
+        return Err(Error::Tensor {
+            file: shown,
+            tensor: extra.clone(),
+            reason: "is not in the layout".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// The records of history.jsonl, every one checked (steps increasing, seeds in range,
+/// scalars finite and bounded) before any is returned. A missing file is an empty history.
+pub fn read_history(dir: &Path, s: &Session) -> Result<Vec<Record>> {
+    let path = dir.join(HISTORY);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let shown = path.display().to_string();
+    let text = read_text(&path, FileKind::History)?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err(Error::Syntax {
+            path: shown,
+            line: text.lines().count(),
+            column: 0,
+            message: "the last record is cut off (the history is truncated)".into(),
+        });
+    }
+    let mut out: Vec<Record> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let err = |message: String| Error::Syntax {
+            path: shown.clone(),
+            line: i + 1,
+            column: 0,
+            message,
+        };
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| err(format!("not a JSON record: {e}")))?;
+        let step = v["step"]
+            .as_u64()
+            .ok_or_else(|| err("`step` must be an integer".into()))?;
+        let seed = v["seed"]
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| err("`seed` must be an integer below 2^32".into()))?;
+        let g = v["g"]
+            .as_f64()
+            .ok_or_else(|| err("`g` must be a number".into()))? as f32;
+        check_scalar(g).map_err(|e| err(e.to_string()))?;
+        if let SeedMode::KSeed { k } = s.zo.mode
+            && seed >= k
+        {
+            return Err(err(format!("seed {seed} is not below K = {k}")));
+        }
+        if out.last().is_some_and(|r| r.step >= step) {
+            return Err(err(format!("step {step} does not follow the one before")));
+        }
+        out.push(Record { step, seed, g });
+    }
+    Ok(out)
+}

@@ -1,0 +1,411 @@
+//! Zeroth-order training (MeZO, FedKSeed): two forward passes per step, every update a
+//! (seed, scalar) pair, and a trainable state that is the same bits on every device.
+//!
+//! The state of each trainable tensor is its start `w0` (f32) and an integer accumulator
+//! `D` (i32); its value is `w0 + (2^-e / 4) * D` where e is [`ZoConfig::delta_exp`]. A step
+//! with scalar g adds `Q * 4z` to `D`, where `Q = round_half_even(-lr * g * 2^e)` is
+//! computed exactly in f64 ([`coefficient`]). Integer sums do not depend on order or
+//! device, so applying steps one by one, replaying a history, or fusing many seeds into one
+//! pass ([`crate::Op::ZoAccumulate`]) give identical accumulators; [`ZoState::spent`]
+//! bounds the accumulators so they cannot overflow. The perturbed forward passes read
+//! `w + eps * z` computed in the kernel ([`crate::Op::ZoWeights`]): `w0` and `D` are
+//! never written by a perturbation. docs/zeroth-order.md is the specification.
+
+#[cfg(feature = "std")]
+pub mod data;
+#[cfg(feature = "std")]
+pub mod history;
+#[cfg(feature = "std")]
+pub mod run;
+
+use crate::backend::{Backend, Op};
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+use crate::rng::{self, ZKind, philox4x32_10};
+use sha2::{Digest, Sha256};
+use std::prelude::v1::*;
+
+/// The largest |Q| one step may add; larger coefficients are clamped to it.
+pub const MAX_COEFFICIENT: i32 = 1 << 20;
+/// Sum of |Q| over a state's history at which it refuses further updates: 32 * this is
+/// below 2^31, so no accumulator (|4z| <= 32) can overflow i32.
+pub const COEFFICIENT_BUDGET: u64 = (i32::MAX as u64) / 32;
+/// Scalars beyond this are treated as corrupt in a history.
+pub const MAX_ABS_G: f32 = 1e9;
+
+/// How the seed of each step is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedMode {
+    /// MeZO: a fresh seed per step (the step number).
+    Mezo,
+    /// FedKSeed: one of K candidate seeds, drawn uniformly per step.
+    KSeed { k: u32 },
+}
+
+/// The shared constants of a zeroth-order session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZoConfig {
+    pub session_key: u64,
+    pub kind: ZKind,
+    pub mode: SeedMode,
+    /// Perturbation scale.
+    pub eps: f32,
+    pub lr: f32,
+    /// The update unit is 2^-delta_exp; the accumulator's unit is a quarter of it.
+    pub delta_exp: u32,
+}
+
+impl ZoConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name, reason: String| Err(Error::InvalidArgument { name, reason });
+        if !(self.eps.is_finite() && self.eps > 0.0 && self.eps <= 1.0) {
+            return bad("eps", format!("{} must be in (0, 1]", self.eps));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return bad("lr", format!("{} must be in (0, 1]", self.lr));
+        }
+        if !(8..=40).contains(&self.delta_exp) {
+            return bad("delta_exp", format!("{} must be in 8..=40", self.delta_exp));
+        }
+        if let SeedMode::KSeed { k } = self.mode
+            && k == 0
+        {
+            return bad("seeds", "K must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The accumulator's unit, 2^-(delta_exp + 2), exact in f32.
+    pub fn unit(&self) -> f32 {
+        libm::exp2f(-(self.delta_exp as f32) - 2.0)
+    }
+
+    /// The seed of step `step`: the step itself (MeZO), or a uniform draw among K from
+    /// Philox(key = session key, counter = (step, 0, 0, PURPOSE_SAMPLE)) by multiply-shift.
+    pub fn seed_for_step(&self, step: u32) -> u32 {
+        match self.mode {
+            SeedMode::Mezo => step,
+            SeedMode::KSeed { k } => {
+                let key = [self.session_key as u32, (self.session_key >> 32) as u32];
+                let w = philox4x32_10([step, 0, 0, rng::PURPOSE_SAMPLE], key)[0];
+                ((u64::from(w) * u64::from(k)) >> 32) as u32
+            }
+        }
+    }
+
+    /// Q for scalar `g`: round_half_even(-lr * g * 2^delta_exp), computed exactly in f64
+    /// (a product of two f32 values is exact there), clamped to ±[`MAX_COEFFICIENT`].
+    pub fn coefficient(&self, g: f32) -> i32 {
+        let q = -f64::from(self.lr) * f64::from(g) * libm::exp2(f64::from(self.delta_exp));
+        let bound = f64::from(MAX_COEFFICIENT);
+        libm::rint(q.clamp(-bound, bound)) as i32
+    }
+}
+
+/// Checks a scalar read from a history or a message.
+pub fn check_scalar(g: f32) -> Result<()> {
+    if !g.is_finite() || g.abs() > MAX_ABS_G {
+        return Err(Error::InvalidArgument {
+            name: "g",
+            reason: format!("{g} is not a finite scalar of at most {MAX_ABS_G:e}"),
+        });
+    }
+    Ok(())
+}
+
+/// The trainable state: per tensor of the model's adapter layout, `w0` and `D` on the
+/// device.
+#[derive(Debug)]
+pub struct ZoState<B: Backend> {
+    pub layout_hash: [u8; 32],
+    lens: Vec<u32>,
+    base: Vec<B::Buffer>,
+    acc: Vec<B::Buffer>,
+    spent: u64,
+}
+
+impl<B: Backend> ZoState<B> {
+    /// A state starting from the values `w0` (layout order), with every accumulator zero.
+    pub fn new(be: &B, model: &Model<'_, B>, w0: &[Vec<f32>]) -> Result<Self> {
+        let layout = model.layout();
+        if layout.is_empty() {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: "the model has no adapter attached".into(),
+            });
+        }
+        if w0.len() != layout.len() {
+            return Err(Error::InvalidArgument {
+                name: "w0",
+                reason: format!("{} tensors for a layout of {}", w0.len(), layout.len()),
+            });
+        }
+        let mut base = Vec::with_capacity(layout.len());
+        let mut acc = Vec::with_capacity(layout.len());
+        for (p, v) in layout.iter().zip(w0) {
+            if v.len() != p.len() as usize {
+                return Err(Error::Tensor {
+                    file: "w0".into(),
+                    tensor: p.name.clone(),
+                    reason: format!("holds {} values; the layout needs {}", v.len(), p.len()),
+                });
+            }
+            base.push(be.upload_f32(v, "trainable w0")?);
+            acc.push(be.alloc(u64::from(p.len()) * 4, "trainable accumulator")?);
+        }
+        Ok(ZoState {
+            layout_hash: crate::adapter::layout_hash(layout),
+            lens: layout.iter().map(|p| p.len()).collect(),
+            base,
+            acc,
+            spent: 0,
+        })
+    }
+
+    /// The sum of |Q| applied so far.
+    pub fn spent(&self) -> u64 {
+        self.spent
+    }
+
+    /// Number of trainable values.
+    pub fn params(&self) -> u64 {
+        self.lens.iter().map(|&n| u64::from(n)).sum()
+    }
+
+    /// Writes `w + eps * z(seed)` (eps may be negative or zero) into the model's adapter
+    /// buffers, which the next forward pass reads.
+    pub fn load_into(
+        &self,
+        be: &B,
+        model: &Model<'_, B>,
+        cfg: &ZoConfig,
+        seed: u32,
+        eps: f32,
+    ) -> Result<()> {
+        let views = model.params()?;
+        if views.len() != self.lens.len() {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: "the model's adapter is not the state's layout".into(),
+            });
+        }
+        for (i, out) in views.into_iter().enumerate() {
+            be.run(&Op::ZoWeights {
+                base: &self.base[i],
+                acc: &self.acc[i],
+                out,
+                n: self.lens[i],
+                step: cfg.unit(),
+                eps,
+                session_key: cfg.session_key,
+                seed,
+                tensor: i as u32,
+                kind: cfg.kind,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Adds `Q * 4z(seed)` to every accumulator for each (seed, Q), in one fused pass per
+    /// tensor. Refused, with nothing applied, if the budget would be exceeded.
+    pub fn apply(&mut self, be: &B, cfg: &ZoConfig, updates: &[(u32, i32)]) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let cost: u64 = updates
+            .iter()
+            .map(|&(_, q)| u64::from(q.unsigned_abs()))
+            .sum();
+        if self.spent + cost > COEFFICIENT_BUDGET {
+            return Err(Error::InvalidArgument {
+                name: "updates",
+                reason: format!(
+                    "the accumulated coefficients would reach {} of the {COEFFICIENT_BUDGET} \
+                     that keep the integer state exact; lower lr or delta_exp",
+                    self.spent + cost
+                ),
+            });
+        }
+        let n_seeds = u32::try_from(updates.len()).map_err(|_| Error::InvalidArgument {
+            name: "updates",
+            reason: "more than 2^32 seeds in one call".into(),
+        })?;
+        let pairs: Vec<u8> = updates
+            .iter()
+            .flat_map(|&(s, q)| [s.to_le_bytes(), q.to_le_bytes()])
+            .flatten()
+            .collect();
+        let seeds = be.upload(&pairs, "seed list")?;
+        for (i, acc) in self.acc.iter().enumerate() {
+            be.run(&Op::ZoAccumulate {
+                acc,
+                seeds: &seeds,
+                n: self.lens[i],
+                n_seeds,
+                session_key: cfg.session_key,
+                tensor: i as u32,
+                kind: cfg.kind,
+            })?;
+        }
+        self.spent += cost;
+        Ok(())
+    }
+
+    /// The accumulators, read back (layout order).
+    pub fn accumulators(&self, be: &B) -> Result<Vec<Vec<i32>>> {
+        self.acc
+            .iter()
+            .zip(&self.lens)
+            .map(|(b, &n)| {
+                let bytes = be.read(b)?;
+                Ok(bytes
+                    .chunks_exact(4)
+                    .take(n as usize)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            })
+            .collect()
+    }
+
+    /// The start values, read back (layout order).
+    pub fn start(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        self.base
+            .iter()
+            .zip(&self.lens)
+            .map(|(b, &n)| be.read_f32(b, n as usize))
+            .collect()
+    }
+
+    /// SHA-256 of `edgetune-state-v1\n`, the layout hash, then per tensor its w0 (f32 LE)
+    /// and its accumulator (i32 LE): the shared state, identical on every device.
+    pub fn hash(&self, be: &B) -> Result<[u8; 32]> {
+        let mut h = Sha256::new();
+        h.update(b"edgetune-state-v1\n");
+        h.update(self.layout_hash);
+        for (w0, d) in self.start(be)?.iter().zip(self.accumulators(be)?) {
+            for v in w0 {
+                h.update(v.to_le_bytes());
+            }
+            for v in d {
+                h.update(v.to_le_bytes());
+            }
+        }
+        Ok(h.finalize().into())
+    }
+}
+
+/// One training example: tokens, and which tokens the loss predicts (`targets[i]`: token
+/// i is predicted from those before it; `targets[0]` is ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<bool>,
+}
+
+/// The summed NLL and target count of a batch, one forward per example.
+pub fn batch_nll<B: Backend>(
+    model: &Model<'_, B>,
+    cache: &mut KvCache<B>,
+    batch: &[Example],
+) -> Result<(f64, usize)> {
+    let mut total = (0.0, 0);
+    for ex in batch {
+        let (nll, n) = model.masked_nll(cache, &ex.tokens, Some(&ex.targets))?;
+        total.0 += nll;
+        total.1 += n;
+    }
+    Ok(total)
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    pub seed: u32,
+    /// Mean losses at w + eps z and w - eps z.
+    pub loss_plus: f64,
+    pub loss_minus: f64,
+    /// The projected gradient, or None when the step was skipped (non-finite loss).
+    pub g: Option<f32>,
+    pub coefficient: i32,
+}
+
+/// One zeroth-order step on `batch` with seed `seed`: two perturbed forward passes, the
+/// scalar g = (l+ - l-) / (2 eps), and the update. A non-finite loss skips the step
+/// (nothing is applied). The model's adapter buffers are left perturbed: call
+/// [`ZoState::load_into`] with eps = 0 before using the model otherwise.
+pub fn zo_step<B: Backend>(
+    be: &B,
+    model: &Model<'_, B>,
+    cache: &mut KvCache<B>,
+    state: &mut ZoState<B>,
+    cfg: &ZoConfig,
+    batch: &[Example],
+    seed: u32,
+) -> Result<StepOutcome> {
+    let mut loss = |eps: f32| -> Result<f64> {
+        state.load_into(be, model, cfg, seed, eps)?;
+        match batch_nll(model, cache, batch) {
+            Ok((nll, n)) => Ok(nll / n.max(1) as f64),
+            // A perturbation that drives the logits to NaN is a skipped step, not a failure.
+            Err(Error::NonFinite { .. }) => Ok(f64::NAN),
+            Err(e) => Err(e),
+        }
+    };
+    let loss_plus = loss(cfg.eps)?;
+    let loss_minus = loss(-cfg.eps)?;
+    let g = ((loss_plus - loss_minus) / (2.0 * f64::from(cfg.eps))) as f32;
+    let mut out = StepOutcome {
+        seed,
+        loss_plus,
+        loss_minus,
+        g: None,
+        coefficient: 0,
+    };
+    if g.is_finite() && g.abs() <= MAX_ABS_G {
+        let q = cfg.coefficient(g);
+        state.apply(be, cfg, &[(seed, q)])?;
+        out.g = Some(g);
+        out.coefficient = q;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ZoConfig {
+        ZoConfig {
+            session_key: 7,
+            kind: ZKind::Binomial,
+            mode: SeedMode::KSeed { k: 4096 },
+            eps: 1e-3,
+            lr: 1e-4,
+            delta_exp: 20,
+        }
+    }
+
+    #[test]
+    fn coefficient_is_exact_rounding_half_even() {
+        let mut c = cfg();
+        c.lr = 1.0;
+        c.delta_exp = 8;
+        // -g * 256: 0.5 / 256 rounds to 0 (even), 1.5 / 256 to -2.
+        assert_eq!(c.coefficient(0.5 / 256.0), 0);
+        assert_eq!(c.coefficient(1.5 / 256.0), -2);
+        assert_eq!(c.coefficient(-2.5 / 256.0), 2);
+        assert_eq!(c.coefficient(1e30), -MAX_COEFFICIENT);
+    }
+
+    #[test]
+    fn kseed_draws_stay_below_k_and_cover_it() {
+        let c = cfg();
+        let mut seen = vec![false; 4096];
+        for s in 0..100_000 {
+            let j = c.seed_for_step(s);
+            assert!(j < 4096);
+            seen[j as usize] = true;
+        }
+        assert!(seen.iter().all(|&x| x));
+    }
+}

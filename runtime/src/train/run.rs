@@ -1,0 +1,176 @@
+//! A zeroth-order training run over a model with an adapter attached: steps, evaluation,
+//! checkpoints into a run directory, resumption, and replay of a directory's history.
+//! The skins (CLI, C API) drive it and draw progress.
+
+use super::history::{self, Record, Session, hex};
+use super::{Example, StepOutcome, ZoState, batch_nll, zo_step};
+use crate::adapter::{layout_hash, peft};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+use std::path::Path;
+use std::prelude::v1::*;
+
+/// Seeds applied per fused replay call.
+const REPLAY_CHUNK: usize = 4096;
+
+/// A run in progress.
+pub struct Trainer<'m, 'b, B: Backend> {
+    be: &'b B,
+    model: &'m Model<'b, B>,
+    pub state: ZoState<B>,
+    pub session: Session,
+    pub records: Vec<Record>,
+    cache: KvCache<B>,
+    /// The number of the next step.
+    pub next_step: u64,
+}
+
+impl<B: Backend> core::fmt::Debug for Trainer<'_, '_, B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("session", &self.session)
+            .field("records", &self.records.len())
+            .field("next_step", &self.next_step)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The session's hex hashes for `model` with its adapter attached.
+fn layout_hex<B: Backend>(model: &Model<'_, B>) -> String {
+    hex(&layout_hash(model.layout()))
+}
+
+/// Rebuilds the state of run directory `dir` on `model` (whose adapter must be the
+/// session's), checking the model and layout hashes and every record before applying any.
+pub fn replay<'b, B: Backend>(
+    be: &'b B,
+    model: &Model<'b, B>,
+    dir: &Path,
+    model_sha256: &str,
+) -> Result<(ZoState<B>, Session, Vec<Record>)> {
+    let session = history::read_session(dir)?;
+    let shown = dir.join(history::SESSION).display().to_string();
+    session.check_target(model_sha256, &layout_hex(model), &shown)?;
+    let w0 = history::read_w0(dir, model.layout())?;
+    let records = history::read_history(dir, &session)?;
+    let mut state = ZoState::new(be, model, &w0)?;
+    let updates: Vec<(u32, i32)> = records
+        .iter()
+        .map(|r| (r.seed, session.zo.coefficient(r.g)))
+        .collect();
+    for chunk in updates.chunks(REPLAY_CHUNK) {
+        state.apply(be, &session.zo, chunk)?;
+    }
+    Ok((state, session, records))
+}
+
+impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
+    /// A new run from the model's current adapter values; `capacity` is the longest
+    /// sequence in tokens.
+    pub fn start(
+        be: &'b B,
+        model: &'m Model<'b, B>,
+        session: Session,
+        capacity: u32,
+    ) -> Result<Self> {
+        if session.layout_sha256 != layout_hex(model) {
+            return Err(Error::InvalidArgument {
+                name: "session",
+                reason: "its layout hash is not the model's adapter layout".into(),
+            });
+        }
+        let w0 = model.read_params()?;
+        Ok(Trainer {
+            be,
+            model,
+            state: ZoState::new(be, model, &w0)?,
+            session,
+            records: Vec::new(),
+            cache: model.new_cache(capacity)?,
+            next_step: 0,
+        })
+    }
+
+    /// Continues the run in `dir` (see [`replay`]).
+    pub fn resume(
+        be: &'b B,
+        model: &'m Model<'b, B>,
+        dir: &Path,
+        model_sha256: &str,
+        capacity: u32,
+    ) -> Result<Self> {
+        let (state, session, records) = replay(be, model, dir, model_sha256)?;
+        let next_step = records.last().map_or(0, |r| r.step + 1);
+        Ok(Trainer {
+            be,
+            model,
+            state,
+            session,
+            records,
+            cache: model.new_cache(capacity)?,
+            next_step,
+        })
+    }
+
+    /// One step on `batch`; an applied step is recorded.
+    pub fn step(&mut self, batch: &[Example]) -> Result<StepOutcome> {
+        let step = u32::try_from(self.next_step).map_err(|_| Error::InvalidArgument {
+            name: "steps",
+            reason: "a run holds at most 2^32 steps".into(),
+        })?;
+        let seed = self.session.zo.seed_for_step(step);
+        let out = zo_step(
+            self.be,
+            self.model,
+            &mut self.cache,
+            &mut self.state,
+            &self.session.zo,
+            batch,
+            seed,
+        )?;
+        if let Some(g) = out.g {
+            self.records.push(Record {
+                step: self.next_step,
+                seed,
+                g,
+            });
+        }
+        self.next_step += 1;
+        Ok(out)
+    }
+
+    /// Mean loss per target token of `set` at the current (unperturbed) values.
+    pub fn eval(&mut self, set: &[Example]) -> Result<f64> {
+        self.state
+            .load_into(self.be, self.model, &self.session.zo, 0, 0.0)?;
+        let (nll, n) = batch_nll(self.model, &mut self.cache, set)?;
+        Ok(nll / n.max(1) as f64)
+    }
+
+    /// The current adapter values (layout order), left loaded in the model.
+    pub fn values(&self) -> Result<Vec<Vec<f32>>> {
+        self.state
+            .load_into(self.be, self.model, &self.session.zo, 0, 0.0)?;
+        self.model.read_params()
+    }
+
+    /// Writes the run into `dir`: session and start values (first time), the history,
+    /// and the adapter in PEFT format, each file atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        if !dir.join(history::SESSION).exists() {
+            history::write_start(
+                dir,
+                &self.session,
+                self.model.layout(),
+                &self.state.start(self.be)?,
+            )?;
+        }
+        history::write_history(dir, &self.records)?;
+        let cfg = self.model.adapter().ok_or_else(|| Error::InvalidArgument {
+            name: "adapter",
+            reason: "the model has none attached".into(),
+        })?;
+        peft::save(dir, cfg, self.model.layout(), &self.values()?)
+    }
+}
