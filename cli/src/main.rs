@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod model;
+mod train;
 
 /// Why a command failed: a flag out of range (named as the user typed it), or an error
 /// from the runtime.
@@ -108,6 +109,15 @@ struct ModelArgs {
     quantize: Option<QuantArg>,
 }
 
+/// A trained adapter to apply.
+#[derive(clap::Args, Debug, Clone)]
+struct AdapterArg {
+    /// A directory with adapter_config.json and adapter_model.safetensors (PEFT LoRA or
+    /// IA3, or trainable norms written by `edgetune train`).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
+}
+
 impl ModelArgs {
     fn open(&self) -> Result<edgetune::model::files::ModelFiles, edgetune::Error> {
         let q = self.quantize.map(|q| match q {
@@ -124,10 +134,10 @@ struct DeviceArgs {
     /// Where kernels run.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendKind,
-    /// GPU adapter: case-insensitive substring of its name (default: $WGPU_ADAPTER_NAME,
-    /// then wgpu's choice).
+    /// The GPU (wgpu adapter): case-insensitive substring of its name (default:
+    /// $WGPU_ADAPTER_NAME, then wgpu's choice).
     #[arg(long)]
-    adapter: Option<String>,
+    gpu: Option<String>,
     /// GPU APIs to consider, comma-separated: vulkan, metal, dx12, gl (default: $WGPU_BACKEND,
     /// then all).
     #[arg(long)]
@@ -170,7 +180,7 @@ impl DeviceArgs {
                 IsaArg::Avx512 => Some(Isa::Avx512),
             },
             gpu: GpuOptions {
-                adapter_name: self.adapter.clone(),
+                adapter_name: self.gpu.clone(),
                 backends: self.wgpu_backend.clone(),
                 tuning: self.kernel_shapes.clone(),
                 ..GpuOptions::default()
@@ -222,6 +232,8 @@ enum Command {
     Generate {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        adapter: AdapterArg,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt in the model's chat format (ChatML, Llama 3).
@@ -249,6 +261,8 @@ enum Command {
     Perplexity {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        adapter: AdapterArg,
         /// A UTF-8 text file.
         #[arg(long)]
         text: std::path::PathBuf,
@@ -262,6 +276,8 @@ enum Command {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        adapter: AdapterArg,
         /// Comma-separated token ids.
         #[arg(long)]
         tokens: String,
@@ -270,6 +286,11 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Tunes an adapter on a JSONL data set (zeroth-order: two forward passes per step,
+    /// every update a (seed, scalar) pair).
+    Train(Box<train::TrainArgs>),
+    /// Rebuilds a run's trainable state from its seed history alone and prints its hash.
+    Replay(train::ReplayArgs),
 }
 
 fn tolerance_text(t: Tolerance) -> String {
@@ -457,8 +478,11 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
             println!("{}", serde_json::json!(ids));
             Ok(true)
         }
+        Command::Train(args) => train::train(args),
+        Command::Replay(args) => train::replay_cmd(args),
         Command::Generate {
             model: m,
+            adapter,
             prompt,
             chat,
             max_tokens,
@@ -517,11 +541,12 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                 max_tokens,
                 sampling,
             };
-            model::generate_text(&device.open()?, &f, &req)?;
+            model::generate_text(&device.open()?, &f, adapter.adapter.as_deref(), &req)?;
             Ok(true)
         }
         Command::Perplexity {
             model: m,
+            adapter,
             text,
             window,
             device,
@@ -549,7 +574,13 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                     ),
                 );
             }
-            let (nll, n) = model::nll(&device.open()?, &f, &ids, window)?;
+            let (nll, n) = model::nll(
+                &device.open()?,
+                &f,
+                adapter.adapter.as_deref(),
+                &ids,
+                window,
+            )?;
             if !nll.is_finite() {
                 return Err(edgetune::Error::NonFinite {
                     what: "perplexity",
@@ -565,6 +596,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
         }
         Command::Logits {
             model: m,
+            adapter,
             tokens,
             out,
             device,
@@ -579,7 +611,8 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
                 context,
                 &format!("ids; the model's context is {context}"),
             )?;
-            let (cfg, logits) = model::logits(&device.open()?, &file, &ids)?;
+            let (cfg, logits) =
+                model::logits(&device.open()?, &file, adapter.adapter.as_deref(), &ids)?;
             model::write_npy(out, &[ids.len(), cfg.vocab as usize], &logits)?;
             Ok(true)
         }

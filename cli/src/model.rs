@@ -3,8 +3,8 @@
 use edgetune::backend::any::AnyBackend;
 use edgetune::format::gguf::{Array, Value};
 use edgetune::generate::{Sampler, Sampling, generate};
-use edgetune::model::Config;
 use edgetune::model::files::ModelFiles;
+use edgetune::model::{Config, Model};
 use edgetune::tokenizer::Tokenizer;
 use edgetune::{Error, Result};
 use std::io::Write;
@@ -18,9 +18,33 @@ pub struct GenerateRequest<'a> {
     pub sampling: Sampling,
 }
 
+/// Loads the model and, if given, the adapter in `adapter` onto it.
+pub fn load<'b>(
+    be: &'b AnyBackend,
+    file: &ModelFiles,
+    adapter: Option<&Path>,
+) -> Result<Model<'b, AnyBackend>> {
+    let mut model = file.load(be)?;
+    if let Some(dir) = adapter {
+        edgetune::adapter::peft::attach_dir(&mut model, dir)?;
+        let cfg = model.adapter().map_or("", |c| c.method_name());
+        eprintln!(
+            "adapter: {} ({cfg}, {} tensors)",
+            dir.display(),
+            model.layout().len()
+        );
+    }
+    Ok(model)
+}
+
 /// Logits at every position of `tokens`, with the model's config.
-pub fn logits(be: &AnyBackend, file: &ModelFiles, tokens: &[u32]) -> Result<(Config, Vec<f32>)> {
-    let model = file.load(be)?;
+pub fn logits(
+    be: &AnyBackend,
+    file: &ModelFiles,
+    adapter: Option<&Path>,
+    tokens: &[u32],
+) -> Result<(Config, Vec<f32>)> {
+    let model = load(be, file, adapter)?;
     let mut cache = model.new_cache(
         u32::try_from(tokens.len())
             .unwrap_or(u32::MAX)
@@ -31,8 +55,13 @@ pub fn logits(be: &AnyBackend, file: &ModelFiles, tokens: &[u32]) -> Result<(Con
 }
 
 /// Streams a continuation of the request's prompt to stdout.
-pub fn generate_text(be: &AnyBackend, file: &ModelFiles, req: &GenerateRequest<'_>) -> Result<()> {
-    let model = file.load(be)?;
+pub fn generate_text(
+    be: &AnyBackend,
+    file: &ModelFiles,
+    adapter: Option<&Path>,
+    req: &GenerateRequest<'_>,
+) -> Result<()> {
+    let model = load(be, file, adapter)?;
     // The caller checked that the prompt and the tokens to generate fit the context.
     let need = req.prompt.len().saturating_add(req.max_tokens);
     let capacity = u32::try_from(need)
@@ -81,10 +110,11 @@ pub fn generate_text(be: &AnyBackend, file: &ModelFiles, req: &GenerateRequest<'
 pub fn nll(
     be: &AnyBackend,
     file: &ModelFiles,
+    adapter: Option<&Path>,
     tokens: &[u32],
     window: usize,
 ) -> Result<(f64, usize)> {
-    let model = file.load(be)?;
+    let model = load(be, file, adapter)?;
     // The caller checked 2 <= window <= context; a text shorter than a window needs
     // only its own length of cache.
     let window = window.min(tokens.len()).max(2);

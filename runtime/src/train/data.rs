@@ -34,8 +34,13 @@ pub struct Dataset {
 }
 
 /// Loads `path` (see the module docs for the formats); token ids are checked against
-/// `vocab`.
-pub fn load_jsonl(path: &Path, tok: &Tokenizer, vocab: u32, opts: &DataOptions) -> Result<Dataset> {
+/// `vocab`. Without a tokenizer only pre-tokenised lines are usable.
+pub fn load_jsonl(
+    path: &Path,
+    tok: Option<&Tokenizer>,
+    vocab: u32,
+    opts: &DataOptions,
+) -> Result<Dataset> {
     let text = read_text(path, FileKind::Data)?;
     let shown = path.display().to_string();
     let mut set = Dataset {
@@ -77,21 +82,22 @@ pub fn load_jsonl(path: &Path, tok: &Tokenizer, vocab: u32, opts: &DataOptions) 
 /// One line as an example, or why not.
 fn parse_line(
     line: &str,
-    tok: &Tokenizer,
+    tok: Option<&Tokenizer>,
     vocab: u32,
     opts: &DataOptions,
 ) -> core::result::Result<Example, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let need_tok = || tok.ok_or("text needs a tokenizer, which the model lacks");
     let ex = if let Some(ids) = v.get("input_ids") {
         pretokenised(ids, v.get("labels"))?
     } else if let Some(msgs) = v.get("messages") {
-        conversation(msgs, tok)?
+        conversation(msgs, need_tok()?)?
     } else if let (Some(p), Some(c)) = (v.get("prompt"), v.get("completion")) {
         let (p, c) = (
             p.as_str().ok_or("`prompt` is not a string")?,
             c.as_str().ok_or("`completion` is not a string")?,
         );
-        prompt_completion(p, c, tok, opts.chat)?
+        prompt_completion(p, c, need_tok()?, opts.chat)?
     } else {
         return Err("needs `prompt` and `completion`, `messages`, or `input_ids`".into());
     };

@@ -1,0 +1,466 @@
+//! `edgetune train` and `edgetune replay`: zeroth-order tuning runs over the runtime's
+//! trainer, with a progress line, checkpoints and a loss plot.
+
+use crate::{CliError, DeviceArgs, ModelArgs, flag, in_range};
+use clap::ValueEnum;
+use edgetune::Backend;
+use edgetune::adapter::{AdapterConfig, Method, Target};
+use edgetune::rng::ZKind;
+use edgetune::train::data::{self, DataOptions, Dataset};
+use edgetune::train::history::{self, Session, hex};
+use edgetune::train::run::{Trainer, replay};
+use edgetune::train::{SeedMode, ZoConfig};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Trainable {
+    Lora,
+    Ia3,
+    Norms,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Mezo,
+    Kseed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// Zeroth-order (two forward passes per step).
+    Zo,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL: {"prompt","completion"}, {"messages":[...]} or {"input_ids","labels"}.
+    #[arg(long)]
+    data: PathBuf,
+    /// The run directory (adapter, seed history, loss plot); with --resume, that run's.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "zo")]
+    method: MethodArg,
+    #[arg(long, value_enum, default_value = "lora")]
+    trainable: Trainable,
+    /// mezo: a fresh seed per step; kseed: FedKSeed's K candidate seeds.
+    #[arg(long, value_enum, default_value = "mezo")]
+    mode: ModeArg,
+    /// K for --mode kseed.
+    #[arg(long, default_value_t = 4096)]
+    seeds: u32,
+    #[arg(long, default_value_t = 1e-2)]
+    eps: f32,
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f32,
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Examples per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Longest example in tokens, longer ones skipped and counted (default: 256, or the
+    /// model's context if shorter).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    rank: u32,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// LoRA targets, comma-separated (q,k,v,o,gate,up,down); IA3 uses k,v,down.
+    #[arg(long, default_value = "q,v")]
+    targets: String,
+    /// Held-out JSONL, scored before, at each checkpoint and after.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Wrap prompt/completion pairs in the model's chat format.
+    #[arg(long)]
+    chat: bool,
+    /// Seeds the session key, the adapter's start values and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// The update unit is 2^-delta_exp (see docs/zeroth-order.md).
+    #[arg(long, default_value_t = 20)]
+    delta_exp: u32,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A run directory written by `edgetune train`.
+    #[arg(long)]
+    history: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
+    let targets = a
+        .targets
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(Target::parse)
+        .collect::<edgetune::Result<Vec<_>>>()
+        .or_else(|e| flag("--targets", e.to_string()))?;
+    Ok(match a.trainable {
+        Trainable::Lora => AdapterConfig {
+            method: Method::Lora {
+                rank: a.rank,
+                alpha: a.alpha,
+                rslora: false,
+            },
+            targets,
+        },
+        Trainable::Ia3 => AdapterConfig::ia3(),
+        Trainable::Norms => AdapterConfig::norms(),
+    })
+}
+
+/// A session key from the user's seed (splitmix64, so seeds 0, 1, 2 give unrelated keys).
+fn session_key(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn load_set(
+    path: &Path,
+    f: &edgetune::model::files::ModelFiles,
+    opts: &DataOptions,
+    vocab: u32,
+) -> Result<Dataset, CliError> {
+    let tok = f.tokenizer();
+    if let Err(e) = &tok {
+        eprintln!("note: no tokenizer ({e}); only pre-tokenised lines are usable");
+    }
+    let set = data::load_jsonl(path, tok.as_ref().ok(), vocab, opts)?;
+    let tokens: usize = set.examples.iter().map(|e| e.tokens.len()).sum();
+    eprintln!(
+        "data: {} examples ({tokens} tokens) from {}; {} of {} lines skipped",
+        set.examples.len(),
+        path.display(),
+        set.skipped.len(),
+        set.lines
+    );
+    for (line, why) in set.skipped.iter().take(3) {
+        eprintln!("  line {line}: {why}");
+    }
+    Ok(set)
+}
+
+pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
+    let MethodArg::Zo = a.method;
+    let dir = match (&a.out, &a.resume) {
+        (_, Some(r)) => r.clone(),
+        (Some(o), None) => o.clone(),
+        (None, None) => return flag("--out", "is required (or --resume DIR)"),
+    };
+    if a.resume.is_none() && dir.join(history::SESSION).exists() {
+        return flag(
+            "--out",
+            format!(
+                "{} already holds a run; use --resume {} to continue it, or another directory",
+                dir.display(),
+                dir.display()
+            ),
+        );
+    }
+    let f = a.model.open()?;
+    let cfg = f.config()?;
+    let context = cfg.context as usize;
+    let seq_len = a.seq_len.unwrap_or(context.min(256));
+    in_range(
+        "--seq-len",
+        seq_len,
+        2,
+        context,
+        &format!("tokens; the model's context is {context}"),
+    )?;
+    in_range("--batch", a.batch, 1, 4096, "examples per step")?;
+    in_range(
+        "--checkpoint-every",
+        a.checkpoint_every as usize,
+        1,
+        usize::MAX,
+        "steps",
+    )?;
+    let opts = DataOptions {
+        seq_len,
+        chat: a.chat,
+        max_bad_share: 0.1,
+    };
+    let train_set = load_set(&a.data, &f, &opts, cfg.vocab)?;
+    let eval_set = a
+        .eval
+        .as_ref()
+        .map(|p| load_set(p, &f, &opts, cfg.vocab))
+        .transpose()?;
+    eprintln!("hashing the model...");
+    let model_sha = hex(&f.sha256());
+    let be = a.device.open()?;
+    let mut model = f.load(&be)?;
+    let capacity = seq_len as u32;
+    let mut trainer = if let Some(r) = &a.resume {
+        let session = history::read_session(r)?;
+        model.attach(session.adapter.clone(), session.init_seed)?;
+        Trainer::resume(&be, &model, r, &model_sha, capacity)?
+    } else {
+        let zo = ZoConfig {
+            session_key: session_key(a.seed),
+            kind: ZKind::Binomial,
+            mode: match a.mode {
+                ModeArg::Mezo => SeedMode::Mezo,
+                ModeArg::Kseed => SeedMode::KSeed { k: a.seeds },
+            },
+            eps: a.eps,
+            lr: a.lr,
+            delta_exp: a.delta_exp,
+        };
+        zo.validate().map_err(|e| match e {
+            edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {
+                flag: match name {
+                    "eps" => "--eps",
+                    "lr" => "--lr",
+                    "seeds" => "--seeds",
+                    _ => "--delta-exp",
+                },
+                reason,
+            },
+            other => other.into(),
+        })?;
+        let layout = model
+            .attach(adapter_config(a)?, a.seed)
+            .map_err(|e| CliError::Flag {
+                flag: "--trainable",
+                reason: e.to_string(),
+            })?;
+        let session = Session {
+            model_sha256: model_sha.clone(),
+            layout_sha256: hex(&edgetune::adapter::layout_hash(layout)),
+            adapter: model
+                .adapter()
+                .cloned()
+                .unwrap_or_else(AdapterConfig::norms),
+            init_seed: a.seed,
+            zo,
+            run: serde_json::json!({
+                "data": a.data.display().to_string(),
+                "batch": a.batch,
+                "seq_len": seq_len,
+                "data_seed": a.seed,
+                "chat": a.chat,
+            }),
+        };
+        Trainer::start(&be, &model, session, capacity)?
+    };
+    let params = trainer.state.params();
+    eprintln!(
+        "training: {} ({} tensors, {params} values), {:?}, eps {}, lr {}, steps {}..{}",
+        model.adapter().map_or("", |c| c.method_name()),
+        model.layout().len(),
+        trainer.session.zo.mode,
+        trainer.session.zo.eps,
+        trainer.session.zo.lr,
+        trainer.next_step,
+        a.steps
+    );
+    let mut curve = read_curve(&dir);
+    let mut evals: Vec<(u64, f64)> = Vec::new();
+    if let Some(set) = &eval_set {
+        let l = trainer.eval(&set.examples)?;
+        eprintln!("eval loss at step {}: {l:.4}", trainer.next_step);
+        evals.push((trainer.next_step, l));
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let start = Instant::now();
+    let first = trainer.next_step;
+    let (mut tokens, mut skipped) = (0usize, 0u64);
+    while trainer.next_step < a.steps {
+        let step = trainer.next_step;
+        let batch: Vec<_> = data::batch_for_step(&train_set.examples, a.batch, step, a.seed)
+            .into_iter()
+            .cloned()
+            .collect();
+        tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>() * 2;
+        let out = trainer.step(&batch)?;
+        let loss = (out.loss_plus + out.loss_minus) / 2.0;
+        if out.g.is_none() {
+            skipped += 1;
+        } else {
+            curve.push((step, loss));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let done = trainer.next_step - first;
+        let eta = secs / done as f64 * (a.steps - trainer.next_step) as f64;
+        // A live line on a terminal; in a log, one line per twentieth of the run.
+        let every = (a.steps / 20).max(1);
+        if tty || trainer.next_step % every == 0 {
+            eprint!(
+                "{}step {}/{} loss {loss:.4} g {:+.3e} {:.0} tok/s ETA {}   {}",
+                if tty { "\r" } else { "" },
+                trainer.next_step,
+                a.steps,
+                out.g.unwrap_or(f32::NAN),
+                tokens as f64 / secs,
+                duration(eta),
+                if tty { "" } else { "\n" }
+            );
+        }
+        if trainer.next_step % a.checkpoint_every == 0 || trainer.next_step == a.steps {
+            if let Some(set) = &eval_set {
+                let l = trainer.eval(&set.examples)?;
+                evals.push((trainer.next_step, l));
+                eprintln!(
+                    "{}eval loss at step {}: {l:.4}",
+                    if tty { "\n" } else { "" },
+                    trainer.next_step
+                );
+            }
+            trainer.save(&dir)?;
+            write_curve(&dir, &curve, &evals)?;
+        }
+    }
+    eprintln!();
+    trainer.save(&dir)?;
+    write_curve(&dir, &curve, &evals)?;
+    if skipped > 0 {
+        eprintln!("{skipped} steps skipped (non-finite loss)");
+    }
+    eprintln!(
+        "wrote {} ({} applied steps; adapter, history, loss.svg)",
+        dir.display(),
+        trainer.records.len()
+    );
+    println!("state-hash: {}", hex(&trainer.state.hash(&be)?));
+    Ok(true)
+}
+
+pub fn replay_cmd(a: &ReplayArgs) -> Result<bool, CliError> {
+    let f = a.model.open()?;
+    let session = history::read_session(&a.history)?;
+    let model_sha = hex(&f.sha256());
+    let be = a.device.open()?;
+    let mut model = f.load(&be)?;
+    model.attach(session.adapter.clone(), session.init_seed)?;
+    let start = Instant::now();
+    let (state, _, records) = replay(&be, &model, &a.history, &model_sha)?;
+    let hash = state.hash(&be)?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "replayed {} steps over {} values in {secs:.2} s ({:.3e} seed-values/s) on {}",
+        records.len(),
+        state.params(),
+        records.len() as f64 * state.params() as f64 / secs,
+        be.name()
+    );
+    println!("state-hash: {}", hex(&hash));
+    Ok(true)
+}
+
+fn duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "?".into();
+    }
+    let s = secs as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The loss curve so far (loss.csv: step,loss), so a resumed run's plot continues it.
+fn read_curve(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("loss.csv"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (s, v) = l.split_once(',')?;
+            Some((s.parse().ok()?, v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// loss.csv and loss.svg: the training loss (mean of the two perturbed losses) per step,
+/// its running mean, and held-out losses.
+fn write_curve(dir: &Path, curve: &[(u64, f64)], evals: &[(u64, f64)]) -> Result<(), CliError> {
+    let csv: String = curve.iter().map(|(s, l)| format!("{s},{l}\n")).collect();
+    edgetune::format::file::write_atomic(&dir.join("loss.csv"), csv.as_bytes())?;
+    edgetune::format::file::write_atomic(&dir.join("loss.svg"), svg(curve, evals).as_bytes())?;
+    Ok(())
+}
+
+fn svg(curve: &[(u64, f64)], evals: &[(u64, f64)]) -> String {
+    let (w, h, m) = (720.0, 360.0, 48.0);
+    let pts: Vec<(f64, f64)> = curve
+        .iter()
+        .chain(evals)
+        .map(|&(s, l)| (s as f64, l))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    if pts.is_empty() {
+        return format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\"/>");
+    }
+    let fold = |f: fn(f64, f64) -> f64, init, i: usize| {
+        pts.iter()
+            .map(|p| if i == 0 { p.0 } else { p.1 })
+            .fold(init, f)
+    };
+    let (x0, x1) = (
+        fold(f64::min, f64::MAX, 0),
+        fold(f64::max, f64::MIN, 0).max(1.0),
+    );
+    let (y0, y1) = (fold(f64::min, f64::MAX, 1), fold(f64::max, f64::MIN, 1));
+    let (y0, y1) = if y1 > y0 {
+        (y0, y1)
+    } else {
+        (y0 - 1.0, y1 + 1.0)
+    };
+    let px = |x: f64| m + (x - x0) / (x1 - x0).max(1.0) * (w - 2.0 * m);
+    let py = |y: f64| h - m - (y - y0) / (y1 - y0) * (h - 2.0 * m);
+    let line = |p: &[(u64, f64)]| -> String {
+        p.iter()
+            .filter(|q| q.1.is_finite())
+            .map(|&(s, l)| format!("{:.1},{:.1}", px(s as f64), py(l)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Running mean over 20 steps: zeroth-order losses are noisy step to step.
+    let smooth: Vec<(u64, f64)> = curve
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, _))| {
+            let lo = i.saturating_sub(19);
+            let win = &curve[lo..=i];
+            (s, win.iter().map(|p| p.1).sum::<f64>() / win.len() as f64)
+        })
+        .collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{m}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{m}\" y=\"{t}\">loss (train: grey, mean of 20: blue; held-out: red)</text>\n\
+         <text x=\"{m}\" y=\"{lx}\">step {x0}</text><text x=\"{r}\" y=\"{lx}\" text-anchor=\"end\">{x1}</text>\n\
+         <text x=\"4\" y=\"{m}\">{y1:.3}</text><text x=\"4\" y=\"{b}\">{y0:.3}</text>\n\
+         <polyline fill=\"none\" stroke=\"#bbb\" points=\"{raw}\"/>\n\
+         <polyline fill=\"none\" stroke=\"#2060c0\" stroke-width=\"2\" points=\"{mean}\"/>\n\
+         <polyline fill=\"none\" stroke=\"#c02020\" stroke-width=\"2\" points=\"{ev}\"/>\n\
+         </svg>\n",
+        b = h - m,
+        r = w - m,
+        t = m - 16.0,
+        lx = h - m + 16.0,
+        raw = line(curve),
+        mean = line(&smooth),
+        ev = line(evals),
+    )
+}
