@@ -716,6 +716,27 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(())
     }
 
+    /// Every frozen buffer: the weight matrices, biases, and the norms unless they are
+    /// trainable. Training must leave their bytes as they are.
+    pub fn frozen(&self) -> Vec<&B::Buffer> {
+        let norms = self.adapter().is_none_or(|c| c.method != Method::Norms);
+        let mut out = vec![&self.embed.buf];
+        out.extend(self.output.as_ref().map(|w| &w.buf));
+        if norms {
+            out.push(&self.out_norm);
+        }
+        for l in &self.layers {
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                out.push(&lin.weight.buf);
+                out.extend(lin.bias.as_ref());
+            }
+            if norms {
+                out.extend([&l.attn_norm, &l.ffn_norm]);
+            }
+        }
+        out
+    }
+
     fn param(&self, slot: Slot) -> Option<&B::Buffer> {
         match slot {
             Slot::LoraA(l, t) => self.linear(l, t)?.lora.as_ref().map(|x| &x.a),

@@ -397,6 +397,46 @@ mod tests {
         assert_eq!(c.coefficient(1e30), -MAX_COEFFICIENT);
     }
 
+    /// On f(w) = sum a_i (w_i - c_i)^2 / 2, the mean of g * z over seeds approaches the
+    /// gradient a_i (w_i - c_i): the estimator the step relies on, with this generator.
+    #[test]
+    fn mean_of_g_times_z_converges_to_the_gradient_of_a_quadratic() {
+        let n = 8;
+        let a: Vec<f64> = (0..n).map(|i| 1.0 + i as f64 / 4.0).collect();
+        let c: Vec<f64> = (0..n).map(|i| (i as f64 - 3.5) / 2.0).collect();
+        let w = vec![0.25f64; n];
+        let f = |v: &[f64]| -> f64 { (0..n).map(|i| a[i] * (v[i] - c[i]).powi(2) / 2.0).sum() };
+        let eps = 1e-3;
+        let seeds = 40_000u32;
+        let mut mean = vec![0.0f64; n];
+        for seed in 0..seeds {
+            let addr = rng::ZAddr {
+                session_key: 11,
+                seed,
+                tensor: 0,
+                purpose: rng::PURPOSE_PERTURB,
+            };
+            let z: Vec<f64> = (0..n)
+                .map(|e| f64::from(addr.z(e as u64, ZKind::Binomial)))
+                .collect();
+            let plus: Vec<f64> = (0..n).map(|i| w[i] + eps * z[i]).collect();
+            let minus: Vec<f64> = (0..n).map(|i| w[i] - eps * z[i]).collect();
+            let g = (f(&plus) - f(&minus)) / (2.0 * eps);
+            for i in 0..n {
+                mean[i] += g * z[i] / f64::from(seeds);
+            }
+        }
+        for i in 0..n {
+            let truth = a[i] * (w[i] - c[i]);
+            // The estimator's standard error is about |grad| / sqrt(seeds) per coordinate.
+            assert!(
+                (mean[i] - truth).abs() < 0.06,
+                "{i}: {} vs {truth}",
+                mean[i]
+            );
+        }
+    }
+
     #[test]
     fn kseed_draws_stay_below_k_and_cover_it() {
         let c = cfg();

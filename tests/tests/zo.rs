@@ -1,0 +1,294 @@
+//! Zeroth-order training on a tiny model: replay gives the same state hash on every
+//! backend, incremental and fused application agree in any order, a step never writes
+//! the frozen weights, a short run lowers the loss, and bad histories apply nothing.
+
+mod common;
+
+use edgetune::Backend;
+use edgetune::adapter::{AdapterConfig, Target};
+use edgetune::backend::cpu::Cpu;
+use edgetune::backend::host::Host;
+use edgetune::model::Model;
+use edgetune::model::files::ModelFiles;
+use edgetune::rng::ZKind;
+use edgetune::train::history::{self, Session, hex};
+use edgetune::train::run::{Trainer, replay};
+use edgetune::train::{Example, SeedMode, ZoConfig, ZoState};
+use std::path::{Path, PathBuf};
+
+fn model_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/q4_0.gguf")
+}
+
+fn files() -> ModelFiles {
+    ModelFiles::open(&model_path(), None).unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-zo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Sequences that follow a rule (step 3 modulo 60), so there is something to learn.
+fn examples(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| {
+            let tokens: Vec<u32> = std::iter::once(1)
+                .chain((0..12).map(|k| ((i * 7 + 3 * k) % 60 + 2) as u32))
+                .collect();
+            let targets = (0..tokens.len()).map(|j| j >= 4).collect();
+            Example { tokens, targets }
+        })
+        .collect()
+}
+
+fn zo(mode: SeedMode, lr: f32) -> ZoConfig {
+    ZoConfig {
+        session_key: 0xABCD_0123_4567_89EF,
+        kind: ZKind::Binomial,
+        mode,
+        eps: 1e-2,
+        lr,
+        delta_exp: 20,
+    }
+}
+
+fn session(model: &Model<'_, impl Backend>, sha: &str, zo: ZoConfig) -> Session {
+    Session {
+        model_sha256: sha.into(),
+        layout_sha256: hex(&edgetune::adapter::layout_hash(model.layout())),
+        adapter: model.adapter().unwrap().clone(),
+        init_seed: 5,
+        zo,
+        run: serde_json::Value::Null,
+    }
+}
+
+/// Trains `steps` steps on the CPU reference into `dir`; returns the final state hash.
+fn train_run(dir: &Path, cfg: AdapterConfig, zo: ZoConfig, steps: u64) -> String {
+    let f = files();
+    let sha = hex(&f.sha256());
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(cfg, 5).unwrap();
+    let s = session(&model, &sha, zo);
+    let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
+    let data = examples(8);
+    for step in 0..steps as usize {
+        t.step(&data[step % 8..step % 8 + 1]).unwrap();
+    }
+    t.save(dir).unwrap();
+    hex(&t.state.hash(&Cpu).unwrap())
+}
+
+fn replay_hash<B: Backend>(be: &B, dir: &Path) -> String {
+    let f = files();
+    let sha = hex(&f.sha256());
+    let session = history::read_session(dir).unwrap();
+    let mut model = f.load(be).unwrap();
+    model.attach(session.adapter.clone(), 0).unwrap();
+    let (state, _, _) = replay(be, &model, dir, &sha).unwrap();
+    hex(&state.hash(be).unwrap())
+}
+
+#[test]
+fn replay_gives_the_same_state_hash_on_every_backend() {
+    let dir = tmp("replay");
+    let lora = AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]);
+    let trained = train_run(&dir, lora, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
+    assert_eq!(replay_hash(&Cpu, &dir), trained);
+    assert_eq!(replay_hash(&Host::new(2), &dir), trained);
+    if let Some(gpu) = common::gpu() {
+        assert_eq!(replay_hash(&gpu, &dir), trained);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn incremental_and_fused_application_agree_in_any_order() {
+    let f = files();
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::ia3(), 0).unwrap();
+    let cfg = zo(SeedMode::Mezo, 1e-3);
+    let w0 = model.read_params().unwrap();
+    let updates: Vec<(u32, i32)> = (0..40u32)
+        .map(|s| (s * 977, (s as i32 - 20) * 1031))
+        .collect();
+    let state = |order: &[(u32, i32)], chunk: usize| {
+        let mut st = ZoState::new(&Cpu, &model, &w0).unwrap();
+        for c in order.chunks(chunk) {
+            st.apply(&Cpu, &cfg, c).unwrap();
+        }
+        st.accumulators(&Cpu).unwrap()
+    };
+    let one_by_one = state(&updates, 1);
+    let mut reversed = updates.clone();
+    reversed.reverse();
+    assert_eq!(one_by_one, state(&reversed, 40));
+    let mut shuffled = updates.clone();
+    shuffled.rotate_left(17);
+    assert_eq!(one_by_one, state(&shuffled, 7));
+    assert!(one_by_one.iter().flatten().any(|&d| d != 0));
+    // The same on the GPU's fused kernel.
+    if let Some(gpu) = common::gpu() {
+        let mut m = f.load(&gpu).unwrap();
+        m.attach(AdapterConfig::ia3(), 0).unwrap();
+        let mut st = ZoState::new(&gpu, &m, &w0).unwrap();
+        st.apply(&gpu, &cfg, &shuffled).unwrap();
+        assert_eq!(one_by_one, st.accumulators(&gpu).unwrap());
+    }
+}
+
+#[test]
+fn the_accumulator_budget_refuses_what_could_overflow() {
+    let f = files();
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::norms(), 0).unwrap();
+    let w0 = model.read_params().unwrap();
+    let mut st = ZoState::new(&Cpu, &model, &w0).unwrap();
+    let cfg = zo(SeedMode::Mezo, 1e-3);
+    let big: Vec<(u32, i32)> = (0..70).map(|s| (s, 1 << 20)).collect();
+    assert!(st.apply(&Cpu, &cfg, &big).is_err());
+    assert_eq!(st.spent(), 0);
+    assert!(
+        st.accumulators(&Cpu)
+            .unwrap()
+            .iter()
+            .flatten()
+            .all(|&d| d == 0)
+    );
+}
+
+fn check_step_leaves_frozen_weights<B: Backend>(be: &B) {
+    let f = files();
+    let mut model = f.load(be).unwrap();
+    model
+        .attach(AdapterConfig::lora(2, 4.0, &Target::ALL), 1)
+        .unwrap();
+    let before: Vec<Vec<u8>> = model.frozen().iter().map(|b| be.read(b).unwrap()).collect();
+    let sha = hex(&f.sha256());
+    let s = session(&model, &sha, zo(SeedMode::Mezo, 1e-2));
+    let mut t = Trainer::start(be, &model, s, 16).unwrap();
+    let w0 = t.state.start(be).unwrap();
+    let data = examples(2);
+    for _ in 0..3 {
+        t.step(&data).unwrap();
+    }
+    let after: Vec<Vec<u8>> = model.frozen().iter().map(|b| be.read(b).unwrap()).collect();
+    assert_eq!(before, after, "a frozen buffer changed");
+    assert_eq!(w0, t.state.start(be).unwrap(), "w0 changed");
+    assert!(
+        t.state
+            .accumulators(be)
+            .unwrap()
+            .iter()
+            .flatten()
+            .any(|&d| d != 0)
+    );
+}
+
+#[test]
+fn a_step_never_writes_the_frozen_weights() {
+    check_step_leaves_frozen_weights(&Cpu);
+    if let Some(gpu) = common::gpu() {
+        check_step_leaves_frozen_weights(&gpu);
+    }
+}
+
+#[test]
+fn identity_adapters_leave_the_logits_bit_for_bit() {
+    let f = files();
+    let tokens = [1u32, 5, 9, 33, 2, 17];
+    let plain = f.load(&Cpu).unwrap();
+    let mut cache = plain.new_cache(8).unwrap();
+    let want = plain.forward(&mut cache, &tokens, true).unwrap();
+    for cfg in [
+        AdapterConfig::lora(3, 6.0, &Target::ALL),
+        AdapterConfig::ia3(),
+        AdapterConfig::norms(),
+    ] {
+        let mut m = f.load(&Cpu).unwrap();
+        m.attach(cfg.clone(), 9).unwrap();
+        let mut cache = m.new_cache(8).unwrap();
+        let got = m.forward(&mut cache, &tokens, true).unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{cfg:?}"
+        );
+    }
+}
+
+#[test]
+fn a_short_run_lowers_the_held_out_loss() {
+    let f = files();
+    let sha = hex(&f.sha256());
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::norms(), 0).unwrap();
+    let s = session(&model, &sha, zo(SeedMode::Mezo, 5e-2));
+    let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
+    let data = examples(16);
+    let (train, held_out) = data.split_at(12);
+    let before = t.eval(held_out).unwrap();
+    for step in 0..400 {
+        let b = step % 3 * 4;
+        t.step(&train[b..b + 4]).unwrap();
+    }
+    let after = t.eval(held_out).unwrap();
+    assert!(after < before - 0.05, "held-out loss {before} -> {after}");
+}
+
+#[test]
+fn bad_histories_are_refused_and_apply_nothing() {
+    let dir = tmp("bad");
+    train_run(
+        &dir,
+        AdapterConfig::ia3(),
+        zo(SeedMode::KSeed { k: 16 }, 1e-2),
+        5,
+    );
+    let f = files();
+    let sha = hex(&f.sha256());
+    let session_text = std::fs::read_to_string(dir.join(history::SESSION)).unwrap();
+    let history_text = std::fs::read_to_string(dir.join(history::HISTORY)).unwrap();
+    let attempt = |expect: &str| {
+        let mut model = f.load(&Cpu).unwrap();
+        model.attach(AdapterConfig::ia3(), 0).unwrap();
+        let err = replay(&Cpu, &model, &dir, &sha).unwrap_err().to_string();
+        assert!(err.contains(expect), "expected `{expect}` in: {err}");
+    };
+    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    write(history::HISTORY, &history_text[..history_text.len() - 5]);
+    attempt("truncated");
+    write(
+        history::HISTORY,
+        &history_text.replacen("\"g\":", "\"g\":1e30,\"x\":", 1),
+    );
+    attempt("not a finite scalar");
+    write(
+        history::HISTORY,
+        &history_text.replacen("\"seed\":", "\"seed\":1000", 1),
+    );
+    attempt("not below K");
+    write(history::HISTORY, &history_text);
+    write(
+        history::SESSION,
+        &session_text.replace("\"version\": 1", "\"version\": 2"),
+    );
+    attempt("not a version this build reads");
+    write(history::SESSION, &session_text);
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::ia3(), 0).unwrap();
+    let err = replay(&Cpu, &model, &dir, "00").unwrap_err().to_string();
+    assert!(err.contains("another model"), "{err}");
+    let mut model = f.load(&Cpu).unwrap();
+    model
+        .attach(AdapterConfig::lora(2, 2.0, &[Target::Q]), 0)
+        .unwrap();
+    let err = replay(&Cpu, &model, &dir, &sha).unwrap_err().to_string();
+    assert!(err.contains("trainable layout"), "{err}");
+    // Intact again, it replays.
+    assert_eq!(replay_hash(&Cpu, &dir).len(), 64);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
