@@ -1,0 +1,95 @@
+//! PEFT interop, both directions (golden files from tools/reference/peft_golden.py):
+//! LoRA and IA3 adapters made by Python `peft` load in edgetune and give peft's logits, and
+//! adapters written by `edgetune train` load in `peft` and give the logits edgetune computes
+//! with them. Each adapter must move the logits well past the tolerance, so a load that
+//! silently ignored the tensors could not pass.
+
+mod common;
+
+use edgetune::Backend;
+use edgetune::adapter::peft::attach_dir;
+use edgetune::backend::cpu::Cpu;
+use edgetune::model::files::ModelFiles;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+fn check_all<B: Backend>(be: &B) -> Vec<String> {
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("peft/logits.json")).unwrap())
+            .unwrap();
+    let tokens: Vec<u32> = g["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let cases = g["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 8);
+    let mut failures = Vec::new();
+    for (case, want) in cases {
+        let want: Vec<f32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let model_name = case.split('/').next().unwrap();
+        let files = ModelFiles::open(&golden().join("tiny").join(model_name), None).unwrap();
+        let plain = files.load(be).unwrap();
+        let mut cache = plain.new_cache(16).unwrap();
+        let base = plain.forward(&mut cache, &tokens, true).unwrap();
+        let mut model = files.load(be).unwrap();
+        attach_dir(&mut model, &golden().join("peft").join(case)).unwrap();
+        let mut cache = model.new_cache(16).unwrap();
+        let got = model.forward(&mut cache, &tokens, true).unwrap();
+        let range = want.iter().fold(f32::MIN, |a, &b| a.max(b))
+            - want.iter().fold(f32::MAX, |a, &b| a.min(b));
+        let worst = |x: &[f32]| {
+            x.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max)
+                / range
+        };
+        let (err, moved) = (worst(&got), worst(&base));
+        if err.is_nan() || err >= 2e-4 || moved < 1e-2 {
+            failures.push(format!(
+                "{case}: max |diff| / range = {err} (the adapter moves the logits by {moved})"
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn peft_adapters_match_on_the_cpu_reference() {
+    let f = check_all(&Cpu);
+    assert!(f.is_empty(), "{f:#?}");
+}
+
+#[test]
+fn peft_adapters_match_on_the_gpu() {
+    let Some(gpu) = common::gpu() else { return };
+    let f = check_all(&gpu);
+    assert!(f.is_empty(), "{f:#?}");
+}
+
+#[test]
+fn mismatched_adapters_are_typed_errors() {
+    let dir = golden().join("peft/llama_gqa_tied/lora_from_peft");
+    // The same adapter on a model with other shapes: named tensor, no panic.
+    let files = ModelFiles::open(&golden().join("tiny/qwen2_gqa_bias"), None).unwrap();
+    let mut model = files.load(&Cpu).unwrap();
+    let err = attach_dir(&mut model, &dir).unwrap_err().to_string();
+    assert!(err.contains("lora_A") || err.contains("lora_B"), "{err}");
+    assert!(model.adapter().is_none());
+}
