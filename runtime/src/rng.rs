@@ -126,6 +126,39 @@ mod tests {
         );
     }
 
+    // 4z known answers, produced by the independent numpy implementation
+    // (tools/reference/zo_replay.py) and listed in docs/zeroth-order.md.
+    #[test]
+    fn z_known_answers() {
+        let cases: [(u64, u32, u32, ZKind, [i32; 8]); 3] = [
+            (0, 0, 0, ZKind::Binomial, [1, 0, -2, 7, -3, -5, -2, -3]),
+            (
+                0x0123_4567_89ab_cdef,
+                17,
+                3,
+                ZKind::Binomial,
+                [2, 3, 4, -6, 3, 0, 4, -3],
+            ),
+            (
+                u64::MAX,
+                4095,
+                250,
+                ZKind::Rademacher,
+                [4, 4, -4, 4, -4, -4, -4, 4],
+            ),
+        ];
+        for (session_key, seed, tensor, kind, want) in cases {
+            let addr = ZAddr {
+                session_key,
+                seed,
+                tensor,
+                purpose: PURPOSE_PERTURB,
+            };
+            let got: [i32; 8] = core::array::from_fn(|e| addr.z4(e as u64, kind));
+            assert_eq!(got, want, "{session_key:x} {seed} {tensor}");
+        }
+    }
+
     fn moments(addr: ZAddr, kind: ZKind, n: u64) -> (f64, f64) {
         let (mut s, mut s2) = (0.0f64, 0.0f64);
         for e in 0..n {

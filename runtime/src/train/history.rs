@@ -176,10 +176,17 @@ impl Session {
     }
 }
 
-/// Writes session.json and w0.safetensors (once per run).
+/// Writes session.json and w0.safetensors (once per run). The session also lists the
+/// layout (name, rows, cols in the pinned order), which its hash covers, so a reader
+/// in another language needs no model to replay.
 pub fn write_start(dir: &Path, s: &Session, layout: &[ParamInfo], w0: &[Vec<f32>]) -> Result<()> {
     write_atomic(&dir.join(W0), &safetensors_bytes(layout, w0, W0)?)?;
-    let text = serde_json::to_string_pretty(&s.to_json()).unwrap_or_default();
+    let mut v = s.to_json();
+    v["layout"] = layout
+        .iter()
+        .map(|p| json!({"name": p.name, "rows": p.rows, "cols": p.cols}))
+        .collect();
+    let text = serde_json::to_string_pretty(&v).unwrap_or_default();
     write_atomic(&dir.join(SESSION), text.as_bytes())
 }
 
