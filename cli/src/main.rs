@@ -291,6 +291,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Rebuilds a run's trainable state from its seed history alone and prints its hash.
     Replay(train::ReplayArgs),
+    /// Exact-match accuracy of greedy answers to prompt/completion pairs, and the loss.
+    Score(Box<train::ScoreArgs>),
 }
 
 fn tolerance_text(t: Tolerance) -> String {
@@ -480,6 +482,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
         }
         Command::Train(args) => train::train(args),
         Command::Replay(args) => train::replay_cmd(args),
+        Command::Score(args) => train::score_cmd(args),
         Command::Generate {
             model: m,
             adapter,

@@ -105,6 +105,29 @@ pub struct ReplayArgs {
     device: DeviceArgs,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained adapter (PEFT format) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL of {"prompt","completion"} pairs.
+    #[arg(long)]
+    data: PathBuf,
+    /// Wrap prompts in the model's chat format (as `train --chat` does).
+    #[arg(long)]
+    chat: bool,
+    /// Tokens generated per answer (greedy).
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
     let targets = a
         .targets
@@ -463,4 +486,103 @@ fn svg(curve: &[(u64, f64)], evals: &[(u64, f64)]) -> String {
         mean = line(&smooth),
         ev = line(evals),
     )
+}
+
+/// Exact-match accuracy of greedy answers, and the mean loss of the reference completions.
+pub fn score_cmd(a: &ScoreArgs) -> Result<bool, CliError> {
+    let f = a.model.open()?;
+    let cfg = f.config()?;
+    let tok = f.tokenizer()?;
+    let (pairs, other) = data::load_pairs(&a.data)?;
+    if pairs.is_empty() {
+        return flag(
+            "--data",
+            format!("{} holds no prompt/completion pairs", a.data.display()),
+        );
+    }
+    let context = cfg.context as usize;
+    in_range("--max-tokens", a.max_tokens, 1, context - 1, "tokens")?;
+    let prompts = pairs
+        .iter()
+        .map(|(p, _)| {
+            tok.encode_prompt(&if a.chat {
+                tok.chat.user_turn(p)
+            } else {
+                p.clone()
+            })
+        })
+        .collect::<edgetune::Result<Vec<_>>>()?;
+    let examples = pairs
+        .iter()
+        .map(|(p, c)| data::prompt_completion(p, c, &tok, a.chat))
+        .collect::<Result<Vec<_>, String>>()
+        .or_else(|e| flag("--data", e))?;
+    let longest = prompts
+        .iter()
+        .map(|p| p.len() + a.max_tokens)
+        .chain(examples.iter().map(|e| e.tokens.len()))
+        .max()
+        .unwrap_or(1);
+    in_range(
+        "--data",
+        longest,
+        1,
+        context,
+        "tokens in the longest prompt and answer",
+    )?;
+    let be = a.device.open()?;
+    let model = crate::model::load(&be, &f, a.adapter.as_deref())?;
+    let mut cache = model.new_cache(longest as u32)?;
+    let greedy = edgetune::generate::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 0,
+    };
+    let (mut correct, mut nll, mut count) = (0usize, 0.0f64, 0usize);
+    let start = Instant::now();
+    for (i, ((prompt, (_, reference)), ex)) in prompts.iter().zip(&pairs).zip(&examples).enumerate()
+    {
+        cache.clear();
+        let mut sampler = edgetune::generate::Sampler::new(greedy)?;
+        let (out, _) = edgetune::generate::generate(
+            &model,
+            &mut cache,
+            prompt,
+            a.max_tokens,
+            &tok.eos,
+            &mut sampler,
+            |_| Ok(()),
+        )?;
+        let answer: Vec<u32> = out.into_iter().filter(|t| !tok.eos.contains(t)).collect();
+        if data::exact_match(&tok.decode(&answer)?, reference) {
+            correct += 1;
+        }
+        let (l, n) = model.masked_nll(&mut cache, &ex.tokens, Some(&ex.targets))?;
+        nll += l;
+        count += n;
+        eprint!(
+            "\rscored {}/{} ({:.1} s)",
+            i + 1,
+            pairs.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!();
+    let n = pairs.len();
+    let acc = correct as f64 / n as f64;
+    let loss = nll / count.max(1) as f64;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"examples": n, "correct": correct, "exact_match": acc, "loss": loss, "skipped_lines": other})
+        );
+    } else {
+        println!(
+            "exact-match: {correct}/{n} = {:.1}%, completion loss {loss:.4}",
+            acc * 100.0
+        );
+    }
+    Ok(true)
 }

@@ -232,6 +232,34 @@ fn pretokenised(ids: &Value, labels: Option<&Value>) -> core::result::Result<Exa
     Ok(Example { tokens, targets })
 }
 
+/// The (prompt, completion) pairs of a JSONL file, for scoring by generation; lines of
+/// other shapes are counted in the second value.
+pub fn load_pairs(path: &Path) -> Result<(Vec<(String, String)>, usize)> {
+    let text = read_text(path, FileKind::Data)?;
+    let (mut pairs, mut other) = (Vec::new(), 0);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Option<Value> = serde_json::from_str(line).ok();
+        match v
+            .as_ref()
+            .map(|v| (v["prompt"].as_str(), v["completion"].as_str()))
+        {
+            Some((Some(p), Some(c))) => pairs.push((p.to_owned(), c.to_owned())),
+            _ => other += 1,
+        }
+    }
+    Ok((pairs, other))
+}
+
+/// Exact match of a generated answer with a reference: both lower-cased, with surrounding
+/// whitespace and one final full stop removed.
+pub fn exact_match(generated: &str, reference: &str) -> bool {
+    let norm = |s: &str| {
+        let t = s.trim().to_lowercase();
+        t.strip_suffix('.').unwrap_or(&t).trim().to_owned()
+    };
+    norm(generated) == norm(reference)
+}
+
 /// The order of `n` examples in epoch `epoch`: a Fisher-Yates shuffle driven by Philox
 /// (key = `seed`, counter = (epoch, i)), so a run and its resumption see the same order.
 pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {

@@ -4,7 +4,7 @@
 //! The state of each trainable tensor is its start `w0` (f32) and an integer accumulator
 //! `D` (i32); its value is `w0 + (2^-e / 4) * D` where e is [`ZoConfig::delta_exp`]. A step
 //! with scalar g adds `Q * 4z` to `D`, where `Q = round_half_even(-lr * g * 2^e)` is
-//! computed exactly in f64 ([`coefficient`]). Integer sums do not depend on order or
+//! computed exactly in f64 ([`ZoConfig::coefficient`]). Integer sums do not depend on order or
 //! device, so applying steps one by one, replaying a history, or fusing many seeds into one
 //! pass ([`crate::Op::ZoAccumulate`]) give identical accumulators; [`ZoState::spent`]
 //! bounds the accumulators so they cannot overflow. The perturbed forward passes read
