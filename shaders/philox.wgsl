@@ -100,7 +100,7 @@ fn z4_of(r: vec4<u32>, e: u32) -> i32 {
     return i32(countOneBits(words.x) + countOneBits(words.y)) - 32;
 }
 
-// out_f[i] = (base[i] + step * acc[i]) + eps * z(i) for tensor c1, seed c2, purpose c3.
+// out_f[i] = value(base[i], acc[i]) + eps * z(i) for tensor c1, seed c2, purpose c3.
 @compute @workgroup_size(64, 1, 1)
 fn zo_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
@@ -108,7 +108,10 @@ fn zo_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let r = philox4x32_10(vec4<u32>(i >> 1u, p.c1, p.c2, p.c3), vec2<u32>(p.k0, p.k1));
-    out_f[i] = (base[i] + p.step * f32(acc[i])) + p.eps * (f32(z4_of(r, i)) * 0.25);
+    // The accumulator in two parts that convert to f32 exactly (see `Op::ZoWeights`).
+    let d = acc[i];
+    let v = (base[i] + (4096.0 * p.step) * f32(d >> 12u)) + p.step * f32(d & 4095);
+    out_f[i] = v + p.eps * (f32(z4_of(r, i)) * 0.25);
 }
 
 // acc[i] += sum of coef * 4z(seed, i) over the c0 (seed, coef) pairs, tensor c1, purpose c3.

@@ -61,9 +61,9 @@ pub struct TrainArgs {
     lr: f32,
     #[arg(long, default_value_t = 200)]
     steps: u64,
-    /// Examples per step.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
+    /// Examples per step (default 4).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Longest example in tokens, longer ones skipped and counted (default: 256, or the
     /// model's context if shorter).
     #[arg(long)]
@@ -81,14 +81,14 @@ pub struct TrainArgs {
     /// Wrap prompt/completion pairs in the model's chat format.
     #[arg(long)]
     chat: bool,
-    /// Seeds the session key, the adapter's start values and the data order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seeds the session key, the adapter's start values and the data order (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
     /// The update unit is 2^-delta_exp (see docs/zeroth-order.md).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 16)]
     delta_exp: u32,
     #[command(flatten)]
     device: DeviceArgs,
@@ -126,6 +126,72 @@ pub struct ScoreArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// What decides the data a step sees: fixed for a run, so a resumed run sees what an
+/// uninterrupted one would have.
+struct RunSettings {
+    data_seed: u64,
+    batch: usize,
+    seq_len: usize,
+    chat: bool,
+    data_sha256: String,
+}
+
+impl RunSettings {
+    fn to_json(&self, data: &Path) -> serde_json::Value {
+        serde_json::json!({
+            "data": data.display().to_string(),
+            "data_sha256": self.data_sha256,
+            "data_seed": self.data_seed,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "chat": self.chat,
+        })
+    }
+
+    /// The session's settings; a flag that disagrees with them, or other data, is an error.
+    fn resumed(a: &TrainArgs, s: &Session, data_sha: &str) -> Result<RunSettings, CliError> {
+        let run = &s.run;
+        let stored = RunSettings {
+            data_seed: run["data_seed"].as_u64().unwrap_or(s.init_seed),
+            batch: run["batch"].as_u64().unwrap_or(0) as usize,
+            seq_len: run["seq_len"].as_u64().unwrap_or(0) as usize,
+            chat: run["chat"].as_bool().unwrap_or(false),
+            data_sha256: run["data_sha256"].as_str().unwrap_or_default().to_owned(),
+        };
+        if stored.data_sha256 != data_sha {
+            return flag(
+                "--data",
+                "is not the file this run trained on (its SHA-256 differs from session.json's)",
+            );
+        }
+        let differs = |given: Option<u64>, have: u64| given.is_some_and(|g| g != have);
+        for (name, bad) in [
+            ("--seed", differs(a.seed, stored.data_seed)),
+            (
+                "--batch",
+                differs(a.batch.map(|b| b as u64), stored.batch as u64),
+            ),
+            (
+                "--seq-len",
+                differs(a.seq_len.map(|l| l as u64), stored.seq_len as u64),
+            ),
+            ("--chat", a.chat && !stored.chat),
+        ] {
+            if bad {
+                return flag(
+                    name,
+                    "differs from the run being resumed (see its session.json)",
+                );
+            }
+        }
+        eprintln!(
+            "resuming: seed {}, batch {}, seq-len {}, chat {}, and the session's adapter, lr, eps and seeds",
+            stored.data_seed, stored.batch, stored.seq_len, stored.chat
+        );
+        Ok(stored)
+    }
 }
 
 fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
@@ -203,15 +269,28 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     let f = a.model.open()?;
     let cfg = f.config()?;
     let context = cfg.context as usize;
-    let seq_len = a.seq_len.unwrap_or(context.min(256));
+    let data_sha = hex(&edgetune::format::file::sha256_file(
+        &a.data,
+        edgetune::format::file::FileKind::Data,
+    )?);
+    let run = match &a.resume {
+        Some(r) => RunSettings::resumed(a, &history::read_session(r)?, &data_sha)?,
+        None => RunSettings {
+            data_seed: a.seed.unwrap_or(0),
+            batch: a.batch.unwrap_or(4),
+            seq_len: a.seq_len.unwrap_or(context.min(256)),
+            chat: a.chat,
+            data_sha256: data_sha,
+        },
+    };
     in_range(
         "--seq-len",
-        seq_len,
+        run.seq_len,
         2,
         context,
         &format!("tokens; the model's context is {context}"),
     )?;
-    in_range("--batch", a.batch, 1, 4096, "examples per step")?;
+    in_range("--batch", run.batch, 1, 4096, "examples per step")?;
     in_range(
         "--checkpoint-every",
         a.checkpoint_every as usize,
@@ -220,8 +299,8 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         "steps",
     )?;
     let opts = DataOptions {
-        seq_len,
-        chat: a.chat,
+        seq_len: run.seq_len,
+        chat: run.chat,
         max_bad_share: 0.1,
     };
     let train_set = load_set(&a.data, &f, &opts, cfg.vocab)?;
@@ -234,14 +313,14 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     let model_sha = hex(&f.sha256());
     let be = a.device.open()?;
     let mut model = f.load(&be)?;
-    let capacity = seq_len as u32;
+    let capacity = run.seq_len as u32;
     let mut trainer = if let Some(r) = &a.resume {
         let session = history::read_session(r)?;
         model.attach(session.adapter.clone(), session.init_seed)?;
         Trainer::resume(&be, &model, r, &model_sha, capacity)?
     } else {
         let zo = ZoConfig {
-            session_key: session_key(a.seed),
+            session_key: session_key(run.data_seed),
             kind: ZKind::Binomial,
             mode: match a.mode {
                 ModeArg::Mezo => SeedMode::Mezo,
@@ -264,7 +343,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             other => other.into(),
         })?;
         let layout = model
-            .attach(adapter_config(a)?, a.seed)
+            .attach(adapter_config(a)?, run.data_seed)
             .map_err(|e| CliError::Flag {
                 flag: "--trainable",
                 reason: e.to_string(),
@@ -276,15 +355,9 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 .adapter()
                 .cloned()
                 .unwrap_or_else(AdapterConfig::norms),
-            init_seed: a.seed,
+            init_seed: run.data_seed,
             zo,
-            run: serde_json::json!({
-                "data": a.data.display().to_string(),
-                "batch": a.batch,
-                "seq_len": seq_len,
-                "data_seed": a.seed,
-                "chat": a.chat,
-            }),
+            run: run.to_json(&a.data),
         };
         Trainer::start(&be, &model, session, capacity)?
     };
@@ -299,9 +372,11 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         trainer.next_step,
         a.steps
     );
-    let mut curve = read_curve(&dir);
-    let mut evals: Vec<(u64, f64)> = Vec::new();
-    if let Some(set) = &eval_set {
+    let mut curve = read_csv(&dir, LOSS_CSV);
+    let mut evals = read_csv(&dir, EVAL_CSV);
+    if let Some(set) = &eval_set
+        && evals.last().is_none_or(|e| e.0 != trainer.next_step)
+    {
         let l = trainer.eval(&set.examples)?;
         eprintln!("eval loss at step {}: {l:.4}", trainer.next_step);
         evals.push((trainer.next_step, l));
@@ -309,20 +384,32 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let start = Instant::now();
     let first = trainer.next_step;
-    let (mut tokens, mut skipped) = (0usize, 0u64);
+    let (mut tokens, mut skipped, mut clamped) = (0usize, 0u64, 0u64);
     while trainer.next_step < a.steps {
         let step = trainer.next_step;
-        let batch: Vec<_> = data::batch_for_step(&train_set.examples, a.batch, step, a.seed)
-            .into_iter()
-            .cloned()
-            .collect();
+        let batch: Vec<_> =
+            data::batch_for_step(&train_set.examples, run.batch, step, run.data_seed)
+                .into_iter()
+                .cloned()
+                .collect();
         tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>() * 2;
-        let out = trainer.step(&batch)?;
+        let out = match trainer.step(&batch) {
+            Ok(out) => out,
+            Err(e) => {
+                // Keep every step applied so far before reporting.
+                write_curve(&dir, &curve, &evals)?;
+                trainer.save(&dir)?;
+                return Err(e.into());
+            }
+        };
         let loss = (out.loss_plus + out.loss_minus) / 2.0;
         if out.g.is_none() {
             skipped += 1;
         } else {
             curve.push((step, loss));
+        }
+        if out.coefficient.unsigned_abs() == edgetune::train::MAX_COEFFICIENT as u32 {
+            clamped += 1;
         }
         let secs = start.elapsed().as_secs_f64();
         let done = trainer.next_step - first;
@@ -331,11 +418,12 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         let every = (a.steps / 20).max(1);
         if tty || trainer.next_step % every == 0 {
             eprint!(
-                "{}step {}/{} loss {loss:.4} g {:+.3e} {:.0} tok/s ETA {}   {}",
+                "{}step {}/{} loss {loss:.4} g {:+.3e} budget {:.1}% {:.0} tok/s ETA {}   {}",
                 if tty { "\r" } else { "" },
                 trainer.next_step,
                 a.steps,
                 out.g.unwrap_or(f32::NAN),
+                trainer.state.spent() as f64 / edgetune::train::COEFFICIENT_BUDGET as f64 * 100.0,
                 tokens as f64 / secs,
                 duration(eta),
                 if tty { "" } else { "\n" }
@@ -351,13 +439,19 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                     trainer.next_step
                 );
             }
-            trainer.save(&dir)?;
             write_curve(&dir, &curve, &evals)?;
+            trainer.save(&dir)?;
         }
     }
     eprintln!();
-    trainer.save(&dir)?;
     write_curve(&dir, &curve, &evals)?;
+    trainer.save(&dir)?;
+    if clamped > 0 {
+        eprintln!(
+            "{clamped} steps had |lr * g| above 2^{} and were clamped: lower --lr or raise --delta-exp",
+            20i64 - i64::from(trainer.session.zo.delta_exp)
+        );
+    }
     if skipped > 0 {
         eprintln!("{skipped} steps skipped (non-finite loss)");
     }
@@ -400,9 +494,12 @@ fn duration(secs: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// The loss curve so far (loss.csv: step,loss), so a resumed run's plot continues it.
-fn read_curve(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("loss.csv"))
+const LOSS_CSV: &str = "loss.csv";
+const EVAL_CSV: &str = "eval.csv";
+
+/// A curve written so far (`step,loss` lines), so a resumed run's plot continues it.
+fn read_csv(dir: &Path, name: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join(name))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
@@ -412,11 +509,13 @@ fn read_curve(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// loss.csv and loss.svg: the training loss (mean of the two perturbed losses) per step,
-/// its running mean, and held-out losses.
+/// loss.csv (training loss: the mean of the two perturbed losses, per step), eval.csv
+/// (held-out loss) and loss.svg (both, with a running mean of the training loss).
 fn write_curve(dir: &Path, curve: &[(u64, f64)], evals: &[(u64, f64)]) -> Result<(), CliError> {
-    let csv: String = curve.iter().map(|(s, l)| format!("{s},{l}\n")).collect();
-    edgetune::format::file::write_atomic(&dir.join("loss.csv"), csv.as_bytes())?;
+    let csv =
+        |c: &[(u64, f64)]| -> String { c.iter().map(|(s, l)| format!("{s},{l}\n")).collect() };
+    edgetune::format::file::write_atomic(&dir.join(LOSS_CSV), csv(curve).as_bytes())?;
+    edgetune::format::file::write_atomic(&dir.join(EVAL_CSV), csv(evals).as_bytes())?;
     edgetune::format::file::write_atomic(&dir.join("loss.svg"), svg(curve, evals).as_bytes())?;
     Ok(())
 }

@@ -675,12 +675,13 @@ pub fn cases() -> Vec<Case> {
         }
     }
 
-    // A perturbed trainable tensor. Unperturbed (eps = 0) with accumulators under 2^24 it
-    // is one rounding, so exact; perturbed, a device may fuse the multiply-add.
+    // A perturbed trainable tensor. Unperturbed (eps = 0) its value is exact on every
+    // device for any accumulator (the split keeps both products exact); perturbed, a
+    // device may fuse the last multiply-add.
     let accs = |d: &mut Data, n: usize, bound: u32| -> Vec<u8> {
         d.words(n)
             .into_iter()
-            .map(|w| (w % (2 * bound + 1)) as i32 - bound as i32)
+            .map(|w| (i64::from(w % (2 * bound + 1)) - i64::from(bound)) as i32)
             .flat_map(i32::to_le_bytes)
             .collect()
     };
@@ -695,7 +696,7 @@ pub fn cases() -> Vec<Case> {
             shape: format!("{kind:?} n={n} eps={eps}"),
             bufs: vec![
                 Init::Data(f32_bytes(&d.f32s(n as usize))),
-                Init::Data(accs(&mut d, n as usize, (1 << 24) - 1)),
+                Init::Data(accs(&mut d, n as usize, i32::MAX as u32)),
                 Init::Zeros(u64::from(n) * 4),
             ],
             op: Op::ZoWeights {

@@ -532,13 +532,15 @@ impl Tokenizer {
         )
     }
 
-    /// Token ids of a prompt: the BOS token first when the model wants one.
+    /// Token ids of a prompt: the BOS token first when the model wants one (once: a chat
+    /// format such as Llama 3's writes it as text already).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.add_bos, self.bos) {
-            ids.push(bos);
+        let mut ids = self.encode(text)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
-        ids.extend(self.encode(text)?);
         Ok(ids)
     }
 

@@ -141,22 +141,67 @@ fn incremental_and_fused_application_agree_in_any_order() {
 
 #[test]
 fn the_accumulator_budget_refuses_what_could_overflow() {
+    use edgetune::train::{COEFFICIENT_BUDGET, MAX_COEFFICIENT};
     let f = files();
     let mut model = f.load(&Cpu).unwrap();
     model.attach(AdapterConfig::norms(), 0).unwrap();
     let w0 = model.read_params().unwrap();
     let mut st = ZoState::new(&Cpu, &model, &w0).unwrap();
     let cfg = zo(SeedMode::Mezo, 1e-3);
-    let big: Vec<(u32, i32)> = (0..70).map(|s| (s, 1 << 20)).collect();
-    assert!(st.apply(&Cpu, &cfg, &big).is_err());
-    assert_eq!(st.spent(), 0);
-    assert!(
-        st.accumulators(&Cpu)
-            .unwrap()
-            .iter()
-            .flatten()
-            .all(|&d| d == 0)
+    // 63 maximal coefficients fit (63 * 2^20 * 32 < 2^31); the 64th would not.
+    let full = u64::from(MAX_COEFFICIENT.unsigned_abs());
+    assert!(64 * full > COEFFICIENT_BUDGET && 63 * full <= COEFFICIENT_BUDGET);
+    for s in 0..63 {
+        st.apply(&Cpu, &cfg, &[(s, MAX_COEFFICIENT)]).unwrap();
+    }
+    assert_eq!(st.spent(), 63 * full);
+    let before = st.accumulators(&Cpu).unwrap();
+    assert!(st.apply(&Cpu, &cfg, &[(63, -MAX_COEFFICIENT)]).is_err());
+    assert_eq!(st.spent(), 63 * full);
+    assert_eq!(
+        st.accumulators(&Cpu).unwrap(),
+        before,
+        "a refused update changed the state"
     );
+}
+
+#[test]
+fn a_resumed_run_continues_as_an_uninterrupted_one() {
+    let f = files();
+    let sha = hex(&f.sha256());
+    let data = examples(8);
+    let lora = AdapterConfig::lora(2, 4.0, &[Target::Q, Target::Up]);
+    let cfg = zo(SeedMode::KSeed { k: 32 }, 1e-2);
+    let run = |t: &mut Trainer<'_, '_, Cpu>, until: u64| {
+        while t.next_step < until {
+            let batch: Vec<Example> =
+                edgetune::train::data::batch_for_step(&data, 2, t.next_step, 3)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+            t.step(&batch).unwrap();
+        }
+    };
+    let mut whole = f.load(&Cpu).unwrap();
+    whole.attach(lora.clone(), 5).unwrap();
+    let mut t = Trainer::start(&Cpu, &whole, session(&whole, &sha, cfg), 16).unwrap();
+    run(&mut t, 10);
+    let (want_hash, want_records) = (t.state.hash(&Cpu).unwrap(), t.records.clone());
+
+    let dir = tmp("resume");
+    let mut first = f.load(&Cpu).unwrap();
+    first.attach(lora.clone(), 5).unwrap();
+    let mut t = Trainer::start(&Cpu, &first, session(&first, &sha, cfg), 16).unwrap();
+    run(&mut t, 4);
+    t.save(&dir).unwrap();
+    let mut second = f.load(&Cpu).unwrap();
+    second.attach(lora, 5).unwrap();
+    let mut t = Trainer::resume(&Cpu, &second, &dir, &sha, 16).unwrap();
+    assert_eq!(t.next_step, 4);
+    run(&mut t, 10);
+    assert_eq!(t.records, want_records);
+    assert_eq!(t.state.hash(&Cpu).unwrap(), want_hash);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn check_step_leaves_frozen_weights<B: Backend>(be: &B) {
@@ -195,19 +240,18 @@ fn a_step_never_writes_the_frozen_weights() {
     }
 }
 
-#[test]
-fn identity_adapters_leave_the_logits_bit_for_bit() {
+fn check_identity_adapters<B: Backend>(be: &B) {
     let f = files();
     let tokens = [1u32, 5, 9, 33, 2, 17];
-    let plain = f.load(&Cpu).unwrap();
+    let plain = f.load(be).unwrap();
     let mut cache = plain.new_cache(8).unwrap();
     let want = plain.forward(&mut cache, &tokens, true).unwrap();
+    // LoRA with B = 0 adds exact zeros; IA3 scales by exactly one.
     for cfg in [
         AdapterConfig::lora(3, 6.0, &Target::ALL),
         AdapterConfig::ia3(),
-        AdapterConfig::norms(),
     ] {
-        let mut m = f.load(&Cpu).unwrap();
+        let mut m = f.load(be).unwrap();
         m.attach(cfg.clone(), 9).unwrap();
         let mut cache = m.new_cache(8).unwrap();
         let got = m.forward(&mut cache, &tokens, true).unwrap();
@@ -215,8 +259,17 @@ fn identity_adapters_leave_the_logits_bit_for_bit() {
             got.iter()
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{cfg:?}"
+            "{cfg:?} on {}",
+            be.name()
         );
+    }
+}
+
+#[test]
+fn identity_adapters_leave_the_logits_bit_for_bit() {
+    check_identity_adapters(&Cpu);
+    if let Some(gpu) = common::gpu() {
+        check_identity_adapters(&gpu);
     }
 }
 

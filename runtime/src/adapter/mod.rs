@@ -354,8 +354,9 @@ pub fn layout_hash(layout: &[ParamInfo]) -> [u8; 32] {
 
 /// The start values of tensor `tensor` for `init` (not [`Init::Model`], which the model
 /// supplies): uniform values come from Philox with key = `init_seed`, counter =
-/// (element, tensor, 0, [`rng::PURPOSE_INIT`]): u = ((word0 >> 8) + 0.5) * 2^-23 - 1,
-/// value = u * bound, each step one f32 rounding at most, so any language reproduces it.
+/// (element, tensor, 0, [`rng::PURPOSE_INIT`]): u = ((word0 >> 9) + 0.5) * 2^-22 - 1, exact
+/// and strictly inside (-1, 1); value = u * bound, one f32 rounding, so any language
+/// reproduces it.
 pub fn init_values(init: Init, n: u32, tensor: u32, init_seed: u64) -> Vec<f32> {
     let key = [init_seed as u32, (init_seed >> 32) as u32];
     match init {
@@ -364,7 +365,7 @@ pub fn init_values(init: Init, n: u32, tensor: u32, init_seed: u64) -> Vec<f32> 
         Init::Uniform(bound) => (0..n)
             .map(|e| {
                 let w = philox4x32_10([e, tensor, 0, rng::PURPOSE_INIT], key)[0];
-                let u = ((w >> 8) as f32 + 0.5) * (1.0 / (1u32 << 23) as f32) - 1.0;
+                let u = ((w >> 9) as f32 + 0.5) * (1.0 / (1u32 << 22) as f32) - 1.0;
                 u * bound
             })
             .collect(),

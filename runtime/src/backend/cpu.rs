@@ -317,7 +317,9 @@ impl Backend for Cpu {
                 };
                 let (base, acc) = (base.f32s(n as usize), acc.i32s(n as usize));
                 let w: Vec<f32> = (0..n as usize)
-                    .map(|i| (base[i] + step * acc[i] as f32) + eps * addr.z(i as u64, kind))
+                    .map(|i| {
+                        crate::train::value(base[i], acc[i], step) + eps * addr.z(i as u64, kind)
+                    })
                     .collect();
                 out.write_f32(&w);
             }

@@ -176,10 +176,14 @@ pub enum Op<'a, B> {
         n: u32,
         kind: ZKind,
     },
-    /// out\[i\] = (base\[i\] + step * acc\[i\]) + eps * z(i) for i < n: a trainable tensor's
+    /// out\[i\] = value(i) + eps * z(i) for i < n, where value(i) =
+    /// (base\[i\] + (4096 step) * (acc\[i\] >> 12)) + step * (acc\[i\] & 4095): a trainable tensor's
     /// value (f32 start `base`, i32 accumulator `acc`, see [`crate::train`]) moved by eps
-    /// along z of (session key, seed, tensor), computed on the fly: nothing is written back
-    /// to `base` or `acc`, so there is nothing to restore.
+    /// along z of (session key, seed, tensor). The accumulator is split so that both
+    /// products are exact for a power-of-two `step` (an i32 over 2^24 does not convert to
+    /// f32 exactly, and WGSL leaves the rounding of that conversion open), which makes the
+    /// unperturbed value the same bits on every device. Nothing is written to `base` or
+    /// `acc`, so there is nothing to restore.
     ZoWeights {
         base: &'a B,
         acc: &'a B,

@@ -333,3 +333,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(io)
 }
+
+/// SHA-256 of a file of `kind` (within its size cap).
+pub fn sha256_file(path: &Path, kind: FileKind) -> Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    Ok(Sha256::digest(read_bounded(path, kind)?).into())
+}

@@ -84,6 +84,14 @@ impl<B: Backend> Linear<B> {
         s: &Scratch<B>,
     ) -> Result<()> {
         let (rows, cols) = (self.weight.rows, self.weight.cols);
+        let adapted = self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some();
+        if adapted && s.adapter.is_none() {
+            return Err(Error::InvalidArgument {
+                name: "adapter",
+                reason: "a projection has an adapter but the activations have no room for it"
+                    .into(),
+            });
+        }
         let input = match (&self.scale_in, &s.adapter) {
             (Some(scale), Some(a)) => {
                 be.run(&Op::MulCols {

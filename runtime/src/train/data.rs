@@ -174,11 +174,13 @@ fn conversation(msgs: &Value, tok: &Tokenizer) -> core::result::Result<Example, 
         return Err("no non-empty assistant turn".into());
     }
     let has_system = turns.first().is_some_and(|&(r, _)| r == "system");
-    let mut tokens = Vec::new();
-    if let (true, Some(bos)) = (tok.add_bos, tok.bos) {
-        tokens.push(bos);
+    let mut tokens = encode(tok, &tok.chat.conversation_start(has_system))?;
+    // BOS once: Llama 3's conversation start is its BOS marker already.
+    if let (true, Some(bos)) = (tok.add_bos, tok.bos)
+        && tokens.first() != Some(&bos)
+    {
+        tokens.insert(0, bos);
     }
-    tokens.extend(encode(tok, &tok.chat.conversation_start(has_system))?);
     let mut targets = vec![false; tokens.len()];
     for (role, content) in turns {
         let (head, body) = tok

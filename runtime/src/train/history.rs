@@ -18,6 +18,9 @@ use std::prelude::v1::*;
 pub const SESSION: &str = "session.json";
 pub const HISTORY: &str = "history.jsonl";
 pub const W0: &str = "w0.safetensors";
+/// The number of the next step (skipped steps leave no record, so the history alone
+/// cannot say where a run stopped).
+pub const PROGRESS: &str = "progress.json";
 /// The version of the session and history formats this build reads and writes.
 pub const VERSION: u64 = 1;
 
@@ -202,6 +205,28 @@ pub fn write_history(dir: &Path, records: &[Record]) -> Result<()> {
         );
     }
     write_atomic(&dir.join(HISTORY), text.as_bytes())
+}
+
+pub fn write_progress(dir: &Path, next_step: u64) -> Result<()> {
+    write_atomic(
+        &dir.join(PROGRESS),
+        json!({ "next_step": next_step }).to_string().as_bytes(),
+    )
+}
+
+/// The next step recorded by the last checkpoint (0 without one).
+pub fn read_progress(dir: &Path) -> Result<u64> {
+    let path = dir.join(PROGRESS);
+    if !path.exists() {
+        return Ok(0);
+    }
+    read_json(&path, FileKind::History)?["next_step"]
+        .as_u64()
+        .ok_or_else(|| Error::Metadata {
+            file: path.display().to_string(),
+            key: "next_step".into(),
+            reason: "must be an integer".into(),
+        })
 }
 
 pub fn read_session(dir: &Path) -> Result<Session> {

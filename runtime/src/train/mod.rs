@@ -102,6 +102,13 @@ impl ZoConfig {
     }
 }
 
+/// A trainable element's value: `(w0 + (4096 unit) * (d >> 12)) + unit * (d & 4095)`. With
+/// `unit` a power of two both products are exact (each integer part fits f32's 24 bits), so
+/// the value has two roundings whatever a device fuses, and is the same bits everywhere.
+pub fn value(w0: f32, d: i32, unit: f32) -> f32 {
+    (w0 + (4096.0 * unit) * (d >> 12) as f32) + unit * (d & 4095) as f32
+}
+
 /// Checks a scalar read from a history or a message.
 pub fn check_scalar(g: f32) -> Result<()> {
     if !g.is_finite() || g.abs() > MAX_ABS_G {

@@ -101,7 +101,10 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
         capacity: u32,
     ) -> Result<Self> {
         let (state, session, records) = replay(be, model, dir, model_sha256)?;
-        let next_step = records.last().map_or(0, |r| r.step + 1);
+        let next_step = records
+            .last()
+            .map_or(0, |r| r.step + 1)
+            .max(history::read_progress(dir)?);
         Ok(Trainer {
             be,
             model,
@@ -167,6 +170,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             )?;
         }
         history::write_history(dir, &self.records)?;
+        history::write_progress(dir, self.next_step)?;
         let cfg = self.model.adapter().ok_or_else(|| Error::InvalidArgument {
             name: "adapter",
             reason: "the model has none attached".into(),
