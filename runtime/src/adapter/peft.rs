@@ -2,7 +2,7 @@
 //! IA3 (tensor names, shapes and config keys as `peft` writes and reads them), and the
 //! same pair for trainable norms under an edgetune-only `peft_type`.
 
-use super::{AdapterConfig, Method, ParamInfo, Target};
+use super::{AdapterConfig, Method, ParamInfo, Slot, Target};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_bounded, read_json, write_atomic};
 use crate::guard::guarded;
@@ -166,14 +166,89 @@ pub fn parse_config(v: &Value, file: &str) -> Result<AdapterConfig> {
     Ok(cfg)
 }
 
-/// Writes the adapter (config and tensors in layout order) into `dir`, each file atomically.
+/// The order of q's and k's output rows in a loaded model. PEFT files (and Hugging Face
+/// checkpoints) use Hugging Face's; GGUF Llama checkpoints permute each head's rows for
+/// interleaved RoPE (llama.cpp's converter), so LoRA's B and IA3's scales on q and k are
+/// permuted at the file boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOrder {
+    HuggingFace,
+    Interleaved { head_dim: u32 },
+}
+
+impl RowOrder {
+    pub fn of(cfg: &crate::model::Config) -> RowOrder {
+        match cfg.rope_style {
+            crate::backend::RopeStyle::Interleaved => RowOrder::Interleaved {
+                head_dim: cfg.head_dim,
+            },
+            crate::backend::RopeStyle::HalfSplit => RowOrder::HuggingFace,
+        }
+    }
+
+    /// For each model row of `p`, the Hugging Face row it holds (None: the same order).
+    fn hf_rows(self, p: &ParamInfo) -> Option<Vec<usize>> {
+        let RowOrder::Interleaved { head_dim } = self else {
+            return None;
+        };
+        let permuted = matches!(
+            p.slot,
+            Slot::LoraB(_, Target::Q | Target::K) | Slot::Ia3(_, Target::Q | Target::K)
+        );
+        let hd = head_dim as usize;
+        // Model row h*hd + 2i + s holds Hugging Face row h*hd + s*hd/2 + i.
+        (permuted && hd >= 2 && (p.rows as usize).is_multiple_of(hd)).then(|| {
+            (0..p.rows as usize)
+                .map(|r| {
+                    let (h, w) = (r / hd, r % hd);
+                    h * hd + (w % 2) * (hd / 2) + w / 2
+                })
+                .collect()
+        })
+    }
+
+    /// `v` (rows of `p.cols`) from the model's order to Hugging Face's.
+    pub fn to_hf(self, p: &ParamInfo, v: &[f32]) -> Vec<f32> {
+        let Some(map) = self.hf_rows(p) else {
+            return v.to_vec();
+        };
+        let c = p.cols as usize;
+        let mut out = vec![0.0; v.len()];
+        for (r, &hf) in map.iter().enumerate() {
+            out[hf * c..(hf + 1) * c].copy_from_slice(&v[r * c..(r + 1) * c]);
+        }
+        out
+    }
+
+    /// `v` from Hugging Face's order to the model's.
+    pub fn from_hf(self, p: &ParamInfo, v: &[f32]) -> Vec<f32> {
+        let Some(map) = self.hf_rows(p) else {
+            return v.to_vec();
+        };
+        let c = p.cols as usize;
+        let mut out = vec![0.0; v.len()];
+        for (r, &hf) in map.iter().enumerate() {
+            out[r * c..(r + 1) * c].copy_from_slice(&v[hf * c..(hf + 1) * c]);
+        }
+        out
+    }
+}
+
+/// Writes the adapter (config and tensors in layout order, rows of a model in `order`) into
+/// `dir`, each file atomically.
 pub fn save(
     dir: &Path,
     cfg: &AdapterConfig,
     layout: &[ParamInfo],
     values: &[Vec<f32>],
+    order: RowOrder,
 ) -> Result<()> {
-    let bytes = safetensors_bytes(layout, values, "adapter")?;
+    let values: Vec<Vec<f32>> = layout
+        .iter()
+        .zip(values)
+        .map(|(p, v)| order.to_hf(p, v))
+        .collect();
+    let bytes = safetensors_bytes(layout, &values, "adapter")?;
     write_atomic(&dir.join(WEIGHTS), &bytes)?;
     let text = serde_json::to_string_pretty(&config_json(cfg)).unwrap_or_default();
     write_atomic(&dir.join(CONFIG), text.as_bytes())
@@ -260,11 +335,13 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
 }
 
 /// Reads an adapter directory: its configuration, and its tensors' values in the order of
-/// `layout_of(config)` (the model's layout for it), checked by name and shape. Names PEFT
-/// writes with an adapter name (`.lora_A.default.weight`) are accepted too.
+/// `layout_of(config)` (the model's layout for it), checked by name and shape, with rows
+/// in the model's `order`. Names PEFT writes with an adapter name
+/// (`.lora_A.default.weight`) are accepted too.
 pub fn load(
     dir: &Path,
     layout_of: impl FnOnce(&AdapterConfig) -> Vec<ParamInfo>,
+    order: RowOrder,
 ) -> Result<(AdapterConfig, Vec<Vec<f32>>)> {
     let cfg_path = dir.join(CONFIG);
     let cfg = parse_config(
@@ -298,7 +375,7 @@ pub fn load(
                 reason: format!("has shape {shape:?}; the model needs {want:?}"),
             });
         }
-        values.push(v);
+        values.push(order.from_hf(p, &v));
     }
     if let Some(extra) = tensors.keys().min() {
         return Err(Error::Tensor {
@@ -317,7 +394,8 @@ pub fn attach_dir<B: crate::Backend>(
     dir: &Path,
 ) -> Result<()> {
     let dims = model.dims();
-    let (cfg, values) = load(dir, |cfg| super::layout(cfg, &dims))?;
+    let order = RowOrder::of(&model.cfg);
+    let (cfg, values) = load(dir, |cfg| super::layout(cfg, &dims), order)?;
     model.attach(cfg, 0)?;
     model.write_params(&values)
 }

@@ -175,6 +175,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             name: "adapter",
             reason: "the model has none attached".into(),
         })?;
-        peft::save(dir, cfg, self.model.layout(), &self.values()?)
+        let order = peft::RowOrder::of(&self.model.cfg);
+        peft::save(dir, cfg, self.model.layout(), &self.values()?, order)
     }
 }
