@@ -345,3 +345,50 @@ fn bad_histories_are_refused_and_apply_nothing() {
     assert_eq!(replay_hash(&Cpu, &dir).len(), 64);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn picked_rows_and_the_masked_loss_match_the_full_forward() {
+    let f = files();
+    let model = f.load(&Cpu).unwrap();
+    let tokens = [1u32, 5, 9, 33, 2, 17, 40];
+    let vocab = model.cfg.vocab as usize;
+    let mut cache = model.new_cache(8).unwrap();
+    let all = model.forward(&mut cache, &tokens, true).unwrap();
+    cache.clear();
+    let rows = [1u32, 2, 4, 6];
+    let picked = model.forward_rows(&mut cache, &tokens, &rows).unwrap();
+    for (k, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        assert_eq!(
+            picked[k * vocab..(k + 1) * vocab],
+            all[r * vocab..(r + 1) * vocab]
+        );
+    }
+    cache.clear();
+    assert!(model.forward_rows(&mut cache, &tokens, &[2, 2]).is_err());
+    assert!(model.forward_rows(&mut cache, &tokens, &[7]).is_err());
+    // The masked loss over targets 3, 5, 6 from the full logits.
+    let targets = [false, false, false, true, false, true, true];
+    let want: f64 = [3usize, 5, 6]
+        .iter()
+        .map(|&i| {
+            let row = &all[(i - 1) * vocab..i * vocab];
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            lse - row[tokens[i] as usize] as f64
+        })
+        .sum();
+    let (got, n) = model
+        .masked_nll(&mut cache, &tokens, Some(&targets))
+        .unwrap();
+    assert_eq!(n, 3);
+    assert!(
+        (got - want).abs() < 1e-9 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+}

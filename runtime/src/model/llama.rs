@@ -831,6 +831,43 @@ impl<'b, B: Backend> Model<'b, B> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
+        let last = [u32::try_from(tokens.len())
+            .unwrap_or(u32::MAX)
+            .saturating_sub(1)];
+        self.forward_picked(cache, tokens, (!all_logits).then_some(&last[..]))
+    }
+
+    /// [`Model::forward`] returning the logits of the rows `rows` only (increasing token
+    /// indices), \[rows.len(), vocab\]: the output head, the largest product, runs on
+    /// those rows alone (a completion's loss needs a few of a prompt's many positions).
+    pub fn forward_rows(
+        &self,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        rows: &[u32],
+    ) -> Result<Vec<f32>> {
+        if rows.is_empty()
+            || rows.windows(2).any(|w| w[0] >= w[1])
+            || rows.last().is_some_and(|&r| r as usize >= tokens.len())
+        {
+            return Err(Error::InvalidArgument {
+                name: "rows",
+                reason: format!(
+                    "must be increasing token indices below {}, and at least one",
+                    tokens.len()
+                ),
+            });
+        }
+        self.forward_picked(cache, tokens, Some(rows))
+    }
+
+    /// The forward pass with the output head on `picked` rows (all when `None`).
+    fn forward_picked(
+        &self,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        picked: Option<&[u32]>,
+    ) -> Result<Vec<f32>> {
         let be = self.backend;
         let c = &self.cfg;
         let t = u32::try_from(tokens.len())
@@ -996,21 +1033,31 @@ impl<'b, B: Backend> Model<'b, B> {
             })?;
         }
         cache.len = pos0 + t;
-        // Only the rows whose logits are wanted go through the output head.
-        let rows = if all_logits { t } else { 1 };
-        let last_row;
-        let last = if all_logits {
-            x
-        } else {
-            last_row = be.alloc(u64::from(dim) * 4, "activations")?;
-            be.run(&Op::Copy {
-                src: x,
-                dst: &last_row,
-                n: dim,
-                src_offset: (t - 1) * dim,
-                dst_offset: 0,
-            })?;
-            &last_row
+        // Only the rows whose logits are wanted go through the output head, gathered with
+        // one copy per run of consecutive rows.
+        let gathered;
+        let (last, rows) = match picked {
+            None => (x, t),
+            Some(picked) => {
+                let rows = picked.len() as u32;
+                gathered = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
+                let mut i = 0;
+                while i < picked.len() {
+                    let mut j = i + 1;
+                    while j < picked.len() && picked[j] == picked[j - 1] + 1 {
+                        j += 1;
+                    }
+                    be.run(&Op::Copy {
+                        src: x,
+                        dst: &gathered,
+                        n: (j - i) as u32 * dim,
+                        src_offset: picked[i] * dim,
+                        dst_offset: i as u32 * dim,
+                    })?;
+                    i = j;
+                }
+                (&gathered, rows)
+            }
         };
         let normed = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
         be.run(&Op::RmsNorm {
@@ -1030,11 +1077,7 @@ impl<'b, B: Backend> Model<'b, B> {
         // shows rather than return numbers nothing downstream can use.
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             let vocab = c.vocab as usize;
-            let token = if all_logits {
-                i / vocab
-            } else {
-                t as usize - 1
-            };
+            let token = picked.map_or(i / vocab, |p| p[i / vocab] as usize);
             return Err(Error::NonFinite {
                 what: "logits",
                 at: format!(
@@ -1077,13 +1120,22 @@ impl<'b, B: Backend> Model<'b, B> {
             });
         }
         cache.clear();
-        let logits = self.forward(cache, tokens, true)?;
+        // Position i predicts token i + 1: the rows whose next token is a target.
+        let last = u32::try_from(tokens.len() - 1).map_err(|_| Error::InvalidArgument {
+            name: "tokens",
+            reason: format!("{} tokens are more than one call addresses", tokens.len()),
+        })?;
+        let rows: Vec<u32> = (0..last)
+            .filter(|&i| targets.is_none_or(|t| t[i as usize + 1]))
+            .collect();
+        if rows.is_empty() {
+            return Ok((0.0, 0));
+        }
+        let logits = self.forward_rows(cache, tokens, &rows)?;
         let vocab = self.cfg.vocab as usize;
         let (mut total, mut count) = (0.0, 0);
-        for (i, (row, &next)) in logits.chunks_exact(vocab).zip(&tokens[1..]).enumerate() {
-            if targets.is_some_and(|t| !t[i + 1]) {
-                continue;
-            }
+        for (row, &i) in logits.chunks_exact(vocab).zip(&rows) {
+            let next = tokens[i as usize + 1];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
             total += f64::from(max) + libm::log(sum) - f64::from(row[next as usize]);
