@@ -113,7 +113,7 @@ struct ModelArgs {
 #[derive(clap::Args, Debug, Clone)]
 struct AdapterArg {
     /// A directory with adapter_config.json and adapter_model.safetensors (PEFT LoRA or
-    /// IA3, or trainable norms written by `edgetune train`).
+    /// IA3, or trainable norms written by `edgetune train`), or a llama.cpp GGUF LoRA file.
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
 }
@@ -293,6 +293,11 @@ enum Command {
     Replay(train::ReplayArgs),
     /// Exact-match accuracy of greedy answers to prompt/completion pairs, and the loss.
     Score(Box<train::ScoreArgs>),
+    /// Adapter files: export for other runtimes.
+    Adapter {
+        #[command(subcommand)]
+        cmd: train::AdapterCmd,
+    },
 }
 
 fn tolerance_text(t: Tolerance) -> String {
@@ -483,6 +488,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
         Command::Train(args) => train::train(args),
         Command::Replay(args) => train::replay_cmd(args),
         Command::Score(args) => train::score_cmd(args),
+        Command::Adapter { cmd } => train::adapter_cmd(cmd),
         Command::Generate {
             model: m,
             adapter,

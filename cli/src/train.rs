@@ -194,6 +194,50 @@ impl RunSettings {
     }
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum AdapterCmd {
+    /// Writes an adapter for another runtime: `--gguf` as llama.cpp's GGUF LoRA.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The adapter: a PEFT directory (as `edgetune train` writes) or a GGUF adapter.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// llama.cpp's GGUF LoRA format (the only export so far).
+        #[arg(long, required = true)]
+        gguf: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
+    let AdapterCmd::Export {
+        model,
+        adapter,
+        gguf: _,
+        out,
+    } = cmd;
+    let cfg = model.open()?.config()?;
+    let dims = edgetune::adapter::Dims::of(&cfg);
+    let (acfg, values) = if adapter.is_file() {
+        edgetune::adapter::gguf::load(adapter, &cfg, &dims)?
+    } else {
+        let order = edgetune::adapter::peft::RowOrder::of(&cfg);
+        edgetune::adapter::peft::load(adapter, |c| edgetune::adapter::layout(c, &dims), order)?
+    };
+    let layout = edgetune::adapter::layout(&acfg, &dims);
+    edgetune::adapter::gguf::save(out, &acfg, &layout, &values, &cfg)?;
+    eprintln!(
+        "wrote {} ({} tensors of {}; llama.cpp: --lora {})",
+        out.display(),
+        layout.len(),
+        acfg.method_name(),
+        out.display()
+    );
+    Ok(true)
+}
+
 fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
     let targets = a
         .targets

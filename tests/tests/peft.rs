@@ -103,3 +103,49 @@ fn mismatched_adapters_are_typed_errors() {
     assert!(err.contains("lora_A") || err.contains("lora_B"), "{err}");
     assert!(model.adapter().is_none());
 }
+
+/// A PEFT adapter exported as llama.cpp's GGUF LoRA and read back gives the same logits,
+/// on a GGUF Llama (q/k rows permuted both ways) and on a Qwen2 directory; formats that
+/// cannot hold an adapter are refused by name. (That llama.cpp reads the export as edgetune
+/// does is checked by scripts/check_gguf_lora.py, recorded in README.md.)
+#[test]
+fn gguf_lora_export_round_trips() {
+    use edgetune::adapter::{Dims, gguf, layout, peft};
+    for (model_path, case) in [
+        (
+            "tiny/llama_gqa_tied/f32.gguf",
+            "peft/llama_gqa_tied/lora_from_peft",
+        ),
+        (
+            "tiny/qwen2_gqa_bias",
+            "peft/qwen2_gqa_bias/lora_from_edgetune",
+        ),
+    ] {
+        let files = ModelFiles::open(&golden().join(model_path), None).unwrap();
+        let tokens = [3u32, 17, 0, 42, 5];
+        let logits_with = |adapter: &Path| {
+            let mut m = files.load(&Cpu).unwrap();
+            attach_dir(&mut m, adapter).unwrap();
+            let mut cache = m.new_cache(8).unwrap();
+            m.forward(&mut cache, &tokens, true).unwrap()
+        };
+        let cfg = files.config().unwrap();
+        let dims = Dims::of(&cfg);
+        let dir = golden().join(case);
+        let (acfg, values) =
+            peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();
+        let out = std::env::temp_dir().join(format!("edgetune-lora-{}.gguf", std::process::id()));
+        gguf::save(&out, &acfg, &layout(&acfg, &dims), &values, &cfg).unwrap();
+        assert_eq!(logits_with(&dir), logits_with(&out), "{case}");
+        std::fs::remove_file(&out).unwrap();
+    }
+    let files = ModelFiles::open(&golden().join("tiny/llama_gqa_tied"), None).unwrap();
+    let cfg = files.config().unwrap();
+    let dims = Dims::of(&cfg);
+    let dir = golden().join("peft/llama_gqa_tied/ia3_from_peft");
+    let (acfg, values) = peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();
+    let out = std::env::temp_dir().join("edgetune-never-written.gguf");
+    let err = gguf::save(&out, &acfg, &layout(&acfg, &dims), &values, &cfg).unwrap_err();
+    assert!(err.to_string().contains("LoRA only"), "{err}");
+    assert!(!out.exists());
+}

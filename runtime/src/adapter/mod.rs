@@ -8,6 +8,8 @@
 //! The model attaches them ([`crate::model::Model::attach`]); nothing here touches a backend.
 
 #[cfg(feature = "std")]
+pub mod gguf;
+#[cfg(feature = "std")]
 pub mod peft;
 
 use crate::error::{Error, Result};
@@ -250,6 +252,16 @@ pub struct Dims {
 }
 
 impl Dims {
+    pub fn of(c: &crate::model::Config) -> Dims {
+        Dims {
+            n_layers: c.n_layers,
+            dim: c.dim,
+            q_dim: c.n_heads * c.head_dim,
+            kv_dim: c.n_kv_heads * c.head_dim,
+            ffn_dim: c.ffn_dim,
+        }
+    }
+
     /// (out, in) features of a target's projection.
     pub fn features(&self, t: Target) -> (u32, u32) {
         match t {

@@ -387,15 +387,20 @@ pub fn load(
     Ok((cfg, values))
 }
 
-/// Loads the adapter in `dir` onto `model` (which must have none): checked against the
-/// model's layout for it by name and shape before anything is attached.
+/// Loads the adapter at `path` onto `model` (which must have none): a PEFT directory, or a
+/// llama.cpp GGUF LoRA file; checked against the model's layout for it by name and shape
+/// before anything is attached.
 pub fn attach_dir<B: crate::Backend>(
     model: &mut crate::model::Model<'_, B>,
-    dir: &Path,
+    path: &Path,
 ) -> Result<()> {
     let dims = model.dims();
     let order = RowOrder::of(&model.cfg);
-    let (cfg, values) = load(dir, |cfg| super::layout(cfg, &dims), order)?;
+    let (cfg, values) = if path.is_file() {
+        super::gguf::load(path, &model.cfg, &dims)?
+    } else {
+        load(path, |cfg| super::layout(cfg, &dims), order)?
+    };
     model.attach(cfg, 0)?;
     model.write_params(&values)
 }

@@ -594,14 +594,7 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// The model's dimensions as adapters see them.
     pub fn dims(&self) -> Dims {
-        let c = &self.cfg;
-        Dims {
-            n_layers: c.n_layers,
-            dim: c.dim,
-            q_dim: c.n_heads * c.head_dim,
-            kv_dim: c.n_kv_heads * c.head_dim,
-            ffn_dim: c.ffn_dim,
-        }
+        Dims::of(&self.cfg)
     }
 
     /// Attaches `cfg`'s trainable tensors (one adapter at a time), started as

@@ -1,0 +1,235 @@
+//! llama.cpp's GGUF LoRA format (`general.type = adapter`, `adapter.type = lora`,
+//! `adapter.lora.alpha`; tensors `blk.N.attn_q.weight.lora_a` \[in, rank\] and `.lora_b`
+//! \[rank, out\] in ggml's dimension order), as its `convert_lora_to_gguf.py` writes it, so
+//! llama.cpp users can run what edgetune trained. Rows follow llama.cpp's own conversion:
+//! q and k permuted for interleaved RoPE in Llama models.
+
+use super::peft::RowOrder;
+use super::{AdapterConfig, Method, ParamInfo, Slot, Target};
+use crate::error::{Error, Result};
+use crate::format::file::{MappedFile, write_atomic};
+use crate::format::gguf::{GgmlType, Gguf};
+use crate::model::{Arch, Config};
+use std::path::Path;
+use std::prelude::v1::*;
+
+const ALIGN: usize = 32;
+
+fn tensor_name(l: u32, t: Target) -> String {
+    let base = match t {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    };
+    format!("blk.{l}.{base}.weight")
+}
+
+/// The row order llama.cpp's GGUF conversion gives `cfg`'s architecture.
+fn llama_cpp_order(cfg: &Config) -> RowOrder {
+    match cfg.arch {
+        Arch::Llama => RowOrder::Interleaved {
+            head_dim: cfg.head_dim,
+        },
+        _ => RowOrder::HuggingFace,
+    }
+}
+
+fn arch_name(cfg: &Config) -> &'static str {
+    match cfg.arch {
+        Arch::Qwen2 => "qwen2",
+        _ => "llama",
+    }
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn str(&mut self, s: &str) {
+        self.0.extend((s.len() as u64).to_le_bytes());
+        self.0.extend(s.as_bytes());
+    }
+    fn kv_str(&mut self, k: &str, v: &str) {
+        self.str(k);
+        self.0.extend(8u32.to_le_bytes());
+        self.str(v);
+    }
+    fn kv_f32(&mut self, k: &str, v: f32) {
+        self.str(k);
+        self.0.extend(6u32.to_le_bytes());
+        self.0.extend(v.to_le_bytes());
+    }
+}
+
+/// Writes a LoRA adapter (layout order, rows in the model's `order`, of a model of `cfg`)
+/// as a llama.cpp GGUF adapter, atomically. IA3 and norms have no place in the format.
+pub fn save(
+    path: &Path,
+    adapter: &AdapterConfig,
+    layout: &[ParamInfo],
+    values: &[Vec<f32>],
+    cfg: &Config,
+) -> Result<()> {
+    let Method::Lora { rslora, .. } = adapter.method else {
+        return Err(Error::InvalidArgument {
+            name: "adapter",
+            reason: format!(
+                "llama.cpp's GGUF adapters hold LoRA only, not {}",
+                adapter.method_name()
+            ),
+        });
+    };
+    if rslora {
+        return Err(Error::InvalidArgument {
+            name: "adapter",
+            reason: "llama.cpp's GGUF adapters scale by alpha / rank; rsLoRA has no place there"
+                .into(),
+        });
+    }
+    let (model_order, target_order) = (RowOrder::of(cfg), llama_cpp_order(cfg));
+    let mut w = Writer(Vec::new());
+    w.0.extend(b"GGUF");
+    w.0.extend(3u32.to_le_bytes());
+    w.0.extend((layout.len() as u64).to_le_bytes());
+    w.0.extend(4u64.to_le_bytes());
+    w.kv_str("general.architecture", arch_name(cfg));
+    w.kv_str("general.type", "adapter");
+    w.kv_str("adapter.type", "lora");
+    w.kv_f32(
+        "adapter.lora.alpha",
+        match adapter.method {
+            Method::Lora { alpha, .. } => alpha,
+            _ => 0.0,
+        },
+    );
+    let mut data = Vec::new();
+    for (p, v) in layout.iter().zip(values) {
+        let (l, t, suffix) = match p.slot {
+            Slot::LoraA(l, t) => (l, t, "lora_a"),
+            Slot::LoraB(l, t) => (l, t, "lora_b"),
+            _ => continue,
+        };
+        w.str(&format!("{}.{suffix}", tensor_name(l, t)));
+        w.0.extend(2u32.to_le_bytes());
+        // ggml order: the row length first.
+        w.0.extend(u64::from(p.cols).to_le_bytes());
+        w.0.extend(u64::from(p.rows).to_le_bytes());
+        w.0.extend(0u32.to_le_bytes()); // F32
+        w.0.extend((data.len() as u64).to_le_bytes());
+        let v = target_order.from_hf(p, &model_order.to_hf(p, v));
+        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        data.resize(data.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    w.0.resize(w.0.len().div_ceil(ALIGN) * ALIGN, 0);
+    w.0.extend(data);
+    write_atomic(path, &w.0)
+}
+
+/// Reads a llama.cpp GGUF LoRA adapter for a model of `cfg` and `dims`: its
+/// configuration and its values in the model's layout and row order.
+pub fn load(
+    path: &Path,
+    cfg: &Config,
+    dims: &super::Dims,
+) -> Result<(AdapterConfig, Vec<Vec<f32>>)> {
+    let shown = path.display().to_string();
+    let file = MappedFile::open(path)?;
+    let bytes = file.bytes();
+    let g = Gguf::parse(bytes).map_err(|error| Error::Gguf {
+        path: shown.clone(),
+        error,
+    })?;
+    let meta = |key: &str, reason: &str| Error::Metadata {
+        file: shown.clone(),
+        key: key.into(),
+        reason: reason.into(),
+    };
+    let text = |key: &str| g.get(key).and_then(|v| v.as_str());
+    if text("general.type") != Some("adapter") || text("adapter.type") != Some("lora") {
+        return Err(meta(
+            "general.type",
+            "is not a LoRA adapter (general.type = adapter, adapter.type = lora)",
+        ));
+    }
+    if text("general.architecture") != Some(arch_name(cfg)) {
+        return Err(meta(
+            "general.architecture",
+            &format!("is not this model's `{}`", arch_name(cfg)),
+        ));
+    }
+    let alpha = g
+        .get("adapter.lora.alpha")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| meta("adapter.lora.alpha", "is missing or not a number"))?
+        as f32;
+    // Targets and rank from the tensors present in layer 0.
+    let targets: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|&t| g.tensor(&format!("{}.lora_a", tensor_name(0, t))).is_some())
+        .collect();
+    let first = targets
+        .first()
+        .and_then(|&t| g.tensor(&format!("{}.lora_a", tensor_name(0, t))))
+        .ok_or_else(|| meta("tensors", "no lora_a tensor for layer 0"))?;
+    let rank = first.dims.get(1).copied().unwrap_or(0);
+    let rank = u32::try_from(rank).map_err(|_| meta("tensors", "rank out of range"))?;
+    let mut adapter = AdapterConfig {
+        method: Method::Lora {
+            rank,
+            alpha,
+            rslora: false,
+        },
+        targets,
+    };
+    adapter.validate()?;
+    let layout = super::layout(&adapter, dims);
+    let (model_order, file_order) = (RowOrder::of(cfg), llama_cpp_order(cfg));
+    let mut values = Vec::with_capacity(layout.len());
+    for p in &layout {
+        let (l, t, suffix) = match p.slot {
+            Slot::LoraA(l, t) => (l, t, "lora_a"),
+            Slot::LoraB(l, t) => (l, t, "lora_b"),
+            _ => continue,
+        };
+        let name = format!("{}.{suffix}", tensor_name(l, t));
+        let bad = |reason: String| Error::Tensor {
+            file: shown.clone(),
+            tensor: name.clone(),
+            reason,
+        };
+        let info = g
+            .tensor(&name)
+            .ok_or_else(|| bad("is missing (layer 0 has this target)".into()))?;
+        if info.ggml_type != GgmlType(0) || info.dims != [u64::from(p.cols), u64::from(p.rows)] {
+            return Err(bad(format!(
+                "is {} {:?}; the model needs F32 [{}, {}]",
+                info.ggml_type.name(),
+                info.dims,
+                p.cols,
+                p.rows
+            )));
+        }
+        let data = g
+            .tensor_data(bytes, info)
+            .ok_or_else(|| bad("lies outside the file".into()))?;
+        let v: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        values.push(model_order.from_hf(p, &file_order.to_hf(p, &v)));
+    }
+    let used = values.len();
+    if g.tensors.len() != used {
+        return Err(meta(
+            "tensors",
+            &format!(
+                "{} tensors, of which {used} belong to this model's layout",
+                g.tensors.len()
+            ),
+        ));
+    }
+    Ok((adapter, values))
+}
