@@ -84,6 +84,9 @@ pub struct TrainArgs {
     /// Seeds the session key, the adapter's start values and the data order (default 0).
     #[arg(long)]
     seed: Option<u64>,
+    /// Cut |g| above this to it (guards against a rare huge scalar).
+    #[arg(long)]
+    clip: Option<f32>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
@@ -135,6 +138,7 @@ struct RunSettings {
     batch: usize,
     seq_len: usize,
     chat: bool,
+    clip: Option<f32>,
     data_sha256: String,
 }
 
@@ -147,6 +151,7 @@ impl RunSettings {
             "batch": self.batch,
             "seq_len": self.seq_len,
             "chat": self.chat,
+            "clip": self.clip,
         })
     }
 
@@ -158,6 +163,7 @@ impl RunSettings {
             batch: run["batch"].as_u64().unwrap_or(0) as usize,
             seq_len: run["seq_len"].as_u64().unwrap_or(0) as usize,
             chat: run["chat"].as_bool().unwrap_or(false),
+            clip: run["clip"].as_f64().map(|c| c as f32),
             data_sha256: run["data_sha256"].as_str().unwrap_or_default().to_owned(),
         };
         if stored.data_sha256 != data_sha {
@@ -178,6 +184,7 @@ impl RunSettings {
                 differs(a.seq_len.map(|l| l as u64), stored.seq_len as u64),
             ),
             ("--chat", a.chat && !stored.chat),
+            ("--clip", a.clip.is_some() && a.clip != stored.clip),
         ] {
             if bad {
                 return flag(
@@ -324,6 +331,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             batch: a.batch.unwrap_or(4),
             seq_len: a.seq_len.unwrap_or(context.min(256)),
             chat: a.chat,
+            clip: a.clip,
             data_sha256: data_sha,
         },
     };
@@ -405,6 +413,12 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         };
         Trainer::start(&be, &model, session, capacity)?
     };
+    if let Some(c) = run.clip
+        && !(c.is_finite() && c > 0.0)
+    {
+        return flag("--clip", format!("{c} must be finite and > 0"));
+    }
+    trainer.clip = run.clip;
     let params = trainer.state.params();
     eprintln!(
         "training: {} ({} tensors, {params} values), {:?}, eps {}, lr {}, steps {}..{}",
@@ -428,7 +442,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let start = Instant::now();
     let first = trainer.next_step;
-    let (mut tokens, mut skipped, mut clamped) = (0usize, 0u64, 0u64);
+    let (mut tokens, mut skipped, mut clamped, mut clipped) = (0usize, 0u64, 0u64, 0u64);
     while trainer.next_step < a.steps {
         let step = trainer.next_step;
         let batch: Vec<_> =
@@ -455,6 +469,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         if out.coefficient.unsigned_abs() == edgetune::train::MAX_COEFFICIENT as u32 {
             clamped += 1;
         }
+        clipped += u64::from(out.clipped);
         let secs = start.elapsed().as_secs_f64();
         let done = trainer.next_step - first;
         let eta = secs / done as f64 * (a.steps - trainer.next_step) as f64;
@@ -490,6 +505,9 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     eprintln!();
     write_curve(&dir, &curve, &evals)?;
     trainer.save(&dir)?;
+    if clipped > 0 {
+        eprintln!("{clipped} steps had |g| above --clip and were cut to it");
+    }
     if clamped > 0 {
         eprintln!(
             "{clamped} steps had |lr * g| above 2^{} and were clamped: lower --lr or raise --delta-exp",

@@ -331,15 +331,20 @@ pub struct StepOutcome {
     /// Mean losses at w + eps z and w - eps z.
     pub loss_plus: f64,
     pub loss_minus: f64,
-    /// The projected gradient, or None when the step was skipped (non-finite loss).
+    /// The projected gradient (after clipping), or None when the step was skipped
+    /// (non-finite loss).
     pub g: Option<f32>,
+    /// Whether |g| was above the clip and was cut to it.
+    pub clipped: bool,
     pub coefficient: i32,
 }
 
 /// One zeroth-order step on `batch` with seed `seed`: two perturbed forward passes, the
-/// scalar g = (l+ - l-) / (2 eps), and the update. A non-finite loss skips the step
-/// (nothing is applied). The model's adapter buffers are left perturbed: call
+/// scalar g = (l+ - l-) / (2 eps), cut to ±`clip` if given (the recorded g is the cut one,
+/// so a replay applies what the step applied), and the update. A non-finite loss skips
+/// the step (nothing is applied). The model's adapter buffers are left perturbed: call
 /// [`ZoState::load_into`] with eps = 0 before using the model otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn zo_step<B: Backend>(
     be: &B,
     model: &Model<'_, B>,
@@ -348,6 +353,7 @@ pub fn zo_step<B: Backend>(
     cfg: &ZoConfig,
     batch: &[Example],
     seed: u32,
+    clip: Option<f32>,
 ) -> Result<StepOutcome> {
     let mut loss = |eps: f32| -> Result<f64> {
         state.load_into(be, model, cfg, seed, eps)?;
@@ -360,12 +366,17 @@ pub fn zo_step<B: Backend>(
     };
     let loss_plus = loss(cfg.eps)?;
     let loss_minus = loss(-cfg.eps)?;
-    let g = ((loss_plus - loss_minus) / (2.0 * f64::from(cfg.eps))) as f32;
+    let mut g = ((loss_plus - loss_minus) / (2.0 * f64::from(cfg.eps))) as f32;
+    let clipped = clip.is_some_and(|c| g.abs() > c);
+    if let (true, Some(c)) = (clipped, clip) {
+        g = c.copysign(g);
+    }
     let mut out = StepOutcome {
         seed,
         loss_plus,
         loss_minus,
         g: None,
+        clipped,
         coefficient: 0,
     };
     if g.is_finite() && g.abs() <= MAX_ABS_G {

@@ -24,6 +24,8 @@ pub struct Trainer<'m, 'b, B: Backend> {
     cache: KvCache<B>,
     /// The number of the next step.
     pub next_step: u64,
+    /// |g| above this is cut to it (a local choice: the history records the cut g).
+    pub clip: Option<f32>,
 }
 
 impl<B: Backend> core::fmt::Debug for Trainer<'_, '_, B> {
@@ -89,6 +91,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             records: Vec::new(),
             cache: model.new_cache(capacity)?,
             next_step: 0,
+            clip: None,
         })
     }
 
@@ -113,6 +116,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             records,
             cache: model.new_cache(capacity)?,
             next_step,
+            clip: None,
         })
     }
 
@@ -131,6 +135,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             &self.session.zo,
             batch,
             seed,
+            self.clip,
         )?;
         if let Some(g) = out.g {
             self.records.push(Record {
