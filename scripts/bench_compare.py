@@ -24,7 +24,9 @@ def load(path):
 
 
 def kind(system):
-    if system.startswith("llama.cpp"):
+    # llama.cpp is the peer for prompt, generation and the training-shape forward;
+    # PyTorch MeZO for the zeroth-order step (zoBxT).
+    if system.startswith("llama.cpp") or system.startswith("PyTorch"):
         return "peer"
     if "llvmpipe" in system or "lavapipe" in system:
         return "lavapipe"
@@ -53,7 +55,7 @@ def main(argv):
         if s.get("kernel_shapes"):
             print(f"{s['system']}: kernel shapes {s['kernel_shapes']}")
     marked = 0
-    print(f"{'system':<44} {'test':<12} {'tok/s':>9} {'peak MiB':>9} {'vs llama.cpp':>13} {'vs baseline':>12}")
+    print(f"{'system':<44} {'test':<12} {'tok/s':>9} {'peak MiB':>9} {'vs peer':>13} {'vs baseline':>12}")
     for s in run:
         goals = GOALS.get(kind(s["system"]), {})
         for r in s["rows"]:

@@ -2,8 +2,10 @@
 //! reference, in the same run. Peers (numpy/OpenBLAS) are timed by `scripts/bench.sh`.
 
 use crate::{CliError, DeviceArgs, flag, in_range};
+use edgetune::adapter::{AdapterConfig, Target};
 use edgetune::backend::any::AnyBackend;
 use edgetune::backend::cpu::Cpu;
+use edgetune::train::{Example, SeedMode, ZoConfig, ZoState, zo_step};
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
 
@@ -253,6 +255,7 @@ struct Row {
     secs: f64,
     peak_rss: Option<u64>,
     loss: Option<f64>,
+    note: Option<String>,
 }
 
 impl Row {
@@ -271,6 +274,7 @@ impl Row {
             secs,
             peak_rss: peak_rss(),
             loss: None,
+            note: None,
         };
         Ok((row, value))
     }
@@ -326,6 +330,46 @@ fn model_bench<B: Backend>(
         })
     })?;
     row.loss = Some(nll / count as f64);
+    let forward_secs = row.secs;
+    rows.push(row);
+    drop(cache);
+    // A zeroth-order step on the same batch: LoRA rank 8 on q and v, two forwards.
+    let mut model = model;
+    model.attach(AdapterConfig::lora(8, 16.0, &[Target::Q, Target::V]), 0)?;
+    let zo = ZoConfig {
+        session_key: 1,
+        kind: edgetune::rng::ZKind::Binomial,
+        mode: SeedMode::Mezo,
+        eps: 1e-2,
+        lr: 1e-4,
+        delta_exp: 16,
+    };
+    let examples: Vec<Example> = (0..batch)
+        .map(|b| Example {
+            tokens: ids(len, b as u64 + 1),
+            targets: vec![true; len],
+        })
+        .collect();
+    let w0 = model.read_params()?;
+    let mut state = ZoState::new(dev, &model, &w0)?;
+    let mut cache = model.new_cache(len as u32)?;
+    let (mut row, out) = Row::timed(format!("zo{batch}x{len}"), 2 * batch * len, || {
+        zo_step(dev, &model, &mut cache, &mut state, &zo, &examples, 0, None)
+    })?;
+    row.loss = Some((out.loss_plus + out.loss_minus) / 2.0);
+    row.note = Some(format!("{:.2}x the forward", row.secs / forward_secs));
+    rows.push(row);
+    // Replay: 1000 seeds fused into the accumulators of those LoRA parameters.
+    let seeds: Vec<(u32, i32)> = (0..1000).map(|s| (s, 1000 - 2 * s as i32)).collect();
+    let (mut row, ()) = Row::timed("replay1000".into(), 1000, || {
+        state.apply(dev, &zo, &seeds)?;
+        state.accumulators(dev).map(drop)
+    })?;
+    row.note = Some(format!(
+        "{:.3e} seed-params/s over {} params",
+        1000.0 * state.params() as f64 / row.secs,
+        state.params()
+    ));
     rows.push(row);
     let mib = |b: Option<u64>| b.unwrap_or(0) as f64 / 1048576.0;
     if args.json {
@@ -337,7 +381,7 @@ fn model_bench<B: Backend>(
                     "test": r.test, "tokens": r.tokens, "seconds": r.secs,
                     "tok_s": r.tokens as f64 / r.secs,
                     "peak_rss_mib": r.peak_rss.map(|b| b as f64 / 1048576.0),
-                    "loss": r.loss,
+                    "loss": r.loss, "note": r.note,
                 })
             })
             .collect();
@@ -356,7 +400,9 @@ fn model_bench<B: Backend>(
         let extra = r
             .loss
             .map(|l| format!("   loss {l:.3}"))
-            .unwrap_or_default();
+            .into_iter()
+            .chain(r.note.as_ref().map(|n| format!("   {n}")))
+            .collect::<String>();
         println!(
             "{label:<34} {:<12} {:>5} tokens {:>8.2} tok/s   peak RSS {:>4.0} MiB{extra}",
             r.test,

@@ -1,0 +1,192 @@
+//! `edgetune train`, `replay`, `score` and `adapter export` as users run them, on the tiny
+//! Q4_0 model with pre-tokenised data: a run's hash is what `replay` prints, a resumed run
+//! ends where an uninterrupted one does, and bad input exits 2 with a message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn edgetune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden/tiny/llama_gqa_tied/q4_0.gguf")
+        .display()
+        .to_string()
+}
+
+/// A fresh directory holding data.jsonl (16 sequences that follow a rule).
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-cli-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let lines: String = (0..16)
+        .map(|i| {
+            let ids: Vec<String> = std::iter::once(1)
+                .chain((0..12).map(|k| (i * 7 + 3 * k) % 60 + 2))
+                .map(|t| t.to_string())
+                .collect();
+            let labels: Vec<String> = ids
+                .iter()
+                .enumerate()
+                .map(|(j, t)| if j < 4 { "-100".into() } else { t.clone() })
+                .collect();
+            format!(
+                "{{\"input_ids\":[{}],\"labels\":[{}]}}\n",
+                ids.join(","),
+                labels.join(",")
+            )
+        })
+        .collect();
+    std::fs::write(d.join("data.jsonl"), lines).unwrap();
+    d
+}
+
+fn hash_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("state-hash: "), "{text}");
+    last.to_owned()
+}
+
+fn train(dir: &Path, run: &str, extra: &[&str]) -> Output {
+    let (data, out) = (dir.join("data.jsonl"), dir.join(run));
+    let mut args = vec![
+        "train",
+        "--model",
+        &model(),
+        "--data",
+        data.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--targets",
+        "q,v,down",
+        "--mode",
+        "kseed",
+        "--seeds",
+        "64",
+        "--batch",
+        "2",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    if !extra.contains(&"--resume") {
+        args.extend(["--out".into(), out.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    edgetune(&args)
+}
+
+fn expect_error(out: &Output, text: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(text), "expected `{text}` in: {err}");
+}
+
+#[test]
+fn a_run_replays_to_its_hash_and_resumes_where_it_stopped() {
+    let dir = workdir("run");
+    let whole = hash_of(&train(&dir, "whole", &["--steps", "8"]));
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "history.jsonl",
+        "session.json",
+        "w0.safetensors",
+        "loss.svg",
+        "loss.csv",
+        "progress.json",
+    ] {
+        assert!(dir.join("whole").join(f).is_file(), "{f} missing");
+    }
+    let replayed = edgetune(&[
+        "replay",
+        "--model",
+        &model(),
+        "--history",
+        dir.join("whole").to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(hash_of(&replayed), whole);
+    // Half, then resumed to the end.
+    hash_of(&train(&dir, "halves", &["--steps", "4"]));
+    let halves = dir.join("halves");
+    let resumed = train(
+        &dir,
+        "",
+        &["--resume", halves.to_str().unwrap(), "--steps", "8"],
+    );
+    assert_eq!(hash_of(&resumed), whole);
+    // Resuming with other settings, or into an existing run without --resume, is refused.
+    let other = train(
+        &dir,
+        "",
+        &["--resume", halves.to_str().unwrap(), "--seed", "9"],
+    );
+    expect_error(&other, "--seed");
+    expect_error(
+        &train(&dir, "whole", &["--steps", "2"]),
+        "already holds a run",
+    );
+    // A cut-off history is named, not applied.
+    let history = dir.join("whole/history.jsonl");
+    let text = std::fs::read_to_string(&history).unwrap();
+    std::fs::write(&history, &text[..text.len() - 3]).unwrap();
+    let bad = edgetune(&[
+        "replay",
+        "--model",
+        &model(),
+        "--history",
+        dir.join("whole").to_str().unwrap(),
+    ]);
+    expect_error(&bad, "truncated");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_training_input_exits_2_with_a_message() {
+    let dir = workdir("bad");
+    std::fs::write(
+        dir.join("data.jsonl"),
+        "{\"input_ids\": [1]}\nnot json\n{}\n",
+    )
+    .unwrap();
+    expect_error(&train(&dir, "r", &["--steps", "2"]), "unusable");
+    assert!(
+        !dir.join("r").exists(),
+        "a failed start left a run directory"
+    );
+    let dir = workdir("flags");
+    expect_error(&train(&dir, "r", &["--lr", "2"]), "--lr");
+    expect_error(&train(&dir, "r", &["--targets", "q,x"]), "--targets");
+    expect_error(&train(&dir, "r", &["--clip", "0"]), "--clip");
+    // IA3 has no place in llama.cpp's adapter format.
+    hash_of(&train(&dir, "ia3", &["--steps", "1", "--trainable", "ia3"]));
+    let export = edgetune(&[
+        "adapter",
+        "export",
+        "--gguf",
+        "--model",
+        &model(),
+        "--adapter",
+        dir.join("ia3").to_str().unwrap(),
+        "--out",
+        dir.join("ia3.gguf").to_str().unwrap(),
+    ]);
+    expect_error(&export, "LoRA only");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(workdir("bad"));
+}
