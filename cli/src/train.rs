@@ -18,6 +18,8 @@ pub enum Trainable {
     Lora,
     Ia3,
     Norms,
+    /// Every weight of an unquantised (f32, f16, bf16) model.
+    Full,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -264,6 +266,7 @@ fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
         },
         Trainable::Ia3 => AdapterConfig::ia3(),
         Trainable::Norms => AdapterConfig::norms(),
+        Trainable::Full => AdapterConfig::full(),
     })
 }
 

@@ -392,3 +392,53 @@ fn picked_rows_and_the_masked_loss_match_the_full_forward() {
         "{got} vs {want}"
     );
 }
+
+/// Full training of an unquantised model: every weight in f32, identical logits before any
+/// step, a replay that gives the same hash on the GPU, and a quantised model refused.
+#[test]
+fn full_training_holds_every_weight_and_refuses_a_quantised_model() {
+    let f32_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/qwen2_gqa_bias");
+    let f = ModelFiles::open(&f32_model, None).unwrap();
+    let tokens = [1u32, 5, 9, 33, 2, 17];
+    let plain = f.load(&Cpu).unwrap();
+    let mut cache = plain.new_cache(8).unwrap();
+    let want = plain.forward(&mut cache, &tokens, true).unwrap();
+    let mut model = f.load(&Cpu).unwrap();
+    let layout = model.attach(AdapterConfig::full(), 0).unwrap().to_vec();
+    // Embedding, 2 layers of 2 norms + 7 matrices + 3 biases, final norm, head.
+    assert_eq!(layout.len(), 1 + 2 * 12 + 1 + 1);
+    assert!(model.frozen().is_empty());
+    let mut cache = model.new_cache(8).unwrap();
+    assert_eq!(model.forward(&mut cache, &tokens, true).unwrap(), want);
+
+    let dir = tmp("full");
+    let sha = hex(&f.sha256());
+    let mut t = Trainer::start(
+        &Cpu,
+        &model,
+        session(&model, &sha, zo(SeedMode::Mezo, 1e-3)),
+        16,
+    )
+    .unwrap();
+    let data = examples(4);
+    for _ in 0..3 {
+        t.step(&data).unwrap();
+    }
+    t.save(&dir).unwrap();
+    let trained = hex(&t.state.hash(&Cpu).unwrap());
+    if let Some(gpu) = common::gpu() {
+        let mut m = f.load(&gpu).unwrap();
+        m.attach(AdapterConfig::full(), 0).unwrap();
+        let (state, _, _) = replay(&gpu, &m, &dir, &sha).unwrap();
+        assert_eq!(hex(&state.hash(&gpu).unwrap()), trained);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let mut quantised = files().load(&Cpu).unwrap();
+    let err = quantised
+        .attach(AdapterConfig::full(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unquantised"), "{err}");
+    assert!(quantised.adapter().is_none());
+}

@@ -97,6 +97,8 @@ pub enum Method {
     Ia3,
     /// The model's own RMSNorm weights (two per layer and the final one).
     Norms,
+    /// Every weight of an unquantised (f32, f16, bf16) model, held in f32 while it trains.
+    Full,
 }
 
 /// An adapter: a method and the projections it attaches to (unused for norms).
@@ -130,6 +132,13 @@ impl AdapterConfig {
     pub fn norms() -> AdapterConfig {
         AdapterConfig {
             method: Method::Norms,
+            targets: Vec::new(),
+        }
+    }
+
+    pub fn full() -> AdapterConfig {
+        AdapterConfig {
+            method: Method::Full,
             targets: Vec::new(),
         }
     }
@@ -168,7 +177,7 @@ impl AdapterConfig {
                     });
                 }
             }
-            Method::Norms => self.targets.clear(),
+            Method::Norms | Method::Full => self.targets.clear(),
         }
         Ok(())
     }
@@ -194,6 +203,7 @@ impl AdapterConfig {
             Method::Lora { .. } => "lora",
             Method::Ia3 => "ia3",
             Method::Norms => "norms",
+            Method::Full => "full",
         }
     }
 }
@@ -207,6 +217,13 @@ pub enum Slot {
     AttnNorm(u32),
     FfnNorm(u32),
     OutputNorm,
+    /// A projection's weight (full training).
+    Weight(u32, Target),
+    /// A projection's bias (full training of a model with biases).
+    Bias(u32, Target),
+    Embed,
+    /// The output head of an untied model.
+    Output,
 }
 
 /// How a tensor starts.
@@ -249,6 +266,11 @@ pub struct Dims {
     pub q_dim: u32,
     pub kv_dim: u32,
     pub ffn_dim: u32,
+    pub vocab: u32,
+    /// The output head is the embedding.
+    pub tied: bool,
+    /// q, k and v have biases (Qwen2).
+    pub biases: bool,
 }
 
 impl Dims {
@@ -259,6 +281,9 @@ impl Dims {
             q_dim: c.n_heads * c.head_dim,
             kv_dim: c.n_kv_heads * c.head_dim,
             ffn_dim: c.ffn_dim,
+            vocab: c.vocab,
+            tied: c.tied_embeddings,
+            biases: c.arch == crate::model::Arch::Qwen2,
         }
     }
 
@@ -277,6 +302,9 @@ impl Dims {
 /// The trainable tensors of `cfg` on a model of `dims`, in the pinned order: layer by
 /// layer, targets in [`Target::ALL`] order, LoRA's A before B; the final norm last.
 pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
+    if cfg.method == Method::Full {
+        return full_layout(dims);
+    }
     let mut out = Vec::new();
     let peft = |l: u32, t: Target, leaf: &str| {
         format!(
@@ -325,6 +353,7 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
                     });
                 }
             }
+            Method::Full => {}
             Method::Norms => {
                 for (slot, leaf) in [
                     (Slot::AttnNorm(l), "input_layernorm"),
@@ -349,6 +378,65 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
             cols: dims.dim,
             init: Init::Model,
         });
+    }
+    out
+}
+
+/// Every weight in Hugging Face's order and names: the embedding, each layer's input
+/// norm, q, k, v (and their biases), o, post-attention norm, gate, up, down, then the final
+/// norm and an untied output head.
+fn full_layout(dims: &Dims) -> Vec<ParamInfo> {
+    let info = |name: String, slot, rows, cols| ParamInfo {
+        name,
+        slot,
+        rows,
+        cols,
+        init: Init::Model,
+    };
+    let mut out = vec![info(
+        "model.embed_tokens.weight".into(),
+        Slot::Embed,
+        dims.vocab,
+        dims.dim,
+    )];
+    for l in 0..dims.n_layers {
+        let name =
+            |t: Target, leaf: &str| format!("model.layers.{l}.{}.{}.{leaf}", t.path(), t.module());
+        out.push(info(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            Slot::AttnNorm(l),
+            1,
+            dims.dim,
+        ));
+        for t in Target::ALL {
+            if t == Target::Gate {
+                out.push(info(
+                    format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    Slot::FfnNorm(l),
+                    1,
+                    dims.dim,
+                ));
+            }
+            let (n_out, n_in) = dims.features(t);
+            out.push(info(name(t, "weight"), Slot::Weight(l, t), n_out, n_in));
+            if dims.biases && matches!(t, Target::Q | Target::K | Target::V) {
+                out.push(info(name(t, "bias"), Slot::Bias(l, t), n_out, 1));
+            }
+        }
+    }
+    out.push(info(
+        "model.norm.weight".into(),
+        Slot::OutputNorm,
+        1,
+        dims.dim,
+    ));
+    if !dims.tied {
+        out.push(info(
+            "lm_head.weight".into(),
+            Slot::Output,
+            dims.vocab,
+            dims.dim,
+        ));
     }
     out
 }
@@ -394,6 +482,9 @@ mod tests {
         q_dim: 64,
         kv_dim: 32,
         ffn_dim: 128,
+        vocab: 100,
+        tied: true,
+        biases: false,
     };
 
     #[test]

@@ -15,6 +15,8 @@ pub const CONFIG: &str = "adapter_config.json";
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 /// `peft_type` of trainable norms, which PEFT has no type for.
 const NORMS_TYPE: &str = "EDGETUNE_NORMS";
+/// `peft_type` of fully trained weights (the file holds every weight, in f32).
+const FULL_TYPE: &str = "EDGETUNE_FULL";
 
 /// adapter_config.json for `cfg`.
 pub fn config_json(cfg: &AdapterConfig) -> Value {
@@ -55,6 +57,7 @@ pub fn config_json(cfg: &AdapterConfig) -> Value {
             "base_model_name_or_path": null,
         }),
         Method::Norms => json!({ "peft_type": NORMS_TYPE }),
+        Method::Full => json!({ "peft_type": FULL_TYPE }),
     }
 }
 
@@ -155,10 +158,13 @@ pub fn parse_config(v: &Value, file: &str) -> Result<AdapterConfig> {
             }
         }
         NORMS_TYPE => AdapterConfig::norms(),
+        FULL_TYPE => AdapterConfig::full(),
         other => {
             return Err(bad(
                 "peft_type",
-                format!("`{other}` is not one edgetune reads (LORA, IA3, {NORMS_TYPE})"),
+                format!(
+                    "`{other}` is not one edgetune reads (LORA, IA3, {NORMS_TYPE}, {FULL_TYPE})"
+                ),
             ));
         }
     };
@@ -193,7 +199,10 @@ impl RowOrder {
         };
         let permuted = matches!(
             p.slot,
-            Slot::LoraB(_, Target::Q | Target::K) | Slot::Ia3(_, Target::Q | Target::K)
+            Slot::LoraB(_, Target::Q | Target::K)
+                | Slot::Ia3(_, Target::Q | Target::K)
+                | Slot::Weight(_, Target::Q | Target::K)
+                | Slot::Bias(_, Target::Q | Target::K)
         );
         let hd = head_dim as usize;
         // Model row h*hd + 2i + s holds Hugging Face row h*hd + s*hd/2 + i.

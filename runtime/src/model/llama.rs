@@ -609,6 +609,9 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         cfg.validate()?;
         let layout = adapter::layout(&cfg, &self.dims());
+        if cfg.method == Method::Full {
+            self.widen_weights(&layout)?;
+        }
         // Every buffer first, so a failed allocation leaves the model as it was.
         let mut bufs = Vec::with_capacity(layout.len());
         for (i, p) in layout.iter().enumerate() {
@@ -648,7 +651,13 @@ impl<'b, B: Backend> Model<'b, B> {
                         }
                     }
                 }
-                Slot::AttnNorm(_) | Slot::FfnNorm(_) | Slot::OutputNorm => {}
+                Slot::AttnNorm(_)
+                | Slot::FfnNorm(_)
+                | Slot::OutputNorm
+                | Slot::Weight(..)
+                | Slot::Bias(..)
+                | Slot::Embed
+                | Slot::Output => {}
             }
         }
         self.adapter = Some((cfg, layout));
@@ -717,9 +726,71 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(())
     }
 
+    /// Full training holds every matrix in f32: each unquantised weight is widened into a
+    /// new f32 buffer (the old ones are dropped only once all are made). A quantised
+    /// weight is refused: its blocks are never rewritten.
+    fn widen_weights(&mut self, layout: &[ParamInfo]) -> Result<()> {
+        let mut widened = Vec::new();
+        for p in layout {
+            let Some(w) = self.weight(p.slot) else {
+                continue;
+            };
+            if !matches!(
+                w.wtype,
+                WeightType::F32 | WeightType::F16 | WeightType::BF16
+            ) {
+                return Err(Error::InvalidArgument {
+                    name: "trainable",
+                    reason: format!(
+                        "full training needs an unquantised model, but `{}` is {:?}; train lora, ia3 or norms on a quantised one",
+                        p.name, w.wtype
+                    ),
+                });
+            }
+            let n = w.rows as usize * w.cols as usize;
+            let bytes = self.backend.read(&w.buf)?;
+            let need = w.wtype.row_bytes(w.cols as usize)? * w.rows as usize;
+            let mut v = vec![0.0f32; n];
+            quant::dequantize(w.wtype, bytes.get(..need).unwrap_or(&bytes), &mut v)?;
+            let f32s: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let buf = self
+                .backend
+                .upload_weights(WeightType::F32, &f32s, "weight")?;
+            widened.push((p.slot, buf));
+        }
+        for (slot, buf) in widened {
+            if let Some(w) = self.weight_mut(slot) {
+                w.buf = buf;
+                w.wtype = WeightType::F32;
+            }
+        }
+        Ok(())
+    }
+
+    fn weight(&self, slot: Slot) -> Option<&Weight<B>> {
+        match slot {
+            Slot::Weight(l, t) => Some(&self.linear(l, t)?.weight),
+            Slot::Embed => Some(&self.embed),
+            Slot::Output => self.output.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn weight_mut(&mut self, slot: Slot) -> Option<&mut Weight<B>> {
+        match slot {
+            Slot::Weight(l, t) => Some(&mut self.linear_mut(l, t)?.weight),
+            Slot::Embed => Some(&mut self.embed),
+            Slot::Output => self.output.as_mut(),
+            _ => None,
+        }
+    }
+
     /// Every frozen buffer: the weight matrices, biases, and the norms unless they are
     /// trainable. Training must leave their bytes as they are.
     pub fn frozen(&self) -> Vec<&B::Buffer> {
+        if self.adapter().is_some_and(|c| c.method == Method::Full) {
+            return Vec::new();
+        }
         let norms = self.adapter().is_none_or(|c| c.method != Method::Norms);
         let mut out = vec![&self.embed.buf];
         out.extend(self.output.as_ref().map(|w| &w.buf));
@@ -747,6 +818,8 @@ impl<'b, B: Backend> Model<'b, B> {
             Slot::AttnNorm(l) => Some(&self.layers.get(l as usize)?.attn_norm),
             Slot::FfnNorm(l) => Some(&self.layers.get(l as usize)?.ffn_norm),
             Slot::OutputNorm => Some(&self.out_norm),
+            Slot::Weight(..) | Slot::Embed | Slot::Output => self.weight(slot).map(|w| &w.buf),
+            Slot::Bias(l, t) => self.linear(l, t)?.bias.as_ref(),
         }
     }
 
