@@ -256,6 +256,8 @@ struct Row {
     peak_rss: Option<u64>,
     loss: Option<f64>,
     note: Option<String>,
+    /// What `tokens` counts ("tokens", or "seeds" for a replay).
+    unit: &'static str,
 }
 
 impl Row {
@@ -275,6 +277,7 @@ impl Row {
             peak_rss: peak_rss(),
             loss: None,
             note: None,
+            unit: "tokens",
         };
         Ok((row, value))
     }
@@ -365,6 +368,7 @@ fn model_bench<B: Backend>(
         state.apply(dev, &zo, &seeds)?;
         state.accumulators(dev).map(drop)
     })?;
+    row.unit = "seeds";
     row.note = Some(format!(
         "{:.3e} seed-params/s over {} params",
         1000.0 * state.params() as f64 / row.secs,
@@ -381,7 +385,7 @@ fn model_bench<B: Backend>(
                     "test": r.test, "tokens": r.tokens, "seconds": r.secs,
                     "tok_s": r.tokens as f64 / r.secs,
                     "peak_rss_mib": r.peak_rss.map(|b| b as f64 / 1048576.0),
-                    "loss": r.loss, "note": r.note,
+                    "loss": r.loss, "note": r.note, "unit": r.unit,
                 })
             })
             .collect();
@@ -404,9 +408,10 @@ fn model_bench<B: Backend>(
             .chain(r.note.as_ref().map(|n| format!("   {n}")))
             .collect::<String>();
         println!(
-            "{label:<34} {:<12} {:>5} tokens {:>8.2} tok/s   peak RSS {:>4.0} MiB{extra}",
+            "{label:<34} {:<12} {:>5} {:<6} {:>8.2}/s   peak RSS {:>4.0} MiB{extra}",
             r.test,
             r.tokens,
+            r.unit,
             r.tokens as f64 / r.secs,
             mib(r.peak_rss),
         );
