@@ -356,6 +356,17 @@ fn model_bench<B: Backend>(
     let w0 = model.read_params()?;
     let mut state = ZoState::new(dev, &model, &w0)?;
     let mut cache = model.new_cache(len as u32)?;
+    // Warm-up: the first step compiles the perturbation and adapter pipelines on a GPU.
+    zo_step(
+        dev,
+        &model,
+        &mut cache,
+        &mut state,
+        &zo,
+        &examples[..1],
+        0,
+        None,
+    )?;
     let (mut row, out) = Row::timed(format!("zo{batch}x{len}"), 2 * batch * len, || {
         zo_step(dev, &model, &mut cache, &mut state, &zo, &examples, 0, None)
     })?;

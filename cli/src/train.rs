@@ -168,6 +168,12 @@ impl RunSettings {
             clip: run["clip"].as_f64().map(|c| c as f32),
             data_sha256: run["data_sha256"].as_str().unwrap_or_default().to_owned(),
         };
+        if stored.data_sha256.is_empty() || stored.batch == 0 || stored.seq_len == 0 {
+            return flag(
+                "--resume",
+                "the session predates the data settings a resume needs (data_sha256, batch, seq_len in `run`)",
+            );
+        }
         if stored.data_sha256 != data_sha {
             return flag(
                 "--data",

@@ -365,6 +365,7 @@ fn picked_rows_and_the_masked_loss_match_the_full_forward() {
         );
     }
     cache.clear();
+    assert!(model.forward_rows(&mut cache, &tokens, &[]).is_err());
     assert!(model.forward_rows(&mut cache, &tokens, &[2, 2]).is_err());
     assert!(model.forward_rows(&mut cache, &tokens, &[7]).is_err());
     // The masked loss over targets 3, 5, 6 from the full logits.
@@ -441,4 +442,55 @@ fn full_training_holds_every_weight_and_refuses_a_quantised_model() {
         .to_string();
     assert!(err.contains("unquantised"), "{err}");
     assert!(quantised.adapter().is_none());
+}
+
+/// Full training on a GGUF Llama (q/k rows permuted in the model): the saved weights, read
+/// back as an adapter onto a fresh model, give the trained model's logits, on the CPU and
+/// the GPU.
+#[test]
+fn a_full_run_saves_weights_that_reload_to_the_same_logits() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
+    let f = ModelFiles::open(&path, None).unwrap();
+    let sha = hex(&f.sha256());
+    let tokens = [1u32, 5, 9, 33, 2, 17];
+    let dir = tmp("full-reload");
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::full(), 0).unwrap();
+    let mut t = Trainer::start(
+        &Cpu,
+        &model,
+        session(&model, &sha, zo(SeedMode::Mezo, 1e-2)),
+        16,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        t.step(&examples(2)).unwrap();
+    }
+    t.save(&dir).unwrap();
+    let mut cache = model.new_cache(8).unwrap();
+    let want = model.forward(&mut cache, &tokens, true).unwrap();
+    fn reloaded<B: Backend>(be: &B, f: &ModelFiles, dir: &Path, tokens: &[u32]) -> Vec<f32> {
+        let mut m = f.load(be).unwrap();
+        edgetune::adapter::peft::attach_dir(&mut m, dir).unwrap();
+        let mut cache = m.new_cache(8).unwrap();
+        m.forward(&mut cache, tokens, true).unwrap()
+    }
+    assert_eq!(reloaded(&Cpu, &f, &dir, &tokens), want);
+    let plain = f.load(&Cpu).unwrap();
+    let mut cache = plain.new_cache(8).unwrap();
+    assert_ne!(
+        plain.forward(&mut cache, &tokens, true).unwrap(),
+        want,
+        "training changed nothing"
+    );
+    if let Some(gpu) = common::gpu() {
+        let got = reloaded(&gpu, &f, &dir, &tokens);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "GPU forward of the reloaded weights: {worst}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

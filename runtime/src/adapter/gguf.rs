@@ -8,8 +8,10 @@ use super::peft::RowOrder;
 use super::{AdapterConfig, Method, ParamInfo, Slot, Target};
 use crate::error::{Error, Result};
 use crate::format::file::{MappedFile, write_atomic};
-use crate::format::gguf::{GgmlType, Gguf};
+use crate::format::gguf::Gguf;
+use crate::model::config::Origin;
 use crate::model::{Arch, Config};
+use crate::quant::WeightType;
 use std::path::Path;
 use std::prelude::v1::*;
 
@@ -38,9 +40,12 @@ fn llama_cpp_order(cfg: &Config) -> RowOrder {
     }
 }
 
-fn arch_name(cfg: &Config) -> &'static str {
-    match cfg.arch {
-        Arch::Qwen2 => "qwen2",
+/// The architecture name llama.cpp checks an adapter against: a GGUF model's own
+/// (`mistral` loads as a Llama here), else llama.cpp's name for the family.
+fn arch_name(cfg: &Config) -> &str {
+    match (&cfg.origin, cfg.arch) {
+        (Origin::Gguf { arch, .. }, _) => arch,
+        (_, Arch::Qwen2) => "qwen2",
         _ => "llama",
     }
 }
@@ -87,6 +92,17 @@ pub fn save(
             name: "adapter",
             reason: "llama.cpp's GGUF adapters scale by alpha / rank; rsLoRA has no place there"
                 .into(),
+        });
+    }
+    if values.len() != layout.len()
+        || layout
+            .iter()
+            .zip(values)
+            .any(|(p, v)| v.len() != p.len() as usize)
+    {
+        return Err(Error::InvalidArgument {
+            name: "adapter values",
+            reason: "do not match the layout's tensors and sizes".into(),
         });
     }
     let (model_order, target_order) = (RowOrder::of(cfg), llama_cpp_order(cfg));
@@ -203,22 +219,25 @@ pub fn load(
         let info = g
             .tensor(&name)
             .ok_or_else(|| bad("is missing (layer 0 has this target)".into()))?;
-        if info.ggml_type != GgmlType(0) || info.dims != [u64::from(p.cols), u64::from(p.rows)] {
+        let wtype = info
+            .ggml_type
+            .weight_type()
+            .filter(|t| matches!(t, WeightType::F32 | WeightType::F16 | WeightType::BF16));
+        let Some(wtype) = wtype.filter(|_| info.dims == [u64::from(p.cols), u64::from(p.rows)])
+        else {
             return Err(bad(format!(
-                "is {} {:?}; the model needs F32 [{}, {}]",
+                "is {} {:?}; the model needs F32, F16 or BF16 [{}, {}]",
                 info.ggml_type.name(),
                 info.dims,
                 p.cols,
                 p.rows
             )));
-        }
+        };
         let data = g
             .tensor_data(bytes, info)
             .ok_or_else(|| bad("lies outside the file".into()))?;
-        let v: Vec<f32> = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let mut v = vec![0.0f32; p.len() as usize];
+        crate::quant::dequantize(wtype, data, &mut v)?;
         values.push(model_order.from_hf(p, &file_order.to_hf(p, &v)));
     }
     let used = values.len();

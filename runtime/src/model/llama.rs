@@ -730,6 +730,17 @@ impl<'b, B: Backend> Model<'b, B> {
     /// new f32 buffer (the old ones are dropped only once all are made). A quantised
     /// weight is refused: its blocks are never rewritten.
     fn widen_weights(&mut self, layout: &[ParamInfo]) -> Result<()> {
+        // A run writes its start and current values as f32 files, read back whole.
+        let bytes: u64 = layout.iter().map(|p| u64::from(p.len()) * 4).sum();
+        let cap = crate::format::file::FileKind::Adapter.limit();
+        if bytes > cap {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: format!(
+                    "full training would hold {bytes} bytes of f32 weights, more than the {cap} an adapter file may hold; train lora or ia3"
+                ),
+            });
+        }
         let mut widened = Vec::new();
         for p in layout {
             let Some(w) = self.weight(p.slot) else {

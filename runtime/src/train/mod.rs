@@ -367,7 +367,8 @@ pub fn zo_step<B: Backend>(
     let loss_plus = loss(cfg.eps)?;
     let loss_minus = loss(-cfg.eps)?;
     let mut g = ((loss_plus - loss_minus) / (2.0 * f64::from(cfg.eps))) as f32;
-    let clipped = clip.is_some_and(|c| g.abs() > c);
+    // A non-finite g is skipped below, never cut to the clip.
+    let clipped = g.is_finite() && clip.is_some_and(|c| g.abs() > c);
     if let (true, Some(c)) = (clipped, clip) {
         g = c.copysign(g);
     }
