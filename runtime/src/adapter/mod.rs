@@ -17,6 +17,10 @@ use crate::rng::{self, philox4x32_10};
 use sha2::{Digest, Sha256};
 use std::prelude::v1::*;
 
+/// The largest adapter or start-values file edgetune writes or reads (a full run's f32
+/// weights must fit).
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
 /// A projection an adapter can attach to, in the pinned order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target {

@@ -52,7 +52,7 @@ impl FileKind {
             FileKind::TuneCache => MIB,
             FileKind::Data => 1 << 30,
             FileKind::History => 256 * MIB,
-            FileKind::Adapter => 4 << 30,
+            FileKind::Adapter => crate::adapter::MAX_FILE_BYTES,
         }
     }
 

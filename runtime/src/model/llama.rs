@@ -732,7 +732,7 @@ impl<'b, B: Backend> Model<'b, B> {
     fn widen_weights(&mut self, layout: &[ParamInfo]) -> Result<()> {
         // A run writes its start and current values as f32 files, read back whole.
         let bytes: u64 = layout.iter().map(|p| u64::from(p.len()) * 4).sum();
-        let cap = crate::format::file::FileKind::Adapter.limit();
+        let cap = adapter::MAX_FILE_BYTES;
         if bytes > cap {
             return Err(Error::InvalidArgument {
                 name: "trainable",
