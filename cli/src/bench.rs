@@ -346,6 +346,7 @@ fn model_bench<B: Backend>(
         eps: 1e-2,
         lr: 1e-4,
         delta_exp: 16,
+        decay_steps: 0,
     };
     let examples: Vec<Example> = (0..batch)
         .map(|b| Example {
@@ -364,11 +365,20 @@ fn model_bench<B: Backend>(
         &mut state,
         &zo,
         &examples[..1],
-        0,
+        (0, 0),
         None,
     )?;
     let (mut row, out) = Row::timed(format!("zo{batch}x{len}"), 2 * batch * len, || {
-        zo_step(dev, &model, &mut cache, &mut state, &zo, &examples, 0, None)
+        zo_step(
+            dev,
+            &model,
+            &mut cache,
+            &mut state,
+            &zo,
+            &examples,
+            (1, 1),
+            None,
+        )
     })?;
     row.loss = Some((out.loss_plus + out.loss_minus) / 2.0);
     row.note = Some(format!("{:.2}x the forward", row.secs / forward_secs));

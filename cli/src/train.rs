@@ -88,6 +88,9 @@ pub struct TrainArgs {
     /// Seeds the session key, the adapter's start values and the data order (default 0).
     #[arg(long)]
     seed: Option<u64>,
+    /// The learning rate falls linearly to zero at this step (0: constant).
+    #[arg(long, default_value_t = 0)]
+    lr_decay_steps: u32,
     /// Cut |g| above this to it (guards against a rare huge scalar; default 10).
     #[arg(long)]
     clip: Option<f32>,
@@ -392,6 +395,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             eps: a.eps,
             lr: a.lr,
             delta_exp: a.delta_exp,
+            decay_steps: a.lr_decay_steps,
         };
         zo.validate().map_err(|e| match e {
             edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {

@@ -51,6 +51,7 @@ fn zo(mode: SeedMode, lr: f32) -> ZoConfig {
         eps: 1e-2,
         lr,
         delta_exp: 20,
+        decay_steps: 0,
     }
 }
 

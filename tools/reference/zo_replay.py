@@ -58,9 +58,15 @@ def z4(session_key, seed, tensor, n, kind):
     return popcount(a) + popcount(b) - 32
 
 
+def lr_at(lr, step, decay):
+    """lr, or lr * max(0, 1 - step / decay), in IEEE doubles in this order."""
+    lr = float(np.float32(lr))
+    return lr if decay == 0 else lr * max(0.0, 1.0 - step / decay)
+
+
 def coefficient(lr, g, delta_exp):
-    """round_half_even(-lr * g * 2^delta_exp) in f64 (exact), clamped to 2^20."""
-    q = -float(np.float32(lr)) * float(np.float32(g)) * 2.0 ** delta_exp
+    """round_half_even(-lr * g * 2^delta_exp) in f64, clamped to 2^20."""
+    q = -lr * float(np.float32(g)) * 2.0 ** delta_exp
     q = max(-(2.0 ** 20), min(2.0 ** 20, q))
     return int(np.rint(q))
 
@@ -90,7 +96,9 @@ def main(run):
     key = int(s["session_key"])
     w0 = read_safetensors(run / "w0.safetensors")
     records = [json.loads(l) for l in (run / "history.jsonl").read_text().splitlines()]
-    coefs = [(r["seed"], coefficient(s["lr"], r["g"], s["delta_exp"])) for r in records]
+    decay = s.get("lr_decay_steps") or 0
+    coefs = [(r["seed"], coefficient(lr_at(s["lr"], r["step"], decay), r["g"], s["delta_exp"]))
+             for r in records]
     h = hashlib.sha256(b"edgetune-state-v1\n")
     h.update(lh.digest())
     for i, p in enumerate(layout):

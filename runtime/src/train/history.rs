@@ -72,6 +72,7 @@ impl Session {
             "eps": self.zo.eps,
             "lr": self.zo.lr,
             "delta_exp": self.zo.delta_exp,
+            "lr_decay_steps": self.zo.decay_steps,
             "run": self.run,
         })
     }
@@ -137,6 +138,14 @@ impl Session {
                 .as_u64()
                 .and_then(|d| u32::try_from(d).ok())
                 .ok_or_else(|| bad("delta_exp", "must be an integer"))?,
+            // Absent in sessions written before decay existed: constant.
+            decay_steps: match &v["lr_decay_steps"] {
+                Value::Null => 0,
+                d => d
+                    .as_u64()
+                    .and_then(|d| u32::try_from(d).ok())
+                    .ok_or_else(|| bad("lr_decay_steps", "must be an integer below 2^32"))?,
+            },
         };
         zo.validate().map_err(|e| bad("zo", &e.to_string()))?;
         Ok(Session {

@@ -53,6 +53,8 @@ pub struct ZoConfig {
     pub lr: f32,
     /// The update unit is 2^-delta_exp; the accumulator's unit is a quarter of it.
     pub delta_exp: u32,
+    /// The learning rate falls linearly to zero at this step (0: constant).
+    pub decay_steps: u32,
 }
 
 impl ZoConfig {
@@ -93,10 +95,23 @@ impl ZoConfig {
         }
     }
 
-    /// Q for scalar `g`: round_half_even(-lr * g * 2^delta_exp), computed exactly in f64
-    /// (a product of two f32 values is exact there), clamped to ±[`MAX_COEFFICIENT`].
-    pub fn coefficient(&self, g: f32) -> i32 {
-        let q = -f64::from(self.lr) * f64::from(g) * libm::exp2(f64::from(self.delta_exp));
+    /// The learning rate of step `step` in f64: lr, or with decay
+    /// lr * max(0, 1 - step / decay_steps), each operation one IEEE f64 rounding in this
+    /// order, so every language computes the same bits.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let lr = f64::from(self.lr);
+        if self.decay_steps == 0 {
+            return lr;
+        }
+        let factor = 1.0 - step as f64 / f64::from(self.decay_steps);
+        lr * factor.max(0.0)
+    }
+
+    /// Q for scalar `g` at step `step`: round_half_even(-lr_at(step) * g * 2^delta_exp) in
+    /// f64 (without decay the product of two f32 values is exact there), clamped to
+    /// ±[`MAX_COEFFICIENT`].
+    pub fn coefficient(&self, g: f32, step: u64) -> i32 {
+        let q = -self.lr_at(step) * f64::from(g) * libm::exp2(f64::from(self.delta_exp));
         let bound = f64::from(MAX_COEFFICIENT);
         libm::rint(q.clamp(-bound, bound)) as i32
     }
@@ -352,7 +367,7 @@ pub fn zo_step<B: Backend>(
     state: &mut ZoState<B>,
     cfg: &ZoConfig,
     batch: &[Example],
-    seed: u32,
+    (step, seed): (u64, u32),
     clip: Option<f32>,
 ) -> Result<StepOutcome> {
     let mut loss = |eps: f32| -> Result<f64> {
@@ -381,7 +396,7 @@ pub fn zo_step<B: Backend>(
         coefficient: 0,
     };
     if g.is_finite() && g.abs() <= MAX_ABS_G {
-        let q = cfg.coefficient(g);
+        let q = cfg.coefficient(g, step);
         state.apply(be, cfg, &[(seed, q)])?;
         out.g = Some(g);
         out.coefficient = q;
@@ -401,6 +416,7 @@ mod tests {
             eps: 1e-3,
             lr: 1e-4,
             delta_exp: 20,
+            decay_steps: 0,
         }
     }
 
@@ -410,10 +426,15 @@ mod tests {
         c.lr = 1.0;
         c.delta_exp = 8;
         // -g * 256: 0.5 / 256 rounds to 0 (even), 1.5 / 256 to -2.
-        assert_eq!(c.coefficient(0.5 / 256.0), 0);
-        assert_eq!(c.coefficient(1.5 / 256.0), -2);
-        assert_eq!(c.coefficient(-2.5 / 256.0), 2);
-        assert_eq!(c.coefficient(1e30), -MAX_COEFFICIENT);
+        assert_eq!(c.coefficient(0.5 / 256.0, 0), 0);
+        assert_eq!(c.coefficient(1.5 / 256.0, 0), -2);
+        assert_eq!(c.coefficient(-2.5 / 256.0, 0), 2);
+        assert_eq!(c.coefficient(1e30, 0), -MAX_COEFFICIENT);
+        // Linear decay: half the rate half way, nothing from the last step on.
+        c.decay_steps = 100;
+        assert_eq!(c.coefficient(-4.0 / 256.0, 50), 2);
+        assert_eq!(c.coefficient(-4.0 / 256.0, 100), 0);
+        assert_eq!(c.coefficient(-4.0 / 256.0, 1000), 0);
     }
 
     /// On f(w) = sum a_i (w_i - c_i)^2 / 2, the mean of g * z over seeds approaches the

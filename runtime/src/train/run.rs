@@ -59,7 +59,7 @@ pub fn replay<'b, B: Backend>(
     let mut state = ZoState::new(be, model, &w0)?;
     let updates: Vec<(u32, i32)> = records
         .iter()
-        .map(|r| (r.seed, session.zo.coefficient(r.g)))
+        .map(|r| (r.seed, session.zo.coefficient(r.g, r.step)))
         .collect();
     for chunk in updates.chunks(REPLAY_CHUNK) {
         state.apply(be, &session.zo, chunk)?;
@@ -134,7 +134,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             &mut self.state,
             &self.session.zo,
             batch,
-            seed,
+            (self.next_step, seed),
             self.clip,
         )?;
         if let Some(g) = out.g {
