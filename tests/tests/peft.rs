@@ -171,3 +171,38 @@ fn gguf_lora_export_round_trips() {
     assert!(err.to_string().contains("LoRA only"), "{err}");
     assert!(!out.exists());
 }
+
+/// rsLoRA has no flag in llama.cpp's format, which scales by alpha / rank: it is exported as
+/// the alpha that gives alpha / sqrt(rank), and gives the same logits read back.
+#[test]
+fn rslora_exports_as_the_equivalent_alpha() {
+    use edgetune::adapter::{Dims, Method, gguf, layout, peft};
+    let files = ModelFiles::open(&golden().join("tiny/llama_gqa_tied/f32.gguf"), None).unwrap();
+    let cfg = files.config().unwrap();
+    let dims = Dims::of(&cfg);
+    let dir = golden().join("peft/llama_gqa_tied/lora_from_peft");
+    let (mut acfg, values) =
+        peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();
+    if let Method::Lora { rslora, .. } = &mut acfg.method {
+        *rslora = true;
+    }
+    let tokens = [3u32, 17, 0, 42, 5];
+    let mut m = files.load(&Cpu).unwrap();
+    m.attach(acfg.clone(), 0).unwrap();
+    m.write_params(&values).unwrap();
+    let mut cache = m.new_cache(8).unwrap();
+    let want = m.forward(&mut cache, &tokens, true).unwrap();
+    let out = std::env::temp_dir().join(format!("edgetune-rslora-{}.gguf", std::process::id()));
+    gguf::save(&out, &acfg, &layout(&acfg, &dims), &values, &cfg).unwrap();
+    let mut m = files.load(&Cpu).unwrap();
+    attach_dir(&mut m, &out).unwrap();
+    let mut cache = m.new_cache(8).unwrap();
+    let got = m.forward(&mut cache, &tokens, true).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "{worst}");
+}

@@ -70,7 +70,8 @@ impl Writer {
 }
 
 /// Writes a LoRA adapter (layout order, rows in the model's `order`, of a model of `cfg`)
-/// as a llama.cpp GGUF adapter, atomically. IA3 and norms have no place in the format.
+/// as a llama.cpp GGUF adapter, atomically. IA3, norms and full weights have no place in
+/// the format.
 pub fn save(
     path: &Path,
     adapter: &AdapterConfig,
@@ -78,7 +79,12 @@ pub fn save(
     values: &[Vec<f32>],
     cfg: &Config,
 ) -> Result<()> {
-    let Method::Lora { rslora, .. } = adapter.method else {
+    let Method::Lora {
+        rank,
+        alpha,
+        rslora,
+    } = adapter.method
+    else {
         return Err(Error::InvalidArgument {
             name: "adapter",
             reason: format!(
@@ -87,13 +93,13 @@ pub fn save(
             ),
         });
     };
-    if rslora {
-        return Err(Error::InvalidArgument {
-            name: "adapter",
-            reason: "llama.cpp's GGUF adapters scale by alpha / rank; rsLoRA has no place there"
-                .into(),
-        });
-    }
+    // llama.cpp scales by alpha / rank: rsLoRA's alpha / sqrt(rank) is written as the alpha
+    // that gives it (rounded once to f32).
+    let file_alpha = if rslora {
+        (f64::from(alpha) * libm::sqrt(f64::from(rank))) as f32
+    } else {
+        alpha
+    };
     if values.len() != layout.len()
         || layout
             .iter()
@@ -114,13 +120,7 @@ pub fn save(
     w.kv_str("general.architecture", arch_name(cfg));
     w.kv_str("general.type", "adapter");
     w.kv_str("adapter.type", "lora");
-    w.kv_f32(
-        "adapter.lora.alpha",
-        match adapter.method {
-            Method::Lora { alpha, .. } => alpha,
-            _ => 0.0,
-        },
-    );
+    w.kv_f32("adapter.lora.alpha", file_alpha);
     let mut data = Vec::new();
     for (p, v) in layout.iter().zip(values) {
         let (l, t, suffix) = match p.slot {
@@ -195,7 +195,8 @@ pub fn load(
     let mut adapter = AdapterConfig {
         method: Method::Lora {
             rank,
-            alpha,
+            // llama.cpp reads alpha 0 as "scale 1", which alpha = rank gives.
+            alpha: if alpha == 0.0 { rank as f32 } else { alpha },
             rslora: false,
         },
         targets,
