@@ -102,6 +102,30 @@ fn mismatched_adapters_are_typed_errors() {
     let err = attach_dir(&mut model, &dir).unwrap_err().to_string();
     assert!(err.contains("lora_A") || err.contains("lora_B"), "{err}");
     assert!(model.adapter().is_none());
+    // A model file given as an adapter, and an adapter with a NaN, are named.
+    let gguf_model = golden().join("tiny/llama_gqa_tied/f32.gguf");
+    let files = ModelFiles::open(&gguf_model, None).unwrap();
+    let mut model = files.load(&Cpu).unwrap();
+    let err = attach_dir(&mut model, &gguf_model).unwrap_err().to_string();
+    assert!(err.contains("general.type"), "{err}");
+    let nan_dir = std::env::temp_dir().join(format!("edgetune-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&nan_dir).unwrap();
+    std::fs::copy(
+        dir.join("adapter_config.json"),
+        nan_dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(nan_dir.join("adapter_model.safetensors"), bytes).unwrap();
+    let mut model = ModelFiles::open(&golden().join("tiny/llama_gqa_tied"), None)
+        .unwrap()
+        .load(&Cpu)
+        .unwrap();
+    let err = attach_dir(&mut model, &nan_dir).unwrap_err().to_string();
+    assert!(err.contains("not finite"), "{err}");
+    std::fs::remove_dir_all(&nan_dir).unwrap();
 }
 
 /// A PEFT adapter exported as llama.cpp's GGUF LoRA and read back gives the same logits,

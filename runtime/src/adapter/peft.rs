@@ -343,10 +343,52 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
     Ok(out)
 }
 
+/// The tensors of the safetensors file at `path` in the order of `layout`, each checked by
+/// name (PEFT's names with an adapter name, `.lora_A.default.weight`, are accepted too),
+/// shape (\[rows, cols\], or flat) and finiteness; a tensor the layout lacks is an error.
+pub fn read_layout(path: &Path, layout: &[ParamInfo]) -> Result<Vec<Vec<f32>>> {
+    let shown = path.display().to_string();
+    let mut tensors = read_tensors(path)?;
+    let bad = |tensor: &str, reason: String| Error::Tensor {
+        file: shown.clone(),
+        tensor: tensor.to_owned(),
+        reason,
+    };
+    let mut values = Vec::with_capacity(layout.len());
+    for p in layout {
+        let alt = p
+            .name
+            .replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight")
+            .replace(".ia3_l", ".ia3_l.default");
+        let (shape, v) = tensors
+            .remove(&p.name)
+            .or_else(|| tensors.remove(&alt))
+            .ok_or_else(|| bad(&p.name, "is missing (the layout needs it)".into()))?;
+        let want = vec![p.rows as usize, p.cols as usize];
+        if shape != want && !(shape.len() == 1 && shape[0] == p.len() as usize) {
+            return Err(bad(
+                &p.name,
+                format!("has shape {shape:?}; the model needs {want:?}"),
+            ));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(&p.name, format!("value {i} is not finite")));
+        }
+        values.push(v);
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(bad(
+            extra,
+            "does not belong to this model's layout for the adapter (wrong target names or layer count?)".into(),
+        ));
+    }
+    Ok(values)
+}
+
 /// Reads an adapter directory: its configuration, and its tensors' values in the order of
-/// `layout_of(config)` (the model's layout for it), checked by name and shape, with rows
-/// in the model's `order`. Names PEFT writes with an adapter name
-/// (`.lora_A.default.weight`) are accepted too.
+/// `layout_of(config)` (the model's layout for it; see [`read_layout`]), with rows in the
+/// model's `order`.
 pub fn load(
     dir: &Path,
     layout_of: impl FnOnce(&AdapterConfig) -> Vec<ParamInfo>,
@@ -358,41 +400,11 @@ pub fn load(
         &cfg_path.display().to_string(),
     )?;
     let layout = layout_of(&cfg);
-    let weights = dir.join(WEIGHTS);
-    let shown = weights.display().to_string();
-    let mut tensors = read_tensors(&weights)?;
-    let mut values = Vec::with_capacity(layout.len());
-    for p in &layout {
-        let alt = p
-            .name
-            .replace(".lora_A.weight", ".lora_A.default.weight")
-            .replace(".lora_B.weight", ".lora_B.default.weight")
-            .replace(".ia3_l", ".ia3_l.default");
-        let (shape, v) = tensors
-            .remove(&p.name)
-            .or_else(|| tensors.remove(&alt))
-            .ok_or_else(|| Error::Tensor {
-                file: shown.clone(),
-                tensor: p.name.clone(),
-                reason: "is missing (the config implies it for this model)".into(),
-            })?;
-        let want = vec![p.rows as usize, p.cols as usize];
-        if shape != want && !(shape.len() == 1 && shape[0] == p.len() as usize) {
-            return Err(Error::Tensor {
-                file: shown,
-                tensor: p.name.clone(),
-                reason: format!("has shape {shape:?}; the model needs {want:?}"),
-            });
-        }
-        values.push(order.from_hf(p, &v));
-    }
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::Tensor {
-            file: shown,
-            tensor: extra.clone(),
-            reason: "does not belong to this model's layout for the adapter (wrong target names or layer count?)".into(),
-        });
-    }
+    let values = read_layout(&dir.join(WEIGHTS), &layout)?
+        .iter()
+        .zip(&layout)
+        .map(|(v, p)| order.from_hf(p, v))
+        .collect();
     Ok((cfg, values))
 }
 

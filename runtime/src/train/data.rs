@@ -278,13 +278,21 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
 /// The examples of step `step` with `batch` per step: consecutive slices of the shuffled
 /// epochs, wrapping into the next epoch.
 pub fn batch_for_step(set: &[Example], batch: usize, step: u64, seed: u64) -> Vec<&Example> {
-    let n = set.len();
+    if set.is_empty() {
+        return Vec::new();
+    }
+    let n = set.len() as u64;
+    // A batch spans at most a few epochs: shuffle each once.
+    let mut order: Option<(u64, Vec<usize>)> = None;
     (0..batch as u64)
         .map(|b| {
             let at = step * batch as u64 + b;
-            let epoch = (at / n as u64) as u32;
-            let order = epoch_order(n, seed, epoch);
-            &set[order[(at % n as u64) as usize]]
+            let epoch = at / n;
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, epoch_order(set.len(), seed, epoch as u32)));
+            }
+            let i = order.as_ref().map_or(0, |(_, o)| o[(at % n) as usize]);
+            &set[i]
         })
         .collect()
 }

@@ -5,7 +5,7 @@
 //! applied, so a bad history applies nothing.
 
 use super::{SeedMode, ZoConfig, check_scalar};
-use crate::adapter::peft::{config_json, parse_config, read_tensors, safetensors_bytes};
+use crate::adapter::peft::{config_json, parse_config, read_layout, safetensors_bytes};
 use crate::adapter::{AdapterConfig, ParamInfo};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_json, read_text, write_atomic};
@@ -246,47 +246,9 @@ pub fn read_session(dir: &Path) -> Result<Session> {
     )
 }
 
-/// The start values in layout order, checked by name and shape.
+/// The start values in layout order, checked by name, shape and finiteness.
 pub fn read_w0(dir: &Path, layout: &[ParamInfo]) -> Result<Vec<Vec<f32>>> {
-    let path = dir.join(W0);
-    let shown = path.display().to_string();
-    let mut t = read_tensors(&path)?;
-    let out = layout
-        .iter()
-        .map(|p| match t.remove(&p.name) {
-            Some((shape, v)) if shape == [p.rows as usize, p.cols as usize] => {
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::Tensor {
-                        file: shown.clone(),
-                        tensor: p.name.clone(),
-                        reason: format!("value {i} is not finite"),
-                    });
-                }
-                Ok(v)
-            }
-            Some((shape, _)) => Err(Error::Tensor {
-                file: shown.clone(),
-                tensor: p.name.clone(),
-                reason: format!(
-                    "has shape {shape:?}; the layout needs [{}, {}]",
-                    p.rows, p.cols
-                ),
-            }),
-            None => Err(Error::Tensor {
-                file: shown.clone(),
-                tensor: p.name.clone(),
-                reason: "is missing".into(),
-            }),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(extra) = t.keys().min() {
-        return Err(Error::Tensor {
-            file: shown,
-            tensor: extra.clone(),
-            reason: "is not in the layout".into(),
-        });
-    }
-    Ok(out)
+    read_layout(&dir.join(W0), layout)
 }
 
 /// The records of history.jsonl, every one checked (steps increasing, seeds in range,
