@@ -553,6 +553,28 @@ impl Gpu {
     }
 }
 
+/// The parameter words shaders/philox.wgsl's z kernels share: (c0, tensor, seed, purpose),
+/// the session key as the Philox key, the element count and the z kind.
+fn z_params(
+    c0: u32,
+    tensor: u32,
+    seed: u32,
+    session_key: u64,
+    n: u32,
+    kind: crate::rng::ZKind,
+) -> Vec<u32> {
+    vec![
+        c0,
+        tensor,
+        seed,
+        crate::rng::PURPOSE_PERTURB,
+        session_key as u32,
+        (session_key >> 32) as u32,
+        n,
+        kind.shader_code(),
+    ]
+}
+
 /// The device layout of the 32-element block formats (see shaders/quant.wgsl): every
 /// block's scale first (u16 d; for Q4_1 a u32 of d and m), padded to 16 bytes, then every
 /// block's quants, 16 or 32 bytes each. `None` for formats kept in their GGUF layout.
@@ -1053,16 +1075,7 @@ impl Backend for Gpu {
                 entry: "perturb_z",
                 overrides: vec![],
                 bindings: vec![(2, out)],
-                params: vec![
-                    start,
-                    tensor,
-                    seed,
-                    crate::rng::PURPOSE_PERTURB,
-                    session_key as u32,
-                    (session_key >> 32) as u32,
-                    n,
-                    kind.shader_code(),
-                ],
+                params: z_params(start, tensor, seed, session_key, n, kind),
                 groups: self.grid(name, u64::from(n))?,
             },
             Op::ZoWeights {
@@ -1081,18 +1094,11 @@ impl Backend for Gpu {
                 entry: "zo_weights",
                 overrides: vec![],
                 bindings: vec![(2, out), (3, base), (4, acc)],
-                params: vec![
-                    0,
-                    tensor,
-                    seed,
-                    crate::rng::PURPOSE_PERTURB,
-                    session_key as u32,
-                    (session_key >> 32) as u32,
-                    n,
-                    kind.shader_code(),
-                    step.to_bits(),
-                    eps.to_bits(),
-                ],
+                params: [
+                    z_params(0, tensor, seed, session_key, n, kind),
+                    vec![step.to_bits(), eps.to_bits()],
+                ]
+                .concat(),
                 groups: self.grid(name, u64::from(n))?,
             },
             Op::ZoAccumulate {
@@ -1108,16 +1114,7 @@ impl Backend for Gpu {
                 entry: "zo_accumulate",
                 overrides: vec![],
                 bindings: vec![(4, acc), (5, seeds)],
-                params: vec![
-                    n_seeds,
-                    tensor,
-                    0,
-                    crate::rng::PURPOSE_PERTURB,
-                    session_key as u32,
-                    (session_key >> 32) as u32,
-                    n,
-                    kind.shader_code(),
-                ],
+                params: z_params(n_seeds, tensor, 0, session_key, n, kind),
                 groups: self.grid(name, u64::from(n))?,
             },
             Op::MulCols {
