@@ -35,6 +35,9 @@ override X4: bool = false;
 override ROWS: u32 = 4u;
 // Invocations per `qmatvec` workgroup.
 override MV_WG: u32 = 64u;
+// Whether each 32-element block's scale comes from `trained` (f32, one per block, row by
+// row) instead of the stored f16: the "scales" trainable set (Q8_0, Q4_0, Q4_1).
+override SCALES: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -43,6 +46,7 @@ override MV_WG: u32 = 64u;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> trained: array<f32>;
 
 fn byte_at(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xFFu;
@@ -99,6 +103,22 @@ fn split_scale16(b: u32) -> f32 {
     return half_to_f32((w[b >> 1u] >> (16u * (b & 1u))) & 0xFFFFu);
 }
 
+// Block b's stored scale d (Q8_0, Q4_0, Q4_1).
+fn stored_scale(b: u32) -> f32 {
+    if WTYPE == Q4_1 {
+        return half_to_f32(w[b] & 0xFFFFu);
+    }
+    return split_scale16(b);
+}
+
+// Block b's scale: the trained one where given, else the stored one.
+fn block_scale(b: u32) -> f32 {
+    if SCALES {
+        return trained[b];
+    }
+    return stored_scale(b);
+}
+
 // Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block.
 fn split_quants(b: u32, per_block: u32) -> u32 {
     var scale_bytes = 2u * n_blocks();
@@ -135,7 +155,9 @@ struct Chunk {
 // 0..16 and (s1, m1) for 16..32. Keeping the step separate lets a dot product apply it once
 // per half instead of once per element. Every format's s * q is exact or is its one
 // rounding, and m is added after, so s * q + m is bit-identical to the reference formulas
-// (for Q4_0, d * q - 8d equals d * (q - 8) because d * q and 8d are exact).
+// (for Q4_0, d * q - 8d equals d * (q - 8) because d * q and 8d are exact). A trained f32
+// scale makes s * q a rounding too; the reference (`quant::dequantize_scaled`) rounds the
+// same two steps, though a device may fuse them.
 struct Raw {
     q: Chunk,
     s0: f32,
@@ -183,7 +205,7 @@ fn raw(j: u32, c: u32) -> Raw {
         }
         case Q8_0: {
             let b = block_index(j, c);
-            r.s0 = split_scale16(b);
+            r.s0 = block_scale(b);
             let q = split_quants(b, 2u);
             let lo = wq[q];
             let hi = wq[q + 1u];
@@ -191,12 +213,10 @@ fn raw(j: u32, c: u32) -> Raw {
         }
         case Q4_0, Q4_1: {
             let b = block_index(j, c);
+            r.s0 = block_scale(b);
             if WTYPE == Q4_1 {
-                let dm = w[b];
-                r.s0 = half_to_f32(dm & 0xFFFFu);
-                r.m0 = half_to_f32(dm >> 16u);
+                r.m0 = half_to_f32(w[b] >> 16u);
             } else {
-                r.s0 = split_scale16(b);
                 r.m0 = -8.0 * r.s0;
             }
             let q = wq[split_quants(b, 1u)];
@@ -334,6 +354,17 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     store_chunk(chunk(0u, c), 0u, c);
+}
+
+// One invocation per block of a single row of k elements: out[b] = its stored scale, as
+// f32 (exact), where trained scales start.
+@compute @workgroup_size(64, 1, 1)
+fn block_scales(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let b = gid.x + gid.y * nwg.x * 64u;
+    if b >= p.k / 32u {
+        return;
+    }
+    out[b] = stored_scale(b);
 }
 
 // One invocation per (id, chunk): out[t, :] = dequant(row ids[t]). Ids past the table

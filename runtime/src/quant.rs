@@ -172,6 +172,30 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 /// Dequantise `out.len()` elements stored as `ty` in `src` (which must hold exactly the
 /// bytes of those elements, whole blocks).
 pub fn dequantize(ty: WeightType, src: &[u8], out: &mut [f32]) -> Result<()> {
+    dequantize_scaled(ty, src, None, out)
+}
+
+/// Whether a format's blocks have one continuous scale each that training may replace
+/// (the "scales" trainable set): the 32-element formats. The K-quants' scales are 6- or
+/// 8-bit codes under a super-block scale, which this does not cover.
+pub fn has_block_scale(ty: WeightType) -> bool {
+    matches!(ty, WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1)
+}
+
+/// Block `blk`'s scale d as f32 (exact), for a format with [`has_block_scale`].
+pub fn block_scale(blk: &[u8]) -> f32 {
+    f16_at(blk, 0)
+}
+
+/// [`dequantize`], with each block's stored scale d replaced by `scales[block]` where
+/// given (a format with [`has_block_scale`]; one f32 per block). Q4_0's offset -8d and
+/// Q4_1's stored minimum follow the formulas below unchanged.
+pub fn dequantize_scaled(
+    ty: WeightType,
+    src: &[u8],
+    scales: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let need = ty.row_bytes(out.len())?;
     if src.len() != need {
         return Err(Error::BufferTooSmall {
@@ -183,16 +207,34 @@ pub fn dequantize(ty: WeightType, src: &[u8], out: &mut [f32]) -> Result<()> {
     }
     let be = ty.block_elems();
     let bb = ty.block_bytes();
-    for (blk, y) in src.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+    if let Some(s) = scales
+        && (!has_block_scale(ty) || s.len() != out.len() / be)
+    {
+        return Err(Error::InvalidShape {
+            op: "dequantize",
+            reason: format!(
+                "{} scales for {} blocks of {}",
+                s.len(),
+                out.len() / be,
+                ty.name()
+            ),
+        });
+    }
+    for (i, (blk, y)) in src
+        .chunks_exact(bb)
+        .zip(out.chunks_exact_mut(be))
+        .enumerate()
+    {
+        let d = || scales.map_or_else(|| block_scale(blk), |s| s[i]);
         match ty {
             WeightType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
             WeightType::F16 => y[0] = f16_at(blk, 0),
             WeightType::BF16 => {
                 y[0] = bf16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32()
             }
-            WeightType::Q8_0 => dequant_q8_0(blk, y),
-            WeightType::Q4_0 => dequant_q4_0(blk, y),
-            WeightType::Q4_1 => dequant_q4_1(blk, y),
+            WeightType::Q8_0 => dequant_q8_0(blk, d(), y),
+            WeightType::Q4_0 => dequant_q4_0(blk, d(), y),
+            WeightType::Q4_1 => dequant_q4_1(blk, d(), y),
             WeightType::Q4K => dequant_q4k(blk, y),
             WeightType::Q6K => dequant_q6k(blk, y),
         }
@@ -201,26 +243,26 @@ pub fn dequantize(ty: WeightType, src: &[u8], out: &mut [f32]) -> Result<()> {
 }
 
 /// y = d * q: one rounding.
-fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
+fn dequant_q8_0(b: &[u8], d: f32, y: &mut [f32]) {
     for (i, v) in y.iter_mut().enumerate() {
         *v = d * f32::from(b[2 + i] as i8);
     }
 }
 
-/// y = d * (q - 8): one rounding.
-fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
+/// y = d * q - 8d, the shaders' form: for a stored (f16) d both products are exact, so
+/// this is d * (q - 8) exactly; for a trained f32 d it is two roundings, as on the GPU.
+fn dequant_q4_0(b: &[u8], d: f32, y: &mut [f32]) {
+    let m = -8.0 * d;
     for j in 0..QK / 2 {
         let q = b[2 + j];
-        y[j] = d * (f32::from(q & 0x0F) - 8.0);
-        y[j + QK / 2] = d * (f32::from(q >> 4) - 8.0);
+        y[j] = d * f32::from(q & 0x0F) + m;
+        y[j + QK / 2] = d * f32::from(q >> 4) + m;
     }
 }
 
-/// y = d * q + m: d * q is exact (11 x 4 significant bits), so one rounding even if fused.
-fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
+/// y = d * q + m: for a stored d, d * q is exact (11 x 4 significant bits), so one
+/// rounding even if fused.
+fn dequant_q4_1(b: &[u8], d: f32, y: &mut [f32]) {
     let m = f16_at(b, 2);
     for j in 0..QK / 2 {
         let q = b[4 + j];

@@ -10,7 +10,7 @@
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
 use crate::error::{Error, Result};
-use crate::quant::WeightType;
+use crate::quant::{self, WeightType};
 use crate::rng::{ZKind, philox4x32_10};
 use half::{bf16, f16};
 use std::prelude::v1::*;
@@ -283,6 +283,7 @@ pub fn cases() -> Vec<Case> {
             ],
             op: Op::Dequant {
                 w: &IDX[0],
+                scales: None,
                 out: &IDX[1],
                 wtype: ty,
                 n: n_deq as u32,
@@ -346,6 +347,7 @@ pub fn cases() -> Vec<Case> {
                 op: Op::QMatmul {
                     x: &IDX[0],
                     w: &IDX[1],
+                    scales: None,
                     out: &IDX[2],
                     wtype: ty,
                     m: m as u32,
@@ -365,6 +367,84 @@ pub fn cases() -> Vec<Case> {
                 } else {
                     Unit::GflopPerS
                 },
+            });
+        }
+    }
+
+    // Trained block scales (the "scales" adapter): read back exactly, and replacing the
+    // stored ones in dequantisation and products. A device may fuse s * q + m, so these
+    // are compared within rounding.
+    for ty in WeightType::ALL
+        .into_iter()
+        .filter(|&t| quant::has_block_scale(t))
+    {
+        let (k, n) = (96usize, 67usize);
+        let blocks = n * k / quant::QK;
+        let w = d.weights(ty, n, k, false);
+        let trained: Vec<f32> = d.f32s(blocks).iter().map(|v| 0.1 * v).collect();
+        cases.push(Case {
+            kernel: "block_scales",
+            shape: format!("{} blocks={blocks}", ty.name()),
+            bufs: vec![Init::Weights(ty, w.clone()), Init::Zeros(blocks as u64 * 4)],
+            op: Op::BlockScales {
+                w: &IDX[0],
+                out: &IDX[1],
+                wtype: ty,
+                blocks: blocks as u32,
+            },
+            out: 1,
+            out_elems: blocks,
+            tolerance: Tolerance::Exact,
+            work: (ty.row_bytes(n * k).unwrap_or(0) + 4 * blocks) as f64,
+            unit: Unit::GbPerS,
+        });
+        cases.push(Case {
+            kernel: "dequant",
+            shape: format!("{} n={} trained scales", ty.name(), n * k),
+            bufs: vec![
+                Init::Weights(ty, w.clone()),
+                Init::Data(f32_bytes(&trained)),
+                Init::Zeros((n * k * 4) as u64),
+            ],
+            op: Op::Dequant {
+                w: &IDX[0],
+                scales: Some(&IDX[1]),
+                out: &IDX[2],
+                wtype: ty,
+                n: (n * k) as u32,
+            },
+            out: 2,
+            out_elems: n * k,
+            tolerance: close(1e-6, 1e-6),
+            work: (ty.row_bytes(n * k).unwrap_or(0) + 8 * n * k) as f64,
+            unit: Unit::GbPerS,
+        });
+        // One token, a few (the per-row kernel) and enough to take the f32 scratch path.
+        for m in [1usize, 5, 20] {
+            cases.push(Case {
+                kernel: if m == 1 { "qmatvec" } else { "qmatmul" },
+                shape: format!("{} {m}x{k}x{n} trained scales", ty.name()),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(m * k))),
+                    Init::Weights(ty, w.clone()),
+                    Init::Data(f32_bytes(&trained)),
+                    Init::Zeros((m * n * 4) as u64),
+                ],
+                op: Op::QMatmul {
+                    x: &IDX[0],
+                    w: &IDX[1],
+                    scales: Some(&IDX[2]),
+                    out: &IDX[3],
+                    wtype: ty,
+                    m: m as u32,
+                    k: k as u32,
+                    n: n as u32,
+                },
+                out: 3,
+                out_elems: m * n,
+                tolerance: close(2e-6 * k as f64, 1e-4),
+                work: 2.0 * (m * k * n) as f64,
+                unit: Unit::GflopPerS,
             });
         }
     }

@@ -103,6 +103,9 @@ pub enum Method {
     Norms,
     /// Every weight of an unquantised (f32, f16, bf16) model, held in f32 while it trains.
     Full,
+    /// The block scales of a quantised model's projections on each target (QZO): the 4-bit
+    /// or 8-bit codes stay frozen, each 32-element block's scale d learns in f32.
+    Scales,
 }
 
 /// An adapter: a method and the projections it attaches to (unused for norms).
@@ -147,6 +150,14 @@ impl AdapterConfig {
         }
     }
 
+    /// The block scales of the projections on `targets`.
+    pub fn scales(targets: &[Target]) -> AdapterConfig {
+        AdapterConfig {
+            method: Method::Scales,
+            targets: targets.to_vec(),
+        }
+    }
+
     /// Checks ranges and normalises the target list (sorted into the pinned order, no
     /// duplicates).
     pub fn validate(&mut self) -> Result<()> {
@@ -173,11 +184,11 @@ impl AdapterConfig {
                     });
                 }
             }
-            Method::Ia3 => {
+            Method::Ia3 | Method::Scales => {
                 if self.targets.is_empty() {
                     return Err(Error::InvalidArgument {
                         name: "targets",
-                        reason: "IA3 needs at least one target".into(),
+                        reason: format!("{} needs at least one target", self.method_name()),
                     });
                 }
             }
@@ -208,6 +219,7 @@ impl AdapterConfig {
             Method::Ia3 => "ia3",
             Method::Norms => "norms",
             Method::Full => "full",
+            Method::Scales => "scales",
         }
     }
 }
@@ -228,6 +240,8 @@ pub enum Slot {
     Embed,
     /// The output head of an untied model.
     Output,
+    /// A projection's block scales.
+    Scales(u32, Target),
 }
 
 /// How a tensor starts.
@@ -238,7 +252,7 @@ pub enum Init {
     /// Uniform in (-bound, bound) from the init seed: PEFT's kaiming_uniform(a = sqrt(5))
     /// for LoRA's A, whose bound is 1 / sqrt(in_features).
     Uniform(f32),
-    /// The model's own values (norm weights).
+    /// The model's own values (norm weights, block scales).
     Model,
 }
 
@@ -358,6 +372,18 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
                 }
             }
             Method::Full => {}
+            Method::Scales => {
+                for &t in &cfg.targets {
+                    let (n_out, n_in) = dims.features(t);
+                    out.push(ParamInfo {
+                        name: format!("model.layers.{l}.{}.{}.weight_scales", t.path(), t.module()),
+                        slot: Slot::Scales(l, t),
+                        rows: n_out,
+                        cols: n_in / crate::quant::QK as u32,
+                        init: Init::Model,
+                    });
+                }
+            }
             Method::Norms => {
                 for (slot, leaf) in [
                     (Slot::AttnNorm(l), "input_layernorm"),

@@ -17,6 +17,8 @@ pub const WEIGHTS: &str = "adapter_model.safetensors";
 const NORMS_TYPE: &str = "EDGETUNE_NORMS";
 /// `peft_type` of fully trained weights (the file holds every weight, in f32).
 const FULL_TYPE: &str = "EDGETUNE_FULL";
+/// `peft_type` of trained block scales (one f32 per 32-element block of each target).
+const SCALES_TYPE: &str = "EDGETUNE_SCALES";
 
 /// adapter_config.json for `cfg`.
 pub fn config_json(cfg: &AdapterConfig) -> Value {
@@ -58,6 +60,7 @@ pub fn config_json(cfg: &AdapterConfig) -> Value {
         }),
         Method::Norms => json!({ "peft_type": NORMS_TYPE }),
         Method::Full => json!({ "peft_type": FULL_TYPE }),
+        Method::Scales => json!({ "peft_type": SCALES_TYPE, "target_modules": modules }),
     }
 }
 
@@ -159,11 +162,12 @@ pub fn parse_config(v: &Value, file: &str) -> Result<AdapterConfig> {
         }
         NORMS_TYPE => AdapterConfig::norms(),
         FULL_TYPE => AdapterConfig::full(),
+        SCALES_TYPE => AdapterConfig::scales(&targets()?),
         other => {
             return Err(bad(
                 "peft_type",
                 format!(
-                    "`{other}` is not one edgetune reads (LORA, IA3, {NORMS_TYPE}, {FULL_TYPE})"
+                    "`{other}` is not one edgetune reads (LORA, IA3, {NORMS_TYPE}, {FULL_TYPE}, {SCALES_TYPE})"
                 ),
             ));
         }
@@ -203,6 +207,7 @@ impl RowOrder {
                 | Slot::Ia3(_, Target::Q | Target::K)
                 | Slot::Weight(_, Target::Q | Target::K)
                 | Slot::Bias(_, Target::Q | Target::K)
+                | Slot::Scales(_, Target::Q | Target::K)
         );
         let hd = head_dim as usize;
         // Model row h*hd + 2i + s holds Hugging Face row h*hd + s*hd/2 + i.

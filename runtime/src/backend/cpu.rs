@@ -132,6 +132,7 @@ impl Backend for Cpu {
             Op::QMatmul {
                 x,
                 w,
+                scales,
                 out,
                 wtype,
                 m,
@@ -139,20 +140,43 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
+                let scales = scales.map(|s| s.f32s(n * k / quant::QK));
                 let y = qmatmul(
                     &x.f32s(m * k),
                     &w.bytes(wtype.row_bytes(k)? * n),
                     wtype,
-                    m,
-                    k,
-                    n,
+                    scales.as_deref(),
+                    (m, k, n),
                 )?;
                 out.write_f32(&y);
             }
-            Op::Dequant { w, out, wtype, n } => {
+            Op::Dequant {
+                w,
+                scales,
+                out,
+                wtype,
+                n,
+            } => {
                 let n = n as usize;
+                let scales = scales.map(|s| s.f32s(n / quant::QK));
                 let mut y = vec![0.0; n];
-                quant::dequantize(wtype, &w.bytes(wtype.row_bytes(n)?), &mut y)?;
+                quant::dequantize_scaled(
+                    wtype,
+                    &w.bytes(wtype.row_bytes(n)?),
+                    scales.as_deref(),
+                    &mut y,
+                )?;
+                out.write_f32(&y);
+            }
+            Op::BlockScales {
+                w,
+                out,
+                wtype,
+                blocks,
+            } => {
+                let bb = wtype.block_bytes();
+                let w = w.bytes(bb * blocks as usize);
+                let y: Vec<f32> = w.chunks_exact(bb).map(quant::block_scale).collect();
                 out.write_f32(&y);
             }
             Op::Embed {
@@ -398,15 +422,17 @@ pub fn qmatmul(
     x: &[f32],
     w: &[u8],
     wtype: WeightType,
-    m: usize,
-    k: usize,
-    n: usize,
+    scales: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
     let row_bytes = wtype.row_bytes(k)?;
+    let per_row = k / quant::QK;
     let mut row = vec![0.0f32; k];
     let mut out = vec![0.0f32; m * n];
     for j in 0..n {
-        quant::dequantize(wtype, &w[j * row_bytes..(j + 1) * row_bytes], &mut row)?;
+        let row_scales = scales.map(|s| &s[j * per_row..(j + 1) * per_row]);
+        let src = &w[j * row_bytes..(j + 1) * row_bytes];
+        quant::dequantize_scaled(wtype, src, row_scales, &mut row)?;
         for i in 0..m {
             let xi = &x[i * k..(i + 1) * k];
             out[i * n + j] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();

@@ -252,7 +252,7 @@ const DEQUANT_FROM_ROWS: usize = 4;
 fn qmatmul_rows_body(
     isa: Isa,
     x: &[f32],
-    w: &[u8],
+    (w, scales): (&[u8], Option<&[f32]>),
     wtype: WeightType,
     (m, k): (usize, usize),
     rows: core::ops::Range<usize>,
@@ -274,7 +274,8 @@ fn qmatmul_rows_body(
             return Ok(out);
         }};
     }
-    if m < DEQUANT_FROM_ROWS {
+    // Trained scales take the dequantising path: the fused decoders read the stored ones.
+    if m < DEQUANT_FROM_ROWS && scales.is_none() {
         match wtype {
             WeightType::Q8_0 => fused!(i, r => dot_q8_0_isa(isa, &x[i * k..(i + 1) * k], r)),
             WeightType::Q4_0 => fused!(i, r => dot_q4_0(&x[i * k..(i + 1) * k], r)),
@@ -292,7 +293,9 @@ fn qmatmul_rows_body(
     for j0 in rows.clone().step_by(DEQUANT_BLOCK_ROWS) {
         let nb = DEQUANT_BLOCK_ROWS.min(rows.end - j0);
         for (j, buf) in (j0..j0 + nb).zip(deq.chunks_exact_mut(k)) {
-            quant::dequantize(wtype, weights(j), buf)?;
+            let per_row = k / QK;
+            let row_scales = scales.map(|s| &s[j * per_row..(j + 1) * per_row]);
+            quant::dequantize_scaled(wtype, weights(j), row_scales, buf)?;
         }
         let deq_row = |r: usize| &deq[r.min(nb - 1) * k..][..k];
         for i0 in (0..m).step_by(TILE) {
@@ -567,7 +570,7 @@ macro_rules! qmatmul_variant {
         $(#[$attr])*
         fn $name(
             x: &[f32],
-            w: &[u8],
+            w: (&[u8], Option<&[f32]>),
             wtype: WeightType,
             shape: (usize, usize),
             rows: core::ops::Range<usize>,
@@ -601,7 +604,7 @@ qmatmul_variant!(
 fn qmatmul_rows(
     isa: Isa,
     x: &[f32],
-    w: &[u8],
+    w: (&[u8], Option<&[f32]>),
     wtype: WeightType,
     shape: (usize, usize),
     rows: core::ops::Range<usize>,
@@ -790,11 +793,12 @@ impl Host {
         out
     }
 
-    /// x \[m, k\] times the \[n, k\] quantised rows of `w`, transposed: \[m, n\].
+    /// x \[m, k\] times the \[n, k\] quantised rows of `w` (with `scales` replacing the
+    /// stored ones), transposed: \[m, n\].
     fn qmatmul(
         &self,
         x: &[f32],
-        w: &[u8],
+        (w, scales): (&[u8], Option<&[f32]>),
         wtype: WeightType,
         (m, k, n): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
@@ -804,12 +808,12 @@ impl Host {
             .min((row_bytes * n) / MIN_BYTES_PER_THREAD)
             .clamp(1, n);
         if threads == 1 {
-            return qmatmul_rows(self.isa, x, w, wtype, (m, k), 0..n);
+            return qmatmul_rows(self.isa, x, (w, scales), wtype, (m, k), 0..n);
         }
         let per = n.div_ceil(threads);
         let blocks = self.parallel(n.div_ceil(per), |b| {
             let rows = b * per..((b + 1) * per).min(n);
-            qmatmul_rows(self.isa, x, w, wtype, (m, k), rows)
+            qmatmul_rows(self.isa, x, (w, scales), wtype, (m, k), rows)
         });
         // Interleave the column blocks back into rows of n.
         let mut out = vec![0.0f32; m * n];
@@ -858,6 +862,7 @@ impl Backend for Host {
             Op::QMatmul {
                 x,
                 w,
+                scales,
                 out,
                 wtype,
                 m,
@@ -867,9 +872,10 @@ impl Backend for Host {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
+                let scales = scales.map(|s| s.f32s(n * k / QK));
                 // The result is computed before `out` is written: it may alias `x`.
-                let result =
-                    self.qmatmul(&xs, &w.bytes(wtype.row_bytes(k)? * n), wtype, (m, k, n))?;
+                let w = w.bytes(wtype.row_bytes(k)? * n);
+                let result = self.qmatmul(&xs, (&w, scales.as_deref()), wtype, (m, k, n))?;
                 out.write_f32(&result);
                 Ok(())
             }

@@ -319,6 +319,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         let op = Op::QMatmul {
             x: &x,
             w: &w,
+            scales: None,
             out: &out,
             wtype,
             m: 1,

@@ -794,6 +794,7 @@ impl Backend for Gpu {
             Op::QMatmul {
                 x,
                 w,
+                scales,
                 out,
                 wtype,
                 m,
@@ -814,6 +815,7 @@ impl Backend for Gpu {
                     let scratch = self.scratch(scratch_bytes)?;
                     self.run(&Op::Dequant {
                         w,
+                        scales,
                         out: &scratch,
                         wtype,
                         n: total,
@@ -859,20 +861,55 @@ impl Backend for Gpu {
                         ("X4", u32::from(k.is_multiple_of(4))),
                         ("ROWS", mv.rows),
                         ("MV_WG", mv.wg),
+                        ("SCALES", u32::from(scales.is_some())),
                     ],
                     // x and w are bound twice: as scalars and as vectors.
-                    bindings: vec![(1, w), (2, x), (4, out), (5, x), (6, w)],
+                    bindings: vec![
+                        (1, w),
+                        (2, x),
+                        (4, out),
+                        (5, x),
+                        (6, w),
+                        (7, scales.unwrap_or(w)),
+                    ],
                     params: vec![m, k, n, row_bytes],
                     groups,
                 }
             }
-            Op::Dequant { w, out, wtype, n } => Dispatch {
+            Op::Dequant {
+                w,
+                scales,
+                out,
+                wtype,
+                n,
+            } => Dispatch {
                 family: "quant",
                 entry: "dequant",
-                overrides: vec![("WTYPE", wtype.shader_code())],
-                bindings: vec![(1, w), (4, out), (6, w)],
+                overrides: vec![
+                    ("WTYPE", wtype.shader_code()),
+                    ("SCALES", u32::from(scales.is_some())),
+                ],
+                bindings: vec![(1, w), (4, out), (6, w), (7, scales.unwrap_or(w))],
                 params: vec![1, n, 1, wtype.row_bytes(n as usize)? as u32],
                 groups: self.grid(name, u64::from(n.div_ceil(32)))?,
+            },
+            Op::BlockScales {
+                w,
+                out,
+                wtype,
+                blocks,
+            } => Dispatch {
+                family: "quant",
+                entry: "block_scales",
+                overrides: vec![("WTYPE", wtype.shader_code())],
+                bindings: vec![(1, w), (4, out)],
+                params: vec![
+                    1,
+                    blocks * 32,
+                    1,
+                    wtype.row_bytes(blocks as usize * 32)? as u32,
+                ],
+                groups: self.grid(name, u64::from(blocks))?,
             },
             Op::Embed {
                 table,
@@ -886,7 +923,7 @@ impl Backend for Gpu {
                 family: "quant",
                 entry: "embed",
                 overrides: vec![("WTYPE", wtype.shader_code())],
-                bindings: vec![(1, table), (3, ids), (4, out), (6, table)],
+                bindings: vec![(1, table), (3, ids), (4, out), (6, table), (7, table)],
                 params: vec![n_ids, dim, vocab, wtype.row_bytes(dim as usize)? as u32],
                 groups: self.grid(name, u64::from(n_ids) * u64::from(dim.div_ceil(32)))?,
             },

@@ -19,6 +19,9 @@ pub struct Weight<B: Backend> {
     pub wtype: WeightType,
     pub rows: u32,
     pub cols: u32,
+    /// Trained block scales replacing the stored ones (the "scales" adapter), one f32 per
+    /// 32-element block, row by row.
+    pub scales: Option<B::Buffer>,
 }
 
 impl<B: Backend> Weight<B> {
@@ -27,6 +30,7 @@ impl<B: Backend> Weight<B> {
         be.run(&Op::QMatmul {
             x,
             w: &self.buf,
+            scales: self.scales.as_ref(),
             out,
             wtype: self.wtype,
             m,
@@ -474,6 +478,7 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
             wtype: t.wtype,
             rows,
             cols,
+            scales: None,
         })
     }
 
@@ -615,9 +620,10 @@ impl<'b, B: Backend> Model<'b, B> {
         // Every buffer first, so a failed allocation leaves the model as it was.
         let mut bufs = Vec::with_capacity(layout.len());
         for (i, p) in layout.iter().enumerate() {
-            bufs.push(match p.init {
-                Init::Model => None,
-                init => {
+            bufs.push(match (p.slot, p.init) {
+                (Slot::Scales(l, t), _) => Some(self.stored_scales(l, t)?),
+                (_, Init::Model) => None,
+                (_, init) => {
                     let v = adapter::init_values(init, p.len(), i as u32, init_seed);
                     Some(self.backend.upload_f32(&v, "adapter")?)
                 }
@@ -649,6 +655,11 @@ impl<'b, B: Backend> Model<'b, B> {
                         } else {
                             lin.scale_out = Some(buf);
                         }
+                    }
+                }
+                Slot::Scales(l, t) => {
+                    if let Some(lin) = self.linear_mut(l, t) {
+                        lin.weight.scales = Some(buf);
                     }
                 }
                 Slot::AttnNorm(_)
@@ -831,7 +842,39 @@ impl<'b, B: Backend> Model<'b, B> {
             Slot::OutputNorm => Some(&self.out_norm),
             Slot::Weight(..) | Slot::Embed | Slot::Output => self.weight(slot).map(|w| &w.buf),
             Slot::Bias(l, t) => self.linear(l, t)?.bias.as_ref(),
+            Slot::Scales(l, t) => self.linear(l, t)?.weight.scales.as_ref(),
         }
+    }
+
+    /// A new buffer holding the stored block scales of layer `l`'s projection `t`, where
+    /// trained scales start; only formats with one scale per 32-element block have them.
+    fn stored_scales(&self, l: u32, t: Target) -> Result<B::Buffer> {
+        let w = &self
+            .linear(l, t)
+            .ok_or_else(|| Error::InvalidArgument {
+                name: "adapter",
+                reason: format!("layer {l} has no {}", t.module()),
+            })?
+            .weight;
+        if !quant::has_block_scale(w.wtype) {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: format!(
+                    "scales trains the block scales of q8_0, q4_0 and q4_1 weights; layer {l}'s {} is {}",
+                    t.module(),
+                    w.wtype.name()
+                ),
+            });
+        }
+        let blocks = (w.rows as usize * w.cols as usize / quant::QK) as u32;
+        let buf = self.backend.alloc(u64::from(blocks) * 4, "scales")?;
+        self.backend.run(&Op::BlockScales {
+            w: &w.buf,
+            out: &buf,
+            wtype: w.wtype,
+            blocks,
+        })?;
+        Ok(buf)
     }
 
     fn linear(&self, l: u32, t: Target) -> Option<&Linear<B>> {
