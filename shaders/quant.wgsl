@@ -35,9 +35,9 @@ override X4: bool = false;
 override ROWS: u32 = 4u;
 // Invocations per `qmatvec` workgroup.
 override MV_WG: u32 = 64u;
-// Whether each 32-element block's scale comes from `trained` (f32, one per block, row by
-// row) instead of the stored f16: the "scales" trainable set (Q8_0, Q4_0, Q4_1).
-override SCALES: bool = false;
+// Whether each 32-element block's stored scale is multiplied by its factor in `factors`
+// (f32, one per block, row by row): the "scales" trainable set (Q8_0, Q4_0, Q4_1).
+override FACTORS: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -46,7 +46,7 @@ override SCALES: bool = false;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> wq: array<vec4<u32>>;
-@group(0) @binding(7) var<storage, read> trained: array<f32>;
+@group(0) @binding(7) var<storage, read> factors: array<f32>;
 
 fn byte_at(off: u32) -> u32 {
     return (w[off >> 2u] >> ((off & 3u) * 8u)) & 0xFFu;
@@ -111,10 +111,10 @@ fn stored_scale(b: u32) -> f32 {
     return split_scale16(b);
 }
 
-// Block b's scale: the trained one where given, else the stored one.
+// Block b's scale: the stored one, times its trained factor where given.
 fn block_scale(b: u32) -> f32 {
-    if SCALES {
-        return trained[b];
+    if FACTORS {
+        return stored_scale(b) * factors[b];
     }
     return stored_scale(b);
 }
@@ -155,9 +155,9 @@ struct Chunk {
 // 0..16 and (s1, m1) for 16..32. Keeping the step separate lets a dot product apply it once
 // per half instead of once per element. Every format's s * q is exact or is its one
 // rounding, and m is added after, so s * q + m is bit-identical to the reference formulas
-// (for Q4_0, d * q - 8d equals d * (q - 8) because d * q and 8d are exact). A trained f32
-// scale makes s * q a rounding too; the reference (`quant::dequantize_scaled`) rounds the
-// same two steps, though a device may fuse them.
+// (for Q4_0, d * q - 8d equals d * (q - 8) because d * q and 8d are exact). A trained
+// factor makes s and s * q roundings too; the reference (`quant::dequantize_scaled`) rounds
+// the same steps, though a device may fuse s * q + m.
 struct Raw {
     q: Chunk,
     s0: f32,
@@ -354,17 +354,6 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     store_chunk(chunk(0u, c), 0u, c);
-}
-
-// One invocation per block of a single row of k elements: out[b] = its stored scale, as
-// f32 (exact), where trained scales start.
-@compute @workgroup_size(64, 1, 1)
-fn block_scales(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let b = gid.x + gid.y * nwg.x * 64u;
-    if b >= p.k / 32u {
-        return;
-    }
-    out[b] = stored_scale(b);
 }
 
 // One invocation per (id, chunk): out[t, :] = dequant(row ids[t]). Ids past the table

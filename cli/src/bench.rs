@@ -139,7 +139,7 @@ fn time<B: Backend>(dev: &B, item: &Item, min_secs: f64) -> edgetune::Result<f64
         Some(wtype) => Op::QMatmul {
             x: &x,
             w: &w,
-            scales: None,
+            factors: None,
             out: &out,
             wtype,
             m: item.m,

@@ -5,6 +5,7 @@ use crate::{CliError, DeviceArgs, ModelArgs, flag, in_range};
 use clap::ValueEnum;
 use edgetune::Backend;
 use edgetune::adapter::{AdapterConfig, Method, Target};
+use edgetune::model::files::ModelFiles;
 use edgetune::rng::ZKind;
 use edgetune::train::data::{self, DataOptions, Dataset};
 use edgetune::train::history::{self, Session, hex};
@@ -20,6 +21,9 @@ pub enum Trainable {
     Norms,
     /// Every weight of an unquantised (f32, f16, bf16) model.
     Full,
+    /// The block scales of a Q8_0/Q4_0/Q4_1 model's projections (QZO); written back into
+    /// a GGUF model by `adapter export --gguf`.
+    Scales,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -57,6 +61,10 @@ pub struct TrainArgs {
     /// K for --mode kseed.
     #[arg(long, default_value_t = 4096)]
     seeds: u32,
+    /// FedKSeed-Pro: a JSON list of K integer weights, one per candidate seed; each step's
+    /// seed is drawn in proportion to them (uniformly without this).
+    #[arg(long)]
+    seed_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 1e-2)]
     eps: f32,
     /// Learning rate (the default lowered SmolLM2's loss steadily on the real task; 1e-3
@@ -76,9 +84,10 @@ pub struct TrainArgs {
     rank: u32,
     #[arg(long, default_value_t = 16.0)]
     alpha: f32,
-    /// LoRA targets, comma-separated (q,k,v,o,gate,up,down); IA3 uses k,v,down.
-    #[arg(long, default_value = "q,v")]
-    targets: String,
+    /// Projections LoRA or scales train, comma-separated (q,k,v,o,gate,up,down); default
+    /// q,v for LoRA and all seven for scales; IA3 uses k,v,down.
+    #[arg(long)]
+    targets: Option<String>,
     /// Held-out JSONL, scored before, at each checkpoint and after.
     #[arg(long)]
     eval: Option<PathBuf>,
@@ -216,14 +225,15 @@ impl RunSettings {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AdapterCmd {
-    /// Writes an adapter for another runtime: `--gguf` as llama.cpp's GGUF LoRA.
+    /// Writes an adapter for another runtime: `--gguf` as llama.cpp's GGUF LoRA, or for a
+    /// scales adapter the whole GGUF model with the trained scales merged (f16).
     Export {
         #[command(flatten)]
         model: ModelArgs,
         /// The adapter: a PEFT directory (as `edgetune train` writes) or a GGUF adapter.
         #[arg(long)]
         adapter: PathBuf,
-        /// llama.cpp's GGUF LoRA format (the only export so far).
+        /// GGUF for llama.cpp (the only export so far).
         #[arg(long, required = true)]
         gguf: bool,
         #[arg(long)]
@@ -238,7 +248,8 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
         gguf: _,
         out,
     } = cmd;
-    let cfg = model.open()?.config()?;
+    let files = model.open()?;
+    let cfg = files.config()?;
     let dims = edgetune::adapter::Dims::of(&cfg);
     let (acfg, values) = if adapter.is_file() {
         edgetune::adapter::gguf::load(adapter, &cfg, &dims)?
@@ -247,6 +258,22 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
         edgetune::adapter::peft::load(adapter, |c| edgetune::adapter::layout(c, &dims), order)?
     };
     let layout = edgetune::adapter::layout(&acfg, &dims);
+    if acfg.method == Method::Scales {
+        let ModelFiles::Gguf(file) = &files else {
+            return flag(
+                "--model",
+                "trained scales are merged into the GGUF model they were trained on; this model is safetensors",
+            );
+        };
+        edgetune::adapter::gguf::save_scaled_model(out, file, &layout, &values)?;
+        eprintln!(
+            "wrote {} (the model with {} tensors' block scales merged; llama.cpp: -m {})",
+            out.display(),
+            layout.len(),
+            out.display()
+        );
+        return Ok(true);
+    }
     edgetune::adapter::gguf::save(out, &acfg, &layout, &values, &cfg)?;
     eprintln!(
         "wrote {} ({} tensors of {}; llama.cpp: --lora {})",
@@ -259,8 +286,16 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
 }
 
 fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
+    let all = Target::ALL.map(Target::short).join(",");
+    let default = if a.trainable == Trainable::Scales {
+        all.as_str()
+    } else {
+        "q,v"
+    };
     let targets = a
         .targets
+        .as_deref()
+        .unwrap_or(default)
         .split(',')
         .filter(|s| !s.is_empty())
         .map(Target::parse)
@@ -277,6 +312,7 @@ fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
         },
         Trainable::Ia3 => AdapterConfig::ia3(),
         Trainable::Norms => AdapterConfig::norms(),
+        Trainable::Scales => AdapterConfig::scales(&targets),
         Trainable::Full => AdapterConfig::full(),
     })
 }
@@ -291,7 +327,7 @@ fn session_key(seed: u64) -> u64 {
 
 fn load_set(
     path: &Path,
-    f: &edgetune::model::files::ModelFiles,
+    f: &ModelFiles,
     opts: &DataOptions,
     vocab: u32,
 ) -> Result<Dataset, CliError> {
@@ -382,6 +418,12 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     let capacity = run.seq_len as u32;
     let mut trainer = if let Some(r) = &a.resume {
         let session = history::read_session(r)?;
+        if a.seed_weights.is_some() {
+            return flag(
+                "--seed-weights",
+                "a resumed run keeps its session's seed weights",
+            );
+        }
         model.attach(session.adapter.clone(), session.init_seed)?;
         Trainer::resume(&be, &model, r, &model_sha, capacity)?
     } else {
@@ -409,6 +451,21 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             },
             other => other.into(),
         })?;
+        let seed_weights = match &a.seed_weights {
+            None => None,
+            Some(path) => {
+                let v = edgetune::format::file::read_json(
+                    path,
+                    edgetune::format::file::FileKind::History,
+                )?;
+                Some(
+                    history::seed_weights_from_json(&v, zo.mode).map_err(|e| CliError::Flag {
+                        flag: "--seed-weights",
+                        reason: format!("{}: {e}", path.display()),
+                    })?,
+                )
+            }
+        };
         let layout = model
             .attach(adapter_config(a)?, run.data_seed)
             .map_err(|e| CliError::Flag {
@@ -424,6 +481,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 .unwrap_or_else(AdapterConfig::norms),
             init_seed: run.data_seed,
             zo,
+            seed_weights,
             run: run.to_json(&a.data),
         };
         Trainer::start(&be, &model, session, capacity)?

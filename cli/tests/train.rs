@@ -190,3 +190,88 @@ fn bad_training_input_exits_2_with_a_message() {
     std::fs::remove_dir_all(&dir).unwrap();
     let _ = std::fs::remove_dir_all(workdir("bad"));
 }
+
+/// `--trainable scales` and FedKSeed-Pro seed weights from the command line: the run draws
+/// only seeds with a weight, keeps the weights in its session, replays to its hash, and
+/// exports a whole GGUF model that loads; bad weight files are refused.
+#[test]
+fn a_scales_run_with_seed_weights_exports_a_model() {
+    let dir = workdir("scales");
+    let weights: Vec<String> = (0..64)
+        .map(|i| if i % 8 == 3 { "5" } else { "0" }.to_string())
+        .collect();
+    let wfile = dir.join("weights.json");
+    std::fs::write(&wfile, format!("[{}]", weights.join(","))).unwrap();
+    let w = wfile.to_str().unwrap();
+    let run = dir.join("scales");
+    let hash = hash_of(&train(
+        &dir,
+        "scales",
+        &["--steps", "6", "--trainable", "scales", "--seed-weights", w],
+    ));
+    let history = std::fs::read_to_string(run.join("history.jsonl")).unwrap();
+    let seeds: Vec<u64> = history
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seed"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        !seeds.is_empty() && seeds.iter().all(|s| s % 8 == 3),
+        "{seeds:?}"
+    );
+    let session: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("session.json")).unwrap()).unwrap();
+    assert_eq!(session["seed_weights"].as_array().unwrap().len(), 64);
+    let replayed = edgetune(&[
+        "replay",
+        "--model",
+        &model(),
+        "--history",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(hash_of(&replayed), hash);
+    let merged = dir.join("merged.gguf");
+    let export = edgetune(&[
+        "adapter",
+        "export",
+        "--gguf",
+        "--model",
+        &model(),
+        "--adapter",
+        run.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let npy = dir.join("l.npy");
+    let logits = edgetune(&[
+        "logits",
+        "--model",
+        merged.to_str().unwrap(),
+        "--tokens",
+        "1,5,9",
+        "--out",
+        npy.to_str().unwrap(),
+    ]);
+    assert!(
+        logits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logits.stderr)
+    );
+
+    std::fs::write(&wfile, "[0, 0]").unwrap();
+    expect_error(
+        &train(&dir, "r", &["--seed-weights", w]),
+        "2 weights for K = 64",
+    );
+    std::fs::write(&wfile, format!("[{}]", vec!["0"; 64].join(","))).unwrap();
+    expect_error(&train(&dir, "r", &["--seed-weights", w]), "above zero");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -187,13 +187,14 @@ pub fn block_scale(blk: &[u8]) -> f32 {
     f16_at(blk, 0)
 }
 
-/// [`dequantize`], with each block's stored scale d replaced by `scales[block]` where
-/// given (a format with [`has_block_scale`]; one f32 per block). Q4_0's offset -8d and
-/// Q4_1's stored minimum follow the formulas below unchanged.
+/// [`dequantize`], with each block's stored scale d multiplied by `factors[block]` where
+/// given (a format with [`has_block_scale`]; one f32 per block): the trained scale is
+/// d * factor, one rounding. Q4_0's offset -8d and Q4_1's stored minimum follow the
+/// formulas below unchanged.
 pub fn dequantize_scaled(
     ty: WeightType,
     src: &[u8],
-    scales: Option<&[f32]>,
+    factors: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
     let need = ty.row_bytes(out.len())?;
@@ -207,13 +208,13 @@ pub fn dequantize_scaled(
     }
     let be = ty.block_elems();
     let bb = ty.block_bytes();
-    if let Some(s) = scales
+    if let Some(s) = factors
         && (!has_block_scale(ty) || s.len() != out.len() / be)
     {
         return Err(Error::InvalidShape {
             op: "dequantize",
             reason: format!(
-                "{} scales for {} blocks of {}",
+                "{} scale factors for {} blocks of {}",
                 s.len(),
                 out.len() / be,
                 ty.name()
@@ -225,7 +226,7 @@ pub fn dequantize_scaled(
         .zip(out.chunks_exact_mut(be))
         .enumerate()
     {
-        let d = || scales.map_or_else(|| block_scale(blk), |s| s[i]);
+        let d = || factors.map_or(1.0, |f| f[i]) * block_scale(blk);
         match ty {
             WeightType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
             WeightType::F16 => y[0] = f16_at(blk, 0),

@@ -283,7 +283,7 @@ pub fn cases() -> Vec<Case> {
             ],
             op: Op::Dequant {
                 w: &IDX[0],
-                scales: None,
+                factors: None,
                 out: &IDX[1],
                 wtype: ty,
                 n: n_deq as u32,
@@ -347,7 +347,7 @@ pub fn cases() -> Vec<Case> {
                 op: Op::QMatmul {
                     x: &IDX[0],
                     w: &IDX[1],
-                    scales: None,
+                    factors: None,
                     out: &IDX[2],
                     wtype: ty,
                     m: m as u32,
@@ -371,9 +371,9 @@ pub fn cases() -> Vec<Case> {
         }
     }
 
-    // Trained block scales (the "scales" adapter): read back exactly, and replacing the
-    // stored ones in dequantisation and products. A device may fuse s * q + m, so these
-    // are compared within rounding.
+    // Trained scale factors (the "scales" adapter) multiplying the stored block scales in
+    // dequantisation and products. A device may fuse s * q + m, so these are compared
+    // within rounding.
     for ty in WeightType::ALL
         .into_iter()
         .filter(|&t| quant::has_block_scale(t))
@@ -381,34 +381,18 @@ pub fn cases() -> Vec<Case> {
         let (k, n) = (96usize, 67usize);
         let blocks = n * k / quant::QK;
         let w = d.weights(ty, n, k, false);
-        let trained: Vec<f32> = d.f32s(blocks).iter().map(|v| 0.1 * v).collect();
-        cases.push(Case {
-            kernel: "block_scales",
-            shape: format!("{} blocks={blocks}", ty.name()),
-            bufs: vec![Init::Weights(ty, w.clone()), Init::Zeros(blocks as u64 * 4)],
-            op: Op::BlockScales {
-                w: &IDX[0],
-                out: &IDX[1],
-                wtype: ty,
-                blocks: blocks as u32,
-            },
-            out: 1,
-            out_elems: blocks,
-            tolerance: Tolerance::Exact,
-            work: (ty.row_bytes(n * k).unwrap_or(0) + 4 * blocks) as f64,
-            unit: Unit::GbPerS,
-        });
+        let factors: Vec<f32> = d.f32s(blocks).iter().map(|v| 1.0 + 0.25 * v).collect();
         cases.push(Case {
             kernel: "dequant",
-            shape: format!("{} n={} trained scales", ty.name(), n * k),
+            shape: format!("{} n={} scale factors", ty.name(), n * k),
             bufs: vec![
                 Init::Weights(ty, w.clone()),
-                Init::Data(f32_bytes(&trained)),
+                Init::Data(f32_bytes(&factors)),
                 Init::Zeros((n * k * 4) as u64),
             ],
             op: Op::Dequant {
                 w: &IDX[0],
-                scales: Some(&IDX[1]),
+                factors: Some(&IDX[1]),
                 out: &IDX[2],
                 wtype: ty,
                 n: (n * k) as u32,
@@ -423,17 +407,17 @@ pub fn cases() -> Vec<Case> {
         for m in [1usize, 5, 20] {
             cases.push(Case {
                 kernel: if m == 1 { "qmatvec" } else { "qmatmul" },
-                shape: format!("{} {m}x{k}x{n} trained scales", ty.name()),
+                shape: format!("{} {m}x{k}x{n} scale factors", ty.name()),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(m * k))),
                     Init::Weights(ty, w.clone()),
-                    Init::Data(f32_bytes(&trained)),
+                    Init::Data(f32_bytes(&factors)),
                     Init::Zeros((m * n * 4) as u64),
                 ],
                 op: Op::QMatmul {
                     x: &IDX[0],
                     w: &IDX[1],
-                    scales: Some(&IDX[2]),
+                    factors: Some(&IDX[2]),
                     out: &IDX[3],
                     wtype: ty,
                     m: m as u32,

@@ -102,7 +102,7 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
         let op = match kind {
             "dequant" => Op::Dequant {
                 w: b(0),
-                scales: None,
+                factors: None,
                 out: &out,
                 wtype: wtype(p["wtype"].as_str().unwrap()),
                 n: u32_of(p, "n"),
@@ -110,7 +110,7 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
             "qmatmul" => Op::QMatmul {
                 x: b(1),
                 w: b(0),
-                scales: None,
+                factors: None,
                 out: &out,
                 wtype: wtype(p["wtype"].as_str().unwrap()),
                 m: u32_of(p, "m"),

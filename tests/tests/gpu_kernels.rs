@@ -35,7 +35,6 @@ macro_rules! kernel_tests {
 kernel_tests! {
     matmul_should_match_reference => "matmul",
     dequant_should_match_reference => "dequant",
-    block_scales_should_match_reference => "block_scales",
     embed_should_match_reference => "embed",
     qmatvec_should_match_reference => "qmatvec",
     qmatmul_should_match_reference => "qmatmul",
@@ -60,7 +59,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 20, "{kernels:?}");
+    assert_eq!(kernels.len(), 19, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of
@@ -77,7 +76,7 @@ fn every_half_dequantises_exactly() {
         let out = be.alloc(u64::from(n) * 4, "out").unwrap();
         be.run(&Op::Dequant {
             w: &w,
-            scales: None,
+            factors: None,
             out: &out,
             wtype: WeightType::F16,
             n,
@@ -119,7 +118,7 @@ fn concurrent_dequantising_products_keep_their_weights() {
         be.run(&Op::QMatmul {
             x: &xb,
             w: &wb,
-            scales: None,
+            factors: None,
             out: &out,
             wtype: WeightType::F32,
             m,

@@ -62,6 +62,7 @@ fn session(model: &Model<'_, impl Backend>, sha: &str, zo: ZoConfig) -> Session 
         adapter: model.adapter().unwrap().clone(),
         init_seed: 5,
         zo,
+        seed_weights: None,
         run: serde_json::Value::Null,
     }
 }
@@ -95,14 +96,18 @@ fn replay_hash<B: Backend>(be: &B, dir: &Path) -> String {
 #[test]
 fn replay_gives_the_same_state_hash_on_every_backend() {
     let dir = tmp("replay");
-    let lora = AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]);
-    let trained = train_run(&dir, lora, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
-    assert_eq!(replay_hash(&Cpu, &dir), trained);
-    assert_eq!(replay_hash(&Host::new(2), &dir), trained);
-    if let Some(gpu) = common::gpu() {
-        assert_eq!(replay_hash(&gpu, &dir), trained);
+    for cfg in [
+        AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]),
+        AdapterConfig::scales(&[Target::K, Target::Down]),
+    ] {
+        let trained = train_run(&dir, cfg, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
+        assert_eq!(replay_hash(&Cpu, &dir), trained);
+        assert_eq!(replay_hash(&Host::new(2), &dir), trained);
+        if let Some(gpu) = common::gpu() {
+            assert_eq!(replay_hash(&gpu, &dir), trained);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -205,12 +210,10 @@ fn a_resumed_run_continues_as_an_uninterrupted_one() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn check_step_leaves_frozen_weights<B: Backend>(be: &B) {
+fn check_step_leaves_frozen_weights<B: Backend>(be: &B, cfg: AdapterConfig) {
     let f = files();
     let mut model = f.load(be).unwrap();
-    model
-        .attach(AdapterConfig::lora(2, 4.0, &Target::ALL), 1)
-        .unwrap();
+    model.attach(cfg, 1).unwrap();
     let before: Vec<Vec<u8>> = model.frozen().iter().map(|b| be.read(b).unwrap()).collect();
     let sha = hex(&f.sha256());
     let s = session(&model, &sha, zo(SeedMode::Mezo, 1e-2));
@@ -235,9 +238,15 @@ fn check_step_leaves_frozen_weights<B: Backend>(be: &B) {
 
 #[test]
 fn a_step_never_writes_the_frozen_weights() {
-    check_step_leaves_frozen_weights(&Cpu);
-    if let Some(gpu) = common::gpu() {
-        check_step_leaves_frozen_weights(&gpu);
+    let gpu = common::gpu();
+    for cfg in [
+        AdapterConfig::lora(2, 4.0, &Target::ALL),
+        AdapterConfig::scales(&Target::ALL),
+    ] {
+        check_step_leaves_frozen_weights(&Cpu, cfg.clone());
+        if let Some(gpu) = &gpu {
+            check_step_leaves_frozen_weights(gpu, cfg);
+        }
     }
 }
 
@@ -247,10 +256,11 @@ fn check_identity_adapters<B: Backend>(be: &B) {
     let plain = f.load(be).unwrap();
     let mut cache = plain.new_cache(8).unwrap();
     let want = plain.forward(&mut cache, &tokens, true).unwrap();
-    // LoRA with B = 0 adds exact zeros; IA3 scales by exactly one.
+    // LoRA with B = 0 adds exact zeros; IA3 and block-scale factors scale by exactly one.
     for cfg in [
         AdapterConfig::lora(3, 6.0, &Target::ALL),
         AdapterConfig::ia3(),
+        AdapterConfig::scales(&Target::ALL),
     ] {
         let mut m = f.load(be).unwrap();
         m.attach(cfg.clone(), 9).unwrap();
@@ -278,19 +288,28 @@ fn identity_adapters_leave_the_logits_bit_for_bit() {
 fn a_short_run_lowers_the_held_out_loss() {
     let f = files();
     let sha = hex(&f.sha256());
-    let mut model = f.load(&Cpu).unwrap();
-    model.attach(AdapterConfig::norms(), 0).unwrap();
-    let s = session(&model, &sha, zo(SeedMode::Mezo, 5e-2));
-    let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
-    let data = examples(16);
-    let (train, held_out) = data.split_at(12);
-    let before = t.eval(held_out).unwrap();
-    for step in 0..400 {
-        let b = step % 3 * 4;
-        t.step(&train[b..b + 4]).unwrap();
+    for (cfg, lr) in [
+        (AdapterConfig::norms(), 5e-2),
+        (AdapterConfig::scales(&Target::ALL), 1.0),
+    ] {
+        let mut model = f.load(&Cpu).unwrap();
+        model.attach(cfg.clone(), 0).unwrap();
+        let s = session(&model, &sha, zo(SeedMode::Mezo, lr));
+        let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
+        let data = examples(16);
+        let (train, held_out) = data.split_at(12);
+        let before = t.eval(held_out).unwrap();
+        for step in 0..400 {
+            let b = step % 3 * 4;
+            t.step(&train[b..b + 4]).unwrap();
+        }
+        let after = t.eval(held_out).unwrap();
+        assert!(
+            after < before - 0.05,
+            "{}: held-out loss {before} -> {after}",
+            cfg.method_name()
+        );
     }
-    let after = t.eval(held_out).unwrap();
-    assert!(after < before - 0.05, "held-out loss {before} -> {after}");
 }
 
 #[test]
@@ -494,4 +513,72 @@ fn a_full_run_saves_weights_that_reload_to_the_same_logits() {
         assert!(worst < 1e-4, "GPU forward of the reloaded weights: {worst}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The "scales" adapter merged into the GGUF it was trained on: with factors that are
+/// powers of two, d * factor is exact in f16, so the merged model's logits must equal the
+/// adapter's bit for bit (q/k rows permuted in this Llama GGUF; the adapter goes through its
+/// files, which hold them in Hugging Face's order). An unquantised model is refused.
+#[test]
+fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
+    use edgetune::adapter::peft::{self, RowOrder};
+    let f = files();
+    let tokens = [1u32, 5, 9, 33, 2, 17];
+    let mut model = f.load(&Cpu).unwrap();
+    let cfg = AdapterConfig::scales(&Target::ALL);
+    let layout = model.attach(cfg.clone(), 0).unwrap().to_vec();
+    let values: Vec<Vec<f32>> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (0..p.len() as usize)
+                .map(|e| [1.0, 2.0, 0.5, 0.25][(e * 7 + i) % 4])
+                .collect()
+        })
+        .collect();
+    model.write_params(&values).unwrap();
+    let mut cache = model.new_cache(8).unwrap();
+    let want = model.forward(&mut cache, &tokens, true).unwrap();
+
+    let dir = tmp("scales-merge");
+    peft::save(&dir, &cfg, &layout, &values, RowOrder::of(&model.cfg)).unwrap();
+    let dims = model.dims();
+    let (read_cfg, read) = peft::load(
+        &dir,
+        |c| edgetune::adapter::layout(c, &dims),
+        RowOrder::of(&model.cfg),
+    )
+    .unwrap();
+    assert_eq!(read_cfg, cfg);
+    let ModelFiles::Gguf(gguf) = &f else {
+        panic!("the tiny model is a GGUF")
+    };
+    let merged = dir.join("merged.gguf");
+    edgetune::adapter::gguf::save_scaled_model(&merged, gguf, &layout, &read).unwrap();
+    assert_eq!(
+        std::fs::metadata(&merged).unwrap().len(),
+        std::fs::metadata(model_path()).unwrap().len()
+    );
+    let m = ModelFiles::open(&merged, None).unwrap().load(&Cpu).unwrap();
+    let mut cache = m.new_cache(8).unwrap();
+    let got = m.forward(&mut cache, &tokens, true).unwrap();
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    let plain = f.load(&Cpu).unwrap();
+    let mut cache = plain.new_cache(8).unwrap();
+    assert_ne!(plain.forward(&mut cache, &tokens, true).unwrap(), want);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let f32_model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
+    let mut unquantised = ModelFiles::open(&f32_model, None)
+        .unwrap()
+        .load(&Cpu)
+        .unwrap();
+    let err = unquantised.attach(cfg, 0).unwrap_err().to_string();
+    assert!(err.contains("q8_0, q4_0 and q4_1"), "{err}");
+    assert!(unquantised.adapter().is_none());
 }

@@ -253,3 +253,75 @@ pub fn load(
     }
     Ok((adapter, values))
 }
+
+/// Writes the GGUF model `model` to `out` with the "scales" adapter merged in: each
+/// targeted projection's block scale d becomes d * factor (`values` in layout order, rows in
+/// the model's order, which is the file's), rounded to the nearest f16; every other byte
+/// is copied unchanged, so llama.cpp or any GGUF reader runs the tuned model. The f16
+/// rounding (relative 2^-11) is the one loss: factors closer to one than that leave their
+/// block as it was.
+pub fn save_scaled_model(
+    out: &Path,
+    model: &crate::format::file::GgufFile,
+    layout: &[ParamInfo],
+    values: &[Vec<f32>],
+) -> Result<()> {
+    let shown = model.path().to_owned();
+    let mut bytes = model.bytes().to_vec();
+    for (p, v) in layout.iter().zip(values) {
+        let Slot::Scales(l, t) = p.slot else {
+            return Err(Error::InvalidArgument {
+                name: "adapter",
+                reason: format!("`{}` is not a block-scale factor tensor", p.name),
+            });
+        };
+        let name = tensor_name(l, t);
+        let bad = |reason: String| Error::Tensor {
+            file: shown.clone(),
+            tensor: name.clone(),
+            reason,
+        };
+        let info = model
+            .header
+            .tensor(&name)
+            .ok_or_else(|| bad("is missing".into()))?;
+        let wtype = info
+            .ggml_type
+            .weight_type()
+            .filter(|&w| crate::quant::has_block_scale(w))
+            .ok_or_else(|| {
+                bad(format!(
+                    "is {}, which has no f16 block scales",
+                    info.ggml_type.name()
+                ))
+            })?;
+        let want = [
+            u64::from(p.cols) * crate::quant::QK as u64,
+            u64::from(p.rows),
+        ];
+        if info.dims != want || v.len() != p.len() as usize {
+            return Err(bad(format!(
+                "is {:?}; the adapter's factors are for {want:?}",
+                info.dims
+            )));
+        }
+        let start =
+            usize::try_from(info.offset).map_err(|_| bad("lies outside the file".into()))?;
+        let bb = wtype.block_bytes();
+        let data = start
+            .checked_add(bb * v.len())
+            .and_then(|end| bytes.get_mut(start..end))
+            .ok_or_else(|| bad("lies outside the file".into()))?;
+        for (i, (blk, &f)) in data.chunks_exact_mut(bb).zip(v).enumerate() {
+            let d = crate::quant::block_scale(blk) * f;
+            let h = half::f16::from_f32(d);
+            if !h.is_finite() {
+                return Err(bad(format!(
+                    "block {i}: scale {d:e} (factor {f:e}) does not fit an f16"
+                )));
+            }
+            blk[..2].copy_from_slice(&h.to_bits().to_le_bytes());
+        }
+    }
+    write_atomic(out, &bytes)
+}

@@ -104,7 +104,9 @@ pub enum Method {
     /// Every weight of an unquantised (f32, f16, bf16) model, held in f32 while it trains.
     Full,
     /// The block scales of a quantised model's projections on each target (QZO): the 4-bit
-    /// or 8-bit codes stay frozen, each 32-element block's scale d learns in f32.
+    /// or 8-bit codes stay frozen, and each 32-element block's scale d learns as d * f, with
+    /// the factor f held in f32 and starting at one (so eps and lr are relative, as for
+    /// IA3, whatever the weights' magnitude).
     Scales,
 }
 
@@ -240,7 +242,7 @@ pub enum Slot {
     Embed,
     /// The output head of an untied model.
     Output,
-    /// A projection's block scales.
+    /// A projection's block-scale factors.
     Scales(u32, Target),
 }
 
@@ -252,7 +254,7 @@ pub enum Init {
     /// Uniform in (-bound, bound) from the init seed: PEFT's kaiming_uniform(a = sqrt(5))
     /// for LoRA's A, whose bound is 1 / sqrt(in_features).
     Uniform(f32),
-    /// The model's own values (norm weights, block scales).
+    /// The model's own values (norm weights).
     Model,
 }
 
@@ -376,11 +378,11 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
                 for &t in &cfg.targets {
                     let (n_out, n_in) = dims.features(t);
                     out.push(ParamInfo {
-                        name: format!("model.layers.{l}.{}.{}.weight_scales", t.path(), t.module()),
+                        name: format!("model.layers.{l}.{}.{}.scale_factors", t.path(), t.module()),
                         slot: Slot::Scales(l, t),
                         rows: n_out,
                         cols: n_in / crate::quant::QK as u32,
-                        init: Init::Model,
+                        init: Init::Ones,
                     });
                 }
             }

@@ -132,7 +132,7 @@ impl Backend for Cpu {
             Op::QMatmul {
                 x,
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 m,
@@ -140,43 +140,32 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let scales = scales.map(|s| s.f32s(n * k / quant::QK));
+                let factors = factors.map(|f| f.f32s(n * k / quant::QK));
                 let y = qmatmul(
                     &x.f32s(m * k),
                     &w.bytes(wtype.row_bytes(k)? * n),
                     wtype,
-                    scales.as_deref(),
+                    factors.as_deref(),
                     (m, k, n),
                 )?;
                 out.write_f32(&y);
             }
             Op::Dequant {
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 n,
             } => {
                 let n = n as usize;
-                let scales = scales.map(|s| s.f32s(n / quant::QK));
+                let factors = factors.map(|f| f.f32s(n / quant::QK));
                 let mut y = vec![0.0; n];
                 quant::dequantize_scaled(
                     wtype,
                     &w.bytes(wtype.row_bytes(n)?),
-                    scales.as_deref(),
+                    factors.as_deref(),
                     &mut y,
                 )?;
-                out.write_f32(&y);
-            }
-            Op::BlockScales {
-                w,
-                out,
-                wtype,
-                blocks,
-            } => {
-                let bb = wtype.block_bytes();
-                let w = w.bytes(bb * blocks as usize);
-                let y: Vec<f32> = w.chunks_exact(bb).map(quant::block_scale).collect();
                 out.write_f32(&y);
             }
             Op::Embed {
@@ -422,7 +411,7 @@ pub fn qmatmul(
     x: &[f32],
     w: &[u8],
     wtype: WeightType,
-    scales: Option<&[f32]>,
+    factors: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
     let row_bytes = wtype.row_bytes(k)?;
@@ -430,9 +419,9 @@ pub fn qmatmul(
     let mut row = vec![0.0f32; k];
     let mut out = vec![0.0f32; m * n];
     for j in 0..n {
-        let row_scales = scales.map(|s| &s[j * per_row..(j + 1) * per_row]);
+        let row_factors = factors.map(|f| &f[j * per_row..(j + 1) * per_row]);
         let src = &w[j * row_bytes..(j + 1) * row_bytes];
-        quant::dequantize_scaled(wtype, src, row_scales, &mut row)?;
+        quant::dequantize_scaled(wtype, src, row_factors, &mut row)?;
         for i in 0..m {
             let xi = &x[i * k..(i + 1) * k];
             out[i * n + j] = xi.iter().zip(&row).map(|(a, b)| a * b).sum();

@@ -252,7 +252,7 @@ const DEQUANT_FROM_ROWS: usize = 4;
 fn qmatmul_rows_body(
     isa: Isa,
     x: &[f32],
-    (w, scales): (&[u8], Option<&[f32]>),
+    (w, factors): (&[u8], Option<&[f32]>),
     wtype: WeightType,
     (m, k): (usize, usize),
     rows: core::ops::Range<usize>,
@@ -274,8 +274,8 @@ fn qmatmul_rows_body(
             return Ok(out);
         }};
     }
-    // Trained scales take the dequantising path: the fused decoders read the stored ones.
-    if m < DEQUANT_FROM_ROWS && scales.is_none() {
+    // Scale factors take the dequantising path: the fused decoders read the stored scales.
+    if m < DEQUANT_FROM_ROWS && factors.is_none() {
         match wtype {
             WeightType::Q8_0 => fused!(i, r => dot_q8_0_isa(isa, &x[i * k..(i + 1) * k], r)),
             WeightType::Q4_0 => fused!(i, r => dot_q4_0(&x[i * k..(i + 1) * k], r)),
@@ -294,8 +294,8 @@ fn qmatmul_rows_body(
         let nb = DEQUANT_BLOCK_ROWS.min(rows.end - j0);
         for (j, buf) in (j0..j0 + nb).zip(deq.chunks_exact_mut(k)) {
             let per_row = k / QK;
-            let row_scales = scales.map(|s| &s[j * per_row..(j + 1) * per_row]);
-            quant::dequantize_scaled(wtype, weights(j), row_scales, buf)?;
+            let row_factors = factors.map(|f| &f[j * per_row..(j + 1) * per_row]);
+            quant::dequantize_scaled(wtype, weights(j), row_factors, buf)?;
         }
         let deq_row = |r: usize| &deq[r.min(nb - 1) * k..][..k];
         for i0 in (0..m).step_by(TILE) {
@@ -793,12 +793,12 @@ impl Host {
         out
     }
 
-    /// x \[m, k\] times the \[n, k\] quantised rows of `w` (with `scales` replacing the
-    /// stored ones), transposed: \[m, n\].
+    /// x \[m, k\] times the \[n, k\] quantised rows of `w` (block scales times `factors`
+    /// where given), transposed: \[m, n\].
     fn qmatmul(
         &self,
         x: &[f32],
-        (w, scales): (&[u8], Option<&[f32]>),
+        (w, factors): (&[u8], Option<&[f32]>),
         wtype: WeightType,
         (m, k, n): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
@@ -808,12 +808,12 @@ impl Host {
             .min((row_bytes * n) / MIN_BYTES_PER_THREAD)
             .clamp(1, n);
         if threads == 1 {
-            return qmatmul_rows(self.isa, x, (w, scales), wtype, (m, k), 0..n);
+            return qmatmul_rows(self.isa, x, (w, factors), wtype, (m, k), 0..n);
         }
         let per = n.div_ceil(threads);
         let blocks = self.parallel(n.div_ceil(per), |b| {
             let rows = b * per..((b + 1) * per).min(n);
-            qmatmul_rows(self.isa, x, (w, scales), wtype, (m, k), rows)
+            qmatmul_rows(self.isa, x, (w, factors), wtype, (m, k), rows)
         });
         // Interleave the column blocks back into rows of n.
         let mut out = vec![0.0f32; m * n];
@@ -862,7 +862,7 @@ impl Backend for Host {
             Op::QMatmul {
                 x,
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 m,
@@ -872,10 +872,10 @@ impl Backend for Host {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
-                let scales = scales.map(|s| s.f32s(n * k / QK));
+                let factors = factors.map(|f| f.f32s(n * k / QK));
                 // The result is computed before `out` is written: it may alias `x`.
                 let w = w.bytes(wtype.row_bytes(k)? * n);
-                let result = self.qmatmul(&xs, (&w, scales.as_deref()), wtype, (m, k, n))?;
+                let result = self.qmatmul(&xs, (&w, factors.as_deref()), wtype, (m, k, n))?;
                 out.write_f32(&result);
                 Ok(())
             }

@@ -49,35 +49,27 @@ pub enum Op<'a, B> {
         b_t: bool,
     },
     /// out\[m,n\] = x\[m,k\] * dequant(w)^T with w stored as n rows of k elements of `wtype`.
-    /// m = 1 is the one-token matrix-vector product. `scales` (f32, one per block, row by
-    /// row) replaces each block's stored scale: the "scales" trainable set, for formats
+    /// m = 1 is the one-token matrix-vector product. `factors` (f32, one per block, row by
+    /// row) multiply each block's stored scale: the "scales" trainable set, for formats
     /// with [`quant::has_block_scale`]; the stored blocks are only read.
     QMatmul {
         x: &'a B,
         w: &'a B,
-        scales: Option<&'a B>,
+        factors: Option<&'a B>,
         out: &'a B,
         wtype: WeightType,
         m: u32,
         k: u32,
         n: u32,
     },
-    /// out\[0..n\] = dequant(w\[0..n\]) (the same arithmetic as QMatmul), with `scales` as
+    /// out\[0..n\] = dequant(w\[0..n\]) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
         w: &'a B,
-        scales: Option<&'a B>,
+        factors: Option<&'a B>,
         out: &'a B,
         wtype: WeightType,
         n: u32,
-    },
-    /// out\[b\] = the stored scale of block b of w (`blocks` blocks of a format with
-    /// [`quant::has_block_scale`]), as f32: where trained scales start.
-    BlockScales {
-        w: &'a B,
-        out: &'a B,
-        wtype: WeightType,
-        blocks: u32,
     },
     /// out\[t, 0..dim\] = dequant(table row ids\[t\]); `ids` holds u32.
     Embed {
@@ -253,9 +245,8 @@ impl<'a, B> Op<'a, B> {
     pub fn map_buffers<'b, C>(&self, f: impl Fn(&'a B) -> Option<&'b C>) -> Option<Op<'b, C>> {
         Some(map_op!(self, f;
             Matmul { a, b, out; m, k, n, a_t, b_t }
-            QMatmul { x, w, out; wtype, m, k, n; scales }
-            Dequant { w, out; wtype, n; scales }
-            BlockScales { w, out; wtype, blocks }
+            QMatmul { x, w, out; wtype, m, k, n; factors }
+            Dequant { w, out; wtype, n; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
             Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, style }
@@ -344,7 +335,7 @@ fn weight_bytes(op: &'static str, wtype: WeightType, rows: u32, cols: u32) -> Re
 }
 
 /// The blocks of `rows` x `cols` of `wtype` (one scale each), for a format with
-/// [`quant::has_block_scale`]; any other format cannot take trained scales.
+/// [`quant::has_block_scale`]; any other format cannot take scale factors.
 fn block_count(op: &'static str, wtype: WeightType, rows: u32, cols: u32) -> Result<u64> {
     if !quant::has_block_scale(wtype) {
         return Err(Error::InvalidShape {
@@ -363,7 +354,7 @@ impl<B> Op<'_, B> {
             Op::QMatmul { m: 1, .. } => "qmatvec",
             Op::QMatmul { .. } => "qmatmul",
             Op::Dequant { .. } => "dequant",
-            Op::BlockScales { .. } => "block_scales",
+
             Op::Embed { .. } => "embed",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Rope { .. } => "rope",
@@ -397,7 +388,7 @@ impl<B> Op<'_, B> {
             Op::QMatmul {
                 x,
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 m,
@@ -407,42 +398,24 @@ impl<B> Op<'_, B> {
                 nonzero(op, &[("m", m), ("k", k), ("n", n)])?;
                 need(op, "x", size(x), mul(m, k), 4)?;
                 need(op, "w", size(w), weight_bytes(op, wtype, n, k)?, 1)?;
-                if let Some(s) = scales {
-                    need(op, "scales", size(s), block_count(op, wtype, n, k)?, 4)?;
+                if let Some(f) = factors {
+                    need(op, "factors", size(f), block_count(op, wtype, n, k)?, 4)?;
                 }
                 need(op, "out", size(out), mul(m, n), 4)
             }
             Op::Dequant {
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 n,
             } => {
                 nonzero(op, &[("n", n)])?;
                 need(op, "w", size(w), weight_bytes(op, wtype, 1, n)?, 1)?;
-                if let Some(s) = scales {
-                    need(op, "scales", size(s), block_count(op, wtype, 1, n)?, 4)?;
+                if let Some(f) = factors {
+                    need(op, "factors", size(f), block_count(op, wtype, 1, n)?, 4)?;
                 }
                 need(op, "out", size(out), u64::from(n), 4)
-            }
-            Op::BlockScales {
-                w,
-                out,
-                wtype,
-                blocks,
-            } => {
-                nonzero(op, &[("blocks", blocks)])?;
-                let n =
-                    blocks
-                        .checked_mul(quant::QK as u32)
-                        .ok_or_else(|| Error::InvalidShape {
-                            op,
-                            reason: format!("{blocks} blocks overflow"),
-                        })?;
-                block_count(op, wtype, 1, n)?;
-                need(op, "w", size(w), weight_bytes(op, wtype, 1, n)?, 1)?;
-                need(op, "out", size(out), u64::from(blocks), 4)
             }
             Op::Embed {
                 table,

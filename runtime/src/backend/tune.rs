@@ -319,7 +319,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         let op = Op::QMatmul {
             x: &x,
             w: &w,
-            scales: None,
+            factors: None,
             out: &out,
             wtype,
             m: 1,

@@ -794,7 +794,7 @@ impl Backend for Gpu {
             Op::QMatmul {
                 x,
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 m,
@@ -815,7 +815,7 @@ impl Backend for Gpu {
                     let scratch = self.scratch(scratch_bytes)?;
                     self.run(&Op::Dequant {
                         w,
-                        scales,
+                        factors,
                         out: &scratch,
                         wtype,
                         n: total,
@@ -861,7 +861,7 @@ impl Backend for Gpu {
                         ("X4", u32::from(k.is_multiple_of(4))),
                         ("ROWS", mv.rows),
                         ("MV_WG", mv.wg),
-                        ("SCALES", u32::from(scales.is_some())),
+                        ("FACTORS", u32::from(factors.is_some())),
                     ],
                     // x and w are bound twice: as scalars and as vectors.
                     bindings: vec![
@@ -870,7 +870,7 @@ impl Backend for Gpu {
                         (4, out),
                         (5, x),
                         (6, w),
-                        (7, scales.unwrap_or(w)),
+                        (7, factors.unwrap_or(w)),
                     ],
                     params: vec![m, k, n, row_bytes],
                     groups,
@@ -878,7 +878,7 @@ impl Backend for Gpu {
             }
             Op::Dequant {
                 w,
-                scales,
+                factors,
                 out,
                 wtype,
                 n,
@@ -887,29 +887,11 @@ impl Backend for Gpu {
                 entry: "dequant",
                 overrides: vec![
                     ("WTYPE", wtype.shader_code()),
-                    ("SCALES", u32::from(scales.is_some())),
+                    ("FACTORS", u32::from(factors.is_some())),
                 ],
-                bindings: vec![(1, w), (4, out), (6, w), (7, scales.unwrap_or(w))],
+                bindings: vec![(1, w), (4, out), (6, w), (7, factors.unwrap_or(w))],
                 params: vec![1, n, 1, wtype.row_bytes(n as usize)? as u32],
                 groups: self.grid(name, u64::from(n.div_ceil(32)))?,
-            },
-            Op::BlockScales {
-                w,
-                out,
-                wtype,
-                blocks,
-            } => Dispatch {
-                family: "quant",
-                entry: "block_scales",
-                overrides: vec![("WTYPE", wtype.shader_code())],
-                bindings: vec![(1, w), (4, out)],
-                params: vec![
-                    1,
-                    blocks * 32,
-                    1,
-                    wtype.row_bytes(blocks as usize * 32)? as u32,
-                ],
-                groups: self.grid(name, u64::from(blocks))?,
             },
             Op::Embed {
                 table,

@@ -19,9 +19,9 @@ pub struct Weight<B: Backend> {
     pub wtype: WeightType,
     pub rows: u32,
     pub cols: u32,
-    /// Trained block scales replacing the stored ones (the "scales" adapter), one f32 per
+    /// Factors multiplying the stored block scales (the "scales" adapter), one f32 per
     /// 32-element block, row by row.
-    pub scales: Option<B::Buffer>,
+    pub scale_factors: Option<B::Buffer>,
 }
 
 impl<B: Backend> Weight<B> {
@@ -30,7 +30,7 @@ impl<B: Backend> Weight<B> {
         be.run(&Op::QMatmul {
             x,
             w: &self.buf,
-            scales: self.scales.as_ref(),
+            factors: self.scale_factors.as_ref(),
             out,
             wtype: self.wtype,
             m,
@@ -478,7 +478,7 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
             wtype: t.wtype,
             rows,
             cols,
-            scales: None,
+            scale_factors: None,
         })
     }
 
@@ -620,10 +620,12 @@ impl<'b, B: Backend> Model<'b, B> {
         // Every buffer first, so a failed allocation leaves the model as it was.
         let mut bufs = Vec::with_capacity(layout.len());
         for (i, p) in layout.iter().enumerate() {
-            bufs.push(match (p.slot, p.init) {
-                (Slot::Scales(l, t), _) => Some(self.stored_scales(l, t)?),
-                (_, Init::Model) => None,
-                (_, init) => {
+            if let Slot::Scales(l, t) = p.slot {
+                self.check_block_scales(l, t)?;
+            }
+            bufs.push(match p.init {
+                Init::Model => None,
+                init => {
                     let v = adapter::init_values(init, p.len(), i as u32, init_seed);
                     Some(self.backend.upload_f32(&v, "adapter")?)
                 }
@@ -659,7 +661,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 }
                 Slot::Scales(l, t) => {
                     if let Some(lin) = self.linear_mut(l, t) {
-                        lin.weight.scales = Some(buf);
+                        lin.weight.scale_factors = Some(buf);
                     }
                 }
                 Slot::AttnNorm(_)
@@ -842,13 +844,13 @@ impl<'b, B: Backend> Model<'b, B> {
             Slot::OutputNorm => Some(&self.out_norm),
             Slot::Weight(..) | Slot::Embed | Slot::Output => self.weight(slot).map(|w| &w.buf),
             Slot::Bias(l, t) => self.linear(l, t)?.bias.as_ref(),
-            Slot::Scales(l, t) => self.linear(l, t)?.weight.scales.as_ref(),
+            Slot::Scales(l, t) => self.linear(l, t)?.weight.scale_factors.as_ref(),
         }
     }
 
-    /// A new buffer holding the stored block scales of layer `l`'s projection `t`, where
-    /// trained scales start; only formats with one scale per 32-element block have them.
-    fn stored_scales(&self, l: u32, t: Target) -> Result<B::Buffer> {
+    /// Checks that layer `l`'s projection `t` has one scale per 32-element block for the
+    /// "scales" adapter's factors to multiply.
+    fn check_block_scales(&self, l: u32, t: Target) -> Result<()> {
         let w = &self
             .linear(l, t)
             .ok_or_else(|| Error::InvalidArgument {
@@ -856,25 +858,17 @@ impl<'b, B: Backend> Model<'b, B> {
                 reason: format!("layer {l} has no {}", t.module()),
             })?
             .weight;
-        if !quant::has_block_scale(w.wtype) {
-            return Err(Error::InvalidArgument {
-                name: "trainable",
-                reason: format!(
-                    "scales trains the block scales of q8_0, q4_0 and q4_1 weights; layer {l}'s {} is {}",
-                    t.module(),
-                    w.wtype.name()
-                ),
-            });
+        if quant::has_block_scale(w.wtype) {
+            return Ok(());
         }
-        let blocks = (w.rows as usize * w.cols as usize / quant::QK) as u32;
-        let buf = self.backend.alloc(u64::from(blocks) * 4, "scales")?;
-        self.backend.run(&Op::BlockScales {
-            w: &w.buf,
-            out: &buf,
-            wtype: w.wtype,
-            blocks,
-        })?;
-        Ok(buf)
+        Err(Error::InvalidArgument {
+            name: "trainable",
+            reason: format!(
+                "scales trains the block scales of q8_0, q4_0 and q4_1 weights; layer {l}'s {} is {}",
+                t.module(),
+                w.wtype.name()
+            ),
+        })
     }
 
     fn linear(&self, l: u32, t: Target) -> Option<&Linear<B>> {

@@ -4,7 +4,7 @@
 //! Every file is written atomically; everything read back is checked before any of it is
 //! applied, so a bad history applies nothing.
 
-use super::{SeedMode, ZoConfig, check_scalar};
+use super::{SeedMode, SeedWeights, ZoConfig, check_scalar};
 use crate::adapter::peft::{config_json, parse_config, read_layout, safetensors_bytes};
 use crate::adapter::{AdapterConfig, ParamInfo};
 use crate::error::{Error, Result};
@@ -40,8 +40,30 @@ pub struct Session {
     pub adapter: AdapterConfig,
     pub init_seed: u64,
     pub zo: ZoConfig,
+    /// FedKSeed-Pro's weights over the K seeds (uniform when absent).
+    pub seed_weights: Option<SeedWeights>,
     /// What produced the records (data seed, batch, sequence length, ...): informative.
     pub run: Value,
+}
+
+/// FedKSeed-Pro weights from a JSON array of K integers, for a session in `mode`.
+pub fn seed_weights_from_json(
+    v: &Value,
+    mode: SeedMode,
+) -> core::result::Result<SeedWeights, String> {
+    let SeedMode::KSeed { k } = mode else {
+        return Err("apply to --mode kseed only".into());
+    };
+    let list = v.as_array().ok_or("must be a list of integers")?;
+    if list.len() != k as usize {
+        return Err(format!("has {} weights for K = {k} seeds", list.len()));
+    }
+    let weights = list
+        .iter()
+        .map(|w| w.as_u64().and_then(|w| u32::try_from(w).ok()))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or("must hold integers in 0..2^32")?;
+    SeedWeights::new(&weights).map_err(|e| e.to_string())
 }
 
 /// One applied step.
@@ -73,6 +95,7 @@ impl Session {
             "lr": self.zo.lr,
             "delta_exp": self.zo.delta_exp,
             "lr_decay_steps": self.zo.decay_steps,
+            "seed_weights": self.seed_weights.as_ref().map(SeedWeights::weights),
             "run": self.run,
         })
     }
@@ -148,12 +171,17 @@ impl Session {
             },
         };
         zo.validate().map_err(|e| bad("zo", &e.to_string()))?;
+        let seed_weights = match &v["seed_weights"] {
+            Value::Null => None,
+            w => Some(seed_weights_from_json(w, zo.mode).map_err(|e| bad("seed_weights", &e))?),
+        };
         Ok(Session {
             model_sha256: text("model_sha256")?,
             layout_sha256: text("layout_sha256")?,
             adapter: parse_config(&v["adapter"], &format!("{file}: adapter"))?,
             init_seed: u64_text("init_seed")?,
             zo,
+            seed_weights,
             run: v["run"].clone(),
         })
     }

@@ -38,8 +38,67 @@ pub const MAX_ABS_G: f32 = 1e9;
 pub enum SeedMode {
     /// MeZO: a fresh seed per step (the step number).
     Mezo,
-    /// FedKSeed: one of K candidate seeds, drawn uniformly per step.
+    /// FedKSeed: one of K candidate seeds per step, drawn uniformly or by
+    /// [`SeedWeights`].
     KSeed { k: u32 },
+}
+
+/// FedKSeed-Pro's non-uniform choice among the K candidate seeds, as integer weights (a
+/// server quantises its probabilities to them), so every device draws the same seed with
+/// integer arithmetic alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedWeights {
+    /// Running sums of the weights; the last is their total.
+    cumulative: Vec<u64>,
+}
+
+impl SeedWeights {
+    /// Weights for K = `weights.len()` seeds; at least one must be non-zero.
+    pub fn new(weights: &[u32]) -> Result<SeedWeights> {
+        let cumulative: Vec<u64> = weights
+            .iter()
+            .scan(0u64, |sum, &w| {
+                *sum += u64::from(w);
+                Some(*sum)
+            })
+            .collect();
+        if cumulative.last().is_none_or(|&t| t == 0) {
+            return Err(Error::InvalidArgument {
+                name: "seed weights",
+                reason: "at least one weight must be above zero".into(),
+            });
+        }
+        Ok(SeedWeights { cumulative })
+    }
+
+    /// K.
+    pub fn len(&self) -> usize {
+        self.cumulative.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cumulative.is_empty()
+    }
+
+    pub fn weights(&self) -> Vec<u32> {
+        let mut prev = 0;
+        self.cumulative
+            .iter()
+            .map(|&c| {
+                let w = (c - prev) as u32;
+                prev = c;
+                w
+            })
+            .collect()
+    }
+
+    /// The seed a 32-bit draw `w` picks: with T the total, the first i whose running sum
+    /// exceeds (w * T) >> 32, so seed i is picked with probability weight_i / T (to 2^-32).
+    pub fn pick(&self, w: u32) -> u32 {
+        let total = self.cumulative.last().copied().unwrap_or(0);
+        let target = ((u128::from(w) * u128::from(total)) >> 32) as u64;
+        self.cumulative.partition_point(|&c| c <= target) as u32
+    }
 }
 
 /// The shared constants of a zeroth-order session.
@@ -82,15 +141,19 @@ impl ZoConfig {
         libm::exp2f(-(self.delta_exp as f32) - 2.0)
     }
 
-    /// The seed of step `step`: the step itself (MeZO), or a uniform draw among K from
-    /// Philox(key = session key, counter = (step, 0, 0, PURPOSE_SAMPLE)) by multiply-shift.
-    pub fn seed_for_step(&self, step: u32) -> u32 {
+    /// The seed of step `step`: the step itself (MeZO), or a draw among K from the word
+    /// w = Philox(key = session key, counter = (step, 0, 0, PURPOSE_SAMPLE))\[0\]: uniform
+    /// by multiply-shift, (w * K) >> 32, or by `weights` ([`SeedWeights::pick`]).
+    pub fn seed_for_step(&self, step: u32, weights: Option<&SeedWeights>) -> u32 {
         match self.mode {
             SeedMode::Mezo => step,
             SeedMode::KSeed { k } => {
                 let key = [self.session_key as u32, (self.session_key >> 32) as u32];
                 let w = philox4x32_10([step, 0, 0, rng::PURPOSE_SAMPLE], key)[0];
-                ((u64::from(w) * u64::from(k)) >> 32) as u32
+                match weights {
+                    Some(weights) => weights.pick(w),
+                    None => ((u64::from(w) * u64::from(k)) >> 32) as u32,
+                }
             }
         }
     }
@@ -482,10 +545,34 @@ mod tests {
         let c = cfg();
         let mut seen = vec![false; 4096];
         for s in 0..100_000 {
-            let j = c.seed_for_step(s);
+            let j = c.seed_for_step(s, None);
             assert!(j < 4096);
             seen[j as usize] = true;
         }
         assert!(seen.iter().all(|&x| x));
+    }
+
+    #[test]
+    fn seed_weights_pick_in_exact_proportion() {
+        let w = SeedWeights::new(&[0, 1, 3, 0, 4]).unwrap();
+        assert_eq!(w.weights(), [0, 1, 3, 0, 4]);
+        // Draws evenly spread over the 32-bit range land in exact proportion to the weights.
+        let mut counts = [0u32; 5];
+        for i in 0..8192u32 {
+            counts[w.pick(i << 19) as usize] += 1;
+        }
+        assert_eq!(counts, [0, 1024, 3072, 0, 4096]);
+        assert_eq!(w.pick(u32::MAX), 4);
+        assert!(SeedWeights::new(&[0, 0]).is_err());
+        assert!(SeedWeights::new(&[]).is_err());
+        // Through the step draw: a zero weight is never drawn.
+        let c = ZoConfig {
+            mode: SeedMode::KSeed { k: 5 },
+            ..cfg()
+        };
+        for s in 0..10_000 {
+            let j = c.seed_for_step(s, Some(&w));
+            assert!(j == 1 || j == 2 || j == 4, "{j}");
+        }
     }
 }

@@ -126,7 +126,10 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             name: "steps",
             reason: "a run holds at most 2^32 steps".into(),
         })?;
-        let seed = self.session.zo.seed_for_step(step);
+        let seed = self
+            .session
+            .zo
+            .seed_for_step(step, self.session.seed_weights.as_ref());
         let out = zo_step(
             self.be,
             self.model,
