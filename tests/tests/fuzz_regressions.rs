@@ -80,3 +80,51 @@ fn tokenizer_fuzz_inputs_never_panic() {
         }
     }
 }
+
+#[test]
+fn proto_fuzz_inputs_never_panic_and_reencode_exactly() {
+    use edgetune_proto::{Encoding, Round, SeedMode, Session, Upload};
+    let mut accepted = 0;
+    for (path, data) in inputs("proto") {
+        let Some((&pick, bytes)) = data.split_first() else {
+            continue;
+        };
+        let (seed_mode, encoding) = match pick % 5 {
+            0 => (SeedMode::KSeed, Encoding::F32),
+            1 => (SeedMode::KSeed, Encoding::F16),
+            2 => (SeedMode::Shared, Encoding::F32),
+            3 => (SeedMode::Shared, Encoding::F16),
+            _ => (SeedMode::Shared, Encoding::Sign),
+        };
+        let session = Session {
+            model_sha256: [7; 32],
+            layout_sha256: [9; 32],
+            session_key: 1,
+            generator: 1,
+            z_kind: 0,
+            seed_mode,
+            encoding,
+            k: 64,
+            tau: 16,
+            delta_exp: 16,
+            eps: 1e-2,
+            lr: 5e-4,
+            clip: 10.0,
+        };
+        let shown = path.display();
+        if let Ok(s) = Session::decode(bytes) {
+            assert_eq!(s.encode(), bytes, "{shown}");
+            accepted += 1;
+        }
+        if let Ok(r) = Round::decode(bytes, &session) {
+            assert_eq!(r.encode(), bytes, "{shown}");
+            accepted += 1;
+        }
+        if let Ok(u) = Upload::decode(bytes, &session) {
+            assert_eq!(u.encode(&session), bytes, "{shown}");
+            accepted += 1;
+        }
+    }
+    // The seeds are sound messages of each kind and mode.
+    assert_eq!(accepted, 15);
+}
