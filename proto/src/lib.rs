@@ -564,7 +564,7 @@ impl Upload {
                 let n = steps as usize - skipped.len();
                 let packed = r.take(n.div_ceil(8), "signs")?;
                 let positive = (0..n).map(|i| packed[i / 8] >> (i % 8) & 1 == 1).collect();
-                if n % 8 != 0 && packed[n / 8] >> (n % 8) != 0 {
+                if !n.is_multiple_of(8) && packed[n / 8] >> (n % 8) != 0 {
                     return Err(ProtoError::Range {
                         what: "padding bits",
                         value: u64::from(packed[n / 8]),
