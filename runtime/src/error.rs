@@ -110,6 +110,20 @@ pub enum Error {
         path: String,
         error: crate::format::gguf::GgufError,
     },
+    /// A federated message is malformed or does not belong here (`what` names it).
+    Protocol {
+        what: String,
+        error: edgetune_proto::ProtoError,
+    },
+    /// A federated message is well formed but out of turn or for another model.
+    Federation { reason: String },
+    /// After applying round `round` the trainable state's hash is not the published one:
+    /// nothing was kept; the client needs a checkpoint.
+    StateMismatch {
+        round: u32,
+        expected: String,
+        found: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -177,6 +191,16 @@ impl Error {
             Error::Gpu { context, message } => write!(f, "GPU error in {context}: {message}"),
             Error::Io { path, message } => write!(f, "{path}: {message}"),
             Error::Gguf { path, error } => write!(f, "{path}: {error}"),
+            Error::Protocol { what, error } => write!(f, "{what}: {error}"),
+            Error::Federation { reason } => write!(f, "federation: {reason}"),
+            Error::StateMismatch {
+                round,
+                expected,
+                found,
+            } => write!(
+                f,
+                "round {round}: the state hash is {found}, the server published {expected}; nothing applied"
+            ),
             Error::NotAFile { path, found } => {
                 write!(f, "{path}: is {found}, not a regular file")
             }

@@ -20,6 +20,8 @@ mod fmt;
 pub mod adapter;
 pub mod backend;
 pub mod error;
+#[cfg(feature = "std")]
+pub mod fed;
 pub mod format;
 pub mod generate;
 #[cfg(feature = "std")]

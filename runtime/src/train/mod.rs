@@ -247,6 +247,47 @@ impl<B: Backend> ZoState<B> {
         })
     }
 
+    /// A state with the given start values, accumulators and spent budget (a checkpoint).
+    pub fn from_parts(
+        be: &B,
+        model: &Model<'_, B>,
+        w0: &[Vec<f32>],
+        acc: &[Vec<i32>],
+        spent: u64,
+    ) -> Result<Self> {
+        let mut s = ZoState::new(be, model, w0)?;
+        if acc.len() != s.lens.len() || acc.iter().zip(&s.lens).any(|(a, &n)| a.len() != n as usize)
+        {
+            return Err(Error::InvalidArgument {
+                name: "accumulators",
+                reason: "do not match the layout's tensors and sizes".into(),
+            });
+        }
+        if spent > COEFFICIENT_BUDGET {
+            return Err(Error::InvalidArgument {
+                name: "spent",
+                reason: format!("{spent} exceeds the budget {COEFFICIENT_BUDGET}"),
+            });
+        }
+        for (buf, a) in s.acc.iter_mut().zip(acc) {
+            let bytes: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+            *buf = be.upload(&bytes, "trainable accumulator")?;
+        }
+        s.spent = spent;
+        Ok(s)
+    }
+
+    /// An independent copy (for local steps that must not touch this state).
+    pub fn duplicate(&self, be: &B, model: &Model<'_, B>) -> Result<Self> {
+        ZoState::from_parts(
+            be,
+            model,
+            &self.start(be)?,
+            &self.accumulators(be)?,
+            self.spent,
+        )
+    }
+
     /// The sum of |Q| applied so far.
     pub fn spent(&self) -> u64 {
         self.spent
