@@ -7,8 +7,8 @@ use super::aggregate::{Policy, ProStats, updates};
 use super::{Round, Session, Upload, checkpoint_bytes, protocol, seed_weights, zo_config};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::Model;
-use crate::train::{SeedWeights, ZoConfig, ZoState};
+use crate::model::{KvCache, Model};
+use crate::train::{Example, SeedWeights, ZoConfig, ZoState, batch_nll};
 use std::prelude::v1::*;
 
 /// The aggregation state of one session.
@@ -134,6 +134,14 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             self.state.spent(),
             &self.state.hash(self.be)?,
         )
+    }
+
+    /// Mean loss per target token of `set` at the state after the last closed round.
+    pub fn eval(&self, cache: &mut KvCache<B>, set: &[Example]) -> Result<f64> {
+        self.state
+            .load_into(self.be, self.model, &self.cfg, 0, 0.0)?;
+        let (nll, n) = batch_nll(self.model, cache, set)?;
+        Ok(nll / n.max(1) as f64)
     }
 
     /// The hash of the state after the last closed round.
