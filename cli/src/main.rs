@@ -11,6 +11,7 @@ use edgetune::selftest::{self, CheckRow, Tolerance};
 use std::process::ExitCode;
 
 mod bench;
+mod fed;
 mod model;
 mod train;
 
@@ -298,6 +299,11 @@ enum Command {
         #[command(subcommand)]
         cmd: train::AdapterCmd,
     },
+    /// Federated tuning: the aggregation server, and a simulation of a server and clients.
+    Fed {
+        #[command(subcommand)]
+        cmd: fed::FedCmd,
+    },
 }
 
 fn tolerance_text(t: Tolerance) -> String {
@@ -489,6 +495,7 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
         Command::Replay(args) => train::replay_cmd(args),
         Command::Score(args) => train::score_cmd(args),
         Command::Adapter { cmd } => train::adapter_cmd(cmd),
+        Command::Fed { cmd } => fed::run(cmd),
         Command::Generate {
             model: m,
             adapter,

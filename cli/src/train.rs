@@ -736,77 +736,29 @@ pub fn score_cmd(a: &ScoreArgs) -> Result<bool, CliError> {
     }
     let context = cfg.context as usize;
     in_range("--max-tokens", a.max_tokens, 1, context - 1, "tokens")?;
-    let prompts = pairs
-        .iter()
-        .map(|(p, _)| {
-            tok.encode_prompt(&if a.chat {
-                tok.chat.user_turn(p)
-            } else {
-                p.clone()
-            })
-        })
-        .collect::<edgetune::Result<Vec<_>>>()?;
-    let examples = pairs
-        .iter()
-        .map(|(p, c)| data::prompt_completion(p, c, &tok, a.chat))
-        .collect::<Result<Vec<_>, String>>()
-        .or_else(|e| flag("--data", e))?;
-    let longest = prompts
-        .iter()
-        .map(|p| p.len() + a.max_tokens)
-        .chain(examples.iter().map(|e| e.tokens.len()))
-        .max()
-        .unwrap_or(1);
+    let scorer = Scorer::new(&tok, pairs.clone(), a.chat, a.max_tokens)?;
     in_range(
         "--data",
-        longest,
+        scorer.longest,
         1,
         context,
         "tokens in the longest prompt and answer",
     )?;
     let be = a.device.open()?;
     let model = crate::model::load(&be, &f, a.adapter.as_deref())?;
-    let mut cache = model.new_cache(longest as u32)?;
-    let greedy = edgetune::generate::Sampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        repetition_penalty: 1.0,
-        seed: 0,
-    };
-    let (mut correct, mut nll, mut count) = (0usize, 0.0f64, 0usize);
+    let mut cache = model.new_cache(scorer.longest as u32)?;
     let start = Instant::now();
-    for (i, ((prompt, (_, reference)), ex)) in prompts.iter().zip(&pairs).zip(&examples).enumerate()
-    {
-        cache.clear();
-        let mut sampler = edgetune::generate::Sampler::new(greedy)?;
-        let (out, _) = edgetune::generate::generate(
-            &model,
-            &mut cache,
-            prompt,
-            a.max_tokens,
-            &tok.eos,
-            &mut sampler,
-            |_| Ok(()),
-        )?;
-        let answer: Vec<u32> = out.into_iter().filter(|t| !tok.eos.contains(t)).collect();
-        if data::exact_match(&tok.decode(&answer)?, reference) {
-            correct += 1;
-        }
-        let (l, n) = model.masked_nll(&mut cache, &ex.tokens, Some(&ex.targets))?;
-        nll += l;
-        count += n;
+    let (correct, loss) = scorer.run(&model, &mut cache, &tok, |i| {
         eprint!(
             "\rscored {}/{} ({:.1} s)",
             i + 1,
             pairs.len(),
             start.elapsed().as_secs_f64()
-        );
-    }
+        )
+    })?;
     eprintln!();
     let n = pairs.len();
     let acc = correct as f64 / n as f64;
-    let loss = nll / count.max(1) as f64;
     if a.json {
         println!(
             "{}",
@@ -819,4 +771,99 @@ pub fn score_cmd(a: &ScoreArgs) -> Result<bool, CliError> {
         );
     }
     Ok(true)
+}
+
+/// Greedy exact-match answers and the reference completions' loss for prompt/completion
+/// pairs, on a model as it stands (its adapter included).
+pub struct Scorer {
+    prompts: Vec<Vec<u32>>,
+    pairs: Vec<(String, String)>,
+    examples: Vec<edgetune::train::Example>,
+    max_tokens: usize,
+    /// The longest prompt plus answer, or reference sequence, in tokens.
+    pub longest: usize,
+}
+
+impl Scorer {
+    pub fn new(
+        tok: &edgetune::tokenizer::Tokenizer,
+        pairs: Vec<(String, String)>,
+        chat: bool,
+        max_tokens: usize,
+    ) -> Result<Scorer, CliError> {
+        let prompts = pairs
+            .iter()
+            .map(|(p, _)| {
+                tok.encode_prompt(&if chat {
+                    tok.chat.user_turn(p)
+                } else {
+                    p.clone()
+                })
+            })
+            .collect::<edgetune::Result<Vec<_>>>()?;
+        let examples = pairs
+            .iter()
+            .map(|(p, c)| data::prompt_completion(p, c, tok, chat))
+            .collect::<Result<Vec<_>, String>>()
+            .or_else(|e| flag("--data", e))?;
+        let longest = prompts
+            .iter()
+            .map(|p| p.len() + max_tokens)
+            .chain(examples.iter().map(|e| e.tokens.len()))
+            .max()
+            .unwrap_or(1);
+        Ok(Scorer {
+            prompts,
+            pairs,
+            examples,
+            max_tokens,
+            longest,
+        })
+    }
+
+    /// (correct answers, mean completion loss per token); `progress` gets each index.
+    pub fn run<B: Backend>(
+        &self,
+        model: &edgetune::model::Model<'_, B>,
+        cache: &mut edgetune::model::KvCache<B>,
+        tok: &edgetune::tokenizer::Tokenizer,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(usize, f64), CliError> {
+        let greedy = edgetune::generate::Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        };
+        let (mut correct, mut nll, mut count) = (0usize, 0.0f64, 0usize);
+        for (i, ((prompt, (_, reference)), ex)) in self
+            .prompts
+            .iter()
+            .zip(&self.pairs)
+            .zip(&self.examples)
+            .enumerate()
+        {
+            cache.clear();
+            let mut sampler = edgetune::generate::Sampler::new(greedy)?;
+            let (out, _) = edgetune::generate::generate(
+                model,
+                cache,
+                prompt,
+                self.max_tokens,
+                &tok.eos,
+                &mut sampler,
+                |_| Ok(()),
+            )?;
+            let answer: Vec<u32> = out.into_iter().filter(|t| !tok.eos.contains(t)).collect();
+            if data::exact_match(&tok.decode(&answer)?, reference) {
+                correct += 1;
+            }
+            let (l, n) = model.masked_nll(cache, &ex.tokens, Some(&ex.targets))?;
+            nll += l;
+            count += n;
+            progress(i);
+        }
+        Ok((correct, nll / count.max(1) as f64))
+    }
 }

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Threads of the server's CPU backend.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Held-out JSONL (prompt/completion in the chat format, or pre-tokenised) scored after
+    /// every round for the status page.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -204,9 +208,27 @@ impl ServeArgs {
             quorum: self.quorum.max(1),
             deadline: Duration::from_secs(self.deadline),
             max_body: self.max_body,
-            eval: Vec::new(),
+            eval: self.eval_set()?,
             threads: self.threads.max(1),
         })
+    }
+
+    fn eval_set(&self) -> Result<Vec<edgetune::train::Example>, (&'static str, String)> {
+        let Some(path) = &self.eval else {
+            return Ok(Vec::new());
+        };
+        let load = || -> edgetune::Result<Vec<edgetune::train::Example>> {
+            let files = edgetune::model::files::ModelFiles::open(&self.model, None)?;
+            let cfg = files.config()?;
+            let tok = files.tokenizer().ok();
+            let opts = edgetune::train::data::DataOptions {
+                seq_len: cfg.context as usize,
+                chat: true,
+                max_bad_share: 0.1,
+            };
+            Ok(edgetune::train::data::load_jsonl(path, tok.as_ref(), cfg.vocab, &opts)?.examples)
+        };
+        load().map_err(|e| ("--eval", e.to_string()))
     }
 }
 

@@ -320,10 +320,15 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         self.save(self.checkpoint_round())
     }
 
+    /// Writes the shared state into the model's adapter buffers (for generation or
+    /// scoring with the model directly; local steps leave them perturbed).
+    pub fn load(&self) -> Result<()> {
+        self.state.load_into(self.be, self.model, &self.cfg, 0, 0.0)
+    }
+
     /// Mean loss per target token of `set` at the shared state (no perturbation).
     pub fn eval(&mut self, set: &[Example]) -> Result<f64> {
-        self.state
-            .load_into(self.be, self.model, &self.cfg, 0, 0.0)?;
+        self.load()?;
         let (nll, n) = batch_nll(self.model, &mut self.cache, set)?;
         Ok(nll / n.max(1) as f64)
     }
