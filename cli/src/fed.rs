@@ -289,6 +289,8 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
     let serve = edgetune_server::args::ServeArgs {
         model: model_path.clone(),
         db: a.out.join("server.db"),
+        postgres: None,
+        pg_schema: "edgetune".into(),
         listen: "127.0.0.1:0".parse().map_err(|_| CliError::Flag {
             flag: "fed sim",
             reason: "loopback address".into(),

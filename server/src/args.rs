@@ -47,6 +47,13 @@ pub struct ServeArgs {
     /// The SQLite database holding the session, uploads and rounds (created if absent).
     #[arg(long, default_value = "edgetune-server.db")]
     pub db: PathBuf,
+    /// A PostgreSQL database instead of SQLite (postgres://user:password@host/db), for
+    /// several replicas sharing one store.
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// The PostgreSQL schema holding this session's tables.
+    #[arg(long, default_value = "edgetune")]
+    pub pg_schema: String,
     #[arg(long, default_value = "127.0.0.1:8470")]
     pub listen: SocketAddr,
     /// JSON object of client ids to hex HMAC keys ({"1": "9f2c..."}), added to the store

@@ -11,6 +11,7 @@
 
 pub mod args;
 pub mod auth;
+pub mod postgres;
 pub mod store;
 
 use axum::Router;
@@ -736,18 +737,29 @@ pub fn start(cfg: &Config, store: Arc<dyn Store>, listen: SocketAddr) -> Result<
 /// creates) the SQLite store, adds the clients file's keys, recomputes the stored rounds.
 pub fn serve_forever(a: &args::ServeArgs) -> std::result::Result<(), String> {
     let cfg = a.config().map_err(|(flag, why)| format!("{flag}: {why}"))?;
-    let store = store::Sqlite::open(&a.db).map_err(|e| format!("{}: {e}", a.db.display()))?;
+    let (store, shown): (Arc<dyn Store>, String) = match &a.postgres {
+        Some(url) => (
+            Arc::new(
+                postgres::Postgres::open(url, &a.pg_schema)
+                    .map_err(|e| format!("--postgres: {e}"))?,
+            ),
+            format!("PostgreSQL schema {}", a.pg_schema),
+        ),
+        None => (
+            Arc::new(store::Sqlite::open(&a.db).map_err(|e| format!("{}: {e}", a.db.display()))?),
+            a.db.display().to_string(),
+        ),
+    };
     if let Some(path) = &a.clients {
         for (id, key) in args::read_clients(path)? {
             store.set_client(id, &key).map_err(|e| e.to_string())?;
         }
     }
-    let running = start(&cfg, Arc::new(store), a.listen).map_err(|e| e.to_string())?;
+    let running = start(&cfg, store, a.listen).map_err(|e| e.to_string())?;
     eprintln!(
-        "edgetune-server: session {:08x} on http://{} (store {})",
+        "edgetune-server: session {:08x} on http://{} (store {shown})",
         edgetune_proto::crc32(&running.session[..running.session.len() - 4]),
         running.addr,
-        a.db.display()
     );
     loop {
         std::thread::park();

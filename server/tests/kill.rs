@@ -15,7 +15,10 @@ use edgetune::model::files::ModelFiles;
 use edgetune::train::Example;
 use edgetune::train::history::hex;
 use edgetune_server::auth;
+use edgetune_server::postgres::Postgres;
 use edgetune_server::store::{Sqlite, Store};
+
+mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,10 +53,10 @@ fn examples(client: u32) -> Vec<Example> {
         .collect()
 }
 
-fn spawn(db: &Path, clients: &Path, port: u16) -> Child {
+fn spawn(store: &[String], clients: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_edgetune-server"))
         .args(["--model", model_path().to_str().unwrap()])
-        .args(["--db", db.to_str().unwrap()])
+        .args(store)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--clients", clients.to_str().unwrap()])
         .args([
@@ -85,15 +88,43 @@ fn call(r: Result<ureq::Response, ureq::Error>) -> Option<(u16, Vec<u8>)> {
 }
 
 #[test]
-fn killed_servers_lose_no_acknowledged_upload() {
-    let kills: u32 = std::env::var("EDGETUNE_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+fn killed_servers_lose_no_acknowledged_upload_on_sqlite() {
     let dir = std::env::temp_dir().join(format!("edgetune-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("server.db");
+    let args = vec!["--db".to_owned(), db.display().to_string()];
+    kill_run(&dir, &args, &|| Box::new(Sqlite::open(&db).unwrap()));
+}
+
+#[test]
+fn killed_servers_lose_no_acknowledged_upload_on_postgres() {
+    let Some(url) = common::postgres_url() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("edgetune-kill-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = common::fresh_schema(&url, "kill");
+    let args = vec![
+        "--postgres".to_owned(),
+        url.clone(),
+        "--pg-schema".to_owned(),
+        schema.clone(),
+    ];
+    kill_run(&dir, &args, &|| {
+        Box::new(Postgres::open(&url, &schema).unwrap())
+    });
+}
+
+/// Kills and restarts a server on the store `store_args` selects while clients work;
+/// `open` opens that store for the final checks.
+fn kill_run(dir: &Path, store_args: &[String], open: &dyn Fn() -> Box<dyn Store>) {
+    let kills: u32 = std::env::var("EDGETUNE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = dir.to_owned();
     let clients_file = dir.join("clients.json");
     let keys: serde_json::Map<String, serde_json::Value> = (1..=CLIENTS)
         .map(|id| (id.to_string(), auth::hex(&key(id)).into()))
@@ -184,7 +215,7 @@ fn killed_servers_lose_no_acknowledged_upload() {
     };
 
     for k in 0..kills {
-        let mut child = spawn(&db, &clients_file, port);
+        let mut child = spawn(store_args, &clients_file, port);
         // Up, then a varied time of uploads and closes before the kill.
         let t = Instant::now();
         while call(ureq::get(&format!("{base}/v1/session")).call()).is_none() {
@@ -199,7 +230,7 @@ fn killed_servers_lose_no_acknowledged_upload() {
         child.wait().unwrap();
     }
     // A last server: let the clients finish the round in flight, then stop everything.
-    let mut child = spawn(&db, &clients_file, port);
+    let mut child = spawn(store_args, &clients_file, port);
     std::thread::sleep(Duration::from_millis(1500));
     done.store(true, Ordering::SeqCst);
     let finals = driver.join().unwrap();
@@ -207,7 +238,7 @@ fn killed_servers_lose_no_acknowledged_upload() {
     child.wait().unwrap();
 
     // Every acknowledged upload is in the store, byte for byte.
-    let store = Sqlite::open(&db).unwrap();
+    let store = open();
     let acked = acked.lock().unwrap();
     assert!(
         acked.len() >= CLIENTS as usize,
