@@ -26,7 +26,7 @@ fn session(seed_mode: SeedMode, encoding: Encoding) -> Session {
 
 /// Deterministic scalars of realistic size, some negative.
 fn g(i: u32) -> f32 {
-    ((i * 2_654_435_761) % 2001) as f32 / 100.0 - 10.0
+    (i.wrapping_mul(2_654_435_761) % 2001) as f32 / 100.0 - 10.0
 }
 
 fn kseed_upload(s: &Session) -> Upload {
@@ -39,7 +39,7 @@ fn kseed_upload(s: &Session) -> Upload {
         steps: s.tau,
         scalars: Scalars::Pairs(
             (0..s.tau)
-                .map(|i| ((i * 2_654_435_761) % s.k, g(i)))
+                .map(|i| (i.wrapping_mul(2_654_435_761) % s.k, g(i)))
                 .collect(),
         ),
     }
