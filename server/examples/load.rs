@@ -124,22 +124,35 @@ fn main() {
                         .set(auth::SIGNATURE, &auth::sign(&k, 1, &body));
                     barrier.wait();
                     let t = Instant::now();
-                    let status = match req.send_bytes(&body) {
-                        Ok(r) => r.status(),
-                        Err(ureq::Error::Status(s, _)) => s,
-                        Err(_) => 0,
+                    let (status, why) = match req.send_bytes(&body) {
+                        Ok(r) => (r.status(), String::new()),
+                        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+                        Err(e) => (0, e.to_string()),
                     };
-                    (status, t.elapsed())
+                    (status, t.elapsed(), why)
                 })
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
     barrier.wait();
     let start_all = Instant::now();
-    let mut results: Vec<(u16, Duration)> = threads
+    let mut results: Vec<(u16, Duration, String)> = threads
         .into_iter()
-        .map(|t| t.join().unwrap_or((0, Duration::ZERO)))
+        .map(|t| {
+            t.join()
+                .unwrap_or((0, Duration::ZERO, "thread panicked".into()))
+        })
         .collect();
+    let mut failures: Vec<&str> = results
+        .iter()
+        .filter(|r| r.0 != 200)
+        .map(|r| r.2.as_str())
+        .collect();
+    failures.sort_unstable();
+    failures.dedup();
+    for f in failures.iter().take(5) {
+        eprintln!("failure: {f}");
+    }
     let wall = start_all.elapsed();
     let ok = results.iter().filter(|r| r.0 == 200).count();
     results.sort_by_key(|r| r.1);

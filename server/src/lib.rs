@@ -674,9 +674,20 @@ pub fn start(cfg: &Config, store: Arc<dyn Store>, listen: SocketAddr) -> Result<
         .enable_all()
         .build()
         .map_err(ServerError::Io)?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(listen))
+    // A deep accept queue: a thousand clients connecting at once would otherwise overflow
+    // the default and wait out SYN retransmissions (a second each).
+    let listener = {
+        let _guard = rt.enter();
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
         .map_err(ServerError::Io)?;
+        socket.set_reuseaddr(true).map_err(ServerError::Io)?;
+        socket.bind(listen).map_err(ServerError::Io)?;
+        socket.listen(4096).map_err(ServerError::Io)?
+    };
     let addr = listener.local_addr().map_err(ServerError::Io)?;
     rt.block_on(app.catch_up())?;
     let router = Router::new()

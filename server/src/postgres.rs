@@ -6,6 +6,10 @@
 use crate::store::{Put, Result, Store, StoreError};
 use postgres::{Client, NoTls};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Connections kept open: requests run in parallel, and PostgreSQL groups their commits.
+const CONNECTIONS: usize = 8;
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
@@ -13,9 +17,11 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// A PostgreSQL database (tables in `schema`, created if absent).
+/// A PostgreSQL database (tables in `schema`, created if absent), over a small pool of
+/// connections.
 pub struct Postgres {
-    client: Mutex<Client>,
+    pool: Vec<Mutex<Client>>,
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -45,19 +51,32 @@ impl Postgres {
              CREATE TABLE IF NOT EXISTS uploads (round BIGINT NOT NULL, client BIGINT NOT NULL, bytes BYTEA NOT NULL, PRIMARY KEY (round, client));
              CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, bytes BYTEA NOT NULL);"
         ))?;
+        let mut pool = vec![Mutex::new(client)];
+        for _ in 1..CONNECTIONS {
+            let mut c = Client::connect(url, NoTls)?;
+            c.batch_execute(&format!("SET search_path TO {schema}"))?;
+            pool.push(Mutex::new(c));
+        }
         Ok(Postgres {
-            client: Mutex::new(client),
+            pool,
+            next: AtomicUsize::new(0),
         })
     }
 
+    /// Runs `f` on a free connection (the next one in turn if all are busy).
     fn with<T>(
         &self,
         f: impl FnOnce(&mut Client) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        let mut c = self
-            .client
-            .lock()
-            .map_err(|_| StoreError("a thread panicked holding the database".into()))?;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pool.len();
+        let free = (0..n).find_map(|i| self.pool[(start + i) % n].try_lock().ok());
+        let mut c = match free {
+            Some(c) => c,
+            None => self.pool[start % n]
+                .lock()
+                .map_err(|_| StoreError("a thread panicked holding the database".into()))?,
+        };
         Ok(f(&mut c)?)
     }
 }
