@@ -317,6 +317,8 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
         max_body: 1 << 20,
         threads: 1,
         eval: None,
+        tls_cert: None,
+        tls_key: None,
     };
     let server_cfg: Config = serve
         .config()

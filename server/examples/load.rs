@@ -49,6 +49,7 @@ fn main() {
         max_body: 1 << 20,
         eval: Vec::new(),
         threads: 1,
+        tls: None,
     };
     let dir = std::env::temp_dir().join(format!("edgetune-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

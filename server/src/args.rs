@@ -116,6 +116,12 @@ pub struct ServeArgs {
     /// every round for the status page.
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -217,6 +223,13 @@ impl ServeArgs {
             max_body: self.max_body,
             eval: self.eval_set()?,
             threads: self.threads.max(1),
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
         })
     }
 

@@ -13,6 +13,7 @@ pub mod args;
 pub mod auth;
 pub mod postgres;
 pub mod store;
+pub mod tls;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -49,6 +50,8 @@ pub enum ServerError {
     Io(std::io::Error),
     /// The coordinator thread is gone.
     Stopped,
+    /// The certificate or key cannot be used.
+    Tls(String),
 }
 
 impl std::fmt::Display for ServerError {
@@ -59,6 +62,7 @@ impl std::fmt::Display for ServerError {
             ServerError::Inconsistent(s) => write!(f, "inconsistent store: {s}"),
             ServerError::Io(e) => write!(f, "{e}"),
             ServerError::Stopped => write!(f, "the coordinator stopped"),
+            ServerError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -109,6 +113,8 @@ pub struct Config {
     pub eval: Vec<Example>,
     /// Threads of the coordinator's CPU backend.
     pub threads: usize,
+    /// Serve HTTPS with this certificate and key (plain HTTP without).
+    pub tls: Option<tls::TlsFiles>,
 }
 
 enum Cmd {
@@ -704,6 +710,12 @@ pub fn start(cfg: &Config, store: Arc<dyn Store>, listen: SocketAddr) -> Result<
             count_oversized,
         ))
         .with_state(app.clone());
+    let acceptor = cfg
+        .tls
+        .as_ref()
+        .map(tls::acceptor)
+        .transpose()
+        .map_err(ServerError::Tls)?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("server".into())
@@ -727,11 +739,22 @@ pub fn start(cfg: &Config, store: Arc<dyn Store>, listen: SocketAddr) -> Result<
                         }
                     }
                 });
-                let _ = axum::serve(listener, router)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                match acceptor {
+                    Some(acceptor) => match tls::TlsListener::new(listener, acceptor) {
+                        Ok(l) => {
+                            let _ = axum::serve(l, router).with_graceful_shutdown(stop).await;
+                        }
+                        Err(e) => eprintln!("edgetune-server: TLS listener: {e}"),
+                    },
+                    None => {
+                        let _ = axum::serve(listener, router)
+                            .with_graceful_shutdown(stop)
+                            .await;
+                    }
+                }
                 ticker.abort();
             });
         })

@@ -53,6 +53,7 @@ fn config() -> Config {
         max_body: 4096,
         eval: Vec::new(),
         threads: 1,
+        tls: None,
     }
 }
 

@@ -62,6 +62,7 @@ fn the_status_page_renders_rounds_in_a_browser() {
         max_body: 1 << 16,
         eval: Vec::new(),
         threads: 1,
+        tls: None,
     };
     let server = start(&cfg, store, "127.0.0.1:0".parse().unwrap()).unwrap();
     let session = Session::decode(&server.session).unwrap();
