@@ -235,7 +235,18 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
         Some(m) => m.clone(),
         None => default_model()?,
     };
-    let _ = std::fs::remove_dir_all(&a.out);
+    // Only a previous simulation's directory (or an empty one) is replaced.
+    if a.out.exists() {
+        let ours = a.out.join("server.db").is_file()
+            || std::fs::read_dir(&a.out).is_ok_and(|mut d| d.next().is_none());
+        if !ours {
+            return flag(
+                "--out",
+                format!("{} exists and is not a fed sim directory", a.out.display()),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&a.out);
+    }
     std::fs::create_dir_all(a.out.join("data")).map_err(|e| CliError::Flag {
         flag: "--out",
         reason: e.to_string(),
@@ -452,7 +463,15 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
             return flag("fed sim", format!("round {round} did not close"));
         };
         for c in &mut clients {
-            c.apply_round(&msg)?;
+            // A round the client's state does not reproduce: take the server's checkpoint.
+            if let Err(e) = c.apply_round(&msg) {
+                eprintln!("client {}: {e}; fetching a checkpoint", c.id);
+                let (status, cp) = http(ureq::get(&format!("{base}/v1/checkpoint")).call())?;
+                if status != 200 {
+                    return flag("fed sim", format!("checkpoint refused ({status})"));
+                }
+                c.restore_checkpoint(&cp)?;
+            }
         }
         let hashes: Vec<[u8; 32]> = clients
             .iter()

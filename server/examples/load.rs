@@ -96,10 +96,9 @@ fn main() {
                 scalars: Scalars::Pairs(
                     (0..200u32)
                         .map(|s| {
-                            (
-                                (s * 7919 + id * 104_729) % 4096,
-                                ((s + id) % 21) as f32 - 10.0,
-                            )
+                            // The client's own seed draws (the server checks them).
+                            let seed = edgetune::fed::seed_for(&session, 1, s, id, None);
+                            (seed, ((s + id) % 21) as f32 - 10.0)
                         })
                         .collect(),
                 ),

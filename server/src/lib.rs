@@ -119,13 +119,16 @@ pub struct Config {
 
 enum Cmd {
     Check(Vec<u8>, oneshot::Sender<edgetune::Result<Upload>>),
+    /// Computes a round (nothing changes until `Commit`).
     Close(u32, Vec<Vec<u8>>, oneshot::Sender<edgetune::Result<Closed>>),
+    /// Makes the computed round the coordinator's state once it is stored; replies with
+    /// the held-out loss after it.
+    Commit(u32, oneshot::Sender<edgetune::Result<Option<f64>>>),
     Checkpoint(oneshot::Sender<edgetune::Result<(u32, Vec<u8>)>>),
 }
 
 struct Closed {
     bytes: Vec<u8>,
-    eval: Option<f64>,
     train_loss: Option<f64>,
 }
 
@@ -185,6 +188,7 @@ fn spawn_coordinator(cfg: &Config) -> Result<(Vec<u8>, mpsc::Sender<Cmd>)> {
                 }
             };
             let _ = ready_tx.send(Ok(session.encode()));
+            let mut pending = None;
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Cmd::Check(bytes, reply) => {
@@ -210,17 +214,28 @@ fn spawn_coordinator(cfg: &Config) -> Result<(Vec<u8>, mpsc::Sender<Cmd>)> {
                                     .sum::<f64>()
                                     / ups.len() as f64
                             });
-                            let bytes = coord.close_round(&ups)?;
-                            let eval = if cfg.eval.is_empty() {
-                                None
+                            let p = coord.prepare_round(&ups)?;
+                            let bytes = p.bytes.clone();
+                            pending = Some(p);
+                            Ok(Closed { bytes, train_loss })
+                        })();
+                        let _ = reply.send(r);
+                    }
+                    Cmd::Commit(round, reply) => {
+                        let r = (|| {
+                            match pending.take() {
+                                Some(p) if p.round == round => coord.commit(p)?,
+                                _ => {
+                                    return Err(edgetune::Error::Federation {
+                                        reason: format!("no computed round {round} to commit"),
+                                    });
+                                }
+                            }
+                            if cfg.eval.is_empty() {
+                                Ok(None)
                             } else {
-                                Some(coord.eval(&mut cache, &cfg.eval)?)
-                            };
-                            Ok(Closed {
-                                bytes,
-                                eval,
-                                train_loss,
-                            })
+                                Ok(Some(coord.eval(&mut cache, &cfg.eval)?))
+                            }
                         })();
                         let _ = reply.send(r);
                     }
@@ -296,8 +311,13 @@ impl App {
         if self.open.load(Ordering::SeqCst) != round {
             return Ok(());
         }
+        // Sealed first: from here on the round's uploads cannot change.
         let store = self.store.clone();
-        let uploads = blocking(move || store.uploads(round)).await??;
+        let uploads = blocking(move || -> store::Result<Vec<Vec<u8>>> {
+            store.seal(round)?;
+            store.uploads(round)
+        })
+        .await??;
         let up_sizes: Vec<usize> = uploads.iter().map(Vec::len).collect();
         let closed = self
             .ask(|tx| Cmd::Close(round, uploads, tx))
@@ -315,6 +335,10 @@ impl App {
                 "round {round} as stored differs from its recomputation"
             )));
         }
+        let eval = self
+            .ask(|tx| Cmd::Commit(round, tx))
+            .await?
+            .map_err(ServerError::Runtime)?;
         if let Ok(mut rs) = self.rounds.lock() {
             rs.insert(
                 round,
@@ -323,7 +347,7 @@ impl App {
                     max_up: up_sizes.iter().copied().max().unwrap_or(0),
                     down: closed.bytes.len(),
                     train_loss: closed.train_loss,
-                    eval: closed.eval,
+                    eval,
                 },
             );
         }
@@ -342,9 +366,14 @@ impl App {
         while self.open.load(Ordering::SeqCst) <= last {
             self.close(self.open.load(Ordering::SeqCst)).await?;
         }
+        // A round sealed before a crash, or at quorum: close it now.
         let open = self.open.load(Ordering::SeqCst);
         let store = self.store.clone();
-        if blocking(move || store.upload_count(open)).await?? >= self.quorum {
+        let (n, sealed) = blocking(move || -> store::Result<(u32, bool)> {
+            Ok((store.upload_count(open)?, store.is_sealed(open)?))
+        })
+        .await??;
+        if sealed || n >= self.quorum {
             self.close(open).await?;
         }
         Ok(())
@@ -460,6 +489,13 @@ async fn post_upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
         Put::Same => {
             app.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
             "duplicate"
+        }
+        Put::Sealed => {
+            return app.refuse(Refusal(
+                StatusCode::CONFLICT,
+                "wrong_round",
+                format!("round {round} is closed"),
+            ));
         }
         Put::Conflict => {
             return app.refuse(Refusal(

@@ -49,7 +49,8 @@ impl Postgres {
              CREATE TABLE IF NOT EXISTS session (id INTEGER PRIMARY KEY CHECK (id = 1), bytes BYTEA NOT NULL);
              CREATE TABLE IF NOT EXISTS clients (id BIGINT PRIMARY KEY, key BYTEA NOT NULL, nonce BIGINT NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS uploads (round BIGINT NOT NULL, client BIGINT NOT NULL, bytes BYTEA NOT NULL, PRIMARY KEY (round, client));
-             CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, bytes BYTEA NOT NULL);"
+             CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, bytes BYTEA NOT NULL);
+             CREATE TABLE IF NOT EXISTS sealed (round BIGINT PRIMARY KEY);"
         ))?;
         let mut pool = vec![Mutex::new(client)];
         for _ in 1..CONNECTIONS {
@@ -133,20 +134,52 @@ impl Store for Postgres {
     fn put_upload(&self, round: u32, client: u32, bytes: &[u8]) -> Result<Put> {
         let (round, client) = (i64::from(round), i64::from(client));
         self.with(|c| {
+            // One statement: it takes the uploads table's ROW EXCLUSIVE lock before its
+            // snapshot, so it either finishes before a seal's SHARE lock is granted (and is
+            // in the round) or starts after the seal committed (and sees it).
             let inserted = c.execute(
-                "INSERT INTO uploads (round, client, bytes) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                "INSERT INTO uploads (round, client, bytes) SELECT $1, $2, $3 \
+                 WHERE NOT EXISTS (SELECT 1 FROM sealed WHERE round = $1) ON CONFLICT DO NOTHING",
                 &[&round, &client, &bytes],
             )?;
             if inserted == 1 {
                 return Ok(Put::Inserted);
             }
-            let old: Vec<u8> = c
-                .query_one(
+            let old: Option<Vec<u8>> = c
+                .query_opt(
                     "SELECT bytes FROM uploads WHERE round = $1 AND client = $2",
                     &[&round, &client],
                 )?
-                .get(0);
-            Ok(if old == bytes { Put::Same } else { Put::Conflict })
+                .map(|r| r.get(0));
+            Ok(match old {
+                Some(b) if b == bytes => Put::Same,
+                Some(_) => Put::Conflict,
+                None => Put::Sealed,
+            })
+        })
+    }
+
+    fn seal(&self, round: u32) -> Result<()> {
+        self.with(|c| {
+            // SHARE mode waits for uploads in flight and holds new ones until the seal is
+            // committed.
+            let mut tx = c.transaction()?;
+            tx.batch_execute("LOCK TABLE uploads IN SHARE MODE")?;
+            tx.execute(
+                "INSERT INTO sealed (round) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&i64::from(round)],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn is_sealed(&self, round: u32) -> Result<bool> {
+        self.with(|c| {
+            Ok(c.query_opt(
+                "SELECT 1 FROM sealed WHERE round = $1",
+                &[&i64::from(round)],
+            )?
+            .is_some())
         })
     }
 

@@ -33,6 +33,8 @@ pub enum Put {
     Same,
     /// The client already committed different bytes for this round: refused.
     Conflict,
+    /// The round is being closed (sealed): no upload joins it any more.
+    Sealed,
 }
 
 /// The server's durable state.
@@ -46,7 +48,12 @@ pub trait Store: Send + Sync {
     fn client_key(&self, id: u32) -> Result<Option<Vec<u8>>>;
     /// Accepts `nonce` if it is above the client's last accepted one (and records it).
     fn take_nonce(&self, id: u32, nonce: u64) -> Result<bool>;
+    /// Commits an upload unless the round is sealed or the client has one there.
     fn put_upload(&self, round: u32, client: u32, bytes: &[u8]) -> Result<Put>;
+    /// Seals a round before it is closed: every upload committed before this returns is
+    /// in the round, every later one is refused, so the round's uploads never change.
+    fn seal(&self, round: u32) -> Result<()>;
+    fn is_sealed(&self, round: u32) -> Result<bool>;
     /// A round's committed uploads, in client order.
     fn uploads(&self, round: u32) -> Result<Vec<Vec<u8>>>;
     fn upload_count(&self, round: u32) -> Result<u32>;
@@ -69,6 +76,7 @@ CREATE TABLE IF NOT EXISTS session (id INTEGER PRIMARY KEY CHECK (id = 1), bytes
 CREATE TABLE IF NOT EXISTS clients (id INTEGER PRIMARY KEY, key BLOB NOT NULL, nonce INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS uploads (round INTEGER NOT NULL, client INTEGER NOT NULL, bytes BLOB NOT NULL, PRIMARY KEY (round, client));
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sealed (round INTEGER PRIMARY KEY);
 ";
 
 impl Sqlite {
@@ -143,7 +151,19 @@ impl Store for Sqlite {
 
     fn put_upload(&self, round: u32, client: u32, bytes: &[u8]) -> Result<Put> {
         self.with(|c| {
+            // One connection behind a mutex: the check and the insert are not interleaved
+            // with a seal.
             let tx = c.transaction()?;
+            let sealed: Option<u32> = tx
+                .query_row(
+                    "SELECT round FROM sealed WHERE round = ?1",
+                    params![round],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if sealed.is_some() {
+                return Ok(Put::Sealed);
+            }
             let old: Option<Vec<u8>> = tx
                 .query_row(
                     "SELECT bytes FROM uploads WHERE round = ?1 AND client = ?2",
@@ -164,6 +184,27 @@ impl Store for Sqlite {
             };
             tx.commit()?;
             Ok(put)
+        })
+    }
+
+    fn seal(&self, round: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO sealed (round) VALUES (?1)",
+                params![round],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn is_sealed(&self, round: u32) -> Result<bool> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM sealed WHERE round = ?1",
+                params![round],
+                |r| r.get::<_, u32>(0),
+            )
+            .map(|n| n > 0)
         })
     }
 

@@ -74,7 +74,11 @@ fn the_status_page_renders_rounds_in_a_browser() {
             samples: 4,
             loss_sum: 10.5 - round as f32,
             steps: 4,
-            scalars: Scalars::Pairs(vec![(round, 1.5), (9, -2.0)]),
+            // The client's own draws for steps 0 and 1 (the server checks them).
+            scalars: Scalars::Pairs(vec![
+                (edgetune::fed::seed_for(&session, round, 0, 1, None), 1.5),
+                (edgetune::fed::seed_for(&session, round, 1, 1, None), -2.0),
+            ]),
         }
         .encode(&session);
         let r = ureq::post(&format!("http://{}/v1/upload", server.addr))

@@ -145,6 +145,10 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
     late.restore_checkpoint(&server.checkpoint().unwrap())
         .unwrap();
     assert_eq!((late.round, late.state_hash().unwrap()), (3, want));
+    // It draws round 4's seeds as everyone does (Pro weights come with the checkpoint):
+    // the server accepts its upload, which it would not if a seed were off.
+    let up = late.train_round(&examples(2), 2).unwrap();
+    server.check_upload(&up.upload).unwrap();
     // ... and keeps it across a restart.
     drop(late);
     let late = Client::join(&Cpu, &model, &hex(&sha), &bytes, 9, &late_dir, 16).unwrap();
@@ -296,4 +300,58 @@ fn a_byzantine_client_is_contained_by_the_median() {
     eprintln!(
         "held-out loss {before:.4}: clean {clean:.4}, one Byzantine client in five: median {attacked:.4}, mean {mean_attacked:.4}"
     );
+}
+
+/// Uploads whose FedKSeed seeds are not the client's own draws are refused (no piling of
+/// steps on one seed); a round that would take the integer state past its budget is scaled
+/// to fit, and a spent budget gives empty rounds, never a stuck session.
+#[test]
+fn forged_seeds_are_refused_and_the_budget_is_never_exceeded() {
+    use edgetune::train::COEFFICIENT_BUDGET;
+    use edgetune_proto::Scalars;
+    let f = files();
+    let sha = f.sha256();
+    let mut model = f.load(&Cpu).unwrap();
+    model.attach(AdapterConfig::ia3(), KEY).unwrap();
+    // lr 1 at delta_exp 30: a single clipped scalar asks for about 2^33 units.
+    let s = Session {
+        lr: 1.0,
+        delta_exp: 30,
+        ..session(&model, &sha, SeedMode::KSeed, Encoding::F32)
+    };
+    let mut server = Coordinator::new(&Cpu, &model, s, Policy::default()).unwrap();
+    let dir = tmp("budget");
+    let mut c = Client::join(&Cpu, &model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
+    let up = c.train_round(&examples(0), 2).unwrap();
+    let mut forged = server.check_upload(&up.upload).unwrap();
+    if let Scalars::Pairs(pairs) = &mut forged.scalars {
+        for p in pairs.iter_mut() {
+            p.0 = 7;
+        }
+    }
+    let err = server
+        .check_upload(&forged.encode(&s))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("draw"), "{err}");
+    for round in 1..=3u32 {
+        let up = c.train_round(&examples(0), 2).unwrap();
+        let msg = server
+            .close_round(&[server.check_upload(&up.upload).unwrap()])
+            .unwrap();
+        assert_eq!(c.apply_round(&msg).unwrap(), Applied::Applied(round));
+        let cp =
+            edgetune::fed::read_checkpoint(&server.checkpoint().unwrap(), model.layout()).unwrap();
+        assert!(
+            cp.spent <= COEFFICIENT_BUDGET,
+            "round {round}: {}",
+            cp.spent
+        );
+        if round == 3 {
+            // Scaled rounds truncate toward zero: at most a unit per seed is left over.
+            assert!(cp.spent + 64 >= COEFFICIENT_BUDGET, "{} spent", cp.spent);
+        }
+    }
+    assert_eq!(c.state_hash().unwrap(), server.state_hash().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }

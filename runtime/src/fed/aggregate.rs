@@ -58,7 +58,9 @@ fn trimmed_sum(mut xs: Vec<(f64, f64)>, trim: f64) -> f64 {
     if cut == 0 {
         return xs.iter().map(|(v, w)| v * w).sum();
     }
-    xs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // By value, equal values (+0 and -0 among them) kept in client order: a stable sort
+    // on the IEEE comparison (the values are finite).
+    xs.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(core::cmp::Ordering::Equal));
     let kept = &xs[cut..xs.len() - cut];
     let kept_w: f64 = kept.iter().map(|x| x.1).sum();
     if kept_w == 0.0 {
@@ -68,7 +70,7 @@ fn trimmed_sum(mut xs: Vec<(f64, f64)>, trim: f64) -> f64 {
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
     let n = xs.len();
     if n == 0 {
         0.0

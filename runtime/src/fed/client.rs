@@ -11,7 +11,10 @@ use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_bounded, read_json, write_atomic};
 use crate::model::{KvCache, Model};
 use crate::train::history::hex;
-use crate::train::{Example, SeedWeights, ZoConfig, ZoState, batch_nll, zo_step};
+use crate::train::{
+    COEFFICIENT_BUDGET, Example, MAX_COEFFICIENT, SeedWeights, ZoConfig, ZoState, batch_nll,
+    zo_step,
+};
 use edgetune_proto::{Encoding, SeedMode};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -54,6 +57,8 @@ pub struct Client<'m, 'b, B: Backend> {
     pub round: u32,
     /// The last round uploaded.
     pub uploaded: u32,
+    /// The round of the checkpoint the state was rebuilt from (0: none).
+    checkpoint: u32,
     weights: Option<SeedWeights>,
     dir: PathBuf,
     cache: KvCache<B>,
@@ -109,6 +114,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
             w0,
             round: 0,
             uploaded: 0,
+            checkpoint: 0,
             weights: None,
             dir: dir.to_owned(),
             cache: model.new_cache(capacity)?,
@@ -147,43 +153,36 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
             num("round").ok_or_else(|| bad("`round` is missing"))?,
             num("uploaded").ok_or_else(|| bad("`uploaded` is missing"))?,
         );
-        let mut from = 0;
-        if let Some(cp) = num("checkpoint").filter(|&r| r > 0) {
+        // The checkpoint file itself says which round it holds (it is written before the
+        // record, so it may be newer than the record says).
+        if num("checkpoint").is_some_and(|r| r > 0) {
             let bytes = read_bounded(&self.dir.join(CHECKPOINT), FileKind::Adapter)?;
             self.load_checkpoint(&read_checkpoint(&bytes, self.model.layout())?)?;
-            from = cp;
         }
-        for r in from + 1..=round {
+        for r in self.round + 1..=round {
             let bytes = read_bounded(&self.round_path(r), FileKind::History)?;
             let msg = protocol("stored round", Round::decode(&bytes, &self.session))?;
-            self.apply_checked(&msg)?;
+            let next = self.next_state(&msg)?;
+            self.adopt(&msg, next);
         }
         self.uploaded = uploaded;
         Ok(())
     }
 
-    fn save(&self, checkpoint: u32) -> Result<()> {
+    fn save(&self) -> Result<()> {
         let v = json!({
             "session_tag": self.session.tag(),
             "client_id": self.id,
             "round": self.round,
             "uploaded": self.uploaded,
-            "checkpoint": checkpoint,
+            "checkpoint": self.checkpoint,
         });
         write_atomic(&self.dir.join(STATE), v.to_string().as_bytes())
     }
 
-    fn checkpoint_round(&self) -> u32 {
-        read_json(&self.dir.join(STATE), FileKind::History)
-            .ok()
-            .and_then(|v| v["checkpoint"].as_u64())
-            .and_then(|x| u32::try_from(x).ok())
-            .unwrap_or(0)
-    }
-
-    /// Applies `msg` (the next round) to a copy of the state and keeps it only if its hash
-    /// is the published digest.
-    fn apply_checked(&mut self, msg: &Round) -> Result<()> {
+    /// The state after `msg` (the next round), applied to a copy and checked against the
+    /// published digest; nothing changes here.
+    fn next_state(&self, msg: &Round) -> Result<ZoState<B>> {
         if msg.round != self.round + 1 {
             return Err(Error::Federation {
                 reason: format!(
@@ -202,10 +201,13 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
                 found: hex(&found),
             });
         }
-        self.state = next;
+        Ok(next)
+    }
+
+    fn adopt(&mut self, msg: &Round, state: ZoState<B>) {
+        self.state = state;
         self.round = msg.round;
         self.weights = super::seed_weights(msg);
-        Ok(())
     }
 
     /// Applies a round message: the next round is applied and checked, a round applied
@@ -215,10 +217,12 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         if msg.round <= self.round {
             return Ok(Applied::Already(msg.round));
         }
-        self.apply_checked(&msg)?;
-        // The round's bytes first, then the record that counts it.
+        let next = self.next_state(&msg)?;
+        // The round's bytes on disk first, then the state, then the record that counts it:
+        // a failed write leaves the round unapplied, to be delivered again.
         write_atomic(&self.round_path(msg.round), bytes)?;
-        self.save(self.checkpoint_round())?;
+        self.adopt(&msg, next);
+        self.save()?;
         Ok(Applied::Applied(msg.round))
     }
 
@@ -234,8 +238,8 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         }
         self.state = state;
         self.round = cp.round;
-        // The next round's Pro weights come with the round after the checkpoint.
-        self.weights = None;
+        self.checkpoint = cp.round;
+        self.weights = cp.next_weights.clone();
         Ok(())
     }
 
@@ -243,9 +247,18 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     /// its hash is checked before anything changes.
     pub fn restore_checkpoint(&mut self, bytes: &[u8]) -> Result<()> {
         let cp = read_checkpoint(bytes, self.model.layout())?;
+        let before = (
+            self.state.duplicate(self.be, self.model)?,
+            self.round,
+            self.checkpoint,
+            self.weights.clone(),
+        );
         self.load_checkpoint(&cp)?;
-        write_atomic(&self.dir.join(CHECKPOINT), bytes)?;
-        self.save(cp.round)
+        if let Err(e) = write_atomic(&self.dir.join(CHECKPOINT), bytes) {
+            (self.state, self.round, self.checkpoint, self.weights) = before;
+            return Err(e);
+        }
+        self.save()
     }
 
     /// Runs the tau local steps of the next round on `data` (batches of `batch`, chosen by
@@ -256,6 +269,18 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         let s = self.session;
         let clip = (s.clip > 0.0).then_some(s.clip);
         let mut local = self.state.duplicate(self.be, self.model)?;
+        // Local steps only move this copy; when the integer budget could not take all of
+        // them, they run without moving it (the scalars, which are what is uploaded, are
+        // unchanged in kind).
+        let room = COEFFICIENT_BUDGET.saturating_sub(local.spent());
+        let local_cfg = if room < u64::from(s.tau) * u64::from(MAX_COEFFICIENT.unsigned_abs()) {
+            ZoConfig {
+                lr: 0.0,
+                ..self.cfg
+            }
+        } else {
+            self.cfg
+        };
         let (mut pairs, mut skipped, mut values, mut loss, mut ran) =
             (Vec::new(), Vec::new(), Vec::new(), 0.0, 0u32);
         for step in 0..s.tau {
@@ -271,7 +296,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
                 self.model,
                 &mut self.cache,
                 &mut local,
-                &self.cfg,
+                &local_cfg,
                 &picked,
                 (at, seed),
                 clip,
@@ -317,7 +342,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     /// Records that the server acknowledged the upload of `round`.
     pub fn mark_uploaded(&mut self, round: u32) -> Result<()> {
         self.uploaded = self.uploaded.max(round);
-        self.save(self.checkpoint_round())
+        self.save()
     }
 
     /// Writes the shared state into the model's adapter buffers (for generation or

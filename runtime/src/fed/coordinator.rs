@@ -4,12 +4,36 @@
 //! that restarts rebuilds every round by closing them again from its store.
 
 use super::aggregate::{Policy, ProStats, updates};
-use super::{Round, Session, Upload, checkpoint_bytes, protocol, seed_weights, zo_config};
+use super::{
+    Round, Scalars, Session, Upload, checkpoint_bytes, protocol, seed_for, seed_weights, zo_config,
+};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
-use crate::train::{Example, SeedWeights, ZoConfig, ZoState, batch_nll};
+use crate::train::{COEFFICIENT_BUDGET, Example, SeedWeights, ZoConfig, ZoState, batch_nll};
 use std::prelude::v1::*;
+
+/// The lowest FedKSeed-Pro temperature: below it softmax(a / T) overflows into NaN weights.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
+/// A closed round not yet made the coordinator's state.
+pub struct Prepared<B: Backend> {
+    pub round: u32,
+    /// The round message.
+    pub bytes: Vec<u8>,
+    state: ZoState<B>,
+    stats: ProStats,
+    weights: Option<SeedWeights>,
+    raw_weights: Option<Vec<u8>>,
+}
+
+impl<B: Backend> core::fmt::Debug for Prepared<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("round", &self.round)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The aggregation state of one session.
 pub struct Coordinator<'m, 'b, B: Backend> {
@@ -20,8 +44,9 @@ pub struct Coordinator<'m, 'b, B: Backend> {
     pub policy: Policy,
     state: ZoState<B>,
     stats: ProStats,
-    /// The draw weights of the open round (from the last closed round).
+    /// The draw weights of the open round (from the last closed round), and as published.
     weights: Option<SeedWeights>,
+    raw_weights: Option<Vec<u8>>,
     /// The last round closed (0: none).
     pub round: u32,
 }
@@ -50,11 +75,15 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             });
         }
         if !(0.0..0.5).contains(&policy.trim)
-            || policy.temperature.is_some_and(|t| t.is_nan() || t <= 0.0)
+            || policy
+                .temperature
+                .is_some_and(|t| !(MIN_TEMPERATURE..=1e6).contains(&t))
         {
             return Err(Error::InvalidArgument {
                 name: "policy",
-                reason: "trim must be in [0, 0.5) and the temperature above zero".into(),
+                reason: format!(
+                    "trim must be in [0, 0.5) and the temperature in [{MIN_TEMPERATURE}, 1e6]"
+                ),
             });
         }
         let w0 = super::start_values(model, &session)?;
@@ -66,6 +95,7 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             state: ZoState::new(be, model, &w0)?,
             stats: ProStats::new(session.k),
             weights: None,
+            raw_weights: None,
             session,
             round: 0,
         })
@@ -83,10 +113,34 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
                 ),
             });
         }
-        if up.client_id > u64::from(u32::MAX) {
-            return Err(Error::Federation {
+        let Ok(client) = u32::try_from(up.client_id) else {
+            return Err(Error::InvalidArgument {
+                name: "upload",
                 reason: format!("client id {} is not below 2^32", up.client_id),
             });
+        };
+        // FedKSeed: each pair's seed must be the client's own draw for a step, in step
+        // order (skipped steps leave gaps), so no client can pile its steps on one seed.
+        if let Scalars::Pairs(pairs) = &up.scalars {
+            let mut step = 0u32;
+            for &(seed, _) in pairs {
+                loop {
+                    if step >= up.steps {
+                        return Err(Error::InvalidArgument {
+                            name: "upload",
+                            reason: format!(
+                                "seed {seed} is not the client's draw for any remaining step"
+                            ),
+                        });
+                    }
+                    let drawn =
+                        seed_for(&self.session, up.round, step, client, self.weights.as_ref());
+                    step += 1;
+                    if drawn == seed {
+                        break;
+                    }
+                }
+            }
         }
         Ok(up)
     }
@@ -94,6 +148,20 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
     /// Closes the open round from its committed uploads (at most one per client; others
     /// are ignored): the round message, encoded, after applying it to the server's state.
     pub fn close_round(&mut self, uploads: &[Upload]) -> Result<Vec<u8>> {
+        let p = self.prepare_round(uploads)?;
+        let bytes = p.bytes.clone();
+        self.commit(p)?;
+        Ok(bytes)
+    }
+
+    /// The open round's result without changing anything: the server stores it first and
+    /// [`Coordinator::commit`]s it after, so a failed store leaves the coordinator as it was.
+    ///
+    /// If the round would take the integer state past its budget
+    /// ([`crate::train::COEFFICIENT_BUDGET`]), every coefficient is scaled by
+    /// remaining / needed (integer, toward zero): a session that has spent its budget
+    /// publishes empty rounds instead of failing.
+    pub fn prepare_round(&self, uploads: &[Upload]) -> Result<Prepared<B>> {
         let round = self.round + 1;
         let mut mine: Vec<Upload> = uploads
             .iter()
@@ -102,27 +170,65 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             .collect();
         mine.sort_by_key(|u| u.client_id);
         mine.dedup_by_key(|u| u.client_id);
-        let updates = updates(
+        let mut updates = updates(
             &self.session,
             round,
             &mine,
             self.weights.as_ref(),
             &self.policy,
         );
-        self.state.apply(self.be, &self.cfg, &updates)?;
-        self.stats
-            .record(&self.session, round, &mine, self.weights.as_ref());
-        let weights = self.policy.temperature.map(|t| self.stats.weights(t));
+        let need: u64 = updates
+            .iter()
+            .map(|&(_, q)| u64::from(q.unsigned_abs()))
+            .sum();
+        let left = COEFFICIENT_BUDGET.saturating_sub(self.state.spent());
+        if need > left {
+            for u in &mut updates {
+                u.1 = (i128::from(u.1) * i128::from(left) / i128::from(need)) as i32;
+            }
+            updates.retain(|&(_, q)| q != 0);
+        }
+        let mut state = self.state.duplicate(self.be, self.model)?;
+        state.apply(self.be, &self.cfg, &updates)?;
+        let mut stats = self.stats.clone();
+        stats.record(&self.session, round, &mine, self.weights.as_ref());
         let msg = Round {
             session_tag: self.session.tag(),
             round,
             updates,
-            weights,
-            digest: self.state.hash(self.be)?,
+            weights: self.policy.temperature.map(|t| stats.weights(t)),
+            digest: state.hash(self.be)?,
         };
-        self.weights = seed_weights(&msg);
-        self.round = round;
-        Ok(msg.encode())
+        let bytes = msg.encode();
+        // The weights clients will use are the ones they decode.
+        let weights = protocol("own round", Round::decode(&bytes, &self.session))?;
+        Ok(Prepared {
+            round,
+            state,
+            stats,
+            weights: seed_weights(&weights),
+            raw_weights: weights.weights,
+            bytes,
+        })
+    }
+
+    /// Makes a prepared round the coordinator's state (it must be the open round's).
+    pub fn commit(&mut self, p: Prepared<B>) -> Result<()> {
+        if p.round != self.round + 1 {
+            return Err(Error::Federation {
+                reason: format!(
+                    "round {} prepared while round {} is open",
+                    p.round,
+                    self.round + 1
+                ),
+            });
+        }
+        self.state = p.state;
+        self.stats = p.stats;
+        self.weights = p.weights;
+        self.raw_weights = p.raw_weights;
+        self.round = p.round;
+        Ok(())
     }
 
     /// The state after the last closed round, as a checkpoint.
@@ -130,9 +236,9 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
         checkpoint_bytes(
             self.model.layout(),
             &self.state.accumulators(self.be)?,
-            self.round,
-            self.state.spent(),
+            (self.round, self.state.spent()),
             &self.state.hash(self.be)?,
+            self.raw_weights.as_deref(),
         )
     }
 

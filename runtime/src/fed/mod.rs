@@ -101,14 +101,15 @@ const CHECKPOINT_FORMAT: &str = "edgetune-fed-checkpoint";
 
 /// A checkpoint: the trainable state after round `round` as a safetensors file whose
 /// tensors are the accumulators (I32, layout names and shapes) and whose metadata hold
-/// `format`, `round`, `spent` and `state_hash`. The start values are not in it: every
+/// `format`, `round`, `spent`, `state_hash` and, when the round published FedKSeed-Pro
+/// weights for the next one, `next_weights` (hex, a byte each). The start values are not in it: every
 /// participant derives them from the model and the session key.
 pub fn checkpoint_bytes(
     layout: &[ParamInfo],
     acc: &[Vec<i32>],
-    round: u32,
-    spent: u64,
+    (round, spent): (u32, u64),
     state_hash: &[u8; 32],
+    next_weights: Option<&[u8]>,
 ) -> Result<Vec<u8>> {
     let data: Vec<Vec<u8>> = acc
         .iter()
@@ -131,7 +132,7 @@ pub fn checkpoint_bytes(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = std::collections::HashMap::from([
+    let mut meta = std::collections::HashMap::from([
         ("format".to_owned(), CHECKPOINT_FORMAT.to_owned()),
         ("round".to_owned(), round.to_string()),
         ("spent".to_owned(), spent.to_string()),
@@ -140,6 +141,9 @@ pub fn checkpoint_bytes(
             crate::train::history::hex(state_hash),
         ),
     ]);
+    if let Some(w) = next_weights {
+        meta.insert("next_weights".to_owned(), crate::train::history::hex(w));
+    }
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::Tensor {
         file: "checkpoint".into(),
         tensor: String::new(),
@@ -154,6 +158,8 @@ pub struct Checkpoint {
     pub spent: u64,
     pub state_hash: String,
     pub acc: Vec<Vec<i32>>,
+    /// The next round's seed weights, if the round published them.
+    pub next_weights: Option<SeedWeights>,
 }
 
 /// Reads a checkpoint for `layout`: every tensor by name and shape, nothing else.
@@ -181,7 +187,28 @@ pub fn read_checkpoint(bytes: &[u8], layout: &[ParamInfo]) -> Result<Checkpoint>
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad(format!("metadata `{k}` is missing or not a number")))
     };
-    let round = u32::try_from(num("round")?).map_err(|_| bad("round out of range".into()))?;
+    let round = u32::try_from(num("round")?)
+        .ok()
+        .filter(|&r| r < u32::MAX)
+        .ok_or_else(|| bad("round out of range".into()))?;
+    let next_weights = match m.get("next_weights") {
+        None => None,
+        Some(h) => {
+            let ws: Option<Vec<u32>> = (0..h.len())
+                .step_by(2)
+                .map(|i| {
+                    h.get(i..i + 2)
+                        .and_then(|x| u32::from_str_radix(x, 16).ok())
+                })
+                .collect();
+            let ws = ws
+                .filter(|w| w.iter().all(|&x| (1..=16).contains(&x)))
+                .ok_or_else(
+                    || bad("metadata `next_weights` is not hex weights in 1..=16".into()),
+                )?;
+            Some(SeedWeights::new(&ws)?)
+        }
+    };
     let spent = num("spent")?;
     let state_hash = m.get("state_hash").cloned().unwrap_or_default();
     if st.len() != layout.len() {
@@ -218,5 +245,6 @@ pub fn read_checkpoint(bytes: &[u8], layout: &[ParamInfo]) -> Result<Checkpoint>
         spent,
         state_hash,
         acc,
+        next_weights,
     })
 }
