@@ -458,6 +458,12 @@ async fn post_upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     let up = match app.ask(|tx| Cmd::Check(body.to_vec(), tx)).await {
         Ok(Ok(u)) => u,
         Ok(Err(edgetune::Error::Federation { reason })) => {
+            // A retry of an upload whose acknowledgement was lost, after its round closed:
+            // it is in the round, and the client is told so.
+            if let Some(r) = committed_round(&app, client, &body).await {
+                app.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                return axum::Json(json!({ "status": "duplicate", "round": r })).into_response();
+            }
             return app.refuse(Refusal(StatusCode::CONFLICT, "wrong_round", reason));
         }
         Ok(Err(e)) => {
@@ -513,6 +519,17 @@ async fn post_upload(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
         return internal(e);
     }
     axum::Json(json!({ "status": status, "round": round })).into_response()
+}
+
+/// The round of `body` if the store already holds exactly these bytes from `client` for it.
+async fn committed_round(app: &App, client: u32, body: &[u8]) -> Option<u32> {
+    let up = Upload::decode(body, &app.session).ok()?;
+    if up.client_id != u64::from(client) {
+        return None;
+    }
+    let (store, round) = (app.store.clone(), up.round);
+    let stored = blocking(move || store.uploads(round)).await.ok()?.ok()?;
+    stored.iter().any(|b| b == body).then_some(round)
 }
 
 async fn get_round(State(app): State<Arc<App>>, UrlPath(round): UrlPath<u32>) -> Response {

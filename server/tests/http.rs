@@ -179,13 +179,23 @@ fn rounds_over_http_keep_clients_in_step_and_bad_requests_change_nothing() {
         clients[0].state_hash().unwrap(),
         clients[1].state_hash().unwrap()
     );
-    // An upload for the closed round is stale.
-    assert_eq!(post(&base, 2, 202, &up2, &key(2)).0, 409);
+    // A retry of a committed upload after its round closed is told it is in the round;
+    // an upload the round does not hold is stale.
+    let (s, body) = post(&base, 2, 202, &up2, &key(2));
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("duplicate"), "{body}");
+    let session_msg = edgetune_proto::Session::decode(&session).unwrap();
+    let mut other2 = edgetune_proto::Upload::decode(&up2, &session_msg).unwrap();
+    other2.loss_sum += 1.0;
+    assert_eq!(
+        post(&base, 2, 203, &other2.encode(&session_msg), &key(2)).0,
+        409
+    );
     let (_, metrics) = get(&format!("{base}/metrics"));
     let metrics = String::from_utf8(metrics).unwrap();
     for line in [
         "edgetune_uploads_committed_total 2",
-        "edgetune_uploads_duplicate_total 1",
+        "edgetune_uploads_duplicate_total 2",
         "edgetune_rounds_closed 1",
         "reason=\"unauthenticated\"} 2",
         "reason=\"oversized\"} 1",
