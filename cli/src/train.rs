@@ -226,7 +226,7 @@ impl RunSettings {
 #[derive(clap::Subcommand, Debug)]
 pub enum AdapterCmd {
     /// Writes an adapter for another runtime: `--gguf` as llama.cpp's GGUF LoRA, or for a
-    /// scales adapter the whole GGUF model with the trained scales merged (f16).
+    /// scales or IA3 adapter the whole GGUF model with it merged.
     Export {
         #[command(flatten)]
         model: ModelArgs,
@@ -258,17 +258,23 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
         edgetune::adapter::peft::load(adapter, |c| edgetune::adapter::layout(c, &dims), order)?
     };
     let layout = edgetune::adapter::layout(&acfg, &dims);
-    if acfg.method == Method::Scales {
+    // Scales and IA3 have no place in llama.cpp's adapter format: they are merged into the
+    // model they were trained on.
+    if matches!(acfg.method, Method::Scales | Method::Ia3) {
         let ModelFiles::Gguf(file) = &files else {
             return flag(
                 "--model",
-                "trained scales are merged into the GGUF model they were trained on; this model is safetensors",
+                format!(
+                    "{} is merged into the GGUF model it was trained on; this model is safetensors",
+                    acfg.method_name()
+                ),
             );
         };
-        edgetune::adapter::gguf::save_scaled_model(out, file, &layout, &values)?;
+        edgetune::adapter::gguf::save_merged_model(out, file, &layout, &values)?;
         eprintln!(
-            "wrote {} (the model with {} tensors' block scales merged; llama.cpp: -m {})",
+            "wrote {} (the model with its {} merged into {} tensors; llama.cpp: -m {})",
             out.display(),
+            acfg.method_name(),
             layout.len(),
             out.display()
         );

@@ -173,8 +173,12 @@ fn bad_training_input_exits_2_with_a_message() {
     expect_error(&train(&dir, "r", &["--lr", "2"]), "--lr");
     expect_error(&train(&dir, "r", &["--targets", "q,x"]), "--targets");
     expect_error(&train(&dir, "r", &["--clip", "0"]), "--clip");
-    // IA3 has no place in llama.cpp's adapter format.
-    hash_of(&train(&dir, "ia3", &["--steps", "1", "--trainable", "ia3"]));
+    // Trained norms have no place in llama.cpp's adapter format (IA3 is merged instead).
+    hash_of(&train(
+        &dir,
+        "norms",
+        &["--steps", "1", "--trainable", "norms"],
+    ));
     let export = edgetune(&[
         "adapter",
         "export",
@@ -182,9 +186,9 @@ fn bad_training_input_exits_2_with_a_message() {
         "--model",
         &model(),
         "--adapter",
-        dir.join("ia3").to_str().unwrap(),
+        dir.join("norms").to_str().unwrap(),
         "--out",
-        dir.join("ia3.gguf").to_str().unwrap(),
+        dir.join("norms.gguf").to_str().unwrap(),
     ]);
     expect_error(&export, "LoRA only");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -554,7 +554,7 @@ fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
         panic!("the tiny model is a GGUF")
     };
     let merged = dir.join("merged.gguf");
-    edgetune::adapter::gguf::save_scaled_model(&merged, gguf, &layout, &read).unwrap();
+    edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read).unwrap();
     assert_eq!(
         std::fs::metadata(&merged).unwrap().len(),
         std::fs::metadata(model_path()).unwrap().len()
@@ -581,4 +581,101 @@ fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
     let err = unquantised.attach(cfg, 0).unwrap_err().to_string();
     assert!(err.contains("q8_0, q4_0 and q4_1"), "{err}");
     assert!(unquantised.adapter().is_none());
+}
+
+/// IA3 merged into the GGUF it was trained on: k and v scales go into each row's block
+/// scales (bit-exact logits with power-of-two scales on the Q4_0 model); down's input
+/// scales are merged into float weights (logits equal to rounding) and refused for a
+/// quantised down, whose blocks would have to be requantised.
+#[test]
+fn ia3_merges_into_a_gguf() {
+    use edgetune::adapter::peft::{self, RowOrder};
+    let tokens = [1u32, 5, 9, 33, 2, 17];
+    let logits = |m: &Model<'_, Cpu>| {
+        let mut cache = m.new_cache(8).unwrap();
+        m.forward(&mut cache, &tokens, true).unwrap()
+    };
+    let dir = tmp("ia3-merge");
+    let f32_model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
+    for (path, targets, exact) in [
+        (model_path(), vec![Target::K, Target::V], true),
+        (f32_model, vec![Target::K, Target::V, Target::Down], false),
+        (
+            model_path(),
+            vec![Target::K, Target::V, Target::Down],
+            false,
+        ),
+    ] {
+        let f = ModelFiles::open(&path, None).unwrap();
+        let ModelFiles::Gguf(gguf) = &f else {
+            panic!("the tiny models are GGUF")
+        };
+        let base = logits(&f.load(&Cpu).unwrap());
+        let cfg = AdapterConfig {
+            method: edgetune::adapter::Method::Ia3,
+            targets,
+        };
+        let mut model = f.load(&Cpu).unwrap();
+        let layout = model.attach(cfg.clone(), 0).unwrap().to_vec();
+        let values: Vec<Vec<f32>> = layout
+            .iter()
+            .map(|p| {
+                (0..p.len() as usize)
+                    .map(|e| {
+                        if exact {
+                            [2.0, 0.5, 1.0, 0.25][e % 4]
+                        } else {
+                            1.0 + 0.3 * ((e * 37 % 19) as f32 / 19.0 - 0.5)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        model.write_params(&values).unwrap();
+        let want = logits(&model);
+        peft::save(&dir, &cfg, &layout, &values, RowOrder::of(&model.cfg)).unwrap();
+        let dims = model.dims();
+        let (_, read) = peft::load(
+            &dir,
+            |c| edgetune::adapter::layout(c, &dims),
+            RowOrder::of(&model.cfg),
+        )
+        .unwrap();
+        let merged = dir.join("merged.gguf");
+        let written = edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read);
+        let quantised_down = !exact && path == model_path();
+        if quantised_down {
+            let err = written.unwrap_err().to_string();
+            assert!(err.contains("requantising"), "{err}");
+            continue;
+        }
+        written.unwrap();
+        let got = logits(&ModelFiles::open(&merged, None).unwrap().load(&Cpu).unwrap());
+        let effect = want
+            .iter()
+            .zip(&base)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(effect > 0.01, "the adapter changed nothing");
+        if exact {
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{diff}"
+            );
+        } else {
+            assert!(
+                diff < 1e-4 * effect.max(1.0),
+                "merged vs adapter {diff}, adapter effect {effect}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
