@@ -369,28 +369,8 @@ pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Quantises `x` to Q4_1 as ggml's reference does: d = (max - min) / 15, m = min,
-/// q = min(15, trunc((x - min) / d + 0.5)).
-pub fn quantize_q4_1(x: &[f32]) -> Result<Vec<u8>> {
-    blocks_of(x, "quantize_q4_1")?;
-    let mut out = Vec::with_capacity(x.len() / QK * Q4_1_BYTES);
-    for b in x.chunks_exact(QK) {
-        let min = b.iter().copied().fold(f32::INFINITY, f32::min);
-        let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let d = (max - min) / 15.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
-        out.extend_from_slice(&f16::from_f32(min).to_bits().to_le_bytes());
-        let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
-        for j in 0..QK / 2 {
-            out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
-        }
-    }
-    Ok(out)
-}
-
-/// `x` stored as `ty` (whole rows of it): the 32-element block formats by ggml's reference
-/// quantisers, the float formats by rounding; the K-quants are not written.
+/// `x` stored as `ty` (whole rows of it): the float formats by rounding, Q8_0 and Q4_0 by
+/// ggml's reference quantisers; Q4_1 and the K-quants are not written.
 pub fn quantize(ty: WeightType, x: &[f32]) -> Result<Vec<u8>> {
     match ty {
         WeightType::F32 => Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
@@ -404,8 +384,7 @@ pub fn quantize(ty: WeightType, x: &[f32]) -> Result<Vec<u8>> {
             .collect()),
         WeightType::Q8_0 => quantize_q8_0(x),
         WeightType::Q4_0 => quantize_q4_0(x),
-        WeightType::Q4_1 => quantize_q4_1(x),
-        WeightType::Q4K | WeightType::Q6K => Err(Error::InvalidShape {
+        WeightType::Q4_1 | WeightType::Q4K | WeightType::Q6K => Err(Error::InvalidShape {
             op: "quantize",
             reason: format!("writing {} is not supported", ty.name()),
         }),
