@@ -325,6 +325,7 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
         trim: 0.0,
         rule: edgetune_server::args::RuleArg::Median,
         temperature: a.temperature,
+        max_samples: edgetune::fed::aggregate::DEFAULT_MAX_SAMPLES,
         max_body: 1 << 20,
         threads: 1,
         eval: None,

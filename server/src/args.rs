@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// FedKSeed-Pro: publish seed weights softmax(a / T) with this temperature.
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// The largest sample count a client's upload is weighted by (its claim is cut to it).
+    #[arg(long, default_value_t = edgetune::fed::aggregate::DEFAULT_MAX_SAMPLES)]
+    pub max_samples: u32,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,
@@ -217,6 +220,7 @@ impl ServeArgs {
                     RuleArg::Mean => SharedRule::Mean,
                 },
                 temperature: self.temperature,
+                max_samples: self.max_samples,
             },
             quorum: self.quorum.max(1),
             deadline: Duration::from_secs(self.deadline),

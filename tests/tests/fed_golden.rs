@@ -35,6 +35,7 @@ fn aggregation_matches_the_python_reference() {
                 SharedRule::Median
             },
             temperature: p["temperature"].as_f64(),
+            max_samples: p["max_samples"].as_u64().unwrap() as u32,
         };
         let mut stats = ProStats::new(s.k);
         let mut weights: Option<SeedWeights> = None;

@@ -160,22 +160,25 @@ def step_values(s, u):
 
 def aggregate(s, rnd, ups, weights, policy):
     ups = sorted(ups, key=lambda u: u["client"])
+    def n(u):
+        return float(min(max(u["samples"], 1), max(policy["max_samples"], 1)))
+
     total_n = 0.0
     for u in ups:
-        total_n += float(max(u["samples"], 1))
+        total_n += n(u)
     per_seed = {}
     if s["mode"] == "kseed":
         for u in ups:
             mine = {}
             for j, g in u["pairs"]:
                 mine[j] = mine.get(j, 0.0) + clipped(s, decoded(s, g))
-            w = float(max(u["samples"], 1)) / total_n
+            w = n(u) / total_n
             for j in sorted(mine):
                 per_seed.setdefault(j, []).append((mine[j], w))
     else:
         vals = [step_values(s, u) for u in ups]
         for step in range(s["tau"]):
-            xs = [(v[step], float(max(u["samples"], 1)) / total_n) for u, v in zip(ups, vals) if step in v]
+            xs = [(v[step], n(u) / total_n) for u, v in zip(ups, vals) if step in v]
             if not xs:
                 continue
             if s["enc"] == "sign":
@@ -244,6 +247,8 @@ def make_uploads(s, rnd, rng, weights, byzantine=False):
     ups = []
     for client in (3, 1, 4, 2, 5):
         u = {"round": rnd, "client": client, "samples": rng.randint(1, 40), "loss_sum": 12.5, "steps": s["tau"]}
+        if byzantine and client == 5:
+            u["samples"] = 4_000_000  # claimed, cut to the policy's max_samples
         if s["mode"] == "kseed":
             pairs = []
             for step in range(s["tau"]):
@@ -289,12 +294,12 @@ def main():
     base = {"model": [7] * 32, "layout": [9] * 32, "key": 0x1234_5678_9ABC_DEF0, "k": 64, "tau": 12,
             "delta_exp": 16, "eps": 1e-2, "lr": 5e-4, "clip": 10.0}
     cases = [
-        case("kseed_f32", dict(base, mode="kseed", enc="f32"), {"trim": 0.0, "rule": "median", "temperature": None}, 3, rng),
+        case("kseed_f32", dict(base, mode="kseed", enc="f32"), {"trim": 0.0, "rule": "median", "temperature": None, "max_samples": 1000}, 3, rng),
         case("kseed_f16_trim_pro", dict(base, mode="kseed", enc="f16", k=8),
-             {"trim": 0.2, "rule": "median", "temperature": 0.5}, 3, rng, byzantine=True),
-        case("shared_median", dict(base, mode="shared", enc="f32"), {"trim": 0.0, "rule": "median", "temperature": None}, 2, rng, byzantine=True),
-        case("shared_mean_trim_pro", dict(base, mode="shared", enc="f16"), {"trim": 0.2, "rule": "mean", "temperature": 1.0}, 3, rng),
-        case("shared_sign", dict(base, mode="shared", enc="sign"), {"trim": 0.0, "rule": "median", "temperature": None}, 2, rng),
+             {"trim": 0.2, "rule": "median", "temperature": 0.5, "max_samples": 1000}, 3, rng, byzantine=True),
+        case("shared_median", dict(base, mode="shared", enc="f32"), {"trim": 0.0, "rule": "median", "temperature": None, "max_samples": 1000}, 2, rng, byzantine=True),
+        case("shared_mean_trim_pro", dict(base, mode="shared", enc="f16"), {"trim": 0.2, "rule": "mean", "temperature": 1.0, "max_samples": 1000}, 3, rng),
+        case("shared_sign", dict(base, mode="shared", enc="sign"), {"trim": 0.0, "rule": "median", "temperature": None, "max_samples": 1000}, 2, rng),
     ]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"generator": "tools/reference/fed_aggregate.py", "cases": cases}, indent=1) + "\n")

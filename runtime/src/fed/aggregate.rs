@@ -17,6 +17,9 @@ pub enum SharedRule {
     Median,
 }
 
+/// The default cap on a client's claimed sample count.
+pub const DEFAULT_MAX_SAMPLES: u32 = 1000;
+
 /// The server's aggregation settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -27,6 +30,8 @@ pub struct Policy {
     /// FedKSeed-Pro: publish seed weights for the next round from softmax(a / T), with this
     /// temperature T; `None` keeps draws uniform.
     pub temperature: Option<f64>,
+    /// The largest sample count a client's weight counts (its claim is cut to this).
+    pub max_samples: u32,
 }
 
 impl Default for Policy {
@@ -35,6 +40,7 @@ impl Default for Policy {
             trim: 0.0,
             shared: SharedRule::Median,
             temperature: None,
+            max_samples: DEFAULT_MAX_SAMPLES,
         }
     }
 }
@@ -105,8 +111,11 @@ pub fn aggregate(
 ) -> Vec<(u32, f64)> {
     let mut ups: Vec<&Upload> = uploads.iter().filter(|u| u.round == round).collect();
     ups.sort_by_key(|u| u.client_id);
-    let total_n: f64 = ups.iter().map(|u| f64::from(u.samples.max(1))).sum();
-    let weight = |u: &Upload| f64::from(u.samples.max(1)) / total_n;
+    // A client's sample count is its own claim: capped, so no client outweighs others by
+    // more than max_samples to one.
+    let n = |u: &Upload| f64::from(u.samples.clamp(1, policy.max_samples.max(1)));
+    let total_n: f64 = ups.iter().map(|u| n(u)).sum();
+    let weight = |u: &Upload| n(u) / total_n;
     let mut per_seed: std::collections::BTreeMap<u32, Vec<(f64, f64)>> = Default::default();
     match s.seed_mode {
         SeedMode::KSeed => {
