@@ -282,3 +282,34 @@ pub fn read_clients(path: &std::path::Path) -> Result<Vec<(u32, Vec<u8>)>, Strin
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::read_clients;
+
+    /// Each malformed clients file is refused with a message naming it; a sound one reads.
+    #[test]
+    fn hostile_clients_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("edgetune-clients-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("clients.json");
+        let key = "00112233445566778899aabbccddeeff";
+        for (text, why) in [
+            ("[1, 2]", "not a JSON object"),
+            ("{\"one\": \"00\"}", "not a u32"),
+            ("{\"1\": \"zz\"}", "key must be hex"),
+            ("{\"1\": \"0011\"}", "at least 16 bytes"),
+            ("{\"1\": 7}", "key must be hex"),
+            ("{", "clients.json"),
+        ] {
+            std::fs::write(&path, text).unwrap_or_default();
+            match read_clients(&path) {
+                Err(e) => assert!(e.contains(why), "{text}: {e}"),
+                Ok(c) => panic!("{text} was accepted: {c:?}"),
+            }
+        }
+        std::fs::write(&path, format!("{{\"7\": \"{key}\"}}")).unwrap_or_default();
+        assert_eq!(read_clients(&path).map(|c| c.len()), Ok(1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -12,25 +12,27 @@ pub const NONCE: &str = "x-edgetune-nonce";
 /// Header holding the hex HMAC-SHA256.
 pub const SIGNATURE: &str = "x-edgetune-signature";
 
-fn mac(key: &[u8], nonce: u64, body: &[u8]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+/// The MAC of nonce and body (HMAC accepts keys of any length, so `None` never happens in
+/// practice; it is not unwrapped all the same).
+fn mac(key: &[u8], nonce: u64, body: &[u8]) -> Option<Hmac<Sha256>> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
     m.update(&nonce.to_le_bytes());
     m.update(body);
-    m
+    Some(m)
 }
 
-/// The signature of `body` with `nonce` under `key`, as hex.
+/// The signature of `body` with `nonce` under `key`, as hex (empty if `key` cannot key a
+/// MAC, which no server accepts).
 pub fn sign(key: &[u8], nonce: u64, body: &[u8]) -> String {
-    hex(&mac(key, nonce, body).finalize().into_bytes())
+    mac(key, nonce, body).map_or_else(String::new, |m| hex(&m.finalize().into_bytes()))
 }
 
 /// Whether `signature` (hex) is `key`'s signature of `body` with `nonce`, compared in
 /// constant time.
 pub fn verify(key: &[u8], nonce: u64, body: &[u8], signature: &str) -> bool {
-    match unhex(signature) {
-        Some(sig) => mac(key, nonce, body).verify_slice(&sig).is_ok(),
-        None => false,
+    match (unhex(signature), mac(key, nonce, body)) {
+        (Some(sig), Some(m)) => m.verify_slice(&sig).is_ok(),
+        _ => false,
     }
 }
 

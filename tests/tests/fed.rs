@@ -204,7 +204,20 @@ fn a_corrupt_round_applies_nothing_and_a_checkpoint_recovers() {
     let err = c.apply_round(&forged).unwrap_err().to_string();
     assert!(err.contains("nothing applied"), "{err}");
     assert_eq!((c.round, c.state_hash().unwrap()), (0, before));
-    c.restore_checkpoint(&server.checkpoint().unwrap()).unwrap();
+    // Hostile checkpoints change nothing: garbage, a truncated file, another layout's.
+    let good = server.checkpoint().unwrap();
+    for bad in [
+        b"not a checkpoint".to_vec(),
+        good[..good.len() / 2].to_vec(),
+    ] {
+        assert!(c.restore_checkpoint(&bad).is_err());
+        assert_eq!((c.round, c.state_hash().unwrap()), (0, before));
+    }
+    let mut lora = f.load(&Cpu).unwrap();
+    lora.attach(AdapterConfig::lora(2, 4.0, &[Target::Q]), KEY)
+        .unwrap();
+    assert!(edgetune::fed::read_checkpoint(&good, lora.layout()).is_err());
+    c.restore_checkpoint(&good).unwrap();
     assert_eq!(c.state_hash().unwrap(), server.state_hash().unwrap());
     // A session for another model is refused at join.
     let other = Session {

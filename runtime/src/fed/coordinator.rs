@@ -24,7 +24,6 @@ pub struct Prepared<B: Backend> {
     state: ZoState<B>,
     stats: ProStats,
     weights: Option<SeedWeights>,
-    raw_weights: Option<Vec<u8>>,
 }
 
 impl<B: Backend> core::fmt::Debug for Prepared<B> {
@@ -44,9 +43,8 @@ pub struct Coordinator<'m, 'b, B: Backend> {
     pub policy: Policy,
     state: ZoState<B>,
     stats: ProStats,
-    /// The draw weights of the open round (from the last closed round), and as published.
+    /// The draw weights of the open round (from the last closed round).
     weights: Option<SeedWeights>,
-    raw_weights: Option<Vec<u8>>,
     /// The last round closed (0: none).
     pub round: u32,
 }
@@ -95,7 +93,6 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             state: ZoState::new(be, model, &w0)?,
             stats: ProStats::new(session.k),
             weights: None,
-            raw_weights: None,
             session,
             round: 0,
         })
@@ -207,7 +204,6 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             state,
             stats,
             weights: seed_weights(&weights),
-            raw_weights: weights.weights,
             bytes,
         })
     }
@@ -226,7 +222,6 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
         self.state = p.state;
         self.stats = p.stats;
         self.weights = p.weights;
-        self.raw_weights = p.raw_weights;
         self.round = p.round;
         Ok(())
     }
@@ -238,7 +233,11 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             &self.state.accumulators(self.be)?,
             (self.round, self.state.spent()),
             &self.state.hash(self.be)?,
-            self.raw_weights.as_deref(),
+            // As published: 4-bit weights, each in 1..=16.
+            self.weights
+                .as_ref()
+                .map(|w| w.weights().iter().map(|&x| x as u8).collect::<Vec<u8>>())
+                .as_deref(),
         )
     }
 
