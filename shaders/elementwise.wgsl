@@ -71,3 +71,45 @@ fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         out[p.dst_offset + i] = a[p.src_offset + i];
     }
 }
+
+// The gradients of swiglu: out = dgate = dy * b * sig * (1 + a (1 - sig)), out2 = dup =
+// dy * silu(a), with a = gate, b = up and sig = sigmoid(a). CPU reference:
+// runtime/src/backend/grad.rs `swiglu_grad`.
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out2: array<f32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn swiglu_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        let g = a[i];
+        let sig = 1.0 / (1.0 + exp(-g));
+        out[i] = dy[i] * b[i] * sig * (1.0 + g * (1.0 - sig));
+        out2[i] = dy[i] * (g / (1.0 + exp(-g)));
+    }
+}
+
+// out[c] = sum over rows of a[r, c] * b[r, c] (IA3's scale gradient), n = rows, cols in
+// src_offset; one invocation per column, rows summed in order as the reference does
+// (runtime/src/backend/grad.rs `col_dot`).
+@compute @workgroup_size(64, 1, 1)
+fn col_dot(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = index(gid, nwg);
+    let cols = p.src_offset;
+    if c < cols {
+        var s = 0.0;
+        for (var r = 0u; r < p.n; r++) {
+            s += a[r * cols + c] * b[r * cols + c];
+        }
+        out[c] = s;
+    }
+}
+
+// out += alpha * a: gradients summed in place.
+@compute @workgroup_size(64, 1, 1)
+fn axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if i < p.n {
+        out[i] = out[i] + p.alpha * a[i];
+    }
+}

@@ -499,3 +499,26 @@ fn qmatmul(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
 }
+
+// The input gradient of the product: out[t, :] = sum over j of x[t, j] * dequant(w row j),
+// with x = dy [m, n] and out = dx [m, k]. One invocation per (chunk c of k, token t),
+// tokens fastest, so the invocations of a workgroup read the same weight blocks (one
+// decode per block and lane, loads shared in the cache); the weight rows are dequantised
+// as they are read and never written.
+@compute @workgroup_size(64, 1, 1)
+fn qmatmul_t(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.x + gid.y * nwg.x * 64u;
+    let c = idx / p.m;
+    let t = idx % p.m;
+    if c >= n_chunks() {
+        return;
+    }
+    var acc: Chunk;
+    for (var j = 0u; j < p.n; j++) {
+        let g = vec4<f32>(x[t * p.n + j]);
+        let y = chunk(j, c);
+        acc = Chunk(acc.v0 + g * y.v0, acc.v1 + g * y.v1, acc.v2 + g * y.v2, acc.v3 + g * y.v3,
+                    acc.v4 + g * y.v4, acc.v5 + g * y.v5, acc.v6 + g * y.v6, acc.v7 + g * y.v7);
+    }
+    store_chunk(acc, t * p.k, c);
+}

@@ -32,3 +32,29 @@ fn rmsnorm(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         out[base + i] = x[base + i] * inv * weight[i];
     }
 }
+
+// The input gradient with the weight frozen: dx = r w dy - x r^3 mean(w dy x), with
+// r = 1 / sqrt(mean(x^2) + eps); dy in `dy`, dx in `out`. CPU reference:
+// runtime/src/backend/grad.rs `rmsnorm_grad`. One invocation per row, as above.
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+
+@compute @workgroup_size(64, 1, 1)
+fn rmsnorm_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if r >= p.rows {
+        return;
+    }
+    let base = r * p.dim;
+    var ss = 0.0;
+    var wgx = 0.0;
+    for (var i = 0u; i < p.dim; i++) {
+        let v = x[base + i];
+        ss += v * v;
+        wgx += weight[i] * dy[base + i] * v;
+    }
+    let inv = 1.0 / sqrt(ss / f32(p.dim) + p.eps);
+    let c = inv * inv * inv * (wgx / f32(p.dim));
+    for (var i = 0u; i < p.dim; i++) {
+        out[base + i] = inv * weight[i] * dy[base + i] - x[base + i] * c;
+    }
+}

@@ -7,7 +7,7 @@
 //! the harness and time the reference; the reference itself is checked against
 //! independent implementations by the golden-file tests.
 
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu::{self, Cpu};
 use crate::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
 use crate::error::{Error, Result};
 use crate::quant::{self, WeightType};
@@ -90,7 +90,7 @@ impl Case {
     }
 }
 
-static IDX: [usize; 6] = [0, 1, 2, 3, 4, 5];
+static IDX: [usize; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 
 /// Deterministic test data from Philox (so every run and every machine sees the same inputs).
 #[derive(Debug)]
@@ -822,6 +822,310 @@ pub fn cases() -> Vec<Case> {
             out_elems: n as usize,
             tolerance: Tolerance::Exact,
             work: 8.0 * f64::from(n) * f64::from(n_seeds),
+            unit: Unit::GbPerS,
+        });
+    }
+    cases.extend(backward_cases(&mut d));
+    cases
+}
+
+/// The backward and optimiser kernels; an op with several outputs has a case per output.
+fn backward_cases(d: &mut Data) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let data = |d: &mut Data, n: usize| Init::Data(f32_bytes(&d.f32s(n)));
+    // The input gradient of every weight format, with trained block scales where a
+    // format has them; rows and columns as in the models.
+    for ty in WeightType::ALL {
+        let k = if ty.block_elems() == 256 { 512 } else { 96 };
+        for (m, n, scaled) in [
+            (1usize, 67usize, false),
+            (9, 40, quant::has_block_scale(ty)),
+        ] {
+            let mut bufs = vec![
+                data(d, m * n),
+                Init::Weights(ty, d.weights(ty, n, k, false)),
+                Init::Zeros((m * k * 4) as u64),
+            ];
+            if scaled {
+                let f: Vec<f32> = d
+                    .f32s(n * k / quant::QK)
+                    .iter()
+                    .map(|v| 1.0 + 0.5 * v)
+                    .collect();
+                bufs.push(Init::Data(f32_bytes(&f)));
+            }
+            cases.push(Case {
+                kernel: "qmatmul_t",
+                shape: format!(
+                    "{} {m}x{n} by {n}x{k}{}",
+                    ty.name(),
+                    if scaled { " scaled" } else { "" }
+                ),
+                bufs,
+                op: Op::QMatmulT {
+                    dy: &IDX[0],
+                    w: &IDX[1],
+                    factors: scaled.then_some(&IDX[3]),
+                    dx: &IDX[2],
+                    wtype: ty,
+                    m: m as u32,
+                    k: k as u32,
+                    n: n as u32,
+                },
+                out: 2,
+                out_elems: m * k,
+                tolerance: close(2e-5 * n as f64, 1e-4),
+                work: 2.0 * (m * n * k) as f64,
+                unit: Unit::GflopPerS,
+            });
+        }
+    }
+    for (rows, dim) in [(1u32, 7u32), (9, 576)] {
+        let n = (rows * dim) as usize;
+        cases.push(Case {
+            kernel: "rmsnorm_grad",
+            shape: format!("{rows}x{dim}"),
+            bufs: vec![
+                data(d, n),
+                data(d, dim as usize),
+                data(d, n),
+                Init::Zeros(n as u64 * 4),
+            ],
+            op: Op::RmsNormGrad {
+                x: &IDX[0],
+                weight: &IDX[1],
+                dy: &IDX[2],
+                dx: &IDX[3],
+                rows,
+                dim,
+                eps: 1e-5,
+            },
+            out: 3,
+            out_elems: n,
+            tolerance: close(1e-5, 1e-4),
+            work: 16.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+    // Attention: grouped heads, odd sizes; one case per gradient and for the statistics.
+    for (t, heads, kv_heads, hd) in [(1u32, 2u32, 1u32, 8u32), (13, 6, 2, 16), (9, 3, 3, 64)] {
+        let (qo, kv) = ((t * heads * hd) as usize, (t * kv_heads * hd) as usize);
+        let (q, k, v) = (d.f32s(qo), d.f32s(kv), d.f32s(kv));
+        let shape = cpu::AttnShape {
+            n_tokens: t as usize,
+            n_heads: heads as usize,
+            n_kv_heads: kv_heads as usize,
+            head_dim: hd as usize,
+            pos0: 0,
+        };
+        let scale = 1.0 / libm::sqrtf(hd as f32);
+        let out = cpu::attention(&q, &k, &v, shape, scale);
+        for (name, idx, elems) in [
+            ("dq", 5usize, qo),
+            ("dk", 6, kv),
+            ("dv", 7, kv),
+            ("stats", 8, (t * heads * 2) as usize),
+        ] {
+            cases.push(Case {
+                kernel: "attention_grad",
+                shape: format!("{name} t={t} heads={heads}/{kv_heads} hd={hd}"),
+                bufs: vec![
+                    Init::Data(f32_bytes(&q)),
+                    Init::Data(f32_bytes(&k)),
+                    Init::Data(f32_bytes(&v)),
+                    Init::Data(f32_bytes(&out)),
+                    data(d, qo),
+                    Init::Zeros(qo as u64 * 4),
+                    Init::Zeros(kv as u64 * 4),
+                    Init::Zeros(kv as u64 * 4),
+                    Init::Zeros(u64::from(t * heads) * 8),
+                ],
+                op: Op::AttentionGrad {
+                    q: &IDX[0],
+                    k: &IDX[1],
+                    v: &IDX[2],
+                    out: &IDX[3],
+                    dout: &IDX[4],
+                    dq: &IDX[5],
+                    dk: &IDX[6],
+                    dv: &IDX[7],
+                    stats: &IDX[8],
+                    n_tokens: t,
+                    n_heads: heads,
+                    n_kv_heads: kv_heads,
+                    head_dim: hd,
+                    scale,
+                },
+                out: idx,
+                out_elems: elems,
+                tolerance: close(2e-5, 1e-4),
+                work: 8.0 * f64::from(t * t * heads * hd),
+                unit: Unit::GflopPerS,
+            });
+        }
+    }
+    for (name, idx) in [("dgate", 3usize), ("dup", 4)] {
+        let n = 1000usize;
+        let gate: Vec<f32> = d.f32s(n).iter().map(|v| 8.0 * v).collect();
+        cases.push(Case {
+            kernel: "swiglu_grad",
+            shape: format!("{name} n={n}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&gate)),
+                data(d, n),
+                data(d, n),
+                Init::Zeros(n as u64 * 4),
+                Init::Zeros(n as u64 * 4),
+            ],
+            op: Op::SwiGluGrad {
+                gate: &IDX[0],
+                up: &IDX[1],
+                dy: &IDX[2],
+                dgate: &IDX[3],
+                dup: &IDX[4],
+                n: n as u32,
+            },
+            out: idx,
+            out_elems: n,
+            tolerance: close(1e-6, 1e-5),
+            work: 20.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+    // Cross-entropy over a vocabulary-sized row, with a masked row.
+    for (name, idx) in [("loss", 2usize), ("dlogits", 3)] {
+        let (rows, vocab) = (5u32, 49_152u32);
+        let logits: Vec<f32> = d
+            .f32s((rows * vocab) as usize)
+            .iter()
+            .map(|v| 12.0 * v)
+            .collect();
+        let targets: Vec<u8> = [7u32, crate::backend::NO_TARGET, 49_151, 0, 30_000]
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        cases.push(Case {
+            kernel: "cross_entropy",
+            shape: format!("{name} {rows}x{vocab}"),
+            bufs: vec![
+                Init::Data(f32_bytes(&logits)),
+                Init::Data(targets),
+                Init::Zeros(u64::from(rows) * 4),
+                Init::Zeros(u64::from(rows * vocab) * 4),
+            ],
+            op: Op::CrossEntropy {
+                logits: &IDX[0],
+                targets: &IDX[1],
+                loss: &IDX[2],
+                dlogits: &IDX[3],
+                rows,
+                vocab,
+                scale: 0.25,
+            },
+            out: idx,
+            out_elems: if idx == 2 {
+                rows as usize
+            } else {
+                (rows * vocab) as usize
+            },
+            tolerance: close(1e-6, 1e-4),
+            work: 8.0 * f64::from(rows * vocab),
+            unit: Unit::GbPerS,
+        });
+    }
+    let (rows, cols) = (37u32, 192u32);
+    let n = (rows * cols) as usize;
+    cases.push(Case {
+        kernel: "col_dot",
+        shape: format!("{rows}x{cols}"),
+        bufs: vec![data(d, n), data(d, n), Init::Zeros(u64::from(cols) * 4)],
+        op: Op::ColDot {
+            a: &IDX[0],
+            b: &IDX[1],
+            out: &IDX[2],
+            rows,
+            cols,
+        },
+        out: 2,
+        out_elems: cols as usize,
+        tolerance: Tolerance::Exact,
+        work: 8.0 * n as f64,
+        unit: Unit::GbPerS,
+    });
+    cases.push(Case {
+        kernel: "axpy",
+        shape: "n=1000".into(),
+        bufs: vec![data(d, 1000), data(d, 1000)],
+        op: Op::Axpy {
+            x: &IDX[0],
+            y: &IDX[1],
+            n: 1000,
+            alpha: 0.375,
+        },
+        out: 1,
+        out_elems: 1000,
+        tolerance: close(1e-7, 1e-6),
+        work: 12_000.0,
+        unit: Unit::GbPerS,
+    });
+    // Optimiser steps from a state with moments, at step 3.
+    let n = 1000usize;
+    let v: Vec<f32> = d.f32s(n).iter().map(|x| x * x * 0.01).collect();
+    let hyper = crate::backend::AdamHyper {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        bias1: 1.0,
+        bias2_sqrt: 1.0,
+        grad_scale: 0.5,
+    }
+    .at_step(3);
+    for (name, idx) in [("param", 0usize), ("m", 2), ("v", 3)] {
+        cases.push(Case {
+            kernel: "adamw",
+            shape: format!("{name} n={n}"),
+            bufs: vec![
+                data(d, n),
+                data(d, n),
+                data(d, n),
+                Init::Data(f32_bytes(&v)),
+            ],
+            op: Op::AdamW {
+                param: &IDX[0],
+                grad: &IDX[1],
+                m: &IDX[2],
+                v: &IDX[3],
+                n: n as u32,
+                hyper,
+            },
+            out: idx,
+            out_elems: n,
+            tolerance: close(1e-7, 1e-5),
+            work: 20.0 * n as f64,
+            unit: Unit::GbPerS,
+        });
+    }
+    for (name, idx) in [("param", 0usize), ("buf", 2)] {
+        cases.push(Case {
+            kernel: "sgd",
+            shape: format!("{name} n={n}"),
+            bufs: vec![data(d, n), data(d, n), data(d, n)],
+            op: Op::Sgd {
+                param: &IDX[0],
+                grad: &IDX[1],
+                buf: &IDX[2],
+                n: n as u32,
+                lr: 0.5,
+                momentum: 0.9,
+                weight_decay: 0.01,
+                grad_scale: 0.5,
+            },
+            out: idx,
+            out_elems: n,
+            tolerance: close(1e-7, 1e-5),
+            work: 16.0 * n as f64,
             unit: Unit::GbPerS,
         });
     }

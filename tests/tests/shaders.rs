@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-const EXPECTED_SHADERS: usize = 8;
+const EXPECTED_SHADERS: usize = 10;
 
 fn shader_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders")

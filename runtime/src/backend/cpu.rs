@@ -2,7 +2,7 @@
 //! every other backend is tested against it, and it is tested against independent
 //! implementations (numpy, gguf-py) through committed golden files.
 
-use super::{Backend, Op, RopeStyle};
+use super::{Backend, Op, RopeStyle, grad};
 use crate::error::{Error, Result};
 use crate::quant::{self, WeightType};
 use crate::rng::{self, ZAddr, ZKind};
@@ -374,6 +374,154 @@ impl Backend for Cpu {
                     .map(|(i, v)| v * s[i % cols as usize])
                     .collect();
                 out.write_f32(&y);
+            }
+            Op::QMatmulT {
+                dy,
+                w,
+                factors,
+                dx,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                let factors = factors.map(|f| f.f32s(n * k / quant::QK));
+                let y = grad::qmatmul_t(
+                    &dy.f32s(m * n),
+                    &w.bytes(wtype.row_bytes(k)? * n),
+                    wtype,
+                    factors.as_deref(),
+                    (m, k, n),
+                )?;
+                dx.write_f32(&y);
+            }
+            Op::RmsNormGrad {
+                x,
+                weight,
+                dy,
+                dx,
+                rows,
+                dim,
+                eps,
+            } => {
+                let (n, d) = ((rows * dim) as usize, dim as usize);
+                let y = grad::rmsnorm_grad(&x.f32s(n), &weight.f32s(d), &dy.f32s(n), d, eps);
+                dx.write_f32(&y);
+            }
+            Op::AttentionGrad {
+                q,
+                k,
+                v,
+                out,
+                dout,
+                dq,
+                dk,
+                dv,
+                stats,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+            } => {
+                let s = AttnShape {
+                    n_tokens: n_tokens as usize,
+                    n_heads: n_heads as usize,
+                    n_kv_heads: n_kv_heads as usize,
+                    head_dim: head_dim as usize,
+                    pos0: 0,
+                };
+                let qo = s.n_tokens * s.n_heads * s.head_dim;
+                let kv = s.n_tokens * s.n_kv_heads * s.head_dim;
+                let (gq, gk, gv, st) = grad::attention_grad(
+                    (&q.f32s(qo), &k.f32s(kv), &v.f32s(kv)),
+                    &out.f32s(qo),
+                    &dout.f32s(qo),
+                    s,
+                    scale,
+                );
+                dq.write_f32(&gq);
+                dk.write_f32(&gk);
+                dv.write_f32(&gv);
+                stats.write_f32(&st);
+            }
+            Op::SwiGluGrad {
+                gate,
+                up,
+                dy,
+                dgate,
+                dup,
+                n,
+            } => {
+                let n = n as usize;
+                let (g, u) = grad::swiglu_grad(&gate.f32s(n), &up.f32s(n), &dy.f32s(n));
+                dgate.write_f32(&g);
+                dup.write_f32(&u);
+            }
+            Op::CrossEntropy {
+                logits,
+                targets,
+                loss,
+                dlogits,
+                rows,
+                vocab,
+                scale,
+            } => {
+                let (r, v) = (rows as usize, vocab as usize);
+                let t = u32s(&targets.bytes(r * 4));
+                let (l, d) = grad::cross_entropy(&logits.f32s(r * v), &t, v, scale);
+                loss.write_f32(&l);
+                dlogits.write_f32(&d);
+            }
+            Op::ColDot {
+                a,
+                b,
+                out,
+                rows,
+                cols,
+            } => {
+                let n = (rows * cols) as usize;
+                out.write_f32(&grad::col_dot(&a.f32s(n), &b.f32s(n), cols as usize));
+            }
+            Op::Axpy { x, y, n, alpha } => {
+                let (xs, mut ys) = (x.f32s(n as usize), y.f32s(n as usize));
+                for (a, b) in ys.iter_mut().zip(&xs) {
+                    *a += alpha * b;
+                }
+                y.write_f32(&ys);
+            }
+            Op::AdamW {
+                param,
+                grad: g,
+                m,
+                v,
+                n,
+                hyper,
+            } => {
+                let n = n as usize;
+                let (mut p, mut ms, mut vs) = (param.f32s(n), m.f32s(n), v.f32s(n));
+                grad::adamw(&mut p, &g.f32s(n), &mut ms, &mut vs, hyper);
+                param.write_f32(&p);
+                m.write_f32(&ms);
+                v.write_f32(&vs);
+            }
+            Op::Sgd {
+                param,
+                grad: g,
+                buf,
+                n,
+                lr,
+                momentum,
+                weight_decay,
+                grad_scale,
+            } => {
+                let n = n as usize;
+                let (mut p, mut b) = (param.f32s(n), buf.f32s(n));
+                let hyper = (lr, momentum, weight_decay, grad_scale);
+                grad::sgd(&mut p, &g.f32s(n), &mut b, hyper);
+                param.write_f32(&p);
+                buf.write_f32(&b);
             }
         }
         Ok(())

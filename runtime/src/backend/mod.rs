@@ -12,6 +12,7 @@ use std::prelude::v1::*;
 #[cfg(feature = "std")]
 pub mod any;
 pub mod cpu;
+pub mod grad;
 #[cfg(feature = "std")]
 pub mod host;
 #[cfg(feature = "std")]
@@ -221,6 +222,111 @@ pub enum Op<'a, B> {
         rows: u32,
         cols: u32,
     },
+    /// dx\[m,k\] = dy\[m,n\] * dequant(w)\[n,k\]: the gradient of [`Op::QMatmul`]'s input,
+    /// w and `factors` as there. The blocks are dequantised as they are read and only
+    /// read: the frozen base has no gradient buffer.
+    QMatmulT {
+        dy: &'a B,
+        w: &'a B,
+        factors: Option<&'a B>,
+        dx: &'a B,
+        wtype: WeightType,
+        m: u32,
+        k: u32,
+        n: u32,
+    },
+    /// dx = the gradient of [`Op::RmsNorm`]'s input given dy = dL/d(out), the weight frozen:
+    /// dx = r (w dy) - x r^3 mean(w dy x), r = 1 / sqrt(mean(x^2) + eps).
+    RmsNormGrad {
+        x: &'a B,
+        weight: &'a B,
+        dy: &'a B,
+        dx: &'a B,
+        rows: u32,
+        dim: u32,
+        eps: f32,
+    },
+    /// The gradients of [`Op::Attention`] over a sequence attending to itself (pos0 = 0):
+    /// q \[n_tokens, n_heads, head_dim\], k and v \[n_tokens, n_kv_heads, head_dim\], `out`
+    /// its result and `dout` = dL/d(out). Writes dq, dk, dv (shaped as q, k, v) and `stats`
+    /// \[n_tokens, n_heads, 2\] (log-sum-exp of the scores, dout . out), which the first of its
+    /// two passes (dq) leaves for the second (dk, dv).
+    AttentionGrad {
+        q: &'a B,
+        k: &'a B,
+        v: &'a B,
+        out: &'a B,
+        dout: &'a B,
+        dq: &'a B,
+        dk: &'a B,
+        dv: &'a B,
+        stats: &'a B,
+        n_tokens: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+    },
+    /// The gradients of [`Op::SwiGlu`]: dgate = dy up silu'(gate), dup = dy silu(gate).
+    SwiGluGrad {
+        gate: &'a B,
+        up: &'a B,
+        dy: &'a B,
+        dgate: &'a B,
+        dup: &'a B,
+        n: u32,
+    },
+    /// Cross-entropy of each row of `logits` \[rows, vocab\] against `targets` (u32 per row;
+    /// [`NO_TARGET`] masks a row: loss 0, gradient 0): loss\[r\] = logsumexp(row) -
+    /// row\[target\], dlogits = scale (softmax(row) - onehot(target)).
+    CrossEntropy {
+        logits: &'a B,
+        targets: &'a B,
+        loss: &'a B,
+        dlogits: &'a B,
+        rows: u32,
+        vocab: u32,
+        scale: f32,
+    },
+    /// out\[c\] = sum over r of a\[r, c\] b\[r, c\] for \[rows, cols\]: IA3's scale gradient.
+    ColDot {
+        a: &'a B,
+        b: &'a B,
+        out: &'a B,
+        rows: u32,
+        cols: u32,
+    },
+    /// y += alpha x, elementwise: gradients summed in place.
+    Axpy {
+        x: &'a B,
+        y: &'a B,
+        n: u32,
+        alpha: f32,
+    },
+    /// One AdamW step as PyTorch computes it, on g = grad_scale * grad:
+    /// p *= 1 - lr wd; m += (1 - beta1)(g - m); v = beta2 v + (1 - beta2) g^2;
+    /// p -= (lr / bias1) m / (sqrt(v) / bias2_sqrt + eps), with bias1 = 1 - beta1^t and
+    /// bias2_sqrt = sqrt(1 - beta2^t) computed by the caller.
+    AdamW {
+        param: &'a B,
+        grad: &'a B,
+        m: &'a B,
+        v: &'a B,
+        n: u32,
+        hyper: AdamHyper,
+    },
+    /// One SGD step with momentum as PyTorch computes it, on g = grad_scale * grad +
+    /// weight_decay p: buf = momentum buf + g; p -= lr buf.
+    Sgd {
+        param: &'a B,
+        grad: &'a B,
+        buf: &'a B,
+        n: u32,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+        grad_scale: f32,
+    },
 }
 
 /// The same op over other buffers: each variant with its buffer fields mapped by `$f`
@@ -262,7 +368,70 @@ impl<'a, B> Op<'a, B> {
             ZoWeights { base, acc, out; n, step, eps, session_key, seed, tensor, kind }
             ZoAccumulate { acc, seeds; n, n_seeds, session_key, tensor, kind }
             MulCols { x, scale, out; rows, cols }
+            QMatmulT { dy, w, dx; wtype, m, k, n; factors }
+            RmsNormGrad { x, weight, dy, dx; rows, dim, eps }
+            AttentionGrad { q, k, v, out, dout, dq, dk, dv, stats; n_tokens, n_heads, n_kv_heads, head_dim, scale }
+            SwiGluGrad { gate, up, dy, dgate, dup; n }
+            CrossEntropy { logits, targets, loss, dlogits; rows, vocab, scale }
+            ColDot { a, b, out; rows, cols }
+            Axpy { x, y; n, alpha }
+            AdamW { param, grad, m, v; n, hyper }
+            Sgd { param, grad, buf; n, lr, momentum, weight_decay, grad_scale }
         ))
+    }
+}
+
+/// The target of a [`Op::CrossEntropy`] row that has none (masked out of the loss).
+pub const NO_TARGET: u32 = u32::MAX;
+
+/// AdamW's settings for one step (see [`Op::AdamW`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1 - beta1^t for step t (from 1).
+    pub bias1: f32,
+    /// sqrt(1 - beta2^t).
+    pub bias2_sqrt: f32,
+    /// Multiplies the gradient first (clipping, averaging accumulated gradients).
+    pub grad_scale: f32,
+}
+
+impl AdamHyper {
+    /// The bias corrections of step `t` (from 1), computed in f64 as PyTorch does.
+    pub fn at_step(mut self, t: u64) -> AdamHyper {
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        self.bias1 = (1.0 - libm::pow(f64::from(self.beta1), f64::from(t))) as f32;
+        self.bias2_sqrt = libm::sqrt(1.0 - libm::pow(f64::from(self.beta2), f64::from(t))) as f32;
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        let in_unit = |v: f32| (0.0..1.0).contains(&v);
+        let ok = self.lr.is_finite()
+            && self.lr >= 0.0
+            && in_unit(self.beta1)
+            && in_unit(self.beta2)
+            && self.eps.is_finite()
+            && self.eps > 0.0
+            && self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0
+            && self.bias1 > 0.0
+            && self.bias1 <= 1.0
+            && self.bias2_sqrt > 0.0
+            && self.bias2_sqrt <= 1.0
+            && self.grad_scale.is_finite()
+            && self.grad_scale >= 0.0;
+        if ok {
+            return Ok(());
+        }
+        Err(Error::InvalidShape {
+            op: "adamw",
+            reason: format!("settings out of range: {self:?}"),
+        })
     }
 }
 
@@ -370,6 +539,15 @@ impl<B> Op<'_, B> {
             Op::ZoWeights { .. } => "zo_weights",
             Op::ZoAccumulate { .. } => "zo_accumulate",
             Op::MulCols { .. } => "mul_cols",
+            Op::QMatmulT { .. } => "qmatmul_t",
+            Op::RmsNormGrad { .. } => "rmsnorm_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::SwiGluGrad { .. } => "swiglu_grad",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::ColDot { .. } => "col_dot",
+            Op::Axpy { .. } => "axpy",
+            Op::AdamW { .. } => "adamw",
+            Op::Sgd { .. } => "sgd",
         }
     }
 
@@ -642,6 +820,193 @@ impl<B> Op<'_, B> {
                 need(op, "x", size(x), mul(rows, cols), 4)?;
                 need(op, "scale", size(scale), u64::from(cols), 4)?;
                 need(op, "out", size(out), mul(rows, cols), 4)
+            }
+
+            Op::QMatmulT {
+                dy,
+                w,
+                factors,
+                dx,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                nonzero(op, &[("m", m), ("k", k), ("n", n)])?;
+                need(op, "dy", size(dy), mul(m, n), 4)?;
+                need(op, "w", size(w), weight_bytes(op, wtype, n, k)?, 1)?;
+                if let Some(f) = factors {
+                    need(op, "factors", size(f), block_count(op, wtype, n, k)?, 4)?;
+                }
+                need(op, "dx", size(dx), mul(m, k), 4)
+            }
+            Op::RmsNormGrad {
+                x,
+                weight,
+                dy,
+                dx,
+                rows,
+                dim,
+                eps,
+            } => {
+                nonzero(op, &[("rows", rows), ("dim", dim)])?;
+                if !(eps.is_finite() && eps >= 0.0) {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("eps must be finite and >= 0, got {eps}"),
+                    });
+                }
+                for (name, b) in [("x", x), ("dy", dy), ("dx", dx)] {
+                    need(op, name, size(b), mul(rows, dim), 4)?;
+                }
+                need(op, "weight", size(weight), u64::from(dim), 4)
+            }
+            Op::AttentionGrad {
+                q,
+                k,
+                v,
+                out,
+                dout,
+                dq,
+                dk,
+                dv,
+                stats,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                ..
+            } => {
+                nonzero(
+                    op,
+                    &[
+                        ("n_tokens", n_tokens),
+                        ("n_heads", n_heads),
+                        ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim),
+                    ],
+                )?;
+                if n_heads % n_kv_heads != 0 || head_dim > MAX_HEAD_DIM {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!(
+                            "n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} and head_dim {head_dim} at most {MAX_HEAD_DIM}"
+                        ),
+                    });
+                }
+                let qo = elems(op, &[n_tokens.into(), n_heads.into(), head_dim.into()])?;
+                let kv = elems(op, &[n_tokens.into(), n_kv_heads.into(), head_dim.into()])?;
+                for (name, b) in [("q", q), ("out", out), ("dout", dout), ("dq", dq)] {
+                    need(op, name, size(b), qo, 4)?;
+                }
+                for (name, b) in [("k", k), ("v", v), ("dk", dk), ("dv", dv)] {
+                    need(op, name, size(b), kv, 4)?;
+                }
+                need(op, "stats", size(stats), mul(n_tokens, n_heads), 8)
+            }
+            Op::SwiGluGrad {
+                gate,
+                up,
+                dy,
+                dgate,
+                dup,
+                n,
+            } => {
+                nonzero(op, &[("n", n)])?;
+                for (name, b) in [
+                    ("gate", gate),
+                    ("up", up),
+                    ("dy", dy),
+                    ("dgate", dgate),
+                    ("dup", dup),
+                ] {
+                    need(op, name, size(b), u64::from(n), 4)?;
+                }
+                Ok(())
+            }
+            Op::CrossEntropy {
+                logits,
+                targets,
+                loss,
+                dlogits,
+                rows,
+                vocab,
+                scale,
+            } => {
+                nonzero(op, &[("rows", rows), ("vocab", vocab)])?;
+                if !scale.is_finite() {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("scale must be finite, got {scale}"),
+                    });
+                }
+                need(op, "logits", size(logits), mul(rows, vocab), 4)?;
+                need(op, "dlogits", size(dlogits), mul(rows, vocab), 4)?;
+                need(op, "targets", size(targets), u64::from(rows), 4)?;
+                need(op, "loss", size(loss), u64::from(rows), 4)
+            }
+            Op::ColDot {
+                a,
+                b,
+                out,
+                rows,
+                cols,
+            } => {
+                nonzero(op, &[("rows", rows), ("cols", cols)])?;
+                need(op, "a", size(a), mul(rows, cols), 4)?;
+                need(op, "b", size(b), mul(rows, cols), 4)?;
+                need(op, "out", size(out), u64::from(cols), 4)
+            }
+            Op::Axpy { x, y, n, alpha } => {
+                nonzero(op, &[("n", n)])?;
+                if !alpha.is_finite() {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("alpha must be finite, got {alpha}"),
+                    });
+                }
+                need(op, "x", size(x), u64::from(n), 4)?;
+                need(op, "y", size(y), u64::from(n), 4)
+            }
+            Op::AdamW {
+                param,
+                grad,
+                m,
+                v,
+                n,
+                hyper,
+            } => {
+                nonzero(op, &[("n", n)])?;
+                hyper.check()?;
+                for (name, b) in [("param", param), ("grad", grad), ("m", m), ("v", v)] {
+                    need(op, name, size(b), u64::from(n), 4)?;
+                }
+                Ok(())
+            }
+            Op::Sgd {
+                param,
+                grad,
+                buf,
+                n,
+                lr,
+                momentum,
+                weight_decay,
+                grad_scale,
+            } => {
+                nonzero(op, &[("n", n)])?;
+                let all = [lr, momentum, weight_decay, grad_scale];
+                if !all.iter().all(|v| v.is_finite() && *v >= 0.0) {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!(
+                            "lr {lr}, momentum {momentum}, weight decay {weight_decay} and gradient scale {grad_scale} must be finite and >= 0"
+                        ),
+                    });
+                }
+                for (name, b) in [("param", param), ("grad", grad), ("buf", buf)] {
+                    need(op, name, size(b), u64::from(n), 4)?;
+                }
+                Ok(())
             }
         }
     }

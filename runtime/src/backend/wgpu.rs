@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use wgpu::util::DeviceExt;
 
 /// The kernel families, one WGSL file each.
-pub const SHADERS: [(&str, &str); 8] = [
+pub const SHADERS: [(&str, &str); 10] = [
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
     ("quant", include_str!("../../../shaders/quant.wgsl")),
     ("rmsnorm", include_str!("../../../shaders/rmsnorm.wgsl")),
@@ -28,6 +28,11 @@ pub const SHADERS: [(&str, &str); 8] = [
     ),
     ("attention", include_str!("../../../shaders/attention.wgsl")),
     ("philox", include_str!("../../../shaders/philox.wgsl")),
+    (
+        "attention_grad",
+        include_str!("../../../shaders/attention_grad.wgsl"),
+    ),
+    ("optim", include_str!("../../../shaders/optim.wgsl")),
 ];
 
 /// Kernels recorded before a submit is forced: submitting early lets the device run them
@@ -45,6 +50,8 @@ const DEQUANT_MATMUL_FROM: u32 = 16;
 /// Invocations per `attention_v4` workgroup (one invocation per token and head) beyond a
 /// decode step, whose count is tuned per device (see [`super::tune`]).
 const ATTENTION_WG: u32 = 64;
+/// `cross_entropy`'s workgroup (one per row; matches CE_WG in softmax.wgsl).
+const CE_WG: u32 = 64;
 
 /// How to choose the adapter. Unset fields fall back to wgpu's environment variables
 /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), then to wgpu's default.
@@ -1149,6 +1156,196 @@ impl Backend for Gpu {
                 bindings: vec![(1, x), (2, scale), (3, out)],
                 params: vec![rows * cols, 0, cols],
                 groups: self.grid(name, u64::from(rows) * u64::from(cols))?,
+            },
+            Op::QMatmulT {
+                dy,
+                w,
+                factors,
+                dx,
+                wtype,
+                m,
+                k,
+                n,
+            } => Dispatch {
+                family: "quant",
+                entry: "qmatmul_t",
+                overrides: vec![
+                    ("WTYPE", wtype.shader_code()),
+                    ("FACTORS", u32::from(factors.is_some())),
+                ],
+                bindings: vec![(1, w), (2, dy), (4, dx), (6, w), (7, factors.unwrap_or(w))],
+                params: vec![m, k, n, wtype.row_bytes(k as usize)? as u32],
+                groups: self.grid(name, u64::from(k.div_ceil(32)) * u64::from(m))?,
+            },
+            Op::RmsNormGrad {
+                x,
+                weight,
+                dy,
+                dx,
+                rows,
+                dim,
+                eps,
+            } => Dispatch {
+                family: "rmsnorm",
+                entry: "rmsnorm_grad",
+                overrides: vec![],
+                bindings: vec![(1, x), (2, weight), (3, dx), (4, dy)],
+                params: vec![rows, dim, eps.to_bits()],
+                groups: self.grid(name, u64::from(rows))?,
+            },
+            Op::AttentionGrad {
+                q,
+                k,
+                v,
+                out,
+                dout,
+                dq,
+                dk,
+                dv,
+                stats,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+            } => {
+                let params = vec![n_tokens, n_heads, n_kv_heads, head_dim, scale.to_bits()];
+                self.dispatch(Dispatch {
+                    family: "attention_grad",
+                    entry: "attention_grad_q",
+                    overrides: vec![],
+                    bindings: vec![
+                        (1, q),
+                        (2, k),
+                        (3, v),
+                        (4, out),
+                        (5, dout),
+                        (6, dq),
+                        (9, stats),
+                    ],
+                    params: params.clone(),
+                    groups: self.grid(name, u64::from(n_tokens) * u64::from(n_heads))?,
+                })?;
+                Dispatch {
+                    family: "attention_grad",
+                    entry: "attention_grad_kv",
+                    overrides: vec![],
+                    bindings: vec![
+                        (1, q),
+                        (2, k),
+                        (3, v),
+                        (5, dout),
+                        (7, dk),
+                        (8, dv),
+                        (10, stats),
+                    ],
+                    params,
+                    groups: self.grid(name, u64::from(n_tokens) * u64::from(n_kv_heads))?,
+                }
+            }
+            Op::SwiGluGrad {
+                gate,
+                up,
+                dy,
+                dgate,
+                dup,
+                n,
+            } => Dispatch {
+                family: "elementwise",
+                entry: "swiglu_grad",
+                overrides: vec![],
+                bindings: vec![(1, gate), (2, up), (3, dgate), (4, dy), (5, dup)],
+                params: vec![n],
+                groups: self.grid(name, u64::from(n))?,
+            },
+            Op::CrossEntropy {
+                logits,
+                targets,
+                loss,
+                dlogits,
+                rows,
+                vocab,
+                scale,
+            } => Dispatch {
+                family: "softmax",
+                entry: "cross_entropy",
+                overrides: vec![],
+                bindings: vec![(1, logits), (2, dlogits), (4, targets), (5, loss)],
+                params: vec![rows, vocab, scale.to_bits()],
+                groups: self.grid_of(name, u64::from(rows) * u64::from(CE_WG), CE_WG)?,
+            },
+            Op::ColDot {
+                a,
+                b,
+                out,
+                rows,
+                cols,
+            } => Dispatch {
+                family: "elementwise",
+                entry: "col_dot",
+                overrides: vec![],
+                bindings: vec![(1, a), (2, b), (3, out)],
+                params: vec![rows, 0, cols],
+                groups: self.grid(name, u64::from(cols))?,
+            },
+            Op::Axpy { x, y, n, alpha } => Dispatch {
+                family: "elementwise",
+                entry: "axpy",
+                overrides: vec![],
+                bindings: vec![(1, x), (3, y)],
+                params: vec![n, alpha.to_bits()],
+                groups: self.grid(name, u64::from(n))?,
+            },
+            Op::AdamW {
+                param,
+                grad,
+                m,
+                v,
+                n,
+                hyper: h,
+            } => Dispatch {
+                family: "optim",
+                entry: "adamw",
+                overrides: vec![],
+                bindings: vec![(1, grad), (2, param), (3, m), (4, v)],
+                params: [
+                    h.lr,
+                    h.beta1,
+                    h.beta2,
+                    h.eps,
+                    h.weight_decay,
+                    h.bias1,
+                    h.bias2_sqrt,
+                    h.grad_scale,
+                ]
+                .iter()
+                .fold(vec![n], |mut w, v| {
+                    w.push(v.to_bits());
+                    w
+                }),
+                groups: self.grid(name, u64::from(n))?,
+            },
+            Op::Sgd {
+                param,
+                grad,
+                buf,
+                n,
+                lr,
+                momentum,
+                weight_decay,
+                grad_scale,
+            } => Dispatch {
+                family: "optim",
+                entry: "sgd",
+                overrides: vec![],
+                bindings: vec![(1, grad), (2, param), (3, buf)],
+                params: [lr, momentum, 0.0, 0.0, weight_decay, 1.0, 1.0, grad_scale]
+                    .iter()
+                    .fold(vec![n], |mut w, v| {
+                        w.push(v.to_bits());
+                        w
+                    }),
+                groups: self.grid(name, u64::from(n))?,
             },
         };
         self.dispatch(d)
