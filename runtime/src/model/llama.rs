@@ -12,6 +12,9 @@ use crate::format::gguf::{Gguf, TensorInfo};
 use crate::quant::{self, WeightType};
 use std::prelude::v1::*;
 
+mod backward;
+pub use backward::Tape;
+
 /// A weight matrix on the device: `rows` rows of `cols` elements of `wtype`.
 #[derive(Debug)]
 pub struct Weight<B: Backend> {
@@ -87,6 +90,21 @@ impl<B: Backend> Linear<B> {
         m: u32,
         s: &Scratch<B>,
     ) -> Result<()> {
+        self.forward_steps(be, x, out, m, s, true)
+    }
+
+    /// [`Linear::forward`], without IA3's output scales unless `scale_out` (backprop
+    /// recomputes the product they scale).
+    fn forward_steps(
+        &self,
+        be: &B,
+        x: &B::Buffer,
+        out: &B::Buffer,
+        m: u32,
+        s: &Scratch<B>,
+        scale_out: bool,
+    ) -> Result<()> {
+        let scale_out = self.scale_out.as_ref().filter(|_| scale_out);
         let (rows, cols) = (self.weight.rows, self.weight.cols);
         let adapted = self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some();
         if adapted && s.adapter.is_none() {
@@ -111,7 +129,7 @@ impl<B: Backend> Linear<B> {
         };
         let steps = usize::from(self.bias.is_some())
             + usize::from(self.lora.is_some())
-            + usize::from(self.scale_out.is_some());
+            + usize::from(scale_out.is_some());
         let spare = s.adapter.as_ref().map_or(&s.y, |a| &a.y);
         // Step i writes dst(i); the last writes `out`.
         let dst = |i: usize| match i {
@@ -166,7 +184,7 @@ impl<B: Backend> Linear<B> {
             })?;
             at += 1;
         }
-        if let Some(scale) = &self.scale_out {
+        if let Some(scale) = scale_out {
             be.run(&Op::MulCols {
                 x: dst(at),
                 scale,
@@ -216,6 +234,37 @@ pub struct KvCache<B: Backend> {
     /// Activation buffers of the last call, reused while the token count stays the same
     /// (every decode step), so a step allocates nothing but its logits.
     scratch: Option<Scratch<B>>,
+}
+
+/// Where one layer's forward pass reads and writes (see [`Model::layer_forward`]).
+#[derive(Debug)]
+struct LayerBufs<'a, B: Backend> {
+    x: &'a B::Buffer,
+    x2: &'a B::Buffer,
+    out: &'a B::Buffer,
+    h: &'a B::Buffer,
+    q: &'a B::Buffer,
+    qr: &'a B::Buffer,
+    k: &'a B::Buffer,
+    kr: &'a B::Buffer,
+    v: &'a B::Buffer,
+    att: &'a B::Buffer,
+    gate: &'a B::Buffer,
+    up: &'a B::Buffer,
+    act: &'a B::Buffer,
+}
+
+// Copied field by field: the buffers are borrowed, never moved.
+impl<B: Backend> Clone for LayerBufs<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for LayerBufs<'_, B> {}
+
+/// Attention's score scale, 1 / sqrt(head_dim).
+fn attention_scale(head_dim: u32) -> f32 {
+    1.0 / libm::sqrtf(head_dim as f32)
 }
 
 /// One forward call's activations for `tokens` tokens.
@@ -1063,88 +1112,23 @@ impl<'b, B: Backend> Model<'b, B> {
             n_ids: t,
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            be.run(&Op::RmsNorm {
+            let bufs = LayerBufs {
                 x,
-                weight: &layer.attn_norm,
-                out: h,
-                rows: t,
-                dim,
-                eps: c.rms_eps,
-            })?;
-            layer.q.forward(be, h, q, t, s)?;
-            layer.k.forward(be, h, k, t, s)?;
-            layer.v.forward(be, h, v, t, s)?;
-            let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
-                be.run(&Op::Rope {
-                    x,
-                    table: &cache.rope,
-                    out,
-                    n_tokens: t,
-                    n_heads,
-                    head_dim: hd,
-                    pos0,
-                    style: c.rope_style,
-                })
-            };
-            rope(q, qr, c.n_heads)?;
-            rope(k, kr, c.n_kv_heads)?;
-            let at = pos0 * kv_dim;
-            be.run(&Op::Copy {
-                src: kr,
-                dst: &cache.k[i],
-                n: t * kv_dim,
-                src_offset: 0,
-                dst_offset: at,
-            })?;
-            be.run(&Op::Copy {
-                src: v,
-                dst: &cache.v[i],
-                n: t * kv_dim,
-                src_offset: 0,
-                dst_offset: at,
-            })?;
-            be.run(&Op::Attention {
-                q: qr,
-                k: &cache.k[i],
-                v: &cache.v[i],
-                out: att,
-                n_tokens: t,
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv_heads,
-                head_dim: hd,
-                pos0,
-                scale: 1.0 / libm::sqrtf(hd as f32),
-            })?;
-            layer.o.forward(be, att, h, t, s)?;
-            be.run(&Op::Add {
-                a: x,
-                b: h,
-                out: x2,
-                n: t * dim,
-            })?;
-            be.run(&Op::RmsNorm {
-                x: x2,
-                weight: &layer.ffn_norm,
-                out: h,
-                rows: t,
-                dim,
-                eps: c.rms_eps,
-            })?;
-            layer.gate.forward(be, h, gate, t, s)?;
-            layer.up.forward(be, h, up, t, s)?;
-            be.run(&Op::SwiGlu {
+                x2,
+                out: x,
+                h,
+                q,
+                qr,
+                k,
+                kr,
+                v,
+                att,
                 gate,
                 up,
-                out: act,
-                n: t * c.ffn_dim,
-            })?;
-            layer.down.forward(be, act, h, t, s)?;
-            be.run(&Op::Add {
-                a: x2,
-                b: h,
-                out: x,
-                n: t * dim,
-            })?;
+                act,
+            };
+            let kv = Some((&cache.k[i], &cache.v[i]));
+            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, t), kv)?;
         }
         cache.len = pos0 + t;
         // Only the rows whose logits are wanted go through the output head, gathered with
@@ -1203,6 +1187,127 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         Ok(out)
     }
+    /// One layer of the forward pass over `t` tokens at positions pos0..: reads `b.x`,
+    /// writes `b.out` (which may be `b.x`) and the activations in `b`. With `kv`, the keys
+    /// and values go into that layer's cache at pos0 and attention reads the cache; without,
+    /// the sequence attends to its own `b.kr` and `b.v` (pos0 = 0, training).
+    fn layer_forward(
+        &self,
+        layer: &Layer<B>,
+        b: &LayerBufs<'_, B>,
+        s: &Scratch<B>,
+        (rope_table, pos0, t): (&B::Buffer, u32, u32),
+        kv: Option<(&B::Buffer, &B::Buffer)>,
+    ) -> Result<()> {
+        let be = self.backend;
+        let c = &self.cfg;
+        let (dim, hd) = (c.dim, c.head_dim);
+        let kv_dim = c.n_kv_heads * hd;
+        let LayerBufs {
+            x,
+            x2,
+            out,
+            h,
+            q,
+            qr,
+            k,
+            kr,
+            v,
+            att,
+            gate,
+            up,
+            act,
+        } = *b;
+        be.run(&Op::RmsNorm {
+            x,
+            weight: &layer.attn_norm,
+            out: h,
+            rows: t,
+            dim,
+            eps: c.rms_eps,
+        })?;
+        layer.q.forward(be, h, q, t, s)?;
+        layer.k.forward(be, h, k, t, s)?;
+        layer.v.forward(be, h, v, t, s)?;
+        let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
+            be.run(&Op::Rope {
+                x,
+                table: rope_table,
+                out,
+                n_tokens: t,
+                n_heads,
+                head_dim: hd,
+                pos0,
+                style: c.rope_style,
+            })
+        };
+        rope(q, qr, c.n_heads)?;
+        rope(k, kr, c.n_kv_heads)?;
+        let (keys, values, pos0) = match kv {
+            Some((ck, cv)) => {
+                let at = pos0 * kv_dim;
+                be.run(&Op::Copy {
+                    src: kr,
+                    dst: ck,
+                    n: t * kv_dim,
+                    src_offset: 0,
+                    dst_offset: at,
+                })?;
+                be.run(&Op::Copy {
+                    src: v,
+                    dst: cv,
+                    n: t * kv_dim,
+                    src_offset: 0,
+                    dst_offset: at,
+                })?;
+                (ck, cv, pos0)
+            }
+            None => (kr, v, 0),
+        };
+        be.run(&Op::Attention {
+            q: qr,
+            k: keys,
+            v: values,
+            out: att,
+            n_tokens: t,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            pos0,
+            scale: attention_scale(hd),
+        })?;
+        layer.o.forward(be, att, h, t, s)?;
+        be.run(&Op::Add {
+            a: x,
+            b: h,
+            out: x2,
+            n: t * dim,
+        })?;
+        be.run(&Op::RmsNorm {
+            x: x2,
+            weight: &layer.ffn_norm,
+            out: h,
+            rows: t,
+            dim,
+            eps: c.rms_eps,
+        })?;
+        layer.gate.forward(be, h, gate, t, s)?;
+        layer.up.forward(be, h, up, t, s)?;
+        be.run(&Op::SwiGlu {
+            gate,
+            up,
+            out: act,
+            n: t * c.ffn_dim,
+        })?;
+        layer.down.forward(be, act, h, t, s)?;
+        be.run(&Op::Add {
+            a: x2,
+            b: h,
+            out,
+            n: t * dim,
+        })
+    }
+
     /// The summed negative log-likelihood of each token after the first, given the ones
     /// before it, from one forward of `tokens` on the cleared cache, and how many tokens
     /// were predicted: a training sequence's loss (mean = sum / count) and the numerator of
