@@ -2,7 +2,9 @@
 //! tools/reference/backprop_golden.py): on the tiny random models with LoRA and IA3
 //! adapters made by peft, the loss and every adapter tensor's gradient over a batch of two
 //! sequences (one with a prompt masked out of the loss) equal PyTorch's, on the CPU
-//! reference, the threaded host path and the GPU.
+//! reference, the threaded host path and the GPU; and six optimiser steps (AdamW; AdamW
+//! with warmup, cosine decay and clipping; SGD with momentum; AdamW over two accumulated
+//! micro-batches) follow PyTorch's losses and end at its values.
 
 mod common;
 
@@ -11,6 +13,8 @@ use edgetune::adapter::peft::attach_dir;
 use edgetune::backend::cpu::Cpu;
 use edgetune::backend::host::Host;
 use edgetune::model::files::ModelFiles;
+use edgetune::train::Example;
+use edgetune::train::backprop::{BackpropConfig, BackpropTrainer, Optimizer, Schedule};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -135,5 +139,104 @@ fn gradients_equal_pytorch_on_the_host_path() {
 fn gradients_equal_pytorch_on_the_gpu() {
     let Some(gpu) = common::gpu() else { return };
     let f = check_gradients(&gpu);
+    assert!(f.is_empty(), "{f:#?}");
+}
+
+/// The settings of one golden trajectory.
+fn trajectory_config(t: &Value) -> BackpropConfig {
+    let f = |k: &str| t[k].as_f64().unwrap() as f32;
+    let optimizer = match t["optimizer"].as_str().unwrap() {
+        "adamw" => Optimizer::AdamW {
+            beta1: t["betas"][0].as_f64().unwrap() as f32,
+            beta2: t["betas"][1].as_f64().unwrap() as f32,
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        },
+        _ => Optimizer::Sgd {
+            momentum: f("momentum"),
+            weight_decay: f("weight_decay"),
+        },
+    };
+    let steps = t["steps"].as_u64().unwrap();
+    BackpropConfig {
+        optimizer,
+        lr: f("lr"),
+        schedule: if t["schedule"] == "cosine_with_warmup" {
+            Schedule::Cosine
+        } else {
+            Schedule::Constant
+        },
+        warmup: t["warmup"].as_u64().unwrap(),
+        total_steps: t["total_steps"].as_u64().unwrap_or(steps),
+        clip: t["clip"].as_f64().map(|c| c as f32),
+        micro_batches: t["micro_batches"].as_array().map_or(1, |m| m.len() as u32),
+    }
+}
+
+/// Every case's trajectories on `be`; returns the failures.
+fn check_trajectories<B: Backend>(be: &B) -> Vec<String> {
+    let g = golden();
+    let batch: Vec<Example> = sequences(&g)
+        .into_iter()
+        .map(|(tokens, targets)| Example { tokens, targets })
+        .collect();
+    let mut failures = Vec::new();
+    for (case, want) in g["cases"].as_object().unwrap() {
+        let model_name = case.split('/').next().unwrap();
+        let files = ModelFiles::open(&golden_dir().join("tiny").join(model_name), None).unwrap();
+        for name in ["adamw", "adamw_cosine_clip", "sgd_momentum", "adamw_accum"] {
+            let t = &want[name];
+            let mut model = files.load(be).unwrap();
+            let adapter = golden_dir()
+                .join("../..")
+                .join(want["adapter"].as_str().unwrap());
+            attach_dir(&mut model, &adapter).unwrap();
+            let cfg = trajectory_config(t);
+            let mut trainer = BackpropTrainer::start(be, &model, cfg, 8).unwrap();
+            let mut losses = Vec::new();
+            for (step, lr) in floats(&t["lrs"]).iter().enumerate() {
+                let out = trainer.step(&batch).unwrap();
+                assert!(!out.skipped);
+                assert!(
+                    (out.lr as f32 - lr).abs() <= 1e-7,
+                    "{case} {name}: lr {} at step {step}, PyTorch {lr}",
+                    out.lr
+                );
+                losses.push(out.loss as f32);
+            }
+            let want_losses = floats(&t["losses"]);
+            let loss_err = rel_err(&losses, &want_losses);
+            let mut worst = (0.0f32, String::new());
+            for (p, v) in model.layout().iter().zip(model.read_params().unwrap()) {
+                let e = rel_err(&v, &floats(&t["final"][&p.name]));
+                if e.is_nan() || e > worst.0 {
+                    worst = (e, p.name.clone());
+                }
+            }
+            eprintln!(
+                "{case} {name}: losses within {loss_err}, values within {} ({})",
+                worst.0, worst.1
+            );
+            if loss_err.is_nan() || loss_err > 1e-5 || worst.0.is_nan() || worst.0 > 1e-4 {
+                failures.push(format!(
+                    "{case} {name}: losses {losses:?} vs PyTorch {want_losses:?}; values of {} differ by {} of their largest",
+                    worst.1, worst.0
+                ));
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn optimiser_steps_follow_pytorch_on_the_cpu_reference() {
+    let f = check_trajectories(&Cpu);
+    assert!(f.is_empty(), "{f:#?}");
+}
+
+#[test]
+fn optimiser_steps_follow_pytorch_on_the_gpu() {
+    let Some(gpu) = common::gpu() else { return };
+    let f = check_trajectories(&gpu);
     assert!(f.is_empty(), "{f:#?}");
 }

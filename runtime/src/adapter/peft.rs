@@ -270,6 +270,30 @@ pub fn save(
 
 /// A safetensors file of f32 tensors named and shaped by `layout`.
 pub fn safetensors_bytes(layout: &[ParamInfo], values: &[Vec<f32>], what: &str) -> Result<Vec<u8>> {
+    safetensors_bytes_with(layout, values, what, &[])
+}
+
+/// The string metadata of a safetensors file (`shown` names it in errors).
+pub fn safetensors_metadata(bytes: &[u8], shown: &str) -> Result<HashMap<String, String>> {
+    let (_, meta) = guarded("safetensors", shown, || {
+        safetensors::SafeTensors::read_metadata(bytes)
+    })?
+    .map_err(|e| Error::Syntax {
+        path: shown.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// [`safetensors_bytes`] with string metadata in the header.
+pub fn safetensors_bytes_with(
+    layout: &[ParamInfo],
+    values: &[Vec<f32>],
+    what: &str,
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>> {
     let data: Vec<Vec<u8>> = values
         .iter()
         .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -291,7 +315,13 @@ pub fn safetensors_bytes(layout: &[ParamInfo], values: &[Vec<f32>], what: &str) 
             Ok((p.name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None).map_err(|e| Error::Tensor {
+    let meta = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect::<HashMap<_, _>>()
+    });
+    safetensors::serialize(views, meta).map_err(|e| Error::Tensor {
         file: what.to_owned(),
         tensor: String::new(),
         reason: e.to_string(),

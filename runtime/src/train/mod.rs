@@ -12,6 +12,8 @@
 //! never written by a perturbation. docs/zeroth-order.md is the specification.
 
 #[cfg(feature = "std")]
+pub mod backprop;
+#[cfg(feature = "std")]
 pub mod data;
 #[cfg(feature = "std")]
 pub mod history;
