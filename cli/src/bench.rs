@@ -201,7 +201,7 @@ fn report(device: &str, item: &Item, secs: f64, json: &mut Option<Vec<serde_json
 }
 
 /// Peak resident set size of this process, from /proc (Linux), in bytes.
-fn peak_rss() -> Option<u64> {
+pub(crate) fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

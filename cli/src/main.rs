@@ -10,6 +10,7 @@ use edgetune::backend::wgpu::{Gpu, GpuOptions};
 use edgetune::selftest::{self, CheckRow, Tolerance};
 use std::process::ExitCode;
 
+mod backprop;
 mod bench;
 mod fed;
 mod model;

@@ -36,81 +36,116 @@ pub enum ModeArg {
 pub enum MethodArg {
     /// Zeroth-order (two forward passes per step).
     Zo,
+    /// Backpropagation through the frozen model (LoRA or IA3).
+    Backprop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// JSONL: {"prompt","completion"}, {"messages":[...]} or {"input_ids","labels"}.
     #[arg(long)]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// The run directory (adapter, seed history, loss plot); with --resume, that run's.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Continue the run in this directory.
     #[arg(long)]
-    resume: Option<PathBuf>,
+    pub(crate) resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "zo")]
-    method: MethodArg,
+    pub(crate) method: MethodArg,
     #[arg(long, value_enum, default_value = "lora")]
-    trainable: Trainable,
+    pub(crate) trainable: Trainable,
     /// mezo: a fresh seed per step; kseed: FedKSeed's K candidate seeds.
     #[arg(long, value_enum, default_value = "mezo")]
-    mode: ModeArg,
+    pub(crate) mode: ModeArg,
     /// K for --mode kseed.
     #[arg(long, default_value_t = 4096)]
-    seeds: u32,
+    pub(crate) seeds: u32,
     /// FedKSeed-Pro: a JSON list of K integer weights, one per candidate seed; each step's
     /// seed is drawn in proportion to them (uniformly without this).
     #[arg(long)]
-    seed_weights: Option<PathBuf>,
+    pub(crate) seed_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 1e-2)]
-    eps: f32,
-    /// Learning rate (the default lowered SmolLM2's loss steadily on the real task; 1e-3
-    /// diverged there after 60 steps).
-    #[arg(long, default_value_t = 5e-4)]
-    lr: f32,
+    pub(crate) eps: f32,
+    /// Learning rate. Zeroth-order default 5e-4 (it lowered SmolLM2's loss steadily on the
+    /// real task; 1e-3 diverged there after 60 steps); backprop default 1e-3.
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// Backprop: the optimiser (PyTorch's AdamW, or SGD with momentum).
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub(crate) optimizer: OptimizerArg,
+    /// Backprop: the learning-rate schedule after the warmup (Hugging Face's).
+    #[arg(long, value_enum, default_value = "constant")]
+    pub(crate) schedule: ScheduleArg,
+    /// Backprop: steps of linear warmup from 0.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) warmup: u64,
+    /// Backprop: AdamW's decoupled weight decay, or SGD's L2 term.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) weight_decay: f32,
+    /// Backprop: SGD's momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub(crate) momentum: f32,
+    /// Backprop: micro-batches per step (gradient accumulation); each adds the gradient of
+    /// its own mean loss, divided by their number.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) micro_batches: u32,
     #[arg(long, default_value_t = 200)]
-    steps: u64,
+    pub(crate) steps: u64,
     /// Examples per step (default 4).
     #[arg(long)]
-    batch: Option<usize>,
+    pub(crate) batch: Option<usize>,
     /// Longest example in tokens, longer ones skipped and counted (default: 256, or the
     /// model's context if shorter).
     #[arg(long)]
-    seq_len: Option<usize>,
+    pub(crate) seq_len: Option<usize>,
     #[arg(long, default_value_t = 8)]
-    rank: u32,
+    pub(crate) rank: u32,
     #[arg(long, default_value_t = 16.0)]
-    alpha: f32,
+    pub(crate) alpha: f32,
     /// Projections LoRA or scales train, comma-separated (q,k,v,o,gate,up,down); default
     /// q,v for LoRA and all seven for scales; IA3 uses k,v,down.
     #[arg(long)]
-    targets: Option<String>,
+    pub(crate) targets: Option<String>,
     /// Held-out JSONL, scored before, at each checkpoint and after.
     #[arg(long)]
-    eval: Option<PathBuf>,
+    pub(crate) eval: Option<PathBuf>,
     /// Wrap prompt/completion pairs in the model's chat format.
     #[arg(long)]
-    chat: bool,
+    pub(crate) chat: bool,
     /// Seeds the session key, the adapter's start values and the data order (default 0).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// The learning rate falls linearly to zero at this step (0: constant).
     #[arg(long, default_value_t = 0)]
-    lr_decay_steps: u32,
-    /// Cut |g| above this to it (guards against a rare huge scalar; default 10).
+    pub(crate) lr_decay_steps: u32,
+    /// Zeroth-order: cut |g| above this to it (guards against a rare huge scalar; default
+    /// 10). Backprop: the largest global gradient norm (default 1, as Hugging Face's).
     #[arg(long)]
-    clip: Option<f32>,
+    pub(crate) clip: Option<f32>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 50)]
-    checkpoint_every: u64,
+    pub(crate) checkpoint_every: u64,
     /// The update unit is 2^-delta_exp (see docs/zeroth-order.md).
     #[arg(long, default_value_t = 16)]
-    delta_exp: u32,
+    pub(crate) delta_exp: u32,
     #[command(flatten)]
-    device: DeviceArgs,
+    pub(crate) device: DeviceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,17 +184,17 @@ pub struct ScoreArgs {
 
 /// What decides the data a step sees: fixed for a run, so a resumed run sees what an
 /// uninterrupted one would have.
-struct RunSettings {
-    data_seed: u64,
-    batch: usize,
-    seq_len: usize,
-    chat: bool,
-    clip: Option<f32>,
-    data_sha256: String,
+pub(crate) struct RunSettings {
+    pub(crate) data_seed: u64,
+    pub(crate) batch: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) chat: bool,
+    pub(crate) clip: Option<f32>,
+    pub(crate) data_sha256: String,
 }
 
 impl RunSettings {
-    fn to_json(&self, data: &Path) -> serde_json::Value {
+    pub(crate) fn to_json(&self, data: &Path) -> serde_json::Value {
         serde_json::json!({
             "data": data.display().to_string(),
             "data_sha256": self.data_sha256,
@@ -172,10 +207,14 @@ impl RunSettings {
     }
 
     /// The session's settings; a flag that disagrees with them, or other data, is an error.
-    fn resumed(a: &TrainArgs, s: &Session, data_sha: &str) -> Result<RunSettings, CliError> {
-        let run = &s.run;
+    pub(crate) fn resumed(
+        a: &TrainArgs,
+        run: &serde_json::Value,
+        init_seed: u64,
+        data_sha: &str,
+    ) -> Result<RunSettings, CliError> {
         let stored = RunSettings {
-            data_seed: run["data_seed"].as_u64().unwrap_or(s.init_seed),
+            data_seed: run["data_seed"].as_u64().unwrap_or(init_seed),
             batch: run["batch"].as_u64().unwrap_or(0) as usize,
             seq_len: run["seq_len"].as_u64().unwrap_or(0) as usize,
             chat: run["chat"].as_bool().unwrap_or(false),
@@ -291,7 +330,7 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
     Ok(true)
 }
 
-fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
+pub(crate) fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
     let all = Target::ALL.map(Target::short).join(",");
     let default = if a.trainable == Trainable::Scales {
         all.as_str()
@@ -324,14 +363,14 @@ fn adapter_config(a: &TrainArgs) -> Result<AdapterConfig, CliError> {
 }
 
 /// A session key from the user's seed (splitmix64, so seeds 0, 1, 2 give unrelated keys).
-fn session_key(seed: u64) -> u64 {
+pub(crate) fn session_key(seed: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-fn load_set(
+pub(crate) fn load_set(
     path: &Path,
     f: &ModelFiles,
     opts: &DataOptions,
@@ -357,7 +396,9 @@ fn load_set(
 }
 
 pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
-    let MethodArg::Zo = a.method;
+    if a.method == MethodArg::Backprop {
+        return crate::backprop::train(a);
+    }
     let dir = match (&a.out, &a.resume) {
         (_, Some(r)) => r.clone(),
         (Some(o), None) => o.clone(),
@@ -381,7 +422,10 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         edgetune::format::file::FileKind::Data,
     )?);
     let run = match &a.resume {
-        Some(r) => RunSettings::resumed(a, &history::read_session(r)?, &data_sha)?,
+        Some(r) => {
+            let s = history::read_session(r)?;
+            RunSettings::resumed(a, &s.run, s.init_seed, &data_sha)?
+        }
         None => RunSettings {
             data_seed: a.seed.unwrap_or(0),
             batch: a.batch.unwrap_or(4),
@@ -441,7 +485,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 ModeArg::Kseed => SeedMode::KSeed { k: a.seeds },
             },
             eps: a.eps,
-            lr: a.lr,
+            lr: a.lr.unwrap_or(5e-4),
             delta_exp: a.delta_exp,
             decay_steps: a.lr_decay_steps,
         };
@@ -627,7 +671,7 @@ pub fn replay_cmd(a: &ReplayArgs) -> Result<bool, CliError> {
     Ok(true)
 }
 
-fn duration(secs: f64) -> String {
+pub(crate) fn duration(secs: f64) -> String {
     if !secs.is_finite() {
         return "?".into();
     }
@@ -635,11 +679,11 @@ fn duration(secs: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-const LOSS_CSV: &str = "loss.csv";
-const EVAL_CSV: &str = "eval.csv";
+pub(crate) const LOSS_CSV: &str = "loss.csv";
+pub(crate) const EVAL_CSV: &str = "eval.csv";
 
 /// A curve written so far (`step,loss` lines), so a resumed run's plot continues it.
-fn read_csv(dir: &Path, name: &str) -> Vec<(u64, f64)> {
+pub(crate) fn read_csv(dir: &Path, name: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(dir.join(name))
         .unwrap_or_default()
         .lines()
@@ -652,7 +696,11 @@ fn read_csv(dir: &Path, name: &str) -> Vec<(u64, f64)> {
 
 /// loss.csv (training loss: the mean of the two perturbed losses, per step), eval.csv
 /// (held-out loss) and loss.svg (both, with a running mean of the training loss).
-fn write_curve(dir: &Path, curve: &[(u64, f64)], evals: &[(u64, f64)]) -> Result<(), CliError> {
+pub(crate) fn write_curve(
+    dir: &Path,
+    curve: &[(u64, f64)],
+    evals: &[(u64, f64)],
+) -> Result<(), CliError> {
     let csv =
         |c: &[(u64, f64)]| -> String { c.iter().map(|(s, l)| format!("{s},{l}\n")).collect() };
     edgetune::format::file::write_atomic(&dir.join(LOSS_CSV), csv(curve).as_bytes())?;

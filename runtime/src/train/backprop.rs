@@ -282,8 +282,11 @@ pub struct BackpropTrainer<'m, 'b, B: Backend> {
     state: Vec<Vec<B::Buffer>>,
     zeros: B::Buffer,
     cache: KvCache<B>,
-    /// The number of the next step (the optimiser's step count).
+    /// The number of the next step (which picks its batch and learning rate).
     pub next_step: u64,
+    /// Steps applied (the optimiser's count for its bias corrections): skipped steps
+    /// advance `next_step` only.
+    pub applied: u64,
 }
 
 impl<B: Backend> core::fmt::Debug for BackpropTrainer<'_, '_, B> {
@@ -335,6 +338,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             zeros: be.alloc(u64::from(largest) * 4, "gradients")?,
             cache: model.new_cache(capacity)?,
             next_step: 0,
+            applied: 0,
         })
     }
 
@@ -380,6 +384,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         let lr = self.cfg.lr_at(self.next_step);
         if !(loss.is_finite() && norm.is_finite()) {
             self.zero_grads()?;
+            self.next_step += 1;
             return Ok(BackpropOutcome {
                 loss,
                 grad_norm: norm,
@@ -394,7 +399,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             .clip
             .map_or(1.0, |c| (f64::from(c) / (norm + 1e-6)).min(1.0)) as f32;
         let params = self.model.params()?;
-        let t = self.next_step + 1;
+        let t = self.applied + 1;
         for (i, (p, info)) in params.iter().zip(self.model.layout()).enumerate() {
             let (grad, n) = (&self.grads[i], info.len());
             let st = &self.state[i];
@@ -439,6 +444,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         }
         self.zero_grads()?;
         self.next_step += 1;
+        self.applied += 1;
         Ok(BackpropOutcome {
             loss,
             grad_norm: norm,
@@ -525,6 +531,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             &[
                 ("format", FORMAT.to_owned()),
                 ("step", self.next_step.to_string()),
+                ("applied", self.applied.to_string()),
                 ("layout_sha256", layout_hex),
             ],
         )?;
@@ -562,10 +569,15 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                 "was written for another adapter layout (targets, rank or model)".into(),
             ));
         }
-        let step: u64 = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| syntax("metadata `step` is missing or not a number".into()))?;
+        let count = |k: &str| -> Result<u64> {
+            meta.get(k)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| syntax(format!("metadata `{k}` is missing or not a number")))
+        };
+        let (step, applied) = (count("step")?, count("applied")?);
+        if applied > step {
+            return Err(syntax(format!("{applied} steps applied of {step}")));
+        }
         let tensors = peft::read_layout(&path, &self.checkpoint_layout())?;
         let n = self.model.layout().len();
         self.model.write_params(&tensors[..n])?;
@@ -582,6 +594,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             }
         }
         self.next_step = step;
+        self.applied = applied;
         Ok(())
     }
 }

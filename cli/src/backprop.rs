@@ -1,0 +1,303 @@
+//! `edgetune train --method backprop`: a backpropagation run over the runtime's
+//! [`BackpropTrainer`], with the zeroth-order path's data formats, progress line,
+//! checkpoints, resume and loss plot.
+
+use crate::train::{
+    EVAL_CSV, LOSS_CSV, OptimizerArg, RunSettings, ScheduleArg, TrainArgs, Trainable,
+    adapter_config, duration, load_set, read_csv, write_curve,
+};
+use crate::{CliError, flag, in_range};
+use edgetune::Backend;
+use edgetune::adapter::peft;
+use edgetune::format::file::{FileKind, read_json, sha256_file};
+use edgetune::train::backprop::{
+    BackpropConfig, BackpropTrainer, CHECKPOINT, Optimizer, SETTINGS, Schedule,
+};
+use edgetune::train::data::{self, DataOptions};
+use edgetune::train::history::hex;
+use std::time::Instant;
+
+/// The settings a new run takes from its flags.
+fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
+    let cfg = BackpropConfig {
+        optimizer: match a.optimizer {
+            OptimizerArg::Adamw => Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: a.weight_decay,
+            },
+            OptimizerArg::Sgd => Optimizer::Sgd {
+                momentum: a.momentum,
+                weight_decay: a.weight_decay,
+            },
+        },
+        lr: a.lr.unwrap_or(1e-3),
+        schedule: match a.schedule {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        },
+        warmup: a.warmup,
+        total_steps: a.steps,
+        clip: Some(a.clip.unwrap_or(1.0)),
+        micro_batches: a.micro_batches,
+    };
+    cfg.validate().map_err(|e| match e {
+        edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {
+            flag: match name {
+                "lr" => "--lr",
+                "clip" => "--clip",
+                "schedule" => "--warmup",
+                "micro-batches" => "--micro-batches",
+                "weight decay" => "--weight-decay",
+                _ => "--momentum",
+            },
+            reason,
+        },
+        other => other.into(),
+    })?;
+    Ok(cfg)
+}
+
+pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
+    if !matches!(a.trainable, Trainable::Lora | Trainable::Ia3) {
+        return flag("--trainable", "backprop trains lora or ia3");
+    }
+    let dir = match (&a.out, &a.resume) {
+        (_, Some(r)) => r.clone(),
+        (Some(o), None) => o.clone(),
+        (None, None) => return flag("--out", "is required (or --resume DIR)"),
+    };
+    if a.resume.is_none() && dir.join(SETTINGS).exists() {
+        return flag(
+            "--out",
+            format!(
+                "{} already holds a run; use --resume {} to continue it, or another directory",
+                dir.display(),
+                dir.display()
+            ),
+        );
+    }
+    let f = a.model.open()?;
+    let mcfg = f.config()?;
+    let context = mcfg.context as usize;
+    let data_sha = hex(&sha256_file(&a.data, FileKind::Data)?);
+    let stored = a
+        .resume
+        .as_ref()
+        .map(|r| read_json(&r.join(SETTINGS), FileKind::History))
+        .transpose()?;
+    let shown = dir.join(SETTINGS).display().to_string();
+    let run = match &stored {
+        Some(s) => {
+            let seed = s["run"]["data_seed"].as_u64().unwrap_or(0);
+            RunSettings::resumed(a, &s["run"], seed, &data_sha)?
+        }
+        None => RunSettings {
+            data_seed: a.seed.unwrap_or(0),
+            batch: a.batch.unwrap_or(4),
+            seq_len: a.seq_len.unwrap_or(context.min(256)),
+            chat: a.chat,
+            clip: Some(a.clip.unwrap_or(1.0)),
+            data_sha256: data_sha,
+        },
+    };
+    in_range(
+        "--seq-len",
+        run.seq_len,
+        2,
+        context,
+        &format!("tokens; the model's context is {context}"),
+    )?;
+    in_range("--batch", run.batch, 1, 4096, "examples per step")?;
+    in_range(
+        "--checkpoint-every",
+        a.checkpoint_every as usize,
+        1,
+        usize::MAX,
+        "steps",
+    )?;
+    let opts = DataOptions {
+        seq_len: run.seq_len,
+        chat: run.chat,
+        max_bad_share: 0.1,
+    };
+    let train_set = load_set(&a.data, &f, &opts, mcfg.vocab)?;
+    let eval_set = a
+        .eval
+        .as_ref()
+        .map(|p| load_set(p, &f, &opts, mcfg.vocab))
+        .transpose()?;
+    eprintln!("hashing the model...");
+    let model_sha = hex(&f.sha256());
+    let (cfg, adapter) = match &stored {
+        Some(s) => {
+            if s["run"]["model_sha256"].as_str() != Some(model_sha.as_str()) {
+                return flag(
+                    "--model",
+                    format!("is not the model the run in {shown} trained"),
+                );
+            }
+            let cfg = BackpropConfig::from_json(&s["backprop"], &shown)?;
+            if cfg.schedule != Schedule::Constant && cfg.total_steps != a.steps {
+                return flag(
+                    "--steps",
+                    format!(
+                        "the run's {} schedule ends at step {}; a resumed run keeps it",
+                        cfg.schedule.name(),
+                        cfg.total_steps
+                    ),
+                );
+            }
+            eprintln!("resuming with the settings in {shown}");
+            (cfg, peft::parse_config(&s["adapter"], &shown)?)
+        }
+        None => (config(a)?, adapter_config(a)?),
+    };
+    let be = a.device.open()?;
+    let mut model = f.load(&be)?;
+    model
+        .attach(adapter, run.data_seed)
+        .map_err(|e| CliError::Flag {
+            flag: "--trainable",
+            reason: e.to_string(),
+        })?;
+    let capacity = run.seq_len as u32;
+    eprintln!(
+        "backprop needs {:.1} MiB of activations for {capacity}-token sequences",
+        model.tape_bytes(capacity) as f64 / 1048576.0
+    );
+    let mut trainer = BackpropTrainer::start(&be, &model, cfg, capacity)?;
+    if let Some(r) = &a.resume {
+        trainer.restore(r)?;
+    }
+    let mut run_json = run.to_json(&a.data);
+    run_json["model_sha256"] = model_sha.into();
+    let params: u64 = model.layout().iter().map(|p| u64::from(p.len())).sum();
+    eprintln!(
+        "training: {} ({} tensors, {params} values) by backprop, {:?}, lr {} ({}, warmup {}), clip {:?}, steps {}..{}",
+        model.adapter().map_or("", |c| c.method_name()),
+        model.layout().len(),
+        trainer.cfg.optimizer,
+        trainer.cfg.lr,
+        trainer.cfg.schedule.name(),
+        trainer.cfg.warmup,
+        trainer.cfg.clip,
+        trainer.next_step,
+        a.steps
+    );
+    let mut curve = read_csv(&dir, LOSS_CSV);
+    let mut evals = read_csv(&dir, EVAL_CSV);
+    curve.retain(|&(s, _)| s < trainer.next_step);
+    evals.retain(|&(s, _)| s <= trainer.next_step);
+    std::fs::create_dir_all(&dir).map_err(|e| edgetune::Error::Io {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    if let Some(set) = &eval_set
+        && evals.last().is_none_or(|e| e.0 != trainer.next_step)
+    {
+        let l = trainer.eval(&set.examples)?;
+        eprintln!("eval loss at step {}: {l:.4}", trainer.next_step);
+        evals.push((trainer.next_step, l));
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let start = Instant::now();
+    let first = trainer.next_step;
+    let (mut tokens, mut skipped, mut clipped) = (0usize, 0u64, 0u64);
+    let save =
+        |trainer: &BackpropTrainer<'_, '_, _>, curve: &[(u64, f64)], evals: &[(u64, f64)]| {
+            write_curve(&dir, curve, evals)?;
+            trainer.save(&dir, &run_json)?;
+            Ok::<(), CliError>(())
+        };
+    while trainer.next_step < a.steps {
+        let step = trainer.next_step;
+        let batch: Vec<_> =
+            data::batch_for_step(&train_set.examples, run.batch, step, run.data_seed)
+                .into_iter()
+                .cloned()
+                .collect();
+        tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>();
+        let out = match trainer.step(&batch) {
+            Ok(out) => out,
+            Err(e) => {
+                save(&trainer, &curve, &evals)?;
+                return Err(e.into());
+            }
+        };
+        if out.skipped {
+            skipped += 1;
+            eprintln!(
+                "{}step {step} skipped: loss {} gradient norm {} (not finite); nothing applied",
+                if tty { "\n" } else { "" },
+                out.loss,
+                out.grad_norm
+            );
+            if skipped > 10 && skipped * 2 > trainer.next_step - first {
+                save(&trainer, &curve, &evals)?;
+                return Err(edgetune::Error::NonFinite {
+                    what: "training loss or gradient",
+                    at: format!("{skipped} skipped steps by step {step}; lower --lr"),
+                }
+                .into());
+            }
+            continue;
+        }
+        curve.push((step, out.loss));
+        clipped += u64::from(out.clipped);
+        let secs = start.elapsed().as_secs_f64();
+        let done = trainer.next_step - first;
+        let eta = secs / done as f64 * (a.steps - trainer.next_step) as f64;
+        let every = (a.steps / 20).max(1);
+        if tty || trainer.next_step % every == 0 {
+            eprint!(
+                "{}step {}/{} loss {:.4} |grad| {:.3e} lr {:.2e} {:.0} tok/s ETA {}   {}",
+                if tty { "\r" } else { "" },
+                trainer.next_step,
+                a.steps,
+                out.loss,
+                out.grad_norm,
+                out.lr,
+                tokens as f64 / secs,
+                duration(eta),
+                if tty { "" } else { "\n" }
+            );
+        }
+        if trainer.next_step % a.checkpoint_every == 0 || trainer.next_step == a.steps {
+            if let Some(set) = &eval_set {
+                let l = trainer.eval(&set.examples)?;
+                evals.push((trainer.next_step, l));
+                eprintln!(
+                    "{}eval loss at step {}: {l:.4}",
+                    if tty { "\n" } else { "" },
+                    trainer.next_step
+                );
+            }
+            save(&trainer, &curve, &evals)?;
+        }
+    }
+    eprintln!();
+    save(&trainer, &curve, &evals)?;
+    if clipped > 0 {
+        eprintln!("{clipped} steps had a gradient norm above --clip and were scaled to it");
+    }
+    if skipped > 0 {
+        eprintln!("{skipped} steps skipped (non-finite loss or gradient)");
+    }
+    eprintln!(
+        "peak memory: {:.1} MiB of activations, gradients and optimiser state on {}; process peak RSS {}",
+        trainer.working_bytes() as f64 / 1048576.0,
+        be.name(),
+        crate::bench::peak_rss().map_or("unknown".into(), |b| format!(
+            "{:.1} MiB",
+            b as f64 / 1048576.0
+        ))
+    );
+    eprintln!(
+        "wrote {} (adapter, {CHECKPOINT} with optimiser state, loss.svg)",
+        dir.display()
+    );
+    Ok(true)
+}
