@@ -25,7 +25,8 @@ def load(path):
 
 def kind(system):
     # llama.cpp is the peer for prompt, generation and the training-shape forward;
-    # PyTorch MeZO for the zeroth-order step (zoBxT).
+    # PyTorch MeZO for the zeroth-order step (zoBxT), PyTorch + PEFT for the backprop step
+    # (bpBxT).
     if system.startswith("llama.cpp") or system.startswith("PyTorch"):
         return "peer"
     if "llvmpipe" in system or "lavapipe" in system:

@@ -42,6 +42,7 @@ fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
         total_steps: a.steps,
         clip: Some(a.clip.unwrap_or(1.0)),
         micro_batches: a.micro_batches,
+        recompute: a.recompute,
     };
     cfg.validate().map_err(|e| match e {
         edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {
@@ -165,8 +166,9 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         })?;
     let capacity = run.seq_len as u32;
     eprintln!(
-        "backprop needs {:.1} MiB of activations for {capacity}-token sequences",
-        model.tape_bytes(capacity) as f64 / 1048576.0
+        "backprop needs {:.1} MiB of activations for {capacity}-token sequences{}",
+        model.tape_bytes(capacity, cfg.recompute) as f64 / 1048576.0,
+        if cfg.recompute { " (recomputed)" } else { "" }
     );
     let mut trainer = BackpropTrainer::start(&be, &model, cfg, capacity)?;
     if let Some(r) = &a.resume {

@@ -5,6 +5,7 @@ use crate::{CliError, DeviceArgs, flag, in_range};
 use edgetune::adapter::{AdapterConfig, Target};
 use edgetune::backend::any::AnyBackend;
 use edgetune::backend::cpu::Cpu;
+use edgetune::train::backprop::{BackpropConfig, BackpropTrainer, Optimizer, Schedule};
 use edgetune::train::{Example, SeedMode, ZoConfig, ZoState, zo_step};
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
@@ -397,6 +398,36 @@ fn model_bench<B: Backend>(
         state.params()
     ));
     rows.push(row);
+    // A backprop step on the same batch and LoRA: forward with the tape, loss at every
+    // position, backward, AdamW.
+    let cfg = BackpropConfig {
+        optimizer: Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        lr: 1e-4,
+        schedule: Schedule::Constant,
+        warmup: 0,
+        total_steps: 2,
+        clip: Some(1.0),
+        micro_batches: 1,
+        recompute: false,
+    };
+    let mut trainer = BackpropTrainer::start(dev, &model, cfg, len as u32)?;
+    trainer.step(&examples[..1])?; // warm-up: pipelines
+    let (mut row, out) = Row::timed(format!("bp{batch}x{len}"), batch * len, || {
+        trainer.step(&examples)
+    })?;
+    row.loss = Some(out.loss);
+    row.note = Some(format!(
+        "{:.2}x the forward; {:.1} MiB of activations, gradients and AdamW state",
+        row.secs / forward_secs,
+        trainer.working_bytes() as f64 / 1048576.0
+    ));
+    rows.push(row);
+    drop(trainer);
     let mib = |b: Option<u64>| b.unwrap_or(0) as f64 / 1048576.0;
     if args.json {
         let (cpu, flags) = cpu_description();

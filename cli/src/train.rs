@@ -105,6 +105,10 @@ pub struct TrainArgs {
     /// its own mean loss, divided by their number.
     #[arg(long, default_value_t = 1)]
     pub(crate) micro_batches: u32,
+    /// Backprop: recompute each layer's activations in the backward pass instead of keeping
+    /// them all (less memory, one more forward pass per step).
+    #[arg(long)]
+    pub(crate) recompute: bool,
     #[arg(long, default_value_t = 200)]
     pub(crate) steps: u64,
     /// Examples per step (default 4).
@@ -278,15 +282,35 @@ pub enum AdapterCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Writes an unquantised Hugging Face model with a LoRA or IA3 adapter merged into its
+    /// weights (model.safetensors, the merged projections in f32, and the model's JSON
+    /// files), for runtimes that take no adapters.
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The adapter: a PEFT directory (as `edgetune train` writes).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
-    let AdapterCmd::Export {
-        model,
-        adapter,
-        gguf: _,
-        out,
-    } = cmd;
+    let (model, adapter, out) = match cmd {
+        AdapterCmd::Merge {
+            model,
+            adapter,
+            out,
+        } => return merge_cmd(model, adapter, out),
+        AdapterCmd::Export {
+            model,
+            adapter,
+            gguf: _,
+            out,
+        } => (model, adapter, out),
+    };
     let files = model.open()?;
     let cfg = files.config()?;
     let dims = edgetune::adapter::Dims::of(&cfg);
@@ -326,6 +350,34 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
         layout.len(),
         acfg.method_name(),
         out.display()
+    );
+    Ok(true)
+}
+
+fn merge_cmd(model: &ModelArgs, adapter: &Path, out: &Path) -> Result<bool, CliError> {
+    let files = model.open()?;
+    let ModelFiles::Hf(dir) = &files else {
+        return flag(
+            "--model",
+            "merge writes safetensors from an unquantised safetensors model; for a GGUF model use `adapter export --gguf`",
+        );
+    };
+    if model.quantize.is_some() {
+        return flag("--quantize", "a merged model is written unquantised");
+    }
+    let cfg = files.config()?;
+    let dims = edgetune::adapter::Dims::of(&cfg);
+    let order = edgetune::adapter::peft::RowOrder::of(&cfg);
+    let (acfg, values) =
+        edgetune::adapter::peft::load(adapter, |c| edgetune::adapter::layout(c, &dims), order)?;
+    let layout = edgetune::adapter::layout(&acfg, &dims);
+    edgetune::adapter::merge::merge_into_safetensors(dir, &acfg, &layout, &values, out)?;
+    eprintln!(
+        "wrote {} ({} merged into {}: {} tensors)",
+        out.display(),
+        acfg.method_name(),
+        dir.dir().display(),
+        layout.len()
     );
     Ok(true)
 }

@@ -836,11 +836,25 @@ fn backward_cases(d: &mut Data) -> Vec<Case> {
     // The input gradient of every weight format, with trained block scales where a
     // format has them; rows and columns as in the models.
     for ty in WeightType::ALL {
-        let k = if ty.block_elems() == 256 { 512 } else { 96 };
-        for (m, n, scaled) in [
+        // The last shape, for four formats, is SmolLM2's feed-forward at 64 tokens: large
+        // enough for the host path to split its columns across threads, and the timing
+        // that compares the formats' backward cost (Q4_1 against Q8_0).
+        let big = matches!(
+            ty,
+            WeightType::Q8_0 | WeightType::Q4_1 | WeightType::Q4K | WeightType::F16
+        );
+        let shapes = [
             (1usize, 67usize, false),
             (9, 40, quant::has_block_scale(ty)),
-        ] {
+        ];
+        let threaded = big.then_some((64, 1536, quant::has_block_scale(ty)));
+        for (m, n, scaled) in shapes.into_iter().chain(threaded) {
+            let k = match (n, ty.block_elems()) {
+                (1536, 256) => 1536,
+                (1536, _) => 576,
+                (_, 256) => 512,
+                _ => 96,
+            };
             let mut bufs = vec![
                 data(d, m * n),
                 Init::Weights(ty, d.weights(ty, n, k, false)),

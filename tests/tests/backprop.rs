@@ -2,7 +2,8 @@
 //! tools/reference/backprop_golden.py): on the tiny random models with LoRA and IA3
 //! adapters made by peft, the loss and every adapter tensor's gradient over a batch of two
 //! sequences (one with a prompt masked out of the loss) equal PyTorch's, on the CPU
-//! reference, the threaded host path and the GPU; and six optimiser steps (AdamW; AdamW
+//! reference, the threaded host path and the GPU (keeping activations, and recomputing
+//! them layer by layer); and six optimiser steps (AdamW; AdamW
 //! with warmup, cosine decay and clipping; SGD with momentum; AdamW over two accumulated
 //! micro-batches) follow PyTorch's losses and end at its values.
 
@@ -64,7 +65,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// Every case's loss and gradients on `be`; returns the failures.
-fn check_gradients<B: Backend>(be: &B) -> Vec<String> {
+fn check_gradients<B: Backend>(be: &B, recompute: bool) -> Vec<String> {
     let g = golden();
     let seqs = sequences(&g);
     let count: usize = seqs
@@ -85,7 +86,7 @@ fn check_gradients<B: Backend>(be: &B) -> Vec<String> {
             .unwrap()
             .join(want["adapter"].as_str().unwrap());
         attach_dir(&mut model, &adapter).unwrap();
-        let mut tape = model.tape(8).unwrap();
+        let mut tape = model.tape(8, recompute).unwrap();
         let grads = model.grad_buffers().unwrap();
         let mut total = 0.0;
         for (tokens, mask) in &seqs {
@@ -125,20 +126,22 @@ fn check_gradients<B: Backend>(be: &B) -> Vec<String> {
 
 #[test]
 fn gradients_equal_pytorch_on_the_cpu_reference() {
-    let f = check_gradients(&Cpu);
+    let f = check_gradients(&Cpu, false);
     assert!(f.is_empty(), "{f:#?}");
 }
 
 #[test]
-fn gradients_equal_pytorch_on_the_host_path() {
-    let f = check_gradients(&Host::new(2));
+fn gradients_equal_pytorch_on_the_host_path_recomputing_activations() {
+    let f = check_gradients(&Host::new(2), true);
     assert!(f.is_empty(), "{f:#?}");
 }
 
 #[test]
 fn gradients_equal_pytorch_on_the_gpu() {
     let Some(gpu) = common::gpu() else { return };
-    let f = check_gradients(&gpu);
+    let f = check_gradients(&gpu, false);
+    assert!(f.is_empty(), "{f:#?}");
+    let f = check_gradients(&gpu, true);
     assert!(f.is_empty(), "{f:#?}");
 }
 
@@ -170,6 +173,7 @@ fn trajectory_config(t: &Value) -> BackpropConfig {
         total_steps: t["total_steps"].as_u64().unwrap_or(steps),
         clip: t["clip"].as_f64().map(|c| c as f32),
         micro_batches: t["micro_batches"].as_array().map_or(1, |m| m.len() as u32),
+        recompute: false,
     }
 }
 
@@ -239,4 +243,65 @@ fn optimiser_steps_follow_pytorch_on_the_gpu() {
     let Some(gpu) = common::gpu() else { return };
     let f = check_trajectories(&gpu);
     assert!(f.is_empty(), "{f:#?}");
+}
+
+/// `adapter merge`'s writer: the merged model alone gives the logits of the model with the
+/// adapter attached (LoRA on Llama; IA3 on Qwen2, whose k and v biases the output scales
+/// also scale), and the adapter moves them.
+#[test]
+fn merged_models_give_the_adapters_logits() {
+    use edgetune::adapter::merge::merge_into_safetensors;
+    let tokens = [3u32, 17, 0, 42, 91, 5, 64];
+    for (model_name, kind) in [("llama_gqa_tied", "lora"), ("qwen2_gqa_bias", "ia3")] {
+        let src = golden_dir().join("tiny").join(model_name);
+        let adapter = golden_dir()
+            .join("peft")
+            .join(model_name)
+            .join(format!("{kind}_from_peft"));
+        let files = ModelFiles::open(&src, None).unwrap();
+        let ModelFiles::Hf(dir) = &files else {
+            panic!("a safetensors model")
+        };
+        let cfg = files.config().unwrap();
+        let dims = edgetune::adapter::Dims::of(&cfg);
+        let order = edgetune::adapter::peft::RowOrder::of(&cfg);
+        let (acfg, values) =
+            edgetune::adapter::peft::load(&adapter, |c| edgetune::adapter::layout(c, &dims), order)
+                .unwrap();
+        let layout = edgetune::adapter::layout(&acfg, &dims);
+        let out = std::env::temp_dir().join(format!(
+            "edgetune-merge-{model_name}-{}",
+            std::process::id()
+        ));
+        merge_into_safetensors(dir, &acfg, &layout, &values, &out).unwrap();
+        let logits = |path: &Path, with: Option<&Path>| {
+            let f = ModelFiles::open(path, None).unwrap();
+            let mut m = f.load(&Cpu).unwrap();
+            if let Some(a) = with {
+                attach_dir(&mut m, a).unwrap();
+            }
+            let mut cache = m.new_cache(16).unwrap();
+            m.forward(&mut cache, &tokens, true).unwrap()
+        };
+        let (base, adapted, merged) = (
+            logits(&src, None),
+            logits(&src, Some(&adapter)),
+            logits(&out, None),
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        };
+        let (moved, err) = (diff(&base, &adapted), diff(&merged, &adapted));
+        assert!(
+            moved > 1e-2,
+            "{model_name} {kind}: the adapter moves logits by {moved}"
+        );
+        assert!(
+            err < 1e-4,
+            "{model_name} {kind}: merged logits differ by {err} (the adapter moves them {moved})"
+        );
+    }
 }

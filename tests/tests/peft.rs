@@ -28,7 +28,7 @@ fn check_all<B: Backend>(be: &B) -> Vec<String> {
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
     let cases = g["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 12);
     let mut failures = Vec::new();
     // Each adapter on the Hugging Face checkpoint it was made on, and the Llama ones also
     // on the GGUF conversion, whose q/k rows are permuted for interleaved RoPE.

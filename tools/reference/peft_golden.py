@@ -6,8 +6,8 @@ Python `peft` on transformers models, their B matrices / scales set to random va
 they change the logits, saved with save_pretrained; golden logits from peft.
 
 edgetune -> peft: adapters written by `edgetune train` (a few zeroth-order steps with a
-large learning rate so they differ from the identity), loaded with PeftModel.from_pretrained;
-golden logits from peft.
+large learning rate so they differ from the identity, and a few backprop AdamW steps), loaded
+with PeftModel.from_pretrained; golden logits from peft.
 
 tests/tests/peft.rs loads every adapter directory in edgetune and compares its logits with
 these. Writes tests/golden/peft/<model>/<case>/ and tests/golden/peft/logits.json.
@@ -61,15 +61,17 @@ def from_peft(name, kind, dest):
     return logits(model.eval())
 
 
-def from_edgetune(name, kind, dest):
+def from_edgetune(name, kind, dest, method="zo"):
     with tempfile.TemporaryDirectory() as tmp:
         data = pathlib.Path(tmp) / "data.jsonl"
         data.write_text("".join(json.dumps({"input_ids": [1] + [(i * 5 + 3 * k) % 60 + 2 for k in range(10)]}) + "\n"
                                 for i in range(8)))
         run = pathlib.Path(tmp) / "run"
+        settings = (["--lr", "1.0", "--eps", "0.05"] if method == "zo" else
+                    ["--method", "backprop", "--lr", "0.05", "--seq-len", "16"])
         subprocess.run([str(CLI), "train", "--model", str(TINY / name), "--data", str(data), "--out", str(run),
                         "--trainable", kind, "--targets", "q,v,gate,down", "--rank", "4", "--alpha", "8",
-                        "--steps", "6", "--lr", "1.0", "--eps", "0.05", "--backend", "cpu", "--seed", "3"],
+                        "--steps", "6", "--backend", "cpu", "--seed", "3"] + settings,
                        check=True, capture_output=True)
         dest.mkdir(parents=True, exist_ok=True)
         for f in ["adapter_config.json", "adapter_model.safetensors"]:
@@ -83,7 +85,9 @@ def main():
     golden = {"tokens": TOKENS, "cases": {}}
     for name in MODELS:
         for kind in ["lora", "ia3"]:
-            for direction, make in [("from_peft", from_peft), ("from_edgetune", from_edgetune)]:
+            for direction, make in [("from_peft", from_peft), ("from_edgetune", from_edgetune),
+                                    ("from_edgetune_backprop",
+                                     lambda n, k, d: from_edgetune(n, k, d, method="backprop"))]:
                 case = f"{name}/{kind}_{direction}"
                 golden["cases"][case] = make(name, kind, OUT / case)
                 print("wrote", case)

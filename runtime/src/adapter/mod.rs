@@ -10,6 +10,8 @@
 #[cfg(feature = "std")]
 pub mod gguf;
 #[cfg(feature = "std")]
+pub mod merge;
+#[cfg(feature = "std")]
 pub mod peft;
 
 use crate::error::{Error, Result};
@@ -227,7 +229,7 @@ impl AdapterConfig {
 }
 
 /// Where a trainable tensor sits in the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Slot {
     LoraA(u32, Target),
     LoraB(u32, Target),

@@ -82,6 +82,9 @@ impl Default for Host {
     }
 }
 
+/// The transposed weight columns the input gradient of a product works through at once.
+const WT_BYTES: usize = 2 << 20;
+
 /// Below this many weight bytes a product runs on the calling thread: starting threads
 /// costs more than it saves.
 const MIN_BYTES_PER_THREAD: usize = 256 << 10;
@@ -830,6 +833,80 @@ impl Host {
     }
 }
 
+impl Host {
+    /// dx \[m, k\] = dy \[m, n\] times the \[n, k\] rows of `w` (the input gradient of
+    /// [`Host::qmatmul`]): threads split k at block boundaries, each dequantising its part
+    /// of every row once and adding it, scaled by each token's dy, into its columns.
+    fn qmatmul_t(
+        &self,
+        dy: &[f32],
+        (w, factors): (&[u8], Option<&[f32]>),
+        wtype: WeightType,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let row_bytes = wtype.row_bytes(k)?;
+        let unit = wtype.block_elems().max(QK);
+        let units = k.div_ceil(unit);
+        let threads = self
+            .threads
+            .min((row_bytes * n) / MIN_BYTES_PER_THREAD)
+            .clamp(1, units);
+        let per = units.div_ceil(threads) * unit;
+        let parts = self.parallel(k.div_ceil(per), |b| -> Result<Vec<f32>> {
+            let (c0, c1) = (b * per, ((b + 1) * per).min(k));
+            let width = c1 - c0;
+            // Per block of columns: those columns of every weight row, dequantised and
+            // transposed into rows of n (`wt`), then dx = dy wt^T by the register-blocked
+            // tiles of the forward product.
+            // As many whole blocks as keep `wt` near 2 MiB (one block for an output head).
+            let group = ((WT_BYTES / 4 / n) / unit).max(1) * unit;
+            let mut blk = vec![0.0f32; group];
+            let mut wt = vec![0.0f32; group.min(width) * n];
+            let mut out = vec![0.0f32; m * width];
+            for cb in (c0..c1).step_by(group) {
+                let wc = group.min(c1 - cb);
+                let (at, len) = (wtype.row_bytes(cb)?, wtype.row_bytes(wc)?);
+                for j in 0..n {
+                    let f = factors.map(|f| &f[(j * k + cb) / QK..(j * k + cb + wc).div_ceil(QK)]);
+                    let src = &w[j * row_bytes + at..][..len];
+                    quant::dequantize_scaled(wtype, src, f, &mut blk[..wc])?;
+                    for (c, v) in blk[..wc].iter().enumerate() {
+                        wt[c * n + j] = *v;
+                    }
+                }
+                let dy_row = |i: usize| &dy[i.min(m - 1) * n..][..n];
+                let wt_row = |c: usize| &wt[c.min(wc - 1) * n..][..n];
+                for i0 in (0..m).step_by(TILE) {
+                    for cc in (0..wc).step_by(TILE) {
+                        let t = tile(
+                            self.isa,
+                            core::array::from_fn(|a| dy_row(i0 + a)),
+                            core::array::from_fn(|b| wt_row(cc + b)),
+                        );
+                        for (a, row) in t.iter().enumerate().take(m - i0) {
+                            for (b, v) in row.iter().enumerate().take(wc - cc) {
+                                out[(i0 + a) * width + cb - c0 + cc + b] = *v;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        });
+        let mut dx = vec![0.0f32; m * k];
+        for (b, part) in parts.into_iter().enumerate() {
+            let part = part?;
+            let c0 = b * per;
+            let width = part.len() / m;
+            for i in 0..m {
+                dx[i * k + c0..i * k + c0 + width]
+                    .copy_from_slice(&part[i * width..(i + 1) * width]);
+            }
+        }
+        Ok(dx)
+    }
+}
+
 impl Backend for Host {
     type Buffer = CpuBuffer;
 
@@ -877,6 +954,27 @@ impl Backend for Host {
                 let w = w.bytes(wtype.row_bytes(k)? * n);
                 let result = self.qmatmul(&xs, (&w, factors.as_deref()), wtype, (m, k, n))?;
                 out.write_f32(&result);
+                Ok(())
+            }
+            Op::QMatmulT {
+                dy,
+                w,
+                factors,
+                dx,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                op.check(|b| self.size(b))?;
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                let g = dy.f32s(m * n);
+                let factors = factors.map(|f| f.f32s(n * k / QK));
+                let result = {
+                    let w = w.bytes(wtype.row_bytes(k)? * n);
+                    self.qmatmul_t(&g, (&w, factors.as_deref()), wtype, (m, k, n))?
+                };
+                dx.write_f32(&result);
                 Ok(())
             }
             Op::Attention { .. } => {

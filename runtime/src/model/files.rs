@@ -281,6 +281,16 @@ pub fn check_config_against_tensors<'a>(
 }
 
 impl HfDir {
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its number of layers (config.json's).
+    pub fn layers(&self) -> u32 {
+        self.config.n_layers
+    }
+
     pub fn open(dir: &Path, quantize: Option<WeightType>) -> Result<HfDir> {
         if !matches!(quantize, None | Some(WeightType::Q8_0 | WeightType::Q4_0)) {
             return Err(Error::InvalidArgument {

@@ -94,6 +94,9 @@ pub struct BackpropConfig {
     /// Micro-batches per step: each contributes the mean loss over its own targets, and
     /// the step follows the mean of those (gradient accumulation).
     pub micro_batches: u32,
+    /// Recompute each layer's activations in the backward pass instead of keeping them
+    /// (see [`Model::tape`]): the same arithmetic, less memory, one more forward.
+    pub recompute: bool,
 }
 
 fn bad(name: &'static str, reason: String) -> Error {
@@ -202,6 +205,7 @@ impl BackpropConfig {
             "total_steps": self.total_steps,
             "clip": self.clip,
             "micro_batches": self.micro_batches,
+            "recompute": self.recompute,
         })
     }
 
@@ -252,6 +256,7 @@ impl BackpropConfig {
             },
             micro_batches: u32::try_from(u("micro_batches")?)
                 .map_err(|_| syntax("`micro_batches` is out of range".into()))?,
+            recompute: v.get("recompute").and_then(Value::as_bool).unwrap_or(false),
         };
         cfg.validate().map_err(|e| syntax(e.to_string()))?;
         Ok(cfg)
@@ -309,8 +314,8 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         capacity: u32,
     ) -> Result<Self> {
         cfg.validate()?;
-        let need = model.tape_bytes(capacity);
-        let tape = model.tape(capacity).map_err(|e| match e {
+        let need = model.tape_bytes(capacity, cfg.recompute);
+        let tape = model.tape(capacity, cfg.recompute).map_err(|e| match e {
             Error::OutOfMemory { .. } | Error::BufferTooLarge { .. } => Error::OutOfMemory {
                 what: "backprop activations (lower --seq-len)",
                 bytes: need,

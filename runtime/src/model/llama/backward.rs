@@ -14,11 +14,9 @@ use std::prelude::v1::*;
 /// positions at a time, never for the whole sequence.
 const HEAD_CHUNK: u32 = 16;
 
-/// One layer's activations kept by the forward pass.
+/// One layer's activations kept by the forward pass (beside its input).
 #[derive(Debug)]
 struct Saved<B: Backend> {
-    /// The layer's input (the residual stream).
-    x: B::Buffer,
     qr: B::Buffer,
     kr: B::Buffer,
     v: B::Buffer,
@@ -62,11 +60,17 @@ struct Temps<B: Backend> {
 }
 
 /// What backpropagation through a model keeps for sequences of up to `capacity` tokens:
-/// every layer's activations, the RoPE tables and the backward pass's buffers. Made once
-/// per training run by [`Model::tape`] and reused for every sequence.
+/// every layer's input and activations (or, with recomputation, the inputs and one layer's
+/// activations, recomputed layer by layer during the backward pass), the RoPE tables and
+/// the backward pass's buffers. Made once per training run by [`Model::tape`] and reused
+/// for every sequence.
 #[derive(Debug)]
 pub struct Tape<B: Backend> {
     capacity: u32,
+    /// Each layer's input (the residual stream).
+    inputs: Vec<B::Buffer>,
+    /// Each layer's activations, or one set when recomputing.
+    recompute: bool,
     rope: B::Buffer,
     /// The table with its sines negated: the rotation's transpose, RoPE's backward.
     rope_inv: B::Buffer,
@@ -78,6 +82,26 @@ pub struct Tape<B: Backend> {
 }
 
 impl<B: Backend> Tape<B> {
+    /// Layer `i`'s forward buffers: its input, activation set `saved`, output `out`.
+    fn bufs<'a>(&'a self, i: usize, saved: usize, out: &'a B::Buffer) -> LayerBufs<'a, B> {
+        let (l, s) = (&self.layers[saved], &self.scratch);
+        LayerBufs {
+            x: &self.inputs[i],
+            x2: &l.x2,
+            out,
+            h: &s.h,
+            q: &s.q,
+            qr: &l.qr,
+            k: &s.k,
+            kr: &l.kr,
+            v: &l.v,
+            att: &l.att,
+            gate: &l.gate,
+            up: &l.up,
+            act: &s.act,
+        }
+    }
+
     /// Bytes of device memory the tape holds.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -117,7 +141,7 @@ struct LinearGrads {
 impl<'b, B: Backend> Model<'b, B> {
     /// The device memory a [`Tape`] for `capacity` tokens would take, in bytes, without
     /// allocating it: a batch that does not fit is refused before the first step.
-    pub fn tape_bytes(&self, capacity: u32) -> u64 {
+    pub fn tape_bytes(&self, capacity: u32, recompute: bool) -> u64 {
         let c = &self.cfg;
         let t = u64::from(capacity);
         let (q, kv, ffn, dim) = (
@@ -128,14 +152,15 @@ impl<'b, B: Backend> Model<'b, B> {
         );
         let widest = [dim, q, ffn].into_iter().fold(kv, u64::max);
         let rank = u64::from(self.lora_rank().max(1));
-        let per_layer = t * (3 * dim + 2 * q + 2 * kv + 2 * ffn);
+        let saved = t * (dim + 2 * q + 2 * kv + 2 * ffn);
+        let sets = if recompute { 1 } else { u64::from(c.n_layers) };
         let chunk = u64::from(HEAD_CHUNK);
         let temps = t * (3 * dim + 3 * q + 4 * kv + 3 * ffn + 4 * widest + 4 * rank)
             + rank * widest
             + chunk * (4 * dim + 2 * u64::from(c.vocab) + 1)
             + t * u64::from(c.n_heads) * 2;
         let scratch = t * (5 * dim + 2 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank);
-        4 * (u64::from(c.n_layers) * per_layer + t * dim + temps + scratch)
+        4 * (u64::from(c.n_layers) * t * dim + sets * saved + t * dim + temps + scratch)
             + 8 * t * u64::from(c.head_dim)
     }
 
@@ -149,9 +174,11 @@ impl<'b, B: Backend> Model<'b, B> {
         }
     }
 
-    /// A tape for sequences of up to `capacity` tokens. The model must have a LoRA or IA3
-    /// adapter attached: backpropagation trains those.
-    pub fn tape(&self, capacity: u32) -> Result<Tape<B>> {
+    /// A tape for sequences of up to `capacity` tokens; with `recompute`, each layer's
+    /// activations are recomputed from its input during the backward pass instead of kept
+    /// (one more forward's work, a fraction of the memory). The model must have a LoRA or
+    /// IA3 adapter attached: backpropagation trains those.
+    pub fn tape(&self, capacity: u32, recompute: bool) -> Result<Tape<B>> {
         match self.adapter().map(|a| a.method.clone()) {
             Some(Method::Lora { .. } | Method::Ia3) => {}
             other => {
@@ -186,10 +213,13 @@ impl<'b, B: Backend> Model<'b, B> {
         let rank = u64::from(self.lora_rank());
         let chunk = u64::from(HEAD_CHUNK);
         let mut a = Alloc { be, bytes: 0 };
-        let mut layers = Vec::new();
+        let mut inputs = Vec::new();
         for _ in 0..c.n_layers {
+            inputs.push(a.f32s(t * dim, "tape")?);
+        }
+        let mut layers = Vec::new();
+        for _ in 0..if recompute { 1 } else { c.n_layers } {
             layers.push(Saved {
-                x: a.f32s(t * dim, "tape")?,
                 qr: a.f32s(t * q, "tape")?,
                 kr: a.f32s(t * kv, "tape")?,
                 v: a.f32s(t * kv, "tape")?,
@@ -242,6 +272,8 @@ impl<'b, B: Backend> Model<'b, B> {
         let scratch = Scratch::new(be, c, capacity, Some(self.lora_rank().max(1)))?;
         Ok(Tape {
             capacity,
+            inputs,
+            recompute,
             rope: be.upload_f32(&table, "rope table")?,
             rope_inv: be.upload_f32(&inv, "rope table")?,
             layers,
@@ -319,8 +351,18 @@ impl<'b, B: Backend> Model<'b, B> {
         let (total, count) = self.head_backward(tape, tokens, targets, scale)?;
         let lookup = self.linear_grads();
         for (i, layer) in self.layers.iter().enumerate().rev() {
+            if tape.recompute {
+                self.layer_forward(
+                    layer,
+                    &tape.bufs(i, 0, &tape.scratch.x),
+                    &tape.scratch,
+                    (&tape.rope, 0, t),
+                    None,
+                )?;
+            }
             let g = |target: Target| lookup[i * 7 + target as usize];
-            self.layer_backward(layer, &tape.layers[i], tape, t, grads, g)?;
+            let saved = &tape.layers[if tape.recompute { 0 } else { i }];
+            self.layer_backward(layer, (&tape.inputs[i], saved), tape, t, grads, g)?;
         }
         Ok((total, count))
     }
@@ -354,32 +396,17 @@ impl<'b, B: Backend> Model<'b, B> {
         be.run(&Op::Embed {
             table: &self.embed.buf,
             ids: &ids,
-            out: &tape.layers[0].x,
+            out: &tape.inputs[0],
             wtype: self.embed.wtype,
             vocab: c.vocab,
             dim: c.dim,
             n_ids: t,
         })?;
-        let s = &tape.scratch;
         for (i, layer) in self.layers.iter().enumerate() {
-            let l = &tape.layers[i];
-            let out = tape.layers.get(i + 1).map_or(&tape.last, |n| &n.x);
-            let bufs = LayerBufs {
-                x: &l.x,
-                x2: &l.x2,
-                out,
-                h: &s.h,
-                q: &s.q,
-                qr: &l.qr,
-                k: &s.k,
-                kr: &l.kr,
-                v: &l.v,
-                att: &l.att,
-                gate: &l.gate,
-                up: &l.up,
-                act: &s.act,
-            };
-            self.layer_forward(layer, &bufs, s, (&tape.rope, 0, t), None)?;
+            let out = tape.inputs.get(i + 1).unwrap_or(&tape.last);
+            let saved = if tape.recompute { 0 } else { i };
+            let bufs = tape.bufs(i, saved, out);
+            self.layer_forward(layer, &bufs, &tape.scratch, (&tape.rope, 0, t), None)?;
         }
         Ok(())
     }
@@ -489,7 +516,7 @@ impl<'b, B: Backend> Model<'b, B> {
     fn layer_backward(
         &self,
         layer: &Layer<B>,
-        saved: &Saved<B>,
+        (x, saved): (&B::Buffer, &Saved<B>),
         tape: &Tape<B>,
         t: u32,
         grads: &[B::Buffer],
@@ -587,13 +614,13 @@ impl<'b, B: Backend> Model<'b, B> {
                 style: c.rope_style,
             })?;
         }
-        norm(&saved.x, &layer.attn_norm)?;
+        norm(x, &layer.attn_norm)?;
         lin(&layer.q, &s.h, &tt.dq, &tt.dh, Target::Q)?;
         lin(&layer.k, &s.h, &tt.dk, &tt.dx, Target::K)?;
         add(&tt.dx, &tt.dh, t * dim)?;
         lin(&layer.v, &s.h, &tt.dv, &tt.dx, Target::V)?;
         add(&tt.dx, &tt.dh, t * dim)?;
-        norm_grad(&saved.x, &layer.attn_norm)
+        norm_grad(x, &layer.attn_norm)
     }
 
     /// One projection's backward: dx = d/d(x) given dy = d/d(out) (written, not added),
