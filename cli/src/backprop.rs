@@ -43,6 +43,7 @@ fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
         clip: Some(a.clip.unwrap_or(1.0)),
         micro_batches: a.micro_batches,
         recompute: a.recompute,
+        memory_limit: a.max_memory.map(|m| m.saturating_mul(1 << 20)),
     };
     cfg.validate().map_err(|e| match e {
         edgetune::Error::InvalidArgument { name, reason } => CliError::Flag {

@@ -414,6 +414,7 @@ fn model_bench<B: Backend>(
         clip: Some(1.0),
         micro_batches: 1,
         recompute: false,
+        memory_limit: None,
     };
     let mut trainer = BackpropTrainer::start(dev, &model, cfg, len as u32)?;
     trainer.step(&examples[..1])?; // warm-up: pipelines

@@ -109,6 +109,10 @@ pub struct TrainArgs {
     /// them all (less memory, one more forward pass per step).
     #[arg(long)]
     pub(crate) recompute: bool,
+    /// Backprop: MiB of activations, gradients and optimiser state the run may hold; more
+    /// is refused before the first step, with the size needed.
+    #[arg(long)]
+    pub(crate) max_memory: Option<u64>,
     #[arg(long, default_value_t = 200)]
     pub(crate) steps: u64,
     /// Examples per step (default 4).

@@ -174,6 +174,7 @@ fn trajectory_config(t: &Value) -> BackpropConfig {
         clip: t["clip"].as_f64().map(|c| c as f32),
         micro_batches: t["micro_batches"].as_array().map_or(1, |m| m.len() as u32),
         recompute: false,
+        memory_limit: None,
     }
 }
 
@@ -304,4 +305,216 @@ fn merged_models_give_the_adapters_logits() {
             "{model_name} {kind}: merged logits differ by {err} (the adapter moves them {moved})"
         );
     }
+}
+
+/// A tiny model with a LoRA (rank 4 on q, v) attached, and the golden batch.
+fn tiny_lora(be: &Cpu) -> (edgetune::model::Model<'_, Cpu>, Vec<Example>) {
+    let files = ModelFiles::open(&golden_dir().join("tiny/llama_gqa_tied"), None).unwrap();
+    let mut model = files.load(be).unwrap();
+    let cfg = edgetune::adapter::AdapterConfig::lora(
+        4,
+        8.0,
+        &[edgetune::adapter::Target::Q, edgetune::adapter::Target::V],
+    );
+    model.attach(cfg, 1).unwrap();
+    // B starts at zero; move it so every tensor has a gradient.
+    let values: Vec<Vec<f32>> = model
+        .read_params()
+        .unwrap()
+        .into_iter()
+        .map(|v| {
+            v.iter()
+                .enumerate()
+                .map(|(i, x)| x + 0.01 * (i % 7) as f32)
+                .collect()
+        })
+        .collect();
+    model.write_params(&values).unwrap();
+    let batch = sequences(&golden())
+        .into_iter()
+        .map(|(tokens, targets)| Example { tokens, targets })
+        .collect();
+    (model, batch)
+}
+
+fn adamw(lr: f32) -> BackpropConfig {
+    BackpropConfig {
+        optimizer: Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        lr,
+        schedule: Schedule::Cosine,
+        warmup: 1,
+        total_steps: 4,
+        clip: Some(1.0),
+        micro_batches: 1,
+        recompute: false,
+        memory_limit: None,
+    }
+}
+
+/// Two steps, a checkpoint, a restore into a fresh model and two more steps end at the
+/// bits of four uninterrupted steps; a checkpoint of another layout, or a damaged one, is
+/// refused by name and leaves the run as it was.
+#[test]
+fn checkpoints_resume_exactly_and_refuse_other_layouts() {
+    let dir = std::env::temp_dir().join(format!("edgetune-bp-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let be = Cpu;
+    let (model, batch) = tiny_lora(&be);
+    let mut straight = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    for _ in 0..4 {
+        straight.step(&batch).unwrap();
+    }
+    let want = model.read_params().unwrap();
+    drop(straight);
+
+    let (model, batch) = tiny_lora(&be);
+    let mut first = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    first.step(&batch).unwrap();
+    first.step(&batch).unwrap();
+    first.save(&dir, &serde_json::json!({})).unwrap();
+    drop(first);
+    let (model, batch) = tiny_lora(&be);
+    let mut resumed = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    resumed.restore(&dir).unwrap();
+    assert_eq!((resumed.next_step, resumed.applied), (2, 2));
+    resumed.step(&batch).unwrap();
+    resumed.step(&batch).unwrap();
+    assert_eq!(model.read_params().unwrap(), want);
+
+    // Another layout (rank 2 on q): named, and nothing loaded.
+    let files = ModelFiles::open(&golden_dir().join("tiny/llama_gqa_tied"), None).unwrap();
+    let mut other = files.load(&be).unwrap();
+    other
+        .attach(
+            edgetune::adapter::AdapterConfig::lora(2, 4.0, &[edgetune::adapter::Target::Q]),
+            1,
+        )
+        .unwrap();
+    let before = other.read_params().unwrap();
+    let mut t = BackpropTrainer::start(&be, &other, adamw(1e-2), 8).unwrap();
+    let err = t.restore(&dir).unwrap_err().to_string();
+    assert!(err.contains("another adapter layout"), "{err}");
+    assert_eq!(t.next_step, 0);
+    assert_eq!(other.read_params().unwrap(), before);
+    // A damaged file is a typed error too.
+    let path = dir.join(edgetune::train::backprop::CHECKPOINT);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes.truncate(n / 2);
+    std::fs::write(&path, &bytes).unwrap();
+    let err = t.restore(&dir).unwrap_err().to_string();
+    assert!(err.contains("checkpoint.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Settings that are not finite or positive, a warmup longer than the run, no
+/// micro-batches, and a run that needs more memory than allowed are refused before any
+/// step, with the size needed.
+#[test]
+fn bad_settings_are_refused_before_the_first_step() {
+    let be = Cpu;
+    let (model, _) = tiny_lora(&be);
+    let bad = [
+        BackpropConfig {
+            lr: f32::NAN,
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            lr: 0.0,
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            lr: -1e-3,
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            warmup: 5,
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            clip: Some(f32::INFINITY),
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            micro_batches: 0,
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            optimizer: Optimizer::AdamW {
+                beta1: 1.0,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            ..adamw(1e-2)
+        },
+        BackpropConfig {
+            optimizer: Optimizer::Sgd {
+                momentum: -0.5,
+                weight_decay: 0.0,
+            },
+            ..adamw(1e-2)
+        },
+    ];
+    for cfg in bad {
+        let shown = format!("{cfg:?}");
+        assert!(
+            BackpropTrainer::start(&be, &model, cfg, 8).is_err(),
+            "accepted {shown}"
+        );
+    }
+    let err = BackpropTrainer::start(
+        &be,
+        &model,
+        BackpropConfig {
+            memory_limit: Some(1 << 10),
+            ..adamw(1e-2)
+        },
+        8,
+    )
+    .unwrap_err()
+    .to_string();
+    let need = model.tape_bytes(8, false);
+    assert!(err.contains("needs") && err.contains("1024"), "{err}");
+    assert!(need > 1 << 10);
+    // Recomputing keeps less.
+    assert!(model.tape_bytes(64, true) < model.tape_bytes(64, false));
+    // Sequences longer than the tape, or token ids outside the vocabulary, are errors.
+    let mut trainer = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let long = Example {
+        tokens: vec![1; 9],
+        targets: vec![true; 9],
+    };
+    assert!(trainer.step(&[long]).is_err());
+    let bad_id = Example {
+        tokens: vec![1, u32::MAX],
+        targets: vec![true; 2],
+    };
+    assert!(trainer.step(&[bad_id]).is_err());
+}
+
+/// A step whose loss is not finite is skipped: reported, and nothing reaches the adapter
+/// or the optimiser's count.
+#[test]
+fn non_finite_steps_are_skipped() {
+    let be = Cpu;
+    let (model, batch) = tiny_lora(&be);
+    let huge: Vec<Vec<f32>> = model
+        .read_params()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.iter().map(|_| 3e37f32).collect())
+        .collect();
+    model.write_params(&huge).unwrap();
+    let mut trainer = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let out = trainer.step(&batch).unwrap();
+    assert!(out.skipped, "{out:?}");
+    assert!(!(out.loss.is_finite() && out.grad_norm.is_finite()));
+    assert_eq!((trainer.next_step, trainer.applied), (1, 0));
+    assert_eq!(model.read_params().unwrap(), huge);
 }

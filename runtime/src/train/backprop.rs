@@ -97,6 +97,9 @@ pub struct BackpropConfig {
     /// Recompute each layer's activations in the backward pass instead of keeping them
     /// (see [`Model::tape`]): the same arithmetic, less memory, one more forward.
     pub recompute: bool,
+    /// Bytes of activations, gradients and optimiser state the run may hold; a run that
+    /// needs more is refused before its first step.
+    pub memory_limit: Option<u64>,
 }
 
 fn bad(name: &'static str, reason: String) -> Error {
@@ -206,6 +209,7 @@ impl BackpropConfig {
             "clip": self.clip,
             "micro_batches": self.micro_batches,
             "recompute": self.recompute,
+            "memory_limit": self.memory_limit,
         })
     }
 
@@ -257,6 +261,7 @@ impl BackpropConfig {
             micro_batches: u32::try_from(u("micro_batches")?)
                 .map_err(|_| syntax("`micro_batches` is out of range".into()))?,
             recompute: v.get("recompute").and_then(Value::as_bool).unwrap_or(false),
+            memory_limit: v.get("memory_limit").and_then(Value::as_u64),
         };
         cfg.validate().map_err(|e| syntax(e.to_string()))?;
         Ok(cfg)
@@ -314,7 +319,19 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         capacity: u32,
     ) -> Result<Self> {
         cfg.validate()?;
-        let need = model.tape_bytes(capacity, cfg.recompute);
+        let states = cfg.optimizer.state_names().len() as u64;
+        let params: u64 = model.layout().iter().map(|p| u64::from(p.len()) * 4).sum();
+        let need = model.tape_bytes(capacity, cfg.recompute) + params * (1 + states);
+        if let Some(limit) = cfg.memory_limit
+            && need > limit
+        {
+            return Err(Error::InvalidArgument {
+                name: "memory",
+                reason: format!(
+                    "backprop over {capacity}-token sequences needs {need} bytes of activations, gradients and optimiser state; the limit is {limit} (shorten the sequences or recompute activations)"
+                ),
+            });
+        }
         let tape = model.tape(capacity, cfg.recompute).map_err(|e| match e {
             Error::OutOfMemory { .. } | Error::BufferTooLarge { .. } => Error::OutOfMemory {
                 what: "backprop activations (lower --seq-len)",
