@@ -288,8 +288,8 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Tunes an adapter on a JSONL data set (zeroth-order: two forward passes per step,
-    /// every update a (seed, scalar) pair).
+    /// Tunes an adapter on a JSONL data set: zeroth-order by default (two forward passes
+    /// per step, every update a (seed, scalar) pair), or `--method backprop` (LoRA, IA3).
     Train(Box<train::TrainArgs>),
     /// Rebuilds a run's trainable state from its seed history alone and prints its hash.
     Replay(train::ReplayArgs),

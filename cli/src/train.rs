@@ -1,5 +1,6 @@
 //! `edgetune train` and `edgetune replay`: zeroth-order tuning runs over the runtime's
-//! trainer, with a progress line, checkpoints and a loss plot.
+//! trainer, with a progress line, checkpoints and a loss plot (backprop runs: `backprop`),
+//! and `edgetune adapter export|merge`.
 
 use crate::{CliError, DeviceArgs, ModelArgs, flag, in_range};
 use clap::ValueEnum;

@@ -279,3 +279,96 @@ fn a_scales_run_with_seed_weights_exports_a_model() {
     expect_error(&train(&dir, "r", &["--seed-weights", w]), "above zero");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A backprop run: stopped at step 3 and resumed to 6 it ends with the adapter of an
+/// uninterrupted 6-step run, with the run's files written; a cosine run refuses to change
+/// its length on resume; bad settings exit 2 with a message; `adapter merge` refuses a
+/// GGUF model and writes a safetensors one that `logits` loads.
+#[test]
+fn a_backprop_run_resumes_exactly_and_merges() {
+    let dir = workdir("backprop");
+    let bp = ["--method", "backprop", "--lr", "5e-2", "--seq-len", "16"];
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    fn with<'a>(bp: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [bp, extra].concat()
+    }
+    ok(train(&dir, "straight", &with(&bp, &["--steps", "6"])));
+    ok(train(&dir, "part", &with(&bp, &["--steps", "3"])));
+    let part = dir.join("part").display().to_string();
+    ok(train(
+        &dir,
+        "part",
+        &with(&bp, &["--steps", "6", "--resume", &part]),
+    ));
+    let weights =
+        |run: &str| std::fs::read(dir.join(run).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(weights("straight"), weights("part"));
+    for f in [
+        "adapter_config.json",
+        "checkpoint.safetensors",
+        "backprop.json",
+        "loss.csv",
+        "loss.svg",
+    ] {
+        assert!(dir.join("part").join(f).is_file(), "{f} missing");
+    }
+    ok(train(
+        &dir,
+        "cos",
+        &with(&bp, &["--steps", "3", "--schedule", "cosine"]),
+    ));
+    let cos = dir.join("cos").display().to_string();
+    expect_error(
+        &train(&dir, "cos", &with(&bp, &["--steps", "6", "--resume", &cos])),
+        "--steps",
+    );
+    expect_error(&train(&dir, "a", &with(&bp, &["--lr", "nan"])), "--lr");
+    expect_error(
+        &train(&dir, "b", &with(&bp, &["--trainable", "scales"])),
+        "backprop trains lora or ia3",
+    );
+    expect_error(
+        &train(&dir, "c", &with(&bp, &["--warmup", "500"])),
+        "--warmup",
+    );
+    expect_error(
+        &train(&dir, "d", &with(&bp, &["--max-memory", "0"])),
+        "needs",
+    );
+    // Merging: a GGUF model is refused; a safetensors model is written and loads.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+    let adapter = golden.join("peft/llama_gqa_tied/lora_from_peft");
+    let merged = dir.join("merged");
+    let merge = |m: &str| {
+        edgetune(&[
+            "adapter",
+            "merge",
+            "--model",
+            m,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ])
+    };
+    expect_error(&merge(&model()), "adapter export --gguf");
+    ok(merge(golden.join("tiny/llama_gqa_tied").to_str().unwrap()));
+    ok(edgetune(&[
+        "logits",
+        "--model",
+        merged.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--out",
+        dir.join("logits.npy").to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
