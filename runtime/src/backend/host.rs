@@ -82,7 +82,7 @@ impl Default for Host {
     }
 }
 
-/// The transposed weight columns the input gradient of a product works through at once.
+/// The transposed weights the input gradient of a product works through at once.
 const WT_BYTES: usize = 2 << 20;
 
 /// Below this many weight bytes a product runs on the calling thread: starting threads
@@ -855,37 +855,35 @@ impl Host {
         let parts = self.parallel(k.div_ceil(per), |b| -> Result<Vec<f32>> {
             let (c0, c1) = (b * per, ((b + 1) * per).min(k));
             let width = c1 - c0;
-            // Per block of columns: those columns of every weight row, dequantised and
-            // transposed into rows of n (`wt`), then dx = dy wt^T by the register-blocked
-            // tiles of the forward product.
-            // As many whole blocks as keep `wt` near 2 MiB (one block for an output head).
-            let group = ((WT_BYTES / 4 / n) / unit).max(1) * unit;
-            let mut blk = vec![0.0f32; group];
-            let mut wt = vec![0.0f32; group.min(width) * n];
+            // Per chunk of weight rows: their columns c0..c1, dequantised (one call per
+            // row) and transposed into `wt` (a row of the chunk's length per column), then
+            // dx += dy[:, chunk] wt^T by the register-blocked tiles of the forward product.
+            let (at, len) = (wtype.row_bytes(c0)?, wtype.row_bytes(width)?);
+            let per = ((WT_BYTES / 4) / width).clamp(TILE, n.max(TILE));
+            let mut row = vec![0.0f32; width];
+            let mut wt = vec![0.0f32; width * per.min(n)];
             let mut out = vec![0.0f32; m * width];
-            for cb in (c0..c1).step_by(group) {
-                let wc = group.min(c1 - cb);
-                let (at, len) = (wtype.row_bytes(cb)?, wtype.row_bytes(wc)?);
-                for j in 0..n {
-                    let f = factors.map(|f| &f[(j * k + cb) / QK..(j * k + cb + wc).div_ceil(QK)]);
-                    let src = &w[j * row_bytes + at..][..len];
-                    quant::dequantize_scaled(wtype, src, f, &mut blk[..wc])?;
-                    for (c, v) in blk[..wc].iter().enumerate() {
-                        wt[c * n + j] = *v;
+            for j0 in (0..n).step_by(per) {
+                let nj = per.min(n - j0);
+                for (r, j) in (j0..j0 + nj).enumerate() {
+                    let f = factors.map(|f| &f[(j * k + c0) / QK..(j * k + c1).div_ceil(QK)]);
+                    quant::dequantize_scaled(wtype, &w[j * row_bytes + at..][..len], f, &mut row)?;
+                    for (c, v) in row.iter().enumerate() {
+                        wt[c * nj + r] = *v;
                     }
                 }
-                let dy_row = |i: usize| &dy[i.min(m - 1) * n..][..n];
-                let wt_row = |c: usize| &wt[c.min(wc - 1) * n..][..n];
+                let dy_row = |i: usize| &dy[i.min(m - 1) * n + j0..][..nj];
+                let wt_row = |c: usize| &wt[c.min(width - 1) * nj..][..nj];
                 for i0 in (0..m).step_by(TILE) {
-                    for cc in (0..wc).step_by(TILE) {
+                    for cc in (0..width).step_by(TILE) {
                         let t = tile(
                             self.isa,
                             core::array::from_fn(|a| dy_row(i0 + a)),
                             core::array::from_fn(|b| wt_row(cc + b)),
                         );
-                        for (a, row) in t.iter().enumerate().take(m - i0) {
-                            for (b, v) in row.iter().enumerate().take(wc - cc) {
-                                out[(i0 + a) * width + cb - c0 + cc + b] = *v;
+                        for (a, vals) in t.iter().enumerate().take(m - i0) {
+                            for (b, v) in vals.iter().enumerate().take(width - cc) {
+                                out[(i0 + a) * width + cc + b] += *v;
                             }
                         }
                     }

@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 use std::prelude::v1::*;
 
 /// Rows of the output head computed at once: logits and their gradient exist for this many
-/// positions at a time, never for the whole sequence.
-const HEAD_CHUNK: u32 = 16;
+/// positions at a time (12 MiB each for a 49,152-token vocabulary), never for a longer
+/// sequence; each chunk reads the whole head once each way.
+const HEAD_CHUNK: u32 = 64;
 
 /// One layer's activations kept by the forward pass (beside its input).
 #[derive(Debug)]
