@@ -3,18 +3,18 @@
 //! checkpoints, resume and loss plot.
 
 use crate::train::{
-    EVAL_CSV, LOSS_CSV, OptimizerArg, RunSettings, ScheduleArg, TrainArgs, Trainable,
-    adapter_config, duration, load_set, read_csv, write_curve,
+    EVAL_CSV, LOSS_CSV, OptimizerArg, Prepared, ScheduleArg, TrainArgs, Trainable, adapter_config,
+    duration, prepare, read_csv, write_curve,
 };
-use crate::{CliError, flag, in_range};
+use crate::{CliError, flag};
 use edgetune::Backend;
 use edgetune::adapter::peft;
-use edgetune::format::file::{FileKind, read_json, sha256_file};
+use edgetune::format::file::{FileKind, read_json};
 use edgetune::train::backprop::{
     BackpropConfig, BackpropTrainer, CHECKPOINT, Optimizer, SETTINGS, Schedule,
 };
-use edgetune::train::data::{self, DataOptions};
-use edgetune::train::history::hex;
+use edgetune::train::data;
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// The settings a new run takes from its flags.
@@ -66,73 +66,28 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     if !matches!(a.trainable, Trainable::Lora | Trainable::Ia3) {
         return flag("--trainable", "backprop trains lora or ia3");
     }
-    let dir = match (&a.out, &a.resume) {
-        (_, Some(r)) => r.clone(),
-        (Some(o), None) => o.clone(),
-        (None, None) => return flag("--out", "is required (or --resume DIR)"),
-    };
-    if a.resume.is_none() && dir.join(SETTINGS).exists() {
-        return flag(
-            "--out",
-            format!(
-                "{} already holds a run; use --resume {} to continue it, or another directory",
-                dir.display(),
-                dir.display()
-            ),
-        );
-    }
-    let f = a.model.open()?;
-    let mcfg = f.config()?;
-    let context = mcfg.context as usize;
-    let data_sha = hex(&sha256_file(&a.data, FileKind::Data)?);
-    let stored = a
+    let shown = a
         .resume
         .as_ref()
-        .map(|r| read_json(&r.join(SETTINGS), FileKind::History))
-        .transpose()?;
-    let shown = dir.join(SETTINGS).display().to_string();
-    let run = match &stored {
-        Some(s) => {
-            let seed = s["run"]["data_seed"].as_u64().unwrap_or(0);
-            RunSettings::resumed(a, &s["run"], seed, &data_sha)?
-        }
-        None => RunSettings {
-            data_seed: a.seed.unwrap_or(0),
-            batch: a.batch.unwrap_or(4),
-            seq_len: a.seq_len.unwrap_or(context.min(256)),
-            chat: a.chat,
-            clip: Some(a.clip.unwrap_or(1.0)),
-            data_sha256: data_sha,
-        },
-    };
-    in_range(
-        "--seq-len",
-        run.seq_len,
-        2,
-        context,
-        &format!("tokens; the model's context is {context}"),
-    )?;
-    in_range("--batch", run.batch, 1, 4096, "examples per step")?;
-    in_range(
-        "--checkpoint-every",
-        a.checkpoint_every as usize,
-        1,
-        usize::MAX,
-        "steps",
-    )?;
-    let opts = DataOptions {
-        seq_len: run.seq_len,
-        chat: run.chat,
-        max_bad_share: 0.1,
-    };
-    let train_set = load_set(&a.data, &f, &opts, mcfg.vocab)?;
-    let eval_set = a
-        .eval
-        .as_ref()
-        .map(|p| load_set(p, &f, &opts, mcfg.vocab))
-        .transpose()?;
-    eprintln!("hashing the model...");
-    let model_sha = hex(&f.sha256());
+        .unwrap_or(a.out.as_ref().unwrap_or(&PathBuf::new()))
+        .join(SETTINGS)
+        .display()
+        .to_string();
+    let mut stored = None;
+    let Prepared {
+        dir,
+        files: f,
+        run,
+        train_set,
+        eval_set,
+        model_sha,
+    } = prepare(a, SETTINGS, 1.0, |r| {
+        let s = read_json(&r.join(SETTINGS), FileKind::History)?;
+        let run = s["run"].clone();
+        let seed = run["data_seed"].as_u64().unwrap_or(0);
+        stored = Some(s);
+        Ok((run, seed))
+    })?;
     let (cfg, adapter) = match &stored {
         Some(s) => {
             if s["run"]["model_sha256"].as_str() != Some(model_sha.as_str()) {

@@ -452,16 +452,31 @@ pub(crate) fn load_set(
     Ok(set)
 }
 
-pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
-    if a.method == MethodArg::Backprop {
-        return crate::backprop::train(a);
-    }
+/// What either method reads before it trains.
+pub(crate) struct Prepared {
+    pub(crate) dir: PathBuf,
+    pub(crate) files: ModelFiles,
+    pub(crate) run: RunSettings,
+    pub(crate) train_set: Dataset,
+    pub(crate) eval_set: Option<Dataset>,
+    pub(crate) model_sha: String,
+}
+
+/// The run directory (a new one must not hold `settings_file` already), the run settings
+/// (a resumed run's from `stored(dir)`: its `run` object and init seed; a new run's from
+/// the flags, with `clip` as the default clip), the data sets and the model's hash.
+pub(crate) fn prepare(
+    a: &TrainArgs,
+    settings_file: &str,
+    clip: f32,
+    stored: impl FnOnce(&Path) -> Result<(serde_json::Value, u64), CliError>,
+) -> Result<Prepared, CliError> {
     let dir = match (&a.out, &a.resume) {
         (_, Some(r)) => r.clone(),
         (Some(o), None) => o.clone(),
         (None, None) => return flag("--out", "is required (or --resume DIR)"),
     };
-    if a.resume.is_none() && dir.join(history::SESSION).exists() {
+    if a.resume.is_none() && dir.join(settings_file).exists() {
         return flag(
             "--out",
             format!(
@@ -480,15 +495,15 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     )?);
     let run = match &a.resume {
         Some(r) => {
-            let s = history::read_session(r)?;
-            RunSettings::resumed(a, &s.run, s.init_seed, &data_sha)?
+            let (run, seed) = stored(r)?;
+            RunSettings::resumed(a, &run, seed, &data_sha)?
         }
         None => RunSettings {
             data_seed: a.seed.unwrap_or(0),
             batch: a.batch.unwrap_or(4),
             seq_len: a.seq_len.unwrap_or(context.min(256)),
             chat: a.chat,
-            clip: Some(a.clip.unwrap_or(10.0)),
+            clip: Some(a.clip.unwrap_or(clip)),
             data_sha256: data_sha,
         },
     };
@@ -520,6 +535,31 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         .transpose()?;
     eprintln!("hashing the model...");
     let model_sha = hex(&f.sha256());
+    Ok(Prepared {
+        dir,
+        files: f,
+        run,
+        train_set,
+        eval_set,
+        model_sha,
+    })
+}
+
+pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
+    if a.method == MethodArg::Backprop {
+        return crate::backprop::train(a);
+    }
+    let Prepared {
+        dir,
+        files: f,
+        run,
+        train_set,
+        eval_set,
+        model_sha,
+    } = prepare(a, history::SESSION, 10.0, |r| {
+        let s = history::read_session(r)?;
+        Ok((s.run, s.init_seed))
+    })?;
     let be = a.device.open()?;
     let mut model = f.load(&be)?;
     let capacity = run.seq_len as u32;

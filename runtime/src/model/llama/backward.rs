@@ -131,6 +131,19 @@ impl<B: Backend> Alloc<'_, B> {
     }
 }
 
+/// Element counts of a tape's buffers: tokens, widths, LoRA's rank, head rows per chunk.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    t: u64,
+    dim: u64,
+    q: u64,
+    kv: u64,
+    ffn: u64,
+    widest: u64,
+    rank: u64,
+    chunk: u64,
+}
+
 /// The gradient buffers of one projection's trainable tensors (indices into the layout).
 #[derive(Debug, Clone, Copy, Default)]
 struct LinearGrads {
@@ -143,19 +156,20 @@ impl<'b, B: Backend> Model<'b, B> {
     /// The device memory a [`Tape`] for `capacity` tokens would take, in bytes, without
     /// allocating it: a batch that does not fit is refused before the first step.
     pub fn tape_bytes(&self, capacity: u32, recompute: bool) -> u64 {
+        let Sizes {
+            t,
+            dim,
+            q,
+            kv,
+            ffn,
+            widest,
+            rank,
+            chunk,
+        } = self.sizes(capacity);
         let c = &self.cfg;
-        let t = u64::from(capacity);
-        let (q, kv, ffn, dim) = (
-            u64::from(c.n_heads * c.head_dim),
-            u64::from(c.n_kv_heads * c.head_dim),
-            u64::from(c.ffn_dim),
-            u64::from(c.dim),
-        );
-        let widest = [dim, q, ffn].into_iter().fold(kv, u64::max);
-        let rank = u64::from(self.lora_rank().max(1));
+        let rank = rank.max(1);
         let saved = t * (dim + 2 * q + 2 * kv + 2 * ffn);
         let sets = if recompute { 1 } else { u64::from(c.n_layers) };
-        let chunk = u64::from(HEAD_CHUNK);
         let temps = t * (3 * dim + 3 * q + 4 * kv + 3 * ffn + 4 * widest + 4 * rank)
             + rank * widest
             + chunk * (4 * dim + 2 * u64::from(c.vocab) + 1)
@@ -163,6 +177,27 @@ impl<'b, B: Backend> Model<'b, B> {
         let scratch = t * (5 * dim + 2 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank);
         4 * (u64::from(c.n_layers) * t * dim + sets * saved + t * dim + temps + scratch)
             + 8 * t * u64::from(c.head_dim)
+    }
+
+    /// The widths a tape for `capacity` tokens is made of.
+    fn sizes(&self, capacity: u32) -> Sizes {
+        let c = &self.cfg;
+        let (q, kv, ffn, dim) = (
+            u64::from(c.n_heads * c.head_dim),
+            u64::from(c.n_kv_heads * c.head_dim),
+            u64::from(c.ffn_dim),
+            u64::from(c.dim),
+        );
+        Sizes {
+            t: u64::from(capacity),
+            dim,
+            q,
+            kv,
+            ffn,
+            widest: [dim, q, ffn].into_iter().fold(kv, u64::max),
+            rank: u64::from(self.lora_rank()),
+            chunk: u64::from(HEAD_CHUNK),
+        }
     }
 
     fn lora_rank(&self) -> u32 {
@@ -203,16 +238,16 @@ impl<'b, B: Backend> Model<'b, B> {
             });
         }
         let be = self.backend;
-        let t = u64::from(capacity);
-        let (q, kv, ffn, dim) = (
-            u64::from(c.n_heads * c.head_dim),
-            u64::from(c.n_kv_heads * c.head_dim),
-            u64::from(c.ffn_dim),
-            u64::from(c.dim),
-        );
-        let widest = [dim, q, ffn].into_iter().fold(kv, u64::max);
-        let rank = u64::from(self.lora_rank());
-        let chunk = u64::from(HEAD_CHUNK);
+        let Sizes {
+            t,
+            dim,
+            q,
+            kv,
+            ffn,
+            widest,
+            rank,
+            chunk,
+        } = self.sizes(capacity);
         let mut a = Alloc { be, bytes: 0 };
         let mut inputs = Vec::new();
         for _ in 0..c.n_layers {
