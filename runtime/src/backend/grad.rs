@@ -1,5 +1,5 @@
-//! The CPU reference of the backward and optimiser kernels ([`Op::QMatmulT`] to
-//! [`Op::Sgd`]): plain no_std Rust like [`super::cpu`], checked against finite differences
+//! The CPU reference of the backward and optimiser kernels ([`super::Op::QMatmulT`] to
+//! [`super::Op::Sgd`]): plain no_std Rust like [`super::cpu`], checked against finite differences
 //! and PyTorch (tests/tests/backprop.rs); every other backend is tested against it.
 
 use super::cpu::{AttnShape, silu, softmax};
