@@ -59,7 +59,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 19, "{kernels:?}");
+    assert_eq!(kernels.len(), 28, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of
