@@ -20,7 +20,7 @@ use std::time::Instant;
 /// The settings a new run takes from its flags.
 fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
     let cfg = BackpropConfig {
-        optimizer: match a.optimizer {
+        optimizer: match a.optimizer.unwrap_or(OptimizerArg::Adamw) {
             OptimizerArg::Adamw => Optimizer::AdamW {
                 beta1: 0.9,
                 beta2: 0.999,
@@ -33,7 +33,7 @@ fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
             },
         },
         lr: a.lr.unwrap_or(1e-3),
-        schedule: match a.schedule {
+        schedule: match a.schedule.unwrap_or(ScheduleArg::Constant) {
             ScheduleArg::Constant => Schedule::Constant,
             ScheduleArg::Linear => Schedule::Linear,
             ScheduleArg::Cosine => Schedule::Cosine,
@@ -53,13 +53,20 @@ fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
                 "schedule" => "--warmup",
                 "micro-batches" => "--micro-batches",
                 "weight decay" => "--weight-decay",
-                _ => "--momentum",
+                "momentum" => "--momentum",
+                "memory" => "--max-memory",
+                _ => "--optimizer",
             },
             reason,
         },
         other => other.into(),
     })?;
     Ok(cfg)
+}
+
+/// Whether two optimisers are the same algorithm (their settings aside).
+fn same_kind(a: &Optimizer, b: &Optimizer) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
 pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
@@ -97,6 +104,40 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 );
             }
             let cfg = BackpropConfig::from_json(&s["backprop"], &shown)?;
+            // Settings are the run's: a flag given with another value is refused.
+            let mine = config(a)?;
+            let differs = [
+                ("--lr", a.lr.is_some() && mine.lr != cfg.lr),
+                (
+                    "--optimizer",
+                    a.optimizer.is_some() && !same_kind(&mine.optimizer, &cfg.optimizer),
+                ),
+                (
+                    "--schedule",
+                    a.schedule.is_some() && mine.schedule != cfg.schedule,
+                ),
+                ("--warmup", a.warmup != 0 && mine.warmup != cfg.warmup),
+                (
+                    "--micro-batches",
+                    a.micro_batches != 1 && mine.micro_batches != cfg.micro_batches,
+                ),
+                ("--recompute", a.recompute && !cfg.recompute),
+                (
+                    "--max-memory",
+                    a.max_memory.is_some() && mine.memory_limit != cfg.memory_limit,
+                ),
+                ("--clip", a.clip.is_some() && mine.clip != cfg.clip),
+                (
+                    "--weight-decay",
+                    a.weight_decay != 0.0 && mine.optimizer != cfg.optimizer,
+                ),
+            ];
+            if let Some((name, _)) = differs.iter().find(|d| d.1) {
+                return flag(
+                    name,
+                    format!("differs from the run being resumed (see {shown})"),
+                );
+            }
             if cfg.schedule != Schedule::Constant && cfg.total_steps != a.steps {
                 return flag(
                     "--steps",

@@ -87,12 +87,13 @@ pub struct TrainArgs {
     /// real task; 1e-3 diverged there after 60 steps); backprop default 1e-3.
     #[arg(long)]
     pub(crate) lr: Option<f32>,
-    /// Backprop: the optimiser (PyTorch's AdamW, or SGD with momentum).
-    #[arg(long, value_enum, default_value = "adamw")]
-    pub(crate) optimizer: OptimizerArg,
-    /// Backprop: the learning-rate schedule after the warmup (Hugging Face's).
-    #[arg(long, value_enum, default_value = "constant")]
-    pub(crate) schedule: ScheduleArg,
+    /// Backprop: the optimiser (PyTorch's AdamW, or SGD with momentum; default adamw).
+    #[arg(long, value_enum)]
+    pub(crate) optimizer: Option<OptimizerArg>,
+    /// Backprop: the learning-rate schedule after the warmup (Hugging Face's; default
+    /// constant).
+    #[arg(long, value_enum)]
+    pub(crate) schedule: Option<ScheduleArg>,
     /// Backprop: steps of linear warmup from 0.
     #[arg(long, default_value_t = 0)]
     pub(crate) warmup: u64,

@@ -309,6 +309,15 @@ fn a_backprop_run_resumes_exactly_and_merges() {
     let weights =
         |run: &str| std::fs::read(dir.join(run).join("adapter_model.safetensors")).unwrap();
     assert_eq!(weights("straight"), weights("part"));
+    // A resumed run keeps its settings: another learning rate is refused.
+    expect_error(
+        &train(
+            &dir,
+            "part",
+            &with(&bp, &["--steps", "7", "--lr", "1e-3", "--resume", &part]),
+        ),
+        "--lr",
+    );
     for f in [
         "adapter_config.json",
         "checkpoint.safetensors",

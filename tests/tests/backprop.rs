@@ -518,3 +518,38 @@ fn non_finite_steps_are_skipped() {
     assert_eq!((trainer.next_step, trainer.applied), (1, 0));
     assert_eq!(model.read_params().unwrap(), huge);
 }
+
+/// Micro-batches split the batch as evenly as it allows (3 examples in 2: one, then two),
+/// and the step's loss is the mean of their means; an empty batch, or one without a target
+/// token, is an error that changes nothing.
+#[test]
+fn micro_batches_split_unevenly_and_empty_batches_are_refused() {
+    let be = Cpu;
+    let (model, batch) = tiny_lora(&be);
+    let three = vec![batch[0].clone(), batch[1].clone(), batch[0].clone()];
+    let cfg = BackpropConfig {
+        micro_batches: 2,
+        ..adamw(1e-2)
+    };
+    let mut trainer = BackpropTrainer::start(&be, &model, cfg, 8).unwrap();
+    let (first, rest) = (
+        trainer.eval(&three[..1]).unwrap(),
+        trainer.eval(&three[1..]).unwrap(),
+    );
+    let out = trainer.step(&three).unwrap();
+    assert!(
+        (out.loss - (first + rest) / 2.0).abs() < 1e-5,
+        "{} vs {}",
+        out.loss,
+        (first + rest) / 2.0
+    );
+    let before = model.read_params().unwrap();
+    assert!(trainer.step(&[]).is_err());
+    let untargeted = Example {
+        tokens: vec![1, 2, 3],
+        targets: vec![false; 3],
+    };
+    assert!(trainer.step(&[untargeted]).is_err());
+    assert_eq!(model.read_params().unwrap(), before);
+    assert_eq!((trainer.next_step, trainer.applied), (1, 1));
+}

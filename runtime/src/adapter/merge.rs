@@ -84,6 +84,18 @@ pub fn merge_into_safetensors(
     };
     let by_slot: HashMap<Slot, &Vec<f32>> = layout.iter().map(|p| p.slot).zip(values).collect();
     let src_dir = model.dir();
+    // Writing into the model's own directory would put a second model.safetensors beside
+    // its shards (or over its file).
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if same(out, src_dir) {
+        return Err(Error::InvalidArgument {
+            name: "out",
+            reason: format!("{} is the model's own directory", out.display()),
+        });
+    }
     let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for role in roles(model.layers()) {
         let Some(t) = model.tensor(role)? else {
@@ -103,7 +115,18 @@ pub fn merge_into_safetensors(
                 match (a, b, s, is_bias) {
                     (Some(a), Some(b), _, false) => {
                         let mut w = f32s(&t)?;
-                        let rank = a.len() / cols;
+                        let rank = a.len() / cols.max(1);
+                        if a.len() != rank * cols || b.len() != rows * rank {
+                            return Err(Error::Tensor {
+                                file: t.file.clone(),
+                                tensor: t.name.clone(),
+                                reason: format!(
+                                    "LoRA A holds {} and B {} values; [{rows}, {cols}] needs rank x {cols} and {rows} x rank",
+                                    a.len(),
+                                    b.len()
+                                ),
+                            });
+                        }
                         for r in 0..rows {
                             for k in 0..rank {
                                 let f = scale * b[r * rank + k];
@@ -118,6 +141,13 @@ pub fn merge_into_safetensors(
                         Some(w)
                     }
                     // IA3 on an input (down): columns; on an output (k, v): rows and bias.
+                    (_, _, Some(s), false) if target == Target::Down && s.len() != cols => {
+                        return Err(Error::Tensor {
+                            file: t.file.clone(),
+                            tensor: t.name.clone(),
+                            reason: format!("IA3 holds {} scales for {cols} columns", s.len()),
+                        });
+                    }
                     (_, _, Some(s), false) if target == Target::Down => {
                         let mut w = f32s(&t)?;
                         for row in w.chunks_exact_mut(cols) {

@@ -405,7 +405,7 @@ impl Backend for Cpu {
                 dim,
                 eps,
             } => {
-                let (n, d) = ((rows * dim) as usize, dim as usize);
+                let (n, d) = (rows as usize * dim as usize, dim as usize);
                 let y = grad::rmsnorm_grad(&x.f32s(n), &weight.f32s(d), &dy.f32s(n), d, eps);
                 dx.write_f32(&y);
             }
@@ -481,7 +481,7 @@ impl Backend for Cpu {
                 rows,
                 cols,
             } => {
-                let n = (rows * cols) as usize;
+                let n = rows as usize * cols as usize;
                 out.write_f32(&grad::col_dot(&a.f32s(n), &b.f32s(n), cols as usize));
             }
             Op::Axpy { x, y, n, alpha } => {

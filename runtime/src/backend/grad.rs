@@ -94,12 +94,12 @@ pub fn attention_grad(
             stats[(t * s.n_heads + h) * 2] = max + libm::logf(sum);
             stats[(t * s.n_heads + h) * 2 + 1] = delta;
             for (p, &pr) in probs.iter().enumerate() {
-                let (kp, vp) = (kvi(p, h), kvi(p, h));
-                let ds = pr * (dot(go, &v[vp..][..hd]) - delta) * scale;
+                let kp = kvi(p, h);
+                let ds = pr * (dot(go, &v[kp..][..hd]) - delta) * scale;
                 for e in 0..hd {
                     dq[qi(t, h) + e] += ds * k[kp + e];
                     dk[kp + e] += ds * qv[e];
-                    dv[vp + e] += pr * go[e];
+                    dv[kp + e] += pr * go[e];
                 }
             }
         }

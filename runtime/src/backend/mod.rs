@@ -277,7 +277,7 @@ pub enum Op<'a, B> {
         n: u32,
     },
     /// Cross-entropy of each row of `logits` \[rows, vocab\] against `targets` (u32 per row;
-    /// [`NO_TARGET`] masks a row: loss 0, gradient 0): loss\[r\] = logsumexp(row) -
+    /// [`NO_TARGET`], or any id of `vocab` or more, masks a row: loss 0, gradient 0): loss\[r\] = logsumexp(row) -
     /// row\[target\], dlogits = scale (softmax(row) - onehot(target)).
     CrossEntropy {
         logits: &'a B,

@@ -336,6 +336,18 @@ impl<B: Backend> Scratch<B> {
         })
     }
 
+    /// Bytes [`Scratch::new`] allocates for `t` tokens with an adapter of `rank`.
+    fn bytes(c: &Config, t: u64, rank: u64) -> u64 {
+        let (dim, q, kv, ffn) = (
+            u64::from(c.dim),
+            u64::from(c.n_heads * c.head_dim),
+            u64::from(c.n_kv_heads * c.head_dim),
+            u64::from(c.ffn_dim),
+        );
+        let widest = [dim, q, ffn].into_iter().fold(kv, u64::max);
+        4 * t * (3 * dim + 3 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank)
+    }
+
     fn fits(&self, t: u32, rank: Option<u32>) -> bool {
         self.tokens == t && self.adapter.as_ref().map(|a| a.rank) == rank
     }

@@ -319,6 +319,12 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         capacity: u32,
     ) -> Result<Self> {
         cfg.validate()?;
+        if model.layout().is_empty() {
+            return Err(bad(
+                "adapter",
+                "the model has no trainable tensors attached".into(),
+            ));
+        }
         let states = cfg.optimizer.state_names().len() as u64;
         let params: u64 = model.layout().iter().map(|p| u64::from(p.len()) * 4).sum();
         let need = model.tape_bytes(capacity, cfg.recompute) + params * (1 + states);
@@ -375,22 +381,35 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         self.tape.bytes() + per_tensor * (1 + self.state.first().map_or(0, |s| s.len()) as u64)
     }
 
-    /// One optimiser step on `batch`, split into the configured micro-batches.
+    /// One optimiser step on `batch`, split into the configured number of micro-batches
+    /// (as equal as the batch allows); the step follows the mean over the micro-batches
+    /// that have targets of each one's mean loss. An empty batch, or one without targets,
+    /// is an error and changes nothing.
     pub fn step(&mut self, batch: &[Example]) -> Result<BackpropOutcome> {
-        let micro = (self.cfg.micro_batches as usize).min(batch.len()).max(1);
-        let per = batch.len().div_ceil(micro).max(1);
+        let targets = |e: &Example| e.targets.iter().skip(1).filter(|&&t| t).count();
+        let micro = (self.cfg.micro_batches as usize).min(batch.len());
+        let chunks: Vec<&[Example]> = (0..micro)
+            .map(|i| &batch[batch.len() * i / micro..batch.len() * (i + 1) / micro])
+            .filter(|c| c.iter().map(targets).sum::<usize>() > 0)
+            .collect();
+        if chunks.is_empty() {
+            return Err(bad(
+                "batch",
+                format!(
+                    "{} examples with no target token between them: nothing to learn from",
+                    batch.len()
+                ),
+            ));
+        }
+        // Gradients from a step that failed part-way must not leak into this one.
+        self.zero_grads()?;
+        let n = chunks.len() as f64;
         let mut loss = 0.0f64;
-        for chunk in batch.chunks(per) {
-            let count: usize = chunk
-                .iter()
-                .map(|e| e.targets.iter().skip(1).filter(|&&t| t).count())
-                .sum();
-            if count == 0 {
-                continue;
-            }
-            let scale = 1.0 / (micro as f64 * count as f64);
+        for chunk in &chunks {
+            let count: usize = chunk.iter().map(targets).sum();
+            let scale = 1.0 / (n * count as f64);
             let mut sum = 0.0;
-            for ex in chunk {
+            for ex in *chunk {
                 let (s, _) = self.model.backward(
                     &mut self.tape,
                     &ex.tokens,
@@ -400,12 +419,11 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                 )?;
                 sum += s;
             }
-            loss += sum / count as f64 / micro as f64;
+            loss += sum / count as f64 / n;
         }
         let norm = self.grad_norm()?;
         let lr = self.cfg.lr_at(self.next_step);
         if !(loss.is_finite() && norm.is_finite()) {
-            self.zero_grads()?;
             self.next_step += 1;
             return Ok(BackpropOutcome {
                 loss,
@@ -464,7 +482,6 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                 })?,
             }
         }
-        self.zero_grads()?;
         self.next_step += 1;
         self.applied += 1;
         Ok(BackpropOutcome {
@@ -597,7 +614,8 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                 .ok_or_else(|| syntax(format!("metadata `{k}` is missing or not a number")))
         };
         let (step, applied) = (count("step")?, count("applied")?);
-        if applied > step {
+        // Counts a run can reach; far larger ones are damage.
+        if applied > step || step > u64::from(u32::MAX) {
             return Err(syntax(format!("{applied} steps applied of {step}")));
         }
         let tensors = peft::read_layout(&path, &self.checkpoint_layout())?;

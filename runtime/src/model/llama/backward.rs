@@ -6,7 +6,7 @@
 
 use super::{Layer, LayerBufs, Linear, Model, Scratch, attention_scale};
 use crate::adapter::{Method, Slot, Target};
-use crate::backend::{Backend, NO_TARGET, Op, rope_table};
+use crate::backend::{Backend, Op, rope_table};
 use crate::error::{Error, Result};
 use std::prelude::v1::*;
 
@@ -30,6 +30,8 @@ struct Saved<B: Backend> {
 /// The backward pass's working buffers.
 #[derive(Debug)]
 struct Temps<B: Backend> {
+    /// Zeros, \[t, dim\]: what `dres` starts from.
+    zeros: B::Buffer,
     dres: B::Buffer,
     dh: B::Buffer,
     dx: B::Buffer,
@@ -70,7 +72,7 @@ pub struct Tape<B: Backend> {
     capacity: u32,
     /// Each layer's input (the residual stream).
     inputs: Vec<B::Buffer>,
-    /// Each layer's activations, or one set when recomputing.
+    /// Whether `layers` holds one set of activations, recomputed layer by layer.
     recompute: bool,
     rope: B::Buffer,
     /// The table with its sines negated: the rotation's transpose, RoPE's backward.
@@ -168,15 +170,15 @@ impl<'b, B: Backend> Model<'b, B> {
         } = self.sizes(capacity);
         let c = &self.cfg;
         let rank = rank.max(1);
-        let saved = t * (dim + 2 * q + 2 * kv + 2 * ffn);
+        // What `tape` allocates, buffer by buffer (it checks that the two agree).
+        let saved = t * (2 * q + 2 * kv + dim + 2 * ffn);
         let sets = if recompute { 1 } else { u64::from(c.n_layers) };
-        let temps = t * (3 * dim + 3 * q + 4 * kv + 3 * ffn + 4 * widest + 4 * rank)
+        let temps = t * (3 * dim + 5 * widest + 3 * q + 3 * kv + 3 * ffn + 4 * rank)
+            + t * u64::from(c.n_heads) * 2
             + rank * widest
-            + chunk * (4 * dim + 2 * u64::from(c.vocab) + 1)
-            + t * u64::from(c.n_heads) * 2;
-        let scratch = t * (5 * dim + 2 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank);
-        4 * (u64::from(c.n_layers) * t * dim + sets * saved + t * dim + temps + scratch)
-            + 8 * t * u64::from(c.head_dim)
+            + chunk * (3 * dim + 2 * u64::from(c.vocab) + 1);
+        let floats = u64::from(c.n_layers) * t * dim + sets * saved + t * dim + temps;
+        4 * floats + 8 * t * u64::from(c.head_dim) + Scratch::<B>::bytes(c, t, rank)
     }
 
     /// The widths a tape for `capacity` tokens is made of.
@@ -273,6 +275,7 @@ impl<'b, B: Backend> Model<'b, B> {
             a.f32s(t * rank.max(1), "gradients")?,
         ];
         let temps = Temps {
+            zeros: a.f32s(t * dim, "gradients")?,
             dres: a.f32s(t * dim, "gradients")?,
             dh: a.f32s(t * dim, "gradients")?,
             dx: a.f32s(t * widest, "gradients")?,
@@ -306,6 +309,8 @@ impl<'b, B: Backend> Model<'b, B> {
             .collect();
         a.bytes += 8 * t * u64::from(c.head_dim);
         let scratch = Scratch::new(be, c, capacity, Some(self.lora_rank().max(1)))?;
+        a.bytes += Scratch::<B>::bytes(c, t, rank.max(1));
+        debug_assert_eq!(a.bytes, self.tape_bytes(capacity, recompute));
         Ok(Tape {
             capacity,
             inputs,
@@ -461,15 +466,13 @@ impl<'b, B: Backend> Model<'b, B> {
         let (dim, t) = (c.dim, tokens.len() as u32);
         let tt = &tape.t;
         // Rows without a target get no gradient: start from zero.
-        let zero = be.alloc(u64::from(t) * u64::from(dim) * 4, "gradients")?;
         be.run(&Op::Copy {
-            src: &zero,
+            src: &tt.zeros,
             dst: &tt.dres,
             n: t * dim,
             src_offset: 0,
             dst_offset: 0,
         })?;
-        drop(zero);
         // Position i predicts token i + 1.
         let rows: Vec<u32> = (0..t - 1).filter(|&i| targets[i as usize + 1]).collect();
         let head = self.output.as_ref().unwrap_or(&self.embed);
@@ -543,7 +546,6 @@ impl<'b, B: Backend> Model<'b, B> {
                 count += 1;
             }
         }
-        debug_assert_ne!(NO_TARGET, 0);
         Ok((total, count))
     }
 
