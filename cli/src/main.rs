@@ -3,11 +3,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use edgetune::Backend;
 use edgetune::backend::any::{AnyBackend, BackendKind as Kind, BackendOptions};
-use edgetune::backend::cpu::Cpu;
 use edgetune::backend::host::Isa;
 use edgetune::backend::tune::{KernelShapes, Tuning};
 use edgetune::backend::wgpu::{Gpu, GpuOptions};
-use edgetune::selftest::{self, CheckRow, Tolerance};
+use edgetune::selftest::{self, CheckRow};
 use std::process::ExitCode;
 
 mod backprop;
@@ -307,13 +306,6 @@ enum Command {
     },
 }
 
-fn tolerance_text(t: Tolerance) -> String {
-    match t {
-        Tolerance::Exact => "exact".into(),
-        Tolerance::Close { atol, rtol } => format!("{atol:.0e}+{rtol:.0e}|r|"),
-    }
-}
-
 fn print_rows(rows: &[CheckRow], json: bool) {
     if !json {
         println!(
@@ -323,18 +315,7 @@ fn print_rows(rows: &[CheckRow], json: bool) {
     }
     for r in rows {
         if json {
-            let v = serde_json::json!({
-                "kernel": r.kernel,
-                "shape": r.shape,
-                "max_abs": finite(r.max_abs),
-                "max_rel": finite(r.max_rel),
-                "tolerance": tolerance_text(r.tolerance),
-                "pass": r.pass,
-                "throughput": finite(r.throughput),
-                "unit": r.unit.label(),
-                "error": r.error,
-            });
-            println!("{v}");
+            println!("{}", r.to_json());
         } else {
             let verdict = if r.pass { "ok" } else { "FAIL" };
             println!(
@@ -343,7 +324,7 @@ fn print_rows(rows: &[CheckRow], json: bool) {
                 r.shape,
                 r.max_abs,
                 r.max_rel,
-                tolerance_text(r.tolerance),
+                r.tolerance.text(),
                 verdict,
                 r.throughput,
                 r.unit.label()
@@ -356,10 +337,6 @@ fn print_rows(rows: &[CheckRow], json: bool) {
 }
 
 /// JSON has no NaN or infinity.
-fn finite(v: f64) -> Option<f64> {
-    v.is_finite().then_some(v)
-}
-
 fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<bool, CliError> {
     if let Some(k) = kernel {
         let mut known: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
@@ -374,7 +351,8 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             );
         }
     }
-    let rows = match device.open()? {
+    let be = device.open()?;
+    match &be {
         AnyBackend::Cpu(_) => {
             if json {
                 println!("{}", serde_json::json!({"adapter": "cpu reference"}));
@@ -383,7 +361,6 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                     "device: cpu reference (compared with itself: checks the harness, times the reference)"
                 );
             }
-            selftest::run(&Cpu, kernel)
         }
         AnyBackend::Host(host) => {
             if json {
@@ -391,7 +368,6 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
             } else {
                 println!("device: {} (against the cpu reference)", host.name());
             }
-            selftest::run(&host, kernel)
         }
         AnyBackend::Gpu(gpu) => {
             let a = gpu.report();
@@ -428,9 +404,9 @@ fn selftest(device: &DeviceArgs, json: bool, kernel: Option<&str>) -> Result<boo
                 );
                 println!("kernel shapes: {shapes} ({origin})");
             }
-            selftest::run(&*gpu, kernel)
         }
-    };
+    }
+    let rows = selftest::run_any(&be, kernel);
     print_rows(&rows, json);
     let failed = rows.iter().filter(|r| !r.pass).count();
     if !json {

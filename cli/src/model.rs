@@ -5,7 +5,7 @@ use edgetune::format::gguf::{Array, Value};
 use edgetune::generate::{Sampler, Sampling, generate};
 use edgetune::model::files::ModelFiles;
 use edgetune::model::{Config, Model};
-use edgetune::tokenizer::Tokenizer;
+use edgetune::tokenizer::{TextStream, Tokenizer};
 use edgetune::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -69,8 +69,7 @@ pub fn generate_text(
         .min(model.cfg.context);
     let mut cache = model.new_cache(capacity)?;
     let mut sampler = Sampler::new(req.sampling)?;
-    let mut shown = String::new();
-    let mut ids = Vec::new();
+    let mut stream = TextStream::default();
     let mut stdout = std::io::stdout();
     let start = std::time::Instant::now();
     let (out, stop) = generate(
@@ -81,20 +80,15 @@ pub fn generate_text(
         &req.tokenizer.eos,
         &mut sampler,
         |t| {
-            ids.push(t);
-            let text = req.tokenizer.decode(&ids)?;
-            // Print only whole characters: a token may end inside a UTF-8 sequence.
-            if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
-                let _ = write!(stdout, "{}", &text[shown.len()..]);
+            if let Some(piece) = stream.push(req.tokenizer, t)? {
+                let _ = write!(stdout, "{piece}");
                 let _ = stdout.flush();
-                shown = text;
             }
             Ok(())
         },
     )?;
-    let text = req.tokenizer.decode(&out)?;
-    if text.len() > shown.len() && text.starts_with(&shown) {
-        print!("{}", &text[shown.len()..]);
+    if let Some(rest) = stream.finish(req.tokenizer)? {
+        print!("{rest}");
     }
     println!();
     eprintln!(

@@ -32,6 +32,16 @@ pub enum Unit {
     GbPerS,
 }
 
+impl Tolerance {
+    /// "exact", or "atol+rtol|r|".
+    pub fn text(self) -> String {
+        match self {
+            Tolerance::Exact => "exact".into(),
+            Tolerance::Close { atol, rtol } => format!("{atol:.0e}+{rtol:.0e}|r|"),
+        }
+    }
+}
+
 impl Unit {
     pub fn label(self) -> &'static str {
         match self {
@@ -54,6 +64,24 @@ pub struct CheckRow {
     pub unit: Unit,
     /// Set when the check could not run (the error, as text).
     pub error: Option<String>,
+}
+
+impl CheckRow {
+    /// The row as one JSON object (non-finite figures as null).
+    pub fn to_json(&self) -> serde_json::Value {
+        let finite = |v: f64| v.is_finite().then_some(v);
+        serde_json::json!({
+            "kernel": self.kernel,
+            "shape": self.shape,
+            "max_abs": finite(self.max_abs),
+            "max_rel": finite(self.max_rel),
+            "tolerance": self.tolerance.text(),
+            "pass": self.pass,
+            "throughput": finite(self.throughput),
+            "unit": self.unit.label(),
+            "error": self.error,
+        })
+    }
 }
 
 /// A buffer of a case: data to upload, or zeros for an output.
@@ -1255,6 +1283,18 @@ pub fn check<B: Backend>(dev: &B, case: &Case, timed: bool) -> CheckRow {
         Err(e) => row.error = Some(e.to_string()),
     }
     row
+}
+
+/// [`run`] on whichever backend `be` holds (the CPU reference is then compared with
+/// itself: that checks the harness and times the reference).
+pub fn run_any(be: &crate::backend::any::AnyBackend, filter: Option<&str>) -> Vec<CheckRow> {
+    use crate::backend::any::AnyBackend;
+    match be {
+        AnyBackend::Cpu(cpu) => run(cpu, filter),
+        AnyBackend::Host(host) => run(host, filter),
+        #[cfg(feature = "gpu")]
+        AnyBackend::Gpu(gpu) => run(&**gpu, filter),
+    }
 }
 
 /// Runs every case whose kernel name contains `filter` (all when `None`).

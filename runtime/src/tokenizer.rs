@@ -108,6 +108,42 @@ pub struct Tokenizer {
     pub chat: ChatTemplate,
 }
 
+/// Generated text as it grows: each token is decoded with those before it (a token may
+/// end inside a UTF-8 sequence, or change how the previous ones decode), and only text
+/// that is complete and will not change is handed out.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    shown: String,
+}
+
+impl TextStream {
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        Ok(self.take(text))
+    }
+
+    /// The text not yet handed out once generation has ended.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let text = tok.decode(&self.ids)?;
+        Ok(self.take(text))
+    }
+
+    fn take(&mut self, text: String) -> Option<String> {
+        if text.len() > self.shown.len() && text.starts_with(&self.shown) {
+            let new = text[self.shown.len()..].to_owned();
+            self.shown = text;
+            return Some(new);
+        }
+        None
+    }
+}
+
 fn tok_err(source: &str, reason: impl core::fmt::Display) -> Error {
     Error::Tokenizer {
         source: source.to_owned(),

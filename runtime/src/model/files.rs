@@ -610,7 +610,10 @@ impl ModelFiles {
 
     /// Loads the model onto `backend`, then lets the file's pages go: the weights now live
     /// in the backend's buffers.
-    pub fn load<'b, B: Backend>(&self, backend: &'b B) -> Result<Model<'b, B>> {
+    pub fn load<'b, B: Backend>(
+        &self,
+        backend: impl Into<crate::model::llama::BackendRef<'b, B>>,
+    ) -> Result<Model<'b, B>> {
         match self {
             ModelFiles::Gguf(f) => {
                 let source = Releasing {

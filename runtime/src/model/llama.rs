@@ -210,10 +210,44 @@ struct Layer<B: Backend> {
     down: Linear<B>,
 }
 
+/// How a model holds its backend: borrowed (Rust callers keep the backend alive around
+/// the model), or shared (a C API handle owns what it uses).
+#[derive(Debug)]
+pub enum BackendRef<'b, B> {
+    Borrowed(&'b B),
+    #[cfg(feature = "std")]
+    Shared(std::sync::Arc<B>),
+}
+
+impl<B> core::ops::Deref for BackendRef<'_, B> {
+    type Target = B;
+
+    fn deref(&self) -> &B {
+        match self {
+            BackendRef::Borrowed(b) => b,
+            #[cfg(feature = "std")]
+            BackendRef::Shared(b) => b,
+        }
+    }
+}
+
+impl<'b, B> From<&'b B> for BackendRef<'b, B> {
+    fn from(b: &'b B) -> Self {
+        BackendRef::Borrowed(b)
+    }
+}
+
+#[cfg(feature = "std")]
+impl<B> From<std::sync::Arc<B>> for BackendRef<'static, B> {
+    fn from(b: std::sync::Arc<B>) -> Self {
+        BackendRef::Shared(b)
+    }
+}
+
 /// A loaded model.
 #[derive(Debug)]
 pub struct Model<'b, B: Backend> {
-    backend: &'b B,
+    backend: BackendRef<'b, B>,
     pub cfg: Config,
     embed: Weight<B>,
     layers: Vec<Layer<B>>,
@@ -568,7 +602,12 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
 impl<'b, B: Backend> Model<'b, B> {
     /// Loads a GGUF model whose header `gguf` was parsed from `bytes` (the whole file);
     /// `file` names it in errors.
-    pub fn from_gguf(backend: &'b B, gguf: &Gguf, bytes: &[u8], file: &str) -> Result<Self> {
+    pub fn from_gguf(
+        backend: impl Into<BackendRef<'b, B>>,
+        gguf: &Gguf,
+        bytes: &[u8],
+        file: &str,
+    ) -> Result<Self> {
         Self::load(
             backend,
             Config::from_gguf(gguf, file)?,
@@ -577,7 +616,12 @@ impl<'b, B: Backend> Model<'b, B> {
     }
 
     /// Loads a model of shape `cfg` from any tensor source.
-    pub fn load(backend: &'b B, mut cfg: Config, source: &impl TensorSource) -> Result<Self> {
+    pub fn load(
+        backend: impl Into<BackendRef<'b, B>>,
+        mut cfg: Config,
+        source: &impl TensorSource,
+    ) -> Result<Self> {
+        let backend = backend.into();
         cfg.validate()?;
         if let Some(t) = source.tensor(Role::RopeFreqs)? {
             let want = u64::from(cfg.head_dim / 2);
@@ -598,7 +642,7 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         let config = cfg.origin.file().to_owned();
         let l = Loader {
-            backend,
+            backend: &*backend,
             source,
             config: &config,
         };
@@ -1043,7 +1087,7 @@ impl<'b, B: Backend> Model<'b, B> {
         tokens: &[u32],
         picked: Option<&[u32]>,
     ) -> Result<Vec<f32>> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let c = &self.cfg;
         let t = u32::try_from(tokens.len())
             .ok()
@@ -1211,7 +1255,7 @@ impl<'b, B: Backend> Model<'b, B> {
         (rope_table, pos0, t): (&B::Buffer, u32, u32),
         kv: Option<(&B::Buffer, &B::Buffer)>,
     ) -> Result<()> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let c = &self.cfg;
         let (dim, hd) = (c.dim, c.head_dim);
         let kv_dim = c.n_kv_heads * hd;

@@ -239,7 +239,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 ),
             });
         }
-        let be = self.backend;
+        let be: &B = &self.backend;
         let Sizes {
             t,
             dim,
@@ -346,7 +346,7 @@ impl<'b, B: Backend> Model<'b, B> {
         grads: &[B::Buffer],
     ) -> Result<(f64, usize)> {
         let c = &self.cfg;
-        let be = self.backend;
+        let be: &B = &self.backend;
         let n = tokens.len();
         if n < 2 || n > tape.capacity as usize || targets.len() != n {
             return Err(Error::InvalidArgument {
@@ -429,7 +429,7 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// The forward pass over the whole sequence, each layer's activations kept.
     fn forward_tape(&self, tape: &Tape<B>, tokens: &[u32]) -> Result<()> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let c = &self.cfg;
         let t = tokens.len() as u32;
         let ids: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -461,7 +461,7 @@ impl<'b, B: Backend> Model<'b, B> {
         targets: &[bool],
         scale: f32,
     ) -> Result<(f64, usize)> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let c = &self.cfg;
         let (dim, t) = (c.dim, tokens.len() as u32);
         let tt = &tape.t;
@@ -560,7 +560,7 @@ impl<'b, B: Backend> Model<'b, B> {
         grads: &[B::Buffer],
         g: impl Fn(Target) -> LinearGrads,
     ) -> Result<()> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let c = &self.cfg;
         let (dim, hd) = (c.dim, c.head_dim);
         let s = &tape.scratch;
@@ -676,7 +676,7 @@ impl<'b, B: Backend> Model<'b, B> {
         grads: &[B::Buffer],
         lg: LinearGrads,
     ) -> Result<()> {
-        let be = self.backend;
+        let be: &B = &self.backend;
         let tt = &tape.t;
         let (rows, cols) = (l.weight.rows, l.weight.cols);
         let grad = |i: Option<usize>| i.and_then(|i| grads.get(i));

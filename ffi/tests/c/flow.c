@@ -1,0 +1,247 @@
+/* The C API as an app uses it, and as a careless app misuses it: every call checked for its
+ * result code. Usage: flow TINY_MODEL_DIR [SMOLLM2.gguf]
+ * The tiny model (no tokenizer) covers runtimes, logits, handles and bad input; SmolLM2
+ * (a GGUF with its tokenizer) covers loading from memory, tokenizing, detokenizing and
+ * generating with a callback and a cancel flag. Built with -std=c11 -Wall -Wextra
+ * -Werror -pedantic; run under AddressSanitizer + UndefinedBehaviorSanitizer and valgrind
+ * by scripts/ffi_c_tests.sh. */
+#include "edgetune.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+
+static void expect(int line, et_result got, et_result want, const char *what) {
+    if (got != want) {
+        char text[512];
+        size_t n = 0;
+        et_error_text((uint32_t)got, text, sizeof text, &n);
+        fprintf(stderr, "flow.c:%d: %s: got %d (%s), want %d\n", line, what, (int)got, text, (int)want);
+        failures++;
+    }
+}
+#define EXPECT(call, want) expect(__LINE__, (call), (want), #call)
+#define OK(call) EXPECT(call, ET_OK)
+
+struct text {
+    char buf[4096];
+    size_t len;
+    int calls;
+};
+
+static int collect(void *user, const char *piece, size_t len, uint32_t token) {
+    struct text *t = user;
+    (void)token;
+    if (t->len + len < sizeof t->buf) {
+        memcpy(t->buf + t->len, piece, len);
+        t->len += len;
+    }
+    t->calls++;
+    return 0;
+}
+
+static int refuse(void *user, const char *piece, size_t len, uint32_t token) {
+    (void)user, (void)piece, (void)len, (void)token;
+    return 7;
+}
+
+static int cancel_after_first(void *user, const char *piece, size_t len, uint32_t token) {
+    (void)piece, (void)len, (void)token;
+    *(volatile uint8_t *)user = 1;
+    return 0;
+}
+
+static void versions(void) {
+    if (strcmp(et_version(), ET_VERSION) != 0) {
+        fprintf(stderr, "et_version() %s != ET_VERSION %s\n", et_version(), ET_VERSION);
+        failures++;
+    }
+    char text[64];
+    size_t n = 0;
+    OK(et_error_text(ET_NULL_POINTER, text, sizeof text, &n));
+    if (n == 0 || strlen(text) != n) {
+        fprintf(stderr, "et_error_text wrote %zu bytes: %s\n", n, text);
+        failures++;
+    }
+    /* A short buffer is cut, still NUL-terminated; a query writes the full length. */
+    char small[8];
+    OK(et_error_text(ET_NULL_POINTER, small, sizeof small, &n));
+    if (n != 7 || small[7] != 0) {
+        fprintf(stderr, "short buffer: %zu\n", n);
+        failures++;
+    }
+    OK(et_error_text(ET_NULL_POINTER, NULL, 0, &n));
+    EXPECT(et_error_text(9999, text, sizeof text, &n), ET_INVALID_ARGUMENT);
+    EXPECT(et_error_text(ET_OK, text, sizeof text, NULL), ET_NULL_POINTER);
+}
+
+static void tiny(const char *dir) {
+    et_runtime *rt = NULL;
+    et_runtime_options opts = {ET_BACKEND_CPU, 0, NULL};
+    OK(et_runtime_new(&opts, &rt));
+    et_runtime_options bad = {99, 0, NULL};
+    et_runtime *none = NULL;
+    EXPECT(et_runtime_new(&bad, &none), ET_INVALID_ARGUMENT);
+    EXPECT(et_runtime_new(NULL, NULL), ET_NULL_POINTER);
+    if (none != NULL) {
+        fprintf(stderr, "an output was written on failure\n");
+        failures++;
+    }
+
+    et_model *model = NULL;
+    /* NULL in every pointer slot, a missing file, invalid UTF-8, a corrupt file. */
+    EXPECT(et_model_load_file(NULL, dir, &model), ET_NULL_POINTER);
+    EXPECT(et_model_load_file(rt, NULL, &model), ET_NULL_POINTER);
+    EXPECT(et_model_load_file(rt, dir, NULL), ET_NULL_POINTER);
+    EXPECT(et_model_load_file(rt, "/nonexistent/model.gguf", &model), ET_IO);
+    EXPECT(et_model_load_file(rt, "\xff\xfe", &model), ET_INVALID_UTF8);
+    static const uint8_t junk[64] = {'G', 'G', 'U', 'F', 3, 0, 0, 0, 0xff, 0xff, 0xff, 0xff};
+    EXPECT(et_model_load_bytes(rt, junk, sizeof junk, &model), ET_BAD_FILE);
+    EXPECT(et_model_load_bytes(rt, NULL, 10, &model), ET_NULL_POINTER);
+    if (model != NULL) {
+        fprintf(stderr, "a model was written on failure\n");
+        failures++;
+    }
+    OK(et_model_load_file(rt, dir, &model));
+
+    /* A handle of the wrong kind is refused by its tag. */
+    uint32_t vocab = 0;
+    EXPECT(et_vocab_size((const et_model *)rt, &vocab), ET_WRONG_HANDLE);
+    EXPECT(et_vocab_size(model, NULL), ET_NULL_POINTER);
+    OK(et_vocab_size(model, &vocab));
+
+    /* Logits: a size query, too small a buffer, then the values. */
+    const uint32_t ids[3] = {1, 2, 3};
+    size_t need = 0;
+    OK(et_logits(model, ids, 3, NULL, 0, &need));
+    if (need != 3 * (size_t)vocab) {
+        fprintf(stderr, "logits need %zu, want %u\n", need, 3 * vocab);
+        failures++;
+    }
+    float *logits = calloc(need, sizeof *logits);
+    size_t got = 0;
+    EXPECT(et_logits(model, ids, 3, logits, need - 1, &got), ET_BUFFER_TOO_SMALL);
+    if (got != 0) {
+        fprintf(stderr, "an output was written on failure\n");
+        failures++;
+    }
+    OK(et_logits(model, ids, 3, logits, need, &got));
+    const uint32_t bad_ids[1] = {4000000000u};
+    EXPECT(et_logits(model, bad_ids, 1, logits, need, &got), ET_INVALID_ARGUMENT);
+    free(logits);
+
+    /* No tokenizer in the tiny model: a typed error. */
+    size_t n = 0;
+    EXPECT(et_tokenize(model, "hi", 2, NULL, 0, &n), ET_INVALID_ARGUMENT);
+
+    /* The runtime may go first: the model shares its backend. Double frees are no-ops. */
+    et_runtime_free(&rt);
+    et_runtime_free(&rt);
+    OK(et_logits(model, ids, 1, NULL, 0, &got));
+    et_model_free(&model);
+    et_model_free(&model);
+    et_model_free(NULL);
+    EXPECT(et_vocab_size(model, &vocab), ET_NULL_POINTER);
+
+    /* The conformance suite as JSON (one kernel family is enough here: the full suite
+     * runs in `edgetune selftest`). */
+    OK(et_runtime_new(&opts, &rt));
+    char *json = NULL;
+    EXPECT(et_selftest_json(rt, "axpy", NULL), ET_NULL_POINTER);
+    OK(et_selftest_json(rt, "axpy", &json));
+    if (json == NULL || strstr(json, "\"rows\"") == NULL) {
+        fprintf(stderr, "selftest JSON: %.80s\n", json ? json : "(null)");
+        failures++;
+    }
+    et_string_free(&json);
+    et_string_free(&json);
+    et_runtime_free(&rt);
+}
+
+static void smollm2(const char *path) {
+    et_runtime *rt = NULL;
+    et_runtime_options opts = {ET_BACKEND_HOST, 2, NULL};
+    OK(et_runtime_new(&opts, &rt));
+    /* From memory: the app read the file itself. */
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "cannot open %s\n", path);
+        failures++;
+        return;
+    }
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *bytes = malloc((size_t)size);
+    if (fread(bytes, 1, (size_t)size, f) != (size_t)size) {
+        failures++;
+    }
+    fclose(f);
+    et_model *model = NULL;
+    OK(et_model_load_bytes(rt, bytes, (size_t)size, &model));
+    free(bytes);
+
+    const char *prompt = "The capital of France is";
+    size_t n = 0;
+    OK(et_tokenize(model, prompt, strlen(prompt), NULL, 0, &n));
+    uint32_t ids[64];
+    EXPECT(et_tokenize(model, prompt, strlen(prompt), ids, 1, &n), ET_BUFFER_TOO_SMALL);
+    OK(et_tokenize(model, prompt, strlen(prompt), ids, 64, &n));
+    EXPECT(et_tokenize(model, "\xc3\x28", 2, ids, 64, &n), ET_INVALID_UTF8);
+    char text[256];
+    size_t len = 0;
+    OK(et_detokenize(model, ids, n, text, sizeof text, &len));
+    if (strstr(text, prompt) == NULL) {
+        fprintf(stderr, "detokenized: %s\n", text);
+        failures++;
+    }
+    EXPECT(et_detokenize(model, ids, n, text, 3, &len), ET_BUFFER_TOO_SMALL);
+
+    et_generate_options g = {6, 0.0f, 0, 1.0f, 1.0f, 0, 0};
+    struct text out = {{0}, 0, 0};
+    size_t tokens = 0;
+    OK(et_generate(model, prompt, strlen(prompt), &g, collect, &out, NULL, &tokens));
+    if (tokens == 0 || out.len == 0 || out.calls == 0) {
+        fprintf(stderr, "generated %zu tokens, %zu bytes\n", tokens, out.len);
+        failures++;
+    } else {
+        printf("generated:%.*s\n", (int)out.len, out.buf);
+    }
+    EXPECT(et_generate(model, prompt, strlen(prompt), &g, refuse, NULL, NULL, &tokens), ET_CALLBACK);
+    volatile uint8_t cancel = 0;
+    EXPECT(et_generate(model, prompt, strlen(prompt), &g, cancel_after_first, (void *)&cancel,
+                       (const uint8_t *)&cancel, &tokens),
+           ET_CANCELLED);
+    char detail[256];
+    OK(et_error_text(ET_CANCELLED, detail, sizeof detail, &len));
+    if (strstr(detail, "cancel") == NULL) {
+        fprintf(stderr, "detail: %s\n", detail);
+        failures++;
+    }
+    et_model_free(&model);
+    et_runtime_free(&rt);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: flow TINY_MODEL_DIR [SMOLLM2.gguf]\n");
+        return 2;
+    }
+    versions();
+    tiny(argv[1]);
+    if (argc > 2) {
+        smollm2(argv[2]);
+    }
+#ifdef ET_PANIC_TEST
+    EXPECT(et_debug_panic(), ET_PANIC);
+#endif
+    if (failures != 0) {
+        fprintf(stderr, "%d failures\n", failures);
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
