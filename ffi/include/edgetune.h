@@ -29,7 +29,8 @@ typedef enum {
   ET_OK = 0,
   // A pointer that must not be NULL was NULL.
   ET_NULL_POINTER = 1,
-  // A handle of another kind, or one already freed, was passed.
+  // A handle of another kind was passed (a freed handle is undefined behaviour, as
+  // with free(): `_free(&h)` sets `h` to NULL so a second free is a no-op).
   ET_WRONG_HANDLE = 2,
   // A string was not valid UTF-8.
   ET_INVALID_UTF8 = 3,
@@ -49,7 +50,8 @@ typedef enum {
   ET_CANCELLED = 10,
   // The caller's callback returned non-zero.
   ET_CALLBACK = 11,
-  // The runtime panicked; the call had no effect the caller can observe except this.
+  // The runtime panicked (caught at the boundary). The handles the call used may be
+  // left inconsistent: free them.
   ET_PANIC = 12,
   // Non-finite numbers appeared (a model or adapter holding nonsense).
   ET_NON_FINITE = 13,
@@ -82,7 +84,8 @@ typedef struct {
 
 // Called with each piece of generated text as it completes: `len` bytes of UTF-8 at
 // `piece` (not NUL-terminated, valid during the call) and the token that completed it.
-// Return 0 to go on; anything else stops generation with ET_CALLBACK.
+// Return 0 to go on; anything else stops generation with ET_CALLBACK. The callback must
+// return normally (no longjmp, no C++ exception) and must not free the model it serves.
 typedef int32_t (*et_token_callback)(void *user, const char *piece, size_t len, uint32_t token);
 
 // How to open a runtime; pass NULL to `et_runtime_new` for the defaults (all zero).
@@ -106,9 +109,10 @@ const char *et_version(void);
 
 // Writes the description of `code`, followed by the calling thread's last detailed
 // message if its last failure had that code, into `buf` (`len` bytes, NUL-terminated,
-// cut at a UTF-8 character boundary if it does not fit), and the bytes written without
-// the NUL into `*out_len`. `buf` may be NULL only with `len` 0 (then only `*out_len` is
-// written: the full length).
+// cut at a UTF-8 character boundary if it does not fit: the one function that cuts rather
+// than fails), and the bytes written without the NUL into `*out_len`. `buf` may be NULL
+// only with `len` 0 (then only `*out_len` is written: the full length). Its own failures
+// are returned but not recorded, so the message it reports survives them.
 et_result et_error_text(uint32_t code, char *buf, size_t len, size_t *out_len);
 
 #if defined(ET_PANIC_TEST)
@@ -155,9 +159,11 @@ et_result et_detokenize(const et_model *model,
                         size_t *out_len);
 
 // Generates a continuation of `len` bytes of UTF-8 `prompt` with `opts` (NULL: greedy, 64
-// tokens), calling `callback` (may be NULL) with each piece of text; stops early with
-// ET_CANCELLED when `*cancel` (may be NULL; read before each token, from any thread)
-// becomes non-zero. Writes the number of tokens generated to `*out_tokens` on success.
+// tokens), calling `callback` (may be NULL) with each piece of text; stops with
+// ET_CANCELLED when `*cancel` (may be NULL) is non-zero before the prompt is run or when a
+// token is produced. The flag may be set from another thread: make it a C11
+// `_Atomic uint8_t` (C++ `std::atomic<uint8_t>`) written with an atomic store. Writes the
+// number of tokens generated to `*out_tokens` on success.
 et_result et_generate(const et_model *model,
                       const char *prompt,
                       size_t len,
@@ -188,11 +194,12 @@ void et_runtime_free(et_runtime **rt);
 // cases whose kernel name contains `kernel`, NUL-terminated UTF-8; NULL for all) and
 // writes a NUL-terminated JSON object `{"device": ..., "rows": [...]}` (one row per case:
 // kernel, shape, max_abs, max_rel, tolerance, pass, throughput, unit, error) to `*out`,
-// owned by the caller and freed with `et_string_free`.
-et_result et_selftest_json(const et_runtime *rt, const char *kernel, char **out);
+// owned by the caller, not to be modified, and freed with `et_string_free`.
+et_result et_selftest_json(const et_runtime *rt, const char *kernel, const char **out);
 
-// Frees a string this library returned and sets `*s` to NULL (NULL is a no-op).
-void et_string_free(char **s);
+// Frees a string `et_selftest_json` returned (unmodified) and sets `*s` to NULL (NULL is a
+// no-op). Not for `et_version()`'s static string.
+void et_string_free(const char **s);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -12,7 +12,8 @@ pub enum et_result {
     ET_OK = 0,
     /// A pointer that must not be NULL was NULL.
     ET_NULL_POINTER = 1,
-    /// A handle of another kind, or one already freed, was passed.
+    /// A handle of another kind was passed (a freed handle is undefined behaviour, as
+    /// with free(): `_free(&h)` sets `h` to NULL so a second free is a no-op).
     ET_WRONG_HANDLE = 2,
     /// A string was not valid UTF-8.
     ET_INVALID_UTF8 = 3,
@@ -32,7 +33,8 @@ pub enum et_result {
     ET_CANCELLED = 10,
     /// The caller's callback returned non-zero.
     ET_CALLBACK = 11,
-    /// The runtime panicked; the call had no effect the caller can observe except this.
+    /// The runtime panicked (caught at the boundary). The handles the call used may be
+    /// left inconsistent: free them.
     ET_PANIC = 12,
     /// Non-finite numbers appeared (a model or adapter holding nonsense).
     ET_NON_FINITE = 13,
@@ -43,7 +45,7 @@ impl et_result {
         match self {
             et_result::ET_OK => "success",
             et_result::ET_NULL_POINTER => "a required pointer was NULL",
-            et_result::ET_WRONG_HANDLE => "a handle of another kind, or a freed one, was passed",
+            et_result::ET_WRONG_HANDLE => "a handle of another kind was passed",
             et_result::ET_INVALID_UTF8 => "a string was not valid UTF-8",
             et_result::ET_INVALID_ARGUMENT => "an argument is out of range",
             et_result::ET_BUFFER_TOO_SMALL => "the output buffer is too small",
@@ -112,8 +114,8 @@ impl From<edgetune::Error> for Fail {
             | E::Tensor { .. }
             | E::Tokenizer { .. }
             | E::Gguf { .. }
-            | E::FileTooLarge { .. }
-            | E::DependencyPanic { .. } => et_result::ET_BAD_FILE,
+            | E::FileTooLarge { .. } => et_result::ET_BAD_FILE,
+            E::DependencyPanic { .. } => et_result::ET_PANIC,
             E::OutOfMemory { .. } | E::BufferTooLarge { .. } => et_result::ET_OUT_OF_MEMORY,
             E::NoAdapter { .. }
             | E::NoMatchingAdapter { .. }
@@ -136,23 +138,35 @@ thread_local! {
 /// Runs `f` inside the panic boundary: its failure or panic becomes a result code and the
 /// thread's last message.
 pub(crate) fn boundary(f: impl FnOnce() -> Result<(), Fail>) -> et_result {
-    let fail = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => return et_result::ET_OK,
-        Ok(Err(fail)) => fail,
-        Err(payload) => {
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".into());
-            Fail::new(et_result::ET_PANIC, text)
-        }
+    let fail = match caught(f) {
+        Ok(()) => return et_result::ET_OK,
+        Err(fail) => fail,
     };
     let code = fail.code;
     // A thread-local that is being destroyed cannot take the message; the code still
     // reaches the caller.
     let _ = LAST.try_with(|l| *l.borrow_mut() = Some((code, fail.message)));
     code
+}
+
+/// `f` inside `catch_unwind`, a panic as an ET_PANIC failure. The payload is dropped inside
+/// a second `catch_unwind` (a payload whose drop panics would otherwise abort the host
+/// app); the payload of such a panic is forgotten.
+fn caught(f: impl FnOnce() -> Result<(), Fail>) -> Result<(), Fail> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            if let Err(again) = catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+                std::mem::forget(again);
+            }
+            Err(Fail::new(et_result::ET_PANIC, text))
+        }
+    }
 }
 
 /// The library's version, a static NUL-terminated string ("0.1.0"); the header's
@@ -164,9 +178,10 @@ pub extern "C" fn et_version() -> *const c_char {
 
 /// Writes the description of `code`, followed by the calling thread's last detailed
 /// message if its last failure had that code, into `buf` (`len` bytes, NUL-terminated,
-/// cut at a UTF-8 character boundary if it does not fit), and the bytes written without
-/// the NUL into `*out_len`. `buf` may be NULL only with `len` 0 (then only `*out_len` is
-/// written: the full length).
+/// cut at a UTF-8 character boundary if it does not fit: the one function that cuts rather
+/// than fails), and the bytes written without the NUL into `*out_len`. `buf` may be NULL
+/// only with `len` 0 (then only `*out_len` is written: the full length). Its own failures
+/// are returned but not recorded, so the message it reports survives them.
 #[unsafe(no_mangle)]
 pub extern "C" fn et_error_text(
     code: u32,
@@ -174,7 +189,7 @@ pub extern "C" fn et_error_text(
     len: usize,
     out_len: *mut usize,
 ) -> et_result {
-    boundary(|| {
+    let r = caught(|| {
         if out_len.is_null() {
             return Err(Fail::null("out_len"));
         }
@@ -214,7 +229,11 @@ pub extern "C" fn et_error_text(
         // SAFETY: checked non-NULL above; the caller gives a writable size_t.
         unsafe { *out_len = n };
         Ok(())
-    })
+    });
+    match r {
+        Ok(()) => et_result::ET_OK,
+        Err(f) => f.code,
+    }
 }
 
 /// Panics inside the boundary (feature `panic-test`): the C tests' injected panic.

@@ -1,6 +1,7 @@
 //! Opaque handles: a tag naming the kind at offset 0, then the value, boxed. The C side
 //! sees pointers to empty structs; a handle of another kind is caught by its tag, and
-//! `*_free` sets the caller's pointer to NULL so a second free is a no-op.
+//! `*_free` sets the caller's pointer to NULL so a second free through it is a no-op. A
+//! handle freed through another copy of the pointer is undefined behaviour, as with free().
 
 use crate::error::{Fail, et_result};
 
@@ -10,12 +11,9 @@ struct Tagged<T> {
     value: T,
 }
 
-/// The tag a freed handle carries while it is dropped.
-const FREED: u64 = 0;
-
 /// A Rust value behind a C handle type `C`.
 pub(crate) trait Kind: Sized {
-    /// Distinct per kind, never [`FREED`].
+    /// Distinct per kind, never 0.
     const TAG: u64;
     const NAME: &'static str;
     /// The opaque type the header declares.
@@ -67,10 +65,9 @@ pub(crate) unsafe fn free<T: Kind>(pp: *mut *mut T::C) {
         return;
     }
     let tagged = p.cast::<Tagged<T>>();
-    // SAFETY: the tag says this box was made by `publish` for T; it is freed once: the
-    // slot is cleared and the tag overwritten before the drop.
+    // SAFETY: the tag says this box was made by `publish` for T; the slot is cleared so
+    // the caller's pointer cannot free it twice.
     unsafe {
-        (*tagged).tag = FREED;
         *pp = std::ptr::null_mut();
         drop(Box::from_raw(tagged));
     }

@@ -9,6 +9,10 @@
 // for NULL and handle tags, and relies on the caller for the rest, as the header says.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+// The boundary catches panics: an abort-on-panic build would take the host app down.
+#[cfg(panic = "abort")]
+compile_error!("edgetune-ffi must be built with panic = \"unwind\"");
+
 mod error;
 mod handle;
 mod model;

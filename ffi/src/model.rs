@@ -22,16 +22,17 @@ pub struct et_model {
 
 pub(crate) struct Model_ {
     model: Model<'static, AnyBackend>,
-    /// Absent when the model's files hold none (tokenizing and generating are refused).
-    tokenizer: Option<Tokenizer>,
+    /// Why there is none, when the model's files hold no usable tokenizer (tokenizing and
+    /// generating are then refused with it; logits need none).
+    tokenizer: Result<Tokenizer, String>,
 }
 
 impl Model_ {
     fn tokenizer(&self) -> Result<&Tokenizer, Fail> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+        self.tokenizer.as_ref().map_err(|why| {
             Fail::new(
                 et_result::ET_INVALID_ARGUMENT,
-                "the model's files hold no usable tokenizer",
+                format!("the model has no usable tokenizer: {why}"),
             )
         })
     }
@@ -60,7 +61,7 @@ pub extern "C" fn et_model_load_file(
         // SAFETY: non-NULL, NUL-terminated per the contract.
         let path = unsafe { c_str(path, "path") }?;
         let files = ModelFiles::open(std::path::Path::new(path), None)?;
-        let tokenizer = files.tokenizer().ok();
+        let tokenizer = files.tokenizer().map_err(|e| e.to_string());
         let model = files.load(std::sync::Arc::clone(&rt.backend))?;
         handle::publish(Model_ { model, tokenizer }, out);
         Ok(())
@@ -90,7 +91,7 @@ pub extern "C" fn et_model_load_bytes(
                 format!("not a usable GGUF file: {e}"),
             )
         })?;
-        let tokenizer = Tokenizer::from_gguf(&gguf, "memory").ok();
+        let tokenizer = Tokenizer::from_gguf(&gguf, "memory").map_err(|e| e.to_string());
         let model = Model::from_gguf(std::sync::Arc::clone(&rt.backend), &gguf, bytes, "memory")?;
         handle::publish(Model_ { model, tokenizer }, out);
         Ok(())
@@ -266,16 +267,19 @@ pub struct et_generate_options {
 
 /// Called with each piece of generated text as it completes: `len` bytes of UTF-8 at
 /// `piece` (not NUL-terminated, valid during the call) and the token that completed it.
-/// Return 0 to go on; anything else stops generation with ET_CALLBACK.
+/// Return 0 to go on; anything else stops generation with ET_CALLBACK. The callback must
+/// return normally (no longjmp, no C++ exception) and must not free the model it serves.
 #[allow(non_camel_case_types)]
 pub type et_token_callback = Option<
     unsafe extern "C" fn(user: *mut c_void, piece: *const c_char, len: usize, token: u32) -> i32,
 >;
 
 /// Generates a continuation of `len` bytes of UTF-8 `prompt` with `opts` (NULL: greedy, 64
-/// tokens), calling `callback` (may be NULL) with each piece of text; stops early with
-/// ET_CANCELLED when `*cancel` (may be NULL; read before each token, from any thread)
-/// becomes non-zero. Writes the number of tokens generated to `*out_tokens` on success.
+/// tokens), calling `callback` (may be NULL) with each piece of text; stops with
+/// ET_CANCELLED when `*cancel` (may be NULL) is non-zero before the prompt is run or when a
+/// token is produced. The flag may be set from another thread: make it a C11
+/// `_Atomic uint8_t` (C++ `std::atomic<uint8_t>`) written with an atomic store. Writes the
+/// number of tokens generated to `*out_tokens` on success.
 #[unsafe(no_mangle)]
 pub extern "C" fn et_generate(
     model: *const et_model,
@@ -342,6 +346,12 @@ pub extern "C" fn et_generate(
         let cancelled = || {
             !cancel.is_null() && unsafe { &*cancel.cast::<AtomicU8>() }.load(Ordering::Relaxed) != 0
         };
+        if cancelled() {
+            return Err(Fail::new(
+                et_result::ET_CANCELLED,
+                "the cancel flag was set",
+            ));
+        }
         let mut stream = TextStream::default();
         let mut stop = None;
         let emit = |piece: &str, token: u32| -> Result<(), Fail> {
@@ -410,11 +420,21 @@ pub extern "C" fn et_logits(
     out_n: *mut usize,
 ) -> et_result {
     boundary(|| {
-        if out_n.is_null() || ids.is_null() {
-            return Err(Fail::null(if ids.is_null() { "ids" } else { "out_n" }));
+        if out_n.is_null() {
+            return Err(Fail::null("out_n"));
         }
         // SAFETY: as above.
         let m = unsafe { handle::get::<Model_>(model) }?;
+        let context = m.model.cfg.context as usize;
+        if n == 0 || n > context {
+            return Err(Fail::new(
+                et_result::ET_INVALID_ARGUMENT,
+                format!("{n} tokens; 1 to {context} (the context) are allowed"),
+            ));
+        }
+        if ids.is_null() {
+            return Err(Fail::null("ids"));
+        }
         let vocab = m.model.cfg.vocab as usize;
         let need = n.checked_mul(vocab).ok_or_else(|| {
             Fail::new(
@@ -426,13 +446,6 @@ pub extern "C" fn et_logits(
             // SAFETY: checked non-NULL.
             unsafe { *out_n = need };
             return Ok(());
-        }
-        let context = m.model.cfg.context as usize;
-        if n == 0 || n > context {
-            return Err(Fail::new(
-                et_result::ET_INVALID_ARGUMENT,
-                format!("{n} tokens; 1 to {context} (the context) are allowed"),
-            ));
         }
         // SAFETY: the caller gives `n` ids at `ids`.
         let tokens = unsafe { std::slice::from_raw_parts(ids, n) };

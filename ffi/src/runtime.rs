@@ -136,12 +136,12 @@ pub extern "C" fn et_runtime_free(rt: *mut *mut et_runtime) {
 /// cases whose kernel name contains `kernel`, NUL-terminated UTF-8; NULL for all) and
 /// writes a NUL-terminated JSON object `{"device": ..., "rows": [...]}` (one row per case:
 /// kernel, shape, max_abs, max_rel, tolerance, pass, throughput, unit, error) to `*out`,
-/// owned by the caller and freed with `et_string_free`.
+/// owned by the caller, not to be modified, and freed with `et_string_free`.
 #[unsafe(no_mangle)]
 pub extern "C" fn et_selftest_json(
     rt: *const et_runtime,
     kernel: *const c_char,
-    out: *mut *mut c_char,
+    out: *mut *const c_char,
 ) -> et_result {
     boundary(|| {
         if out.is_null() {
@@ -163,14 +163,15 @@ pub extern "C" fn et_selftest_json(
         let text = CString::new(json.to_string())
             .map_err(|e| Fail::new(et_result::ET_INVALID_ARGUMENT, e.to_string()))?;
         // SAFETY: checked non-NULL.
-        unsafe { *out = text.into_raw() };
+        unsafe { *out = text.into_raw().cast_const() };
         Ok(())
     })
 }
 
-/// Frees a string this library returned and sets `*s` to NULL (NULL is a no-op).
+/// Frees a string `et_selftest_json` returned (unmodified) and sets `*s` to NULL (NULL is a
+/// no-op). Not for `et_version()`'s static string.
 #[unsafe(no_mangle)]
-pub extern "C" fn et_string_free(s: *mut *mut c_char) {
+pub extern "C" fn et_string_free(s: *mut *const c_char) {
     let _ = boundary(|| {
         if s.is_null() {
             return Ok(());
@@ -180,7 +181,7 @@ pub extern "C" fn et_string_free(s: *mut *mut c_char) {
             let p = *s;
             if !p.is_null() {
                 *s = std::ptr::null_mut();
-                drop(CString::from_raw(p));
+                drop(CString::from_raw(p.cast_mut()));
             }
         }
         Ok(())

@@ -7,6 +7,7 @@
  * by scripts/ffi_c_tests.sh. */
 #include "edgetune.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,9 +51,18 @@ static int refuse(void *user, const char *piece, size_t len, uint32_t token) {
 
 static int cancel_after_first(void *user, const char *piece, size_t len, uint32_t token) {
     (void)piece, (void)len, (void)token;
-    *(volatile uint8_t *)user = 1;
+    atomic_store_explicit((_Atomic uint8_t *)user, 1, memory_order_relaxed);
     return 0;
 }
+
+/* An output the call must leave alone when it fails. */
+static void untouched(int line, size_t v) {
+    if (v != SIZE_MAX) {
+        fprintf(stderr, "flow.c:%d: an output was written on failure\n", line);
+        failures++;
+    }
+}
+#define UNTOUCHED(v) untouched(__LINE__, (v))
 
 static void versions(void) {
     if (strcmp(et_version(), ET_VERSION) != 0) {
@@ -73,7 +83,12 @@ static void versions(void) {
         fprintf(stderr, "short buffer: %zu\n", n);
         failures++;
     }
-    OK(et_error_text(ET_NULL_POINTER, NULL, 0, &n));
+    size_t full = 0;
+    OK(et_error_text(ET_NULL_POINTER, NULL, 0, &full));
+    if (full != strlen(text)) {
+        fprintf(stderr, "query says %zu, text is %zu\n", full, strlen(text));
+        failures++;
+    }
     EXPECT(et_error_text(9999, text, sizeof text, &n), ET_INVALID_ARGUMENT);
     EXPECT(et_error_text(ET_OK, text, sizeof text, NULL), ET_NULL_POINTER);
 }
@@ -115,32 +130,48 @@ static void tiny(const char *dir) {
 
     /* Logits: a size query, too small a buffer, then the values. */
     const uint32_t ids[3] = {1, 2, 3};
-    size_t need = 0;
+    size_t need = SIZE_MAX;
+    EXPECT(et_logits(model, ids, 0, NULL, 0, &need), ET_INVALID_ARGUMENT);
+    UNTOUCHED(need);
     OK(et_logits(model, ids, 3, NULL, 0, &need));
     if (need != 3 * (size_t)vocab) {
         fprintf(stderr, "logits need %zu, want %u\n", need, 3 * vocab);
         failures++;
     }
     float *logits = calloc(need, sizeof *logits);
-    size_t got = 0;
+    size_t got = SIZE_MAX;
     EXPECT(et_logits(model, ids, 3, logits, need - 1, &got), ET_BUFFER_TOO_SMALL);
-    if (got != 0) {
-        fprintf(stderr, "an output was written on failure\n");
+    UNTOUCHED(got);
+    OK(et_logits(model, ids, 3, logits, need, &got));
+    float spread = 0.0f;
+    for (size_t i = 1; i < need; i++) {
+        float d = logits[i] - logits[0];
+        spread += d < 0 ? -d : d;
+    }
+    if (got != need || spread == 0.0f) {
+        fprintf(stderr, "logits: %zu values, spread %f\n", got, (double)spread);
         failures++;
     }
-    OK(et_logits(model, ids, 3, logits, need, &got));
     const uint32_t bad_ids[1] = {4000000000u};
     EXPECT(et_logits(model, bad_ids, 1, logits, need, &got), ET_INVALID_ARGUMENT);
-    free(logits);
 
     /* No tokenizer in the tiny model: a typed error. */
-    size_t n = 0;
+    size_t n = SIZE_MAX;
     EXPECT(et_tokenize(model, "hi", 2, NULL, 0, &n), ET_INVALID_ARGUMENT);
+    UNTOUCHED(n);
 
-    /* The runtime may go first: the model shares its backend. Double frees are no-ops. */
+    /* The runtime may go first: the model shares its backend and still runs, with the
+     * same logits. Double frees are no-ops. */
     et_runtime_free(&rt);
     et_runtime_free(&rt);
-    OK(et_logits(model, ids, 1, NULL, 0, &got));
+    float *again = calloc(need, sizeof *again);
+    OK(et_logits(model, ids, 3, again, need, &got));
+    if (memcmp(again, logits, need * sizeof *logits) != 0) {
+        fprintf(stderr, "logits changed after the runtime was freed\n");
+        failures++;
+    }
+    free(again);
+    free(logits);
     et_model_free(&model);
     et_model_free(&model);
     et_model_free(NULL);
@@ -149,7 +180,7 @@ static void tiny(const char *dir) {
     /* The conformance suite as JSON (one kernel family is enough here: the full suite
      * runs in `edgetune selftest`). */
     OK(et_runtime_new(&opts, &rt));
-    char *json = NULL;
+    const char *json = NULL;
     EXPECT(et_selftest_json(rt, "axpy", NULL), ET_NULL_POINTER);
     OK(et_selftest_json(rt, "axpy", &json));
     if (json == NULL || strstr(json, "\"rows\"") == NULL) {
@@ -185,12 +216,14 @@ static void smollm2(const char *path) {
     free(bytes);
 
     const char *prompt = "The capital of France is";
-    size_t n = 0;
+    size_t n = SIZE_MAX;
     OK(et_tokenize(model, prompt, strlen(prompt), NULL, 0, &n));
     uint32_t ids[64];
-    EXPECT(et_tokenize(model, prompt, strlen(prompt), ids, 1, &n), ET_BUFFER_TOO_SMALL);
+    size_t bad = SIZE_MAX;
+    EXPECT(et_tokenize(model, prompt, strlen(prompt), ids, 1, &bad), ET_BUFFER_TOO_SMALL);
+    EXPECT(et_tokenize(model, "\xc3\x28", 2, ids, 64, &bad), ET_INVALID_UTF8);
+    UNTOUCHED(bad);
     OK(et_tokenize(model, prompt, strlen(prompt), ids, 64, &n));
-    EXPECT(et_tokenize(model, "\xc3\x28", 2, ids, 64, &n), ET_INVALID_UTF8);
     char text[256];
     size_t len = 0;
     OK(et_detokenize(model, ids, n, text, sizeof text, &len));
@@ -198,7 +231,8 @@ static void smollm2(const char *path) {
         fprintf(stderr, "detokenized: %s\n", text);
         failures++;
     }
-    EXPECT(et_detokenize(model, ids, n, text, 3, &len), ET_BUFFER_TOO_SMALL);
+    EXPECT(et_detokenize(model, ids, n, text, 3, &bad), ET_BUFFER_TOO_SMALL);
+    UNTOUCHED(bad);
 
     et_generate_options g = {6, 0.0f, 0, 1.0f, 1.0f, 0, 0};
     struct text out = {{0}, 0, 0};
@@ -210,11 +244,16 @@ static void smollm2(const char *path) {
     } else {
         printf("generated:%.*s\n", (int)out.len, out.buf);
     }
-    EXPECT(et_generate(model, prompt, strlen(prompt), &g, refuse, NULL, NULL, &tokens), ET_CALLBACK);
-    volatile uint8_t cancel = 0;
+    EXPECT(et_generate(model, prompt, strlen(prompt), &g, refuse, NULL, NULL, &bad), ET_CALLBACK);
+    static _Atomic uint8_t cancel;
+    atomic_store(&cancel, 0);
     EXPECT(et_generate(model, prompt, strlen(prompt), &g, cancel_after_first, (void *)&cancel,
-                       (const uint8_t *)&cancel, &tokens),
+                       (const uint8_t *)&cancel, &bad),
            ET_CANCELLED);
+    /* Set before the call: nothing runs. */
+    EXPECT(et_generate(model, prompt, strlen(prompt), &g, collect, &out, (const uint8_t *)&cancel, &bad),
+           ET_CANCELLED);
+    UNTOUCHED(bad);
     char detail[256];
     OK(et_error_text(ET_CANCELLED, detail, sizeof detail, &len));
     if (strstr(detail, "cancel") == NULL) {
