@@ -24,6 +24,21 @@
 // Any wgpu adapter, CPU-emulated ones included.
 #define ET_BACKEND_GPU 3
 
+// LoRA on the query projection (bits of `et_lora_options.targets`).
+#define ET_TARGET_Q 1
+
+#define ET_TARGET_K 2
+
+#define ET_TARGET_V 4
+
+#define ET_TARGET_O 8
+
+#define ET_TARGET_GATE 16
+
+#define ET_TARGET_UP 32
+
+#define ET_TARGET_DOWN 64
+
 // What a call did. 0 is success; the numbers are stable: new codes are only added.
 typedef enum {
   ET_OK = 0,
@@ -98,6 +113,45 @@ typedef struct {
   // NULL for any.
   const char *gpu_name;
 } et_runtime_options;
+
+// A LoRA adapter's shape.
+typedef struct {
+  uint32_t rank;
+  float alpha;
+  // ET_TARGET_* bits; 0 for q and v.
+  uint32_t targets;
+  // Seeds A's start values (PEFT's initialisation; B starts at zero).
+  uint64_t seed;
+} et_lora_options;
+
+// One training example: `len` token ids and, per token, whether the loss predicts it
+// (`targets[0]` is ignored).
+typedef struct {
+  const uint32_t *tokens;
+  const uint8_t *targets;
+  size_t len;
+} et_example;
+
+// Backprop settings (AdamW, betas 0.9/0.999, eps 1e-8).
+typedef struct {
+  uint32_t steps;
+  // Examples per step.
+  uint32_t batch;
+  float lr;
+  uint32_t warmup;
+  // 0 constant, 1 linear, 2 cosine (Hugging Face's schedules).
+  uint32_t schedule;
+  // The largest global gradient norm; 0 for no clipping.
+  float clip;
+  float weight_decay;
+  // Seeds the order of the examples.
+  uint64_t seed;
+} et_train_options;
+
+// Called after each step with its number (from 1), the step count and the step's mean
+// loss. Return 0 to go on; anything else stops training with ET_CALLBACK (the steps done
+// so far stay applied). The callback must return normally and not free the model.
+typedef int32_t (*et_progress_callback)(void *user, uint32_t step, uint32_t steps, float loss);
 
 #ifdef __cplusplus
 extern "C" {
@@ -200,6 +254,33 @@ et_result et_selftest_json(const et_runtime *rt, const char *kernel, const char 
 // Frees a string `et_selftest_json` returned (unmodified) and sets `*s` to NULL (NULL is a
 // no-op). Not for `et_version()`'s static string.
 void et_string_free(const char **s);
+
+// Attaches a LoRA adapter to the model (one adapter at a time).
+et_result et_adapter_lora(et_model *model, const et_lora_options *opts);
+
+// Attaches an IA3 adapter (scales on k, v and down's input, starting at one).
+et_result et_adapter_ia3(et_model *model);
+
+// Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,
+// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors.
+et_result et_adapter_save(const et_model *model, const char *dir);
+
+// Attaches the PEFT adapter in directory `dir` (or a llama.cpp GGUF adapter file).
+et_result et_adapter_load(et_model *model, const char *dir);
+
+// Trains the attached LoRA or IA3 adapter by backprop for `opts->steps` steps on the
+// `n_examples` examples (copied at the call), reporting each step to `callback` (may be
+// NULL); `*cancel` (may be NULL, an atomic byte as for `et_generate`) stops it between
+// steps with ET_CANCELLED, the steps done so far applied. Writes the last step's mean
+// loss to `*out_loss` on success. A step whose loss or gradient is not finite is skipped.
+et_result et_train_backprop(et_model *model,
+                            const et_example *examples,
+                            size_t n_examples,
+                            const et_train_options *opts,
+                            et_progress_callback callback,
+                            void *user,
+                            const uint8_t *cancel,
+                            float *out_loss);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -49,6 +49,17 @@ pub(crate) unsafe fn get<'a, T: Kind>(p: *const T::C) -> Result<&'a T, Fail> {
     Ok(unsafe { &(*p.cast::<Tagged<T>>()).value })
 }
 
+/// The value behind `p` for a call that changes it (see [`get`]).
+///
+/// # Safety
+/// As for [`get`]; no other reference to the handle's value is live.
+pub(crate) unsafe fn get_mut<'a, T: Kind>(p: *mut T::C) -> Result<&'a mut T, Fail> {
+    // SAFETY: `get` checks NULL and the tag; the pointer is the caller's mutable handle.
+    unsafe { get::<T>(p.cast_const()) }?;
+    // SAFETY: checked above to be a live Tagged<T>.
+    Ok(unsafe { &mut (*p.cast::<Tagged<T>>()).value })
+}
+
 /// Frees the handle at `*pp` and sets `*pp` to NULL; NULL (either) is a no-op, as is a
 /// pointer whose tag is not `T`'s (nothing is freed that this kind did not make).
 ///

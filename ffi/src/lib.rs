@@ -17,6 +17,7 @@ mod error;
 mod handle;
 mod model;
 mod runtime;
+mod train;
 
 pub use error::{et_error_text, et_result, et_version};
 pub use model::{
@@ -26,6 +27,11 @@ pub use model::{
 pub use runtime::{
     et_runtime, et_runtime_free, et_runtime_new, et_runtime_options, et_selftest_json,
     et_string_free,
+};
+pub use train::{
+    ET_TARGET_DOWN, ET_TARGET_GATE, ET_TARGET_K, ET_TARGET_O, ET_TARGET_Q, ET_TARGET_UP,
+    ET_TARGET_V, et_adapter_ia3, et_adapter_load, et_adapter_lora, et_adapter_save, et_example,
+    et_lora_options, et_progress_callback, et_train_backprop, et_train_options,
 };
 
 #[cfg(feature = "panic-test")]

@@ -21,7 +21,7 @@ pub struct et_model {
 }
 
 pub(crate) struct Model_ {
-    model: Model<'static, AnyBackend>,
+    pub(crate) model: Model<'static, AnyBackend>,
     /// Why there is none, when the model's files hold no usable tokenizer (tokenizing and
     /// generating are then refused with it; logits need none).
     tokenizer: Result<Tokenizer, String>,

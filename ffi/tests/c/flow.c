@@ -14,6 +14,8 @@
 #include <string.h>
 
 static int failures = 0;
+/* The tiny model's path (argv[1]). */
+static const char *TINY;
 
 static void expect(int line, et_result got, et_result want, const char *what) {
     if (got != want) {
@@ -63,6 +65,93 @@ static void untouched(int line, size_t v) {
     }
 }
 #define UNTOUCHED(v) untouched(__LINE__, (v))
+
+struct progress {
+    int calls;
+    float first;
+    float last;
+};
+
+static int on_progress(void *user, uint32_t step, uint32_t steps, float loss) {
+    struct progress *p = user;
+    (void)steps;
+    if (step == 1) {
+        p->first = loss;
+    }
+    p->last = loss;
+    p->calls++;
+    return 0;
+}
+
+static int stop_training(void *user, uint32_t step, uint32_t steps, float loss) {
+    (void)user, (void)step, (void)steps, (void)loss;
+    return 3;
+}
+
+/* LoRA trained by backprop on the tiny model, saved, and loaded into a fresh model that
+ * then gives the same logits. */
+static void training(et_model *model) {
+    et_lora_options lo = {4, 8.0f, ET_TARGET_Q | ET_TARGET_V, 1};
+    EXPECT(et_adapter_lora(model, NULL), ET_NULL_POINTER);
+    EXPECT(et_adapter_save(model, "target/ffi-tests/adapter"), ET_INVALID_ARGUMENT);
+    OK(et_adapter_lora(model, &lo));
+    EXPECT(et_adapter_lora(model, &lo), ET_INVALID_ARGUMENT);
+    const uint32_t toks[6] = {1, 5, 9, 13, 17, 21};
+    const uint8_t flags[6] = {0, 1, 1, 1, 1, 1};
+    et_example ex[2] = {{toks, flags, 6}, {toks, flags, 4}};
+    et_train_options to = {8, 2, 5e-2f, 0, 0, 1.0f, 0.0f, 0};
+    struct progress p = {0, 0.0f, 0.0f};
+    float loss = -1.0f;
+    OK(et_train_backprop(model, ex, 2, &to, on_progress, &p, NULL, &loss));
+    if (p.calls != 8 || !(p.last < p.first) || loss != p.last) {
+        fprintf(stderr, "training: %d steps, loss %f -> %f (returned %f)\n", p.calls, (double)p.first,
+                (double)p.last, (double)loss);
+        failures++;
+    }
+    float kept = loss;
+    EXPECT(et_train_backprop(model, ex, 2, &to, stop_training, NULL, NULL, &loss), ET_CALLBACK);
+    if (loss != kept) {
+        fprintf(stderr, "an output was written on failure\n");
+        failures++;
+    }
+    et_train_options bad = to;
+    bad.schedule = 9;
+    EXPECT(et_train_backprop(model, ex, 2, &bad, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    bad = to;
+    bad.lr = -1.0f;
+    EXPECT(et_train_backprop(model, ex, 2, &bad, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    et_example short_ex = {toks, flags, 1};
+    EXPECT(et_train_backprop(model, &short_ex, 1, &to, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    et_example null_ex = {NULL, flags, 6};
+    EXPECT(et_train_backprop(model, &null_ex, 1, &to, NULL, NULL, NULL, &loss), ET_NULL_POINTER);
+    const uint32_t far[2] = {1, 4000000000u};
+    et_example bad_ids = {far, flags, 2};
+    EXPECT(et_train_backprop(model, &bad_ids, 1, &to, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+
+    OK(et_adapter_save(model, "target/ffi-tests/adapter"));
+    size_t need = 0;
+    OK(et_logits(model, toks, 6, NULL, 0, &need));
+    float *trained = calloc(need, sizeof *trained);
+    float *loaded = calloc(need, sizeof *loaded);
+    size_t got = 0;
+    OK(et_logits(model, toks, 6, trained, need, &got));
+    et_runtime *rt = NULL;
+    et_runtime_options opts = {ET_BACKEND_CPU, 0, NULL};
+    OK(et_runtime_new(&opts, &rt));
+    et_model *fresh = NULL;
+    OK(et_model_load_file(rt, TINY, &fresh));
+    EXPECT(et_adapter_load(fresh, "target/ffi-tests/no-such-adapter"), ET_IO);
+    OK(et_adapter_load(fresh, "target/ffi-tests/adapter"));
+    OK(et_logits(fresh, toks, 6, loaded, need, &got));
+    if (memcmp(trained, loaded, need * sizeof *trained) != 0) {
+        fprintf(stderr, "the saved adapter gives other logits\n");
+        failures++;
+    }
+    free(trained);
+    free(loaded);
+    et_model_free(&fresh);
+    et_runtime_free(&rt);
+}
 
 static void versions(void) {
     if (strcmp(et_version(), ET_VERSION) != 0) {
@@ -172,6 +261,7 @@ static void tiny(const char *dir) {
     }
     free(again);
     free(logits);
+    training(model);
     et_model_free(&model);
     et_model_free(&model);
     et_model_free(NULL);
@@ -269,6 +359,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: flow TINY_MODEL_DIR [SMOLLM2.gguf]\n");
         return 2;
     }
+    TINY = argv[1];
     versions();
     tiny(argv[1]);
     if (argc > 2) {

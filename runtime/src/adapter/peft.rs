@@ -446,6 +446,24 @@ pub fn load(
 /// Loads the adapter at `path` onto `model` (which must have none): a PEFT directory, or a
 /// llama.cpp GGUF LoRA file; checked against the model's layout for it by name and shape
 /// before anything is attached.
+/// Writes the adapter attached to `model` (its current values) into `dir` in PEFT format.
+pub fn save_attached<B: crate::Backend>(
+    dir: &Path,
+    model: &crate::model::Model<'_, B>,
+) -> Result<()> {
+    let cfg = model.adapter().ok_or_else(|| Error::InvalidArgument {
+        name: "adapter",
+        reason: "the model has none attached".into(),
+    })?;
+    save(
+        dir,
+        cfg,
+        model.layout(),
+        &model.read_params()?,
+        RowOrder::of(&model.cfg),
+    )
+}
+
 pub fn attach_dir<B: crate::Backend>(
     model: &mut crate::model::Model<'_, B>,
     path: &Path,

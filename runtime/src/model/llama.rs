@@ -702,6 +702,11 @@ impl<'b, B: Backend> Model<'b, B> {
         })
     }
 
+    /// The backend the model's buffers live on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// The model's dimensions as adapters see them.
     pub fn dims(&self) -> Dims {
         Dims::of(&self.cfg)

@@ -557,7 +557,6 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             )?;
         }
         let mut tensors = self.model.read_params()?;
-        let values = tensors.clone();
         for k in 0..self.cfg.optimizer.state_names().len() {
             for (st, p) in self.state.iter().zip(self.model.layout()) {
                 tensors.push(self.be.read_f32(&st[k], p.len() as usize)?);
@@ -575,8 +574,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             ],
         )?;
         write_atomic(&dir.join(CHECKPOINT), &bytes)?;
-        let order = peft::RowOrder::of(&self.model.cfg);
-        peft::save(dir, self.adapter()?, self.model.layout(), &values, order)
+        peft::save_attached(dir, self.model)
     }
 
     fn adapter(&self) -> Result<&crate::adapter::AdapterConfig> {

@@ -2,9 +2,11 @@ package dev.edgetune;
 
 import com.sun.jna.Callback;
 import com.sun.jna.Library;
+import com.sun.jna.Memory;
 import com.sun.jna.Native;
 import com.sun.jna.Pointer;
 import com.sun.jna.Structure;
+import com.sun.jna.ptr.FloatByReference;
 import com.sun.jna.ptr.IntByReference;
 import com.sun.jna.ptr.LongByReference;
 import com.sun.jna.ptr.PointerByReference;
@@ -47,6 +49,50 @@ public final class Edgetune {
                 Pointer user, Pointer cancel, LongByReference outTokens);
 
         int et_logits(Pointer model, int[] ids, long n, float[] out, long cap, LongByReference outN);
+
+        int et_adapter_lora(Pointer model, LoraOptions opts);
+
+        int et_adapter_save(Pointer model, String dir);
+
+        int et_adapter_load(Pointer model, String dir);
+
+        int et_train_backprop(Pointer model, Example[] examples, long n, TrainOptions opts,
+                ProgressCallback callback, Pointer user, Pointer cancel, FloatByReference outLoss);
+    }
+
+    /** et_lora_options. */
+    @Structure.FieldOrder({"rank", "alpha", "targets", "seed"})
+    public static class LoraOptions extends Structure {
+        public int rank;
+        public float alpha;
+        public int targets;
+        public long seed;
+    }
+
+    /** et_example. */
+    @Structure.FieldOrder({"tokens", "targets", "len"})
+    public static class Example extends Structure {
+        public Pointer tokens;
+        public Pointer targets;
+        public long len;
+    }
+
+    /** et_train_options. */
+    @Structure.FieldOrder({"steps", "batch", "lr", "warmup", "schedule", "clip", "weight_decay", "seed"})
+    public static class TrainOptions extends Structure {
+        public int steps;
+        public int batch;
+        public float lr;
+        public int warmup;
+        public int schedule;
+        public float clip;
+        public float weight_decay;
+        public long seed;
+    }
+
+    /** et_progress_callback. */
+    public interface ProgressCallback extends Callback {
+        int invoke(Pointer user, int step, int steps, float loss);
     }
 
     /** et_runtime_options. */
@@ -178,6 +224,62 @@ public final class Edgetune {
             float[] out = new float[(int) n.getValue()];
             check(Lib.C.et_logits(h(), ids, ids.length, out, out.length, n));
             return out;
+        }
+
+        /** Attaches LoRA of `rank`/`alpha` on q and v. */
+        public void attachLora(int rank, float alpha, long seed) {
+            LoraOptions o = new LoraOptions();
+            o.rank = rank;
+            o.alpha = alpha;
+            o.seed = seed;
+            check(Lib.C.et_adapter_lora(h(), o));
+        }
+
+        public void saveAdapter(String dir) {
+            check(Lib.C.et_adapter_save(h(), dir));
+        }
+
+        public void loadAdapter(String dir) {
+            check(Lib.C.et_adapter_load(h(), dir));
+        }
+
+        /**
+         * Trains the attached adapter by backprop (AdamW, constant rate, clip 1) on sequences of
+         * token ids, each predicting every token after its first; onStep gets (step, loss).
+         * Returns the last step's loss.
+         */
+        public float trainBackprop(int[][] sequences, int steps, int batch, float lr,
+                java.util.function.BiConsumer<Integer, Float> onStep) {
+            Example[] ex = (Example[]) new Example().toArray(sequences.length);
+            Memory[] keep = new Memory[2 * sequences.length];
+            for (int i = 0; i < sequences.length; i++) {
+                int n = sequences[i].length;
+                Memory tokens = new Memory(4L * n);
+                tokens.write(0, sequences[i], 0, n);
+                Memory flags = new Memory(n);
+                for (int j = 0; j < n; j++) {
+                    flags.setByte(j, (byte) (j == 0 ? 0 : 1));
+                }
+                keep[2 * i] = tokens;
+                keep[2 * i + 1] = flags;
+                ex[i].tokens = tokens;
+                ex[i].targets = flags;
+                ex[i].len = n;
+            }
+            TrainOptions o = new TrainOptions();
+            o.steps = steps;
+            o.batch = batch;
+            o.lr = lr;
+            o.clip = 1.0f;
+            ProgressCallback cb = (user, step, total, loss) -> {
+                onStep.accept(step, loss);
+                return 0;
+            };
+            FloatByReference loss = new FloatByReference();
+            check(Lib.C.et_train_backprop(h(), ex, ex.length, o, cb, null, null, loss));
+            // The examples' memory must outlive the call.
+            java.lang.ref.Reference.reachabilityFence(keep);
+            return loss.getValue();
         }
 
         @Override

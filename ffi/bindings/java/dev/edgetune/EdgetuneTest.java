@@ -2,9 +2,9 @@ package dev.edgetune;
 
 /**
  * The Java binding against the real library (run by .ci/run): version, a CPU runtime, the
- * tiny model's logits, a missing file as an exception with ET_IO (6), and on SmolLM2
- * tokenize, detokenize and a streamed greedy generation. Usage: EdgetuneTest TINY_MODEL
- * SMOLLM2.gguf
+ * tiny model's logits, a LoRA training run by backprop saved and reloaded, a missing file as
+ * an exception with ET_IO (6), and on SmolLM2 tokenize, detokenize and a streamed greedy
+ * generation. Usage: EdgetuneTest TINY_MODEL SMOLLM2.gguf
  */
 public final class EdgetuneTest {
     private EdgetuneTest() {}
@@ -21,6 +21,26 @@ public final class EdgetuneTest {
             try (Edgetune.Model tiny = new Edgetune.Model(rt, args[0])) {
                 float[] logits = tiny.logits(new int[] {1, 2, 3});
                 require(logits.length == 3 * tiny.vocabSize(), "logits " + logits.length);
+                // A training step: LoRA by backprop, the loss falling, saved and reloaded.
+                tiny.attachLora(4, 8.0f, 1);
+                float[] first = {Float.NaN};
+                int[] calls = {0};
+                float last = tiny.trainBackprop(new int[][] {{1, 5, 9, 13, 17, 21}, {1, 5, 9, 13}}, 6, 2,
+                        5e-2f, (step, loss) -> {
+                            if (step == 1) {
+                                first[0] = loss;
+                            }
+                            calls[0]++;
+                        });
+                require(calls[0] == 6 && last < first[0], "training " + first[0] + " -> " + last);
+                String dir = "target/java/adapter";
+                tiny.saveAdapter(dir);
+                float[] trained = tiny.logits(new int[] {1, 5, 9});
+                try (Edgetune.Model again = new Edgetune.Model(rt, args[0])) {
+                    again.loadAdapter(dir);
+                    require(java.util.Arrays.equals(trained, again.logits(new int[] {1, 5, 9})),
+                            "reloaded adapter");
+                }
             }
             try (Edgetune.Model missing = new Edgetune.Model(rt, "/nonexistent.gguf")) {
                 require(missing == null, "a missing file loaded");
