@@ -3,8 +3,8 @@
 //! checkpoints, resume and loss plot.
 
 use crate::train::{
-    EVAL_CSV, LOSS_CSV, OptimizerArg, Prepared, ScheduleArg, TrainArgs, Trainable, adapter_config,
-    duration, prepare, read_csv, write_curve,
+    EVAL_CSV, LOSS_CSV, OptimizerArg, Prepared, Progress, ScheduleArg, TrainArgs, Trainable,
+    adapter_config, prepare, read_csv, write_curve,
 };
 use crate::{CliError, flag};
 use edgetune::Backend;
@@ -15,7 +15,6 @@ use edgetune::train::backprop::{
 };
 use edgetune::train::data;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// The settings a new run takes from its flags.
 fn config(a: &TrainArgs) -> Result<BackpropConfig, CliError> {
@@ -201,10 +200,9 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         eprintln!("eval loss at step {}: {l:.4}", trainer.next_step);
         evals.push((trainer.next_step, l));
     }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let start = Instant::now();
+    let mut progress = Progress::new(trainer.next_step, a.steps);
     let first = trainer.next_step;
-    let (mut tokens, mut skipped, mut clipped) = (0usize, 0u64, 0u64);
+    let (mut skipped, mut clipped) = (0u64, 0u64);
     let save =
         |trainer: &BackpropTrainer<'_, '_, _>, curve: &[(u64, f64)], evals: &[(u64, f64)]| {
             write_curve(&dir, curve, evals)?;
@@ -218,7 +216,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 .into_iter()
                 .cloned()
                 .collect();
-        tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>();
+        progress.tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>();
         let out = match trainer.step(&batch) {
             Ok(out) => out,
             Err(e) => {
@@ -228,12 +226,10 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         };
         if out.skipped {
             skipped += 1;
-            eprintln!(
-                "{}step {step} skipped: loss {} gradient norm {} (not finite); nothing applied",
-                if tty { "\n" } else { "" },
-                out.loss,
-                out.grad_norm
-            );
+            progress.note(format_args!(
+                "step {step} skipped: loss {} gradient norm {} (not finite); nothing applied",
+                out.loss, out.grad_norm
+            ));
             if skipped > 10 && skipped * 2 > trainer.next_step - first {
                 save(&trainer, &curve, &evals)?;
                 return Err(edgetune::Error::NonFinite {
@@ -246,33 +242,17 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         }
         curve.push((step, out.loss));
         clipped += u64::from(out.clipped);
-        let secs = start.elapsed().as_secs_f64();
-        let done = trainer.next_step - first;
-        let eta = secs / done as f64 * (a.steps - trainer.next_step) as f64;
-        let every = (a.steps / 20).max(1);
-        if tty || trainer.next_step % every == 0 {
-            eprint!(
-                "{}step {}/{} loss {:.4} |grad| {:.3e} lr {:.2e} {:.0} tok/s ETA {}   {}",
-                if tty { "\r" } else { "" },
-                trainer.next_step,
-                a.steps,
-                out.loss,
-                out.grad_norm,
-                out.lr,
-                tokens as f64 / secs,
-                duration(eta),
-                if tty { "" } else { "\n" }
-            );
-        }
+        progress.show(
+            trainer.next_step,
+            format_args!(
+                "loss {:.4} |grad| {:.3e} lr {:.2e}",
+                out.loss, out.grad_norm, out.lr
+            ),
+        );
         if trainer.next_step % a.checkpoint_every == 0 || trainer.next_step == a.steps {
             if let Some(set) = &eval_set {
                 let l = trainer.eval(&set.examples)?;
-                evals.push((trainer.next_step, l));
-                eprintln!(
-                    "{}eval loss at step {}: {l:.4}",
-                    if tty { "\n" } else { "" },
-                    trainer.next_step
-                );
+                progress.eval(&mut evals, trainer.next_step, l);
             }
             save(&trainer, &curve, &evals)?;
         }

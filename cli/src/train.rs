@@ -660,10 +660,8 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         eprintln!("eval loss at step {}: {l:.4}", trainer.next_step);
         evals.push((trainer.next_step, l));
     }
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let start = Instant::now();
-    let first = trainer.next_step;
-    let (mut tokens, mut skipped, mut clamped, mut clipped) = (0usize, 0u64, 0u64, 0u64);
+    let mut progress = Progress::new(trainer.next_step, a.steps);
+    let (mut skipped, mut clamped, mut clipped) = (0u64, 0u64, 0u64);
     while trainer.next_step < a.steps {
         let step = trainer.next_step;
         let batch: Vec<_> =
@@ -671,7 +669,8 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
                 .into_iter()
                 .cloned()
                 .collect();
-        tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>() * 2;
+        // Both perturbed passes read the batch.
+        progress.tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>() * 2;
         let out = match trainer.step(&batch) {
             Ok(out) => out,
             Err(e) => {
@@ -691,33 +690,18 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             clamped += 1;
         }
         clipped += u64::from(out.clipped);
-        let secs = start.elapsed().as_secs_f64();
-        let done = trainer.next_step - first;
-        let eta = secs / done as f64 * (a.steps - trainer.next_step) as f64;
-        // A live line on a terminal; in a log, one line per twentieth of the run.
-        let every = (a.steps / 20).max(1);
-        if tty || trainer.next_step % every == 0 {
-            eprint!(
-                "{}step {}/{} loss {loss:.4} g {:+.3e} budget {:.1}% {:.0} tok/s ETA {}   {}",
-                if tty { "\r" } else { "" },
-                trainer.next_step,
-                a.steps,
+        progress.show(
+            trainer.next_step,
+            format_args!(
+                "loss {loss:.4} g {:+.3e} budget {:.1}%",
                 out.g.unwrap_or(f32::NAN),
                 trainer.state.spent() as f64 / edgetune::train::COEFFICIENT_BUDGET as f64 * 100.0,
-                tokens as f64 / secs,
-                duration(eta),
-                if tty { "" } else { "\n" }
-            );
-        }
+            ),
+        );
         if trainer.next_step % a.checkpoint_every == 0 || trainer.next_step == a.steps {
             if let Some(set) = &eval_set {
                 let l = trainer.eval(&set.examples)?;
-                evals.push((trainer.next_step, l));
-                eprintln!(
-                    "{}eval loss at step {}: {l:.4}",
-                    if tty { "\n" } else { "" },
-                    trainer.next_step
-                );
+                progress.eval(&mut evals, trainer.next_step, l);
             }
             write_curve(&dir, &curve, &evals)?;
             trainer.save(&dir)?;
@@ -767,6 +751,58 @@ pub fn replay_cmd(a: &ReplayArgs) -> Result<bool, CliError> {
     );
     println!("state-hash: {}", hex(&hash));
     Ok(true)
+}
+
+/// The progress line of a training run: live on a terminal; in a log, one line per
+/// twentieth of the run.
+pub(crate) struct Progress {
+    start: Instant,
+    first: u64,
+    steps: u64,
+    tty: bool,
+    /// Tokens the run's passes have read so far.
+    pub(crate) tokens: usize,
+}
+
+impl Progress {
+    pub(crate) fn new(first: u64, steps: u64) -> Progress {
+        Progress {
+            start: Instant::now(),
+            first,
+            steps,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            tokens: 0,
+        }
+    }
+
+    /// The line after a step, `detail` (the method's figures) between the step count and
+    /// the rate.
+    pub(crate) fn show(&self, next_step: u64, detail: std::fmt::Arguments<'_>) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let done = next_step.saturating_sub(self.first).max(1);
+        let eta = secs / done as f64 * self.steps.saturating_sub(next_step) as f64;
+        if self.tty || next_step.is_multiple_of((self.steps / 20).max(1)) {
+            eprint!(
+                "{}step {next_step}/{} {detail} {:.0} tok/s ETA {}   {}",
+                if self.tty { "\r" } else { "" },
+                self.steps,
+                self.tokens as f64 / secs,
+                duration(eta),
+                if self.tty { "" } else { "\n" }
+            );
+        }
+    }
+
+    /// A message on its own line (after a live progress line on a terminal).
+    pub(crate) fn note(&self, text: std::fmt::Arguments<'_>) {
+        eprintln!("{}{text}", if self.tty { "\n" } else { "" });
+    }
+
+    /// Records and shows a held-out loss.
+    pub(crate) fn eval(&self, evals: &mut Vec<(u64, f64)>, step: u64, loss: f64) {
+        evals.push((step, loss));
+        self.note(format_args!("eval loss at step {step}: {loss:.4}"));
+    }
 }
 
 pub(crate) fn duration(secs: f64) -> String {
