@@ -166,7 +166,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
         model.tape_bytes(capacity, cfg.recompute) as f64 / 1048576.0,
         if cfg.recompute { " (recomputed)" } else { "" }
     );
-    let mut trainer = BackpropTrainer::start(&be, &model, cfg, capacity)?;
+    let mut trainer = BackpropTrainer::start(&model, cfg, capacity)?;
     if let Some(r) = &a.resume {
         trainer.restore(r)?;
     }

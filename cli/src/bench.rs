@@ -416,7 +416,7 @@ fn model_bench<B: Backend>(
         recompute: false,
         memory_limit: None,
     };
-    let mut trainer = BackpropTrainer::start(dev, &model, cfg, len as u32)?;
+    let mut trainer = BackpropTrainer::start(&model, cfg, len as u32)?;
     trainer.step(&examples[..1])?; // warm-up: pipelines
     let (mut row, out) = Row::timed(format!("bp{batch}x{len}"), batch * len, || {
         trainer.step(&examples)

@@ -376,7 +376,6 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
     let mut clients = (1..=a.clients)
         .map(|id| {
             Client::join(
-                &be,
                 &model,
                 &sha,
                 &session,

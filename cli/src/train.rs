@@ -573,7 +573,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             );
         }
         model.attach(session.adapter.clone(), session.init_seed)?;
-        Trainer::resume(&be, &model, r, &model_sha, capacity)?
+        Trainer::resume(&model, r, &model_sha, capacity)?
     } else {
         let zo = ZoConfig {
             session_key: session_key(run.data_seed),
@@ -632,7 +632,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
             seed_weights,
             run: run.to_json(&a.data),
         };
-        Trainer::start(&be, &model, session, capacity)?
+        Trainer::start(&model, session, capacity)?
     };
     if let Some(c) = run.clip
         && !(c.is_finite() && c > 0.0)
@@ -739,7 +739,7 @@ pub fn replay_cmd(a: &ReplayArgs) -> Result<bool, CliError> {
     let mut model = f.load(&be)?;
     model.attach(session.adapter.clone(), session.init_seed)?;
     let start = Instant::now();
-    let (state, _, records) = replay(&be, &model, &a.history, &model_sha)?;
+    let (state, _, records) = replay(&model, &a.history, &model_sha)?;
     let hash = state.hash(&be)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(

@@ -244,7 +244,7 @@ pub extern "C" fn et_train_backprop(
                 "a step needs examples and a batch of at least one",
             ));
         }
-        let mut trainer = BackpropTrainer::start(m.model.backend(), &m.model, cfg, capacity)?;
+        let mut trainer = BackpropTrainer::start(&m.model, cfg, capacity)?;
         // SAFETY: when non-NULL, `cancel` is a byte the caller may store to atomically.
         let cancelled = || {
             !cancel.is_null() && unsafe { &*cancel.cast::<AtomicU8>() }.load(Ordering::Relaxed) != 0

@@ -26,6 +26,7 @@ pub mod format;
 pub mod generate;
 #[cfg(feature = "std")]
 pub mod guard;
+pub mod held;
 pub mod model;
 pub mod quant;
 pub mod rng;

@@ -122,16 +122,7 @@ fn rounds_over_http_keep_clients_in_step_and_bad_requests_change_nothing() {
     let mut clients: Vec<Client<'_, '_, Cpu>> = [1u32, 2]
         .iter()
         .map(|&id| {
-            Client::join(
-                &Cpu,
-                &model,
-                &sha,
-                &session,
-                id,
-                &dir.join(format!("c{id}")),
-                16,
-            )
-            .unwrap()
+            Client::join(&model, &sha, &session, id, &dir.join(format!("c{id}")), 16).unwrap()
         })
         .collect();
     // Round 1: client 1 uploads (the round stays open below quorum), then client 2.
@@ -224,7 +215,7 @@ fn rounds_over_http_keep_clients_in_step_and_bad_requests_change_nothing() {
     assert_eq!(get(&format!("{base}/v1/rounds/1")).1, round1);
     let (s, cp) = get(&format!("{base}/v1/checkpoint"));
     assert_eq!(s, 200);
-    let mut late = Client::join(&Cpu, &model, &sha, &session, 3, &dir.join("late"), 16).unwrap();
+    let mut late = Client::join(&model, &sha, &session, 3, &dir.join("late"), 16).unwrap();
     late.restore_checkpoint(&cp).unwrap();
     assert_eq!(late.state_hash().unwrap(), clients[0].state_hash().unwrap());
     // A server configured for another session refuses this store.

@@ -158,16 +158,8 @@ fn kill_run(dir: &Path, store_args: &[String], open: &dyn Fn() -> Box<dyn Store>
             };
             let mut cs: Vec<Client<'_, '_, Cpu>> = (1..=CLIENTS)
                 .map(|id| {
-                    Client::join(
-                        &Cpu,
-                        &model,
-                        &sha,
-                        &session,
-                        id,
-                        &dir.join(format!("c{id}")),
-                        16,
-                    )
-                    .unwrap()
+                    Client::join(&model, &sha, &session, id, &dir.join(format!("c{id}")), 16)
+                        .unwrap()
                 })
                 .collect();
             let mut nonce = [0u64; CLIENTS as usize];

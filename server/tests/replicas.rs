@@ -132,16 +132,7 @@ fn two_replicas_on_one_database_close_each_round_once() {
     );
     let mut cs: Vec<Client<'_, '_, Cpu>> = (1..=4u32)
         .map(|id| {
-            Client::join(
-                &Cpu,
-                &model,
-                &sha,
-                &session,
-                id,
-                &dir.join(format!("c{id}")),
-                16,
-            )
-            .unwrap()
+            Client::join(&model, &sha, &session, id, &dir.join(format!("c{id}")), 16).unwrap()
         })
         .collect();
     let mut acked = Vec::new();

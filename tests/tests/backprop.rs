@@ -197,7 +197,7 @@ fn check_trajectories<B: Backend>(be: &B) -> Vec<String> {
                 .join(want["adapter"].as_str().unwrap());
             attach_dir(&mut model, &adapter).unwrap();
             let cfg = trajectory_config(t);
-            let mut trainer = BackpropTrainer::start(be, &model, cfg, 8).unwrap();
+            let mut trainer = BackpropTrainer::start(&model, cfg, 8).unwrap();
             let mut losses = Vec::new();
             for (step, lr) in floats(&t["lrs"]).iter().enumerate() {
                 let out = trainer.step(&batch).unwrap();
@@ -365,7 +365,7 @@ fn checkpoints_resume_exactly_and_refuse_other_layouts() {
     std::fs::create_dir_all(&dir).unwrap();
     let be = Cpu;
     let (model, batch) = tiny_lora(&be);
-    let mut straight = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let mut straight = BackpropTrainer::start(&model, adamw(1e-2), 8).unwrap();
     for _ in 0..4 {
         straight.step(&batch).unwrap();
     }
@@ -373,13 +373,13 @@ fn checkpoints_resume_exactly_and_refuse_other_layouts() {
     drop(straight);
 
     let (model, batch) = tiny_lora(&be);
-    let mut first = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let mut first = BackpropTrainer::start(&model, adamw(1e-2), 8).unwrap();
     first.step(&batch).unwrap();
     first.step(&batch).unwrap();
     first.save(&dir, &serde_json::json!({})).unwrap();
     drop(first);
     let (model, batch) = tiny_lora(&be);
-    let mut resumed = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let mut resumed = BackpropTrainer::start(&model, adamw(1e-2), 8).unwrap();
     resumed.restore(&dir).unwrap();
     assert_eq!((resumed.next_step, resumed.applied), (2, 2));
     resumed.step(&batch).unwrap();
@@ -396,7 +396,7 @@ fn checkpoints_resume_exactly_and_refuse_other_layouts() {
         )
         .unwrap();
     let before = other.read_params().unwrap();
-    let mut t = BackpropTrainer::start(&be, &other, adamw(1e-2), 8).unwrap();
+    let mut t = BackpropTrainer::start(&other, adamw(1e-2), 8).unwrap();
     let err = t.restore(&dir).unwrap_err().to_string();
     assert!(err.contains("another adapter layout"), "{err}");
     assert_eq!(t.next_step, 0);
@@ -464,12 +464,11 @@ fn bad_settings_are_refused_before_the_first_step() {
     for cfg in bad {
         let shown = format!("{cfg:?}");
         assert!(
-            BackpropTrainer::start(&be, &model, cfg, 8).is_err(),
+            BackpropTrainer::start(&model, cfg, 8).is_err(),
             "accepted {shown}"
         );
     }
     let err = BackpropTrainer::start(
-        &be,
         &model,
         BackpropConfig {
             memory_limit: Some(1 << 10),
@@ -485,7 +484,7 @@ fn bad_settings_are_refused_before_the_first_step() {
     // Recomputing keeps less.
     assert!(model.tape_bytes(64, true) < model.tape_bytes(64, false));
     // Sequences longer than the tape, or token ids outside the vocabulary, are errors.
-    let mut trainer = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let mut trainer = BackpropTrainer::start(&model, adamw(1e-2), 8).unwrap();
     let long = Example {
         tokens: vec![1; 9],
         targets: vec![true; 9],
@@ -511,7 +510,7 @@ fn non_finite_steps_are_skipped() {
         .map(|v| v.iter().map(|_| 3e37f32).collect())
         .collect();
     model.write_params(&huge).unwrap();
-    let mut trainer = BackpropTrainer::start(&be, &model, adamw(1e-2), 8).unwrap();
+    let mut trainer = BackpropTrainer::start(&model, adamw(1e-2), 8).unwrap();
     let out = trainer.step(&batch).unwrap();
     assert!(out.skipped, "{out:?}");
     assert!(!(out.loss.is_finite() && out.grad_norm.is_finite()));
@@ -531,7 +530,7 @@ fn micro_batches_split_unevenly_and_empty_batches_are_refused() {
         micro_batches: 2,
         ..adamw(1e-2)
     };
-    let mut trainer = BackpropTrainer::start(&be, &model, cfg, 8).unwrap();
+    let mut trainer = BackpropTrainer::start(&model, cfg, 8).unwrap();
     let (first, rest) = (
         trainer.eval(&three[..1]).unwrap(),
         trainer.eval(&three[1..]).unwrap(),

@@ -75,18 +75,7 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
         .map(|c| tmp(&format!("{mode:?}{enc:?}-{c}")))
         .collect();
     let mut clients: Vec<Client<'_, '_, Cpu>> = (1..=3u32)
-        .map(|c| {
-            Client::join(
-                &Cpu,
-                &model,
-                &hex(&sha),
-                &bytes,
-                c,
-                &dirs[c as usize - 1],
-                16,
-            )
-            .unwrap()
-        })
+        .map(|c| Client::join(&model, &hex(&sha), &bytes, c, &dirs[c as usize - 1], 16).unwrap())
         .collect();
     let mut last = Vec::new();
     for round in 1..=3u32 {
@@ -131,14 +120,14 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
 
     // Restarted, client 1 rebuilds the same state from its directory.
     drop(clients);
-    let again = Client::join(&Cpu, &model, &hex(&sha), &bytes, 1, &dirs[0], 16).unwrap();
+    let again = Client::join(&model, &hex(&sha), &bytes, 1, &dirs[0], 16).unwrap();
     assert_eq!((again.round, again.uploaded), (3, 3));
     assert_eq!(again.state_hash().unwrap(), want);
 
     // A late joiner: round 3 alone does not follow its round 0 (refused, nothing applied);
     // a checkpoint brings it to round 3.
     let late_dir = tmp(&format!("{mode:?}{enc:?}-late"));
-    let mut late = Client::join(&Cpu, &model, &hex(&sha), &bytes, 9, &late_dir, 16).unwrap();
+    let mut late = Client::join(&model, &hex(&sha), &bytes, 9, &late_dir, 16).unwrap();
     let start = late.state_hash().unwrap();
     assert!(late.apply_round(&last).is_err());
     assert_eq!(late.state_hash().unwrap(), start);
@@ -151,7 +140,7 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
     server.check_upload(&up.upload).unwrap();
     // ... and keeps it across a restart.
     drop(late);
-    let late = Client::join(&Cpu, &model, &hex(&sha), &bytes, 9, &late_dir, 16).unwrap();
+    let late = Client::join(&model, &hex(&sha), &bytes, 9, &late_dir, 16).unwrap();
     assert_eq!(late.state_hash().unwrap(), want);
     for d in dirs.iter().chain([&late_dir]) {
         let _ = std::fs::remove_dir_all(d);
@@ -190,7 +179,7 @@ fn a_corrupt_round_applies_nothing_and_a_checkpoint_recovers() {
     let s = session(&model, &sha, SeedMode::KSeed, Encoding::F32);
     let mut server = Coordinator::new(&Cpu, &model, s, Policy::default()).unwrap();
     let dir = tmp("corrupt");
-    let mut c = Client::join(&Cpu, &model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
+    let mut c = Client::join(&model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
     let up = c.train_round(&examples(0), 2).unwrap();
     let round = server
         .close_round(&[server.check_upload(&up.upload).unwrap()])
@@ -224,7 +213,7 @@ fn a_corrupt_round_applies_nothing_and_a_checkpoint_recovers() {
         model_sha256: [0; 32],
         ..s
     };
-    assert!(Client::join(&Cpu, &model, &hex(&sha), &other.encode(), 2, &dir, 16).is_err());
+    assert!(Client::join(&model, &hex(&sha), &other.encode(), 2, &dir, 16).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -257,7 +246,6 @@ fn a_byzantine_client_is_contained_by_the_median() {
         let mut cs: Vec<Client<'_, '_, Cpu>> = (1..=5u32)
             .map(|c| {
                 Client::join(
-                    &Cpu,
                     &model,
                     &hex(&sha),
                     &s.encode(),
@@ -334,7 +322,7 @@ fn forged_seeds_are_refused_and_the_budget_is_never_exceeded() {
     };
     let mut server = Coordinator::new(&Cpu, &model, s, Policy::default()).unwrap();
     let dir = tmp("budget");
-    let mut c = Client::join(&Cpu, &model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
+    let mut c = Client::join(&model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
     let up = c.train_round(&examples(0), 2).unwrap();
     let mut forged = server.check_upload(&up.upload).unwrap();
     if let Scalars::Pairs(pairs) = &mut forged.scalars {

@@ -74,7 +74,7 @@ fn train_run(dir: &Path, cfg: AdapterConfig, zo: ZoConfig, steps: u64) -> String
     let mut model = f.load(&Cpu).unwrap();
     model.attach(cfg, 5).unwrap();
     let s = session(&model, &sha, zo);
-    let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
+    let mut t = Trainer::start(&model, s, 16).unwrap();
     let data = examples(8);
     for step in 0..steps as usize {
         t.step(&data[step % 8..step % 8 + 1]).unwrap();
@@ -89,7 +89,7 @@ fn replay_hash<B: Backend>(be: &B, dir: &Path) -> String {
     let session = history::read_session(dir).unwrap();
     let mut model = f.load(be).unwrap();
     model.attach(session.adapter.clone(), 0).unwrap();
-    let (state, _, _) = replay(be, &model, dir, &sha).unwrap();
+    let (state, _, _) = replay(&model, dir, &sha).unwrap();
     hex(&state.hash(be).unwrap())
 }
 
@@ -190,19 +190,19 @@ fn a_resumed_run_continues_as_an_uninterrupted_one() {
     };
     let mut whole = f.load(&Cpu).unwrap();
     whole.attach(lora.clone(), 5).unwrap();
-    let mut t = Trainer::start(&Cpu, &whole, session(&whole, &sha, cfg), 16).unwrap();
+    let mut t = Trainer::start(&whole, session(&whole, &sha, cfg), 16).unwrap();
     run(&mut t, 10);
     let (want_hash, want_records) = (t.state.hash(&Cpu).unwrap(), t.records.clone());
 
     let dir = tmp("resume");
     let mut first = f.load(&Cpu).unwrap();
     first.attach(lora.clone(), 5).unwrap();
-    let mut t = Trainer::start(&Cpu, &first, session(&first, &sha, cfg), 16).unwrap();
+    let mut t = Trainer::start(&first, session(&first, &sha, cfg), 16).unwrap();
     run(&mut t, 4);
     t.save(&dir).unwrap();
     let mut second = f.load(&Cpu).unwrap();
     second.attach(lora, 5).unwrap();
-    let mut t = Trainer::resume(&Cpu, &second, &dir, &sha, 16).unwrap();
+    let mut t = Trainer::resume(&second, &dir, &sha, 16).unwrap();
     assert_eq!(t.next_step, 4);
     run(&mut t, 10);
     assert_eq!(t.records, want_records);
@@ -217,7 +217,7 @@ fn check_step_leaves_frozen_weights<B: Backend>(be: &B, cfg: AdapterConfig) {
     let before: Vec<Vec<u8>> = model.frozen().iter().map(|b| be.read(b).unwrap()).collect();
     let sha = hex(&f.sha256());
     let s = session(&model, &sha, zo(SeedMode::Mezo, 1e-2));
-    let mut t = Trainer::start(be, &model, s, 16).unwrap();
+    let mut t = Trainer::start(&model, s, 16).unwrap();
     let w0 = t.state.start(be).unwrap();
     let data = examples(2);
     for _ in 0..3 {
@@ -295,7 +295,7 @@ fn a_short_run_lowers_the_held_out_loss() {
         let mut model = f.load(&Cpu).unwrap();
         model.attach(cfg.clone(), 0).unwrap();
         let s = session(&model, &sha, zo(SeedMode::Mezo, lr));
-        let mut t = Trainer::start(&Cpu, &model, s, 16).unwrap();
+        let mut t = Trainer::start(&model, s, 16).unwrap();
         let data = examples(16);
         let (train, held_out) = data.split_at(12);
         let before = t.eval(held_out).unwrap();
@@ -328,7 +328,7 @@ fn bad_histories_are_refused_and_apply_nothing() {
     let attempt = |expect: &str| {
         let mut model = f.load(&Cpu).unwrap();
         model.attach(AdapterConfig::ia3(), 0).unwrap();
-        let err = replay(&Cpu, &model, &dir, &sha).unwrap_err().to_string();
+        let err = replay(&model, &dir, &sha).unwrap_err().to_string();
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
     };
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
@@ -353,13 +353,13 @@ fn bad_histories_are_refused_and_apply_nothing() {
     write(history::SESSION, &session_text);
     let mut model = f.load(&Cpu).unwrap();
     model.attach(AdapterConfig::ia3(), 0).unwrap();
-    let err = replay(&Cpu, &model, &dir, "00").unwrap_err().to_string();
+    let err = replay(&model, &dir, "00").unwrap_err().to_string();
     assert!(err.contains("another model"), "{err}");
     let mut model = f.load(&Cpu).unwrap();
     model
         .attach(AdapterConfig::lora(2, 2.0, &[Target::Q]), 0)
         .unwrap();
-    let err = replay(&Cpu, &model, &dir, &sha).unwrap_err().to_string();
+    let err = replay(&model, &dir, &sha).unwrap_err().to_string();
     assert!(err.contains("trainable layout"), "{err}");
     // Intact again, it replays.
     assert_eq!(replay_hash(&Cpu, &dir).len(), 64);
@@ -434,13 +434,8 @@ fn full_training_holds_every_weight_and_refuses_a_quantised_model() {
 
     let dir = tmp("full");
     let sha = hex(&f.sha256());
-    let mut t = Trainer::start(
-        &Cpu,
-        &model,
-        session(&model, &sha, zo(SeedMode::Mezo, 1e-3)),
-        16,
-    )
-    .unwrap();
+    let mut t =
+        Trainer::start(&model, session(&model, &sha, zo(SeedMode::Mezo, 1e-3)), 16).unwrap();
     let data = examples(4);
     for _ in 0..3 {
         t.step(&data).unwrap();
@@ -450,7 +445,7 @@ fn full_training_holds_every_weight_and_refuses_a_quantised_model() {
     if let Some(gpu) = common::gpu() {
         let mut m = f.load(&gpu).unwrap();
         m.attach(AdapterConfig::full(), 0).unwrap();
-        let (state, _, _) = replay(&gpu, &m, &dir, &sha).unwrap();
+        let (state, _, _) = replay(&m, &dir, &sha).unwrap();
         assert_eq!(hex(&state.hash(&gpu).unwrap()), trained);
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -476,13 +471,8 @@ fn a_full_run_saves_weights_that_reload_to_the_same_logits() {
     let dir = tmp("full-reload");
     let mut model = f.load(&Cpu).unwrap();
     model.attach(AdapterConfig::full(), 0).unwrap();
-    let mut t = Trainer::start(
-        &Cpu,
-        &model,
-        session(&model, &sha, zo(SeedMode::Mezo, 1e-2)),
-        16,
-    )
-    .unwrap();
+    let mut t =
+        Trainer::start(&model, session(&model, &sha, zo(SeedMode::Mezo, 1e-2)), 16).unwrap();
     for _ in 0..3 {
         t.step(&examples(2)).unwrap();
     }

@@ -9,6 +9,7 @@ use super::{Checkpoint, Round, Scalars, Session, Upload, protocol, read_checkpoi
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_bounded, read_json, write_atomic};
+use crate::held::Held;
 use crate::model::{KvCache, Model};
 use crate::train::history::hex;
 use crate::train::{
@@ -46,8 +47,7 @@ pub struct LocalRound {
 /// A federated client over a model whose adapter is the session's (attached with the
 /// session key as its init seed, so every participant starts from the same values).
 pub struct Client<'m, 'b, B: Backend> {
-    be: &'b B,
-    model: &'m Model<'b, B>,
+    model: Held<'m, Model<'b, B>>,
     pub session: Session,
     cfg: ZoConfig,
     pub id: u32,
@@ -80,14 +80,14 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     /// checked). `model_sha256` is the hex SHA-256 of the model file; `capacity` the
     /// longest sequence in tokens.
     pub fn join(
-        be: &'b B,
-        model: &'m Model<'b, B>,
+        model: impl Into<Held<'m, Model<'b, B>>>,
         model_sha256: &str,
         session: &[u8],
         id: u32,
         dir: &Path,
         capacity: u32,
     ) -> Result<Self> {
+        let model = model.into();
         let session = protocol("session", Session::decode(session))?;
         let layout = crate::adapter::layout_hash(model.layout());
         if hex(&session.model_sha256) != model_sha256 {
@@ -103,21 +103,24 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
                 reason: "the session's trainable layout is not this model's adapter".into(),
             });
         }
-        let w0 = super::start_values(model, &session)?;
+        let w0 = super::start_values(&model, &session)?;
+        let (state, cache) = (
+            ZoState::new(model.backend(), &model, &w0)?,
+            model.new_cache(capacity)?,
+        );
         let mut c = Client {
-            be,
             model,
             cfg: super::zo_config(&session),
             session,
             id,
-            state: ZoState::new(be, model, &w0)?,
+            state,
             w0,
             round: 0,
             uploaded: 0,
             checkpoint: 0,
             weights: None,
             dir: dir.to_owned(),
-            cache: model.new_cache(capacity)?,
+            cache,
         };
         c.restore()?;
         Ok(c)
@@ -125,7 +128,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
 
     /// The hash of the shared trainable state (docs/zeroth-order.md).
     pub fn state_hash(&self) -> Result<[u8; 32]> {
-        self.state.hash(self.be)
+        self.state.hash(self.model.backend())
     }
 
     fn round_path(&self, r: u32) -> PathBuf {
@@ -191,9 +194,9 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
                 ),
             });
         }
-        let mut next = self.state.duplicate(self.be, self.model)?;
-        next.apply(self.be, &self.cfg, &msg.updates)?;
-        let found = next.hash(self.be)?;
+        let mut next = self.state.duplicate(self.model.backend(), &self.model)?;
+        next.apply(self.model.backend(), &self.cfg, &msg.updates)?;
+        let found = next.hash(self.model.backend())?;
         if found != msg.digest {
             return Err(Error::StateMismatch {
                 round: msg.round,
@@ -227,8 +230,14 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     }
 
     fn load_checkpoint(&mut self, cp: &Checkpoint) -> Result<()> {
-        let state = ZoState::from_parts(self.be, self.model, &self.w0, &cp.acc, cp.spent)?;
-        let found = hex(&state.hash(self.be)?);
+        let state = ZoState::from_parts(
+            self.model.backend(),
+            &self.model,
+            &self.w0,
+            &cp.acc,
+            cp.spent,
+        )?;
+        let found = hex(&state.hash(self.model.backend())?);
         if found != cp.state_hash {
             return Err(Error::StateMismatch {
                 round: cp.round,
@@ -248,7 +257,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     pub fn restore_checkpoint(&mut self, bytes: &[u8]) -> Result<()> {
         let cp = read_checkpoint(bytes, self.model.layout())?;
         let before = (
-            self.state.duplicate(self.be, self.model)?,
+            self.state.duplicate(self.model.backend(), &self.model)?,
             self.round,
             self.checkpoint,
             self.weights.clone(),
@@ -268,7 +277,7 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         let round = self.round + 1;
         let s = self.session;
         let clip = (s.clip > 0.0).then_some(s.clip);
-        let mut local = self.state.duplicate(self.be, self.model)?;
+        let mut local = self.state.duplicate(self.model.backend(), &self.model)?;
         // Local steps only move this copy; when the integer budget could not take all of
         // them, they run without moving it (the scalars, which are what is uploaded, are
         // unchanged in kind).
@@ -292,8 +301,8 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
                     .cloned()
                     .collect();
             let out = zo_step(
-                self.be,
-                self.model,
+                self.model.backend(),
+                &self.model,
                 &mut self.cache,
                 &mut local,
                 &local_cfg,
@@ -348,13 +357,14 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     /// Writes the shared state into the model's adapter buffers (for generation or
     /// scoring with the model directly; local steps leave them perturbed).
     pub fn load(&self) -> Result<()> {
-        self.state.load_into(self.be, self.model, &self.cfg, 0, 0.0)
+        self.state
+            .load_into(self.model.backend(), &self.model, &self.cfg, 0, 0.0)
     }
 
     /// Mean loss per target token of `set` at the shared state (no perturbation).
     pub fn eval(&mut self, set: &[Example]) -> Result<f64> {
         self.load()?;
-        let (nll, n) = batch_nll(self.model, &mut self.cache, set)?;
+        let (nll, n) = batch_nll(&self.model, &mut self.cache, set)?;
         Ok(nll / n.max(1) as f64)
     }
 }

@@ -612,7 +612,7 @@ impl ModelFiles {
     /// in the backend's buffers.
     pub fn load<'b, B: Backend>(
         &self,
-        backend: impl Into<crate::model::llama::BackendRef<'b, B>>,
+        backend: impl Into<crate::held::Held<'b, B>>,
     ) -> Result<Model<'b, B>> {
         match self {
             ModelFiles::Gguf(f) => {

@@ -9,6 +9,7 @@ use crate::adapter::{self, AdapterConfig, Dims, Init, Method, ParamInfo, Slot, T
 use crate::backend::{Backend, Op, RopeScaling, rope_table};
 use crate::error::{Error, Result};
 use crate::format::gguf::{Gguf, TensorInfo};
+use crate::held::Held;
 use crate::quant::{self, WeightType};
 use std::prelude::v1::*;
 
@@ -210,44 +211,10 @@ struct Layer<B: Backend> {
     down: Linear<B>,
 }
 
-/// How a model holds its backend: borrowed (Rust callers keep the backend alive around
-/// the model), or shared (a C API handle owns what it uses).
-#[derive(Debug)]
-pub enum BackendRef<'b, B> {
-    Borrowed(&'b B),
-    #[cfg(feature = "std")]
-    Shared(std::sync::Arc<B>),
-}
-
-impl<B> core::ops::Deref for BackendRef<'_, B> {
-    type Target = B;
-
-    fn deref(&self) -> &B {
-        match self {
-            BackendRef::Borrowed(b) => b,
-            #[cfg(feature = "std")]
-            BackendRef::Shared(b) => b,
-        }
-    }
-}
-
-impl<'b, B> From<&'b B> for BackendRef<'b, B> {
-    fn from(b: &'b B) -> Self {
-        BackendRef::Borrowed(b)
-    }
-}
-
-#[cfg(feature = "std")]
-impl<B> From<std::sync::Arc<B>> for BackendRef<'static, B> {
-    fn from(b: std::sync::Arc<B>) -> Self {
-        BackendRef::Shared(b)
-    }
-}
-
 /// A loaded model.
 #[derive(Debug)]
 pub struct Model<'b, B: Backend> {
-    backend: BackendRef<'b, B>,
+    backend: Held<'b, B>,
     pub cfg: Config,
     embed: Weight<B>,
     layers: Vec<Layer<B>>,
@@ -603,7 +570,7 @@ impl<'b, B: Backend> Model<'b, B> {
     /// Loads a GGUF model whose header `gguf` was parsed from `bytes` (the whole file);
     /// `file` names it in errors.
     pub fn from_gguf(
-        backend: impl Into<BackendRef<'b, B>>,
+        backend: impl Into<Held<'b, B>>,
         gguf: &Gguf,
         bytes: &[u8],
         file: &str,
@@ -617,7 +584,7 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// Loads a model of shape `cfg` from any tensor source.
     pub fn load(
-        backend: impl Into<BackendRef<'b, B>>,
+        backend: impl Into<Held<'b, B>>,
         mut cfg: Config,
         source: &impl TensorSource,
     ) -> Result<Self> {

@@ -10,6 +10,7 @@ use crate::adapter::{ParamInfo, layout_hash, peft};
 use crate::backend::{AdamHyper, Backend, Op};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_bounded, write_atomic};
+use crate::held::Held;
 use crate::model::llama::Tape;
 use crate::model::{KvCache, Model};
 use serde_json::{Value, json};
@@ -283,8 +284,7 @@ pub struct BackpropOutcome {
 
 /// A backprop run over a model with a LoRA or IA3 adapter attached.
 pub struct BackpropTrainer<'m, 'b, B: Backend> {
-    be: &'b B,
-    model: &'m Model<'b, B>,
+    model: Held<'m, Model<'b, B>>,
     pub cfg: BackpropConfig,
     tape: Tape<B>,
     grads: Vec<B::Buffer>,
@@ -313,11 +313,12 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
     /// `capacity` tokens. Everything a step needs is allocated here: a batch that does
     /// not fit the device fails now, with the size it needs.
     pub fn start(
-        be: &'b B,
-        model: &'m Model<'b, B>,
+        model: impl Into<Held<'m, Model<'b, B>>>,
         cfg: BackpropConfig,
         capacity: u32,
     ) -> Result<Self> {
+        let model = model.into();
+        let be = model.backend();
         cfg.validate()?;
         if model.layout().is_empty() {
             return Err(bad(
@@ -356,15 +357,19 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             );
         }
         let largest = layout.iter().map(|p| p.len()).max().unwrap_or(1);
+        let (grads, zeros, cache) = (
+            model.grad_buffers()?,
+            be.alloc(u64::from(largest) * 4, "gradients")?,
+            model.new_cache(capacity)?,
+        );
         Ok(BackpropTrainer {
-            be,
             model,
             cfg,
             tape,
-            grads: model.grad_buffers()?,
+            grads,
             state,
-            zeros: be.alloc(u64::from(largest) * 4, "gradients")?,
-            cache: model.new_cache(capacity)?,
+            zeros,
+            cache,
             next_step: 0,
             applied: 0,
         })
@@ -449,7 +454,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                     beta2,
                     eps,
                     weight_decay,
-                } => self.be.run(&Op::AdamW {
+                } => self.model.backend().run(&Op::AdamW {
                     param: p,
                     grad,
                     m: &st[0],
@@ -470,7 +475,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
                 Optimizer::Sgd {
                     momentum,
                     weight_decay,
-                } => self.be.run(&Op::Sgd {
+                } => self.model.backend().run(&Op::Sgd {
                     param: p,
                     grad,
                     buf: &st[0],
@@ -497,7 +502,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
     fn grad_norm(&self) -> Result<f64> {
         let mut ss = 0.0f64;
         for (g, p) in self.grads.iter().zip(self.model.layout()) {
-            for v in self.be.read_f32(g, p.len() as usize)? {
+            for v in self.model.backend().read_f32(g, p.len() as usize)? {
                 ss += f64::from(v) * f64::from(v);
             }
         }
@@ -506,7 +511,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
 
     fn zero_grads(&self) -> Result<()> {
         for (g, p) in self.grads.iter().zip(self.model.layout()) {
-            self.be.run(&Op::Copy {
+            self.model.backend().run(&Op::Copy {
                 src: &self.zeros,
                 dst: g,
                 n: p.len(),
@@ -519,7 +524,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
 
     /// Mean loss per target token of `set` at the current values.
     pub fn eval(&mut self, set: &[Example]) -> Result<f64> {
-        let (nll, n) = super::batch_nll(self.model, &mut self.cache, set)?;
+        let (nll, n) = super::batch_nll(&self.model, &mut self.cache, set)?;
         Ok(nll / n.max(1) as f64)
     }
 
@@ -559,7 +564,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         let mut tensors = self.model.read_params()?;
         for k in 0..self.cfg.optimizer.state_names().len() {
             for (st, p) in self.state.iter().zip(self.model.layout()) {
-                tensors.push(self.be.read_f32(&st[k], p.len() as usize)?);
+                tensors.push(self.model.backend().read_f32(&st[k], p.len() as usize)?);
             }
         }
         let bytes = peft::safetensors_bytes_with(
@@ -574,7 +579,7 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
             ],
         )?;
         write_atomic(&dir.join(CHECKPOINT), &bytes)?;
-        peft::save_attached(dir, self.model)
+        peft::save_attached(dir, &self.model)
     }
 
     fn adapter(&self) -> Result<&crate::adapter::AdapterConfig> {
@@ -621,8 +626,8 @@ impl<'m, 'b, B: Backend> BackpropTrainer<'m, 'b, B> {
         self.model.write_params(&tensors[..n])?;
         for (k, chunk) in tensors[n..].chunks(n).enumerate() {
             for (st, v) in self.state.iter().zip(chunk) {
-                let src = self.be.upload_f32(v, "optimizer state")?;
-                self.be.run(&Op::Copy {
+                let src = self.model.backend().upload_f32(v, "optimizer state")?;
+                self.model.backend().run(&Op::Copy {
                     src: &src,
                     dst: &st[k],
                     n: v.len() as u32,

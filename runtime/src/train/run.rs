@@ -7,6 +7,7 @@ use super::{Example, StepOutcome, ZoState, batch_nll, zo_step};
 use crate::adapter::{layout_hash, peft};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::held::Held;
 use crate::model::{KvCache, Model};
 use std::path::Path;
 use std::prelude::v1::*;
@@ -16,8 +17,7 @@ const REPLAY_CHUNK: usize = 4096;
 
 /// A run in progress.
 pub struct Trainer<'m, 'b, B: Backend> {
-    be: &'b B,
-    model: &'m Model<'b, B>,
+    model: Held<'m, Model<'b, B>>,
     pub state: ZoState<B>,
     pub session: Session,
     pub records: Vec<Record>,
@@ -45,12 +45,12 @@ fn layout_hex<B: Backend>(model: &Model<'_, B>) -> String {
 
 /// Rebuilds the state of run directory `dir` on `model` (whose adapter must be the
 /// session's), checking the model and layout hashes and every record before applying any.
-pub fn replay<'b, B: Backend>(
-    be: &'b B,
-    model: &Model<'b, B>,
+pub fn replay<B: Backend>(
+    model: &Model<'_, B>,
     dir: &Path,
     model_sha256: &str,
 ) -> Result<(ZoState<B>, Session, Vec<Record>)> {
+    let be = model.backend();
     let session = history::read_session(dir)?;
     let shown = dir.join(history::SESSION).display().to_string();
     session.check_target(model_sha256, &layout_hex(model), &shown)?;
@@ -71,12 +71,12 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
     /// A new run from the model's current adapter values; `capacity` is the longest
     /// sequence in tokens.
     pub fn start(
-        be: &'b B,
-        model: &'m Model<'b, B>,
+        model: impl Into<Held<'m, Model<'b, B>>>,
         session: Session,
         capacity: u32,
     ) -> Result<Self> {
-        if session.layout_sha256 != layout_hex(model) {
+        let model = model.into();
+        if session.layout_sha256 != layout_hex(&model) {
             return Err(Error::InvalidArgument {
                 name: "session",
                 reason: "its layout hash is not the model's adapter layout".into(),
@@ -84,12 +84,11 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
         }
         let w0 = model.read_params()?;
         Ok(Trainer {
-            be,
-            model,
-            state: ZoState::new(be, model, &w0)?,
+            state: ZoState::new(model.backend(), &model, &w0)?,
             session,
             records: Vec::new(),
             cache: model.new_cache(capacity)?,
+            model,
             next_step: 0,
             clip: None,
         })
@@ -97,24 +96,23 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
 
     /// Continues the run in `dir` (see [`replay`]).
     pub fn resume(
-        be: &'b B,
-        model: &'m Model<'b, B>,
+        model: impl Into<Held<'m, Model<'b, B>>>,
         dir: &Path,
         model_sha256: &str,
         capacity: u32,
     ) -> Result<Self> {
-        let (state, session, records) = replay(be, model, dir, model_sha256)?;
+        let model = model.into();
+        let (state, session, records) = replay(&model, dir, model_sha256)?;
         let next_step = records
             .last()
             .map_or(0, |r| r.step + 1)
             .max(history::read_progress(dir)?);
         Ok(Trainer {
-            be,
-            model,
             state,
             session,
             records,
             cache: model.new_cache(capacity)?,
+            model,
             next_step,
             clip: None,
         })
@@ -131,8 +129,8 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
             .zo
             .seed_for_step(step, self.session.seed_weights.as_ref());
         let out = zo_step(
-            self.be,
-            self.model,
+            self.model.backend(),
+            &self.model,
             &mut self.cache,
             &mut self.state,
             &self.session.zo,
@@ -151,18 +149,23 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
         Ok(out)
     }
 
+    /// Writes the current (unperturbed) values into the model's adapter buffers: steps
+    /// leave them perturbed.
+    pub fn load(&self) -> Result<()> {
+        self.state
+            .load_into(self.model.backend(), &self.model, &self.session.zo, 0, 0.0)
+    }
+
     /// Mean loss per target token of `set` at the current (unperturbed) values.
     pub fn eval(&mut self, set: &[Example]) -> Result<f64> {
-        self.state
-            .load_into(self.be, self.model, &self.session.zo, 0, 0.0)?;
-        let (nll, n) = batch_nll(self.model, &mut self.cache, set)?;
+        self.load()?;
+        let (nll, n) = batch_nll(&self.model, &mut self.cache, set)?;
         Ok(nll / n.max(1) as f64)
     }
 
     /// The current adapter values (layout order), left loaded in the model.
     pub fn values(&self) -> Result<Vec<Vec<f32>>> {
-        self.state
-            .load_into(self.be, self.model, &self.session.zo, 0, 0.0)?;
+        self.load()?;
         self.model.read_params()
     }
 
@@ -174,7 +177,7 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
                 dir,
                 &self.session,
                 self.model.layout(),
-                &self.state.start(self.be)?,
+                &self.state.start(self.model.backend())?,
             )?;
         }
         history::write_history(dir, &self.records)?;
