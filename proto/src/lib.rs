@@ -12,6 +12,8 @@
 
 extern crate alloc;
 
+pub mod auth;
+
 use alloc::vec::Vec;
 use core::fmt;
 use half::f16;

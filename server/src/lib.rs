@@ -10,7 +10,7 @@
 //! (Prometheus text), `GET /` (status page).
 
 pub mod args;
-pub mod auth;
+pub use edgetune_proto::auth;
 pub mod postgres;
 pub mod store;
 pub mod tls;

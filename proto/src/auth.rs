@@ -1,7 +1,11 @@
 //! Request signatures: a client signs each upload with its own key, HMAC-SHA256 over the
 //! nonce (8 bytes, little-endian) and the whole body. The server keeps the last nonce per
-//! client, so a captured request cannot be replayed, and a bare token is never sent.
+//! client, so a captured request cannot be replayed, and a bare token is never sent. Here,
+//! beside the messages, so the server, the runtime's clients and the C API sign alike.
 
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -37,7 +41,12 @@ pub fn verify(key: &[u8], nonce: u64, body: &[u8], signature: &str) -> bool {
 }
 
 pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{x:02x}");
+    }
+    s
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
