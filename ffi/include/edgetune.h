@@ -12,18 +12,6 @@
 #define ET_VERSION_PATCH 0
 
 
-// A GPU if wgpu finds a real one, else the multi-threaded CPU path.
-#define ET_BACKEND_AUTO 0
-
-// The CPU reference: single-threaded, the oracle.
-#define ET_BACKEND_CPU 1
-
-// The multi-threaded CPU path.
-#define ET_BACKEND_HOST 2
-
-// Any wgpu adapter, CPU-emulated ones included.
-#define ET_BACKEND_GPU 3
-
 // LoRA on the query projection (bits of `et_lora_options.targets`).
 #define ET_TARGET_Q 1
 
@@ -38,6 +26,18 @@
 #define ET_TARGET_UP 32
 
 #define ET_TARGET_DOWN 64
+
+// A GPU if wgpu finds a real one, else the multi-threaded CPU path.
+#define ET_BACKEND_AUTO 0
+
+// The CPU reference: single-threaded, the oracle.
+#define ET_BACKEND_CPU 1
+
+// The multi-threaded CPU path.
+#define ET_BACKEND_HOST 2
+
+// Any wgpu adapter, CPU-emulated ones included.
+#define ET_BACKEND_GPU 3
 
 // What a call did. 0 is success; the numbers are stable: new codes are only added.
 typedef enum {
@@ -70,7 +70,18 @@ typedef enum {
   ET_PANIC = 12,
   // Non-finite numbers appeared (a model or adapter holding nonsense).
   ET_NON_FINITE = 13,
+  // A federated message is malformed, or belongs to another session, model or adapter.
+  ET_PROTOCOL = 14,
+  // The client's state does not reproduce a round's published digest (nothing was
+  // applied): restore a checkpoint from the server.
+  ET_STATE_MISMATCH = 15,
+  // The model is in use by a trainer or federated client, which must be freed before
+  // its adapter changes.
+  ET_BUSY = 16,
 } et_result;
+
+// A federated client. Use it, and the model it was made on, from one thread at a time.
+typedef struct et_fed_client et_fed_client;
 
 // A model and its tokenizer. Use it from one thread at a time.
 typedef struct et_model et_model;
@@ -79,6 +90,27 @@ typedef struct et_model et_model;
 // adapter. Use it from one thread at a time; models loaded on it share it and may
 // outlive this handle.
 typedef struct et_runtime et_runtime;
+
+// A training session. Use it, and the model it was made on, from one thread at a time.
+typedef struct et_trainer et_trainer;
+
+// A LoRA adapter's shape.
+typedef struct {
+  uint32_t rank;
+  float alpha;
+  // ET_TARGET_* bits; 0 for q and v.
+  uint32_t targets;
+  // Seeds A's start values (PEFT's initialisation; B starts at zero).
+  uint64_t seed;
+} et_lora_options;
+
+// One training example: `len` token ids and, per token, whether the loss predicts it
+// (`targets[0]` is ignored).
+typedef struct {
+  const uint32_t *tokens;
+  const uint8_t *targets;
+  size_t len;
+} et_example;
 
 // Sampling for `et_generate`; pass NULL for greedy decoding of up to 64 tokens.
 typedef struct {
@@ -114,48 +146,70 @@ typedef struct {
   const char *gpu_name;
 } et_runtime_options;
 
-// A LoRA adapter's shape.
+// Zeroth-order settings (docs/zeroth-order.md): two perturbed forward passes per step,
+// no backward pass, every update a (seed, scalar) pair that replays bit-identically.
 typedef struct {
-  uint32_t rank;
-  float alpha;
-  // ET_TARGET_* bits; 0 for q and v.
-  uint32_t targets;
-  // Seeds A's start values (PEFT's initialisation; B starts at zero).
+  // Examples per step.
+  uint32_t batch;
+  // In (0, 1].
+  float lr;
+  // The perturbation scale, in (0, 1].
+  float eps;
+  // K candidate seeds (FedKSeed); 0 for a fresh seed every step (MeZO).
+  uint32_t seeds;
+  // The update unit is 2^-delta_exp, in 8..=40; 0 for 16.
+  uint32_t delta_exp;
+  // |g| is cut to this; 0 for no cut.
+  float clip;
+  // The session key (every perturbation derives from it) and the examples' order.
   uint64_t seed;
-} et_lora_options;
+  // The longest example in tokens.
+  uint32_t max_tokens;
+} et_zo_options;
 
-// One training example: `len` token ids and, per token, whether the loss predicts it
-// (`targets[0]` is ignored).
+// Backprop settings (AdamW, betas 0.9 / 0.999, eps 1e-8).
 typedef struct {
-  const uint32_t *tokens;
-  const uint8_t *targets;
-  size_t len;
-} et_example;
-
-// Backprop settings (AdamW, betas 0.9/0.999, eps 1e-8).
-typedef struct {
-  uint32_t steps;
   // Examples per step.
   uint32_t batch;
   float lr;
+  // The steps the learning-rate schedule spans (at least 1; steps beyond it keep the
+  // schedule's last rate).
+  uint32_t total_steps;
   uint32_t warmup;
   // 0 constant, 1 linear, 2 cosine (Hugging Face's schedules).
   uint32_t schedule;
   // The largest global gradient norm; 0 for no clipping.
   float clip;
   float weight_decay;
-  // Seeds the order of the examples.
+  // Seeds the examples' order.
   uint64_t seed;
-} et_train_options;
+  // The longest example in tokens.
+  uint32_t max_tokens;
+} et_backprop_options;
 
-// Called after each step with its number (from 1), the step count and the step's mean
-// loss. Return 0 to go on; anything else stops training with ET_CALLBACK (the steps done
-// so far stay applied). The callback must return normally and not free the model.
+// Called after each step of `et_trainer_train` with its number within the call (from 1),
+// the call's step count and the step's mean loss (NaN for a skipped step). Return 0 to go
+// on; anything else stops the call with ET_CALLBACK (the steps done so far stay applied).
+// The callback must return normally and not free the trainer or its model.
 typedef int32_t (*et_progress_callback)(void *user, uint32_t step, uint32_t steps, float loss);
 
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// Attaches a LoRA adapter to the model (one adapter at a time; ET_BUSY while a trainer
+// or federated client uses the model).
+et_result et_adapter_lora(et_model *model, const et_lora_options *opts);
+
+// Attaches an IA3 adapter (scales on k, v and down's input, starting at one).
+et_result et_adapter_ia3(et_model *model);
+
+// Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,
+// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors.
+et_result et_adapter_save(const et_model *model, const char *dir);
+
+// Attaches the PEFT adapter in directory `dir` (or a llama.cpp GGUF adapter file).
+et_result et_adapter_load(et_model *model, const char *dir);
 
 // The library's version, a static NUL-terminated string ("0.1.0"); the header's
 // `ET_VERSION` is the same.
@@ -173,6 +227,80 @@ et_result et_error_text(uint32_t code, char *buf, size_t len, size_t *out_len);
 // Panics inside the boundary (feature `panic-test`): the C tests' injected panic.
 et_result et_debug_panic(void);
 #endif
+
+// Joins the session whose message (kind 1, `session_len` bytes, as `GET /v1/session`
+// returns it) is at `session`, as client `client_id`, keeping its record in directory
+// `dir` (NUL-terminated UTF-8, created if needed; a client that ran there before resumes:
+// its rounds are reapplied and checked). The model must have the session's adapter
+// attached (its layout hash is checked) and be the session's model file; examples may be
+// up to `max_tokens` long. The model then holds the shared state's values.
+et_result et_fed_client_new(const et_model *model,
+                            const uint8_t *session,
+                            size_t session_len,
+                            uint32_t client_id,
+                            const char *dir,
+                            uint32_t max_tokens,
+                            et_fed_client **out);
+
+// Frees the client at `*c` and sets `*c` to NULL (NULL is a no-op). Its directory stays.
+void et_fed_client_free(et_fed_client **c);
+
+// Runs the session's local steps for the next round on the `n_examples` examples (from
+// the shared state, which they leave unchanged) and writes the upload message (kind 3)
+// to `*out_upload` (`*out_len` bytes, owned by the caller, freed with `et_bytes_free`),
+// its round to `*out_round` and the steps' mean loss to `*out_loss`. Any of the outputs
+// but `out_upload` and `out_len` may be NULL.
+et_result et_fed_client_train_round(et_fed_client *c,
+                                    const et_example *examples,
+                                    size_t n_examples,
+                                    uint32_t batch,
+                                    uint8_t **out_upload,
+                                    size_t *out_len,
+                                    uint32_t *out_round,
+                                    float *out_loss);
+
+// Records that the server accepted the upload of `round`.
+et_result et_fed_client_mark_uploaded(et_fed_client *c, uint32_t round);
+
+// Applies a round message (kind 2, as `GET /v1/rounds/{r}` returns it): the next round
+// is applied and its digest checked (ET_STATE_MISMATCH: nothing applied, restore a
+// checkpoint); a round applied before changes nothing; any other round is refused
+// (ET_PROTOCOL). Writes the message's round to `*out_round` and 1 (applied now) or 0
+// (applied before) to `*out_applied`; either may be NULL.
+et_result et_fed_client_apply_round(et_fed_client *c,
+                                    const uint8_t *round,
+                                    size_t len,
+                                    uint32_t *out_round,
+                                    uint8_t *out_applied);
+
+// Replaces the client's state by a checkpoint (`GET /v1/checkpoint`), after a digest
+// mismatch or to join late; its hash is checked before anything changes.
+et_result et_fed_client_restore_checkpoint(et_fed_client *c, const uint8_t *checkpoint, size_t len);
+
+// Writes the last round applied and the last round uploaded (0: none) to `*out_applied`
+// and `*out_uploaded`.
+et_result et_fed_client_rounds(const et_fed_client *c,
+                               uint32_t *out_applied,
+                               uint32_t *out_uploaded);
+
+// Writes the 32-byte hash of the shared trainable state (docs/zeroth-order.md; after
+// round r it equals round r's published digest) to `out`.
+et_result et_fed_client_state_hash(const et_fed_client *c, uint8_t *out);
+
+// Writes the upload signature the server checks (HMAC-SHA256 under the client's key over
+// the nonce, 8 bytes little-endian, and the body; docs/protocol.md) as 64 lowercase hex
+// digits and a NUL into `out` (65 bytes). Send it as `x-edgetune-signature`, with
+// `x-edgetune-client` and `x-edgetune-nonce` (decimal, above the client's last nonce).
+et_result et_fed_sign(const uint8_t *key,
+                      size_t key_len,
+                      uint64_t nonce,
+                      const uint8_t *body,
+                      size_t body_len,
+                      char *out);
+
+// Frees `len` bytes at `p` that this library returned (an upload), unmodified, with the
+// length it returned. NULL is a no-op.
+void et_bytes_free(uint8_t *p, size_t len);
 
 // Loads the GGUF file or Hugging Face directory at `path` (NUL-terminated UTF-8) on the
 // runtime's backend into `*out`.
@@ -255,32 +383,57 @@ et_result et_selftest_json(const et_runtime *rt, const char *kernel, const char 
 // no-op). Not for `et_version()`'s static string.
 void et_string_free(const char **s);
 
-// Attaches a LoRA adapter to the model (one adapter at a time).
-et_result et_adapter_lora(et_model *model, const et_lora_options *opts);
+// A zeroth-order trainer on the model's attached adapter, from its current values.
+et_result et_trainer_zo_new(const et_model *model, const et_zo_options *opts, et_trainer **out);
 
-// Attaches an IA3 adapter (scales on k, v and down's input, starting at one).
-et_result et_adapter_ia3(et_model *model);
+// A backprop trainer (AdamW) on the model's attached LoRA or IA3 adapter. Everything a
+// step needs is allocated here: a size that does not fit fails now.
+et_result et_trainer_backprop_new(const et_model *model,
+                                  const et_backprop_options *opts,
+                                  et_trainer **out);
 
-// Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,
-// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors.
-et_result et_adapter_save(const et_model *model, const char *dir);
+// Frees the trainer at `*t` and sets `*t` to NULL (NULL is a no-op); the model keeps the
+// values it reached.
+void et_trainer_free(et_trainer **t);
 
-// Attaches the PEFT adapter in directory `dir` (or a llama.cpp GGUF adapter file).
-et_result et_adapter_load(et_model *model, const char *dir);
+// Runs `steps` steps on the `n_examples` examples (copied at the call; each step takes
+// `batch` of them in the session's seeded order, continuing from the previous call),
+// reporting each to `callback` (may be NULL). `*cancel` (may be NULL; an atomic byte as
+// for `et_generate`) stops it between steps with ET_CANCELLED, the steps done so far
+// applied. Writes the mean loss of the call's applied steps to `*out_loss` (NaN if every
+// step was skipped for a non-finite loss). Afterwards the model holds the trained values.
+et_result et_trainer_train(et_trainer *t,
+                           const et_example *examples,
+                           size_t n_examples,
+                           uint32_t steps,
+                           et_progress_callback callback,
+                           void *user,
+                           const uint8_t *cancel,
+                           float *out_loss);
 
-// Trains the attached LoRA or IA3 adapter by backprop for `opts->steps` steps on the
-// `n_examples` examples (copied at the call), reporting each step to `callback` (may be
-// NULL); `*cancel` (may be NULL, an atomic byte as for `et_generate`) stops it between
-// steps with ET_CANCELLED, the steps done so far applied. Writes the last step's mean
-// loss to `*out_loss` on success. A step whose loss or gradient is not finite is skipped.
-et_result et_train_backprop(et_model *model,
-                            const et_example *examples,
-                            size_t n_examples,
-                            const et_train_options *opts,
-                            et_progress_callback callback,
-                            void *user,
-                            const uint8_t *cancel,
-                            float *out_loss);
+// Writes the mean loss per target token of the `n_examples` examples at the session's
+// current values to `*out_loss`.
+et_result et_trainer_eval(et_trainer *t,
+                          const et_example *examples,
+                          size_t n_examples,
+                          float *out_loss);
+
+// Writes the session into directory `dir` (NUL-terminated UTF-8, created if needed): the
+// adapter in PEFT format, and what a resume needs (zeroth-order: the session, start
+// values and the (seed, g) history; backprop: a checkpoint of values, moments and step
+// counts). Each file is replaced atomically.
+et_result et_trainer_save(const et_trainer *t, const char *dir);
+
+// Continues the session saved in `dir` by a trainer of the same kind on the same model and
+// adapter layout: the saved state replaces this trainer's (zeroth-order: the history is
+// replayed and each record checked; backprop: the checkpoint's layout is checked). On
+// failure nothing changes.
+et_result et_trainer_resume(et_trainer *t, const char *dir);
+
+// Writes the 32-byte hash of a zeroth-order session's trainable state
+// (docs/zeroth-order.md: equal on every backend and device for the same history) to
+// `out`. Backprop sessions have none (ET_INVALID_ARGUMENT).
+et_result et_trainer_state_hash(const et_trainer *t, uint8_t *out);
 
 #ifdef __cplusplus
 }  // extern "C"

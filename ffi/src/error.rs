@@ -38,6 +38,14 @@ pub enum et_result {
     ET_PANIC = 12,
     /// Non-finite numbers appeared (a model or adapter holding nonsense).
     ET_NON_FINITE = 13,
+    /// A federated message is malformed, or belongs to another session, model or adapter.
+    ET_PROTOCOL = 14,
+    /// The client's state does not reproduce a round's published digest (nothing was
+    /// applied): restore a checkpoint from the server.
+    ET_STATE_MISMATCH = 15,
+    /// The model is in use by a trainer or federated client, which must be freed before
+    /// its adapter changes.
+    ET_BUSY = 16,
 }
 
 impl et_result {
@@ -57,6 +65,9 @@ impl et_result {
             et_result::ET_CALLBACK => "the callback returned an error",
             et_result::ET_PANIC => "internal error (a panic was caught)",
             et_result::ET_NON_FINITE => "non-finite numbers appeared",
+            et_result::ET_PROTOCOL => "a federated message was refused",
+            et_result::ET_STATE_MISMATCH => "the state does not match the round's digest",
+            et_result::ET_BUSY => "the model is in use by a trainer or client",
         }
     }
 
@@ -78,6 +89,9 @@ impl et_result {
             ET_CALLBACK,
             ET_PANIC,
             ET_NON_FINITE,
+            ET_PROTOCOL,
+            ET_STATE_MISMATCH,
+            ET_BUSY,
         ]
         .into_iter()
         .find(|r| *r as u32 == code)
@@ -124,6 +138,8 @@ impl From<edgetune::Error> for Fail {
             | E::Gpu { .. }
             | E::MissingFeature { .. } => et_result::ET_DEVICE,
             E::NonFinite { .. } => et_result::ET_NON_FINITE,
+            E::Protocol { .. } | E::Federation { .. } => et_result::ET_PROTOCOL,
+            E::StateMismatch { .. } => et_result::ET_STATE_MISMATCH,
             _ => et_result::ET_INVALID_ARGUMENT,
         };
         Fail::new(code, e.to_string())

@@ -13,13 +13,25 @@
 #[cfg(panic = "abort")]
 compile_error!("edgetune-ffi must be built with panic = \"unwind\"");
 
+mod adapter;
 mod error;
+mod fed;
 mod handle;
 mod model;
 mod runtime;
 mod train;
 
+pub use adapter::{
+    ET_TARGET_DOWN, ET_TARGET_GATE, ET_TARGET_K, ET_TARGET_O, ET_TARGET_Q, ET_TARGET_UP,
+    ET_TARGET_V, et_adapter_ia3, et_adapter_load, et_adapter_lora, et_adapter_save,
+    et_lora_options,
+};
 pub use error::{et_error_text, et_result, et_version};
+pub use fed::{
+    et_bytes_free, et_fed_client, et_fed_client_apply_round, et_fed_client_free,
+    et_fed_client_mark_uploaded, et_fed_client_new, et_fed_client_restore_checkpoint,
+    et_fed_client_rounds, et_fed_client_state_hash, et_fed_client_train_round, et_fed_sign,
+};
 pub use model::{
     et_detokenize, et_generate, et_generate_options, et_logits, et_model, et_model_free,
     et_model_load_bytes, et_model_load_file, et_token_callback, et_tokenize, et_vocab_size,
@@ -29,9 +41,9 @@ pub use runtime::{
     et_string_free,
 };
 pub use train::{
-    ET_TARGET_DOWN, ET_TARGET_GATE, ET_TARGET_K, ET_TARGET_O, ET_TARGET_Q, ET_TARGET_UP,
-    ET_TARGET_V, et_adapter_ia3, et_adapter_load, et_adapter_lora, et_adapter_save, et_example,
-    et_lora_options, et_progress_callback, et_train_backprop, et_train_options,
+    et_backprop_options, et_example, et_progress_callback, et_trainer, et_trainer_backprop_new,
+    et_trainer_eval, et_trainer_free, et_trainer_resume, et_trainer_save, et_trainer_state_hash,
+    et_trainer_train, et_trainer_zo_new, et_zo_options,
 };
 
 #[cfg(feature = "panic-test")]

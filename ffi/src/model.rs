@@ -5,12 +5,15 @@ use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use crate::runtime::{Runtime, c_str, et_runtime};
 use edgetune::backend::any::AnyBackend;
+use edgetune::format::file::sha256_bytes;
 use edgetune::format::gguf::Gguf;
 use edgetune::generate::{Sampler, Sampling, generate};
 use edgetune::model::Model;
 use edgetune::model::files::ModelFiles;
 use edgetune::tokenizer::{TextStream, Tokenizer};
+use edgetune::train::history::hex;
 use std::ffi::{c_char, c_void};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A model and its tokenizer. Use it from one thread at a time.
@@ -21,13 +24,47 @@ pub struct et_model {
 }
 
 pub(crate) struct Model_ {
-    pub(crate) model: Model<'static, AnyBackend>,
+    /// Shared with the trainers and federated clients made on it.
+    pub(crate) model: Arc<Model<'static, AnyBackend>>,
+    /// Hex SHA-256 of the model's bytes, which pins a training or federated session to it.
+    pub(crate) sha256: String,
+    /// The seed the attached adapter was initialised with (0 for a loaded adapter).
+    pub(crate) adapter_seed: u64,
     /// Why there is none, when the model's files hold no usable tokenizer (tokenizing and
     /// generating are then refused with it; logits need none).
     tokenizer: Result<Tokenizer, String>,
 }
 
 impl Model_ {
+    fn new(
+        model: Model<'static, AnyBackend>,
+        sha: [u8; 32],
+        tokenizer: Result<Tokenizer, String>,
+    ) -> Self {
+        // Model is not Sync (its buffers are used from one thread at a time, as the
+        // header requires of a model and everything made on it); Arc rather than Rc so
+        // that freeing a trainer on another thread cannot corrupt the count.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let model = Arc::new(model);
+        Model_ {
+            model,
+            sha256: hex(&sha),
+            adapter_seed: 0,
+            tokenizer,
+        }
+    }
+
+    /// The model for a call that changes it (attaching an adapter): refused while a
+    /// trainer or federated client made on it is alive.
+    pub(crate) fn model_mut(&mut self) -> Result<&mut Model<'static, AnyBackend>, Fail> {
+        Arc::get_mut(&mut self.model).ok_or_else(|| {
+            Fail::new(
+                et_result::ET_BUSY,
+                "a trainer or federated client uses this model; free it first",
+            )
+        })
+    }
+
     fn tokenizer(&self) -> Result<&Tokenizer, Fail> {
         self.tokenizer.as_ref().map_err(|why| {
             Fail::new(
@@ -62,8 +99,8 @@ pub extern "C" fn et_model_load_file(
         let path = unsafe { c_str(path, "path") }?;
         let files = ModelFiles::open(std::path::Path::new(path), None)?;
         let tokenizer = files.tokenizer().map_err(|e| e.to_string());
-        let model = files.load(std::sync::Arc::clone(&rt.backend))?;
-        handle::publish(Model_ { model, tokenizer }, out);
+        let model = files.load(Arc::clone(&rt.backend))?;
+        handle::publish(Model_::new(model, files.sha256(), tokenizer), out);
         Ok(())
     })
 }
@@ -92,8 +129,8 @@ pub extern "C" fn et_model_load_bytes(
             )
         })?;
         let tokenizer = Tokenizer::from_gguf(&gguf, "memory").map_err(|e| e.to_string());
-        let model = Model::from_gguf(std::sync::Arc::clone(&rt.backend), &gguf, bytes, "memory")?;
-        handle::publish(Model_ { model, tokenizer }, out);
+        let model = Model::from_gguf(Arc::clone(&rt.backend), &gguf, bytes, "memory")?;
+        handle::publish(Model_::new(model, sha256_bytes(bytes), tokenizer), out);
         Ok(())
     })
 }

@@ -1,6 +1,7 @@
 /* The C API as an app uses it, and as a careless app misuses it: every call checked for its
  * result code. Usage: flow TINY_MODEL_DIR [SMOLLM2.gguf]
- * The tiny model (no tokenizer) covers runtimes, logits, handles and bad input; SmolLM2
+ * The tiny model (no tokenizer) covers runtimes, logits, handles, bad input, and training
+ * sessions (backprop and zeroth-order: steps, eval, save, resume, state hashes); SmolLM2
  * (a GGUF with its tokenizer) covers loading from memory, tokenizing, detokenizing and
  * generating with a callback and a cancel flag. Built with -std=c11 -Wall -Wextra
  * -Werror -pedantic; run under AddressSanitizer + UndefinedBehaviorSanitizer and valgrind
@@ -88,53 +89,184 @@ static int stop_training(void *user, uint32_t step, uint32_t steps, float loss) 
     return 3;
 }
 
-/* LoRA trained by backprop on the tiny model, saved, and loaded into a fresh model that
- * then gives the same logits. */
+/* Logits of `toks` on `model` into a new buffer of `*n` floats. */
+static float *logits_of(et_model *model, const uint32_t *toks, size_t len, size_t *n) {
+    OK(et_logits(model, toks, len, NULL, 0, n));
+    float *out = calloc(*n, sizeof *out);
+    size_t got = 0;
+    OK(et_logits(model, toks, len, out, *n, &got));
+    return out;
+}
+
+static void same(int line, const float *a, const float *b, size_t n, const char *what) {
+    if (memcmp(a, b, n * sizeof *a) != 0) {
+        fprintf(stderr, "flow.c:%d: %s differ\n", line, what);
+        failures++;
+    }
+}
+#define SAME(a, b, n, what) same(__LINE__, (a), (b), (n), (what))
+
+static const uint32_t toks[6] = {1, 5, 9, 13, 17, 21};
+static const uint8_t flags[6] = {0, 1, 1, 1, 1, 1};
+
+/* A fresh tiny model on its own CPU runtime, with `lo`'s LoRA attached. */
+static et_model *fresh_lora(const et_lora_options *lo) {
+    et_runtime *rt = NULL;
+    et_runtime_options opts = {ET_BACKEND_CPU, 0, NULL};
+    OK(et_runtime_new(&opts, &rt));
+    et_model *m = NULL;
+    OK(et_model_load_file(rt, TINY, &m));
+    et_runtime_free(&rt);
+    OK(et_adapter_lora(m, lo));
+    return m;
+}
+
+/* Zeroth-order steps (FedKSeed seeds) keep their state between calls; a session saved and
+ * resumed on another model replays to the same state hash and the same logits. */
+static void zeroth_order(void) {
+    et_lora_options lo = {4, 8.0f, ET_TARGET_Q | ET_TARGET_V, 3};
+    et_model *a = fresh_lora(&lo);
+    et_example ex[2] = {{toks, flags, 6}, {toks, flags, 4}};
+    et_zo_options zo = {2, 1e-2f, 1e-2f, 64, 0, 0.0f, 11, 8};
+    et_trainer *t = NULL;
+    EXPECT(et_trainer_zo_new(a, NULL, &t), ET_NULL_POINTER);
+    et_zo_options bad = zo;
+    bad.eps = 0.0f;
+    EXPECT(et_trainer_zo_new(a, &bad, &t), ET_INVALID_ARGUMENT);
+    OK(et_trainer_zo_new(a, &zo, &t));
+    /* The model's adapter cannot change under a trainer. */
+    EXPECT(et_adapter_lora(a, &lo), ET_BUSY);
+    float before = 0.0f, loss = 0.0f, after = 0.0f;
+    OK(et_trainer_eval(t, ex, 2, &before));
+    OK(et_trainer_train(t, ex, 2, 10, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(t, ex, 2, 10, NULL, NULL, NULL, &loss));
+    OK(et_trainer_eval(t, ex, 2, &after));
+    uint8_t hash[32], again[32];
+    OK(et_trainer_state_hash(t, hash));
+    if (!(after != before)) {
+        fprintf(stderr, "zeroth-order: eval %f -> %f\n", (double)before, (double)after);
+        failures++;
+    }
+    OK(et_trainer_save(t, "target/ffi-tests/zo-run"));
+    size_t n = 0;
+    float *trained = logits_of(a, toks, 6, &n);
+
+    et_model *b = fresh_lora(&lo);
+    et_trainer *u = NULL;
+    OK(et_trainer_zo_new(b, &zo, &u));
+    EXPECT(et_trainer_resume(u, "target/ffi-tests/no-such-run"), ET_IO);
+    OK(et_trainer_resume(u, "target/ffi-tests/zo-run"));
+    OK(et_trainer_state_hash(u, again));
+    if (memcmp(hash, again, sizeof hash) != 0) {
+        fprintf(stderr, "zeroth-order: the resumed state hash differs\n");
+        failures++;
+    }
+    float *resumed = logits_of(b, toks, 6, &n);
+    SAME(trained, resumed, n, "logits of a resumed zeroth-order session");
+    /* Continuing both gives the same state again. */
+    OK(et_trainer_train(t, ex, 2, 3, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(u, ex, 2, 3, NULL, NULL, NULL, &loss));
+    OK(et_trainer_state_hash(t, hash));
+    OK(et_trainer_state_hash(u, again));
+    if (memcmp(hash, again, sizeof hash) != 0) {
+        fprintf(stderr, "zeroth-order: the sessions parted after resuming\n");
+        failures++;
+    }
+    free(trained);
+    free(resumed);
+    et_trainer_free(&u);
+    et_trainer_free(&t);
+    et_trainer_free(&t);
+    /* Freed trainers release the model (it refuses a second adapter, not a busy one). */
+    EXPECT(et_adapter_lora(a, &lo), ET_INVALID_ARGUMENT);
+    et_model_free(&b);
+    et_model_free(&a);
+}
+
+/* LoRA trained by backprop on the tiny model, resumed bit-exactly from a checkpoint, saved,
+ * and loaded into a fresh model that then gives the same logits. */
 static void training(et_model *model) {
     et_lora_options lo = {4, 8.0f, ET_TARGET_Q | ET_TARGET_V, 1};
+    et_backprop_options to = {2, 5e-2f, 16, 0, 0, 1.0f, 0.0f, 0, 8};
+    et_trainer *t = NULL;
     EXPECT(et_adapter_lora(model, NULL), ET_NULL_POINTER);
     EXPECT(et_adapter_save(model, "target/ffi-tests/adapter"), ET_INVALID_ARGUMENT);
+    EXPECT(et_trainer_backprop_new(model, &to, &t), ET_INVALID_ARGUMENT);
     OK(et_adapter_lora(model, &lo));
     EXPECT(et_adapter_lora(model, &lo), ET_INVALID_ARGUMENT);
-    const uint32_t toks[6] = {1, 5, 9, 13, 17, 21};
-    const uint8_t flags[6] = {0, 1, 1, 1, 1, 1};
     et_example ex[2] = {{toks, flags, 6}, {toks, flags, 4}};
-    et_train_options to = {8, 2, 5e-2f, 0, 0, 1.0f, 0.0f, 0};
+    et_backprop_options bad = to;
+    bad.schedule = 9;
+    EXPECT(et_trainer_backprop_new(model, &bad, &t), ET_INVALID_ARGUMENT);
+    bad = to;
+    bad.lr = -1.0f;
+    EXPECT(et_trainer_backprop_new(model, &bad, &t), ET_INVALID_ARGUMENT);
+    if (t != NULL) {
+        fprintf(stderr, "a trainer was written on failure\n");
+        failures++;
+    }
+    EXPECT(et_trainer_backprop_new((const et_model *)&to, &to, &t), ET_WRONG_HANDLE);
+    OK(et_trainer_backprop_new(model, &to, &t));
     struct progress p = {0, 0.0f, 0.0f};
     float loss = -1.0f;
-    OK(et_train_backprop(model, ex, 2, &to, on_progress, &p, NULL, &loss));
-    if (p.calls != 8 || !(p.last < p.first) || loss != p.last) {
+    OK(et_trainer_train(t, ex, 2, 4, on_progress, &p, NULL, &loss));
+    OK(et_trainer_save(t, "target/ffi-tests/backprop-run"));
+    OK(et_trainer_train(t, ex, 2, 4, on_progress, &p, NULL, &loss));
+    if (p.calls != 8 || !(p.last < p.first)) {
         fprintf(stderr, "training: %d steps, loss %f -> %f (returned %f)\n", p.calls, (double)p.first,
                 (double)p.last, (double)loss);
         failures++;
     }
     float kept = loss;
-    EXPECT(et_train_backprop(model, ex, 2, &to, stop_training, NULL, NULL, &loss), ET_CALLBACK);
+    EXPECT(et_trainer_train(t, ex, 2, 4, stop_training, NULL, NULL, &loss), ET_CALLBACK);
     if (loss != kept) {
         fprintf(stderr, "an output was written on failure\n");
         failures++;
     }
-    et_train_options bad = to;
-    bad.schedule = 9;
-    EXPECT(et_train_backprop(model, ex, 2, &bad, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
-    bad = to;
-    bad.lr = -1.0f;
-    EXPECT(et_train_backprop(model, ex, 2, &bad, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    EXPECT(et_trainer_train(t, ex, 2, 1, NULL, NULL, NULL, NULL), ET_NULL_POINTER);
     et_example short_ex = {toks, flags, 1};
-    EXPECT(et_train_backprop(model, &short_ex, 1, &to, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    EXPECT(et_trainer_train(t, &short_ex, 1, 1, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    static const uint32_t nine[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+    static const uint8_t nine_flags[9] = {0, 1, 1, 1, 1, 1, 1, 1, 1};
+    et_example long_ex = {nine, nine_flags, 9};
+    EXPECT(et_trainer_train(t, &long_ex, 1, 1, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
     et_example null_ex = {NULL, flags, 6};
-    EXPECT(et_train_backprop(model, &null_ex, 1, &to, NULL, NULL, NULL, &loss), ET_NULL_POINTER);
+    EXPECT(et_trainer_train(t, &null_ex, 1, 1, NULL, NULL, NULL, &loss), ET_NULL_POINTER);
     const uint32_t far[2] = {1, 4000000000u};
     et_example bad_ids = {far, flags, 2};
-    EXPECT(et_train_backprop(model, &bad_ids, 1, &to, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    EXPECT(et_trainer_train(t, &bad_ids, 1, 1, NULL, NULL, NULL, &loss), ET_INVALID_ARGUMENT);
+    uint8_t hash[32];
+    EXPECT(et_trainer_state_hash(t, hash), ET_INVALID_ARGUMENT);
+
+    /* A new session resumed from the checkpoint after step 4 retraces steps 5-8 bit for
+     * bit: its values equal those of 8 steps run straight through on a third model. */
+    et_model *other = fresh_lora(&lo);
+    et_trainer *u = NULL;
+    OK(et_trainer_backprop_new(other, &to, &u));
+    OK(et_trainer_resume(u, "target/ffi-tests/backprop-run"));
+    OK(et_trainer_train(u, ex, 2, 4, NULL, NULL, NULL, &loss));
+    et_trainer_free(&u);
+    size_t n = 0;
+    float *resumed = logits_of(other, toks, 6, &n);
+    et_model_free(&other);
+    et_trainer_free(&t);
+
+    /* Replaying the first 8 steps on a third model from scratch gives the same values. */
+    et_model *third = fresh_lora(&lo);
+    OK(et_trainer_backprop_new(third, &to, &u));
+    OK(et_trainer_train(u, ex, 2, 8, NULL, NULL, NULL, &loss));
+    et_trainer_free(&u);
+    float *straight = logits_of(third, toks, 6, &n);
+    SAME(straight, resumed, n, "logits of a resumed backprop session");
+    free(straight);
+    free(resumed);
+    et_model_free(&third);
 
     OK(et_adapter_save(model, "target/ffi-tests/adapter"));
     size_t need = 0;
-    OK(et_logits(model, toks, 6, NULL, 0, &need));
-    float *trained = calloc(need, sizeof *trained);
+    float *trained = logits_of(model, toks, 6, &need);
     float *loaded = calloc(need, sizeof *loaded);
     size_t got = 0;
-    OK(et_logits(model, toks, 6, trained, need, &got));
     et_runtime *rt = NULL;
     et_runtime_options opts = {ET_BACKEND_CPU, 0, NULL};
     OK(et_runtime_new(&opts, &rt));
@@ -262,6 +394,7 @@ static void tiny(const char *dir) {
     free(again);
     free(logits);
     training(model);
+    zeroth_order();
     et_model_free(&model);
     et_model_free(&model);
     et_model_free(NULL);

@@ -347,6 +347,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// SHA-256 of a file of `kind` (within its size cap).
 pub fn sha256_file(path: &Path, kind: FileKind) -> Result<[u8; 32]> {
+    Ok(sha256_bytes(&read_bounded(path, kind)?))
+}
+
+/// SHA-256 of bytes in memory (a model loaded from memory is pinned by it as a file is).
+pub fn sha256_bytes(bytes: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    Ok(Sha256::digest(read_bounded(path, kind)?).into())
+    Sha256::digest(bytes).into()
 }

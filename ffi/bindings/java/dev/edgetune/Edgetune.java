@@ -6,6 +6,7 @@ import com.sun.jna.Memory;
 import com.sun.jna.Native;
 import com.sun.jna.Pointer;
 import com.sun.jna.Structure;
+import com.sun.jna.ptr.ByteByReference;
 import com.sun.jna.ptr.FloatByReference;
 import com.sun.jna.ptr.IntByReference;
 import com.sun.jna.ptr.LongByReference;
@@ -56,8 +57,46 @@ public final class Edgetune {
 
         int et_adapter_load(Pointer model, String dir);
 
-        int et_train_backprop(Pointer model, Example[] examples, long n, TrainOptions opts,
-                ProgressCallback callback, Pointer user, Pointer cancel, FloatByReference outLoss);
+        int et_trainer_zo_new(Pointer model, ZoOptions opts, PointerByReference out);
+
+        int et_trainer_backprop_new(Pointer model, BackpropOptions opts, PointerByReference out);
+
+        void et_trainer_free(PointerByReference t);
+
+        int et_trainer_train(Pointer t, Example[] examples, long n, int steps, ProgressCallback callback,
+                Pointer user, Pointer cancel, FloatByReference outLoss);
+
+        int et_trainer_eval(Pointer t, Example[] examples, long n, FloatByReference outLoss);
+
+        int et_trainer_save(Pointer t, String dir);
+
+        int et_trainer_resume(Pointer t, String dir);
+
+        int et_trainer_state_hash(Pointer t, byte[] out);
+
+        int et_fed_client_new(Pointer model, byte[] session, long len, int clientId, String dir,
+                int maxTokens, PointerByReference out);
+
+        void et_fed_client_free(PointerByReference c);
+
+        int et_fed_client_train_round(Pointer c, Example[] examples, long n, int batch,
+                PointerByReference outUpload, LongByReference outLen, IntByReference outRound,
+                FloatByReference outLoss);
+
+        int et_fed_client_mark_uploaded(Pointer c, int round);
+
+        int et_fed_client_apply_round(Pointer c, byte[] round, long len, IntByReference outRound,
+                ByteByReference outApplied);
+
+        int et_fed_client_restore_checkpoint(Pointer c, byte[] checkpoint, long len);
+
+        int et_fed_client_rounds(Pointer c, IntByReference outApplied, IntByReference outUploaded);
+
+        int et_fed_client_state_hash(Pointer c, byte[] out);
+
+        int et_fed_sign(byte[] key, long keyLen, long nonce, byte[] body, long bodyLen, byte[] out);
+
+        void et_bytes_free(Pointer p, long len);
     }
 
     /** et_lora_options. */
@@ -77,17 +116,32 @@ public final class Edgetune {
         public long len;
     }
 
-    /** et_train_options. */
-    @Structure.FieldOrder({"steps", "batch", "lr", "warmup", "schedule", "clip", "weight_decay", "seed"})
-    public static class TrainOptions extends Structure {
-        public int steps;
-        public int batch;
-        public float lr;
+    /** et_zo_options. */
+    @Structure.FieldOrder({"batch", "lr", "eps", "seeds", "delta_exp", "clip", "seed", "max_tokens"})
+    public static class ZoOptions extends Structure {
+        public int batch = 1;
+        public float lr = 1e-3f;
+        public float eps = 1e-2f;
+        public int seeds;
+        public int delta_exp;
+        public float clip;
+        public long seed;
+        public int max_tokens = 128;
+    }
+
+    /** et_backprop_options. */
+    @Structure.FieldOrder({"batch", "lr", "total_steps", "warmup", "schedule", "clip", "weight_decay", "seed",
+            "max_tokens"})
+    public static class BackpropOptions extends Structure {
+        public int batch = 1;
+        public float lr = 1e-3f;
+        public int total_steps = 1;
         public int warmup;
         public int schedule;
         public float clip;
         public float weight_decay;
         public long seed;
+        public int max_tokens = 128;
     }
 
     /** et_progress_callback. */
@@ -226,7 +280,7 @@ public final class Edgetune {
             return out;
         }
 
-        /** Attaches LoRA of `rank`/`alpha` on q and v. */
+        /** Attaches LoRA of `rank`/`alpha` on q and v (refused while a Trainer or FedClient uses the model). */
         public void attachLora(int rank, float alpha, long seed) {
             LoraOptions o = new LoraOptions();
             o.rank = rank;
@@ -243,15 +297,23 @@ public final class Edgetune {
             check(Lib.C.et_adapter_load(h(), dir));
         }
 
-        /**
-         * Trains the attached adapter by backprop (AdamW, constant rate, clip 1) on sequences of
-         * token ids, each predicting every token after its first; onStep gets (step, loss).
-         * Returns the last step's loss.
-         */
-        public float trainBackprop(int[][] sequences, int steps, int batch, float lr,
-                java.util.function.BiConsumer<Integer, Float> onStep) {
-            Example[] ex = (Example[]) new Example().toArray(sequences.length);
-            Memory[] keep = new Memory[2 * sequences.length];
+        @Override
+        public void close() {
+            Lib.C.et_model_free(handle);
+        }
+    }
+
+    /**
+     * Examples for et_example[]: token ids, each predicting every token after its first. The
+     * native memory lives as long as this object.
+     */
+    public static final class Examples {
+        final Example[] array;
+        private final Memory[] keep;
+
+        public Examples(int[][] sequences) {
+            array = (Example[]) new Example().toArray(sequences.length);
+            keep = new Memory[2 * sequences.length];
             for (int i = 0; i < sequences.length; i++) {
                 int n = sequences[i].length;
                 Memory tokens = new Memory(4L * n);
@@ -262,29 +324,140 @@ public final class Edgetune {
                 }
                 keep[2 * i] = tokens;
                 keep[2 * i + 1] = flags;
-                ex[i].tokens = tokens;
-                ex[i].targets = flags;
-                ex[i].len = n;
+                array[i].tokens = tokens;
+                array[i].targets = flags;
+                array[i].len = n;
+                array[i].write();
             }
-            TrainOptions o = new TrainOptions();
-            o.steps = steps;
-            o.batch = batch;
-            o.lr = lr;
-            o.clip = 1.0f;
+        }
+
+        void fence() {
+            java.lang.ref.Reference.reachabilityFence(keep);
+        }
+    }
+
+    /** A training session on a model's attached adapter (et_trainer), state kept between calls. */
+    public static final class Trainer implements AutoCloseable {
+        final PointerByReference handle = new PointerByReference();
+
+        private Trainer() {}
+
+        public static Trainer zerothOrder(Model model, ZoOptions o) {
+            Trainer t = new Trainer();
+            check(Lib.C.et_trainer_zo_new(model.h(), o, t.handle));
+            return t;
+        }
+
+        public static Trainer backprop(Model model, BackpropOptions o) {
+            Trainer t = new Trainer();
+            check(Lib.C.et_trainer_backprop_new(model.h(), o, t.handle));
+            return t;
+        }
+
+        /** Runs `steps` steps; onStep gets (step, loss). Returns the steps' mean loss. */
+        public float train(Examples ex, int steps, java.util.function.BiConsumer<Integer, Float> onStep) {
             ProgressCallback cb = (user, step, total, loss) -> {
                 onStep.accept(step, loss);
                 return 0;
             };
             FloatByReference loss = new FloatByReference();
-            check(Lib.C.et_train_backprop(h(), ex, ex.length, o, cb, null, null, loss));
-            // The examples' memory must outlive the call.
-            java.lang.ref.Reference.reachabilityFence(keep);
+            check(Lib.C.et_trainer_train(handle.getValue(), ex.array, ex.array.length, steps, cb, null, null,
+                    loss));
+            ex.fence();
             return loss.getValue();
+        }
+
+        public float eval(Examples ex) {
+            FloatByReference loss = new FloatByReference();
+            check(Lib.C.et_trainer_eval(handle.getValue(), ex.array, ex.array.length, loss));
+            ex.fence();
+            return loss.getValue();
+        }
+
+        public void save(String dir) {
+            check(Lib.C.et_trainer_save(handle.getValue(), dir));
+        }
+
+        public void resume(String dir) {
+            check(Lib.C.et_trainer_resume(handle.getValue(), dir));
+        }
+
+        /** The zeroth-order state hash (32 bytes). */
+        public byte[] stateHash() {
+            byte[] out = new byte[32];
+            check(Lib.C.et_trainer_state_hash(handle.getValue(), out));
+            return out;
         }
 
         @Override
         public void close() {
-            Lib.C.et_model_free(handle);
+            Lib.C.et_trainer_free(handle);
         }
+    }
+
+    /**
+     * A federated client (et_fed_client): message processing only; the app's HTTP stack
+     * carries the bytes (docs/protocol.md).
+     */
+    public static final class FedClient implements AutoCloseable {
+        final PointerByReference handle = new PointerByReference();
+
+        public FedClient(Model model, byte[] session, int clientId, String dir, int maxTokens) {
+            check(Lib.C.et_fed_client_new(model.h(), session, session.length, clientId, dir, maxTokens, handle));
+        }
+
+        /** The next round's upload, after its local steps on `ex`. */
+        public byte[] trainRound(Examples ex, int batch) {
+            PointerByReference up = new PointerByReference();
+            LongByReference len = new LongByReference();
+            check(Lib.C.et_fed_client_train_round(handle.getValue(), ex.array, ex.array.length, batch, up, len,
+                    null, null));
+            ex.fence();
+            byte[] bytes = up.getValue().getByteArray(0, (int) len.getValue());
+            Lib.C.et_bytes_free(up.getValue(), len.getValue());
+            return bytes;
+        }
+
+        public void markUploaded(int round) {
+            check(Lib.C.et_fed_client_mark_uploaded(handle.getValue(), round));
+        }
+
+        /** Applies a round message; true if applied now, false if it was applied before. */
+        public boolean applyRound(byte[] msg) {
+            IntByReference round = new IntByReference();
+            ByteByReference applied = new ByteByReference();
+            check(Lib.C.et_fed_client_apply_round(handle.getValue(), msg, msg.length, round, applied));
+            return applied.getValue() != 0;
+        }
+
+        public void restoreCheckpoint(byte[] cp) {
+            check(Lib.C.et_fed_client_restore_checkpoint(handle.getValue(), cp, cp.length));
+        }
+
+        /** {last round applied, last round uploaded}. */
+        public int[] rounds() {
+            IntByReference a = new IntByReference();
+            IntByReference u = new IntByReference();
+            check(Lib.C.et_fed_client_rounds(handle.getValue(), a, u));
+            return new int[] {a.getValue(), u.getValue()};
+        }
+
+        public byte[] stateHash() {
+            byte[] out = new byte[32];
+            check(Lib.C.et_fed_client_state_hash(handle.getValue(), out));
+            return out;
+        }
+
+        @Override
+        public void close() {
+            Lib.C.et_fed_client_free(handle);
+        }
+    }
+
+    /** The x-edgetune-signature of an upload body under the client's key (et_fed_sign). */
+    public static String sign(byte[] key, long nonce, byte[] body) {
+        byte[] out = new byte[65];
+        check(Lib.C.et_fed_sign(key, key.length, nonce, body, body.length, out));
+        return new String(out, 0, 64, StandardCharsets.US_ASCII);
     }
 }
