@@ -132,7 +132,7 @@ typedef struct {
 // Called with each piece of generated text as it completes: `len` bytes of UTF-8 at
 // `piece` (not NUL-terminated, valid during the call) and the token that completed it.
 // Return 0 to go on; anything else stops generation with ET_CALLBACK. The callback must
-// return normally (no longjmp, no C++ exception) and must not free the model it serves.
+// return normally (no longjmp, no C++ exception) and must make no et_ call on the model.
 typedef int32_t (*et_token_callback)(void *user, const char *piece, size_t len, uint32_t token);
 
 // How to open a runtime; pass NULL to `et_runtime_new` for the defaults (all zero).
@@ -190,7 +190,7 @@ typedef struct {
 // Called after each step of `et_trainer_train` with its number within the call (from 1),
 // the call's step count and the step's mean loss (NaN for a skipped step). Return 0 to go
 // on; anything else stops the call with ET_CALLBACK (the steps done so far stay applied).
-// The callback must return normally and not free the trainer or its model.
+// The callback must return normally and make no et_ call on the trainer or its model.
 typedef int32_t (*et_progress_callback)(void *user, uint32_t step, uint32_t steps, float loss);
 
 #ifdef __cplusplus
@@ -248,7 +248,8 @@ void et_fed_client_free(et_fed_client **c);
 // Runs the session's local steps for the next round on the `n_examples` examples (from
 // the shared state, which they leave unchanged) and writes the upload message (kind 3)
 // to `*out_upload` (`*out_len` bytes, owned by the caller, freed with `et_bytes_free`),
-// its round to `*out_round` and the steps' mean loss to `*out_loss`. Any of the outputs
+// its round to `*out_round` and the mean loss of the steps that ran to `*out_loss` (NaN
+// if every step was skipped for a non-finite loss). Any of the outputs
 // but `out_upload` and `out_len` may be NULL.
 et_result et_fed_client_train_round(et_fed_client *c,
                                     const et_example *examples,
@@ -259,7 +260,7 @@ et_result et_fed_client_train_round(et_fed_client *c,
                                     uint32_t *out_round,
                                     float *out_loss);
 
-// Records that the server accepted the upload of `round`.
+// Records that the server accepted the upload of `round` (at most the next round).
 et_result et_fed_client_mark_uploaded(et_fed_client *c, uint32_t round);
 
 // Applies a round message (kind 2, as `GET /v1/rounds/{r}` returns it): the next round
@@ -274,7 +275,8 @@ et_result et_fed_client_apply_round(et_fed_client *c,
                                     uint8_t *out_applied);
 
 // Replaces the client's state by a checkpoint (`GET /v1/checkpoint`), after a digest
-// mismatch or to join late; its hash is checked before anything changes.
+// mismatch or to join late; its hash is checked before anything changes (a damaged file
+// is ET_BAD_FILE).
 et_result et_fed_client_restore_checkpoint(et_fed_client *c, const uint8_t *checkpoint, size_t len);
 
 // Writes the last round applied and the last round uploaded (0: none) to `*out_applied`
@@ -424,10 +426,12 @@ et_result et_trainer_eval(et_trainer *t,
 // counts). Each file is replaced atomically.
 et_result et_trainer_save(const et_trainer *t, const char *dir);
 
-// Continues the session saved in `dir` by a trainer of the same kind on the same model and
-// adapter layout: the saved state replaces this trainer's (zeroth-order: the history is
-// replayed and each record checked; backprop: the checkpoint's layout is checked). On
-// failure nothing changes.
+// Continues the session saved in `dir` by a trainer of the same kind, made with the same
+// options on the same model and adapter layout: the saved state replaces this trainer's
+// (zeroth-order: the session's settings come from `dir`, its history is replayed and each
+// record checked, and a batch or seed other than the saved one is refused; backprop: the
+// checkpoint's layout is checked). A failed zeroth-order resume changes nothing; a failed
+// backprop one may leave the values half restored (resume again or free the trainer).
 et_result et_trainer_resume(et_trainer *t, const char *dir);
 
 // Writes the 32-byte hash of a zeroth-order session's trainable state

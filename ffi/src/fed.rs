@@ -8,13 +8,12 @@ use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use crate::model::{Model_, et_model};
 use crate::runtime::c_str;
-use crate::train::{et_example, examples};
+use crate::train::{check_sizes, et_example, examples};
 use edgetune::backend::any::AnyBackend;
 use edgetune::fed::client::{Applied, Client};
 use edgetune_proto::auth;
 use std::ffi::c_char;
 use std::path::Path;
-use std::sync::Arc;
 
 /// A federated client. Use it, and the model it was made on, from one thread at a time.
 #[allow(non_camel_case_types)]
@@ -86,14 +85,7 @@ pub extern "C" fn et_fed_client_new(
         let dir = Path::new(dir);
         std::fs::create_dir_all(dir)
             .map_err(|e| Fail::new(et_result::ET_IO, format!("{}: {e}", dir.display())))?;
-        let client = Client::join(
-            Arc::clone(&m.model),
-            &m.sha256,
-            session,
-            client_id,
-            dir,
-            max_tokens,
-        )?;
+        let client = Client::join(m.share()?, &m.sha256, session, client_id, dir, max_tokens)?;
         client.load()?;
         handle::publish(Client_ { client, max_tokens }, out);
         Ok(())
@@ -113,7 +105,8 @@ pub extern "C" fn et_fed_client_free(c: *mut *mut et_fed_client) {
 /// Runs the session's local steps for the next round on the `n_examples` examples (from
 /// the shared state, which they leave unchanged) and writes the upload message (kind 3)
 /// to `*out_upload` (`*out_len` bytes, owned by the caller, freed with `et_bytes_free`),
-/// its round to `*out_round` and the steps' mean loss to `*out_loss`. Any of the outputs
+/// its round to `*out_round` and the mean loss of the steps that ran to `*out_loss` (NaN
+/// if every step was skipped for a non-finite loss). Any of the outputs
 /// but `out_upload` and `out_len` may be NULL.
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
@@ -139,12 +132,7 @@ pub extern "C" fn et_fed_client_train_round(
         let c = unsafe { handle::get_mut::<Client_>(c) }?;
         // SAFETY: the caller's examples as documented.
         let set = unsafe { self::examples(examples, n_examples, c.max_tokens) }?;
-        if batch == 0 {
-            return Err(Fail::new(
-                et_result::ET_INVALID_ARGUMENT,
-                "batch must be at least 1",
-            ));
-        }
+        check_sizes(batch, c.max_tokens)?;
         let local = c.client.train_round(&set, batch as usize);
         // Local steps leave the model perturbed: back to the shared state either way.
         c.client.load()?;
@@ -158,14 +146,18 @@ pub extern "C" fn et_fed_client_train_round(
                 *out_round = local.round;
             }
             if !out_loss.is_null() {
-                *out_loss = local.loss as f32;
+                *out_loss = if local.skipped >= c.client.session.tau {
+                    f32::NAN
+                } else {
+                    local.loss as f32
+                };
             }
         }
         Ok(())
     })
 }
 
-/// Records that the server accepted the upload of `round`.
+/// Records that the server accepted the upload of `round` (at most the next round).
 #[unsafe(no_mangle)]
 pub extern "C" fn et_fed_client_mark_uploaded(c: *mut et_fed_client, round: u32) -> et_result {
     boundary(|| {
@@ -192,8 +184,10 @@ pub extern "C" fn et_fed_client_apply_round(
     boundary(|| {
         // SAFETY: as above; the caller's bytes as documented.
         let (c, msg) = unsafe { (handle::get_mut::<Client_>(c)?, bytes(round, len, "round")?) };
-        let applied = c.client.apply_round(msg)?;
+        let applied = c.client.apply_round(msg);
+        // The model follows the client's state whatever the outcome.
         c.client.load()?;
+        let applied = applied?;
         let (r, now) = match applied {
             Applied::Applied(r) => (r, 1),
             Applied::Already(r) => (r, 0),
@@ -212,7 +206,8 @@ pub extern "C" fn et_fed_client_apply_round(
 }
 
 /// Replaces the client's state by a checkpoint (`GET /v1/checkpoint`), after a digest
-/// mismatch or to join late; its hash is checked before anything changes.
+/// mismatch or to join late; its hash is checked before anything changes (a damaged file
+/// is ET_BAD_FILE).
 #[unsafe(no_mangle)]
 pub extern "C" fn et_fed_client_restore_checkpoint(
     c: *mut et_fed_client,
@@ -227,9 +222,9 @@ pub extern "C" fn et_fed_client_restore_checkpoint(
                 bytes(checkpoint, len, "checkpoint")?,
             )
         };
-        c.client.restore_checkpoint(cp)?;
+        let restored = c.client.restore_checkpoint(cp);
         c.client.load()?;
-        Ok(())
+        Ok(restored?)
     })
 }
 

@@ -54,6 +54,18 @@ impl Model_ {
         }
     }
 
+    /// The model for a new trainer or federated client: one at a time, since each writes
+    /// the adapter's values the next forward pass reads.
+    pub(crate) fn share(&self) -> Result<Arc<Model<'static, AnyBackend>>, Fail> {
+        if Arc::strong_count(&self.model) > 1 {
+            return Err(Fail::new(
+                et_result::ET_BUSY,
+                "another trainer or federated client uses this model; free it first",
+            ));
+        }
+        Ok(Arc::clone(&self.model))
+    }
+
     /// The model for a call that changes it (attaching an adapter): refused while a
     /// trainer or federated client made on it is alive.
     pub(crate) fn model_mut(&mut self) -> Result<&mut Model<'static, AnyBackend>, Fail> {
@@ -305,7 +317,7 @@ pub struct et_generate_options {
 /// Called with each piece of generated text as it completes: `len` bytes of UTF-8 at
 /// `piece` (not NUL-terminated, valid during the call) and the token that completed it.
 /// Return 0 to go on; anything else stops generation with ET_CALLBACK. The callback must
-/// return normally (no longjmp, no C++ exception) and must not free the model it serves.
+/// return normally (no longjmp, no C++ exception) and must make no et_ call on the model.
 #[allow(non_camel_case_types)]
 pub type et_token_callback = Option<
     unsafe extern "C" fn(user: *mut c_void, piece: *const c_char, len: usize, token: u32) -> i32,

@@ -90,7 +90,7 @@ pub struct et_backprop_options {
 /// Called after each step of `et_trainer_train` with its number within the call (from 1),
 /// the call's step count and the step's mean loss (NaN for a skipped step). Return 0 to go
 /// on; anything else stops the call with ET_CALLBACK (the steps done so far stay applied).
-/// The callback must return normally and not free the trainer or its model.
+/// The callback must return normally and make no et_ call on the trainer or its model.
 #[allow(non_camel_case_types)]
 pub type et_progress_callback =
     Option<unsafe extern "C" fn(user: *mut c_void, step: u32, steps: u32, loss: f32) -> i32>;
@@ -118,6 +118,19 @@ impl Kind for Trainer_ {
 
 fn invalid(message: impl Into<String>) -> Fail {
     Fail::new(et_result::ET_INVALID_ARGUMENT, message)
+}
+
+/// The most examples a step or local step takes (a batch is copied per step).
+pub(crate) const MAX_BATCH: u32 = 4096;
+
+/// `batch` and `max_tokens` as a session takes them.
+pub(crate) fn check_sizes(batch: u32, max_tokens: u32) -> Result<(), Fail> {
+    if batch == 0 || batch > MAX_BATCH || max_tokens < 2 {
+        return Err(invalid(format!(
+            "batch must be in 1..={MAX_BATCH} and max_tokens at least 2 (got {batch} and {max_tokens})"
+        )));
+    }
+    Ok(())
 }
 
 /// The caller's `n` examples, copied, each no longer than `max_tokens`.
@@ -204,11 +217,7 @@ pub extern "C" fn et_trainer_zo_new(
         }
         // SAFETY: `model` is NULL or a handle; `opts` is non-NULL.
         let (m, o) = (unsafe { trainable(model) }?, unsafe { *opts });
-        if o.batch == 0 || o.max_tokens < 2 {
-            return Err(invalid(
-                "batch must be at least 1 and max_tokens at least 2",
-            ));
-        }
+        check_sizes(o.batch, o.max_tokens)?;
         if !(o.clip.is_finite() && o.clip >= 0.0) {
             return Err(invalid(format!("clip {} must be finite and >= 0", o.clip)));
         }
@@ -244,7 +253,7 @@ pub extern "C" fn et_trainer_zo_new(
                 "seq_len": o.max_tokens,
             }),
         };
-        let mut t = Trainer::start(Arc::clone(&m.model), session, o.max_tokens)?;
+        let mut t = Trainer::start(m.share()?, session, o.max_tokens)?;
         t.clip = (o.clip > 0.0).then_some(o.clip);
         handle::publish(
             Trainer_ {
@@ -275,11 +284,7 @@ pub extern "C" fn et_trainer_backprop_new(
         }
         // SAFETY: as above.
         let (m, o) = (unsafe { trainable(model) }?, unsafe { *opts });
-        if o.batch == 0 || o.max_tokens < 2 {
-            return Err(invalid(
-                "batch must be at least 1 and max_tokens at least 2",
-            ));
-        }
+        check_sizes(o.batch, o.max_tokens)?;
         let cfg = BackpropConfig {
             optimizer: Optimizer::AdamW {
                 beta1: 0.9,
@@ -301,7 +306,7 @@ pub extern "C" fn et_trainer_backprop_new(
             recompute: false,
             memory_limit: None,
         };
-        let t = BackpropTrainer::start(Arc::clone(&m.model), cfg, o.max_tokens)?;
+        let t = BackpropTrainer::start(m.share()?, cfg, o.max_tokens)?;
         handle::publish(
             Trainer_ {
                 method: Method::Backprop(Box::new(t)),
@@ -419,9 +424,11 @@ pub extern "C" fn et_trainer_train(
             }
             Ok(())
         })();
-        // The model is left at the trained values whether or not the run stopped early.
-        t.settle()?;
+        // The model is left at the trained values whether or not the run stopped early;
+        // the run's own failure is the one reported.
+        let settled = t.settle();
         run?;
+        settled?;
         // SAFETY: checked non-NULL.
         unsafe {
             *out_loss = if applied == 0 {
@@ -494,10 +501,12 @@ pub extern "C" fn et_trainer_save(t: *const et_trainer, dir: *const c_char) -> e
     })
 }
 
-/// Continues the session saved in `dir` by a trainer of the same kind on the same model and
-/// adapter layout: the saved state replaces this trainer's (zeroth-order: the history is
-/// replayed and each record checked; backprop: the checkpoint's layout is checked). On
-/// failure nothing changes.
+/// Continues the session saved in `dir` by a trainer of the same kind, made with the same
+/// options on the same model and adapter layout: the saved state replaces this trainer's
+/// (zeroth-order: the session's settings come from `dir`, its history is replayed and each
+/// record checked, and a batch or seed other than the saved one is refused; backprop: the
+/// checkpoint's layout is checked). A failed zeroth-order resume changes nothing; a failed
+/// backprop one may leave the values half restored (resume again or free the trainer).
 #[unsafe(no_mangle)]
 pub extern "C" fn et_trainer_resume(t: *mut et_trainer, dir: *const c_char) -> et_result {
     boundary(|| {
@@ -513,6 +522,19 @@ pub extern "C" fn et_trainer_resume(t: *mut et_trainer, dir: *const c_char) -> e
             Method::Zo(z) => {
                 let mut resumed =
                     Trainer::resume(Arc::clone(&t.model), dir, &t.model_sha256, t.max_tokens)?;
+                let run = &resumed.session.run;
+                if run["batch"].as_u64() != Some(t.batch as u64)
+                    || run["data_seed"].as_u64() != Some(t.seed)
+                {
+                    return Err(invalid(format!(
+                        "{} was saved with batch {} and seed {}; this trainer has {} and {}",
+                        dir.display(),
+                        run["batch"],
+                        run["data_seed"],
+                        t.batch,
+                        t.seed
+                    )));
+                }
                 resumed.clip = z.clip;
                 **z = resumed;
             }

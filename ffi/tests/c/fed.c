@@ -149,9 +149,15 @@ int main(int argc, char **argv) {
     CHECK(c == NULL);
 
     OK(et_fed_client_new(model, session, session_len, 1, dir, 16, &c));
-    /* The model's adapter cannot change under a client. */
+    /* The model's adapter cannot change under a client, nor a second client share it. */
     et_lora_options lo = {2, 4.0f, ET_TARGET_Q | ET_TARGET_V, 0};
     EXPECT(et_adapter_lora(model, &lo), ET_BUSY);
+    et_fed_client *second = NULL;
+    EXPECT(et_fed_client_new(model, session, session_len, 2, dir, 16, &second), ET_BUSY);
+    EXPECT(et_fed_client_state_hash(c, NULL), ET_NULL_POINTER);
+    EXPECT(et_fed_client_rounds(c, NULL, NULL), ET_NULL_POINTER);
+    EXPECT(et_fed_client_restore_checkpoint(c, NULL, 10), ET_NULL_POINTER);
+    EXPECT(et_fed_client_mark_uploaded(c, 5), ET_PROTOCOL);
     uint8_t start[32];
     OK(et_fed_client_state_hash(c, start));
 

@@ -75,8 +75,8 @@ struct progress {
 
 static int on_progress(void *user, uint32_t step, uint32_t steps, float loss) {
     struct progress *p = user;
-    (void)steps;
-    if (step == 1) {
+    (void)step, (void)steps;
+    if (p->calls == 0) {
         p->first = loss;
     }
     p->last = loss;
@@ -108,6 +108,17 @@ static void same(int line, const float *a, const float *b, size_t n, const char 
 
 static const uint32_t toks[6] = {1, 5, 9, 13, 17, 21};
 static const uint8_t flags[6] = {0, 1, 1, 1, 1, 1};
+/* Five examples taken two at a time: each step's batch depends on where the session's
+ * order stands, so a resume that restarted the order would show. */
+static const uint32_t seqs[5][6] = {
+    {1, 5, 9, 13, 17, 21}, {1, 7, 3, 30, 2, 8}, {1, 40, 41, 42, 43, 44}, {1, 2, 3, 4, 5, 6}, {1, 60, 50, 40, 30, 20}};
+static et_example five[5];
+
+static void make_five(void) {
+    for (int i = 0; i < 5; i++) {
+        five[i] = (et_example){seqs[i], flags, (size_t)(4 + i % 3)};
+    }
+}
 
 /* A fresh tiny model on its own CPU runtime, with `lo`'s LoRA attached. */
 static et_model *fresh_lora(const et_lora_options *lo) {
@@ -126,34 +137,58 @@ static et_model *fresh_lora(const et_lora_options *lo) {
 static void zeroth_order(void) {
     et_lora_options lo = {4, 8.0f, ET_TARGET_Q | ET_TARGET_V, 3};
     et_model *a = fresh_lora(&lo);
-    et_example ex[2] = {{toks, flags, 6}, {toks, flags, 4}};
     et_zo_options zo = {2, 1e-2f, 1e-2f, 64, 0, 0.0f, 11, 8};
     et_trainer *t = NULL;
     EXPECT(et_trainer_zo_new(a, NULL, &t), ET_NULL_POINTER);
+    EXPECT(et_trainer_zo_new(a, &zo, NULL), ET_NULL_POINTER);
     et_zo_options bad = zo;
     bad.eps = 0.0f;
     EXPECT(et_trainer_zo_new(a, &bad, &t), ET_INVALID_ARGUMENT);
+    bad = zo;
+    bad.batch = 100000;
+    EXPECT(et_trainer_zo_new(a, &bad, &t), ET_INVALID_ARGUMENT);
     OK(et_trainer_zo_new(a, &zo, &t));
-    /* The model's adapter cannot change under a trainer. */
+    /* The model's adapter cannot change under a trainer, nor a second trainer share it. */
     EXPECT(et_adapter_lora(a, &lo), ET_BUSY);
+    et_trainer *second = NULL;
+    EXPECT(et_trainer_zo_new(a, &zo, &second), ET_BUSY);
     float before = 0.0f, loss = 0.0f, after = 0.0f;
-    OK(et_trainer_eval(t, ex, 2, &before));
-    OK(et_trainer_train(t, ex, 2, 10, NULL, NULL, NULL, &loss));
-    OK(et_trainer_train(t, ex, 2, 10, NULL, NULL, NULL, &loss));
-    OK(et_trainer_eval(t, ex, 2, &after));
+    EXPECT(et_trainer_eval(t, five, 5, NULL), ET_NULL_POINTER);
+    EXPECT(et_trainer_eval(t, NULL, 5, &before), ET_NULL_POINTER);
+    OK(et_trainer_eval(t, five, 5, &before));
+    OK(et_trainer_train(t, five, 5, 10, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(t, five, 5, 10, NULL, NULL, NULL, &loss));
+    OK(et_trainer_eval(t, five, 5, &after));
     uint8_t hash[32], again[32];
+    EXPECT(et_trainer_state_hash(t, NULL), ET_NULL_POINTER);
+    EXPECT(et_trainer_state_hash(NULL, hash), ET_NULL_POINTER);
     OK(et_trainer_state_hash(t, hash));
     if (!(after != before)) {
         fprintf(stderr, "zeroth-order: eval %f -> %f\n", (double)before, (double)after);
         failures++;
     }
+    EXPECT(et_trainer_save(t, NULL), ET_NULL_POINTER);
     OK(et_trainer_save(t, "target/ffi-tests/zo-run"));
     size_t n = 0;
     float *trained = logits_of(a, toks, 6, &n);
 
+    /* 20 steps in one call reach the state of 10 + 10. */
+    et_model *straight = fresh_lora(&lo);
+    et_trainer *s20 = NULL;
+    OK(et_trainer_zo_new(straight, &zo, &s20));
+    OK(et_trainer_train(s20, five, 5, 20, NULL, NULL, NULL, &loss));
+    OK(et_trainer_state_hash(s20, again));
+    if (memcmp(hash, again, sizeof hash) != 0) {
+        fprintf(stderr, "zeroth-order: 10 + 10 steps differ from 20\n");
+        failures++;
+    }
+    et_trainer_free(&s20);
+    et_model_free(&straight);
+
     et_model *b = fresh_lora(&lo);
     et_trainer *u = NULL;
     OK(et_trainer_zo_new(b, &zo, &u));
+    EXPECT(et_trainer_resume(u, NULL), ET_NULL_POINTER);
     EXPECT(et_trainer_resume(u, "target/ffi-tests/no-such-run"), ET_IO);
     OK(et_trainer_resume(u, "target/ffi-tests/zo-run"));
     OK(et_trainer_state_hash(u, again));
@@ -164,14 +199,24 @@ static void zeroth_order(void) {
     float *resumed = logits_of(b, toks, 6, &n);
     SAME(trained, resumed, n, "logits of a resumed zeroth-order session");
     /* Continuing both gives the same state again. */
-    OK(et_trainer_train(t, ex, 2, 3, NULL, NULL, NULL, &loss));
-    OK(et_trainer_train(u, ex, 2, 3, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(t, five, 5, 3, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(u, five, 5, 3, NULL, NULL, NULL, &loss));
     OK(et_trainer_state_hash(t, hash));
     OK(et_trainer_state_hash(u, again));
     if (memcmp(hash, again, sizeof hash) != 0) {
         fprintf(stderr, "zeroth-order: the sessions parted after resuming\n");
         failures++;
     }
+    /* A trainer with other options does not continue a saved session, nor write over
+     * another session's directory (another session key). */
+    et_trainer_free(&u);
+    et_zo_options other = zo;
+    other.batch = 3;
+    other.seed = 12;
+    OK(et_trainer_zo_new(b, &other, &u));
+    EXPECT(et_trainer_resume(u, "target/ffi-tests/zo-run"), ET_INVALID_ARGUMENT);
+    OK(et_trainer_train(u, five, 5, 1, NULL, NULL, NULL, &loss));
+    EXPECT(et_trainer_save(u, "target/ffi-tests/zo-run"), ET_INVALID_ARGUMENT);
     free(trained);
     free(resumed);
     et_trainer_free(&u);
@@ -209,9 +254,9 @@ static void training(et_model *model) {
     OK(et_trainer_backprop_new(model, &to, &t));
     struct progress p = {0, 0.0f, 0.0f};
     float loss = -1.0f;
-    OK(et_trainer_train(t, ex, 2, 4, on_progress, &p, NULL, &loss));
+    OK(et_trainer_train(t, five, 5, 4, on_progress, &p, NULL, &loss));
     OK(et_trainer_save(t, "target/ffi-tests/backprop-run"));
-    OK(et_trainer_train(t, ex, 2, 4, on_progress, &p, NULL, &loss));
+    OK(et_trainer_train(t, five, 5, 4, on_progress, &p, NULL, &loss));
     if (p.calls != 8 || !(p.last < p.first)) {
         fprintf(stderr, "training: %d steps, loss %f -> %f (returned %f)\n", p.calls, (double)p.first,
                 (double)p.last, (double)loss);
@@ -244,7 +289,7 @@ static void training(et_model *model) {
     et_trainer *u = NULL;
     OK(et_trainer_backprop_new(other, &to, &u));
     OK(et_trainer_resume(u, "target/ffi-tests/backprop-run"));
-    OK(et_trainer_train(u, ex, 2, 4, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(u, five, 5, 4, NULL, NULL, NULL, &loss));
     et_trainer_free(&u);
     size_t n = 0;
     float *resumed = logits_of(other, toks, 6, &n);
@@ -254,7 +299,7 @@ static void training(et_model *model) {
     /* Replaying the first 8 steps on a third model from scratch gives the same values. */
     et_model *third = fresh_lora(&lo);
     OK(et_trainer_backprop_new(third, &to, &u));
-    OK(et_trainer_train(u, ex, 2, 8, NULL, NULL, NULL, &loss));
+    OK(et_trainer_train(u, five, 5, 8, NULL, NULL, NULL, &loss));
     et_trainer_free(&u);
     float *straight = logits_of(third, toks, 6, &n);
     SAME(straight, resumed, n, "logits of a resumed backprop session");
@@ -494,6 +539,7 @@ int main(int argc, char **argv) {
     }
     TINY = argv[1];
     versions();
+    make_five();
     tiny(argv[1]);
     if (argc > 2) {
         smollm2(argv[2]);

@@ -224,8 +224,13 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         // The round's bytes on disk first, then the state, then the record that counts it:
         // a failed write leaves the round unapplied, to be delivered again.
         write_atomic(&self.round_path(msg.round), bytes)?;
-        self.adopt(&msg, next);
-        self.save()?;
+        let before = (self.round, self.weights.clone());
+        let state = core::mem::replace(&mut self.state, next);
+        (self.round, self.weights) = (msg.round, super::seed_weights(&msg));
+        if let Err(e) = self.save() {
+            (self.state, (self.round, self.weights)) = (state, before);
+            return Err(e);
+        }
         Ok(Applied::Applied(msg.round))
     }
 
@@ -348,10 +353,20 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
         })
     }
 
-    /// Records that the server acknowledged the upload of `round`.
+    /// Records that the server acknowledged the upload of `round` (at most the next
+    /// round: a later one was never trained).
     pub fn mark_uploaded(&mut self, round: u32) -> Result<()> {
+        if round > self.round + 1 {
+            return Err(Error::Federation {
+                reason: format!(
+                    "round {round} was never trained here (the client is at round {})",
+                    self.round
+                ),
+            });
+        }
+        let before = self.uploaded;
         self.uploaded = self.uploaded.max(round);
-        self.save()
+        self.save().inspect_err(|_| self.uploaded = before)
     }
 
     /// Writes the shared state into the model's adapter buffers (for generation or

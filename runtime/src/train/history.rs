@@ -46,6 +46,27 @@ pub struct Session {
     pub run: Value,
 }
 
+impl Session {
+    /// Whether `other` is the same run: everything but the informative `run` record.
+    pub fn same_run(&self, other: &Session) -> bool {
+        (
+            &self.model_sha256,
+            &self.layout_sha256,
+            &self.adapter,
+            self.init_seed,
+            &self.zo,
+            &self.seed_weights,
+        ) == (
+            &other.model_sha256,
+            &other.layout_sha256,
+            &other.adapter,
+            other.init_seed,
+            &other.zo,
+            &other.seed_weights,
+        )
+    }
+}
+
 /// FedKSeed-Pro weights from a JSON array of K integers, for a session in `mode`.
 pub fn seed_weights_from_json(
     v: &Value,

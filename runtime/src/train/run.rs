@@ -169,10 +169,23 @@ impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
         self.model.read_params()
     }
 
-    /// Writes the run into `dir`: session and start values (first time), the history,
-    /// and the adapter in PEFT format, each file atomically.
+    /// Writes the run into `dir`: session and start values (first time; a directory
+    /// holding another session is refused), the history, and the adapter in PEFT format,
+    /// each file atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        if !dir.join(history::SESSION).exists() {
+        if dir.join(history::SESSION).exists() {
+            // Another session's start would pair this history with the wrong values.
+            let stored = history::read_session(dir)?;
+            if !stored.same_run(&self.session) {
+                return Err(Error::InvalidArgument {
+                    name: "dir",
+                    reason: format!(
+                        "{} holds another session's run; save into a new directory",
+                        dir.display()
+                    ),
+                });
+            }
+        } else {
             history::write_start(
                 dir,
                 &self.session,

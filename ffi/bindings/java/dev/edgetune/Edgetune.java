@@ -316,6 +316,9 @@ public final class Edgetune {
             keep = new Memory[2 * sequences.length];
             for (int i = 0; i < sequences.length; i++) {
                 int n = sequences[i].length;
+                if (n < 2) {
+                    throw new IllegalArgumentException("example " + i + " has " + n + " tokens; a loss needs 2");
+                }
                 Memory tokens = new Memory(4L * n);
                 tokens.write(0, sequences[i], 0, n);
                 Memory flags = new Memory(n);
