@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""The firmware's decoded defmt log (defmt-print's text) -> an edgetune run directory that
+`edgetune replay` reads: session.json from the `session` line, history.jsonl from the
+`record` lines (g passed as its f32 bits, so no digit is lost). No w0.safetensors: replay
+then starts from the adapter's own initial values on the model, as the firmware did.
+Prints the firmware's state hash. Usage: records.py LOG DIR"""
+import json
+import os
+import re
+import struct
+import sys
+
+
+def f32(bits):
+    return struct.unpack("<f", struct.pack("<I", int(bits)))[0]
+
+
+def main():
+    log, out = sys.argv[1], sys.argv[2]
+    session, records, digest = None, [], None
+    for line in open(log, encoding="utf-8", errors="replace"):
+        if "session model=" in line:
+            session = dict(kv.split("=", 1) for kv in line.split("session ", 1)[1].split())
+        elif "record step=" in line:
+            f = dict(kv.split("=", 1) for kv in line.split("record ", 1)[1].split())
+            records.append({"step": int(f["step"]), "seed": int(f["seed"]), "g": f32(f["g_bits"])})
+        elif "state-hash:" in line:
+            digest = line.split("state-hash:", 1)[1].split()[0]
+    if session is None or digest is None:
+        sys.exit(f"{log}: no session line or no state hash (did the firmware finish?)")
+    if session["trainable"] != "ia3":
+        sys.exit(f"trainable {session['trainable']} is not one this converter writes")
+    os.makedirs(out, exist_ok=True)
+    doc = {
+        "format": "edgetune-zo-session",
+        "version": 1,
+        "model_sha256": session["model"],
+        "layout_sha256": session["layout"],
+        # PEFT's IA3 config on k, v and down's input, as edgetune writes it.
+        "adapter": {
+            "peft_type": "IA3",
+            "task_type": "CAUSAL_LM",
+            "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"],
+        },
+        "init_seed": session["init_seed"],
+        "session_key": session["session_key"],
+        "z": session["z"],
+        "mode": session["mode"],
+        "k": int(session["k"]),
+        "eps": f32(session["eps_bits"]),
+        "lr": f32(session["lr_bits"]),
+        "delta_exp": int(session["delta_exp"]),
+        "lr_decay_steps": 0,
+        "seed_weights": None,
+        "run": {"source": "edgetune-firmware (thumbv7em-none-eabihf under QEMU)"},
+    }
+    with open(os.path.join(out, "session.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(out, "history.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    print(f"firmware: {len(records)} records, state-hash: {digest}")
+
+
+if __name__ == "__main__":
+    main()
