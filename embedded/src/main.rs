@@ -1,5 +1,6 @@
-//! edgetune's no_std core training on a microcontroller (a Cortex-M4F under QEMU): the tiny
-//! Llama of tests/golden (2 layers, width 64, Q8_0 blocks) is read from the image, IA3
+//! edgetune's no_std core training on a microcontroller (a Cortex-M4F under QEMU, with the
+//! 256 KiB of RAM memory.x gives it): the tiny Llama of tests/golden (2 layers, width 64,
+//! Q8_0 blocks) is read in place from the image (flash), IA3
 //! vectors train by zeroth-order steps on a handful of embedded examples, and every applied
 //! step's (seed, g) record goes out through defmt over semihosting, with the losses, the
 //! state hash and the memory used. `run.sh` decodes the log, replays the records with
@@ -11,14 +12,14 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 use core::alloc::{GlobalAlloc, Layout};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 // Linked for its critical-section implementation (single core), which the heap and the
 // defmt logger take.
 use cortex_m as _;
 use cortex_m_rt::{ExceptionFrame, entry, exception};
 use defmt_semihosting as _;
 use edgetune::adapter::{AdapterConfig, layout_hash};
-use edgetune::backend::cpu::Cpu;
+use edgetune::backend::cpu::CpuInPlace;
 use edgetune::format::gguf::Gguf;
 use edgetune::model::Model;
 use edgetune::rng::ZKind;
@@ -31,9 +32,9 @@ static MODEL: &[u8] = include_bytes!("../../tests/golden/tiny/llama_gqa_tied/q8_
 /// Heap for the model's buffers, the adapter, the state and the activations (feature
 /// `oom`: too small for them, to show an allocation failure's error path).
 #[cfg(not(feature = "oom"))]
-const HEAP_BYTES: usize = 512 * 1024;
+const HEAP_BYTES: usize = 160 * 1024;
 #[cfg(feature = "oom")]
-const HEAP_BYTES: usize = 48 * 1024;
+const HEAP_BYTES: usize = 16 * 1024;
 /// Zeroth-order steps to run.
 const STEPS: u32 = 40;
 
@@ -114,7 +115,8 @@ fn hex<'a>(bytes: &[u8], out: &'a mut [u8; 64]) -> &'a str {
 }
 
 fn run() -> edgetune::Result<()> {
-    let be = Cpu;
+    // The weights are read where they are in the image, not copied to the heap.
+    let be = CpuInPlace { image: MODEL };
     // Feature `truncated-model`: the image's model cut short, to show that error path.
     let bytes = if cfg!(feature = "truncated-model") {
         &MODEL[..MODEL.len() / 2]
@@ -126,6 +128,7 @@ fn run() -> edgetune::Result<()> {
         reason: alloc::format!("the embedded GGUF does not parse: {e}"),
     })?;
     let mut model = Model::from_gguf(&be, &gguf, bytes, "flash")?;
+    let loaded = HEAP.heap.used();
     let layout = model.attach(AdapterConfig::ia3(), 0)?;
     let params: usize = layout.iter().map(|p| p.len() as usize).sum();
     let (mut model_hex, mut layout_hex) = ([0u8; 64], [0u8; 64]);
@@ -164,6 +167,18 @@ fn run() -> edgetune::Result<()> {
         delta_exp
     );
     let w0 = model.read_params()?;
+    // The start values with their layout, so the host's run directory is complete (and a
+    // reader in another language needs no model to replay it).
+    for (p, v) in model.layout().iter().zip(&w0) {
+        let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        defmt::println!(
+            "param name={=str} rows={=u32} cols={=u32} w0_bits={=[?]}",
+            p.name.as_str(),
+            p.rows,
+            p.cols,
+            &bits[..]
+        );
+    }
     let mut state = ZoState::new(&be, &model, &w0)?;
     drop(w0);
     let batch: Vec<Example> = SEQS
@@ -200,9 +215,10 @@ fn run() -> edgetune::Result<()> {
     let mut hash_hex = [0u8; 64];
     defmt::println!("state-hash: {=str}", hex(&state.hash(&be)?, &mut hash_hex));
     defmt::println!(
-        "memory: heap peak {=usize} B of {=usize}, stack peak {=usize} B, model image {=usize} B in flash",
+        "memory: heap peak {=usize} B of {=usize} (the loaded model: {=usize}), stack peak {=usize} B, model image {=usize} B in flash",
         HEAP.peak.load(Ordering::Relaxed),
         HEAP_BYTES,
+        loaded,
         stack_peak(),
         MODEL.len()
     );
@@ -226,15 +242,24 @@ fn main() -> ! {
     }
 }
 
+/// Set by the first panic or fault: a second one (say, inside the logger) halts without
+/// logging, so nothing recurses.
+static HALTING: AtomicBool = AtomicBool::new(false);
+
 /// An allocation failure or a bug: logged, then a clean halt with a non-zero exit.
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    defmt::error!("panic: {}", defmt::Display2Format(info));
+    if !HALTING.swap(true, Ordering::Relaxed) {
+        defmt::error!("panic: {}", defmt::Display2Format(info));
+    }
     semihosting::process::exit(101)
 }
 
+/// A fault (a stack overflow into the flash-linked region, a bad access): halts.
 #[exception]
 unsafe fn HardFault(_frame: &ExceptionFrame) -> ! {
-    defmt::error!("hard fault");
+    if !HALTING.swap(true, Ordering::Relaxed) {
+        defmt::error!("hard fault");
+    }
     semihosting::process::exit(3)
 }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::quant::{self, WeightType};
 use crate::rng::{self, ZAddr, ZKind};
 use core::cell::RefCell;
+use std::borrow::Cow;
 use std::prelude::v1::*;
 
 /// The reference backend.
@@ -14,9 +15,10 @@ use std::prelude::v1::*;
 pub struct Cpu;
 
 /// A host buffer. Kernels read their inputs into owned values before writing the output,
-/// so an output may alias an input.
+/// so an output may alias an input. Weights [`CpuInPlace`] finds in its image are borrowed
+/// from it and copied only if something writes them.
 #[derive(Debug)]
-pub struct CpuBuffer(RefCell<Vec<u8>>);
+pub struct CpuBuffer(RefCell<Cow<'static, [u8]>>);
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
@@ -55,18 +57,80 @@ impl CpuBuffer {
             .collect()
     }
 
+    /// Whether the bytes are read in place from an image (not copied).
+    pub fn in_place(&self) -> bool {
+        matches!(*self.0.borrow(), Cow::Borrowed(_))
+    }
+
     pub(crate) fn write_f32(&self, vals: &[f32]) {
         let mut b = self.0.borrow_mut();
-        for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
+        for (dst, v) in b.to_mut().chunks_exact_mut(4).zip(vals) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
     }
 
     fn write_u32(&self, vals: &[u32]) {
         let mut b = self.0.borrow_mut();
-        for (dst, v) in b.chunks_exact_mut(4).zip(vals) {
+        for (dst, v) in b.to_mut().chunks_exact_mut(4).zip(vals) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
+    }
+}
+
+/// The CPU reference for a model in read-only memory that lives as long as the program (a
+/// microcontroller's flash): weights whose bytes lie inside `image` are used where they
+/// are instead of being copied to the heap; everything else is [`Cpu`]'s.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuInPlace {
+    pub image: &'static [u8],
+}
+
+impl Backend for CpuInPlace {
+    type Buffer = CpuBuffer;
+
+    fn name(&self) -> String {
+        "cpu reference (weights in place)".into()
+    }
+
+    fn alloc(&self, bytes: u64, what: &'static str) -> Result<CpuBuffer> {
+        Cpu.alloc(bytes, what)
+    }
+
+    fn upload(&self, data: &[u8], what: &'static str) -> Result<CpuBuffer> {
+        Cpu.upload(data, what)
+    }
+
+    /// In place when `data` is a whole number of words inside the image (a buffer's size
+    /// is a multiple of 4); a copy otherwise.
+    fn upload_weights(
+        &self,
+        wtype: WeightType,
+        data: &[u8],
+        what: &'static str,
+    ) -> Result<CpuBuffer> {
+        let at = (data.as_ptr() as usize).checked_sub(self.image.as_ptr() as usize);
+        match at.and_then(|at| self.image.get(at..at.checked_add(data.len())?)) {
+            Some(bytes) if data.len().is_multiple_of(4) => {
+                Ok(CpuBuffer(RefCell::new(Cow::Borrowed(bytes))))
+            }
+            _ => Cpu.upload_weights(wtype, data, what),
+        }
+    }
+
+    fn size(&self, buf: &CpuBuffer) -> u64 {
+        Cpu.size(buf)
+    }
+
+    fn read(&self, buf: &CpuBuffer) -> Result<Vec<u8>> {
+        Cpu.read(buf)
+    }
+
+    fn sync(&self) -> Result<()> {
+        Cpu.sync()
+    }
+
+    fn run(&self, op: &Op<'_, CpuBuffer>) -> Result<()> {
+        Cpu.run(op)
     }
 }
 
@@ -92,12 +156,12 @@ impl Backend for Cpu {
         v.try_reserve_exact(len)
             .map_err(|_| Error::OutOfMemory { what, bytes })?;
         v.resize(len, 0);
-        Ok(CpuBuffer(RefCell::new(v)))
+        Ok(CpuBuffer(RefCell::new(Cow::Owned(v))))
     }
 
     fn upload(&self, data: &[u8], what: &'static str) -> Result<CpuBuffer> {
         let buf = self.alloc(data.len() as u64, what)?;
-        buf.0.borrow_mut()[..data.len()].copy_from_slice(data);
+        buf.0.borrow_mut().to_mut()[..data.len()].copy_from_slice(data);
         Ok(buf)
     }
 
@@ -106,7 +170,7 @@ impl Backend for Cpu {
     }
 
     fn read(&self, buf: &CpuBuffer) -> Result<Vec<u8>> {
-        Ok(buf.0.borrow().clone())
+        Ok(buf.0.borrow().to_vec())
     }
 
     fn sync(&self) -> Result<()> {
@@ -271,7 +335,7 @@ impl Backend for Cpu {
                     dst_offset as usize * 4,
                 );
                 let words = src.0.borrow()[so..so + n].to_vec();
-                dst.0.borrow_mut()[d..d + n].copy_from_slice(&words);
+                dst.0.borrow_mut().to_mut()[d..d + n].copy_from_slice(&words);
             }
             Op::Attention { .. } => {
                 if let Some(a) = AttnCall::read(op) {
@@ -763,6 +827,44 @@ pub fn perturb_z(addr: ZAddr, start: u64, n: usize, kind: ZKind) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Weights inside the image are borrowed, copied when written, and give the same logits
+    /// as copied ones; bytes outside it are copied.
+    #[test]
+    fn in_place_weights_are_borrowed_and_compute_as_copies() {
+        static IMAGE: &[u8] = include_bytes!("../../../tests/golden/tiny/llama_gqa_tied/q8_0.gguf");
+        let flash = CpuInPlace { image: IMAGE };
+        let w = flash
+            .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 136], "w")
+            .unwrap();
+        assert!(w.in_place());
+        let elsewhere = IMAGE[64..64 + 136].to_vec();
+        assert!(
+            !flash
+                .upload_weights(WeightType::Q8_0, &elsewhere, "w")
+                .unwrap()
+                .in_place()
+        );
+        // An odd length cannot be a whole buffer: copied.
+        assert!(
+            !flash
+                .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 135], "w")
+                .unwrap()
+                .in_place()
+        );
+        w.write_f32(&[1.5]);
+        assert!(!w.in_place());
+        assert_eq!(flash.read_f32(&w, 1).unwrap(), [1.5]);
+
+        let gguf = crate::format::gguf::Gguf::parse(IMAGE).unwrap();
+        fn logits<B: Backend>(m: &crate::model::Model<'_, B>) -> Vec<f32> {
+            let mut cache = m.new_cache(8).unwrap();
+            m.forward(&mut cache, &[1, 5, 9, 13], true).unwrap()
+        }
+        let copied = crate::model::Model::from_gguf(&Cpu, &gguf, IMAGE, "image").unwrap();
+        let placed = crate::model::Model::from_gguf(&flash, &gguf, IMAGE, "image").unwrap();
+        assert_eq!(logits(&copied), logits(&placed));
+    }
 
     #[test]
     fn matmul_transposes_agree() {

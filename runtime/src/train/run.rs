@@ -44,8 +44,7 @@ fn layout_hex<B: Backend>(model: &Model<'_, B>) -> String {
 }
 
 /// Rebuilds the state of run directory `dir` on `model` (whose adapter must be the
-/// session's, freshly attached when `dir` holds no start values), checking the model and
-/// layout hashes and every record before applying any.
+/// session's), checking the model and layout hashes and every record before applying any.
 pub fn replay<B: Backend>(
     model: &Model<'_, B>,
     dir: &Path,
@@ -55,13 +54,7 @@ pub fn replay<B: Backend>(
     let session = history::read_session(dir)?;
     let shown = dir.join(history::SESSION).display().to_string();
     session.check_target(model_sha256, &layout_hex(model), &shown)?;
-    // A directory another implementation wrote (the firmware's log, decoded) may leave the
-    // start values out: they are then the adapter's own as attached, as they were there.
-    let w0 = if dir.join(history::W0).exists() {
-        history::read_w0(dir, model.layout())?
-    } else {
-        model.read_params()?
-    };
+    let w0 = history::read_w0(dir, model.layout())?;
     let records = history::read_history(dir, &session)?;
     let mut state = ZoState::new(be, model, &w0)?;
     let updates: Vec<(u32, i32)> = records
