@@ -204,8 +204,19 @@ et_result et_adapter_lora(et_model *model, const et_lora_options *opts);
 // Attaches an IA3 adapter (scales on k, v and down's input, starting at one).
 et_result et_adapter_ia3(et_model *model);
 
+// Makes the model's norm weights the trainable set (starting at the model's values;
+// zeroth-order training only).
+et_result et_adapter_norms(et_model *model);
+
+// Makes the block scales of the quantised projections on `targets` (ET_TARGET_* bits; 0
+// for all seven) the trainable set, as QZO does: the 4- and 8-bit codes stay frozen, one
+// factor per 32-value block (Q8_0, Q4_0, Q4_1 weights) starts at one and learns
+// (zeroth-order training only). A projection in another format is ET_INVALID_ARGUMENT.
+et_result et_adapter_scales(et_model *model, uint32_t targets);
+
 // Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,
-// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors.
+// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors (norms and
+// block scales under edgetune's own `peft_type`s, docs/zeroth-order.md).
 et_result et_adapter_save(const et_model *model, const char *dir);
 
 // Attaches the PEFT adapter in directory `dir` (or a llama.cpp GGUF adapter file).

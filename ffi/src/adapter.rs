@@ -29,6 +29,23 @@ pub struct et_lora_options {
     pub seed: u64,
 }
 
+/// The projections ET_TARGET_* `bits` name (`default` when 0).
+fn targets(bits: u32, default: u32) -> Result<Vec<Target>, Fail> {
+    let bits = if bits == 0 { default } else { bits };
+    if bits >= 1 << Target::ALL.len() {
+        return Err(Fail::new(
+            et_result::ET_INVALID_ARGUMENT,
+            format!("targets {bits:#x} has bits beyond ET_TARGET_DOWN"),
+        ));
+    }
+    Ok(Target::ALL
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, t)| t)
+        .collect())
+}
+
 /// Attaches a LoRA adapter to the model (one adapter at a time; ET_BUSY while a trainer
 /// or federated client uses the model).
 #[unsafe(no_mangle)]
@@ -41,23 +58,7 @@ pub extern "C" fn et_adapter_lora(model: *mut et_model, opts: *const et_lora_opt
         let (m, o) = (unsafe { handle::get_mut::<Model_>(model) }?, unsafe {
             *opts
         });
-        let bits = if o.targets == 0 {
-            ET_TARGET_Q | ET_TARGET_V
-        } else {
-            o.targets
-        };
-        if bits >= 1 << Target::ALL.len() {
-            return Err(Fail::new(
-                et_result::ET_INVALID_ARGUMENT,
-                format!("targets {bits:#x} has bits beyond ET_TARGET_DOWN"),
-            ));
-        }
-        let targets: Vec<Target> = Target::ALL
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| bits & (1 << i) != 0)
-            .map(|(_, t)| t)
-            .collect();
+        let targets = targets(o.targets, ET_TARGET_Q | ET_TARGET_V)?;
         m.model_mut()?
             .attach(AdapterConfig::lora(o.rank, o.alpha, &targets), o.seed)?;
         m.adapter_seed = o.seed;
@@ -77,8 +78,38 @@ pub extern "C" fn et_adapter_ia3(model: *mut et_model) -> et_result {
     })
 }
 
+/// Makes the model's norm weights the trainable set (starting at the model's values;
+/// zeroth-order training only).
+#[unsafe(no_mangle)]
+pub extern "C" fn et_adapter_norms(model: *mut et_model) -> et_result {
+    boundary(|| {
+        // SAFETY: as above.
+        let m = unsafe { handle::get_mut::<Model_>(model) }?;
+        m.model_mut()?.attach(AdapterConfig::norms(), 0)?;
+        m.adapter_seed = 0;
+        Ok(())
+    })
+}
+
+/// Makes the block scales of the quantised projections on `targets` (ET_TARGET_* bits; 0
+/// for all seven) the trainable set, as QZO does: the 4- and 8-bit codes stay frozen, one
+/// factor per 32-value block (Q8_0, Q4_0, Q4_1 weights) starts at one and learns
+/// (zeroth-order training only). A projection in another format is ET_INVALID_ARGUMENT.
+#[unsafe(no_mangle)]
+pub extern "C" fn et_adapter_scales(model: *mut et_model, targets: u32) -> et_result {
+    boundary(|| {
+        // SAFETY: as above.
+        let m = unsafe { handle::get_mut::<Model_>(model) }?;
+        let targets = self::targets(targets, (1 << Target::ALL.len()) - 1)?;
+        m.model_mut()?.attach(AdapterConfig::scales(&targets), 0)?;
+        m.adapter_seed = 0;
+        Ok(())
+    })
+}
+
 /// Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,
-/// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors.
+/// created if needed) as PEFT's adapter_config.json and adapter_model.safetensors (norms and
+/// block scales under edgetune's own `peft_type`s, docs/zeroth-order.md).
 #[unsafe(no_mangle)]
 pub extern "C" fn et_adapter_save(model: *const et_model, dir: *const c_char) -> et_result {
     boundary(|| {

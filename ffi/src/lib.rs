@@ -23,8 +23,8 @@ mod train;
 
 pub use adapter::{
     ET_TARGET_DOWN, ET_TARGET_GATE, ET_TARGET_K, ET_TARGET_O, ET_TARGET_Q, ET_TARGET_UP,
-    ET_TARGET_V, et_adapter_ia3, et_adapter_load, et_adapter_lora, et_adapter_save,
-    et_lora_options,
+    ET_TARGET_V, et_adapter_ia3, et_adapter_load, et_adapter_lora, et_adapter_norms,
+    et_adapter_save, et_adapter_scales, et_lora_options,
 };
 pub use error::{et_error_text, et_result, et_version};
 pub use fed::{

@@ -1,7 +1,8 @@
 /* The C API as an app uses it, and as a careless app misuses it: every call checked for its
  * result code. Usage: flow TINY_MODEL_DIR [SMOLLM2.gguf]
  * The tiny model (no tokenizer) covers runtimes, logits, handles, bad input, and training
- * sessions (backprop and zeroth-order: steps, eval, save, resume, state hashes); SmolLM2
+ * sessions (backprop and zeroth-order on LoRA, block scales and norms: steps, eval, save,
+ * resume, state hashes); SmolLM2
  * (a GGUF with its tokenizer) covers loading from memory, tokenizing, detokenizing and
  * generating with a callback and a cancel flag. Built with -std=c11 -Wall -Wextra
  * -Werror -pedantic; run under AddressSanitizer + UndefinedBehaviorSanitizer and valgrind
@@ -228,6 +229,54 @@ static void zeroth_order(void) {
     et_model_free(&a);
 }
 
+/* QZO through the C API: the tiny Q4_0 model's block scales train by zeroth-order steps
+ * (backprop refuses them), and saved and reloaded they give the same logits; norm weights
+ * train too. */
+static void scales_and_norms(void) {
+    et_runtime *rt = NULL;
+    et_runtime_options opts = {ET_BACKEND_CPU, 0, NULL};
+    OK(et_runtime_new(&opts, &rt));
+    et_model *m = NULL;
+    OK(et_model_load_file(rt, TINY, &m));
+    EXPECT(et_adapter_scales(m, 1u << 7), ET_INVALID_ARGUMENT);
+    EXPECT(et_adapter_scales(NULL, 0), ET_NULL_POINTER);
+    OK(et_adapter_scales(m, 0));
+    et_trainer *t = NULL;
+    et_backprop_options bo = {2, 1e-2f, 4, 0, 0, 0.0f, 0.0f, 0, 8};
+    EXPECT(et_trainer_backprop_new(m, &bo, &t), ET_INVALID_ARGUMENT);
+    et_zo_options zo = {2, 5e-2f, 1e-2f, 64, 0, 0.0f, 21, 8};
+    OK(et_trainer_zo_new(m, &zo, &t));
+    float before = 0.0f, after = 0.0f, loss = 0.0f;
+    OK(et_trainer_eval(t, five, 5, &before));
+    OK(et_trainer_train(t, five, 5, 20, NULL, NULL, NULL, &loss));
+    OK(et_trainer_eval(t, five, 5, &after));
+    if (!(after != before)) {
+        fprintf(stderr, "scales: eval %f -> %f\n", (double)before, (double)after);
+        failures++;
+    }
+    et_trainer_free(&t);
+    OK(et_adapter_save(m, "target/ffi-tests/scales"));
+    size_t n = 0;
+    float *trained = logits_of(m, toks, 6, &n);
+    et_model *again = NULL;
+    OK(et_model_load_file(rt, TINY, &again));
+    OK(et_adapter_load(again, "target/ffi-tests/scales"));
+    float *loaded = logits_of(again, toks, 6, &n);
+    SAME(trained, loaded, n, "logits of saved and reloaded block scales");
+    free(trained);
+    free(loaded);
+    et_model_free(&again);
+    et_model_free(&m);
+
+    OK(et_model_load_file(rt, TINY, &m));
+    OK(et_adapter_norms(m));
+    OK(et_trainer_zo_new(m, &zo, &t));
+    OK(et_trainer_train(t, five, 5, 3, NULL, NULL, NULL, &loss));
+    et_trainer_free(&t);
+    et_model_free(&m);
+    et_runtime_free(&rt);
+}
+
 /* LoRA trained by backprop on the tiny model, resumed bit-exactly from a checkpoint, saved,
  * and loaded into a fresh model that then gives the same logits. */
 static void training(et_model *model) {
@@ -440,6 +489,7 @@ static void tiny(const char *dir) {
     free(logits);
     training(model);
     zeroth_order();
+    scales_and_norms();
     et_model_free(&model);
     et_model_free(&model);
     et_model_free(NULL);

@@ -53,6 +53,10 @@ public final class Edgetune {
 
         int et_adapter_lora(Pointer model, LoraOptions opts);
 
+        int et_adapter_scales(Pointer model, int targets);
+
+        int et_adapter_norms(Pointer model);
+
         int et_adapter_save(Pointer model, String dir);
 
         int et_adapter_load(Pointer model, String dir);
@@ -287,6 +291,16 @@ public final class Edgetune {
             o.alpha = alpha;
             o.seed = seed;
             check(Lib.C.et_adapter_lora(h(), o));
+        }
+
+        /** Trains the block scales of the quantised projections (ET_TARGET_* bits; 0 for all). */
+        public void attachScales(int targets) {
+            check(Lib.C.et_adapter_scales(h(), targets));
+        }
+
+        /** Trains the norm weights. */
+        public void attachNorms() {
+            check(Lib.C.et_adapter_norms(h()));
         }
 
         public void saveAdapter(String dir) {

@@ -79,6 +79,21 @@ public final class EdgetuneTest {
                             "reloaded adapter");
                 }
             }
+            // QZO: the quantised model's block scales, by zeroth-order steps.
+            try (Edgetune.Model q = new Edgetune.Model(rt, args[0])) {
+                q.attachScales(0);
+                Edgetune.ZoOptions zo = new Edgetune.ZoOptions();
+                zo.batch = 1;
+                zo.lr = 5e-2f;
+                zo.seeds = 64;
+                zo.max_tokens = 8;
+                Edgetune.Examples ex = new Edgetune.Examples(new int[][] {{1, 5, 9, 13, 17, 21}});
+                try (Edgetune.Trainer t = Edgetune.Trainer.zerothOrder(q, zo)) {
+                    float before = t.eval(ex);
+                    t.train(ex, 10, (step, loss) -> {});
+                    require(t.eval(ex) != before, "block scales trained");
+                }
+            }
             try (Edgetune.Model missing = new Edgetune.Model(rt, "/nonexistent.gguf")) {
                 require(missing == null, "a missing file loaded");
             } catch (Edgetune.EdgetuneException e) {

@@ -161,6 +161,9 @@ public final class Model {
     }
 
     public func attachIa3() throws { try check(et_adapter_ia3(handle)) }
+    /// The quantised projections' block scales (ET_TARGET_* bits; 0 for all) as the trainable set.
+    public func attachScales(targets: UInt32 = 0) throws { try check(et_adapter_scales(handle, targets)) }
+    public func attachNorms() throws { try check(et_adapter_norms(handle)) }
     public func saveAdapter(dir: String) throws { try check(et_adapter_save(handle, dir)) }
     public func loadAdapter(dir: String) throws { try check(et_adapter_load(handle, dir)) }
 }
