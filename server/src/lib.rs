@@ -172,7 +172,7 @@ fn spawn_coordinator(cfg: &Config) -> Result<(Vec<u8>, mpsc::Sender<Cmd>)> {
                     return;
                 }
             };
-            let mut coord = match Coordinator::new(&be, &model, session, cfg.policy) {
+            let mut coord = match Coordinator::new(&model, session, cfg.policy) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

@@ -250,7 +250,7 @@ fn kill_run(dir: &Path, store_args: &[String], open: &dyn Fn() -> Box<dyn Store>
         .attach(AdapterConfig::lora(2, 4.0, &[Target::Q, Target::V]), KEY)
         .unwrap();
     let session = Session::decode(&store.session().unwrap().unwrap()).unwrap();
-    let mut coord = Coordinator::new(&Cpu, &model, session, Policy::default()).unwrap();
+    let mut coord = Coordinator::new(&model, session, Policy::default()).unwrap();
     let last = store.last_round().unwrap();
     assert!(last >= 2, "only {last} rounds closed");
     for r in 1..=last {

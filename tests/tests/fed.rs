@@ -69,7 +69,7 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
         .attach(AdapterConfig::lora(2, 4.0, &[Target::Q, Target::V]), KEY)
         .unwrap();
     let s = session(&model, &sha, mode, enc);
-    let mut server = Coordinator::new(&Cpu, &model, s, policy).unwrap();
+    let mut server = Coordinator::new(&model, s, policy).unwrap();
     let bytes = s.encode();
     let dirs: Vec<PathBuf> = (1..=3)
         .map(|c| tmp(&format!("{mode:?}{enc:?}-{c}")))
@@ -103,7 +103,7 @@ fn run_rounds(mode: SeedMode, enc: Encoding, policy: Policy) {
     let want = server.state_hash().unwrap();
     assert_ne!(
         want,
-        Coordinator::new(&Cpu, &model, s, policy)
+        Coordinator::new(&model, s, policy)
             .unwrap()
             .state_hash()
             .unwrap(),
@@ -177,7 +177,7 @@ fn a_corrupt_round_applies_nothing_and_a_checkpoint_recovers() {
     let mut model = f.load(&Cpu).unwrap();
     model.attach(AdapterConfig::ia3(), KEY).unwrap();
     let s = session(&model, &sha, SeedMode::KSeed, Encoding::F32);
-    let mut server = Coordinator::new(&Cpu, &model, s, Policy::default()).unwrap();
+    let mut server = Coordinator::new(&model, s, Policy::default()).unwrap();
     let dir = tmp("corrupt");
     let mut c = Client::join(&model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
     let up = c.train_round(&examples(0), 2).unwrap();
@@ -241,7 +241,7 @@ fn a_byzantine_client_is_contained_by_the_median() {
             shared: rule,
             ..Policy::default()
         };
-        let mut server = Coordinator::new(&Cpu, &model, s, policy).unwrap();
+        let mut server = Coordinator::new(&model, s, policy).unwrap();
         let dir = tmp(&format!("byz-{rule:?}-{byzantine}"));
         let mut cs: Vec<Client<'_, '_, Cpu>> = (1..=5u32)
             .map(|c| {
@@ -320,7 +320,7 @@ fn forged_seeds_are_refused_and_the_budget_is_never_exceeded() {
         delta_exp: 30,
         ..session(&model, &sha, SeedMode::KSeed, Encoding::F32)
     };
-    let mut server = Coordinator::new(&Cpu, &model, s, Policy::default()).unwrap();
+    let mut server = Coordinator::new(&model, s, Policy::default()).unwrap();
     let dir = tmp("budget");
     let mut c = Client::join(&model, &hex(&sha), &s.encode(), 1, &dir, 16).unwrap();
     let up = c.train_round(&examples(0), 2).unwrap();

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::held::Held;
 use crate::model::{KvCache, Model};
 use crate::train::{COEFFICIENT_BUDGET, Example, SeedWeights, ZoConfig, ZoState, batch_nll};
 use std::prelude::v1::*;
@@ -36,8 +37,7 @@ impl<B: Backend> core::fmt::Debug for Prepared<B> {
 
 /// The aggregation state of one session.
 pub struct Coordinator<'m, 'b, B: Backend> {
-    be: &'b B,
-    model: &'m Model<'b, B>,
+    model: Held<'m, Model<'b, B>>,
     pub session: Session,
     cfg: ZoConfig,
     pub policy: Policy,
@@ -62,11 +62,11 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
     /// A session over `model`, whose adapter (attached with the session key as its init
     /// seed) must be the session's layout.
     pub fn new(
-        be: &'b B,
-        model: &'m Model<'b, B>,
+        model: impl Into<Held<'m, Model<'b, B>>>,
         session: Session,
         policy: Policy,
     ) -> Result<Self> {
+        let model = model.into();
         if session.layout_sha256 != crate::adapter::layout_hash(model.layout()) {
             return Err(Error::Federation {
                 reason: "the session's layout hash is not the model's adapter layout".into(),
@@ -84,13 +84,13 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
                 ),
             });
         }
-        let w0 = super::start_values(model, &session)?;
+        let w0 = super::start_values(&model, &session)?;
+        let state = ZoState::new(model.backend(), &model, &w0)?;
         Ok(Coordinator {
-            be,
             model,
             cfg: zo_config(&session),
             policy,
-            state: ZoState::new(be, model, &w0)?,
+            state,
             stats: ProStats::new(session.k),
             weights: None,
             session,
@@ -185,8 +185,8 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             }
             updates.retain(|&(_, q)| q != 0);
         }
-        let mut state = self.state.duplicate(self.be, self.model)?;
-        state.apply(self.be, &self.cfg, &updates)?;
+        let mut state = self.state.duplicate(self.model.backend(), &self.model)?;
+        state.apply(self.model.backend(), &self.cfg, &updates)?;
         let mut stats = self.stats.clone();
         stats.record(&self.session, round, &mine, self.weights.as_ref());
         let msg = Round {
@@ -194,7 +194,7 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
             round,
             updates,
             weights: self.policy.temperature.map(|t| stats.weights(t)),
-            digest: state.hash(self.be)?,
+            digest: state.hash(self.model.backend())?,
         };
         let bytes = msg.encode();
         // The weights clients will use are the ones they decode.
@@ -230,9 +230,9 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
     pub fn checkpoint(&self) -> Result<Vec<u8>> {
         checkpoint_bytes(
             self.model.layout(),
-            &self.state.accumulators(self.be)?,
+            &self.state.accumulators(self.model.backend())?,
             (self.round, self.state.spent()),
-            &self.state.hash(self.be)?,
+            &self.state.hash(self.model.backend())?,
             // As published: 4-bit weights, each in 1..=16.
             self.weights
                 .as_ref()
@@ -244,13 +244,13 @@ impl<'m, 'b, B: Backend> Coordinator<'m, 'b, B> {
     /// Mean loss per target token of `set` at the state after the last closed round.
     pub fn eval(&self, cache: &mut KvCache<B>, set: &[Example]) -> Result<f64> {
         self.state
-            .load_into(self.be, self.model, &self.cfg, 0, 0.0)?;
-        let (nll, n) = batch_nll(self.model, cache, set)?;
+            .load_into(self.model.backend(), &self.model, &self.cfg, 0, 0.0)?;
+        let (nll, n) = batch_nll(&self.model, cache, set)?;
         Ok(nll / n.max(1) as f64)
     }
 
     /// The hash of the state after the last closed round.
     pub fn state_hash(&self) -> Result<[u8; 32]> {
-        self.state.hash(self.be)
+        self.state.hash(self.model.backend())
     }
 }
