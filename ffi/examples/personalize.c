@@ -8,6 +8,7 @@
  * it on SmolLM2 with `host`: probing for a GPU loads drivers that LeakSanitizer flags). */
 #include "edgetune.h"
 
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,10 +33,18 @@ struct example {
 };
 
 static void make_example(et_model *m, const char *prompt, const char *completion, struct example *e) {
-    size_t np = 0, nc = 0;
+    size_t np = 0, nc = 0, nb = 0;
+    uint32_t bos = 0;
+    /* et_tokenize puts the model's BOS (if it uses one) before a prompt: the completion
+     * continues the prompt, so its own BOS is dropped. */
+    check(et_tokenize(m, "", 0, &bos, 1, &nb), "tokenize nothing");
     check(et_tokenize(m, prompt, strlen(prompt), e->tokens, 96, &np), "tokenize prompt");
     check(et_tokenize(m, completion, strlen(completion), e->tokens + np, 96 - np, &nc),
           "tokenize completion");
+    if (nb == 1 && nc > 0 && e->tokens[np] == bos) {
+        memmove(e->tokens + np, e->tokens + np + 1, (nc - 1) * sizeof e->tokens[0]);
+        nc--;
+    }
     for (size_t i = 0; i < np + nc; i++) {
         e->targets[i] = i >= np;
     }
@@ -47,7 +56,7 @@ struct answer {
     size_t len;
 };
 
-static int collect(void *user, const char *piece, size_t len, uint32_t token) {
+static int32_t collect(void *user, const char *piece, size_t len, uint32_t token) {
     struct answer *a = user;
     (void)token;
     if (a->len + len < sizeof a->text) {
@@ -66,10 +75,10 @@ static void ask(et_model *m, const char *question, struct answer *a) {
     check(et_generate(m, question, strlen(question), &g, collect, a, NULL, &tokens), "generate");
 }
 
-static int progress(void *user, uint32_t step, uint32_t steps, float loss) {
+static int32_t progress(void *user, uint32_t step, uint32_t steps, float loss) {
     (void)user;
     if (step % 10 == 0 || step == steps) {
-        printf("  step %u/%u  loss %.4f\n", step, steps, (double)loss);
+        printf("  step %" PRIu32 "/%" PRIu32 "  loss %.4f\n", step, steps, (double)loss);
     }
     return 0;
 }
@@ -81,10 +90,16 @@ int main(int argc, char **argv) {
     }
     static const char *backends[] = {"auto", "cpu", "host", "gpu"};
     et_runtime_options ro = {ET_BACKEND_AUTO, 0, NULL};
-    for (uint32_t i = 0; argc == 4 && i < 4; i++) {
-        if (strcmp(argv[3], backends[i]) == 0) {
-            ro.backend = i;
+    if (argc == 4) {
+        uint32_t i = 0;
+        while (i < 4 && strcmp(argv[3], backends[i]) != 0) {
+            i++;
         }
+        if (i == 4) {
+            fprintf(stderr, "backend %s is not auto, cpu, host or gpu\n", argv[3]);
+            return 2;
+        }
+        ro.backend = i;
     }
     et_runtime *rt = NULL;
     check(et_runtime_new(&ro, &rt), "runtime");
