@@ -134,13 +134,18 @@ impl TextStream {
         Ok(self.take(text))
     }
 
+    /// What `text` adds beyond the text already shown. A later token may change how earlier
+    /// ones decode (a tokenizer's clean-up of spaces, say); what was shown cannot be taken
+    /// back, so the stream resyncs, going on from the same length of the new text (at a
+    /// character boundary), rather than stalling until the end.
     fn take(&mut self, text: String) -> Option<String> {
-        if text.len() > self.shown.len() && text.starts_with(&self.shown) {
-            let new = text[self.shown.len()..].to_owned();
-            self.shown = text;
-            return Some(new);
+        let mut from = self.shown.len().min(text.len());
+        while !text.is_char_boundary(from) {
+            from -= 1;
         }
-        None
+        let new = text[from..].to_owned();
+        self.shown = text;
+        (!new.is_empty()).then_some(new)
     }
 }
 
@@ -599,5 +604,30 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextStream;
+    use std::prelude::v1::*;
+
+    fn take(s: &mut TextStream, text: &str) -> Option<String> {
+        s.take(text.to_owned())
+    }
+
+    #[test]
+    fn text_stream_hands_out_growth_once_and_resyncs_after_a_rewrite() {
+        let mut s = TextStream::default();
+        assert_eq!(take(&mut s, "ab").as_deref(), Some("ab"));
+        assert_eq!(take(&mut s, "abc").as_deref(), Some("c"));
+        assert_eq!(take(&mut s, "abc"), None);
+        // Earlier text decoded differently: the stream goes on instead of stalling.
+        assert_eq!(take(&mut s, "xbcd").as_deref(), Some("d"));
+        assert_eq!(take(&mut s, "xbcde").as_deref(), Some("e"));
+        // A rewrite that cuts inside a multi-byte character goes back to its start.
+        let mut s = TextStream::default();
+        assert_eq!(take(&mut s, "ab").as_deref(), Some("ab"));
+        assert_eq!(take(&mut s, "a\u{e9}z").as_deref(), Some("\u{e9}z"));
     }
 }
