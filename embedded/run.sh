@@ -5,7 +5,8 @@
 # reference, its threaded CPU path and the GPU backend (wgpu: lavapipe where there is no
 # GPU), and with tools/reference/zo_replay.py (numpy). Every hash must equal the
 # firmware's; the last line is `state-hash: <hex>`.
-# First, the error paths: a heap too small and a damaged model image each halt cleanly.
+# First, the error paths: a heap too small and a damaged model image each halt cleanly, and
+# steps whose losses are not finite are skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=target/run
@@ -18,7 +19,7 @@ if [ "$(defmt-print --version 2>/dev/null | head -n 1)" != "defmt-print 1.1.0" ]
     cargo install -q --locked defmt-print --version 1.1.0
 fi
 cargo fmt --check
-for features in "" oom truncated-model; do
+for features in "" oom truncated-model non-finite; do
     cargo clippy -q --release --features "$features" -- -D warnings
 done
 
@@ -33,8 +34,8 @@ qemu() {
 }
 
 # The error paths: an allocation failure and a damaged model each halt cleanly, logged,
-# with their exit codes.
-for fault in oom:2:"out of memory" truncated-model:2:parse; do
+# with their exit codes; non-finite losses skip their steps, logged.
+for fault in oom:2:"out of memory" truncated-model:2:parse non-finite:0:"skipped step=0"; do
     IFS=: read -r feature want text <<<"$fault"
     cargo build -q --release --features "$feature" --target-dir target/fault
     qemu target/fault/thumbv7em-none-eabihf/release/edgetune-firmware "$feature"

@@ -166,6 +166,15 @@ fn run() -> edgetune::Result<()> {
         lr.to_bits(),
         delta_exp
     );
+    if cfg!(feature = "non-finite") {
+        // Infinite IA3 scales: every loss is not finite, so every step is skipped.
+        let huge: Vec<Vec<f32>> = model
+            .layout()
+            .iter()
+            .map(|p| alloc::vec![f32::INFINITY; p.len() as usize])
+            .collect();
+        model.write_params(&huge)?;
+    }
     let w0 = model.read_params()?;
     // The start values with their layout, so the host's run directory is complete (and a
     // reader in another language needs no model to replay it).
