@@ -3,7 +3,7 @@
 use crate::error::{Fail, boundary, et_result};
 use crate::handle;
 use crate::model::{Model_, et_model};
-use crate::runtime::c_str;
+use crate::runtime::{c_str, out_dir};
 use edgetune::adapter::{AdapterConfig, Target, peft};
 use std::ffi::c_char;
 
@@ -118,11 +118,8 @@ pub extern "C" fn et_adapter_save(model: *const et_model, dir: *const c_char) ->
         }
         // SAFETY: as above; `dir` is non-NULL and NUL-terminated.
         let (m, dir) = (unsafe { handle::get::<Model_>(model) }?, unsafe {
-            c_str(dir, "dir")
+            out_dir(dir, "dir")
         }?);
-        let dir = std::path::Path::new(dir);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Fail::new(et_result::ET_IO, format!("{}: {e}", dir.display())))?;
         peft::save_attached(dir, &m.model)?;
         Ok(())
     })

@@ -7,13 +7,12 @@
 use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use crate::model::{Model_, et_model};
-use crate::runtime::c_str;
+use crate::runtime::out_dir;
 use crate::train::{check_sizes, et_example, examples};
 use edgetune::backend::any::AnyBackend;
 use edgetune::fed::client::{Applied, Client};
 use edgetune_proto::auth;
 use std::ffi::c_char;
-use std::path::Path;
 
 /// A federated client. Use it, and the model it was made on, from one thread at a time.
 #[allow(non_camel_case_types)]
@@ -68,12 +67,11 @@ pub extern "C" fn et_fed_client_new(
         if dir.is_null() || out.is_null() {
             return Err(Fail::null(if dir.is_null() { "dir" } else { "out" }));
         }
-        // SAFETY: `model` is NULL or a handle; the caller's bytes and string as documented.
-        let (m, session, dir) = unsafe {
+        // SAFETY: `model` is NULL or a handle; the caller's bytes as documented.
+        let (m, session) = unsafe {
             (
                 handle::get::<Model_>(model)?,
                 bytes(session, session_len, "session")?,
-                c_str(dir, "dir")?,
             )
         };
         if max_tokens < 2 {
@@ -82,9 +80,8 @@ pub extern "C" fn et_fed_client_new(
                 "max_tokens must be at least 2",
             ));
         }
-        let dir = Path::new(dir);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Fail::new(et_result::ET_IO, format!("{}: {e}", dir.display())))?;
+        // SAFETY: `dir` is non-NULL (checked) and NUL-terminated per the contract.
+        let dir = unsafe { out_dir(dir, "dir") }?;
         let client = Client::join(m.share()?, &m.sha256, session, client_id, dir, max_tokens)?;
         client.load()?;
         handle::publish(Client_ { client, max_tokens }, out);

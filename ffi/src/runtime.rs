@@ -5,6 +5,7 @@ use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use edgetune::backend::any::{AnyBackend, BackendKind, BackendOptions};
 use std::ffi::{CStr, CString, c_char};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A backend: a real GPU, the multi-threaded CPU path, the CPU reference, or any wgpu
@@ -61,6 +62,19 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
             format!("`{what}` is not UTF-8: {e}"),
         )
     })
+}
+
+/// The directory at `p` (NUL-terminated UTF-8), created if needed, for a call that writes
+/// files into it.
+///
+/// # Safety
+/// `p` is non-NULL and NUL-terminated.
+pub(crate) unsafe fn out_dir<'a>(p: *const c_char, what: &str) -> Result<&'a Path, Fail> {
+    // SAFETY: per the contract.
+    let dir = Path::new(unsafe { c_str(p, what) }?);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Fail::new(et_result::ET_IO, format!("{}: {e}", dir.display())))?;
+    Ok(dir)
 }
 
 /// Opens a runtime with `opts` (NULL: defaults) into `*out`.

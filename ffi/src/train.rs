@@ -6,7 +6,7 @@
 use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use crate::model::{Model_, et_model};
-use crate::runtime::c_str;
+use crate::runtime::{c_str, out_dir};
 use edgetune::adapter::layout_hash;
 use edgetune::backend::any::AnyBackend;
 use edgetune::model::Model;
@@ -118,6 +118,16 @@ impl Kind for Trainer_ {
 
 fn invalid(message: impl Into<String>) -> Fail {
     Fail::new(et_result::ET_INVALID_ARGUMENT, message)
+}
+
+/// What a saved session records of how its steps were fed (a resume checks batch and seed).
+fn run_json(batch: usize, seed: u64, max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({
+        "source": "edgetune-ffi",
+        "batch": batch,
+        "data_seed": seed,
+        "seq_len": max_tokens,
+    })
 }
 
 /// The most examples a step or local step takes (a batch is copied per step).
@@ -246,12 +256,7 @@ pub extern "C" fn et_trainer_zo_new(
             init_seed: m.adapter_seed,
             zo,
             seed_weights: None,
-            run: serde_json::json!({
-                "source": "edgetune-ffi",
-                "batch": o.batch,
-                "data_seed": o.seed,
-                "seq_len": o.max_tokens,
-            }),
+            run: run_json(o.batch as usize, o.seed, o.max_tokens),
         };
         let mut t = Trainer::start(m.share()?, session, o.max_tokens)?;
         t.clip = (o.clip > 0.0).then_some(o.clip);
@@ -480,22 +485,11 @@ pub extern "C" fn et_trainer_save(t: *const et_trainer, dir: *const c_char) -> e
         }
         // SAFETY: as above; `dir` is non-NULL and NUL-terminated.
         let (t, dir) = (unsafe { handle::get::<Trainer_>(t) }?, unsafe {
-            c_str(dir, "dir")
+            out_dir(dir, "dir")
         }?);
-        let dir = Path::new(dir);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Fail::new(et_result::ET_IO, format!("{}: {e}", dir.display())))?;
         match &t.method {
             Method::Zo(z) => z.save(dir)?,
-            Method::Backprop(b) => b.save(
-                dir,
-                &serde_json::json!({
-                    "source": "edgetune-ffi",
-                    "batch": t.batch,
-                    "data_seed": t.seed,
-                    "seq_len": t.max_tokens,
-                }),
-            )?,
+            Method::Backprop(b) => b.save(dir, &run_json(t.batch, t.seed, t.max_tokens))?,
         }
         Ok(())
     })
