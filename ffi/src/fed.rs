@@ -7,7 +7,7 @@
 use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
 use crate::model::{Model_, et_model};
-use crate::runtime::out_dir;
+use crate::runtime::{bytes, out_dir};
 use crate::train::{check_sizes, et_example, examples};
 use edgetune::backend::any::AnyBackend;
 use edgetune::fed::client::{Applied, Client};
@@ -30,21 +30,6 @@ impl Kind for Client_ {
     const TAG: u64 = 0x6574_5f66_6564_636c; // "et_fedcl"
     const NAME: &'static str = "et_fed_client";
     type C = et_fed_client;
-}
-
-/// `len` bytes at `data` (NULL allowed when `len` is 0).
-///
-/// # Safety
-/// The caller gives `len` readable bytes at `data`.
-unsafe fn bytes<'a>(data: *const u8, len: usize, what: &str) -> Result<&'a [u8], Fail> {
-    if len == 0 {
-        return Ok(&[]);
-    }
-    if data.is_null() {
-        return Err(Fail::null(what));
-    }
-    // SAFETY: per the contract above.
-    Ok(unsafe { std::slice::from_raw_parts(data, len) })
 }
 
 /// Joins the session whose message (kind 1, `session_len` bytes, as `GET /v1/session`

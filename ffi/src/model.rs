@@ -3,7 +3,7 @@
 
 use crate::error::{Fail, boundary, et_result};
 use crate::handle::{self, Kind};
-use crate::runtime::{Runtime, c_str, et_runtime};
+use crate::runtime::{Runtime, bytes, c_str, et_runtime};
 use edgetune::backend::any::AnyBackend;
 use edgetune::format::file::sha256_bytes;
 use edgetune::format::gguf::Gguf;
@@ -177,14 +177,8 @@ pub extern "C" fn et_vocab_size(model: *const et_model, out: *mut u32) -> et_res
 /// # Safety
 /// The caller gives `len` readable bytes at `text`.
 unsafe fn utf8<'a>(text: *const c_char, len: usize, what: &str) -> Result<&'a str, Fail> {
-    if len == 0 {
-        return Ok("");
-    }
-    if text.is_null() {
-        return Err(Fail::null(what));
-    }
     // SAFETY: per the contract.
-    let bytes = unsafe { std::slice::from_raw_parts(text.cast::<u8>(), len) };
+    let bytes = unsafe { bytes(text.cast::<u8>(), len, what) }?;
     std::str::from_utf8(bytes).map_err(|e| {
         Fail::new(
             et_result::ET_INVALID_UTF8,

@@ -64,6 +64,21 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
     })
 }
 
+/// `len` bytes at `data` (NULL allowed when `len` is 0).
+///
+/// # Safety
+/// The caller gives `len` readable bytes at `data`.
+pub(crate) unsafe fn bytes<'a>(data: *const u8, len: usize, what: &str) -> Result<&'a [u8], Fail> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if data.is_null() {
+        return Err(Fail::null(what));
+    }
+    // SAFETY: per the contract above.
+    Ok(unsafe { std::slice::from_raw_parts(data, len) })
+}
+
 /// The directory at `p` (NUL-terminated UTF-8), created if needed, for a call that writes
 /// files into it.
 ///

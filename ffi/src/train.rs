@@ -104,7 +104,6 @@ pub(crate) struct Trainer_ {
     method: Method,
     /// What a zeroth-order resume rebuilds its trainer on.
     model: Arc<Model<'static, AnyBackend>>,
-    model_sha256: String,
     batch: usize,
     seed: u64,
     max_tokens: u32,
@@ -261,14 +260,7 @@ pub extern "C" fn et_trainer_zo_new(
         let mut t = Trainer::start(m.share()?, session, o.max_tokens)?;
         t.clip = (o.clip > 0.0).then_some(o.clip);
         handle::publish(
-            Trainer_ {
-                method: Method::Zo(Box::new(t)),
-                model: Arc::clone(&m.model),
-                model_sha256: m.sha256.clone(),
-                batch: o.batch as usize,
-                seed: o.seed,
-                max_tokens: o.max_tokens,
-            },
+            Trainer_::new(Method::Zo(Box::new(t)), m, o.batch, o.seed, o.max_tokens),
             out,
         );
         Ok(())
@@ -313,14 +305,13 @@ pub extern "C" fn et_trainer_backprop_new(
         };
         let t = BackpropTrainer::start(m.share()?, cfg, o.max_tokens)?;
         handle::publish(
-            Trainer_ {
-                method: Method::Backprop(Box::new(t)),
-                model: Arc::clone(&m.model),
-                model_sha256: m.sha256.clone(),
-                batch: o.batch as usize,
-                seed: o.seed,
-                max_tokens: o.max_tokens,
-            },
+            Trainer_::new(
+                Method::Backprop(Box::new(t)),
+                m,
+                o.batch,
+                o.seed,
+                o.max_tokens,
+            ),
             out,
         );
         Ok(())
@@ -339,6 +330,16 @@ pub extern "C" fn et_trainer_free(t: *mut *mut et_trainer) {
 }
 
 impl Trainer_ {
+    fn new(method: Method, m: &Model_, batch: u32, seed: u64, max_tokens: u32) -> Trainer_ {
+        Trainer_ {
+            method,
+            model: Arc::clone(&m.model),
+            batch: batch as usize,
+            seed,
+            max_tokens,
+        }
+    }
+
     /// One step on the batch the session's order picks for its next step; the step's mean
     /// loss (NaN when skipped for a non-finite loss).
     fn step(&mut self, set: &[Example]) -> Result<f64, Fail> {
@@ -514,8 +515,9 @@ pub extern "C" fn et_trainer_resume(t: *mut et_trainer, dir: *const c_char) -> e
         let dir = Path::new(dir);
         match &mut t.method {
             Method::Zo(z) => {
-                let mut resumed =
-                    Trainer::resume(Arc::clone(&t.model), dir, &t.model_sha256, t.max_tokens)?;
+                // The model's hash is the one this trainer's session was made with.
+                let sha = z.session.model_sha256.clone();
+                let mut resumed = Trainer::resume(Arc::clone(&t.model), dir, &sha, t.max_tokens)?;
                 let run = &resumed.session.run;
                 if run["batch"].as_u64() != Some(t.batch as u64)
                     || run["data_seed"].as_u64() != Some(t.seed)
