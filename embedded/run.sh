@@ -59,9 +59,10 @@ fi
 python3 records.py "$out/log.txt" "$out/run"
 fw=$(grep -o 'state-hash: [0-9a-f]*' "$out/log.txt" | tail -n 1 | cut -d' ' -f2)
 cd ..
-cargo build -q -p edgetune-cli
+# The release CLI: CI built it already for the conformance run, so nothing is rebuilt.
+cargo build -q --release -p edgetune-cli
 for backend in cpu host gpu; do
-    host=$(target/debug/edgetune replay --model tests/golden/tiny/llama_gqa_tied/q8_0.gguf \
+    host=$(target/release/edgetune replay --model tests/golden/tiny/llama_gqa_tied/q8_0.gguf \
         --history "embedded/$out/run" --backend "$backend" | grep -o '[0-9a-f]\{64\}')
     echo "edgetune replay --backend $backend: $host"
     if [ "$host" != "$fw" ]; then
