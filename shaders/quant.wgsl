@@ -35,8 +35,9 @@ override X4: bool = false;
 override ROWS: u32 = 4u;
 // Invocations per `qmatvec` workgroup.
 override MV_WG: u32 = 64u;
-// Whether each 32-element block's stored scale is multiplied by its factor in `factors`
-// (f32, one per block, row by row): the "scales" trainable set (Q8_0, Q4_0, Q4_1).
+// Whether each block's stored scale d is multiplied by its factor in `factors` (f32, one
+// per block, row by row): the "scales" trainable set (Q8_0, Q4_0, Q4_1; for Q4_K and
+// Q6_K the super-block's d, one factor per 256 elements).
 override FACTORS: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -117,6 +118,15 @@ fn block_scale(b: u32) -> f32 {
         return stored_scale(b) * factors[b];
     }
     return stored_scale(b);
+}
+
+// The super-block scale d of the K-quant super-block holding chunk c of row j, times its
+// trained factor where given (before the sub-block scale multiplies it, as in the reference).
+fn super_scale(d: f32, j: u32, c: u32) -> f32 {
+    if FACTORS {
+        return d * factors[j * (p.k / 256u) + c / 8u];
+    }
+    return d;
 }
 
 // Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block.
@@ -226,23 +236,23 @@ fn raw(j: u32, c: u32) -> Raw {
         case Q4_K: {
             // 144-byte super-blocks: every field 4-byte aligned.
             let sb = row + 144u * (c / 8u);
-            let j = c % 8u;
+            let sub = c % 8u;
             let dm = w[sb >> 2u];
-            let d = half_to_f32(dm & 0xFFFFu);
+            let d = super_scale(half_to_f32(dm & 0xFFFFu), j, c);
             let dmin = half_to_f32(dm >> 16u);
             var sc: u32;
             var mn: u32;
-            if j < 4u {
-                sc = byte_at(sb + 4u + j) & 63u;
-                mn = byte_at(sb + 8u + j) & 63u;
+            if sub < 4u {
+                sc = byte_at(sb + 4u + sub) & 63u;
+                mn = byte_at(sb + 8u + sub) & 63u;
             } else {
-                sc = (byte_at(sb + 8u + j) & 0xFu) | ((byte_at(sb + j) >> 6u) << 4u);
-                mn = (byte_at(sb + 8u + j) >> 4u) | ((byte_at(sb + 4u + j) >> 6u) << 4u);
+                sc = (byte_at(sb + 8u + sub) & 0xFu) | ((byte_at(sb + sub) >> 6u) << 4u);
+                mn = (byte_at(sb + 8u + sub) >> 4u) | ((byte_at(sb + 4u + sub) >> 6u) << 4u);
             }
             r.s0 = d * f32(sc);
             r.m0 = -(dmin * f32(mn));
-            let q = (sb + 16u + 32u * (j / 2u)) >> 2u;
-            let s = 4u * (j % 2u);
+            let q = (sb + 16u + 32u * (sub / 2u)) >> 2u;
+            let s = 4u * (sub % 2u);
             r.q = Chunk(nib4(w[q], s), nib4(w[q + 1u], s), nib4(w[q + 2u], s), nib4(w[q + 3u], s),
                         nib4(w[q + 4u], s), nib4(w[q + 5u], s), nib4(w[q + 6u], s), nib4(w[q + 7u], s));
         }
@@ -253,7 +263,7 @@ fn raw(j: u32, c: u32) -> Raw {
             let sub = c % 8u;
             let h = sub / 4u;
             let g = sub % 4u;
-            let d = f16_at(sb + 208u);
+            let d = super_scale(f16_at(sb + 208u), j, c);
             let ql = sb + 64u * h + 32u * (g % 2u);
             let qh = sb + 128u + 32u * h;
             let ls = 4u * (g / 2u);

@@ -22,7 +22,8 @@ pub enum Trainable {
     Norms,
     /// Every weight of an unquantised (f32, f16, bf16) model.
     Full,
-    /// The block scales of a Q8_0/Q4_0/Q4_1 model's projections (QZO); written back into
+    /// The block scales of a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K model's projections (QZO; a K-quant's
+    /// super-block scale); written back into
     /// a GGUF model by `adapter export --gguf`.
     Scales,
 }
@@ -319,7 +320,7 @@ pub fn adapter_cmd(cmd: &AdapterCmd) -> Result<bool, CliError> {
     };
     let files = model.open()?;
     let cfg = files.config()?;
-    let dims = edgetune::adapter::Dims::of(&cfg);
+    let dims = files.dims()?;
     let (acfg, values) = if adapter.is_file() {
         edgetune::adapter::gguf::load(adapter, &cfg, &dims)?
     } else {
@@ -372,7 +373,7 @@ fn merge_cmd(model: &ModelArgs, adapter: &Path, out: &Path) -> Result<bool, CliE
         return flag("--quantize", "a merged model is written unquantised");
     }
     let cfg = files.config()?;
-    let dims = edgetune::adapter::Dims::of(&cfg);
+    let dims = files.dims()?;
     let order = edgetune::adapter::peft::RowOrder::of(&cfg);
     let (acfg, values) =
         edgetune::adapter::peft::load(adapter, |c| edgetune::adapter::layout(c, &dims), order)?;

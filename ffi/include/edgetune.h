@@ -209,8 +209,9 @@ et_result et_adapter_ia3(et_model *model);
 et_result et_adapter_norms(et_model *model);
 
 // Makes the block scales of the quantised projections on `targets` (ET_TARGET_* bits; 0
-// for all seven) the trainable set, as QZO does: the 4- and 8-bit codes stay frozen, one
-// factor per 32-value block (Q8_0, Q4_0, Q4_1 weights) starts at one and learns
+// for all seven) the trainable set, as QZO does: the quantised codes stay frozen, one
+// factor per block (32 values of Q8_0, Q4_0, Q4_1 weights; a 256-value super-block of
+// Q4_K, Q6_K weights) starts at one and learns
 // (zeroth-order training only). A projection in another format is ET_INVALID_ARGUMENT.
 et_result et_adapter_scales(et_model *model, uint32_t targets);
 

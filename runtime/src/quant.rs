@@ -175,22 +175,41 @@ pub fn dequantize(ty: WeightType, src: &[u8], out: &mut [f32]) -> Result<()> {
     dequantize_scaled(ty, src, None, out)
 }
 
-/// Whether a format's blocks have one continuous scale each that training may replace
-/// (the "scales" trainable set): the 32-element formats. The K-quants' scales are 6- or
-/// 8-bit codes under a super-block scale, which this does not cover.
+/// Whether a format's blocks have one continuous (f16) scale d each that training may
+/// multiply (the "scales" trainable set): the 32-element formats' d, and the K-quants'
+/// super-block d (their 6- or 8-bit sub-block scales are integer codes and stay frozen,
+/// like the quants). Minimums (Q4_1's m, Q4_K's dmin) are not scaled.
 pub fn has_block_scale(ty: WeightType) -> bool {
-    matches!(ty, WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1)
+    matches!(
+        ty,
+        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q4K | WeightType::Q6K
+    )
 }
 
-/// Block `blk`'s scale d as f32 (exact), for a format with [`has_block_scale`].
-pub fn block_scale(blk: &[u8]) -> f32 {
-    f16_at(blk, 0)
+/// The byte offset of d in a block of a format with [`has_block_scale`] (Q6_K stores it last).
+pub fn block_scale_offset(ty: WeightType) -> usize {
+    if ty == WeightType::Q6K {
+        QK_K / 2 + QK_K / 4 + QK_K / 16
+    } else {
+        0
+    }
+}
+
+/// The elements that share one trained scale factor of the "scales" set in a `ty` weight:
+/// its block, where it has a block scale; otherwise 32 (the layout's default; such a
+/// weight cannot take factors).
+pub fn scale_block(ty: WeightType) -> u32 {
+    if has_block_scale(ty) {
+        ty.block_elems() as u32
+    } else {
+        QK as u32
+    }
 }
 
 /// [`dequantize`], with each block's stored scale d multiplied by `factors[block]` where
 /// given (a format with [`has_block_scale`]; one f32 per block): the trained scale is
-/// d * factor, one rounding. Q4_0's offset -8d and Q4_1's stored minimum follow the
-/// formulas below unchanged.
+/// d * factor, one rounding. Q4_0's offset -8d, Q4_1's stored minimum and the K-quants'
+/// sub-block scales and minimums follow the formulas below unchanged.
 pub fn dequantize_scaled(
     ty: WeightType,
     src: &[u8],
@@ -221,12 +240,13 @@ pub fn dequantize_scaled(
             ),
         });
     }
+    let off = block_scale_offset(ty);
     for (i, (blk, y)) in src
         .chunks_exact(bb)
         .zip(out.chunks_exact_mut(be))
         .enumerate()
     {
-        let d = || factors.map_or(1.0, |f| f[i]) * block_scale(blk);
+        let d = || factors.map_or(1.0, |f| f[i]) * f16_at(blk, off);
         match ty {
             WeightType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
             WeightType::F16 => y[0] = f16_at(blk, 0),
@@ -236,8 +256,8 @@ pub fn dequantize_scaled(
             WeightType::Q8_0 => dequant_q8_0(blk, d(), y),
             WeightType::Q4_0 => dequant_q4_0(blk, d(), y),
             WeightType::Q4_1 => dequant_q4_1(blk, d(), y),
-            WeightType::Q4K => dequant_q4k(blk, y),
-            WeightType::Q6K => dequant_q6k(blk, y),
+            WeightType::Q4K => dequant_q4k(blk, d(), y),
+            WeightType::Q6K => dequant_q6k(blk, d(), y),
         }
     }
     Ok(())
@@ -284,10 +304,10 @@ pub fn q4k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
-/// y = (d * sc) * q - dmin * m. d * sc has at most 17 significant bits and q 4, so both
-/// products are exact and the subtraction is the only rounding.
-fn dequant_q4k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
+/// y = (d * sc) * q - dmin * m. For a stored d, d * sc has at most 17 significant bits and
+/// q 4, so both products are exact and the subtraction is the only rounding; a trained d
+/// rounds d * sc and its product with q too, in that order, as the shaders do.
+fn dequant_q4k(b: &[u8], d: f32, y: &mut [f32]) {
     let dmin = f16_at(b, 2);
     let scales = &b[4..16];
     let qs = &b[16..];
@@ -305,12 +325,12 @@ fn dequant_q4k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// y = (d * sc) * q: d * sc is exact (11 x 8 bits), the product with q is the one rounding.
-fn dequant_q6k(b: &[u8], y: &mut [f32]) {
+/// y = (d * sc) * q: for a stored d, d * sc is exact (11 x 8 bits) and the product with q
+/// is the one rounding; a trained d rounds d * sc too.
+fn dequant_q6k(b: &[u8], d: f32, y: &mut [f32]) {
     let (ql, rest) = b.split_at(QK_K / 2);
     let (qh, rest) = rest.split_at(QK_K / 4);
-    let (sc, dbytes) = rest.split_at(QK_K / 16);
-    let d = f16_at(dbytes, 0);
+    let sc = &rest[..QK_K / 16];
     for half in 0..2 {
         let ql = &ql[64 * half..];
         let qh = &qh[32 * half..];

@@ -406,8 +406,12 @@ pub fn cases() -> Vec<Case> {
         .into_iter()
         .filter(|&t| quant::has_block_scale(t))
     {
-        let (k, n) = (96usize, 67usize);
-        let blocks = n * k / quant::QK;
+        let (k, n) = if ty.block_elems() == quant::QK_K {
+            (512usize, 19usize)
+        } else {
+            (96, 67)
+        };
+        let blocks = n * k / ty.block_elems();
         let w = d.weights(ty, n, k, false);
         let factors: Vec<f32> = d.f32s(blocks).iter().map(|v| 1.0 + 0.25 * v).collect();
         cases.push(Case {
@@ -890,7 +894,7 @@ fn backward_cases(d: &mut Data) -> Vec<Case> {
             ];
             if scaled {
                 let f: Vec<f32> = d
-                    .f32s(n * k / quant::QK)
+                    .f32s(n * k / ty.block_elems())
                     .iter()
                     .map(|v| 1.0 + 0.5 * v)
                     .collect();

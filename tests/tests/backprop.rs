@@ -264,7 +264,7 @@ fn merged_models_give_the_adapters_logits() {
             panic!("a safetensors model")
         };
         let cfg = files.config().unwrap();
-        let dims = edgetune::adapter::Dims::of(&cfg);
+        let dims = files.dims().unwrap();
         let order = edgetune::adapter::peft::RowOrder::of(&cfg);
         let (acfg, values) =
             edgetune::adapter::peft::load(&adapter, |c| edgetune::adapter::layout(c, &dims), order)

@@ -134,7 +134,7 @@ fn mismatched_adapters_are_typed_errors() {
 /// does is checked by scripts/check_gguf_lora.py, recorded in README.md.)
 #[test]
 fn gguf_lora_export_round_trips() {
-    use edgetune::adapter::{Dims, gguf, layout, peft};
+    use edgetune::adapter::{gguf, layout, peft};
     for (model_path, case) in [
         (
             "tiny/llama_gqa_tied/f32.gguf",
@@ -154,7 +154,7 @@ fn gguf_lora_export_round_trips() {
             m.forward(&mut cache, &tokens, true).unwrap()
         };
         let cfg = files.config().unwrap();
-        let dims = Dims::of(&cfg);
+        let dims = files.dims().unwrap();
         let dir = golden().join(case);
         let (acfg, values) =
             peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();
@@ -187,7 +187,7 @@ fn gguf_lora_export_round_trips() {
     }
     let files = ModelFiles::open(&golden().join("tiny/llama_gqa_tied"), None).unwrap();
     let cfg = files.config().unwrap();
-    let dims = Dims::of(&cfg);
+    let dims = files.dims().unwrap();
     let dir = golden().join("peft/llama_gqa_tied/ia3_from_peft");
     let (acfg, values) = peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();
     let out = std::env::temp_dir().join("edgetune-never-written.gguf");
@@ -200,10 +200,10 @@ fn gguf_lora_export_round_trips() {
 /// the alpha that gives alpha / sqrt(rank), and gives the same logits read back.
 #[test]
 fn rslora_exports_as_the_equivalent_alpha() {
-    use edgetune::adapter::{Dims, Method, gguf, layout, peft};
+    use edgetune::adapter::{Method, gguf, layout, peft};
     let files = ModelFiles::open(&golden().join("tiny/llama_gqa_tied/f32.gguf"), None).unwrap();
     let cfg = files.config().unwrap();
-    let dims = Dims::of(&cfg);
+    let dims = files.dims().unwrap();
     let dir = golden().join("peft/llama_gqa_tied/lora_from_peft");
     let (mut acfg, values) =
         peft::load(&dir, |c| layout(c, &dims), peft::RowOrder::of(&cfg)).unwrap();

@@ -20,8 +20,18 @@ fn model_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/q4_0.gguf")
 }
 
+/// A model whose projections are K-quants (Q4_K, and Q6_K for v and down), from
+/// tools/reference/kquant_model.py.
+fn kquant_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_kquant/model.gguf")
+}
+
 fn files() -> ModelFiles {
-    ModelFiles::open(&model_path(), None).unwrap()
+    files_at(&model_path())
+}
+
+fn files_at(path: &Path) -> ModelFiles {
+    ModelFiles::open(path, None).unwrap()
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -68,8 +78,8 @@ fn session(model: &Model<'_, impl Backend>, sha: &str, zo: ZoConfig) -> Session 
 }
 
 /// Trains `steps` steps on the CPU reference into `dir`; returns the final state hash.
-fn train_run(dir: &Path, cfg: AdapterConfig, zo: ZoConfig, steps: u64) -> String {
-    let f = files();
+fn train_run(model: &Path, dir: &Path, cfg: AdapterConfig, zo: ZoConfig, steps: u64) -> String {
+    let f = files_at(model);
     let sha = hex(&f.sha256());
     let mut model = f.load(&Cpu).unwrap();
     model.attach(cfg, 5).unwrap();
@@ -83,8 +93,8 @@ fn train_run(dir: &Path, cfg: AdapterConfig, zo: ZoConfig, steps: u64) -> String
     hex(&t.state.hash(&Cpu).unwrap())
 }
 
-fn replay_hash<B: Backend>(be: &B, dir: &Path) -> String {
-    let f = files();
+fn replay_hash<B: Backend>(be: &B, model: &Path, dir: &Path) -> String {
+    let f = files_at(model);
     let sha = hex(&f.sha256());
     let session = history::read_session(dir).unwrap();
     let mut model = f.load(be).unwrap();
@@ -96,15 +106,27 @@ fn replay_hash<B: Backend>(be: &B, dir: &Path) -> String {
 #[test]
 fn replay_gives_the_same_state_hash_on_every_backend() {
     let dir = tmp("replay");
-    for cfg in [
-        AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]),
-        AdapterConfig::scales(&[Target::K, Target::Down]),
+    // The K-quant model's scales are one factor per 256-element super-block of Q4_K (k)
+    // and Q6_K (down).
+    for (model, cfg) in [
+        (
+            model_path(),
+            AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]),
+        ),
+        (
+            model_path(),
+            AdapterConfig::scales(&[Target::K, Target::Down]),
+        ),
+        (
+            kquant_path(),
+            AdapterConfig::scales(&[Target::K, Target::Down]),
+        ),
     ] {
-        let trained = train_run(&dir, cfg, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
-        assert_eq!(replay_hash(&Cpu, &dir), trained);
-        assert_eq!(replay_hash(&Host::new(2), &dir), trained);
+        let trained = train_run(&model, &dir, cfg, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
+        assert_eq!(replay_hash(&Cpu, &model, &dir), trained);
+        assert_eq!(replay_hash(&Host::new(2), &model, &dir), trained);
         if let Some(gpu) = common::gpu() {
-            assert_eq!(replay_hash(&gpu, &dir), trained);
+            assert_eq!(replay_hash(&gpu, &model, &dir), trained);
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -210,8 +232,8 @@ fn a_resumed_run_continues_as_an_uninterrupted_one() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn check_step_leaves_frozen_weights<B: Backend>(be: &B, cfg: AdapterConfig) {
-    let f = files();
+fn check_step_leaves_frozen_weights<B: Backend>(be: &B, model: &Path, cfg: AdapterConfig) {
+    let f = files_at(model);
     let mut model = f.load(be).unwrap();
     model.attach(cfg, 1).unwrap();
     let before: Vec<Vec<u8>> = model.frozen().iter().map(|b| be.read(b).unwrap()).collect();
@@ -239,19 +261,20 @@ fn check_step_leaves_frozen_weights<B: Backend>(be: &B, cfg: AdapterConfig) {
 #[test]
 fn a_step_never_writes_the_frozen_weights() {
     let gpu = common::gpu();
-    for cfg in [
-        AdapterConfig::lora(2, 4.0, &Target::ALL),
-        AdapterConfig::scales(&Target::ALL),
+    for (model, cfg) in [
+        (model_path(), AdapterConfig::lora(2, 4.0, &Target::ALL)),
+        (model_path(), AdapterConfig::scales(&Target::ALL)),
+        (kquant_path(), AdapterConfig::scales(&Target::ALL)),
     ] {
-        check_step_leaves_frozen_weights(&Cpu, cfg.clone());
+        check_step_leaves_frozen_weights(&Cpu, &model, cfg.clone());
         if let Some(gpu) = &gpu {
-            check_step_leaves_frozen_weights(gpu, cfg);
+            check_step_leaves_frozen_weights(gpu, &model, cfg);
         }
     }
 }
 
-fn check_identity_adapters<B: Backend>(be: &B) {
-    let f = files();
+fn check_identity_adapters<B: Backend>(be: &B, model: &Path) {
+    let f = files_at(model);
     let tokens = [1u32, 5, 9, 33, 2, 17];
     let plain = f.load(be).unwrap();
     let mut cache = plain.new_cache(8).unwrap();
@@ -278,9 +301,13 @@ fn check_identity_adapters<B: Backend>(be: &B) {
 
 #[test]
 fn identity_adapters_leave_the_logits_bit_for_bit() {
-    check_identity_adapters(&Cpu);
-    if let Some(gpu) = common::gpu() {
-        check_identity_adapters(&gpu);
+    let gpu = common::gpu();
+    for model in [model_path(), kquant_path()] {
+        check_identity_adapters(&Cpu, &model);
+        check_identity_adapters(&Host::new(2), &model);
+        if let Some(gpu) = &gpu {
+            check_identity_adapters(gpu, &model);
+        }
     }
 }
 
@@ -316,6 +343,7 @@ fn a_short_run_lowers_the_held_out_loss() {
 fn bad_histories_are_refused_and_apply_nothing() {
     let dir = tmp("bad");
     train_run(
+        &model_path(),
         &dir,
         AdapterConfig::ia3(),
         zo(SeedMode::KSeed { k: 16 }, 1e-2),
@@ -362,7 +390,7 @@ fn bad_histories_are_refused_and_apply_nothing() {
     let err = replay(&model, &dir, &sha).unwrap_err().to_string();
     assert!(err.contains("trainable layout"), "{err}");
     // Intact again, it replays.
-    assert_eq!(replay_hash(&Cpu, &dir).len(), 64);
+    assert_eq!(replay_hash(&Cpu, &model_path(), &dir).len(), 64);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -507,60 +535,63 @@ fn a_full_run_saves_weights_that_reload_to_the_same_logits() {
 
 /// The "scales" adapter merged into the GGUF it was trained on: with factors that are
 /// powers of two, d * factor is exact in f16, so the merged model's logits must equal the
-/// adapter's bit for bit (q/k rows permuted in this Llama GGUF; the adapter goes through its
-/// files, which hold them in Hugging Face's order). An unquantised model is refused.
+/// adapter's bit for bit (q/k rows permuted in these Llama GGUFs; the adapter goes through
+/// its files, which hold them in Hugging Face's order), on the Q4_0 model and on the K-quant
+/// one (whose super-block scales d take the factors). An unquantised model is refused.
 #[test]
 fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
     use edgetune::adapter::peft::{self, RowOrder};
-    let f = files();
     let tokens = [1u32, 5, 9, 33, 2, 17];
-    let mut model = f.load(&Cpu).unwrap();
     let cfg = AdapterConfig::scales(&Target::ALL);
-    let layout = model.attach(cfg.clone(), 0).unwrap().to_vec();
-    let values: Vec<Vec<f32>> = layout
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            (0..p.len() as usize)
-                .map(|e| [1.0, 2.0, 0.5, 0.25][(e * 7 + i) % 4])
-                .collect()
-        })
-        .collect();
-    model.write_params(&values).unwrap();
-    let mut cache = model.new_cache(8).unwrap();
-    let want = model.forward(&mut cache, &tokens, true).unwrap();
+    for path in [model_path(), kquant_path()] {
+        let f = files_at(&path);
+        let mut model = f.load(&Cpu).unwrap();
+        let layout = model.attach(cfg.clone(), 0).unwrap().to_vec();
+        let values: Vec<Vec<f32>> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (0..p.len() as usize)
+                    .map(|e| [1.0, 2.0, 0.5, 0.25][(e * 7 + i) % 4])
+                    .collect()
+            })
+            .collect();
+        model.write_params(&values).unwrap();
+        let mut cache = model.new_cache(8).unwrap();
+        let want = model.forward(&mut cache, &tokens, true).unwrap();
 
-    let dir = tmp("scales-merge");
-    peft::save(&dir, &cfg, &layout, &values, RowOrder::of(&model.cfg)).unwrap();
-    let dims = model.dims();
-    let (read_cfg, read) = peft::load(
-        &dir,
-        |c| edgetune::adapter::layout(c, &dims),
-        RowOrder::of(&model.cfg),
-    )
-    .unwrap();
-    assert_eq!(read_cfg, cfg);
-    let ModelFiles::Gguf(gguf) = &f else {
-        panic!("the tiny model is a GGUF")
-    };
-    let merged = dir.join("merged.gguf");
-    edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read).unwrap();
-    assert_eq!(
-        std::fs::metadata(&merged).unwrap().len(),
-        std::fs::metadata(model_path()).unwrap().len()
-    );
-    let m = ModelFiles::open(&merged, None).unwrap().load(&Cpu).unwrap();
-    let mut cache = m.new_cache(8).unwrap();
-    let got = m.forward(&mut cache, &tokens, true).unwrap();
-    assert!(
-        got.iter()
-            .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits())
-    );
-    let plain = f.load(&Cpu).unwrap();
-    let mut cache = plain.new_cache(8).unwrap();
-    assert_ne!(plain.forward(&mut cache, &tokens, true).unwrap(), want);
-    std::fs::remove_dir_all(&dir).unwrap();
+        let dir = tmp("scales-merge");
+        peft::save(&dir, &cfg, &layout, &values, RowOrder::of(&model.cfg)).unwrap();
+        let dims = model.dims();
+        let (read_cfg, read) = peft::load(
+            &dir,
+            |c| edgetune::adapter::layout(c, &dims),
+            RowOrder::of(&model.cfg),
+        )
+        .unwrap();
+        assert_eq!(read_cfg, cfg);
+        let ModelFiles::Gguf(gguf) = &f else {
+            panic!("the tiny models are GGUF")
+        };
+        let merged = dir.join("merged.gguf");
+        edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read).unwrap();
+        assert_eq!(
+            std::fs::metadata(&merged).unwrap().len(),
+            std::fs::metadata(&path).unwrap().len()
+        );
+        let m = ModelFiles::open(&merged, None).unwrap().load(&Cpu).unwrap();
+        let mut cache = m.new_cache(8).unwrap();
+        let got = m.forward(&mut cache, &tokens, true).unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let plain = f.load(&Cpu).unwrap();
+        let mut cache = plain.new_cache(8).unwrap();
+        assert_ne!(plain.forward(&mut cache, &tokens, true).unwrap(), want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     let f32_model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
@@ -569,14 +600,15 @@ fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
         .load(&Cpu)
         .unwrap();
     let err = unquantised.attach(cfg, 0).unwrap_err().to_string();
-    assert!(err.contains("q8_0, q4_0 and q4_1"), "{err}");
+    assert!(err.contains("q8_0, q4_0, q4_1, q4_k and q6_k"), "{err}");
     assert!(unquantised.adapter().is_none());
 }
 
 /// IA3 merged into the GGUF it was trained on: k and v scales go into each row's block
-/// scales (bit-exact logits with power-of-two scales on the Q4_0 model); down's input
-/// scales are merged into float weights (logits equal to rounding) and refused for a
-/// quantised down, whose blocks would have to be requantised.
+/// scales, down's input scales into up's rows (down's input is silu(gate x) * up x). With
+/// power-of-two scales every merged value is exact, so the logits are bit-exact (Q4_0 and
+/// the K-quant model); with any scales, equal to the f16 rounding of the block scales
+/// (Q4_0) or to rounding (the f32 model, whose rows are rewritten).
 #[test]
 fn ia3_merges_into_a_gguf() {
     use edgetune::adapter::peft::{self, RowOrder};
@@ -588,14 +620,14 @@ fn ia3_merges_into_a_gguf() {
     let dir = tmp("ia3-merge");
     let f32_model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
-    for (path, targets, exact) in [
-        (model_path(), vec![Target::K, Target::V], true),
-        (f32_model, vec![Target::K, Target::V, Target::Down], false),
-        (
-            model_path(),
-            vec![Target::K, Target::V, Target::Down],
-            false,
-        ),
+    let all = || vec![Target::K, Target::V, Target::Down];
+    // (model, targets, power-of-two scales, tolerance relative to the adapter's effect)
+    for (path, targets, exact, within) in [
+        (model_path(), vec![Target::K, Target::V], true, 0.0),
+        (model_path(), all(), true, 0.0),
+        (kquant_path(), all(), true, 0.0),
+        (f32_model, all(), false, 1e-4),
+        (model_path(), all(), false, 1e-2),
     ] {
         let f = ModelFiles::open(&path, None).unwrap();
         let ModelFiles::Gguf(gguf) = &f else {
@@ -633,14 +665,7 @@ fn ia3_merges_into_a_gguf() {
         )
         .unwrap();
         let merged = dir.join("merged.gguf");
-        let written = edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read);
-        let quantised_down = !exact && path == model_path();
-        if quantised_down {
-            let err = written.unwrap_err().to_string();
-            assert!(err.contains("requantising"), "{err}");
-            continue;
-        }
-        written.unwrap();
+        edgetune::adapter::gguf::save_merged_model(&merged, gguf, &layout, &read).unwrap();
         let got = logits(&ModelFiles::open(&merged, None).unwrap().load(&Cpu).unwrap());
         let effect = want
             .iter()
@@ -658,11 +683,12 @@ fn ia3_merges_into_a_gguf() {
                 got.iter()
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{diff}"
+                "{}: {diff}",
+                path.display()
             );
         } else {
             assert!(
-                diff < 1e-4 * effect.max(1.0),
+                diff < within * effect.max(1.0),
                 "merged vs adapter {diff}, adapter effect {effect}"
             );
         }

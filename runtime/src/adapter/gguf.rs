@@ -17,7 +17,7 @@ use std::prelude::v1::*;
 
 const ALIGN: usize = 32;
 
-fn tensor_name(l: u32, t: Target) -> String {
+pub(crate) fn tensor_name(l: u32, t: Target) -> String {
     let base = match t {
         Target::Q => "attn_q",
         Target::K => "attn_k",
@@ -257,24 +257,28 @@ pub fn load(
 /// Writes the GGUF model `model` to `out` with an adapter merged into its weights, so
 /// llama.cpp or any GGUF reader runs the tuned model (`values` in layout order, rows in the
 /// model's order, which is the file's); every byte the adapter does not touch is copied:
-/// - scales: each targeted block's f16 scale d becomes d * factor;
-/// - IA3 on k and v (their output rows): each row's block scales (and Q4_1 minimums)
-///   times the row's scale, or for float weights the row's values;
-/// - IA3 on down's input (columns): for float weights, each row scaled column by column;
-///   a quantised down is refused (its blocks would have to be requantised).
+/// - scales: each targeted block's f16 scale d (a K-quant's super-block d) becomes
+///   d * factor;
+/// - IA3 on k and v (their output rows): each row's block scales (and Q4_1 / Q4_K
+///   minimums) times the row's scale, or for float weights the row's values;
+/// - IA3 on down's input: into up's output rows the same way. down's input is
+///   silu(gate x) * (up x), so scaling its element j equals scaling up's row j; down's own
+///   columns would sit inside its quantised blocks, which requantising would spoil.
 ///
-/// Scales are rounded to f16 (relative 2^-11); float rows to their own format.
+/// Scales are rounded to f16 (relative 2^-11; absolute 2^-24 for an f16 subnormal d, which
+/// K-quant files often hold); float rows to their own format.
 pub fn save_merged_model(
     out: &Path,
     model: &crate::format::file::GgufFile,
     layout: &[ParamInfo],
     values: &[Vec<f32>],
 ) -> Result<()> {
-    use crate::quant::{self, QK};
+    use crate::quant;
     let shown = model.path().to_owned();
     let mut bytes = model.bytes().to_vec();
     for (p, v) in layout.iter().zip(values) {
         let (l, t) = match p.slot {
+            Slot::Ia3(l, Target::Down) => (l, Target::Up),
             Slot::Scales(l, t) | Slot::Ia3(l, t) => (l, t),
             _ => {
                 return Err(Error::InvalidArgument {
@@ -302,8 +306,7 @@ pub fn save_merged_model(
         };
         let (n_in, n_out) = (n_in as usize, n_out as usize);
         let want = match p.slot {
-            Slot::Scales(..) => n_out * (n_in / QK),
-            Slot::Ia3(_, Target::Down) => n_in,
+            Slot::Scales(..) => n_out * (n_in / wtype.block_elems()),
             _ => n_out,
         };
         if v.len() != want || p.len() as usize != want {
@@ -323,12 +326,12 @@ pub fn save_merged_model(
             .and_then(|end| bytes.get_mut(start..end))
             .ok_or_else(|| bad("lies outside the file".into()))?;
         let bb = wtype.block_bytes();
-        // Requantises a row after `f` scales its values.
-        let rewrite = |row: &mut [u8], f: &dyn Fn(usize, f32) -> f32| -> Result<()> {
+        // A float row's values times `s`, in its own format.
+        let rewrite = |row: &mut [u8], s: f32| -> Result<()> {
             let mut x = vec![0.0f32; n_in];
             quant::dequantize(wtype, row, &mut x)?;
-            for (i, v) in x.iter_mut().enumerate() {
-                *v = f(i, *v);
+            for v in x.iter_mut() {
+                *v *= s;
             }
             if let Some(i) = x.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("merged value {i} of a row is not finite")));
@@ -345,34 +348,19 @@ pub fn save_merged_model(
                     )));
                 }
                 for (i, (blk, &f)) in data.chunks_exact_mut(bb).zip(v).enumerate() {
-                    scale_block(blk, f, false).map_err(|e| bad(format!("block {i}: {e}")))?;
-                }
-            }
-            Slot::Ia3(_, Target::Down) => {
-                // Scaling columns inside a quantised block means requantising it, which on
-                // 4-bit rows loses far more than the adapter changes (measured on SmolLM2
-                // Q4_1: logits off by 12 after 30 IA3 steps): refused.
-                if !matches!(wtype, WeightType::F32 | WeightType::F16 | WeightType::BF16) {
-                    return Err(bad(format!(
-                        "is {}: IA3 on down's input scales columns inside its quantised blocks, \
-                         which cannot be merged without requantising them; merge IA3 on k and v \
-                         only, or train LoRA",
-                        wtype.name()
-                    )));
-                }
-                for row in data.chunks_exact_mut(rb) {
-                    rewrite(row, &|i, x| x * v[i])?;
+                    scale_block(wtype, blk, f, false)
+                        .map_err(|e| bad(format!("block {i}: {e}")))?;
                 }
             }
             _ => {
                 for (r, (row, &s)) in data.chunks_exact_mut(rb).zip(v).enumerate() {
                     if quant::has_block_scale(wtype) {
                         for blk in row.chunks_exact_mut(bb) {
-                            scale_block(blk, s, wtype == WeightType::Q4_1)
+                            scale_block(wtype, blk, s, true)
                                 .map_err(|e| bad(format!("row {r}: {e}")))?;
                         }
                     } else {
-                        rewrite(row, &|_, x| x * s)?;
+                        rewrite(row, s)?;
                     }
                 }
             }
@@ -381,16 +369,23 @@ pub fn save_merged_model(
     write_atomic(out, &bytes)
 }
 
-/// A block's f16 scale d (and with `min`, the Q4_1 minimum after it) times `f`.
-fn scale_block(blk: &mut [u8], f: f32, min: bool) -> core::result::Result<(), String> {
-    let fields = if min { 2 } else { 1 };
-    for k in 0..fields {
-        let v = crate::quant::f16_at(blk, 2 * k) * f;
+/// A block's f16 scale d times `f`; with `whole`, its minimum too (Q4_1's m, Q4_K's dmin,
+/// stored after d), so that every value of the block is scaled.
+fn scale_block(
+    wtype: WeightType,
+    blk: &mut [u8],
+    f: f32,
+    whole: bool,
+) -> core::result::Result<(), String> {
+    let d = crate::quant::block_scale_offset(wtype);
+    let with_min = whole && matches!(wtype, WeightType::Q4_1 | WeightType::Q4K);
+    for off in [d, d + 2].into_iter().take(if with_min { 2 } else { 1 }) {
+        let v = crate::quant::f16_at(blk, off) * f;
         let h = half::f16::from_f32(v);
         if !h.is_finite() {
             return Err(format!("{v:e} (factor {f:e}) does not fit an f16"));
         }
-        blk[2 * k..2 * k + 2].copy_from_slice(&h.to_bits().to_le_bytes());
+        blk[off..off + 2].copy_from_slice(&h.to_bits().to_le_bytes());
     }
     Ok(())
 }

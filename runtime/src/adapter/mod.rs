@@ -293,10 +293,14 @@ pub struct Dims {
     pub tied: bool,
     /// q, k and v have biases (Qwen2).
     pub biases: bool,
+    /// Elements per trained factor of the "scales" set: the block of the model's
+    /// projection weights ([`crate::quant::scale_block`] of layer 0's q; 32 or 256).
+    pub scale_block: u32,
 }
 
 impl Dims {
-    pub fn of(c: &crate::model::Config) -> Dims {
+    /// A model's dimensions, given the block of its projection weights (`scale_block`).
+    pub fn of(c: &crate::model::Config, scale_block: u32) -> Dims {
         Dims {
             n_layers: c.n_layers,
             dim: c.dim,
@@ -306,6 +310,7 @@ impl Dims {
             vocab: c.vocab,
             tied: c.tied_embeddings,
             biases: c.arch == crate::model::Arch::Qwen2,
+            scale_block,
         }
     }
 
@@ -383,7 +388,7 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
                         name: format!("model.layers.{l}.{}.{}.scale_factors", t.path(), t.module()),
                         slot: Slot::Scales(l, t),
                         rows: n_out,
-                        cols: n_in / crate::quant::QK as u32,
+                        cols: n_in / dims.scale_block,
                         init: Init::Ones,
                     });
                 }
@@ -519,6 +524,7 @@ mod tests {
         vocab: 100,
         tied: true,
         biases: false,
+        scale_block: 32,
     };
 
     #[test]

@@ -17,7 +17,8 @@ pub const WEIGHTS: &str = "adapter_model.safetensors";
 const NORMS_TYPE: &str = "EDGETUNE_NORMS";
 /// `peft_type` of fully trained weights (the file holds every weight, in f32).
 const FULL_TYPE: &str = "EDGETUNE_FULL";
-/// `peft_type` of trained block-scale factors (one f32 per 32-element block of each target).
+/// `peft_type` of trained block-scale factors (one f32 per block of each target: 32
+/// elements, or 256 for the K-quants).
 const SCALES_TYPE: &str = "EDGETUNE_SCALES";
 
 /// adapter_config.json for `cfg`.

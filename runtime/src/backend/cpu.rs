@@ -204,7 +204,7 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let factors = factors.map(|f| f.f32s(n * k / quant::QK));
+                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
                 let y = qmatmul(
                     &x.f32s(m * k),
                     &w.bytes(wtype.row_bytes(k)? * n),
@@ -222,7 +222,7 @@ impl Backend for Cpu {
                 n,
             } => {
                 let n = n as usize;
-                let factors = factors.map(|f| f.f32s(n / quant::QK));
+                let factors = factors.map(|f| f.f32s(n / wtype.block_elems()));
                 let mut y = vec![0.0; n];
                 quant::dequantize_scaled(
                     wtype,
@@ -450,7 +450,7 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let factors = factors.map(|f| f.f32s(n * k / quant::QK));
+                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
                 let y = grad::qmatmul_t(
                     &dy.f32s(m * n),
                     &w.bytes(wtype.row_bytes(k)? * n),
@@ -627,7 +627,7 @@ pub fn qmatmul(
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
     let row_bytes = wtype.row_bytes(k)?;
-    let per_row = k / quant::QK;
+    let per_row = k / wtype.block_elems();
     let mut row = vec![0.0f32; k];
     let mut out = vec![0.0f32; m * n];
     for j in 0..n {

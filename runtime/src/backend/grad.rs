@@ -17,7 +17,7 @@ pub fn qmatmul_t(
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
     let row_bytes = wtype.row_bytes(k)?;
-    let per_row = k / quant::QK;
+    let per_row = k / wtype.block_elems();
     let mut row = vec![0.0f32; k];
     let mut dx = vec![0.0f32; m * k];
     for j in 0..n {

@@ -296,7 +296,7 @@ fn qmatmul_rows_body(
     for j0 in rows.clone().step_by(DEQUANT_BLOCK_ROWS) {
         let nb = DEQUANT_BLOCK_ROWS.min(rows.end - j0);
         for (j, buf) in (j0..j0 + nb).zip(deq.chunks_exact_mut(k)) {
-            let per_row = k / QK;
+            let per_row = k / wtype.block_elems();
             let row_factors = factors.map(|f| &f[j * per_row..(j + 1) * per_row]);
             quant::dequantize_scaled(wtype, weights(j), row_factors, buf)?;
         }
@@ -845,7 +845,8 @@ impl Host {
         (m, k, n): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let row_bytes = wtype.row_bytes(k)?;
-        let unit = wtype.block_elems().max(QK);
+        let be = wtype.block_elems();
+        let unit = be.max(QK);
         let units = k.div_ceil(unit);
         let threads = self
             .threads
@@ -866,7 +867,7 @@ impl Host {
             for j0 in (0..n).step_by(per) {
                 let nj = per.min(n - j0);
                 for (r, j) in (j0..j0 + nj).enumerate() {
-                    let f = factors.map(|f| &f[(j * k + c0) / QK..(j * k + c1).div_ceil(QK)]);
+                    let f = factors.map(|f| &f[(j * k + c0) / be..(j * k + c1).div_ceil(be)]);
                     quant::dequantize_scaled(wtype, &w[j * row_bytes + at..][..len], f, &mut row)?;
                     for (c, v) in row.iter().enumerate() {
                         wt[c * nj + r] = *v;
@@ -947,7 +948,7 @@ impl Backend for Host {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
-                let factors = factors.map(|f| f.f32s(n * k / QK));
+                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
                 // The result is computed before `out` is written: it may alias `x`.
                 let w = w.bytes(wtype.row_bytes(k)? * n);
                 let result = self.qmatmul(&xs, (&w, factors.as_deref()), wtype, (m, k, n))?;
@@ -967,7 +968,7 @@ impl Backend for Host {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let g = dy.f32s(m * n);
-                let factors = factors.map(|f| f.f32s(n * k / QK));
+                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
                 let result = {
                     let w = w.bytes(wtype.row_bytes(k)? * n);
                     self.qmatmul_t(&g, (&w, factors.as_deref()), wtype, (m, k, n))?

@@ -512,7 +512,7 @@ fn block_count(op: &'static str, wtype: WeightType, rows: u32, cols: u32) -> Res
             reason: format!("{} has no per-block scale to replace", wtype.name()),
         });
     }
-    Ok(mul(rows, cols) / quant::QK as u64)
+    Ok(mul(rows, cols) / wtype.block_elems() as u64)
 }
 
 impl<B> Op<'_, B> {

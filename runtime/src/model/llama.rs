@@ -676,7 +676,11 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// The model's dimensions as adapters see them.
     pub fn dims(&self) -> Dims {
-        Dims::of(&self.cfg)
+        let block = self
+            .layers
+            .first()
+            .map_or(quant::QK as u32, |l| quant::scale_block(l.q.weight.wtype));
+        Dims::of(&self.cfg, block)
     }
 
     /// Attaches `cfg`'s trainable tensors (one adapter at a time), started as
@@ -925,8 +929,8 @@ impl<'b, B: Backend> Model<'b, B> {
         }
     }
 
-    /// Checks that layer `l`'s projection `t` has one scale per 32-element block for the
-    /// "scales" adapter's factors to multiply.
+    /// Checks that layer `l`'s projection `t` has one scale per block of the layout's size
+    /// for the "scales" adapter's factors to multiply.
     fn check_block_scales(&self, l: u32, t: Target) -> Result<()> {
         let w = &self
             .linear(l, t)
@@ -935,17 +939,29 @@ impl<'b, B: Backend> Model<'b, B> {
                 reason: format!("layer {l} has no {}", t.module()),
             })?
             .weight;
-        if quant::has_block_scale(w.wtype) {
-            return Ok(());
+        let block = self.dims().scale_block;
+        if !quant::has_block_scale(w.wtype) {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: format!(
+                    "scales trains the block scales of q8_0, q4_0, q4_1, q4_k and q6_k weights; layer {l}'s {} is {}",
+                    t.module(),
+                    w.wtype.name()
+                ),
+            });
         }
-        Err(Error::InvalidArgument {
-            name: "trainable",
-            reason: format!(
-                "scales trains the block scales of q8_0, q4_0 and q4_1 weights; layer {l}'s {} is {}",
-                t.module(),
-                w.wtype.name()
-            ),
-        })
+        if quant::scale_block(w.wtype) != block {
+            return Err(Error::InvalidArgument {
+                name: "trainable",
+                reason: format!(
+                    "scales takes one factor per block of layer 0's q ({block} elements); layer {l}'s {} is {}, with blocks of {}",
+                    t.module(),
+                    w.wtype.name(),
+                    w.wtype.block_elems()
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn linear(&self, l: u32, t: Target) -> Option<&Linear<B>> {
