@@ -20,10 +20,19 @@ fn model_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/q4_0.gguf")
 }
 
-/// A model whose projections are K-quants (Q4_K, and Q6_K for v and down), from
-/// tools/reference/kquant_model.py.
+/// A model with K-quant projections (Q4_K; Q6_K for v and down), o in Q8_0, and k in Q4_K
+/// in layer 0 but Q8_0 in layer 1, from tools/reference/kquant_model.py.
 fn kquant_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_kquant/model.gguf")
+}
+
+/// The targets whose "scales" a model takes: every one, except k on the K-quant model,
+/// whose layers mix block sizes (refused; tested below).
+fn scale_targets(model: &Path) -> Vec<Target> {
+    Target::ALL
+        .into_iter()
+        .filter(|&t| model != kquant_path() || t != Target::K)
+        .collect()
 }
 
 fn files() -> ModelFiles {
@@ -117,9 +126,10 @@ fn replay_gives_the_same_state_hash_on_every_backend() {
             model_path(),
             AdapterConfig::scales(&[Target::K, Target::Down]),
         ),
+        // Q4_K, Q8_0 and Q6_K weights: blocks of 256, 32 and 256 elements.
         (
             kquant_path(),
-            AdapterConfig::scales(&[Target::K, Target::Down]),
+            AdapterConfig::scales(&[Target::Q, Target::O, Target::Down]),
         ),
     ] {
         let trained = train_run(&model, &dir, cfg, zo(SeedMode::KSeed { k: 64 }, 1e-2), 12);
@@ -264,7 +274,10 @@ fn a_step_never_writes_the_frozen_weights() {
     for (model, cfg) in [
         (model_path(), AdapterConfig::lora(2, 4.0, &Target::ALL)),
         (model_path(), AdapterConfig::scales(&Target::ALL)),
-        (kquant_path(), AdapterConfig::scales(&Target::ALL)),
+        (
+            kquant_path(),
+            AdapterConfig::scales(&scale_targets(&kquant_path())),
+        ),
     ] {
         check_step_leaves_frozen_weights(&Cpu, &model, cfg.clone());
         if let Some(gpu) = &gpu {
@@ -283,7 +296,7 @@ fn check_identity_adapters<B: Backend>(be: &B, model: &Path) {
     for cfg in [
         AdapterConfig::lora(3, 6.0, &Target::ALL),
         AdapterConfig::ia3(),
-        AdapterConfig::scales(&Target::ALL),
+        AdapterConfig::scales(&scale_targets(model)),
     ] {
         let mut m = f.load(be).unwrap();
         m.attach(cfg.clone(), 9).unwrap();
@@ -542,8 +555,8 @@ fn a_full_run_saves_weights_that_reload_to_the_same_logits() {
 fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
     use edgetune::adapter::peft::{self, RowOrder};
     let tokens = [1u32, 5, 9, 33, 2, 17];
-    let cfg = AdapterConfig::scales(&Target::ALL);
     for path in [model_path(), kquant_path()] {
+        let cfg = AdapterConfig::scales(&scale_targets(&path));
         let f = files_at(&path);
         let mut model = f.load(&Cpu).unwrap();
         let layout = model.attach(cfg.clone(), 0).unwrap().to_vec();
@@ -599,9 +612,15 @@ fn trained_scales_merge_into_a_gguf_with_the_same_logits() {
         .unwrap()
         .load(&Cpu)
         .unwrap();
-    let err = unquantised.attach(cfg, 0).unwrap_err().to_string();
+    let cfg = AdapterConfig::scales(&Target::ALL);
+    let err = unquantised.attach(cfg.clone(), 0).unwrap_err().to_string();
     assert!(err.contains("q8_0, q4_0, q4_1, q4_k and q6_k"), "{err}");
     assert!(unquantised.adapter().is_none());
+    // k's blocks are 256 elements in layer 0 and 32 in layer 1: one layout cannot hold both.
+    let mut mixed = files_at(&kquant_path()).load(&Cpu).unwrap();
+    let err = mixed.attach(cfg, 0).unwrap_err().to_string();
+    assert!(err.contains("layer 1's k_proj is q8_0"), "{err}");
+    assert!(mixed.adapter().is_none());
 }
 
 /// IA3 merged into the GGUF it was trained on: k and v scales go into each row's block

@@ -8,6 +8,9 @@ blocks are drawn at random, field by field: any bytes are valid Q4_K / Q6_K code
 kept f16 normals down to a quarter of their value (real K-quant files often hold subnormal
 ones), so that the tests' power-of-two factors merge into them exactly. As llama.cpp's
 Q4_K_M does, v and down are Q6_K and the other projections and the embedding Q4_K.
+Projections narrower than 256 get a 32-element format in llama.cpp's files; here o is
+Q8_0 in every layer, and layer 1's k is Q8_0 where layer 0's is Q4_K (a target whose layers
+differ, which the scales set refuses).
 Deterministic (fixed seed). Writes tests/golden/tiny/llama_kquant/model.gguf:
     python3 tools/reference/kquant_model.py
 """
@@ -16,9 +19,10 @@ import pathlib
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import quants
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "golden" / "tiny" / "llama_kquant"
-DIM, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 256, 4, 2, 1, 64
+DIM, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 256, 4, 2, 2, 64
 rng = np.random.default_rng(20261130)
 
 
@@ -44,6 +48,10 @@ def q6_k(rows, cols):
     return blocks.reshape(rows, cols // 256 * 210)
 
 
+def q8_0(rows, cols):
+    return quants.quantize((0.05 * rng.standard_normal((rows, cols))).astype(np.float32), T.Q8_0)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(OUT / "model.gguf"), "llama")
@@ -62,9 +70,12 @@ def main():
         norm = lambda: (1.0 + 0.1 * rng.standard_normal(DIM)).astype(np.float32)  # noqa: E731
         w.add_tensor(f"blk.{l}.attn_norm.weight", norm())
         w.add_tensor(f"blk.{l}.attn_q.weight", q4_k(DIM, DIM), raw_dtype=T.Q4_K)
-        w.add_tensor(f"blk.{l}.attn_k.weight", q4_k(KV_HEADS * head, DIM), raw_dtype=T.Q4_K)
+        if l == 0:
+            w.add_tensor(f"blk.{l}.attn_k.weight", q4_k(KV_HEADS * head, DIM), raw_dtype=T.Q4_K)
+        else:
+            w.add_tensor(f"blk.{l}.attn_k.weight", q8_0(KV_HEADS * head, DIM), raw_dtype=T.Q8_0)
         w.add_tensor(f"blk.{l}.attn_v.weight", q6_k(KV_HEADS * head, DIM), raw_dtype=T.Q6_K)
-        w.add_tensor(f"blk.{l}.attn_output.weight", q4_k(DIM, DIM), raw_dtype=T.Q4_K)
+        w.add_tensor(f"blk.{l}.attn_output.weight", q8_0(DIM, DIM), raw_dtype=T.Q8_0)
         w.add_tensor(f"blk.{l}.ffn_norm.weight", norm())
         w.add_tensor(f"blk.{l}.ffn_gate.weight", q4_k(FFN, DIM), raw_dtype=T.Q4_K)
         w.add_tensor(f"blk.{l}.ffn_up.weight", q4_k(FFN, DIM), raw_dtype=T.Q4_K)

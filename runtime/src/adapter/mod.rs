@@ -293,14 +293,16 @@ pub struct Dims {
     pub tied: bool,
     /// q, k and v have biases (Qwen2).
     pub biases: bool,
-    /// Elements per trained factor of the "scales" set: the block of the model's
-    /// projection weights ([`crate::quant::scale_block`] of layer 0's q; 32 or 256).
-    pub scale_block: u32,
+    /// Elements per trained factor of the "scales" set, per target in [`Target::ALL`]
+    /// order: the block of layer 0's projection ([`crate::quant::scale_block`]; 32, or 256
+    /// for the K-quants). llama.cpp's K-quant files give narrow projections a 32-element
+    /// format, so the targets of one model can differ.
+    pub scale_blocks: [u32; 7],
 }
 
 impl Dims {
-    /// A model's dimensions, given the block of its projection weights (`scale_block`).
-    pub fn of(c: &crate::model::Config, scale_block: u32) -> Dims {
+    /// A model's dimensions, given the block of each target's weights (`scale_blocks`).
+    pub fn of(c: &crate::model::Config, scale_blocks: [u32; 7]) -> Dims {
         Dims {
             n_layers: c.n_layers,
             dim: c.dim,
@@ -310,8 +312,14 @@ impl Dims {
             vocab: c.vocab,
             tied: c.tied_embeddings,
             biases: c.arch == crate::model::Arch::Qwen2,
-            scale_block,
+            scale_blocks,
         }
+    }
+
+    /// Elements per trained factor of target `t`'s "scales".
+    pub fn scale_block(&self, t: Target) -> u32 {
+        let i = Target::ALL.iter().position(|&x| x == t).unwrap_or(0);
+        self.scale_blocks[i]
     }
 
     /// (out, in) features of a target's projection.
@@ -388,7 +396,7 @@ pub fn layout(cfg: &AdapterConfig, dims: &Dims) -> Vec<ParamInfo> {
                         name: format!("model.layers.{l}.{}.{}.scale_factors", t.path(), t.module()),
                         slot: Slot::Scales(l, t),
                         rows: n_out,
-                        cols: n_in / dims.scale_block,
+                        cols: n_in / dims.scale_block(t),
                         init: Init::Ones,
                     });
                 }
@@ -524,7 +532,7 @@ mod tests {
         vocab: 100,
         tied: true,
         biases: false,
-        scale_block: 32,
+        scale_blocks: [32; 7],
     };
 
     #[test]

@@ -580,23 +580,20 @@ impl ModelFiles {
         }
     }
 
-    /// The model's dimensions as adapters see them, without loading it: the block of its
-    /// projection weights comes from layer 0's q (in the file, or the load-time type).
+    /// The model's dimensions as adapters see them, without loading it: each target's
+    /// block comes from its layer 0 weight (in the file, or the load-time type).
     pub fn dims(&self) -> Result<crate::adapter::Dims> {
-        let wtype = match self {
-            ModelFiles::Gguf(f) => f
-                .header
-                .tensor(&crate::adapter::gguf::tensor_name(
-                    0,
-                    crate::adapter::Target::Q,
-                ))
-                .and_then(|t| t.ggml_type.weight_type()),
-            ModelFiles::Hf(d) => d.quantize,
-        };
-        Ok(crate::adapter::Dims::of(
-            &self.config()?,
-            quant::scale_block(wtype.unwrap_or(WeightType::F32)),
-        ))
+        let blocks = crate::adapter::Target::ALL.map(|t| {
+            let wtype = match self {
+                ModelFiles::Gguf(f) => f
+                    .header
+                    .tensor(&crate::adapter::gguf::tensor_name(0, t))
+                    .and_then(|t| t.ggml_type.weight_type()),
+                ModelFiles::Hf(d) => d.quantize,
+            };
+            quant::scale_block(wtype.unwrap_or(WeightType::F32))
+        });
+        Ok(crate::adapter::Dims::of(&self.config()?, blocks))
     }
 
     pub fn tokenizer(&self) -> Result<Tokenizer> {

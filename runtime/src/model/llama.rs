@@ -676,11 +676,11 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// The model's dimensions as adapters see them.
     pub fn dims(&self) -> Dims {
-        let block = self
-            .layers
-            .first()
-            .map_or(quant::QK as u32, |l| quant::scale_block(l.q.weight.wtype));
-        Dims::of(&self.cfg, block)
+        let blocks = Target::ALL.map(|t| {
+            self.linear(0, t)
+                .map_or(quant::QK as u32, |l| quant::scale_block(l.weight.wtype))
+        });
+        Dims::of(&self.cfg, blocks)
     }
 
     /// Attaches `cfg`'s trainable tensors (one adapter at a time), started as
@@ -939,7 +939,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 reason: format!("layer {l} has no {}", t.module()),
             })?
             .weight;
-        let block = self.dims().scale_block;
+        let block = self.dims().scale_block(t);
         if !quant::has_block_scale(w.wtype) {
             return Err(Error::InvalidArgument {
                 name: "trainable",
@@ -954,7 +954,7 @@ impl<'b, B: Backend> Model<'b, B> {
             return Err(Error::InvalidArgument {
                 name: "trainable",
                 reason: format!(
-                    "scales takes one factor per block of layer 0's q ({block} elements); layer {l}'s {} is {}, with blocks of {}",
+                    "scales takes one factor per block of layer 0's {0} ({block} elements); layer {l}'s {0} is {1}, with blocks of {2}",
                     t.module(),
                     w.wtype.name(),
                     w.wtype.block_elems()
