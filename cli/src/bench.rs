@@ -262,20 +262,33 @@ struct Row {
     unit: &'static str,
 }
 
+/// Runs of each training row ([`Row::timed`]).
+const TRAIN_REPS: usize = 3;
+
 impl Row {
+    /// Runs `f` `reps` times and keeps the median time and the last run's value; peak RSS
+    /// over all runs. Training rows take three runs: one run of several seconds moves with
+    /// this kind of shared machine's load, and their ratios are what the goals compare.
     fn timed<T>(
         test: String,
         tokens: usize,
-        f: impl FnOnce() -> edgetune::Result<T>,
+        reps: usize,
+        mut f: impl FnMut() -> edgetune::Result<T>,
     ) -> edgetune::Result<(Row, T)> {
         reset_peak_rss();
         let start = Instant::now();
-        let value = f()?;
-        let secs = start.elapsed().as_secs_f64();
+        let mut value = f()?;
+        let mut secs = vec![start.elapsed().as_secs_f64()];
+        for _ in 1..reps {
+            let start = Instant::now();
+            value = f()?;
+            secs.push(start.elapsed().as_secs_f64());
+        }
+        secs.sort_by(f64::total_cmp);
         let row = Row {
             test,
             tokens,
-            secs,
+            secs: secs[secs.len() / 2],
             peak_rss: peak_rss(),
             loss: None,
             note: None,
@@ -312,10 +325,11 @@ fn model_bench<B: Backend>(
     let (row, ()) = Row::timed(
         format!("pp{}", args.prompt_tokens),
         args.prompt_tokens,
+        1,
         || model.forward(&mut cache, &tokens, false).map(drop),
     )?;
     rows.push(row);
-    let (row, ()) = Row::timed(format!("tg{}", args.gen_tokens), args.gen_tokens, || {
+    let (row, ()) = Row::timed(format!("tg{}", args.gen_tokens), args.gen_tokens, 1, || {
         let mut next = 1u32;
         for _ in 0..args.gen_tokens {
             let logits = model.forward(&mut cache, &[next], false)?;
@@ -328,12 +342,17 @@ fn model_bench<B: Backend>(
     drop(cache);
     let (batch, len) = args.train;
     let mut cache = model.new_cache(len as u32)?;
-    let (mut row, (nll, count)) = Row::timed(format!("train{batch}x{len}"), batch * len, || {
-        (0..batch).try_fold((0.0, 0), |(total, count), b| {
-            let (nll, n) = model.sequence_nll(&mut cache, &ids(len, b as u64 + 1))?;
-            Ok((total + nll, count + n))
-        })
-    })?;
+    let (mut row, (nll, count)) = Row::timed(
+        format!("train{batch}x{len}"),
+        batch * len,
+        TRAIN_REPS,
+        || {
+            (0..batch).try_fold((0.0, 0), |(total, count), b| {
+                let (nll, n) = model.sequence_nll(&mut cache, &ids(len, b as u64 + 1))?;
+                Ok((total + nll, count + n))
+            })
+        },
+    )?;
     row.loss = Some(nll / count as f64);
     let forward_secs = row.secs;
     rows.push(row);
@@ -370,24 +389,29 @@ fn model_bench<B: Backend>(
         (0, 0),
         None,
     )?;
-    let (mut row, out) = Row::timed(format!("zo{batch}x{len}"), 2 * batch * len, || {
-        zo_step(
-            dev,
-            &model,
-            &mut cache,
-            &mut state,
-            &zo,
-            &examples,
-            (1, 1),
-            None,
-        )
-    })?;
+    let (mut row, out) = Row::timed(
+        format!("zo{batch}x{len}"),
+        2 * batch * len,
+        TRAIN_REPS,
+        || {
+            zo_step(
+                dev,
+                &model,
+                &mut cache,
+                &mut state,
+                &zo,
+                &examples,
+                (1, 1),
+                None,
+            )
+        },
+    )?;
     row.loss = Some((out.loss_plus + out.loss_minus) / 2.0);
     row.note = Some(format!("{:.2}x the forward", row.secs / forward_secs));
     rows.push(row);
     // Replay: 1000 seeds fused into the accumulators of those LoRA parameters.
     let seeds: Vec<(u32, i32)> = (0..1000).map(|s| (s, 1000 - 2 * s as i32)).collect();
-    let (mut row, ()) = Row::timed("replay1000".into(), 1000, || {
+    let (mut row, ()) = Row::timed("replay1000".into(), 1000, 1, || {
         state.apply(dev, &zo, &seeds)?;
         state.accumulators(dev).map(drop)
     })?;
@@ -418,7 +442,7 @@ fn model_bench<B: Backend>(
     };
     let mut trainer = BackpropTrainer::start(&model, cfg, len as u32)?;
     trainer.step(&examples[..1])?; // warm-up: pipelines
-    let (mut row, out) = Row::timed(format!("bp{batch}x{len}"), batch * len, || {
+    let (mut row, out) = Row::timed(format!("bp{batch}x{len}"), batch * len, TRAIN_REPS, || {
         trainer.step(&examples)
     })?;
     row.loss = Some(out.loss);

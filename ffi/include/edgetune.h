@@ -212,7 +212,8 @@ et_result et_adapter_norms(et_model *model);
 // for all seven) the trainable set, as QZO does: the quantised codes stay frozen, one
 // factor per block (32 values of Q8_0, Q4_0, Q4_1 weights; a 256-value super-block of
 // Q4_K, Q6_K weights) starts at one and learns
-// (zeroth-order training only). A projection in another format is ET_INVALID_ARGUMENT.
+// (zeroth-order training only). A projection in another format, or one whose layers mix
+// block sizes, is ET_INVALID_ARGUMENT.
 et_result et_adapter_scales(et_model *model, uint32_t targets);
 
 // Writes the attached adapter's current values into directory `dir` (NUL-terminated UTF-8,

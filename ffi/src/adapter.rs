@@ -95,7 +95,8 @@ pub extern "C" fn et_adapter_norms(model: *mut et_model) -> et_result {
 /// for all seven) the trainable set, as QZO does: the quantised codes stay frozen, one
 /// factor per block (32 values of Q8_0, Q4_0, Q4_1 weights; a 256-value super-block of
 /// Q4_K, Q6_K weights) starts at one and learns
-/// (zeroth-order training only). A projection in another format is ET_INVALID_ARGUMENT.
+/// (zeroth-order training only). A projection in another format, or one whose layers mix
+/// block sizes, is ET_INVALID_ARGUMENT.
 #[unsafe(no_mangle)]
 pub extern "C" fn et_adapter_scales(model: *mut et_model, targets: u32) -> et_result {
     boundary(|| {

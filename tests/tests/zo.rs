@@ -115,8 +115,8 @@ fn replay_hash<B: Backend>(be: &B, model: &Path, dir: &Path) -> String {
 #[test]
 fn replay_gives_the_same_state_hash_on_every_backend() {
     let dir = tmp("replay");
-    // The K-quant model's scales are one factor per 256-element super-block of Q4_K (k)
-    // and Q6_K (down).
+    // The K-quant model's scales: one factor per 256-element super-block of Q4_K (q) and
+    // Q6_K (down), one per 32-element block of Q8_0 (o).
     for (model, cfg) in [
         (
             model_path(),
@@ -126,7 +126,6 @@ fn replay_gives_the_same_state_hash_on_every_backend() {
             model_path(),
             AdapterConfig::scales(&[Target::K, Target::Down]),
         ),
-        // Q4_K, Q8_0 and Q6_K weights: blocks of 256, 32 and 256 elements.
         (
             kquant_path(),
             AdapterConfig::scales(&[Target::Q, Target::O, Target::Down]),
@@ -640,9 +639,13 @@ fn ia3_merges_into_a_gguf() {
     let f32_model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/llama_gqa_tied/f32.gguf");
     let all = || vec![Target::K, Target::V, Target::Down];
+    let qwen2_q4_0 =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny/qwen2_gqa_bias/q4_0.gguf");
     // (model, targets, power-of-two scales, tolerance relative to the adapter's effect)
     for (path, targets, exact, within) in [
         (model_path(), vec![Target::K, Target::V], true, 0.0),
+        // Qwen2's k and v biases are scaled with their rows.
+        (qwen2_q4_0, vec![Target::K, Target::V], true, 0.0),
         (model_path(), all(), true, 0.0),
         (kquant_path(), all(), true, 0.0),
         (f32_model, all(), false, 1e-4),

@@ -288,9 +288,14 @@ pub fn save_merged_model(
             }
         };
         let name = tensor_name(l, t);
+        // IA3 on down's input is merged into up's rows: say so when up is the problem.
+        let why = match p.slot {
+            Slot::Ia3(_, Target::Down) => " (where IA3 on down's input is merged)",
+            _ => "",
+        };
         let bad = |reason: String| Error::Tensor {
             file: shown.clone(),
-            tensor: name.clone(),
+            tensor: format!("{name}{why}"),
             reason,
         };
         let info = model
@@ -326,19 +331,6 @@ pub fn save_merged_model(
             .and_then(|end| bytes.get_mut(start..end))
             .ok_or_else(|| bad("lies outside the file".into()))?;
         let bb = wtype.block_bytes();
-        // A float row's values times `s`, in its own format.
-        let rewrite = |row: &mut [u8], s: f32| -> Result<()> {
-            let mut x = vec![0.0f32; n_in];
-            quant::dequantize(wtype, row, &mut x)?;
-            for v in x.iter_mut() {
-                *v *= s;
-            }
-            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!("merged value {i} of a row is not finite")));
-            }
-            row.copy_from_slice(&quant::quantize(wtype, &x)?);
-            Ok(())
-        };
         match p.slot {
             Slot::Scales(..) => {
                 if !quant::has_block_scale(wtype) {
@@ -348,7 +340,7 @@ pub fn save_merged_model(
                     )));
                 }
                 for (i, (blk, &f)) in data.chunks_exact_mut(bb).zip(v).enumerate() {
-                    scale_block(wtype, blk, f, false)
+                    scale_block_bytes(wtype, blk, f, false)
                         .map_err(|e| bad(format!("block {i}: {e}")))?;
                 }
             }
@@ -356,22 +348,63 @@ pub fn save_merged_model(
                 for (r, (row, &s)) in data.chunks_exact_mut(rb).zip(v).enumerate() {
                     if quant::has_block_scale(wtype) {
                         for blk in row.chunks_exact_mut(bb) {
-                            scale_block(wtype, blk, s, true)
+                            scale_block_bytes(wtype, blk, s, true)
                                 .map_err(|e| bad(format!("row {r}: {e}")))?;
                         }
                     } else {
-                        rewrite(row, s)?;
+                        scale_floats(wtype, row, |_| s)
+                            .map_err(|e| bad(format!("row {r}: {e}")))?;
                     }
                 }
             }
+        }
+        // IA3 scales k's and v's outputs after their bias (Qwen2's): s (W x + b).
+        let bias = name.replace(".weight", ".bias");
+        if let (Slot::Ia3(_, Target::K | Target::V), Some(b)) = (p.slot, model.header.tensor(&bias))
+        {
+            let bad = |reason: String| Error::Tensor {
+                file: shown.clone(),
+                tensor: bias.clone(),
+                reason,
+            };
+            let btype = b
+                .ggml_type
+                .weight_type()
+                .filter(|t| t.block_elems() == 1 && b.dims[..] == [n_out as u64])
+                .ok_or_else(|| bad(format!("is {} {:?}", b.ggml_type.name(), b.dims)))?;
+            let data = usize::try_from(b.offset)
+                .ok()
+                .and_then(|start| Some(start..start.checked_add(btype.row_bytes(n_out).ok()?)?))
+                .and_then(|range| bytes.get_mut(range))
+                .ok_or_else(|| bad("lies outside the file".into()))?;
+            scale_floats(btype, data, |i| v[i]).map_err(bad)?;
         }
     }
     write_atomic(out, &bytes)
 }
 
+/// Float values (f32, f16 or bf16) in `data`, value i times `scale(i)`, written back in
+/// their own format.
+fn scale_floats(
+    wtype: WeightType,
+    data: &mut [u8],
+    scale: impl Fn(usize) -> f32,
+) -> core::result::Result<(), String> {
+    let mut x = vec![0.0f32; data.len() / wtype.block_bytes()];
+    crate::quant::dequantize(wtype, data, &mut x).map_err(|e| e.to_string())?;
+    for (i, v) in x.iter_mut().enumerate() {
+        *v *= scale(i);
+        if !v.is_finite() {
+            return Err(format!("merged value {i} is not finite"));
+        }
+    }
+    data.copy_from_slice(&crate::quant::quantize(wtype, &x).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
 /// A block's f16 scale d times `f`; with `whole`, its minimum too (Q4_1's m, Q4_K's dmin,
 /// stored after d), so that every value of the block is scaled.
-fn scale_block(
+fn scale_block_bytes(
     wtype: WeightType,
     blk: &mut [u8],
     f: f32,

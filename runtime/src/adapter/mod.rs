@@ -105,8 +105,9 @@ pub enum Method {
     Norms,
     /// Every weight of an unquantised (f32, f16, bf16) model, held in f32 while it trains.
     Full,
-    /// The block scales of a quantised model's projections on each target (QZO): the 4-bit
-    /// or 8-bit codes stay frozen, and each 32-element block's scale d learns as d * f, with
+    /// The block scales of a quantised model's projections on each target (QZO): the codes
+    /// stay frozen, and each block's scale d (a K-quant's 256-element super-block d; its
+    /// integer sub-block scales stay frozen too) learns as d * f, with
     /// the factor f held in f32 and starting at one (so eps and lr are relative, as for
     /// IA3, whatever the weights' magnitude).
     Scales,
@@ -296,12 +297,13 @@ pub struct Dims {
     /// Elements per trained factor of the "scales" set, per target in [`Target::ALL`]
     /// order: the block of layer 0's projection ([`crate::quant::scale_block`]; 32, or 256
     /// for the K-quants). llama.cpp's K-quant files give narrow projections a 32-element
-    /// format, so the targets of one model can differ.
-    pub scale_blocks: [u32; 7],
+    /// format, so the targets of one model can differ. Set through [`Dims::of`].
+    scale_blocks: [u32; 7],
 }
 
 impl Dims {
-    /// A model's dimensions, given the block of each target's weights (`scale_blocks`).
+    /// A model's dimensions, given the block of each target's weights (`scale_blocks`, in
+    /// [`Target::ALL`] order; a zero counts as one).
     pub fn of(c: &crate::model::Config, scale_blocks: [u32; 7]) -> Dims {
         Dims {
             n_layers: c.n_layers,
@@ -312,14 +314,14 @@ impl Dims {
             vocab: c.vocab,
             tied: c.tied_embeddings,
             biases: c.arch == crate::model::Arch::Qwen2,
-            scale_blocks,
+            scale_blocks: scale_blocks.map(|b| b.max(1)),
         }
     }
 
     /// Elements per trained factor of target `t`'s "scales".
     pub fn scale_block(&self, t: Target) -> u32 {
-        let i = Target::ALL.iter().position(|&x| x == t).unwrap_or(0);
-        self.scale_blocks[i]
+        // The discriminants follow `Target::ALL`'s order.
+        self.scale_blocks[t as usize]
     }
 
     /// (out, in) features of a target's projection.

@@ -24,7 +24,7 @@ pub struct Weight<B: Backend> {
     pub rows: u32,
     pub cols: u32,
     /// Factors multiplying the stored block scales (the "scales" adapter), one f32 per
-    /// 32-element block, row by row.
+    /// block (32 elements, or a K-quant's 256-element super-block), row by row.
     pub scale_factors: Option<B::Buffer>,
 }
 
