@@ -260,7 +260,8 @@ pub fn load(
 /// - scales: each targeted block's f16 scale d (a K-quant's super-block d) becomes
 ///   d * factor;
 /// - IA3 on k and v (their output rows): each row's block scales (and Q4_1 / Q4_K
-///   minimums) times the row's scale, or for float weights the row's values;
+///   minimums) times the row's scale, or for float weights the row's values, and their
+///   biases (Qwen2's) element by element;
 /// - IA3 on down's input: into up's output rows the same way. down's input is
 ///   silu(gate x) * (up x), so scaling its element j equals scaling up's row j; down's own
 ///   columns would sit inside its quantised blocks, which requantising would spoil.
