@@ -378,33 +378,16 @@ fn model_bench<B: Backend>(
     let w0 = model.read_params()?;
     let mut state = ZoState::new(dev, &model, &w0)?;
     let mut cache = model.new_cache(len as u32)?;
+    let mut step = |batch: &[Example], at: (u64, u32)| {
+        zo_step(dev, &model, &mut cache, &mut state, &zo, batch, at, None)
+    };
     // Warm-up: the first step compiles the perturbation and adapter pipelines on a GPU.
-    zo_step(
-        dev,
-        &model,
-        &mut cache,
-        &mut state,
-        &zo,
-        &examples[..1],
-        (0, 0),
-        None,
-    )?;
+    step(&examples[..1], (0, 0))?;
     let (mut row, out) = Row::timed(
         format!("zo{batch}x{len}"),
         2 * batch * len,
         TRAIN_REPS,
-        || {
-            zo_step(
-                dev,
-                &model,
-                &mut cache,
-                &mut state,
-                &zo,
-                &examples,
-                (1, 1),
-                None,
-            )
-        },
+        || step(&examples, (1, 1)),
     )?;
     row.loss = Some((out.loss_plus + out.loss_minus) / 2.0);
     row.note = Some(format!("{:.2}x the forward", row.secs / forward_secs));
