@@ -75,6 +75,13 @@ impl CpuBuffer {
             dst.copy_from_slice(&v.to_le_bytes());
         }
     }
+
+    pub(crate) fn write_i32(&self, vals: &[i32]) {
+        let mut b = self.0.borrow_mut();
+        for (dst, v) in b.to_mut().chunks_exact_mut(4).zip(vals) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
 }
 
 /// The CPU reference for a model in read-only memory that lives as long as the program (a
@@ -366,12 +373,7 @@ impl Backend for Cpu {
                 n,
                 kind,
             } => {
-                let addr = ZAddr {
-                    session_key,
-                    seed,
-                    tensor,
-                    purpose: rng::PURPOSE_PERTURB,
-                };
+                let addr = perturb_addr(session_key, seed, tensor);
                 out.write_f32(&perturb_z(addr, u64::from(start), n as usize, kind));
             }
             Op::ZoWeights {
@@ -386,19 +388,16 @@ impl Backend for Cpu {
                 tensor,
                 kind,
             } => {
-                let addr = ZAddr {
-                    session_key,
-                    seed,
-                    tensor,
-                    purpose: rng::PURPOSE_PERTURB,
-                };
+                let addr = perturb_addr(session_key, seed, tensor);
                 let (base, acc) = (base.f32s(n as usize), acc.i32s(n as usize));
-                let w: Vec<f32> = (0..n as usize)
-                    .map(|i| {
-                        crate::train::value(base[i], acc[i], step) + eps * addr.z(i as u64, kind)
-                    })
-                    .collect();
-                out.write_f32(&w);
+                out.write_f32(&zo_weights_range(
+                    &base,
+                    &acc,
+                    0..n as usize,
+                    (step, eps),
+                    &addr,
+                    kind,
+                ));
             }
             Op::ZoAccumulate {
                 acc,
@@ -411,18 +410,8 @@ impl Backend for Cpu {
             } => {
                 let pairs = seeds.i32s(2 * n_seeds as usize);
                 let mut d = acc.i32s(n as usize);
-                for pair in pairs.chunks_exact(2) {
-                    let addr = ZAddr {
-                        session_key,
-                        seed: pair[0] as u32,
-                        tensor,
-                        purpose: rng::PURPOSE_PERTURB,
-                    };
-                    for (e, v) in d.iter_mut().enumerate() {
-                        *v = v.wrapping_add(pair[1].wrapping_mul(addr.z4(e as u64, kind)));
-                    }
-                }
-                acc.write_u32(&d.iter().map(|&v| v as u32).collect::<Vec<_>>());
+                zo_accumulate_range(&mut d, 0, &pairs, (session_key, tensor), kind);
+                acc.write_i32(&d);
             }
             Op::MulCols {
                 x,
@@ -822,6 +811,49 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> V
 /// z for elements start..start+n of one tensor.
 pub fn perturb_z(addr: ZAddr, start: u64, n: usize, kind: ZKind) -> Vec<f32> {
     (0..n as u64).map(|i| addr.z(start + i, kind)).collect()
+}
+
+/// The address of tensor `tensor`'s perturbation for `seed` (the z of [`Op::ZoWeights`] and
+/// [`Op::ZoAccumulate`]).
+pub(crate) fn perturb_addr(session_key: u64, seed: u32, tensor: u32) -> ZAddr {
+    ZAddr {
+        session_key,
+        seed,
+        tensor,
+        purpose: rng::PURPOSE_PERTURB,
+    }
+}
+
+/// Elements `range` of [`Op::ZoWeights`]' output: each element's value at `step` plus eps z.
+/// Every element depends on its own index only, so any split of the range gives the same bits.
+pub(crate) fn zo_weights_range(
+    base: &[f32],
+    acc: &[i32],
+    range: core::ops::Range<usize>,
+    (step, eps): (f32, f32),
+    addr: &ZAddr,
+    kind: ZKind,
+) -> Vec<f32> {
+    range
+        .map(|i| crate::train::value(base[i], acc[i], step) + eps * addr.z(i as u64, kind))
+        .collect()
+}
+
+/// [`Op::ZoAccumulate`] on the accumulators `d` of elements `start..start + d.len()`:
+/// integer and per element, so any split of the elements gives the same bits.
+pub(crate) fn zo_accumulate_range(
+    d: &mut [i32],
+    start: usize,
+    pairs: &[i32],
+    (session_key, tensor): (u64, u32),
+    kind: ZKind,
+) {
+    for pair in pairs.chunks_exact(2) {
+        let addr = perturb_addr(session_key, pair[0] as u32, tensor);
+        for (e, v) in d.iter_mut().enumerate() {
+            *v = v.wrapping_add(pair[1].wrapping_mul(addr.z4((start + e) as u64, kind)));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! attention (query heads split over threads). The reference stays plain and remains the
 //! oracle; the conformance suite checks this backend against it.
 
-use super::cpu::{AttnCall, AttnShape, Cpu, CpuBuffer, softmax};
+use super::cpu::{
+    AttnCall, AttnShape, Cpu, CpuBuffer, perturb_addr, softmax, zo_accumulate_range,
+    zo_weights_range,
+};
 use super::pool::Pool;
 use super::{Backend, Op};
 use crate::error::Result;
@@ -110,6 +113,12 @@ impl Host {
             isa,
             pool: pool.map(Arc::new),
         }
+    }
+
+    /// Elements per part when `n` independent elements are split evenly across the threads
+    /// (whole cache lines of 4-byte values, at least one).
+    fn elements_per_thread(&self, n: usize) -> usize {
+        n.div_ceil(self.threads.max(1)).next_multiple_of(16).max(16)
     }
 
     /// `f(0..parts)` in order, run on the workers and the calling thread.
@@ -986,6 +995,55 @@ impl Backend for Host {
                     };
                     a.out.write_f32(&y);
                 }
+                Ok(())
+            }
+            // The zeroth-order kernels split their elements across the threads: each
+            // element depends on its own index only, so the bits are the reference's.
+            Op::ZoWeights {
+                base,
+                acc,
+                out,
+                n,
+                step,
+                eps,
+                session_key,
+                seed,
+                tensor,
+                kind,
+            } => {
+                op.check(|b| self.size(b))?;
+                let n = n as usize;
+                let (base, acc) = (base.f32s(n), acc.i32s(n));
+                let addr = perturb_addr(session_key, seed, tensor);
+                let per = self.elements_per_thread(n);
+                let parts = self.parallel(n.div_ceil(per), |p| {
+                    let range = p * per..((p + 1) * per).min(n);
+                    zo_weights_range(&base, &acc, range, (step, eps), &addr, kind)
+                });
+                out.write_f32(&parts.concat());
+                Ok(())
+            }
+            Op::ZoAccumulate {
+                acc,
+                seeds,
+                n,
+                n_seeds,
+                session_key,
+                tensor,
+                kind,
+            } => {
+                op.check(|b| self.size(b))?;
+                let n = n as usize;
+                let pairs = seeds.i32s(2 * n_seeds as usize);
+                let d = acc.i32s(n);
+                let per = self.elements_per_thread(n);
+                let parts = self.parallel(n.div_ceil(per), |p| {
+                    let start = p * per;
+                    let mut part = d[start..((p + 1) * per).min(n)].to_vec();
+                    zo_accumulate_range(&mut part, start, &pairs, (session_key, tensor), kind);
+                    part
+                });
+                acc.write_i32(&parts.concat());
                 Ok(())
             }
             _ => Cpu.run(op),
