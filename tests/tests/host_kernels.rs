@@ -1,7 +1,7 @@
 //! The multi-threaded CPU path against the CPU reference, through the conformance suite's
-//! cases: the quantised products it runs itself (threads over weight rows, uneven splits
-//! with three threads), in every instruction-set variant this processor runs, and every
-//! other op it passes to the reference.
+//! cases: the quantised products and the zeroth-order kernels it runs itself (threads over
+//! weight rows or elements, uneven splits with three threads), in every instruction-set
+//! variant this processor runs, and every other op it passes to the reference.
 
 use edgetune::backend::host::{Host, Isa};
 use edgetune::selftest;
