@@ -115,10 +115,17 @@ impl Host {
         }
     }
 
-    /// Elements per part when `n` independent elements are split evenly across the threads
-    /// (whole cache lines of 4-byte values, at least one).
-    fn elements_per_thread(&self, n: usize) -> usize {
-        n.div_ceil(self.threads.max(1)).next_multiple_of(16).max(16)
+    /// `f` over `0..n` split evenly across the threads (ranges of whole cache lines of
+    /// 4-byte values), the parts' outputs concatenated in order: for elements that depend
+    /// on their own index only.
+    fn over_elements<T: Send>(
+        &self,
+        n: usize,
+        f: impl Fn(core::ops::Range<usize>) -> Vec<T> + Sync,
+    ) -> Vec<T> {
+        let per = n.div_ceil(self.threads.max(1)).next_multiple_of(16).max(16);
+        let parts = self.parallel(n.div_ceil(per), |p| f(p * per..((p + 1) * per).min(n)));
+        parts.into_iter().flatten().collect()
     }
 
     /// `f(0..parts)` in order, run on the workers and the calling thread.
@@ -1015,12 +1022,9 @@ impl Backend for Host {
                 let n = n as usize;
                 let (base, acc) = (base.f32s(n), acc.i32s(n));
                 let addr = perturb_addr(session_key, seed, tensor);
-                let per = self.elements_per_thread(n);
-                let parts = self.parallel(n.div_ceil(per), |p| {
-                    let range = p * per..((p + 1) * per).min(n);
+                out.write_f32(&self.over_elements(n, |range| {
                     zo_weights_range(&base, &acc, range, (step, eps), &addr, kind)
-                });
-                out.write_f32(&parts.concat());
+                }));
                 Ok(())
             }
             Op::ZoAccumulate {
@@ -1036,14 +1040,12 @@ impl Backend for Host {
                 let n = n as usize;
                 let pairs = seeds.i32s(2 * n_seeds as usize);
                 let d = acc.i32s(n);
-                let per = self.elements_per_thread(n);
-                let parts = self.parallel(n.div_ceil(per), |p| {
-                    let start = p * per;
-                    let mut part = d[start..((p + 1) * per).min(n)].to_vec();
+                acc.write_i32(&self.over_elements(n, |range| {
+                    let start = range.start;
+                    let mut part = d[range].to_vec();
                     zo_accumulate_range(&mut part, start, &pairs, (session_key, tensor), kind);
                     part
-                });
-                acc.write_i32(&parts.concat());
+                }));
                 Ok(())
             }
             _ => Cpu.run(op),
