@@ -1,6 +1,8 @@
 // Causal attention with grouped-query heads over a KV cache.
-// q, out [n_tokens, n_heads, head_dim]; k, v [capacity, n_kv_heads, head_dim].
-// Token t sits at position pos0 + t and attends to positions 0 ..= pos0 + t.
+// q, out [rows, n_heads, head_dim]; k, v [capacity, n_kv_heads, head_dim]; the call's rows
+// start at row0 of every buffer (a packed batch runs each sequence at its own rows).
+// Token t (row row0 + t) sits at position pos0 + t and attends to positions 0 ..= pos0 + t
+// (rows row0 ..= row0 + pos0 + t of k and v).
 // CPU reference: runtime/src/backend/cpu.rs `attention`.
 // One invocation per (token, head) with an online softmax: one pass over the keys, the
 // running maximum rescales the accumulator, no workgroup memory.
@@ -12,7 +14,7 @@ struct Params {
     head_dim: u32,
     pos0: u32,
     scale: f32,
-    _pad0: u32,
+    row0: u32,
     _pad1: u32,
 }
 
@@ -35,13 +37,13 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     }
     let hd = p.head_dim;
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let qo = (t * p.n_heads + h) * hd;
+    let qo = ((p.row0 + t) * p.n_heads + h) * hd;
     var acc: array<f32, MAX_HEAD_DIM>;
     var mx = -3.0e38;
     var denom = 0.0;
     let last = p.pos0 + t;
     for (var pos = 0u; pos <= last; pos++) {
-        let ko = (pos * p.n_kv_heads + kvh) * hd;
+        let ko = ((p.row0 + pos) * p.n_kv_heads + kvh) * hd;
         var s = 0.0;
         for (var i = 0u; i < hd; i++) {
             s += q[qo + i] * k[ko + i];
@@ -84,7 +86,7 @@ fn attention_v4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         return;
     }
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let qo = (t * p.n_heads + h) * HD4;
+    let qo = ((p.row0 + t) * p.n_heads + h) * HD4;
     var qv0 = vec4<f32>(0.0);
     var acc0 = vec4<f32>(0.0);
     var qv1 = vec4<f32>(0.0);
@@ -185,7 +187,7 @@ fn attention_v4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     var denom = 0.0;
     let last = p.pos0 + t;
     for (var pos = 0u; pos <= last; pos++) {
-        let ko = (pos * p.n_kv_heads + kvh) * HD4;
+        let ko = ((p.row0 + pos) * p.n_kv_heads + kvh) * HD4;
         var s = 0.0;
         if HD4 > 0u { s += dot(qv0, k4[ko + 0u]); }
         if HD4 > 1u { s += dot(qv1, k4[ko + 1u]); }
@@ -314,7 +316,7 @@ fn attention_split(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
         return;
     }
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let qo = (t * p.n_heads + h) * HD4;
+    let qo = ((p.row0 + t) * p.n_heads + h) * HD4;
     var qv0 = vec4<f32>(0.0);
     var acc0 = vec4<f32>(0.0);
     var qv1 = vec4<f32>(0.0);
@@ -415,7 +417,7 @@ fn attention_split(@builtin(local_invocation_index) lid: u32, @builtin(workgroup
     var denom = 0.0;
     let last = p.pos0 + t;
     for (var pos = lid; pos <= last; pos += AT_SPLIT) {
-        let ko = (pos * p.n_kv_heads + kvh) * HD4;
+        let ko = ((p.row0 + pos) * p.n_kv_heads + kvh) * HD4;
         var s = 0.0;
         if HD4 > 0u { s += dot(qv0, k4[ko + 0u]); }
         if HD4 > 1u { s += dot(qv1, k4[ko + 1u]); }

@@ -1,4 +1,5 @@
-// Rotary position embedding over x [n_tokens, n_heads, head_dim]; token t at pos0 + t.
+// Rotary position embedding over rows row0 .. row0 + n_tokens of x [rows, n_heads, head_dim]
+// into the same rows of out; the token in row row0 + t sits at position pos0 + t.
 // CPU reference: runtime/src/backend/cpu.rs `rope`.
 // The (cos, sin) table is computed on the host (`rope_table`), so the kernel needs no
 // transcendental functions and rope scaling lives in one place. STYLE: 0 pairs
@@ -9,6 +10,7 @@ struct Params {
     n_heads: u32,
     head_dim: u32,
     pos0: u32,
+    row0: u32,
 }
 
 override STYLE: u32 = 0u;
@@ -33,7 +35,7 @@ fn rope(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let cs = (p.pos0 + t) * p.head_dim + 2u * i;
     let c = table[cs];
     let s = table[cs + 1u];
-    let base = (t * p.n_heads + h) * p.head_dim;
+    let base = ((p.row0 + t) * p.n_heads + h) * p.head_dim;
     var i0 = base + 2u * i;
     var i1 = i0 + 1u;
     if STYLE == 1u {

@@ -6,7 +6,7 @@ use edgetune::adapter::{AdapterConfig, Target};
 use edgetune::backend::any::AnyBackend;
 use edgetune::backend::cpu::Cpu;
 use edgetune::train::backprop::{BackpropConfig, BackpropTrainer, Optimizer, Schedule};
-use edgetune::train::{Example, SeedMode, ZoConfig, ZoState, zo_step};
+use edgetune::train::{Example, SeedMode, ZoConfig, ZoState, batch_nll, pack_capacity, zo_step};
 use edgetune::{Backend, Op, WeightType};
 use std::time::Instant;
 
@@ -26,8 +26,9 @@ pub struct BenchArgs {
     /// Generated tokens for the model benchmark.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
-    /// Training shape for the model benchmark, BATCHxTOKENS: that many sequences, each one
-    /// forward with the loss over all its positions (a zeroth-order step runs this twice).
+    /// Training shape for the model benchmark, BATCHxTOKENS: that many sequences packed into
+    /// one forward with the loss over all their positions (a zeroth-order step runs this
+    /// twice).
     #[arg(long, default_value = "4x128", value_parser = parse_batch)]
     train: (usize, usize),
     /// Seconds to spend per measurement (five batches).
@@ -300,7 +301,8 @@ impl Row {
 
 /// Prompt processing (one batched forward of `prompt_tokens`), generation (`gen_tokens`
 /// single-token forwards after it), like llama-bench's pp and tg tests, and the training
-/// shape: `batch` sequences of `tokens`, each one forward with the loss at every position.
+/// shape: `batch` sequences of `tokens` packed into one forward (as training packs a
+/// batch) with the loss at every position.
 fn model_bench<B: Backend>(
     dev: &B,
     label: &str,
@@ -341,17 +343,20 @@ fn model_bench<B: Backend>(
     rows.push(row);
     drop(cache);
     let (batch, len) = args.train;
-    let mut cache = model.new_cache(len as u32)?;
+    // The batch packed into one forward pass where the context allows, as training runs it.
+    let examples: Vec<Example> = (0..batch)
+        .map(|b| Example {
+            tokens: ids(len, b as u64 + 1),
+            targets: vec![true; len],
+        })
+        .collect();
+    let capacity = pack_capacity(&model, len, batch);
+    let mut cache = model.new_cache(capacity)?;
     let (mut row, (nll, count)) = Row::timed(
         format!("train{batch}x{len}"),
         batch * len,
         TRAIN_REPS,
-        || {
-            (0..batch).try_fold((0.0, 0), |(total, count), b| {
-                let (nll, n) = model.sequence_nll(&mut cache, &ids(len, b as u64 + 1))?;
-                Ok((total + nll, count + n))
-            })
-        },
+        || batch_nll(&model, &mut cache, &examples),
     )?;
     row.loss = Some(nll / count as f64);
     let forward_secs = row.secs;
@@ -369,15 +374,9 @@ fn model_bench<B: Backend>(
         delta_exp: 16,
         decay_steps: 0,
     };
-    let examples: Vec<Example> = (0..batch)
-        .map(|b| Example {
-            tokens: ids(len, b as u64 + 1),
-            targets: vec![true; len],
-        })
-        .collect();
     let w0 = model.read_params()?;
     let mut state = ZoState::new(dev, &model, &w0)?;
-    let mut cache = model.new_cache(len as u32)?;
+    let mut cache = model.new_cache(capacity)?;
     let mut step = |batch: &[Example], at: (u64, u32)| {
         zo_step(dev, &model, &mut cache, &mut state, &zo, batch, at, None)
     };

@@ -381,7 +381,7 @@ fn sim(a: &SimArgs) -> Result<bool, CliError> {
                 &session,
                 id,
                 &a.out.join("clients").join(id.to_string()),
-                longest as u32,
+                edgetune::train::pack_capacity(&model, longest, a.batch),
             )
         })
         .collect::<edgetune::Result<Vec<_>>>()?;

@@ -564,7 +564,7 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     })?;
     let be = a.device.open()?;
     let mut model = f.load(&be)?;
-    let capacity = run.seq_len as u32;
+    let capacity = edgetune::train::pack_capacity(&model, run.seq_len, run.batch);
     let mut trainer = if let Some(r) = &a.resume {
         let session = history::read_session(r)?;
         if a.seed_weights.is_some() {

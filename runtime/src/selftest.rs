@@ -493,11 +493,19 @@ pub fn cases() -> Vec<Case> {
     }
 
     for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
-        for (n_tokens, n_heads, head_dim, pos0) in [(5u32, 3u32, 64u32, 7u32), (1, 9, 128, 1000)] {
-            let n = (n_tokens * n_heads * head_dim) as usize;
+        // The last is one sequence of a packed batch: its rows start at row0, and the rows
+        // before them in `out` must come back untouched.
+        for (n_tokens, n_heads, head_dim, pos0, row0) in [
+            (5u32, 3u32, 64u32, 7u32, 0u32),
+            (1, 9, 128, 1000, 0),
+            (4, 3, 64, 0, 6),
+        ] {
+            let n = ((row0 + n_tokens) * n_heads * head_dim) as usize;
             cases.push(Case {
                 kernel: "rope",
-                shape: format!("{style:?} t={n_tokens} h={n_heads} d={head_dim} pos0={pos0}"),
+                shape: format!(
+                    "{style:?} t={n_tokens} h={n_heads} d={head_dim} pos0={pos0} row0={row0}"
+                ),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(n))),
                     Init::Data(f32_bytes(&rope_table(
@@ -506,7 +514,7 @@ pub fn cases() -> Vec<Case> {
                         pos0 + n_tokens,
                         &RopeScaling::None,
                     ))),
-                    Init::Zeros(n as u64 * 4),
+                    Init::Data(f32_bytes(&d.f32s(n))),
                 ],
                 op: Op::Rope {
                     x: &IDX[0],
@@ -516,6 +524,7 @@ pub fn cases() -> Vec<Case> {
                     n_heads,
                     head_dim,
                     pos0,
+                    row0,
                     style,
                 },
                 out: 2,
@@ -673,27 +682,32 @@ pub fn cases() -> Vec<Case> {
         });
     }
 
-    // (tokens, heads, kv heads, head_dim, pos0): prefill with GQA, decode with a long cache,
-    // multi-head attention, the largest head.
-    for (t, h, kv, hd, pos0) in [
-        (5u32, 9u32, 3u32, 64u32, 11u32),
-        (1, 9, 3, 64, 200),
-        (4, 4, 4, 32, 0),
+    // (tokens, heads, kv heads, head_dim, pos0, row0): prefill with GQA, decode with a long
+    // cache, multi-head attention, the largest head; row0 > 0 is one sequence of a packed
+    // batch (its rows of every buffer start there; the rows before it in `out` must come
+    // back untouched and those of k and v must not be attended to).
+    for (t, h, kv, hd, pos0, row0) in [
+        (5u32, 9u32, 3u32, 64u32, 11u32, 0u32),
+        (1, 9, 3, 64, 200, 0),
+        (4, 4, 4, 32, 0, 0),
+        (6, 9, 3, 64, 0, 7),
+        (1, 9, 3, 64, 20, 5),
         // The widest head of the vec4 path, and a head the vec4 path cannot take.
-        (3, 2, 1, 128, 5),
-        (2, 3, 3, 6, 1),
-        (2, 2, 1, 256, 3),
+        (3, 2, 1, 128, 5, 0),
+        (2, 3, 3, 6, 1, 0),
+        (2, 3, 3, 6, 0, 3),
+        (2, 2, 1, 256, 3, 0),
     ] {
-        let qn = (t * h * hd) as usize;
-        let kvn = ((pos0 + t) * kv * hd) as usize;
+        let qn = ((row0 + t) * h * hd) as usize;
+        let kvn = ((row0 + pos0 + t) * kv * hd) as usize;
         cases.push(Case {
             kernel: "attention",
-            shape: format!("t={t} h={h} kv={kv} d={hd} pos0={pos0}"),
+            shape: format!("t={t} h={h} kv={kv} d={hd} pos0={pos0} row0={row0}"),
             bufs: vec![
                 Init::Data(f32_bytes(&d.f32s(qn))),
                 Init::Data(f32_bytes(&d.f32s(kvn))),
                 Init::Data(f32_bytes(&d.f32s(kvn))),
-                Init::Zeros(qn as u64 * 4),
+                Init::Data(f32_bytes(&d.f32s(qn))),
             ],
             op: Op::Attention {
                 q: &IDX[0],
@@ -705,6 +719,7 @@ pub fn cases() -> Vec<Case> {
                 n_kv_heads: kv,
                 head_dim: hd,
                 pos0,
+                row0,
                 scale: 1.0 / (hd as f32).sqrt(),
             },
             out: 3,

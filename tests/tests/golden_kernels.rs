@@ -160,6 +160,7 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
                     n_heads: u32_of(p, "n_heads"),
                     head_dim,
                     pos0,
+                    row0: 0,
                     style: if p["style"] == "half_split" {
                         RopeStyle::HalfSplit
                     } else {
@@ -189,6 +190,7 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
                 n_kv_heads: u32_of(p, "n_kv_heads"),
                 head_dim: u32_of(p, "head_dim"),
                 pos0: u32_of(p, "pos0"),
+                row0: 0,
                 scale: p["scale"].as_f64().unwrap() as f32,
             },
             other => panic!("unknown golden kind {other}"),

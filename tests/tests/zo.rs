@@ -454,6 +454,74 @@ fn picked_rows_and_the_masked_loss_match_the_full_forward() {
     );
 }
 
+/// Sequences of different lengths and targets packed into one forward pass (as training
+/// runs a batch) give each its own loss: positions restart at every sequence and attention
+/// stays inside it. With a LoRA of non-zero values attached, on every backend; a cache too
+/// small for the whole batch takes several passes with the same result.
+fn check_packing<B: Backend>(be: &B) {
+    let f = files();
+    let mut model = f.load(be).unwrap();
+    model
+        .attach(
+            AdapterConfig::lora(4, 8.0, &[Target::Q, Target::V, Target::Down]),
+            3,
+        )
+        .unwrap();
+    let values: Vec<Vec<f32>> = model
+        .read_params()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(t, v)| {
+            (0..v.len())
+                .map(|i| ((i * 37 + t * 11) % 23) as f32 / 23.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    model.write_params(&values).unwrap();
+    let mut batch = examples(4);
+    batch[1].tokens.truncate(7);
+    batch[1].targets.truncate(7);
+    batch[2].tokens.truncate(2);
+    batch[2].targets = vec![false, true];
+    let mut cache = model.new_cache(13).unwrap();
+    let alone: Vec<(f64, usize)> = batch
+        .iter()
+        .map(|ex| {
+            model
+                .masked_nll(&mut cache, &ex.tokens, Some(&ex.targets))
+                .unwrap()
+        })
+        .collect();
+    let want: f64 = alone.iter().map(|a| a.0).sum();
+    let count: usize = alone.iter().map(|a| a.1).sum();
+    let total: usize = batch.iter().map(|ex| ex.tokens.len()).sum();
+    for capacity in [total as u32, 20] {
+        let mut cache = model.new_cache(capacity).unwrap();
+        let (got, n) = edgetune::train::batch_nll(&model, &mut cache, &batch).unwrap();
+        assert_eq!(n, count);
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{}: capacity {capacity}: packed {got} against {want} one by one",
+            be.name()
+        );
+    }
+    // More tokens than the cache holds in one pass, and a one-token sequence, are refused.
+    let seqs: Vec<(&[u32], Option<&[bool]>)> =
+        batch.iter().map(|ex| (&ex.tokens[..], None)).collect();
+    assert!(model.packed_nll(&mut cache, &seqs).is_err());
+    assert!(model.packed_nll(&mut cache, &[(&[1], None)]).is_err());
+}
+
+#[test]
+fn a_packed_batch_gives_each_sequence_its_own_loss() {
+    check_packing(&Cpu);
+    check_packing(&Host::new(3));
+    if let Some(gpu) = common::gpu() {
+        check_packing(&gpu);
+    }
+}
+
 /// Full training of an unquantised model: every weight in f32, identical logits before any
 /// step, a replay that gives the same hash on the GPU, and a quantised model refused.
 #[test]

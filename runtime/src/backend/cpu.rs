@@ -38,14 +38,27 @@ impl CpuBuffer {
     /// The first `n` values (at most the buffer's), converting only those: a KV cache
     /// read for its first positions must not cost its whole capacity.
     pub(crate) fn f32s(&self, n: usize) -> Vec<f32> {
+        self.f32s_at(0, n)
+    }
+
+    /// Values `start..start + n` (within the buffer's).
+    pub(crate) fn f32s_at(&self, start: usize, n: usize) -> Vec<f32> {
         let b = self.0.borrow();
-        f32s(&b[..n.saturating_mul(4).min(b.len())])
+        let start = start.saturating_mul(4).min(b.len());
+        f32s(&b[start..start.saturating_add(n.saturating_mul(4)).min(b.len())])
     }
 
     /// The first `n` bytes in place (weights are not copied). Callers drop the borrow
     /// before writing an output, which may be the same buffer.
     pub(crate) fn bytes(&self, n: usize) -> core::cell::Ref<'_, [u8]> {
-        core::cell::Ref::map(self.0.borrow(), |b| &b[..n.min(b.len())])
+        self.bytes_in(0..n)
+    }
+
+    /// Bytes `range` in place (within the buffer's), as [`CpuBuffer::bytes`].
+    pub(crate) fn bytes_in(&self, range: core::ops::Range<usize>) -> core::cell::Ref<'_, [u8]> {
+        core::cell::Ref::map(self.0.borrow(), |b| {
+            &b[range.start.min(b.len())..range.end.min(b.len())]
+        })
     }
 
     /// The first `n` values as i32 (accumulators, seed lists).
@@ -63,8 +76,15 @@ impl CpuBuffer {
     }
 
     pub(crate) fn write_f32(&self, vals: &[f32]) {
+        self.write_f32_at(0, vals);
+    }
+
+    /// Writes `vals` at values `start..` (within the buffer's).
+    pub(crate) fn write_f32_at(&self, start: usize, vals: &[f32]) {
         let mut b = self.0.borrow_mut();
-        for (dst, v) in b.to_mut().chunks_exact_mut(4).zip(vals) {
+        let b = b.to_mut();
+        let start = start.saturating_mul(4).min(b.len());
+        for (dst, v) in b[start..].chunks_exact_mut(4).zip(vals) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
     }
@@ -283,12 +303,15 @@ impl Backend for Cpu {
                 n_heads,
                 head_dim,
                 pos0,
+                row0,
                 style,
             } => {
-                let elems = (n_tokens * n_heads * head_dim) as usize;
+                let row = (n_heads * head_dim) as usize;
+                let (rows, at) = (n_tokens as usize * row, row0 as usize * row);
                 let tab = table.f32s(((pos0 + n_tokens) * head_dim) as usize);
                 let shape = (n_tokens as usize, n_heads as usize, head_dim as usize);
-                out.write_f32(&rope(&x.f32s(elems), &tab, shape, pos0 as usize, style));
+                let y = rope(&x.f32s_at(at, rows), &tab, shape, pos0 as usize, style);
+                out.write_f32_at(at, &y);
             }
             Op::Softmax { x, out, rows, cols } => {
                 out.write_f32(&softmax(&x.f32s((rows * cols) as usize), cols as usize));
@@ -346,8 +369,12 @@ impl Backend for Cpu {
             }
             Op::Attention { .. } => {
                 if let Some(a) = AttnCall::read(op) {
-                    let (k, v) = (a.k.f32s(a.kv), a.v.f32s(a.kv));
-                    a.out.write_f32(&attention(&a.q, &k, &v, a.shape, a.scale));
+                    let (k, v) = (
+                        a.k.f32s_at(a.kv.start, a.kv.len()),
+                        a.v.f32s_at(a.kv.start, a.kv.len()),
+                    );
+                    a.out
+                        .write_f32_at(a.out_at, &attention(&a.q, &k, &v, a.shape, a.scale));
                 }
             }
             Op::Philox {
@@ -735,10 +762,13 @@ pub(crate) struct AttnCall<'a> {
     /// a decode step's attention); `kv` f32 values of each are in use.
     pub k: &'a CpuBuffer,
     pub v: &'a CpuBuffer,
-    pub kv: usize,
+    /// The f32 values of each cache the call attends to.
+    pub kv: core::ops::Range<usize>,
     pub shape: AttnShape,
     pub scale: f32,
     pub out: &'a CpuBuffer,
+    /// Where the call's rows of `out` begin (f32 values).
+    pub out_at: usize,
 }
 
 impl<'a> AttnCall<'a> {
@@ -754,6 +784,7 @@ impl<'a> AttnCall<'a> {
             n_kv_heads,
             head_dim,
             pos0,
+            row0,
             scale,
         } = *op
         else {
@@ -766,16 +797,19 @@ impl<'a> AttnCall<'a> {
             head_dim: head_dim as usize,
             pos0: pos0 as usize,
         };
-        let qo = shape.n_tokens * shape.n_heads * shape.head_dim;
-        let kv = (shape.pos0 + shape.n_tokens) * shape.n_kv_heads * shape.head_dim;
+        let q_row = shape.n_heads * shape.head_dim;
+        let kv_row = shape.n_kv_heads * shape.head_dim;
+        let row0 = row0 as usize;
+        let kv0 = row0 * kv_row;
         Some(AttnCall {
-            q: q.f32s(qo),
+            q: q.f32s_at(row0 * q_row, shape.n_tokens * q_row),
             k,
             v,
-            kv,
+            kv: kv0..kv0 + (shape.pos0 + shape.n_tokens) * kv_row,
             shape,
             scale,
             out,
+            out_at: row0 * q_row,
         })
     }
 }

@@ -922,6 +922,46 @@ impl Host {
     }
 }
 
+/// Below this many multiply-adds an f32 product runs on the calling thread.
+const MIN_MATMUL_WORK_PER_THREAD: usize = 1 << 16;
+
+impl Host {
+    /// out\[m,n\] = a\[m,k\] b^T with b stored \[n,k\] (an adapter's products: LoRA's A and
+    /// B are stored so), by the register-blocked tiles of the quantised product over row
+    /// blocks of `a` split across the threads.
+    fn matmul_bt(&self, a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+        let blocks = m.div_ceil(TILE);
+        let threads = self
+            .threads
+            .min(m * k * n / MIN_MATMUL_WORK_PER_THREAD)
+            .clamp(1, blocks);
+        let per = blocks.div_ceil(threads) * TILE;
+        let parts = self.parallel(m.div_ceil(per), |p| {
+            let (i0, i1) = (p * per, ((p + 1) * per).min(m));
+            // Rows past the end repeat the last one; their results are dropped.
+            let a_row = |i: usize| &a[i.min(i1 - 1) * k..][..k];
+            let b_row = |j: usize| &b[j.min(n - 1) * k..][..k];
+            let mut out = vec![0.0f32; (i1 - i0) * n];
+            for i in (i0..i1).step_by(TILE) {
+                for j in (0..n).step_by(TILE) {
+                    let t = tile(
+                        self.isa,
+                        core::array::from_fn(|x| a_row(i + x)),
+                        core::array::from_fn(|y| b_row(j + y)),
+                    );
+                    for (x, vals) in t.iter().enumerate().take(i1 - i) {
+                        for (y, v) in vals.iter().enumerate().take(n - j) {
+                            out[(i - i0 + x) * n + j + y] = *v;
+                        }
+                    }
+                }
+            }
+            out
+        });
+        parts.into_iter().flatten().collect()
+    }
+}
+
 impl Backend for Host {
     type Buffer = CpuBuffer;
 
@@ -992,15 +1032,33 @@ impl Backend for Host {
                 dx.write_f32(&result);
                 Ok(())
             }
+            Op::Matmul {
+                a,
+                b,
+                out,
+                m,
+                k,
+                n,
+                a_t: false,
+                b_t: true,
+            } => {
+                op.check(|b| self.size(b))?;
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                // Computed before `out` is written: it may alias an operand.
+                let y = self.matmul_bt(&a.f32s(m * k), &b.f32s(n * k), (m, k, n));
+                out.write_f32(&y);
+                Ok(())
+            }
             Op::Attention { .. } => {
                 op.check(|b| self.size(b))?;
                 if let Some(a) = AttnCall::read(op) {
                     // Computed before `out` is written: it may alias a cache.
                     let y = {
-                        let (k, v) = (a.k.bytes(a.kv * 4), a.v.bytes(a.kv * 4));
+                        let bytes = a.kv.start * 4..a.kv.end * 4;
+                        let (k, v) = (a.k.bytes_in(bytes.clone()), a.v.bytes_in(bytes));
                         self.attention(&a.q, &k, &v, a.shape, a.scale)
                     };
-                    a.out.write_f32(&y);
+                    a.out.write_f32_at(a.out_at, &y);
                 }
                 Ok(())
             }

@@ -91,8 +91,11 @@ pub enum Op<'a, B> {
         dim: u32,
         eps: f32,
     },
-    /// Rotary embedding of x \[n_tokens, n_heads, head_dim\]; token t sits at position pos0 + t.
-    /// `table` holds (cos, sin) pairs \[positions, head_dim/2, 2\] from [`rope_table`].
+    /// Rotary embedding of rows row0..row0 + n_tokens of x \[rows, n_heads, head_dim\] into
+    /// the same rows of `out` (the rest of `out` is untouched); the token in row row0 + t
+    /// sits at position pos0 + t. `table` holds (cos, sin) pairs \[positions, head_dim/2, 2\]
+    /// from [`rope_table`]. A packed batch rotates each sequence at its own rows from
+    /// position 0.
     Rope {
         x: &'a B,
         table: &'a B,
@@ -101,6 +104,7 @@ pub enum Op<'a, B> {
         n_heads: u32,
         head_dim: u32,
         pos0: u32,
+        row0: u32,
         style: RopeStyle,
     },
     /// Row-wise softmax of x \[rows, cols\].
@@ -149,9 +153,12 @@ pub enum Op<'a, B> {
         dst_offset: u32,
     },
     /// Causal attention with grouped-query heads over a KV cache.
-    /// q \[n_tokens, n_heads, head_dim\]; k, v \[capacity, n_kv_heads, head_dim\] with the
-    /// first pos0 + n_tokens positions filled; token t (position pos0 + t) attends to
-    /// positions 0..=pos0 + t. Query head h reads kv head h / (n_heads / n_kv_heads).
+    /// q \[rows, n_heads, head_dim\]; k, v \[capacity, n_kv_heads, head_dim\]; every buffer is
+    /// read (and `out` written) from row `row0` on: the call's query t is q's row row0 + t,
+    /// its position p is k's and v's row row0 + p, positions 0..pos0 + n_tokens filled;
+    /// query t (position pos0 + t) attends to positions 0..=pos0 + t. Query head h reads kv
+    /// head h / (n_heads / n_kv_heads). Rows outside the call's are neither read nor
+    /// written, so each sequence of a packed batch attends to its own rows alone.
     Attention {
         q: &'a B,
         k: &'a B,
@@ -162,6 +169,7 @@ pub enum Op<'a, B> {
         n_kv_heads: u32,
         head_dim: u32,
         pos0: u32,
+        row0: u32,
         scale: f32,
     },
     /// out\[4i..4i+4\] = philox4x32_10(counter + (i, 0, 0, 0), key) as u32, i < n_blocks.
@@ -355,14 +363,14 @@ impl<'a, B> Op<'a, B> {
             Dequant { w, out; wtype, n; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
-            Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, style }
+            Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, row0, style }
             Softmax { x, out; rows, cols }
             SwiGlu { gate, up, out; n }
             Add { a, b, out; n }
             AddBias { x, bias, out; rows, cols }
             Scale { x, out; n, alpha }
             Copy { src, dst; n, src_offset, dst_offset }
-            Attention { q, k, v, out; n_tokens, n_heads, n_kv_heads, head_dim, pos0, scale }
+            Attention { q, k, v, out; n_tokens, n_heads, n_kv_heads, head_dim, pos0, row0, scale }
             Philox { out; counter, key, n_blocks }
             PerturbZ { out; session_key, seed, tensor, start, n, kind }
             ZoWeights { base, acc, out; n, step, eps, session_key, seed, tensor, kind }
@@ -642,6 +650,7 @@ impl<B> Op<'_, B> {
                 n_heads,
                 head_dim,
                 pos0,
+                row0,
                 ..
             } => {
                 nonzero(
@@ -658,7 +667,8 @@ impl<B> Op<'_, B> {
                         reason: format!("head_dim {head_dim} must be even"),
                     });
                 }
-                let n = elems(op, &[n_tokens.into(), n_heads.into(), head_dim.into()])?;
+                let rows = u64::from(row0) + u64::from(n_tokens);
+                let n = elems(op, &[rows, n_heads.into(), head_dim.into()])?;
                 need(op, "x", size(x), n, 4)?;
                 need(op, "out", size(out), n, 4)?;
                 let positions = u64::from(pos0) + u64::from(n_tokens);
@@ -737,6 +747,7 @@ impl<B> Op<'_, B> {
                 n_kv_heads,
                 head_dim,
                 pos0,
+                row0,
                 ..
             } => {
                 nonzero(
@@ -762,8 +773,9 @@ impl<B> Op<'_, B> {
                         reason: format!("head_dim {head_dim} exceeds {MAX_HEAD_DIM}"),
                     });
                 }
-                let qo = elems(op, &[n_tokens.into(), n_heads.into(), head_dim.into()])?;
-                let positions = u64::from(pos0) + u64::from(n_tokens);
+                let rows = u64::from(row0) + u64::from(n_tokens);
+                let qo = elems(op, &[rows, n_heads.into(), head_dim.into()])?;
+                let positions = u64::from(row0) + u64::from(pos0) + u64::from(n_tokens);
                 let kv = elems(op, &[positions, n_kv_heads.into(), head_dim.into()])?;
                 need(op, "q", size(q), qo, 4)?;
                 need(op, "k", size(k), kv, 4)?;

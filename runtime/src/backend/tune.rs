@@ -360,6 +360,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         n_kv_heads: kv_heads,
         head_dim: hd,
         pos0,
+        row0: 0,
         scale: 0.125,
     };
     best.attention_decode = fastest(gpu, &op, attention_candidates(), &mut timings, |a| {

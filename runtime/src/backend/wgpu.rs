@@ -939,13 +939,14 @@ impl Backend for Gpu {
                 n_heads,
                 head_dim,
                 pos0,
+                row0,
                 style,
             } => Dispatch {
                 family: "rope",
                 entry: "rope",
                 overrides: vec![("STYLE", u32::from(style == RopeStyle::HalfSplit))],
                 bindings: vec![(1, x), (2, table), (3, out)],
-                params: vec![n_tokens, n_heads, head_dim, pos0],
+                params: vec![n_tokens, n_heads, head_dim, pos0, row0],
                 groups: self.grid(
                     name,
                     u64::from(n_tokens) * u64::from(n_heads) * u64::from(head_dim / 2),
@@ -1023,6 +1024,7 @@ impl Backend for Gpu {
                 n_kv_heads,
                 head_dim,
                 pos0,
+                row0,
                 scale,
             } => {
                 let pairs = n_tokens * n_heads;
@@ -1041,6 +1043,7 @@ impl Backend for Gpu {
                     head_dim,
                     pos0,
                     scale.to_bits(),
+                    row0,
                 ];
                 let wg = shape.wg;
                 if head_dim.is_multiple_of(4) && head_dim <= 128 && shape.split {

@@ -78,7 +78,8 @@ impl<'m, 'b, B: Backend> Client<'m, 'b, B> {
     /// Joins the session `session` as client `id`, keeping its durable record in `dir`; a
     /// client that ran before in `dir` resumes where it stopped (its rounds reapplied and
     /// checked). `model_sha256` is the hex SHA-256 of the model file; `capacity` the
-    /// longest sequence in tokens.
+    /// tokens one forward pass holds: at least the longest sequence, more to pack several
+    /// into one pass ([`crate::train::pack_capacity`]).
     pub fn join(
         model: impl Into<Held<'m, Model<'b, B>>>,
         model_sha256: &str,

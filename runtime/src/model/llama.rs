@@ -1077,6 +1077,73 @@ impl<'b, B: Backend> Model<'b, B> {
     ) -> Result<Vec<f32>> {
         let be: &B = &self.backend;
         let c = &self.cfg;
+        let pos0 = cache.len;
+        let t = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        let scratch = self.run_layers(cache, tokens, &[t])?;
+        let (x, dim) = (&scratch.x, c.dim);
+        // Only the rows whose logits are wanted go through the output head, gathered with
+        // one copy per run of consecutive rows.
+        let gathered;
+        let (last, rows) = match picked {
+            None => (x, t),
+            Some(picked) => {
+                let rows = picked.len() as u32;
+                gathered = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
+                for (at, row, len) in runs(picked) {
+                    be.run(&Op::Copy {
+                        src: x,
+                        dst: &gathered,
+                        n: len * dim,
+                        src_offset: row * dim,
+                        dst_offset: at * dim,
+                    })?;
+                }
+                (&gathered, rows)
+            }
+        };
+        let normed = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
+        be.run(&Op::RmsNorm {
+            x: last,
+            weight: &self.out_norm,
+            out: &normed,
+            rows,
+            dim,
+            eps: c.rms_eps,
+        })?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
+        head.apply(be, &normed, &logits, rows)?;
+        let out = be.read_f32(&logits, rows as usize * c.vocab as usize)?;
+        cache.scratch = Some(scratch);
+        // NaN or infinity here means the weights or the config hold nonsense; say where it
+        // shows rather than return numbers nothing downstream can use.
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            let vocab = c.vocab as usize;
+            let token = picked.map_or(i / vocab, |p| p[i / vocab] as usize);
+            return Err(Error::NonFinite {
+                what: "logits",
+                at: format!(
+                    "token {token} (position {}), vocabulary id {}",
+                    pos0 as usize + token,
+                    i % vocab
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Embeds `tokens` and runs every layer over them at the cache's next positions, as the
+    /// sequences `segs` (token counts summing to `tokens.len()`, see
+    /// [`Model::layer_forward`]), appending their keys and values. The last layer's output
+    /// is the returned scratch's `x`; the caller hands the scratch back to the cache.
+    fn run_layers(
+        &self,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        segs: &[u32],
+    ) -> Result<Scratch<B>> {
+        let be: &B = &self.backend;
+        let c = &self.cfg;
         let t = u32::try_from(tokens.len())
             .ok()
             .filter(|&t| t > 0)
@@ -1172,79 +1239,35 @@ impl<'b, B: Backend> Model<'b, B> {
                 act,
             };
             let kv = Some((&cache.k[i], &cache.v[i]));
-            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, t), kv)?;
+            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, segs), kv)?;
         }
         cache.len = pos0 + t;
-        // Only the rows whose logits are wanted go through the output head, gathered with
-        // one copy per run of consecutive rows.
-        let gathered;
-        let (last, rows) = match picked {
-            None => (x, t),
-            Some(picked) => {
-                let rows = picked.len() as u32;
-                gathered = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
-                let mut i = 0;
-                while i < picked.len() {
-                    let mut j = i + 1;
-                    while j < picked.len() && picked[j] == picked[j - 1] + 1 {
-                        j += 1;
-                    }
-                    be.run(&Op::Copy {
-                        src: x,
-                        dst: &gathered,
-                        n: (j - i) as u32 * dim,
-                        src_offset: picked[i] * dim,
-                        dst_offset: i as u32 * dim,
-                    })?;
-                    i = j;
-                }
-                (&gathered, rows)
-            }
-        };
-        let normed = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
-        be.run(&Op::RmsNorm {
-            x: last,
-            weight: &self.out_norm,
-            out: &normed,
-            rows,
-            dim,
-            eps: c.rms_eps,
-        })?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
-        let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
-        head.apply(be, &normed, &logits, rows)?;
-        let out = be.read_f32(&logits, rows as usize * c.vocab as usize)?;
-        cache.scratch = Some(scratch);
-        // NaN or infinity here means the weights or the config hold nonsense; say where it
-        // shows rather than return numbers nothing downstream can use.
-        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            let vocab = c.vocab as usize;
-            let token = picked.map_or(i / vocab, |p| p[i / vocab] as usize);
-            return Err(Error::NonFinite {
-                what: "logits",
-                at: format!(
-                    "token {token} (position {}), vocabulary id {}",
-                    pos0 as usize + token,
-                    i % vocab
-                ),
-            });
-        }
-        Ok(out)
+        Ok(scratch)
     }
-    /// One layer of the forward pass over `t` tokens at positions pos0..: reads `b.x`,
-    /// writes `b.out` (which may be `b.x`) and the activations in `b`. With `kv`, the keys
-    /// and values go into that layer's cache at pos0 and attention reads the cache; without,
-    /// the sequence attends to its own `b.kr` and `b.v` (pos0 = 0, training).
+
+    /// One layer of the forward pass over the sequences `segs` (their token counts) packed
+    /// one after another, each at positions pos0..: reads `b.x`, writes `b.out` (which may
+    /// be `b.x`) and the activations in `b`. With `kv`, the keys and values go into that
+    /// layer's cache at pos0 and attention reads the cache; without, the sequences attend
+    /// to their own rows of `b.kr` and `b.v` (pos0 = 0, training). Several sequences need
+    /// pos0 = 0: each attends to its own rows only.
     fn layer_forward(
         &self,
         layer: &Layer<B>,
         b: &LayerBufs<'_, B>,
         s: &Scratch<B>,
-        (rope_table, pos0, t): (&B::Buffer, u32, u32),
+        (rope_table, pos0, segs): (&B::Buffer, u32, &[u32]),
         kv: Option<(&B::Buffer, &B::Buffer)>,
     ) -> Result<()> {
         let be: &B = &self.backend;
         let c = &self.cfg;
+        let t: u32 = segs.iter().sum();
+        // (first row, tokens) of each sequence.
+        let spans = segs.iter().scan(0u32, |row0, &n| {
+            let at = *row0;
+            *row0 += n;
+            Some((at, n))
+        });
         let (dim, hd) = (c.dim, c.head_dim);
         let kv_dim = c.n_kv_heads * hd;
         let LayerBufs {
@@ -1273,20 +1296,21 @@ impl<'b, B: Backend> Model<'b, B> {
         layer.q.forward(be, h, q, t, s)?;
         layer.k.forward(be, h, k, t, s)?;
         layer.v.forward(be, h, v, t, s)?;
-        let rope = |x: &B::Buffer, out: &B::Buffer, n_heads: u32| {
-            be.run(&Op::Rope {
-                x,
-                table: rope_table,
-                out,
-                n_tokens: t,
-                n_heads,
-                head_dim: hd,
-                pos0,
-                style: c.rope_style,
-            })
-        };
-        rope(q, qr, c.n_heads)?;
-        rope(k, kr, c.n_kv_heads)?;
+        for (row0, n) in spans.clone() {
+            for (x, out, n_heads) in [(q, qr, c.n_heads), (k, kr, c.n_kv_heads)] {
+                be.run(&Op::Rope {
+                    x,
+                    table: rope_table,
+                    out,
+                    n_tokens: n,
+                    n_heads,
+                    head_dim: hd,
+                    pos0,
+                    row0,
+                    style: c.rope_style,
+                })?;
+            }
+        }
         let (keys, values, pos0) = match kv {
             Some((ck, cv)) => {
                 let at = pos0 * kv_dim;
@@ -1308,18 +1332,21 @@ impl<'b, B: Backend> Model<'b, B> {
             }
             None => (kr, v, 0),
         };
-        be.run(&Op::Attention {
-            q: qr,
-            k: keys,
-            v: values,
-            out: att,
-            n_tokens: t,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            pos0,
-            scale: attention_scale(hd),
-        })?;
+        for (row0, n) in spans {
+            be.run(&Op::Attention {
+                q: qr,
+                k: keys,
+                v: values,
+                out: att,
+                n_tokens: n,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                pos0,
+                row0,
+                scale: attention_scale(hd),
+            })?;
+        }
         layer.o.forward(be, att, h, t, s)?;
         be.run(&Op::Add {
             a: x,
@@ -1368,42 +1395,139 @@ impl<'b, B: Backend> Model<'b, B> {
         tokens: &[u32],
         targets: Option<&[bool]>,
     ) -> Result<(f64, usize)> {
-        if tokens.len() < 2 {
+        self.packed_nll(cache, &[(tokens, targets)])
+    }
+
+    /// The summed loss and target count of several sequences (each with `targets` as in
+    /// [`Model::masked_nll`]) from one forward pass on the cleared cache: the sequences are
+    /// packed one after another, each from position 0 and attending to its own tokens
+    /// alone, so the result is the sum of their [`Model::masked_nll`]s. Their total length
+    /// may not exceed the cache's capacity. The output head runs [`HEAD_CHUNK`] rows at a
+    /// time and each row's log-sum-exp is accumulated in f64.
+    pub fn packed_nll(
+        &self,
+        cache: &mut KvCache<B>,
+        seqs: &[(&[u32], Option<&[bool]>)],
+    ) -> Result<(f64, usize)> {
+        let total: usize = seqs.iter().map(|(s, _)| s.len()).sum();
+        if total > cache.capacity as usize {
             return Err(Error::InvalidArgument {
                 name: "tokens",
-                reason: format!("{} tokens; a loss needs at least 2", tokens.len()),
+                reason: format!(
+                    "{total} tokens packed into one pass exceed the KV cache capacity {}",
+                    cache.capacity
+                ),
             });
         }
-        if let Some(t) = targets
-            && t.len() != tokens.len()
-        {
-            return Err(Error::InvalidArgument {
-                name: "targets",
-                reason: format!("{} flags for {} tokens", t.len(), tokens.len()),
-            });
+        // Below the capacity (a u32), so every row index fits u32.
+        let mut tokens = Vec::with_capacity(total);
+        let mut segs = Vec::with_capacity(seqs.len());
+        // (row, the token it predicts) for every target.
+        let mut rows: Vec<(u32, u32)> = Vec::new();
+        for (n, &(seq, targets)) in seqs.iter().enumerate() {
+            if seq.len() < 2 {
+                return Err(Error::InvalidArgument {
+                    name: "tokens",
+                    reason: format!(
+                        "sequence {n} has {} tokens; a loss needs at least 2",
+                        seq.len()
+                    ),
+                });
+            }
+            if let Some(t) = targets
+                && t.len() != seq.len()
+            {
+                return Err(Error::InvalidArgument {
+                    name: "targets",
+                    reason: format!("{} flags for {} tokens", t.len(), seq.len()),
+                });
+            }
+            let at = tokens.len();
+            // Position i predicts token i + 1.
+            for i in 0..seq.len() - 1 {
+                if targets.is_none_or(|t| t[i + 1]) {
+                    rows.push(((at + i) as u32, seq[i + 1]));
+                }
+            }
+            tokens.extend_from_slice(seq);
+            segs.push(seq.len() as u32);
         }
         cache.clear();
-        // Position i predicts token i + 1: the rows whose next token is a target.
-        let last = u32::try_from(tokens.len() - 1).map_err(|_| Error::InvalidArgument {
-            name: "tokens",
-            reason: format!("{} tokens are more than one call addresses", tokens.len()),
-        })?;
-        let rows: Vec<u32> = (0..last)
-            .filter(|&i| targets.is_none_or(|t| t[i as usize + 1]))
-            .collect();
         if rows.is_empty() {
             return Ok((0.0, 0));
         }
-        let logits = self.forward_rows(cache, tokens, &rows)?;
-        let vocab = self.cfg.vocab as usize;
+        let scratch = self.run_layers(cache, &tokens, &segs)?;
+        let result = self.head_nll(&scratch.x, &rows);
+        cache.scratch = Some(scratch);
+        result
+    }
+
+    /// The summed loss of `rows` (row of `x`, the token it predicts) through the final norm
+    /// and the output head, [`HEAD_CHUNK`] rows at a time.
+    fn head_nll(&self, x: &B::Buffer, rows: &[(u32, u32)]) -> Result<(f64, usize)> {
+        let be: &B = &self.backend;
+        let c = &self.cfg;
+        let (dim, vocab) = (c.dim, c.vocab as usize);
+        let chunk = rows.len().min(HEAD_CHUNK as usize) as u64;
+        let gathered = be.alloc(chunk * u64::from(dim) * 4, "activations")?;
+        let normed = be.alloc(chunk * u64::from(dim) * 4, "activations")?;
+        let logits = be.alloc(chunk * vocab as u64 * 4, "logits")?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
         let (mut total, mut count) = (0.0, 0);
-        for (row, &i) in logits.chunks_exact(vocab).zip(&rows) {
-            let next = tokens[i as usize + 1];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
-            total += f64::from(max) + libm::log(sum) - f64::from(row[next as usize]);
-            count += 1;
+        for part in rows.chunks(chunk as usize) {
+            let m = part.len() as u32;
+            let picked: Vec<u32> = part.iter().map(|&(r, _)| r).collect();
+            for (at, row, len) in runs(&picked) {
+                be.run(&Op::Copy {
+                    src: x,
+                    dst: &gathered,
+                    n: len * dim,
+                    src_offset: row * dim,
+                    dst_offset: at * dim,
+                })?;
+            }
+            be.run(&Op::RmsNorm {
+                x: &gathered,
+                weight: &self.out_norm,
+                out: &normed,
+                rows: m,
+                dim,
+                eps: c.rms_eps,
+            })?;
+            head.apply(be, &normed, &logits, m)?;
+            let out = be.read_f32(&logits, m as usize * vocab)?;
+            for (row, &(r, next)) in out.chunks_exact(vocab).zip(part) {
+                // NaN or infinity means the weights or the config hold nonsense; say where.
+                if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: "logits",
+                        at: format!("row {r} of the pass, vocabulary id {i}"),
+                    });
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|v| libm::exp(f64::from(v - max))).sum();
+                total += f64::from(max) + libm::log(sum) - f64::from(row[next as usize]);
+                count += 1;
+            }
         }
         Ok((total, count))
     }
+}
+
+/// Rows of the output head computed at once when only a loss is wanted (training, and the
+/// backward pass): logits exist for this many positions at a time (12 MiB for a
+/// 49,152-token vocabulary), never for a whole batch; each chunk reads the whole head once.
+const HEAD_CHUNK: u32 = 64;
+
+/// Runs of consecutive values in `rows`: (index of the run's first value in `rows`, that
+/// value, length), so each run moves with one copy.
+fn runs(rows: &[u32]) -> Vec<(u32, u32, u32)> {
+    let mut out: Vec<(u32, u32, u32)> = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        match out.last_mut() {
+            Some((_, first, len)) if *first + *len == r => *len += 1,
+            _ => out.push((i as u32, r, 1)),
+        }
+    }
+    out
 }

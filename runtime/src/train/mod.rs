@@ -430,17 +430,45 @@ pub struct Example {
     pub targets: Vec<bool>,
 }
 
-/// The summed NLL and target count of a batch, one forward per example.
+/// KV cache positions that let [`batch_nll`] pack `batch` examples of up to `longest`
+/// tokens into one forward pass, within the model's context (a longer batch takes more
+/// passes).
+pub fn pack_capacity(model: &Model<'_, impl Backend>, longest: usize, batch: usize) -> u32 {
+    let context = model.cfg.context as usize;
+    longest
+        .saturating_mul(batch.max(1))
+        .min(context)
+        .max(longest.min(context)) as u32
+}
+
+/// The summed NLL and target count of a batch. Consecutive examples are packed into one
+/// forward pass while their tokens fit the cache's capacity ([`Model::packed_nll`]): a
+/// cache of batch x longest positions runs the whole batch at once, a cache of the longest
+/// example one example per pass.
 pub fn batch_nll<B: Backend>(
     model: &Model<'_, B>,
     cache: &mut KvCache<B>,
     batch: &[Example],
 ) -> Result<(f64, usize)> {
     let mut total = (0.0, 0);
-    for ex in batch {
-        let (nll, n) = model.masked_nll(cache, &ex.tokens, Some(&ex.targets))?;
+    let capacity = cache.capacity() as usize;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        // At least one example per pass: one longer than the cache is refused there.
+        let mut tokens = rest[0].tokens.len();
+        let mut n = 1;
+        while n < rest.len() && tokens + rest[n].tokens.len() <= capacity {
+            tokens += rest[n].tokens.len();
+            n += 1;
+        }
+        let seqs: Vec<(&[u32], Option<&[bool]>)> = rest[..n]
+            .iter()
+            .map(|ex| (&ex.tokens[..], Some(&ex.targets[..])))
+            .collect();
+        let (nll, count) = model.packed_nll(cache, &seqs)?;
         total.0 += nll;
-        total.1 += n;
+        total.1 += count;
+        rest = &rest[n..];
     }
     Ok(total)
 }

@@ -68,8 +68,9 @@ pub fn replay<B: Backend>(
 }
 
 impl<'m, 'b, B: Backend> Trainer<'m, 'b, B> {
-    /// A new run from the model's current adapter values; `capacity` is the longest
-    /// sequence in tokens.
+    /// A new run from the model's current adapter values; `capacity` is the tokens
+    /// one forward pass holds: at least the longest sequence, more to pack several into one
+    /// pass ([`super::pack_capacity`]).
     pub fn start(
         model: impl Into<Held<'m, Model<'b, B>>>,
         session: Session,

@@ -4,16 +4,11 @@
 //! gradient added into its buffer. The frozen weights are only read; normed inputs and the
 //! SwiGLU product are recomputed rather than kept.
 
-use super::{Layer, LayerBufs, Linear, Model, Scratch, attention_scale};
+use super::{HEAD_CHUNK, Layer, LayerBufs, Linear, Model, Scratch, attention_scale, runs};
 use crate::adapter::{Method, Slot, Target};
 use crate::backend::{Backend, Op, rope_table};
 use crate::error::{Error, Result};
 use std::prelude::v1::*;
-
-/// Rows of the output head computed at once: logits and their gradient exist for this many
-/// positions at a time (12 MiB each for a 49,152-token vocabulary), never for a longer
-/// sequence; each chunk reads the whole head once each way.
-const HEAD_CHUNK: u32 = 64;
 
 /// One layer's activations kept by the forward pass (beside its input).
 #[derive(Debug)]
@@ -397,7 +392,7 @@ impl<'b, B: Backend> Model<'b, B> {
                     layer,
                     &tape.bufs(i, 0, &tape.scratch.x),
                     &tape.scratch,
-                    (&tape.rope, 0, t),
+                    (&tape.rope, 0, &[t]),
                     None,
                 )?;
             }
@@ -447,7 +442,7 @@ impl<'b, B: Backend> Model<'b, B> {
             let out = tape.inputs.get(i + 1).unwrap_or(&tape.last);
             let saved = if tape.recompute { 0 } else { i };
             let bufs = tape.bufs(i, saved, out);
-            self.layer_forward(layer, &bufs, &tape.scratch, (&tape.rope, 0, t), None)?;
+            self.layer_forward(layer, &bufs, &tape.scratch, (&tape.rope, 0, &[t]), None)?;
         }
         Ok(())
     }
@@ -649,6 +644,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 n_heads: heads,
                 head_dim: hd,
                 pos0: 0,
+                row0: 0,
                 style: c.rope_style,
             })?;
         }
@@ -797,16 +793,4 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         Ok(())
     }
-}
-
-/// Runs of consecutive values in increasing `rows`: (index in `rows`, first value, length).
-fn runs(rows: &[u32]) -> Vec<(u32, u32, u32)> {
-    let mut out: Vec<(u32, u32, u32)> = Vec::new();
-    for (i, &r) in rows.iter().enumerate() {
-        match out.last_mut() {
-            Some((_, first, len)) if *first + *len == r => *len += 1,
-            _ => out.push((i as u32, r, 1)),
-        }
-    }
-    out
 }
