@@ -107,31 +107,42 @@ impl<B: Backend> Linear<B> {
     ) -> Result<()> {
         let scale_out = self.scale_out.as_ref().filter(|_| scale_out);
         let (rows, cols) = (self.weight.rows, self.weight.cols);
+        let steps = usize::from(self.bias.is_some())
+            + usize::from(self.lora.is_some())
+            + usize::from(scale_out.is_some());
         let adapted = self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some();
-        if adapted && s.adapter.is_none() {
+        let room = s.adapter.as_ref().map(|a| a.room);
+        if adapted
+            && room
+                .is_none_or(|r| (self.scale_in.is_some() && !r.input) || (steps >= 2 && !r.spare))
+        {
             return Err(Error::InvalidArgument {
                 name: "adapter",
                 reason: "a projection has an adapter but the activations have no room for it"
                     .into(),
             });
         }
-        let input = match (&self.scale_in, &s.adapter) {
-            (Some(scale), Some(a)) => {
+        let input = match (
+            &self.scale_in,
+            s.adapter.as_ref().and_then(|a| a.input.as_ref()),
+        ) {
+            (Some(scale), Some(scaled)) => {
                 be.run(&Op::MulCols {
                     x,
                     scale,
-                    out: &a.input,
+                    out: scaled,
                     rows: m,
                     cols,
                 })?;
-                &a.input
+                scaled
             }
             _ => x,
         };
-        let steps = usize::from(self.bias.is_some())
-            + usize::from(self.lora.is_some())
-            + usize::from(scale_out.is_some());
-        let spare = s.adapter.as_ref().map_or(&s.y, |a| &a.y);
+        let spare = s
+            .adapter
+            .as_ref()
+            .and_then(|a| a.y.as_ref())
+            .unwrap_or(&s.y);
         // Step i writes dst(i); the last writes `out`.
         let dst = |i: usize| match i {
             _ if i == steps => out,
@@ -293,28 +304,43 @@ struct Scratch<B: Backend> {
 /// low-rank activations and its product.
 #[derive(Debug)]
 struct AdapterScratch<B: Backend> {
-    rank: u32,
-    input: B::Buffer,
-    y: B::Buffer,
+    room: AdapterRoom,
+    input: Option<B::Buffer>,
+    y: Option<B::Buffer>,
     u: B::Buffer,
     u2: B::Buffer,
     low_rank: B::Buffer,
 }
 
+/// Which of [`AdapterScratch`]'s buffers an attached adapter's steps use, so a forward
+/// pass allocates only those (each is as large as the widest activation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AdapterRoom {
+    /// LoRA's rank (1 for the other adapters).
+    rank: u32,
+    /// A scaled input: IA3 on a projection's input features.
+    input: bool,
+    /// A second intermediate: a projection with two or more steps after its product.
+    spare: bool,
+}
+
 impl<B: Backend> Scratch<B> {
-    /// `rank` is Some(LoRA's rank, or 1) when an adapter is attached.
-    fn new(be: &B, c: &Config, t: u32, rank: Option<u32>) -> Result<Self> {
+    /// `room` is Some when an adapter is attached.
+    fn new(be: &B, c: &Config, t: u32, room: Option<AdapterRoom>) -> Result<Self> {
         let f = |n: u32| u64::from(t) * u64::from(n) * 4;
         let (q_dim, kv_dim) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let widest = [c.dim, q_dim, c.ffn_dim].into_iter().fold(kv_dim, u32::max);
-        let adapter = match rank {
+        let wide = |needed: bool| -> Result<Option<B::Buffer>> {
+            needed.then(|| be.alloc(f(widest), "adapter")).transpose()
+        };
+        let adapter = match room {
             None => None,
-            Some(rank) => Some(AdapterScratch {
-                rank,
-                input: be.alloc(f(widest), "adapter")?,
-                y: be.alloc(f(widest), "adapter")?,
-                u: be.alloc(f(rank), "adapter")?,
-                u2: be.alloc(f(rank), "adapter")?,
+            Some(room) => Some(AdapterScratch {
+                room,
+                input: wide(room.input)?,
+                y: wide(room.spare)?,
+                u: be.alloc(f(room.rank), "adapter")?,
+                u2: be.alloc(f(room.rank), "adapter")?,
                 low_rank: be.alloc(f(widest), "adapter")?,
             }),
         };
@@ -337,7 +363,8 @@ impl<B: Backend> Scratch<B> {
         })
     }
 
-    /// Bytes [`Scratch::new`] allocates for `t` tokens with an adapter of `rank`.
+    /// Bytes [`Scratch::new`] allocates for `t` tokens with an adapter of `rank` that uses
+    /// every buffer ([`AdapterRoom::all`]).
     fn bytes(c: &Config, t: u64, rank: u64) -> u64 {
         let (dim, q, kv, ffn) = (
             u64::from(c.dim),
@@ -349,8 +376,19 @@ impl<B: Backend> Scratch<B> {
         4 * t * (3 * dim + 3 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank)
     }
 
-    fn fits(&self, t: u32, rank: Option<u32>) -> bool {
-        self.tokens == t && self.adapter.as_ref().map(|a| a.rank) == rank
+    fn fits(&self, t: u32, room: Option<AdapterRoom>) -> bool {
+        self.tokens == t && self.adapter.as_ref().map(|a| a.room) == room
+    }
+}
+
+impl AdapterRoom {
+    /// Every buffer (the backward pass's tape).
+    fn all(rank: u32) -> AdapterRoom {
+        AdapterRoom {
+            rank,
+            input: true,
+            spare: true,
+        }
     }
 }
 
@@ -1132,6 +1170,30 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(out)
     }
 
+    /// The adapter buffers a forward pass needs, if an adapter is attached.
+    fn adapter_room(&self) -> Option<AdapterRoom> {
+        let (cfg, _) = self.adapter.as_ref()?;
+        let rank = match cfg.method {
+            Method::Lora { rank, .. } => rank,
+            _ => 1,
+        };
+        let linears = || {
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+        };
+        Some(AdapterRoom {
+            rank,
+            input: linears().any(|l| l.scale_in.is_some()),
+            spare: linears().any(|l| {
+                usize::from(l.bias.is_some())
+                    + usize::from(l.lora.is_some())
+                    + usize::from(l.scale_out.is_some())
+                    >= 2
+            }),
+        })
+    }
+
     /// Embeds `tokens` and runs every layer over them at the cache's next positions, as the
     /// sequences `segs` (token counts summing to `tokens.len()`, see
     /// [`Model::layer_forward`]), appending their keys and values. The last layer's output
@@ -1189,13 +1251,10 @@ impl<'b, B: Backend> Model<'b, B> {
         }
         let ids: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
         let ids = be.upload(&ids, "token ids")?;
-        let rank = self.adapter.as_ref().map(|(a, _)| match a.method {
-            Method::Lora { rank, .. } => rank,
-            _ => 1,
-        });
+        let room = self.adapter_room();
         let scratch = match cache.scratch.take() {
-            Some(s) if s.fits(t, rank) => s,
-            _ => Scratch::new(be, c, t, rank)?,
+            Some(s) if s.fits(t, room) => s,
+            _ => Scratch::new(be, c, t, room)?,
         };
         let s = &scratch;
         let Scratch {

@@ -4,7 +4,9 @@
 //! gradient added into its buffer. The frozen weights are only read; normed inputs and the
 //! SwiGLU product are recomputed rather than kept.
 
-use super::{HEAD_CHUNK, Layer, LayerBufs, Linear, Model, Scratch, attention_scale, runs};
+use super::{
+    AdapterRoom, HEAD_CHUNK, Layer, LayerBufs, Linear, Model, Scratch, attention_scale, runs,
+};
 use crate::adapter::{Method, Slot, Target};
 use crate::backend::{Backend, Op, rope_table};
 use crate::error::{Error, Result};
@@ -303,7 +305,12 @@ impl<'b, B: Backend> Model<'b, B> {
             .flat_map(|cs| [cs[0], -cs[1]])
             .collect();
         a.bytes += 8 * t * u64::from(c.head_dim);
-        let scratch = Scratch::new(be, c, capacity, Some(self.lora_rank().max(1)))?;
+        let scratch = Scratch::new(
+            be,
+            c,
+            capacity,
+            Some(AdapterRoom::all(self.lora_rank().max(1))),
+        )?;
         a.bytes += Scratch::<B>::bytes(c, t, rank.max(1));
         debug_assert_eq!(a.bytes, self.tape_bytes(capacity, recompute));
         Ok(Tape {
