@@ -493,14 +493,14 @@ pub fn cases() -> Vec<Case> {
     }
 
     for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
-        // The last is one sequence of a packed batch: its rows start at row0, and the rows
-        // before them in `out` must come back untouched.
-        for (n_tokens, n_heads, head_dim, pos0, row0) in [
-            (5u32, 3u32, 64u32, 7u32, 0u32),
-            (1, 9, 128, 1000, 0),
-            (4, 3, 64, 0, 6),
+        // The last is one sequence of a packed batch: its rows start at row0 and two more
+        // follow it, and the rows of `out` before and after them must come back untouched.
+        for (n_tokens, n_heads, head_dim, pos0, row0, after) in [
+            (5u32, 3u32, 64u32, 7u32, 0u32, 0u32),
+            (1, 9, 128, 1000, 0, 0),
+            (4, 3, 64, 0, 6, 2),
         ] {
-            let n = ((row0 + n_tokens) * n_heads * head_dim) as usize;
+            let n = ((row0 + n_tokens + after) * n_heads * head_dim) as usize;
             cases.push(Case {
                 kernel: "rope",
                 shape: format!(
@@ -530,7 +530,7 @@ pub fn cases() -> Vec<Case> {
                 out: 2,
                 out_elems: n,
                 tolerance: close(1e-6, 1e-5),
-                work: 12.0 * n as f64,
+                work: 12.0 * f64::from(n_tokens * n_heads * head_dim),
                 unit: Unit::GbPerS,
             });
         }
@@ -684,22 +684,23 @@ pub fn cases() -> Vec<Case> {
 
     // (tokens, heads, kv heads, head_dim, pos0, row0): prefill with GQA, decode with a long
     // cache, multi-head attention, the largest head; row0 > 0 is one sequence of a packed
-    // batch (its rows of every buffer start there; the rows before it in `out` must come
-    // back untouched and those of k and v must not be attended to).
-    for (t, h, kv, hd, pos0, row0) in [
-        (5u32, 9u32, 3u32, 64u32, 11u32, 0u32),
-        (1, 9, 3, 64, 200, 0),
-        (4, 4, 4, 32, 0, 0),
-        (6, 9, 3, 64, 0, 7),
-        (1, 9, 3, 64, 20, 5),
+    // batch (its rows of every buffer start there and `after` more rows follow; the rows
+    // of `out` outside the call's must come back untouched and those of k and v must not
+    // be attended to).
+    for (t, h, kv, hd, pos0, row0, after) in [
+        (5u32, 9u32, 3u32, 64u32, 11u32, 0u32, 0u32),
+        (1, 9, 3, 64, 200, 0, 0),
+        (4, 4, 4, 32, 0, 0, 0),
+        (6, 9, 3, 64, 0, 7, 3),
+        (1, 9, 3, 64, 20, 5, 2),
         // The widest head of the vec4 path, and a head the vec4 path cannot take.
-        (3, 2, 1, 128, 5, 0),
-        (2, 3, 3, 6, 1, 0),
-        (2, 3, 3, 6, 0, 3),
-        (2, 2, 1, 256, 3, 0),
+        (3, 2, 1, 128, 5, 0, 0),
+        (2, 3, 3, 6, 1, 0, 0),
+        (2, 3, 3, 6, 0, 3, 4),
+        (2, 2, 1, 256, 3, 0, 0),
     ] {
-        let qn = ((row0 + t) * h * hd) as usize;
-        let kvn = ((row0 + pos0 + t) * kv * hd) as usize;
+        let qn = ((row0 + t + after) * h * hd) as usize;
+        let kvn = ((row0 + pos0 + t + after) * kv * hd) as usize;
         cases.push(Case {
             kernel: "attention",
             shape: format!("t={t} h={h} kv={kv} d={hd} pos0={pos0} row0={row0}"),

@@ -759,7 +759,7 @@ pub struct AttnShape {
 pub(crate) struct AttnCall<'a> {
     pub q: Vec<f32>,
     /// The caches, read in place by the host path (a copy per call would cost more than
-    /// a decode step's attention); `kv` f32 values of each are in use.
+    /// a decode step's attention); the values `kv` of each are in use.
     pub k: &'a CpuBuffer,
     pub v: &'a CpuBuffer,
     /// The f32 values of each cache the call attends to.

@@ -933,7 +933,7 @@ impl Host {
         let blocks = m.div_ceil(TILE);
         let threads = self
             .threads
-            .min(m * k * n / MIN_MATMUL_WORK_PER_THREAD)
+            .min(m.saturating_mul(k).saturating_mul(n) / MIN_MATMUL_WORK_PER_THREAD)
             .clamp(1, blocks);
         let per = blocks.div_ceil(threads) * TILE;
         let parts = self.parallel(m.div_ceil(per), |p| {

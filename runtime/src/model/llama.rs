@@ -94,6 +94,19 @@ impl<B: Backend> Linear<B> {
         self.forward_steps(be, x, out, m, s, true)
     }
 
+    /// Whether an adapter acts on this projection.
+    fn adapted(&self) -> bool {
+        self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some()
+    }
+
+    /// The steps after the product (bias, LoRA, IA3's output scales if `scale_out`), each
+    /// writing an intermediate of the scratch's `y` pair but the last.
+    fn steps(&self, scale_out: bool) -> usize {
+        usize::from(self.bias.is_some())
+            + usize::from(self.lora.is_some())
+            + usize::from(self.scale_out.is_some() && scale_out)
+    }
+
     /// [`Linear::forward`], without IA3's output scales unless `scale_out` (backprop
     /// recomputes the product they scale).
     fn forward_steps(
@@ -105,16 +118,16 @@ impl<B: Backend> Linear<B> {
         s: &Scratch<B>,
         scale_out: bool,
     ) -> Result<()> {
+        let steps = self.steps(scale_out);
         let scale_out = self.scale_out.as_ref().filter(|_| scale_out);
         let (rows, cols) = (self.weight.rows, self.weight.cols);
-        let steps = usize::from(self.bias.is_some())
-            + usize::from(self.lora.is_some())
-            + usize::from(scale_out.is_some());
-        let adapted = self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some();
         let room = s.adapter.as_ref().map(|a| a.room);
-        if adapted
-            && room
-                .is_none_or(|r| (self.scale_in.is_some() && !r.input) || (steps >= 2 && !r.spare))
+        if self.adapted()
+            && room.is_none_or(|r| {
+                (self.scale_in.is_some() && !r.input)
+                    || (steps >= 2 && !r.spare)
+                    || (self.lora.is_some() && r.rank == 0)
+            })
         {
             return Err(Error::InvalidArgument {
                 name: "adapter",
@@ -161,7 +174,7 @@ impl<B: Backend> Linear<B> {
             })?;
             at += 1;
         }
-        if let (Some(l), Some(a)) = (&self.lora, &s.adapter) {
+        if let (Some(l), Some(a)) = (&self.lora, s.adapter.as_ref().and_then(|a| a.lora.as_ref())) {
             be.run(&Op::Matmul {
                 a: input,
                 b: &l.a,
@@ -181,7 +194,7 @@ impl<B: Backend> Linear<B> {
             be.run(&Op::Matmul {
                 a: &a.u2,
                 b: &l.b,
-                out: &a.low_rank,
+                out: &a.out,
                 m,
                 k: l.rank,
                 n: rows,
@@ -190,7 +203,7 @@ impl<B: Backend> Linear<B> {
             })?;
             be.run(&Op::Add {
                 a: dst(at),
-                b: &a.low_rank,
+                b: &a.out,
                 out: dst(at + 1),
                 n: m * rows,
             })?;
@@ -307,16 +320,22 @@ struct AdapterScratch<B: Backend> {
     room: AdapterRoom,
     input: Option<B::Buffer>,
     y: Option<B::Buffer>,
+    lora: Option<LoraScratch<B>>,
+}
+
+/// LoRA's low-rank activations (A x, then scaled) and its product B (A x).
+#[derive(Debug)]
+struct LoraScratch<B: Backend> {
     u: B::Buffer,
     u2: B::Buffer,
-    low_rank: B::Buffer,
+    out: B::Buffer,
 }
 
 /// Which of [`AdapterScratch`]'s buffers an attached adapter's steps use, so a forward
 /// pass allocates only those (each is as large as the widest activation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AdapterRoom {
-    /// LoRA's rank (1 for the other adapters).
+    /// LoRA's rank (0 without LoRA).
     rank: u32,
     /// A scaled input: IA3 on a projection's input features.
     input: bool,
@@ -339,9 +358,14 @@ impl<B: Backend> Scratch<B> {
                 room,
                 input: wide(room.input)?,
                 y: wide(room.spare)?,
-                u: be.alloc(f(room.rank), "adapter")?,
-                u2: be.alloc(f(room.rank), "adapter")?,
-                low_rank: be.alloc(f(widest), "adapter")?,
+                lora: match room.rank {
+                    0 => None,
+                    rank => Some(LoraScratch {
+                        u: be.alloc(f(rank), "adapter")?,
+                        u2: be.alloc(f(rank), "adapter")?,
+                        out: be.alloc(f(widest), "adapter")?,
+                    }),
+                },
             }),
         };
         Ok(Scratch {
@@ -376,8 +400,10 @@ impl<B: Backend> Scratch<B> {
         4 * t * (3 * dim + 3 * q + 3 * kv + 3 * ffn + 4 * widest + 2 * rank)
     }
 
+    /// Whether this scratch serves `t` tokens with `room` (a larger one does: every op
+    /// is given its row count).
     fn fits(&self, t: u32, room: Option<AdapterRoom>) -> bool {
-        self.tokens == t && self.adapter.as_ref().map(|a| a.room) == room
+        self.tokens >= t && self.adapter.as_ref().map(|a| a.room) == room
     }
 }
 
@@ -1076,88 +1102,29 @@ impl<'b, B: Backend> Model<'b, B> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        let last = [u32::try_from(tokens.len())
-            .unwrap_or(u32::MAX)
-            .saturating_sub(1)];
-        self.forward_picked(cache, tokens, (!all_logits).then_some(&last[..]))
-    }
-
-    /// [`Model::forward`] returning the logits of the rows `rows` only (increasing token
-    /// indices), \[rows.len(), vocab\]: the output head, the largest product, runs on
-    /// those rows alone (a completion's loss needs a few of a prompt's many positions).
-    pub fn forward_rows(
-        &self,
-        cache: &mut KvCache<B>,
-        tokens: &[u32],
-        rows: &[u32],
-    ) -> Result<Vec<f32>> {
-        if rows.is_empty()
-            || rows.windows(2).any(|w| w[0] >= w[1])
-            || rows.last().is_some_and(|&r| r as usize >= tokens.len())
-        {
-            return Err(Error::InvalidArgument {
-                name: "rows",
-                reason: format!(
-                    "must be increasing token indices below {}, and at least one",
-                    tokens.len()
-                ),
-            });
-        }
-        self.forward_picked(cache, tokens, Some(rows))
-    }
-
-    /// The forward pass with the output head on `picked` rows (all when `None`).
-    fn forward_picked(
-        &self,
-        cache: &mut KvCache<B>,
-        tokens: &[u32],
-        picked: Option<&[u32]>,
-    ) -> Result<Vec<f32>> {
         let be: &B = &self.backend;
         let c = &self.cfg;
         let pos0 = cache.len;
         let t = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
         let scratch = self.run_layers(cache, tokens, &[t])?;
-        let (x, dim) = (&scratch.x, c.dim);
-        // Only the rows whose logits are wanted go through the output head, gathered with
-        // one copy per run of consecutive rows.
-        let gathered;
-        let (last, rows) = match picked {
-            None => (x, t),
-            Some(picked) => {
-                let rows = picked.len() as u32;
-                gathered = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
-                for (at, row, len) in runs(picked) {
-                    be.run(&Op::Copy {
-                        src: x,
-                        dst: &gathered,
-                        n: len * dim,
-                        src_offset: row * dim,
-                        dst_offset: at * dim,
-                    })?;
-                }
-                (&gathered, rows)
-            }
+        // Only the rows whose logits are wanted go through the output head.
+        let picked: Vec<u32> = if all_logits {
+            (0..t).collect()
+        } else {
+            vec![t - 1]
         };
-        let normed = be.alloc(u64::from(rows) * u64::from(dim) * 4, "activations")?;
-        be.run(&Op::RmsNorm {
-            x: last,
-            weight: &self.out_norm,
-            out: &normed,
-            rows,
-            dim,
-            eps: c.rms_eps,
-        })?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
-        let logits = be.alloc(u64::from(rows) * u64::from(c.vocab) * 4, "logits")?;
-        head.apply(be, &normed, &logits, rows)?;
+        let rows = picked.len() as u64;
+        let gathered = be.alloc(rows * u64::from(c.dim) * 4, "activations")?;
+        let normed = be.alloc(rows * u64::from(c.dim) * 4, "activations")?;
+        let logits = be.alloc(rows * u64::from(c.vocab) * 4, "logits")?;
+        self.head_rows(&scratch.x, &picked, (&gathered, &normed, &logits))?;
         let out = be.read_f32(&logits, rows as usize * c.vocab as usize)?;
         cache.scratch = Some(scratch);
         // NaN or infinity here means the weights or the config hold nonsense; say where it
         // shows rather than return numbers nothing downstream can use.
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             let vocab = c.vocab as usize;
-            let token = picked.map_or(i / vocab, |p| p[i / vocab] as usize);
+            let token = picked[i / vocab] as usize;
             return Err(Error::NonFinite {
                 what: "logits",
                 at: format!(
@@ -1170,27 +1137,54 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(out)
     }
 
-    /// The adapter buffers a forward pass needs, if an adapter is attached.
+    /// The final norm and the output head over the rows `picked` (increasing) of `x`, the
+    /// last layer's output, into `logits` \[picked.len(), vocab\]; `gathered` and `normed`
+    /// hold as many rows. Runs of consecutive rows move with one copy each.
+    fn head_rows(
+        &self,
+        x: &B::Buffer,
+        picked: &[u32],
+        (gathered, normed, logits): (&B::Buffer, &B::Buffer, &B::Buffer),
+    ) -> Result<()> {
+        let be: &B = &self.backend;
+        let c = &self.cfg;
+        let dim = c.dim;
+        for (at, row, len) in runs(picked) {
+            be.run(&Op::Copy {
+                src: x,
+                dst: gathered,
+                n: len * dim,
+                src_offset: row * dim,
+                dst_offset: at * dim,
+            })?;
+        }
+        let rows = picked.len() as u32;
+        be.run(&Op::RmsNorm {
+            x: gathered,
+            weight: &self.out_norm,
+            out: normed,
+            rows,
+            dim,
+            eps: c.rms_eps,
+        })?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        head.apply(be, normed, logits, rows)
+    }
+
+    /// The adapter buffers a forward pass needs: none unless an adapter acts on a
+    /// projection (norms, block scales and full training live in the model's own buffers).
     fn adapter_room(&self) -> Option<AdapterRoom> {
-        let (cfg, _) = self.adapter.as_ref()?;
-        let rank = match cfg.method {
-            Method::Lora { rank, .. } => rank,
-            _ => 1,
-        };
         let linears = || {
             self.layers
                 .iter()
                 .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
         };
-        Some(AdapterRoom {
-            rank,
+        linears().any(Linear::adapted).then(|| AdapterRoom {
+            rank: linears()
+                .find_map(|l| l.lora.as_ref().map(|l| l.rank))
+                .unwrap_or(0),
             input: linears().any(|l| l.scale_in.is_some()),
-            spare: linears().any(|l| {
-                usize::from(l.bias.is_some())
-                    + usize::from(l.lora.is_some())
-                    + usize::from(l.scale_out.is_some())
-                    >= 2
-            }),
+            spare: linears().any(|l| l.steps(true) >= 2),
         })
     }
 
@@ -1321,6 +1315,8 @@ impl<'b, B: Backend> Model<'b, B> {
         let be: &B = &self.backend;
         let c = &self.cfg;
         let t: u32 = segs.iter().sum();
+        // Several sequences start at position 0 each: their keys sit at their own rows.
+        debug_assert!(segs.len() == 1 || pos0 == 0);
         // (first row, tokens) of each sequence.
         let spans = segs.iter().scan(0u32, |row0, &n| {
             let at = *row0;
@@ -1461,7 +1457,7 @@ impl<'b, B: Backend> Model<'b, B> {
     /// [`Model::masked_nll`]) from one forward pass on the cleared cache: the sequences are
     /// packed one after another, each from position 0 and attending to its own tokens
     /// alone, so the result is the sum of their [`Model::masked_nll`]s. Their total length
-    /// may not exceed the cache's capacity. The output head runs [`HEAD_CHUNK`] rows at a
+    /// may not exceed the cache's capacity. The output head runs 64 rows at a
     /// time and each row's log-sum-exp is accumulated in f64.
     pub fn packed_nll(
         &self,
@@ -1478,7 +1474,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 ),
             });
         }
-        // Below the capacity (a u32), so every row index fits u32.
+        // Checked here, before run_layers does, because the row indices below are u32.
         let mut tokens = Vec::with_capacity(total);
         let mut segs = Vec::with_capacity(seqs.len());
         // (row, the token it predicts) for every target.
@@ -1498,7 +1494,7 @@ impl<'b, B: Backend> Model<'b, B> {
             {
                 return Err(Error::InvalidArgument {
                     name: "targets",
-                    reason: format!("{} flags for {} tokens", t.len(), seq.len()),
+                    reason: format!("sequence {n}: {} flags for {} tokens", t.len(), seq.len()),
                 });
             }
             let at = tokens.len();
@@ -1516,51 +1512,38 @@ impl<'b, B: Backend> Model<'b, B> {
             return Ok((0.0, 0));
         }
         let scratch = self.run_layers(cache, &tokens, &segs)?;
-        let result = self.head_nll(&scratch.x, &rows);
+        let result = self.head_nll(&scratch.x, &rows, &segs);
         cache.scratch = Some(scratch);
         result
     }
 
     /// The summed loss of `rows` (row of `x`, the token it predicts) through the final norm
-    /// and the output head, [`HEAD_CHUNK`] rows at a time.
-    fn head_nll(&self, x: &B::Buffer, rows: &[(u32, u32)]) -> Result<(f64, usize)> {
+    /// and the output head, [`HEAD_CHUNK`] rows at a time; `segs` (the packed sequences'
+    /// lengths) name where a non-finite logit shows.
+    fn head_nll(&self, x: &B::Buffer, rows: &[(u32, u32)], segs: &[u32]) -> Result<(f64, usize)> {
         let be: &B = &self.backend;
         let c = &self.cfg;
-        let (dim, vocab) = (c.dim, c.vocab as usize);
-        let chunk = rows.len().min(HEAD_CHUNK as usize) as u64;
-        let gathered = be.alloc(chunk * u64::from(dim) * 4, "activations")?;
-        let normed = be.alloc(chunk * u64::from(dim) * 4, "activations")?;
-        let logits = be.alloc(chunk * vocab as u64 * 4, "logits")?;
-        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let (dim, vocab) = (u64::from(c.dim), c.vocab as usize);
+        let chunk = rows.len().min(HEAD_CHUNK as usize);
+        let gathered = be.alloc(chunk as u64 * dim * 4, "activations")?;
+        let normed = be.alloc(chunk as u64 * dim * 4, "activations")?;
+        let logits = be.alloc((chunk * vocab) as u64 * 4, "logits")?;
         let (mut total, mut count) = (0.0, 0);
-        for part in rows.chunks(chunk as usize) {
-            let m = part.len() as u32;
+        for part in rows.chunks(chunk) {
             let picked: Vec<u32> = part.iter().map(|&(r, _)| r).collect();
-            for (at, row, len) in runs(&picked) {
-                be.run(&Op::Copy {
-                    src: x,
-                    dst: &gathered,
-                    n: len * dim,
-                    src_offset: row * dim,
-                    dst_offset: at * dim,
-                })?;
-            }
-            be.run(&Op::RmsNorm {
-                x: &gathered,
-                weight: &self.out_norm,
-                out: &normed,
-                rows: m,
-                dim,
-                eps: c.rms_eps,
-            })?;
-            head.apply(be, &normed, &logits, m)?;
-            let out = be.read_f32(&logits, m as usize * vocab)?;
+            self.head_rows(x, &picked, (&gathered, &normed, &logits))?;
+            let out = be.read_f32(&logits, part.len() * vocab)?;
             for (row, &(r, next)) in out.chunks_exact(vocab).zip(part) {
                 // NaN or infinity means the weights or the config hold nonsense; say where.
                 if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+                    let (mut seq, mut at) = (0, r);
+                    while seq + 1 < segs.len() && at >= segs[seq] {
+                        at -= segs[seq];
+                        seq += 1;
+                    }
                     return Err(Error::NonFinite {
                         what: "logits",
-                        at: format!("row {r} of the pass, vocabulary id {i}"),
+                        at: format!("sequence {seq} of the pass, position {at}, vocabulary id {i}"),
                     });
                 }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -435,10 +435,7 @@ pub struct Example {
 /// passes).
 pub fn pack_capacity(model: &Model<'_, impl Backend>, longest: usize, batch: usize) -> u32 {
     let context = model.cfg.context as usize;
-    longest
-        .saturating_mul(batch.max(1))
-        .min(context)
-        .max(longest.min(context)) as u32
+    longest.saturating_mul(batch.max(1)).min(context) as u32
 }
 
 /// The summed NLL and target count of a batch. Consecutive examples are packed into one
