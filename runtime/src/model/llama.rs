@@ -1541,9 +1541,13 @@ impl<'b, B: Backend> Model<'b, B> {
                         at -= segs[seq];
                         seq += 1;
                     }
+                    let which = match segs.len() {
+                        1 => String::new(),
+                        _ => format!("sequence {seq} of the pass, "),
+                    };
                     return Err(Error::NonFinite {
                         what: "logits",
-                        at: format!("sequence {seq} of the pass, position {at}, vocabulary id {i}"),
+                        at: format!("{which}token {at} (position {at}), vocabulary id {i}"),
                     });
                 }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
