@@ -564,7 +564,15 @@ pub fn train(a: &TrainArgs) -> Result<bool, CliError> {
     })?;
     let be = a.device.open()?;
     let mut model = f.load(&be)?;
-    let capacity = edgetune::train::pack_capacity(&model, run.seq_len, run.batch);
+    // Room for a batch of the longest examples the data holds, not of --seq-len's bound.
+    let longest = train_set
+        .examples
+        .iter()
+        .chain(eval_set.iter().flat_map(|d| &d.examples))
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(1);
+    let capacity = edgetune::train::pack_capacity(&model, longest, run.batch);
     let mut trainer = if let Some(r) = &a.resume {
         let session = history::read_session(r)?;
         if a.seed_weights.is_some() {

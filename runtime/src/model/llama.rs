@@ -1106,7 +1106,7 @@ impl<'b, B: Backend> Model<'b, B> {
         let c = &self.cfg;
         let pos0 = cache.len;
         let t = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
-        let scratch = self.run_layers(cache, tokens, &[t])?;
+        let scratch = self.run_layers(cache, tokens, (&[t], true))?;
         // Only the rows whose logits are wanted go through the output head.
         let picked: Vec<u32> = if all_logits {
             (0..t).collect()
@@ -1190,13 +1190,15 @@ impl<'b, B: Backend> Model<'b, B> {
 
     /// Embeds `tokens` and runs every layer over them at the cache's next positions, as the
     /// sequences `segs` (token counts summing to `tokens.len()`, see
-    /// [`Model::layer_forward`]), appending their keys and values. The last layer's output
-    /// is the returned scratch's `x`; the caller hands the scratch back to the cache.
+    /// [`Model::layer_forward`]), appending their keys and values to the cache if `keep`
+    /// (otherwise attention reads them from the activations and the cache is not touched).
+    /// The last layer's output is the returned scratch's `x`; the caller hands the scratch
+    /// back to the cache.
     fn run_layers(
         &self,
         cache: &mut KvCache<B>,
         tokens: &[u32],
-        segs: &[u32],
+        (segs, keep): (&[u32], bool),
     ) -> Result<Scratch<B>> {
         let be: &B = &self.backend;
         let c = &self.cfg;
@@ -1291,10 +1293,12 @@ impl<'b, B: Backend> Model<'b, B> {
                 up,
                 act,
             };
-            let kv = Some((&cache.k[i], &cache.v[i]));
+            let kv = keep.then_some((&cache.k[i], &cache.v[i]));
             self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, segs), kv)?;
         }
-        cache.len = pos0 + t;
+        if keep {
+            cache.len = pos0 + t;
+        }
         Ok(scratch)
     }
 
@@ -1511,7 +1515,8 @@ impl<'b, B: Backend> Model<'b, B> {
         if rows.is_empty() {
             return Ok((0.0, 0));
         }
-        let scratch = self.run_layers(cache, &tokens, &segs)?;
+        // The keys and values stay in the activations: a loss pass never reads them again.
+        let scratch = self.run_layers(cache, &tokens, (&segs, false))?;
         let result = self.head_nll(&scratch.x, &rows, &segs);
         cache.scratch = Some(scratch);
         result
