@@ -341,6 +341,33 @@ const DEQUANT_BLOCK_ROWS: usize = 16;
 /// x rows and weight rows per [`tile`].
 const TILE: usize = 4;
 
+/// Every dot product of rows `rows` of one operand with rows 0..n of another (each given
+/// by its index, all of one length), a [`tile`] at a time: `emit(i, j, dot)`. Rows past
+/// either end repeat the last one; their results are not emitted.
+#[inline(always)]
+fn tiled<'a>(
+    isa: Isa,
+    (rows, a_row): (core::ops::Range<usize>, impl Fn(usize) -> &'a [f32]),
+    (n, b_row): (usize, impl Fn(usize) -> &'a [f32]),
+    mut emit: impl FnMut(usize, usize, f32),
+) {
+    let last = rows.end - 1;
+    for i in rows.clone().step_by(TILE) {
+        for j in (0..n).step_by(TILE) {
+            let t = tile(
+                isa,
+                core::array::from_fn(|x| a_row((i + x).min(last))),
+                core::array::from_fn(|y| b_row((j + y).min(n - 1))),
+            );
+            for (x, vals) in t.iter().enumerate().take(rows.end - i) {
+                for (y, v) in vals.iter().enumerate().take(n - j) {
+                    emit(i + x, j + y, *v);
+                }
+            }
+        }
+    }
+}
+
 /// The 4 x 4 dot products of four x rows with four weight rows (all of one length k),
 /// in the variant of `isa`.
 #[inline(always)]
@@ -889,22 +916,12 @@ impl Host {
                         wt[c * nj + r] = *v;
                     }
                 }
-                let dy_row = |i: usize| &dy[i.min(m - 1) * n + j0..][..nj];
-                let wt_row = |c: usize| &wt[c.min(width - 1) * nj..][..nj];
-                for i0 in (0..m).step_by(TILE) {
-                    for cc in (0..width).step_by(TILE) {
-                        let t = tile(
-                            self.isa,
-                            core::array::from_fn(|a| dy_row(i0 + a)),
-                            core::array::from_fn(|b| wt_row(cc + b)),
-                        );
-                        for (a, vals) in t.iter().enumerate().take(m - i0) {
-                            for (b, v) in vals.iter().enumerate().take(width - cc) {
-                                out[(i0 + a) * width + cc + b] += *v;
-                            }
-                        }
-                    }
-                }
+                tiled(
+                    self.isa,
+                    (0..m, |i: usize| &dy[i * n + j0..][..nj]),
+                    (width, |c: usize| &wt[c * nj..][..nj]),
+                    |i, c, v| out[i * width + c] += v,
+                );
             }
             Ok(out)
         });
@@ -938,24 +955,13 @@ impl Host {
         let per = blocks.div_ceil(threads) * TILE;
         let parts = self.parallel(m.div_ceil(per), |p| {
             let (i0, i1) = (p * per, ((p + 1) * per).min(m));
-            // Rows past the end repeat the last one; their results are dropped.
-            let a_row = |i: usize| &a[i.min(i1 - 1) * k..][..k];
-            let b_row = |j: usize| &b[j.min(n - 1) * k..][..k];
             let mut out = vec![0.0f32; (i1 - i0) * n];
-            for i in (i0..i1).step_by(TILE) {
-                for j in (0..n).step_by(TILE) {
-                    let t = tile(
-                        self.isa,
-                        core::array::from_fn(|x| a_row(i + x)),
-                        core::array::from_fn(|y| b_row(j + y)),
-                    );
-                    for (x, vals) in t.iter().enumerate().take(i1 - i) {
-                        for (y, v) in vals.iter().enumerate().take(n - j) {
-                            out[(i - i0 + x) * n + j + y] = *v;
-                        }
-                    }
-                }
-            }
+            tiled(
+                self.isa,
+                (i0..i1, |i: usize| &a[i * k..][..k]),
+                (n, |j: usize| &b[j * k..][..k]),
+                |i, j, v| out[(i - i0) * n + j] = v,
+            );
             out
         });
         parts.into_iter().flatten().collect()
