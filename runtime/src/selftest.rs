@@ -698,6 +698,10 @@ pub fn cases() -> Vec<Case> {
         (2, 3, 3, 6, 1, 0, 0),
         (2, 3, 3, 6, 0, 3, 4),
         (2, 2, 1, 256, 3, 0, 0),
+        // Prompts (enough pairs for the prefill kernels): token counts that fill no
+        // subgroup or workgroup exactly, packed and not, both subgroup head widths.
+        (45, 9, 3, 64, 3, 2, 5),
+        (37, 8, 2, 128, 0, 0, 0),
     ] {
         let qn = ((row0 + t + after) * h * hd) as usize;
         let kvn = ((row0 + pos0 + t + after) * kv * hd) as usize;

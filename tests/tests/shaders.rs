@@ -1,9 +1,10 @@
 //! Every WGSL file parses and validates with naga (the version wgpu uses), and the runtime
-//! embeds exactly the files in shaders/.
+//! embeds exactly the files in shaders/. Files named `*_sg.wgsl` use subgroup operations
+//! and validate with them; every other file validates without.
 
 use std::path::Path;
 
-const EXPECTED_SHADERS: usize = 10;
+const EXPECTED_SHADERS: usize = 11;
 
 fn shader_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders")
@@ -20,12 +21,23 @@ fn every_shader_parses_and_validates() {
         let src = std::fs::read_to_string(&path).unwrap();
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::default(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+        let subgroups = path
+            .file_stem()
+            .is_some_and(|s| s.to_string_lossy().ends_with("_sg"));
+        let caps = if subgroups {
+            naga::valid::Capabilities::SUBGROUP
+        } else {
+            naga::valid::Capabilities::default()
+        };
+        let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
+        if subgroups {
+            validator
+                .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                .subgroup_operations(naga::valid::SubgroupOperationSet::all());
+        }
+        validator
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
         assert!(
             module
                 .entry_points

@@ -43,9 +43,11 @@ fn every_candidate_shape_matches_the_reference() {
     assert!(cases.len() >= 8, "only {} cases", cases.len());
     // Each matrix-vector shape once, the attention shapes in turn beside them.
     let mut seen_attention = std::collections::HashSet::new();
+    let mut seen_prefill = std::collections::HashSet::new();
     let mut failures = Vec::new();
     for c in KernelShapes::covering() {
         seen_attention.insert(c.attention_decode.spec());
+        seen_prefill.insert(c.attention_prefill.spec());
         let gpu = open(Tuning::Force(c), &dir);
         assert_eq!(gpu.tuning().unwrap().shapes, c);
         for case in &cases {
@@ -62,6 +64,7 @@ fn every_candidate_shape_matches_the_reference() {
         }
     }
     assert_eq!(seen_attention.len(), 5, "not every attention shape ran");
+    assert_eq!(seen_prefill.len(), 2, "not every prefill attention ran");
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(!dir.exists(), "forced shapes must not touch the cache");
 }

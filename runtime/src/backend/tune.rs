@@ -49,7 +49,33 @@ pub struct KernelShapes {
     pub matvec_wide: MatvecShape,
     /// Attention with few (token, head) pairs: a decode step.
     pub attention_decode: AttentionShape,
+    /// Attention with many: a prompt or a training pass.
+    pub attention_prefill: PrefillAttention,
 }
+
+/// The kernel of prompt and training attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// `attention_v4`: one invocation per (token, head), every one loading whole key and
+    /// value rows (written `v4`); runs everywhere.
+    PerPair,
+    /// `attention_sg8` (attention_sg.wgsl): subgroups of 8 tokens share each row's loads
+    /// (written `sg8`); only on devices whose subgroups are exactly 8 invocations, others
+    /// run `PerPair` instead.
+    Subgroup8,
+}
+
+impl PrefillAttention {
+    pub fn spec(&self) -> &'static str {
+        match self {
+            PrefillAttention::PerPair => "v4",
+            PrefillAttention::Subgroup8 => "sg8",
+        }
+    }
+}
+
+const PREFILL_CANDIDATES: [PrefillAttention; 2] =
+    [PrefillAttention::PerPair, PrefillAttention::Subgroup8];
 
 /// The shape of decode-step attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,19 +127,21 @@ impl Default for KernelShapes {
                 wg: 4,
                 split: false,
             },
+            attention_prefill: PrefillAttention::PerPair,
         }
     }
 }
 
 impl KernelShapes {
-    /// `matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG`, as `--kernel-shapes`
-    /// takes and `selftest` shows it.
+    /// `matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG,attention_prefill=v4|sg8`,
+    /// as `--kernel-shapes` takes and `selftest` shows it.
     pub fn spec(&self) -> String {
         format!(
-            "matvec={},matvec_wide={},attention_decode={}",
+            "matvec={},matvec_wide={},attention_decode={},attention_prefill={}",
             self.matvec.spec(),
             self.matvec_wide.spec(),
-            self.attention_decode.spec()
+            self.attention_decode.spec(),
+            self.attention_prefill.spec()
         )
     }
 
@@ -166,9 +194,16 @@ impl KernelShapes {
                         },
                     }
                 }
+                "attention_prefill" => {
+                    s.attention_prefill = PREFILL_CANDIDATES
+                        .into_iter()
+                        .find(|c| c.spec() == value)
+                        .ok_or_else(|| bad(format!("{key}: {value:?} is not one of v4, sg8")))?;
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key {key:?} (matvec, matvec_wide, attention_decode)"
+                        "unknown key {key:?} (matvec, matvec_wide, attention_decode, \
+                         attention_prefill)"
                     )));
                 }
             }
@@ -187,6 +222,7 @@ impl KernelShapes {
                 matvec: m,
                 matvec_wide: m,
                 attention_decode: attention[i % attention.len()],
+                attention_prefill: PREFILL_CANDIDATES[i % PREFILL_CANDIDATES.len()],
             })
             .collect()
     }
@@ -256,7 +292,12 @@ fn load(path: &Path, identity: &str) -> core::result::Result<KernelShapes, Strin
         return Err("it was made for another adapter, driver or edgetune version".into());
     }
     let spec = v["shapes"].as_str().ok_or("it holds no shapes")?;
-    KernelShapes::parse(spec).map_err(|e| e.to_string())
+    let shapes = KernelShapes::parse(spec).map_err(|e| e.to_string())?;
+    // A cache written before a choice existed leaves it at its default, unmeasured.
+    if shapes.spec() != spec {
+        return Err("it does not name every kernel choice".into());
+    }
+    Ok(shapes)
 }
 
 /// Writes atomically (a temporary file renamed into place), so concurrent processes
@@ -372,6 +413,41 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             format!("attention decode {}", a.spec()),
         )
     })?;
+    // A prompt's attention: 128 tokens, each over the positions up to its own.
+    if gpu.subgroups_of_8() {
+        let tokens = 128u32;
+        let qn = (tokens * heads * hd) as usize;
+        let q = gpu.upload_f32(&vec![0.1; qn], "tune q")?;
+        let kv = vec![0.1; (tokens * kv_heads * hd) as usize];
+        let (kb, vb) = (
+            gpu.upload_f32(&kv, "tune k")?,
+            gpu.upload_f32(&kv, "tune v")?,
+        );
+        let out = gpu.alloc(qn as u64 * 4, "tune out")?;
+        let op = Op::Attention {
+            q: &q,
+            k: &kb,
+            v: &vb,
+            out: &out,
+            n_tokens: tokens,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            pos0: 0,
+            row0: 0,
+            scale: 0.125,
+        };
+        best.attention_prefill =
+            fastest(gpu, &op, PREFILL_CANDIDATES.to_vec(), &mut timings, |a| {
+                (
+                    KernelShapes {
+                        attention_prefill: a,
+                        ..best
+                    },
+                    format!("attention prefill {}", a.spec()),
+                )
+            })?;
+    }
     Ok((best, timings))
 }
 
@@ -423,6 +499,13 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     match tuning {
         Tuning::Defaults => return Ok(report(KernelShapes::default(), "defaults", notes)),
         Tuning::Force(s) => {
+            if s.attention_prefill == PrefillAttention::Subgroup8 && !gpu.subgroups_of_8() {
+                notes.push(
+                    "attention_prefill=sg8 needs subgroups of exactly 8 invocations, which \
+                     this device lacks: its attention runs the portable kernel (v4)"
+                        .into(),
+                );
+            }
             gpu.set_shapes(*s);
             return Ok(report(*s, "forced", notes));
         }
@@ -472,6 +555,12 @@ mod tests {
         }
         assert_eq!(KernelShapes::parse("").unwrap(), KernelShapes::default());
         let partial = KernelShapes::parse("attention_decode=64").unwrap();
+        assert_eq!(
+            KernelShapes::parse("attention_prefill=sg8")
+                .unwrap()
+                .attention_prefill,
+            PrefillAttention::Subgroup8
+        );
         assert_eq!(partial.attention_decode.wg, 64);
         let split = KernelShapes::parse("attention_decode=8s")
             .unwrap()
@@ -493,6 +582,7 @@ mod tests {
             "speed=11",
             "matvec",
             "attention_decode=-1",
+            "attention_prefill=sg4",
         ] {
             let err = KernelShapes::parse(bad).unwrap_err().to_string();
             assert!(err.contains("kernel shapes"), "{bad}: {err}");

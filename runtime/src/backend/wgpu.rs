@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use wgpu::util::DeviceExt;
 
 /// The kernel families, one WGSL file each.
-pub const SHADERS: [(&str, &str); 10] = [
+pub const SHADERS: [(&str, &str); 11] = [
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
     ("quant", include_str!("../../../shaders/quant.wgsl")),
     ("rmsnorm", include_str!("../../../shaders/rmsnorm.wgsl")),
@@ -27,6 +27,10 @@ pub const SHADERS: [(&str, &str); 10] = [
         include_str!("../../../shaders/elementwise.wgsl"),
     ),
     ("attention", include_str!("../../../shaders/attention.wgsl")),
+    (
+        "attention_sg",
+        include_str!("../../../shaders/attention_sg.wgsl"),
+    ),
     ("philox", include_str!("../../../shaders/philox.wgsl")),
     (
         "attention_grad",
@@ -50,6 +54,9 @@ const DEQUANT_MATMUL_FROM: u32 = 16;
 /// Invocations per `attention_v4` workgroup (one invocation per token and head) beyond a
 /// decode step, whose count is tuned per device (see [`super::tune`]).
 const ATTENTION_WG: u32 = 64;
+/// Tokens per `attention_sg8` workgroup: several subgroups of 8, and enough workgroups for
+/// every core in a prompt of a few hundred tokens.
+const PREFILL_SG_WG: u32 = 32;
 /// `cross_entropy`'s workgroup (one per row; matches CE_WG in softmax.wgsl).
 const CE_WG: u32 = 64;
 
@@ -242,7 +249,7 @@ impl Gpu {
         let features = adapter.features();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("edgetune"),
-            required_features: wgpu::Features::empty(),
+            required_features: features & wgpu::Features::SUBGROUP,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -312,6 +319,14 @@ impl Gpu {
     /// The kernel shapes this device runs with, where they came from, and any notice.
     pub fn tuning(&self) -> Option<&TuneReport> {
         self.tune.as_ref()
+    }
+
+    /// Whether every subgroup has exactly 8 invocations (lavapipe on AVX2 and AVX-512
+    /// hosts), which the subgroup kernels are written for.
+    pub(crate) fn subgroups_of_8(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+            && self.info.subgroup_min_size == 8
+            && self.info.subgroup_max_size == 8
     }
 
     pub(crate) fn set_shapes(&mut self, shapes: KernelShapes) {
@@ -1046,7 +1061,26 @@ impl Backend for Gpu {
                     row0,
                 ];
                 let wg = shape.wg;
-                if head_dim.is_multiple_of(4) && head_dim <= 128 && shape.split {
+                if pairs >= tune::DECODE_PAIRS_BELOW
+                    && self.shapes.attention_prefill == tune::PrefillAttention::Subgroup8
+                    && self.subgroups_of_8()
+                    && head_dim.is_multiple_of(32)
+                    && head_dim <= 128
+                {
+                    // Workgroup (x, h): PREFILL_SG_WG tokens of head h.
+                    Dispatch {
+                        family: "attention_sg",
+                        entry: "attention_sg8",
+                        overrides: vec![("HD4", head_dim / 4), ("AT_WG", PREFILL_SG_WG)],
+                        bindings: vec![(5, q), (6, k), (7, v), (8, out)],
+                        params,
+                        groups: self.check_grid(
+                            name,
+                            u64::from(n_tokens.div_ceil(PREFILL_SG_WG)),
+                            u64::from(n_heads),
+                        )?,
+                    }
+                } else if head_dim.is_multiple_of(4) && head_dim <= 128 && shape.split {
                     // One workgroup per (token, head).
                     Dispatch {
                         family: "attention",

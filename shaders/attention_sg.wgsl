@@ -1,0 +1,273 @@
+// Prefill attention sharing each key and value row across a subgroup of 8 invocations.
+// The same computation as `attention_v4` in attention.wgsl (causal, grouped-query heads,
+// online softmax, row0 / pos0 as there); CPU reference: runtime/src/backend/cpu.rs
+// `attention`. Only used where the device has subgroups of exactly 8 invocations (lavapipe
+// on AVX2 or AVX-512 hosts), chosen per device by measurement (backend::tune).
+//
+// Why: on a CPU-emulated GPU the 8 invocations of a subgroup are the lanes of one vector
+// register, and a storage load whose address differs per lane runs as a loop over the
+// lanes. In `attention_v4` every invocation loads the whole key and value row for each
+// position; here the subgroup's invocations (8 tokens of one head, so one key-value head)
+// each load an eighth of the row and hand the pieces to each other with
+// `subgroupBroadcast`, a register shuffle: 8x fewer loads.
+//
+// A separate file because a module using subgroup operations fails validation on devices
+// without them.
+
+struct Params {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos0: u32,
+    scale: f32,
+    row0: u32,
+    _pad1: u32,
+}
+
+// head_dim / 4: 8, 16, 24 or 32 (head_dim a multiple of 32, at most 128).
+override HD4: u32 = 16u;
+// Invocations per workgroup (a multiple of 8): tokens of one head.
+override AT_WG: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(5) var<storage, read> q4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> v4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> out4: array<vec4<f32>>;
+
+// Workgroup (x, h): tokens x * AT_WG .. of head h. Tokens past the call's are clamped to
+// its last, computed and not stored, so every invocation reaches the subgroup operations.
+@compute @workgroup_size(AT_WG, 1, 1)
+fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let h = gid.y;
+    let t = min(gid.x, p.n_tokens - 1u);
+    let kvh = h / (p.n_heads / p.n_kv_heads);
+    let qo = ((p.row0 + t) * p.n_heads + h) * HD4;
+    var qv0 = vec4<f32>(0.0);
+    var acc0 = vec4<f32>(0.0);
+    var qv1 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var qv2 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var qv3 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var qv4 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var qv5 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var qv6 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var qv7 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    var qv8 = vec4<f32>(0.0);
+    var acc8 = vec4<f32>(0.0);
+    var qv9 = vec4<f32>(0.0);
+    var acc9 = vec4<f32>(0.0);
+    var qv10 = vec4<f32>(0.0);
+    var acc10 = vec4<f32>(0.0);
+    var qv11 = vec4<f32>(0.0);
+    var acc11 = vec4<f32>(0.0);
+    var qv12 = vec4<f32>(0.0);
+    var acc12 = vec4<f32>(0.0);
+    var qv13 = vec4<f32>(0.0);
+    var acc13 = vec4<f32>(0.0);
+    var qv14 = vec4<f32>(0.0);
+    var acc14 = vec4<f32>(0.0);
+    var qv15 = vec4<f32>(0.0);
+    var acc15 = vec4<f32>(0.0);
+    var qv16 = vec4<f32>(0.0);
+    var acc16 = vec4<f32>(0.0);
+    var qv17 = vec4<f32>(0.0);
+    var acc17 = vec4<f32>(0.0);
+    var qv18 = vec4<f32>(0.0);
+    var acc18 = vec4<f32>(0.0);
+    var qv19 = vec4<f32>(0.0);
+    var acc19 = vec4<f32>(0.0);
+    var qv20 = vec4<f32>(0.0);
+    var acc20 = vec4<f32>(0.0);
+    var qv21 = vec4<f32>(0.0);
+    var acc21 = vec4<f32>(0.0);
+    var qv22 = vec4<f32>(0.0);
+    var acc22 = vec4<f32>(0.0);
+    var qv23 = vec4<f32>(0.0);
+    var acc23 = vec4<f32>(0.0);
+    var qv24 = vec4<f32>(0.0);
+    var acc24 = vec4<f32>(0.0);
+    var qv25 = vec4<f32>(0.0);
+    var acc25 = vec4<f32>(0.0);
+    var qv26 = vec4<f32>(0.0);
+    var acc26 = vec4<f32>(0.0);
+    var qv27 = vec4<f32>(0.0);
+    var acc27 = vec4<f32>(0.0);
+    var qv28 = vec4<f32>(0.0);
+    var acc28 = vec4<f32>(0.0);
+    var qv29 = vec4<f32>(0.0);
+    var acc29 = vec4<f32>(0.0);
+    var qv30 = vec4<f32>(0.0);
+    var acc30 = vec4<f32>(0.0);
+    var qv31 = vec4<f32>(0.0);
+    var acc31 = vec4<f32>(0.0);
+    if HD4 > 0u { qv0 = q4[qo + 0u]; }
+    if HD4 > 1u { qv1 = q4[qo + 1u]; }
+    if HD4 > 2u { qv2 = q4[qo + 2u]; }
+    if HD4 > 3u { qv3 = q4[qo + 3u]; }
+    if HD4 > 4u { qv4 = q4[qo + 4u]; }
+    if HD4 > 5u { qv5 = q4[qo + 5u]; }
+    if HD4 > 6u { qv6 = q4[qo + 6u]; }
+    if HD4 > 7u { qv7 = q4[qo + 7u]; }
+    if HD4 > 8u { qv8 = q4[qo + 8u]; }
+    if HD4 > 9u { qv9 = q4[qo + 9u]; }
+    if HD4 > 10u { qv10 = q4[qo + 10u]; }
+    if HD4 > 11u { qv11 = q4[qo + 11u]; }
+    if HD4 > 12u { qv12 = q4[qo + 12u]; }
+    if HD4 > 13u { qv13 = q4[qo + 13u]; }
+    if HD4 > 14u { qv14 = q4[qo + 14u]; }
+    if HD4 > 15u { qv15 = q4[qo + 15u]; }
+    if HD4 > 16u { qv16 = q4[qo + 16u]; }
+    if HD4 > 17u { qv17 = q4[qo + 17u]; }
+    if HD4 > 18u { qv18 = q4[qo + 18u]; }
+    if HD4 > 19u { qv19 = q4[qo + 19u]; }
+    if HD4 > 20u { qv20 = q4[qo + 20u]; }
+    if HD4 > 21u { qv21 = q4[qo + 21u]; }
+    if HD4 > 22u { qv22 = q4[qo + 22u]; }
+    if HD4 > 23u { qv23 = q4[qo + 23u]; }
+    if HD4 > 24u { qv24 = q4[qo + 24u]; }
+    if HD4 > 25u { qv25 = q4[qo + 25u]; }
+    if HD4 > 26u { qv26 = q4[qo + 26u]; }
+    if HD4 > 27u { qv27 = q4[qo + 27u]; }
+    if HD4 > 28u { qv28 = q4[qo + 28u]; }
+    if HD4 > 29u { qv29 = q4[qo + 29u]; }
+    if HD4 > 30u { qv30 = q4[qo + 30u]; }
+    if HD4 > 31u { qv31 = q4[qo + 31u]; }
+    var mx = -3.0e38;
+    var denom = 0.0;
+    let last = p.pos0 + t;
+    // The subgroup's tokens all attend to positions 0 ..= its latest token's last.
+    let end = subgroupMax(last);
+    for (var pos = 0u; pos <= end; pos++) {
+        let ko = ((p.row0 + pos) * p.n_kv_heads + kvh) * HD4;
+        // This invocation's pieces of the rows: vec4s lane, lane + 8, ...
+        var kp0 = vec4<f32>(0.0);
+        var kp1 = vec4<f32>(0.0);
+        var kp2 = vec4<f32>(0.0);
+        var kp3 = vec4<f32>(0.0);
+        var vp0 = vec4<f32>(0.0);
+        var vp1 = vec4<f32>(0.0);
+        var vp2 = vec4<f32>(0.0);
+        var vp3 = vec4<f32>(0.0);
+        if HD4 > 0u { kp0 = k4[ko + 0u + lane]; vp0 = v4[ko + 0u + lane]; }
+        if HD4 > 8u { kp1 = k4[ko + 8u + lane]; vp1 = v4[ko + 8u + lane]; }
+        if HD4 > 16u { kp2 = k4[ko + 16u + lane]; vp2 = v4[ko + 16u + lane]; }
+        if HD4 > 24u { kp3 = k4[ko + 24u + lane]; vp3 = v4[ko + 24u + lane]; }
+        var s = 0.0;
+        if HD4 > 0u { s += dot(qv0, subgroupBroadcast(kp0, 0u)); }
+        if HD4 > 1u { s += dot(qv1, subgroupBroadcast(kp0, 1u)); }
+        if HD4 > 2u { s += dot(qv2, subgroupBroadcast(kp0, 2u)); }
+        if HD4 > 3u { s += dot(qv3, subgroupBroadcast(kp0, 3u)); }
+        if HD4 > 4u { s += dot(qv4, subgroupBroadcast(kp0, 4u)); }
+        if HD4 > 5u { s += dot(qv5, subgroupBroadcast(kp0, 5u)); }
+        if HD4 > 6u { s += dot(qv6, subgroupBroadcast(kp0, 6u)); }
+        if HD4 > 7u { s += dot(qv7, subgroupBroadcast(kp0, 7u)); }
+        if HD4 > 8u { s += dot(qv8, subgroupBroadcast(kp1, 0u)); }
+        if HD4 > 9u { s += dot(qv9, subgroupBroadcast(kp1, 1u)); }
+        if HD4 > 10u { s += dot(qv10, subgroupBroadcast(kp1, 2u)); }
+        if HD4 > 11u { s += dot(qv11, subgroupBroadcast(kp1, 3u)); }
+        if HD4 > 12u { s += dot(qv12, subgroupBroadcast(kp1, 4u)); }
+        if HD4 > 13u { s += dot(qv13, subgroupBroadcast(kp1, 5u)); }
+        if HD4 > 14u { s += dot(qv14, subgroupBroadcast(kp1, 6u)); }
+        if HD4 > 15u { s += dot(qv15, subgroupBroadcast(kp1, 7u)); }
+        if HD4 > 16u { s += dot(qv16, subgroupBroadcast(kp2, 0u)); }
+        if HD4 > 17u { s += dot(qv17, subgroupBroadcast(kp2, 1u)); }
+        if HD4 > 18u { s += dot(qv18, subgroupBroadcast(kp2, 2u)); }
+        if HD4 > 19u { s += dot(qv19, subgroupBroadcast(kp2, 3u)); }
+        if HD4 > 20u { s += dot(qv20, subgroupBroadcast(kp2, 4u)); }
+        if HD4 > 21u { s += dot(qv21, subgroupBroadcast(kp2, 5u)); }
+        if HD4 > 22u { s += dot(qv22, subgroupBroadcast(kp2, 6u)); }
+        if HD4 > 23u { s += dot(qv23, subgroupBroadcast(kp2, 7u)); }
+        if HD4 > 24u { s += dot(qv24, subgroupBroadcast(kp3, 0u)); }
+        if HD4 > 25u { s += dot(qv25, subgroupBroadcast(kp3, 1u)); }
+        if HD4 > 26u { s += dot(qv26, subgroupBroadcast(kp3, 2u)); }
+        if HD4 > 27u { s += dot(qv27, subgroupBroadcast(kp3, 3u)); }
+        if HD4 > 28u { s += dot(qv28, subgroupBroadcast(kp3, 4u)); }
+        if HD4 > 29u { s += dot(qv29, subgroupBroadcast(kp3, 5u)); }
+        if HD4 > 30u { s += dot(qv30, subgroupBroadcast(kp3, 6u)); }
+        if HD4 > 31u { s += dot(qv31, subgroupBroadcast(kp3, 7u)); }
+        s *= p.scale;
+        // Positions past this token's last leave its softmax as it is.
+        let live = pos <= last;
+        let new_mx = select(mx, max(mx, s), live);
+        let correction = exp(mx - new_mx);
+        let e = select(0.0, exp(s - new_mx), live);
+        denom = denom * correction + e;
+        if HD4 > 0u { acc0 = acc0 * correction + e * subgroupBroadcast(vp0, 0u); }
+        if HD4 > 1u { acc1 = acc1 * correction + e * subgroupBroadcast(vp0, 1u); }
+        if HD4 > 2u { acc2 = acc2 * correction + e * subgroupBroadcast(vp0, 2u); }
+        if HD4 > 3u { acc3 = acc3 * correction + e * subgroupBroadcast(vp0, 3u); }
+        if HD4 > 4u { acc4 = acc4 * correction + e * subgroupBroadcast(vp0, 4u); }
+        if HD4 > 5u { acc5 = acc5 * correction + e * subgroupBroadcast(vp0, 5u); }
+        if HD4 > 6u { acc6 = acc6 * correction + e * subgroupBroadcast(vp0, 6u); }
+        if HD4 > 7u { acc7 = acc7 * correction + e * subgroupBroadcast(vp0, 7u); }
+        if HD4 > 8u { acc8 = acc8 * correction + e * subgroupBroadcast(vp1, 0u); }
+        if HD4 > 9u { acc9 = acc9 * correction + e * subgroupBroadcast(vp1, 1u); }
+        if HD4 > 10u { acc10 = acc10 * correction + e * subgroupBroadcast(vp1, 2u); }
+        if HD4 > 11u { acc11 = acc11 * correction + e * subgroupBroadcast(vp1, 3u); }
+        if HD4 > 12u { acc12 = acc12 * correction + e * subgroupBroadcast(vp1, 4u); }
+        if HD4 > 13u { acc13 = acc13 * correction + e * subgroupBroadcast(vp1, 5u); }
+        if HD4 > 14u { acc14 = acc14 * correction + e * subgroupBroadcast(vp1, 6u); }
+        if HD4 > 15u { acc15 = acc15 * correction + e * subgroupBroadcast(vp1, 7u); }
+        if HD4 > 16u { acc16 = acc16 * correction + e * subgroupBroadcast(vp2, 0u); }
+        if HD4 > 17u { acc17 = acc17 * correction + e * subgroupBroadcast(vp2, 1u); }
+        if HD4 > 18u { acc18 = acc18 * correction + e * subgroupBroadcast(vp2, 2u); }
+        if HD4 > 19u { acc19 = acc19 * correction + e * subgroupBroadcast(vp2, 3u); }
+        if HD4 > 20u { acc20 = acc20 * correction + e * subgroupBroadcast(vp2, 4u); }
+        if HD4 > 21u { acc21 = acc21 * correction + e * subgroupBroadcast(vp2, 5u); }
+        if HD4 > 22u { acc22 = acc22 * correction + e * subgroupBroadcast(vp2, 6u); }
+        if HD4 > 23u { acc23 = acc23 * correction + e * subgroupBroadcast(vp2, 7u); }
+        if HD4 > 24u { acc24 = acc24 * correction + e * subgroupBroadcast(vp3, 0u); }
+        if HD4 > 25u { acc25 = acc25 * correction + e * subgroupBroadcast(vp3, 1u); }
+        if HD4 > 26u { acc26 = acc26 * correction + e * subgroupBroadcast(vp3, 2u); }
+        if HD4 > 27u { acc27 = acc27 * correction + e * subgroupBroadcast(vp3, 3u); }
+        if HD4 > 28u { acc28 = acc28 * correction + e * subgroupBroadcast(vp3, 4u); }
+        if HD4 > 29u { acc29 = acc29 * correction + e * subgroupBroadcast(vp3, 5u); }
+        if HD4 > 30u { acc30 = acc30 * correction + e * subgroupBroadcast(vp3, 6u); }
+        if HD4 > 31u { acc31 = acc31 * correction + e * subgroupBroadcast(vp3, 7u); }
+        mx = new_mx;
+    }
+    if gid.x >= p.n_tokens {
+        return;
+    }
+    let inv = 1.0 / denom;
+    if HD4 > 0u { out4[qo + 0u] = acc0 * inv; }
+    if HD4 > 1u { out4[qo + 1u] = acc1 * inv; }
+    if HD4 > 2u { out4[qo + 2u] = acc2 * inv; }
+    if HD4 > 3u { out4[qo + 3u] = acc3 * inv; }
+    if HD4 > 4u { out4[qo + 4u] = acc4 * inv; }
+    if HD4 > 5u { out4[qo + 5u] = acc5 * inv; }
+    if HD4 > 6u { out4[qo + 6u] = acc6 * inv; }
+    if HD4 > 7u { out4[qo + 7u] = acc7 * inv; }
+    if HD4 > 8u { out4[qo + 8u] = acc8 * inv; }
+    if HD4 > 9u { out4[qo + 9u] = acc9 * inv; }
+    if HD4 > 10u { out4[qo + 10u] = acc10 * inv; }
+    if HD4 > 11u { out4[qo + 11u] = acc11 * inv; }
+    if HD4 > 12u { out4[qo + 12u] = acc12 * inv; }
+    if HD4 > 13u { out4[qo + 13u] = acc13 * inv; }
+    if HD4 > 14u { out4[qo + 14u] = acc14 * inv; }
+    if HD4 > 15u { out4[qo + 15u] = acc15 * inv; }
+    if HD4 > 16u { out4[qo + 16u] = acc16 * inv; }
+    if HD4 > 17u { out4[qo + 17u] = acc17 * inv; }
+    if HD4 > 18u { out4[qo + 18u] = acc18 * inv; }
+    if HD4 > 19u { out4[qo + 19u] = acc19 * inv; }
+    if HD4 > 20u { out4[qo + 20u] = acc20 * inv; }
+    if HD4 > 21u { out4[qo + 21u] = acc21 * inv; }
+    if HD4 > 22u { out4[qo + 22u] = acc22 * inv; }
+    if HD4 > 23u { out4[qo + 23u] = acc23 * inv; }
+    if HD4 > 24u { out4[qo + 24u] = acc24 * inv; }
+    if HD4 > 25u { out4[qo + 25u] = acc25 * inv; }
+    if HD4 > 26u { out4[qo + 26u] = acc26 * inv; }
+    if HD4 > 27u { out4[qo + 27u] = acc27 * inv; }
+    if HD4 > 28u { out4[qo + 28u] = acc28 * inv; }
+    if HD4 > 29u { out4[qo + 29u] = acc29 * inv; }
+    if HD4 > 30u { out4[qo + 30u] = acc30 * inv; }
+    if HD4 > 31u { out4[qo + 31u] = acc31 * inv; }
+}
