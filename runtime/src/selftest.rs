@@ -360,8 +360,11 @@ pub fn cases() -> Vec<Case> {
             (1, k_big, 1536),
             // Takes the eight-rows-per-invocation matvec path, with a ragged end.
             (1, k_small, 16_389),
-            // Enough tokens to dequantise to f32 scratch and use the f32 matmul.
+            // Enough tokens for the prompt paths (dequantise to f32 scratch and use the f32
+            // matmul, or `qmatmul_sg8`), and more weight rows than one workgroup of
+            // `qmatmul_sg8` takes, neither count a multiple of its tiles.
             (20, k_big, 64),
+            (41, k_big, 600),
         ] {
             let wbytes = ty.row_bytes(k).unwrap_or(0) * n;
             cases.push(Case {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-const EXPECTED_SHADERS: usize = 11;
+const EXPECTED_SHADERS: usize = 12;
 
 fn shader_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders")
@@ -69,5 +69,38 @@ fn runtime_embeds_every_shader_file() {
     for (name, src) in edgetune::backend::wgpu::SHADERS {
         let file = std::fs::read_to_string(shader_dir().join(format!("{name}.wgsl"))).unwrap();
         assert_eq!(file, src, "{name}.wgsl differs from the embedded copy");
+    }
+}
+
+/// The text of every top-level `fn` in a WGSL source, by name.
+fn functions(src: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut rest = src;
+    while let Some(at) = rest.find("\nfn ") {
+        let body = &rest[at + 1..];
+        let end = body.find("\n}\n").map_or(body.len(), |e| e + 3);
+        let name = body[3..].split('(').next().unwrap_or("").to_string();
+        out.insert(name, body[..end].to_string());
+        rest = &body[end..];
+    }
+    out
+}
+
+#[test]
+fn subgroup_variants_copy_their_helpers_unchanged() {
+    // A subgroup file cannot share its family's module (that would fail validation on
+    // devices without subgroups), so it carries copies of the helpers it needs.
+    for (family, variant) in [("quant", "quant_sg")] {
+        let read =
+            |n: &str| std::fs::read_to_string(shader_dir().join(format!("{n}.wgsl"))).unwrap();
+        let (base, copy) = (functions(&read(family)), functions(&read(variant)));
+        let shared: Vec<&String> = copy.keys().filter(|n| base.contains_key(*n)).collect();
+        assert!(shared.len() >= 5, "{variant}: only {shared:?} shared");
+        for name in shared {
+            assert_eq!(
+                copy[name], base[name],
+                "{variant}.wgsl's `{name}` differs from {family}.wgsl's"
+            );
+        }
     }
 }

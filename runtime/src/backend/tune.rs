@@ -49,33 +49,38 @@ pub struct KernelShapes {
     pub matvec_wide: MatvecShape,
     /// Attention with few (token, head) pairs: a decode step.
     pub attention_decode: AttentionShape,
-    /// Attention with many: a prompt or a training pass.
-    pub attention_prefill: PrefillAttention,
+    /// Attention with many: a prompt or a training pass (`attention_v4` or
+    /// `attention_sg8`).
+    pub attention_prefill: Variant,
+    /// Products of a quantised weight with many rows of x (Q8_0, Q4_0, Q4_1): dequantise
+    /// to f32 and `matmul8`, or `qmatmul_sg8` on the blocks.
+    pub prompt_matmul: Variant,
 }
 
-/// The kernel of prompt and training attention.
+/// A kernel with a variant for devices whose subgroups are exactly 8 invocations (lavapipe
+/// on AVX2 and AVX-512 hosts; the `*_sg.wgsl` files). On a CPU-emulated GPU the 8
+/// invocations of a subgroup are the lanes of one vector register and a load whose
+/// address differs per lane is a loop over the lanes, so these variants load each value
+/// once per subgroup and share it with `subgroupBroadcast`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefillAttention {
-    /// `attention_v4`: one invocation per (token, head), every one loading whole key and
-    /// value rows (written `v4`); runs everywhere.
-    PerPair,
-    /// `attention_sg8` (attention_sg.wgsl): subgroups of 8 tokens share each row's loads
-    /// (written `sg8`); only on devices whose subgroups are exactly 8 invocations, others
-    /// run `PerPair` instead.
+pub enum Variant {
+    /// The kernel every device runs (written `portable`).
+    Portable,
+    /// The subgroup variant (written `sg8`); a device without subgroups of 8 runs the
+    /// portable kernel instead.
     Subgroup8,
 }
 
-impl PrefillAttention {
+impl Variant {
     pub fn spec(&self) -> &'static str {
         match self {
-            PrefillAttention::PerPair => "v4",
-            PrefillAttention::Subgroup8 => "sg8",
+            Variant::Portable => "portable",
+            Variant::Subgroup8 => "sg8",
         }
     }
 }
 
-const PREFILL_CANDIDATES: [PrefillAttention; 2] =
-    [PrefillAttention::PerPair, PrefillAttention::Subgroup8];
+const VARIANTS: [Variant; 2] = [Variant::Portable, Variant::Subgroup8];
 
 /// The shape of decode-step attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,22 +132,37 @@ impl Default for KernelShapes {
                 wg: 4,
                 split: false,
             },
-            attention_prefill: PrefillAttention::PerPair,
+            attention_prefill: Variant::Portable,
+            prompt_matmul: Variant::Portable,
         }
     }
 }
 
 impl KernelShapes {
-    /// `matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG,attention_prefill=v4|sg8`,
-    /// as `--kernel-shapes` takes and `selftest` shows it.
+    /// `matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG,attention_prefill=V,
+    /// prompt_matmul=V` (V: portable or sg8), as `--kernel-shapes` takes and `selftest`
+    /// shows it.
     pub fn spec(&self) -> String {
         format!(
-            "matvec={},matvec_wide={},attention_decode={},attention_prefill={}",
+            "matvec={},matvec_wide={},attention_decode={},attention_prefill={},prompt_matmul={}",
             self.matvec.spec(),
             self.matvec_wide.spec(),
             self.attention_decode.spec(),
-            self.attention_prefill.spec()
+            self.attention_prefill.spec(),
+            self.prompt_matmul.spec()
         )
+    }
+
+    /// The choices that need subgroups of 8, by key.
+    fn subgroup_choices(&self) -> Vec<&'static str> {
+        [
+            ("attention_prefill", self.attention_prefill),
+            ("prompt_matmul", self.prompt_matmul),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v == Variant::Subgroup8)
+        .map(|(k, _)| k)
+        .collect()
     }
 
     /// Parses [`KernelShapes::spec`]'s form; keys left out keep their default. Only
@@ -194,16 +214,23 @@ impl KernelShapes {
                         },
                     }
                 }
-                "attention_prefill" => {
-                    s.attention_prefill = PREFILL_CANDIDATES
+                "attention_prefill" | "prompt_matmul" => {
+                    let v = VARIANTS
                         .into_iter()
                         .find(|c| c.spec() == value)
-                        .ok_or_else(|| bad(format!("{key}: {value:?} is not one of v4, sg8")))?;
+                        .ok_or_else(|| {
+                            bad(format!("{key}: {value:?} is not one of portable, sg8"))
+                        })?;
+                    if key == "prompt_matmul" {
+                        s.prompt_matmul = v;
+                    } else {
+                        s.attention_prefill = v;
+                    }
                 }
                 _ => {
                     return Err(bad(format!(
                         "unknown key {key:?} (matvec, matvec_wide, attention_decode, \
-                         attention_prefill)"
+                         attention_prefill, prompt_matmul)"
                     )));
                 }
             }
@@ -222,7 +249,8 @@ impl KernelShapes {
                 matvec: m,
                 matvec_wide: m,
                 attention_decode: attention[i % attention.len()],
-                attention_prefill: PREFILL_CANDIDATES[i % PREFILL_CANDIDATES.len()],
+                attention_prefill: VARIANTS[i % VARIANTS.len()],
+                prompt_matmul: VARIANTS[(i / 2) % VARIANTS.len()],
             })
             .collect()
     }
@@ -437,16 +465,42 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             row0: 0,
             scale: 0.125,
         };
-        best.attention_prefill =
-            fastest(gpu, &op, PREFILL_CANDIDATES.to_vec(), &mut timings, |a| {
-                (
-                    KernelShapes {
-                        attention_prefill: a,
-                        ..best
-                    },
-                    format!("attention prefill {}", a.spec()),
-                )
-            })?;
+        best.attention_prefill = fastest(gpu, &op, VARIANTS.to_vec(), &mut timings, |a| {
+            (
+                KernelShapes {
+                    attention_prefill: a,
+                    ..best
+                },
+                format!("attention prefill {}", a.spec()),
+            )
+        })?;
+        // A prompt's product: 64 rows of x, a projection's weights.
+        let (m, k, n) = (64u32, 576u32, 1536u32);
+        let x = gpu.upload_f32(&vec![0.5; (m * k) as usize], "tune x")?;
+        let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
+            .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
+            .collect();
+        let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
+        let out = gpu.alloc(u64::from(m * n) * 4, "tune out")?;
+        let op = Op::QMatmul {
+            x: &x,
+            w: &w,
+            factors: None,
+            out: &out,
+            wtype,
+            m,
+            k,
+            n,
+        };
+        best.prompt_matmul = fastest(gpu, &op, VARIANTS.to_vec(), &mut timings, |v| {
+            (
+                KernelShapes {
+                    prompt_matmul: v,
+                    ..best
+                },
+                format!("prompt matmul {}", v.spec()),
+            )
+        })?;
     }
     Ok((best, timings))
 }
@@ -499,12 +553,13 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     match tuning {
         Tuning::Defaults => return Ok(report(KernelShapes::default(), "defaults", notes)),
         Tuning::Force(s) => {
-            if s.attention_prefill == PrefillAttention::Subgroup8 && !gpu.subgroups_of_8() {
-                notes.push(
-                    "attention_prefill=sg8 needs subgroups of exactly 8 invocations, which \
-                     this device lacks: its attention runs the portable kernel (v4)"
-                        .into(),
-                );
+            let wanted = s.subgroup_choices();
+            if !wanted.is_empty() && !gpu.subgroups_of_8() {
+                notes.push(format!(
+                    "{}=sg8 needs subgroups of exactly 8 invocations, which this device \
+                     lacks: it runs the portable kernels",
+                    wanted.join("=sg8, ")
+                ));
             }
             gpu.set_shapes(*s);
             return Ok(report(*s, "forced", notes));
@@ -555,11 +610,12 @@ mod tests {
         }
         assert_eq!(KernelShapes::parse("").unwrap(), KernelShapes::default());
         let partial = KernelShapes::parse("attention_decode=64").unwrap();
+        let sg = KernelShapes::parse("attention_prefill=sg8,prompt_matmul=sg8").unwrap();
+        assert_eq!(sg.attention_prefill, Variant::Subgroup8);
+        assert_eq!(sg.prompt_matmul, Variant::Subgroup8);
         assert_eq!(
-            KernelShapes::parse("attention_prefill=sg8")
-                .unwrap()
-                .attention_prefill,
-            PrefillAttention::Subgroup8
+            sg.subgroup_choices(),
+            ["attention_prefill", "prompt_matmul"]
         );
         assert_eq!(partial.attention_decode.wg, 64);
         let split = KernelShapes::parse("attention_decode=8s")
@@ -583,6 +639,7 @@ mod tests {
             "matvec",
             "attention_decode=-1",
             "attention_prefill=sg4",
+            "prompt_matmul=v4",
         ] {
             let err = KernelShapes::parse(bad).unwrap_err().to_string();
             assert!(err.contains("kernel shapes"), "{bad}: {err}");

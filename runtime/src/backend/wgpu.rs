@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use wgpu::util::DeviceExt;
 
 /// The kernel families, one WGSL file each.
-pub const SHADERS: [(&str, &str); 11] = [
+pub const SHADERS: [(&str, &str); 12] = [
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
     ("quant", include_str!("../../../shaders/quant.wgsl")),
     ("rmsnorm", include_str!("../../../shaders/rmsnorm.wgsl")),
@@ -31,6 +31,7 @@ pub const SHADERS: [(&str, &str); 11] = [
         "attention_sg",
         include_str!("../../../shaders/attention_sg.wgsl"),
     ),
+    ("quant_sg", include_str!("../../../shaders/quant_sg.wgsl")),
     ("philox", include_str!("../../../shaders/philox.wgsl")),
     (
         "attention_grad",
@@ -828,6 +829,32 @@ impl Backend for Gpu {
                 // prompt processing; see BENCHMARKS.md).
                 let scratch_bytes = u64::from(n) * u64::from(k) * 4;
                 if m >= DEQUANT_MATMUL_FROM
+                    && self.shapes.prompt_matmul == tune::Variant::Subgroup8
+                    && self.subgroups_of_8()
+                    && matches!(
+                        wtype,
+                        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
+                    )
+                {
+                    // Workgroup (x, y): 256 weight rows, 8 rows of x.
+                    let d = Dispatch {
+                        family: "quant_sg",
+                        entry: "qmatmul_sg8",
+                        overrides: vec![
+                            ("WTYPE", wtype.shader_code()),
+                            ("FACTORS", u32::from(factors.is_some())),
+                        ],
+                        bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
+                        params: vec![m, k, n, wtype.row_bytes(k as usize)? as u32],
+                        groups: self.check_grid(
+                            name,
+                            u64::from(n.div_ceil(256)),
+                            u64::from(m.div_ceil(8)),
+                        )?,
+                    };
+                    return self.dispatch(d);
+                }
+                if m >= DEQUANT_MATMUL_FROM
                     && k.is_multiple_of(4)
                     && n.is_multiple_of(8)
                     && scratch_bytes <= self.limits.max_storage_buffer_binding_size
@@ -1062,7 +1089,7 @@ impl Backend for Gpu {
                 ];
                 let wg = shape.wg;
                 if pairs >= tune::DECODE_PAIRS_BELOW
-                    && self.shapes.attention_prefill == tune::PrefillAttention::Subgroup8
+                    && self.shapes.attention_prefill == tune::Variant::Subgroup8
                     && self.subgroups_of_8()
                     && head_dim.is_multiple_of(32)
                     && head_dim <= 128

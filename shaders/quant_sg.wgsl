@@ -1,0 +1,270 @@
+// Prompt-sized products of the 32-element block formats (Q8_0, Q4_0, Q4_1, split layout)
+// on subgroups of 8: out = x * dequant(w)^T, as `qmatmul` in quant.wgsl computes it;
+// CPU reference: runtime/src/backend/cpu.rs `qmatmul`. Only used where the device has
+// subgroups of exactly 8 invocations (lavapipe on AVX2 or AVX-512 hosts), chosen per device
+// by measurement (backend::tune) against dequantising to f32 and `matmul8`.
+//
+// Why: on a CPU-emulated GPU a storage load whose address differs per lane runs as a loop
+// over the lanes, so loads, not arithmetic, bound the products. Each invocation here owns
+// four weight rows (output columns) and eight rows of x; its weights arrive as packed
+// blocks (five or nine words per 32 values, dequantised in registers), and each of the 8
+// invocations of a subgroup loads one eighth of a 32-element chunk of every x row, which
+// `subgroupBroadcast` (a register shuffle) then hands to the others. The dequantising
+// pass and its f32 copy of the weights disappear.
+//
+// A separate file because a module using subgroup operations fails validation on devices
+// without them. The helpers below are copies of quant.wgsl's (tests/tests/shaders.rs checks
+// that they stay identical).
+
+struct Params {
+    m: u32,      // tokens (rows of x)
+    k: u32,      // elements per weight row (a multiple of 32)
+    n: u32,      // weight rows
+    row_bytes: u32,
+}
+
+override WTYPE: u32 = 5u;
+override FACTORS: bool = false;
+
+const Q8_0: u32 = 3u;
+const Q4_0: u32 = 4u;
+const Q4_1: u32 = 5u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> factors: array<f32>;
+
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let mag = h & 0x7FFFu;
+    let normal = sign | ((mag << 13u) + (112u << 23u));
+    let sub = sign | bitcast<u32>(ldexp(f32(mag), -24));
+    let special = sign | 0x7F800000u | ((mag & 0x3FFu) << 13u);
+    return bitcast<f32>(select(select(normal, sub, mag < 0x400u), special, mag >= 0x7C00u));
+}
+
+fn block_index(j: u32, c: u32) -> u32 {
+    return j * (p.k / 32u) + c;
+}
+
+fn n_blocks() -> u32 {
+    return p.n * (p.k / 32u);
+}
+
+fn split_scale16(b: u32) -> f32 {
+    return half_to_f32((w[b >> 1u] >> (16u * (b & 1u))) & 0xFFFFu);
+}
+
+fn stored_scale(b: u32) -> f32 {
+    if WTYPE == Q4_1 {
+        return half_to_f32(w[b] & 0xFFFFu);
+    }
+    return split_scale16(b);
+}
+
+fn block_scale(b: u32) -> f32 {
+    if FACTORS {
+        return stored_scale(b) * factors[b];
+    }
+    return stored_scale(b);
+}
+
+fn split_quants(b: u32, per_block: u32) -> u32 {
+    var scale_bytes = 2u * n_blocks();
+    if WTYPE == Q4_1 {
+        scale_bytes = 4u * n_blocks();
+    }
+    return (scale_bytes + 15u) / 16u + b * per_block;
+}
+
+fn i8x4(v: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<i32>(bitcast<i32>(v << 24u), bitcast<i32>(v << 16u), bitcast<i32>(v << 8u), bitcast<i32>(v)) >> vec4<u32>(24u));
+}
+
+fn nib4(v: u32, shift: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(v) >> vec4<u32>(shift, shift + 8u, shift + 16u, shift + 24u)) & vec4<u32>(0xFu));
+}
+
+// One weight row's block: its scale, offset and quants (Q8_0: 32 bytes in qa, qb; Q4_0 and
+// Q4_1: 32 nibbles in qa).
+struct Block {
+    qa: vec4<u32>,
+    qb: vec4<u32>,
+    d: f32,
+    m: f32,
+}
+
+// Block c of weight row j.
+fn load_block(j: u32, c: u32) -> Block {
+    let b = block_index(j, c);
+    var r: Block;
+    r.d = block_scale(b);
+    // -0.0 leaves every value, negative zero included, unchanged when added.
+    r.m = -0.0;
+    if WTYPE == Q8_0 {
+        let q = split_quants(b, 2u);
+        r.qa = wq[q];
+        r.qb = wq[q + 1u];
+    } else {
+        r.qa = wq[split_quants(b, 1u)];
+        if WTYPE == Q4_1 {
+            r.m = half_to_f32(w[b] >> 16u);
+        } else {
+            r.m = -8.0 * r.d;
+        }
+    }
+    return r;
+}
+
+// Elements 4t .. 4t+4 of a block, dequantised as quant.wgsl's `chunk` does (t a literal,
+// so the selections fold away).
+fn quad(b: Block, t: u32) -> vec4<f32> {
+    if WTYPE == Q8_0 {
+        return vec4<f32>(b.d) * i8x4(select(b.qb[t % 4u], b.qa[t % 4u], t < 4u)) + vec4<f32>(b.m);
+    }
+    return vec4<f32>(b.d) * nib4(b.qa[t % 4u], 4u * (t / 4u)) + vec4<f32>(b.m);
+}
+
+// Elements 4t .. 4t+4 of four weight rows' blocks as the rows of a matrix, so that
+// `wt * x` gives the four rows' sums over those elements.
+fn quads(b0: Block, b1: Block, b2: Block, b3: Block, t: u32) -> mat4x4<f32> {
+    return transpose(mat4x4<f32>(quad(b0, t), quad(b1, t), quad(b2, t), quad(b3, t)));
+}
+
+// Workgroup (x, y): weight rows col + 64c (c < 4, col = 256x + lid) and rows 8y .. 8y+8 of x. Rows
+// past n or m are clamped to the last, computed and not stored, so every invocation
+// reaches the subgroup operations.
+@compute @workgroup_size(64, 1, 1)
+fn qmatmul_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let chunks = p.k / 32u;
+    let k4 = p.k / 4u;
+    let col = wg.x * 256u + lid;
+    let i0 = wg.y * 8u;
+    let last = p.m - 1u;
+    let j0 = min(col + 0u, p.n - 1u);
+    let j1 = min(col + 64u, p.n - 1u);
+    let j2 = min(col + 128u, p.n - 1u);
+    let j3 = min(col + 192u, p.n - 1u);
+    // acc_r: row i0 + r of out at the four weight rows.
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    for (var c = 0u; c < chunks; c++) {
+        // This invocation's quarter-row (elements 4 lane .. 4 lane + 4) of the chunk of
+        // each x row.
+        let xo = 8u * c + lane;
+        let xr0 = x4[min(i0 + 0u, last) * k4 + xo];
+        let xr1 = x4[min(i0 + 1u, last) * k4 + xo];
+        let xr2 = x4[min(i0 + 2u, last) * k4 + xo];
+        let xr3 = x4[min(i0 + 3u, last) * k4 + xo];
+        let xr4 = x4[min(i0 + 4u, last) * k4 + xo];
+        let xr5 = x4[min(i0 + 5u, last) * k4 + xo];
+        let xr6 = x4[min(i0 + 6u, last) * k4 + xo];
+        let xr7 = x4[min(i0 + 7u, last) * k4 + xo];
+        let b0 = load_block(j0, c);
+        let b1 = load_block(j1, c);
+        let b2 = load_block(j2, c);
+        let b3 = load_block(j3, c);
+        let w0 = quads(b0, b1, b2, b3, 0u);
+        acc0 += w0 * subgroupBroadcast(xr0, 0u);
+        acc1 += w0 * subgroupBroadcast(xr1, 0u);
+        acc2 += w0 * subgroupBroadcast(xr2, 0u);
+        acc3 += w0 * subgroupBroadcast(xr3, 0u);
+        acc4 += w0 * subgroupBroadcast(xr4, 0u);
+        acc5 += w0 * subgroupBroadcast(xr5, 0u);
+        acc6 += w0 * subgroupBroadcast(xr6, 0u);
+        acc7 += w0 * subgroupBroadcast(xr7, 0u);
+        let w1 = quads(b0, b1, b2, b3, 1u);
+        acc0 += w1 * subgroupBroadcast(xr0, 1u);
+        acc1 += w1 * subgroupBroadcast(xr1, 1u);
+        acc2 += w1 * subgroupBroadcast(xr2, 1u);
+        acc3 += w1 * subgroupBroadcast(xr3, 1u);
+        acc4 += w1 * subgroupBroadcast(xr4, 1u);
+        acc5 += w1 * subgroupBroadcast(xr5, 1u);
+        acc6 += w1 * subgroupBroadcast(xr6, 1u);
+        acc7 += w1 * subgroupBroadcast(xr7, 1u);
+        let w2 = quads(b0, b1, b2, b3, 2u);
+        acc0 += w2 * subgroupBroadcast(xr0, 2u);
+        acc1 += w2 * subgroupBroadcast(xr1, 2u);
+        acc2 += w2 * subgroupBroadcast(xr2, 2u);
+        acc3 += w2 * subgroupBroadcast(xr3, 2u);
+        acc4 += w2 * subgroupBroadcast(xr4, 2u);
+        acc5 += w2 * subgroupBroadcast(xr5, 2u);
+        acc6 += w2 * subgroupBroadcast(xr6, 2u);
+        acc7 += w2 * subgroupBroadcast(xr7, 2u);
+        let w3 = quads(b0, b1, b2, b3, 3u);
+        acc0 += w3 * subgroupBroadcast(xr0, 3u);
+        acc1 += w3 * subgroupBroadcast(xr1, 3u);
+        acc2 += w3 * subgroupBroadcast(xr2, 3u);
+        acc3 += w3 * subgroupBroadcast(xr3, 3u);
+        acc4 += w3 * subgroupBroadcast(xr4, 3u);
+        acc5 += w3 * subgroupBroadcast(xr5, 3u);
+        acc6 += w3 * subgroupBroadcast(xr6, 3u);
+        acc7 += w3 * subgroupBroadcast(xr7, 3u);
+        let w4 = quads(b0, b1, b2, b3, 4u);
+        acc0 += w4 * subgroupBroadcast(xr0, 4u);
+        acc1 += w4 * subgroupBroadcast(xr1, 4u);
+        acc2 += w4 * subgroupBroadcast(xr2, 4u);
+        acc3 += w4 * subgroupBroadcast(xr3, 4u);
+        acc4 += w4 * subgroupBroadcast(xr4, 4u);
+        acc5 += w4 * subgroupBroadcast(xr5, 4u);
+        acc6 += w4 * subgroupBroadcast(xr6, 4u);
+        acc7 += w4 * subgroupBroadcast(xr7, 4u);
+        let w5 = quads(b0, b1, b2, b3, 5u);
+        acc0 += w5 * subgroupBroadcast(xr0, 5u);
+        acc1 += w5 * subgroupBroadcast(xr1, 5u);
+        acc2 += w5 * subgroupBroadcast(xr2, 5u);
+        acc3 += w5 * subgroupBroadcast(xr3, 5u);
+        acc4 += w5 * subgroupBroadcast(xr4, 5u);
+        acc5 += w5 * subgroupBroadcast(xr5, 5u);
+        acc6 += w5 * subgroupBroadcast(xr6, 5u);
+        acc7 += w5 * subgroupBroadcast(xr7, 5u);
+        let w6 = quads(b0, b1, b2, b3, 6u);
+        acc0 += w6 * subgroupBroadcast(xr0, 6u);
+        acc1 += w6 * subgroupBroadcast(xr1, 6u);
+        acc2 += w6 * subgroupBroadcast(xr2, 6u);
+        acc3 += w6 * subgroupBroadcast(xr3, 6u);
+        acc4 += w6 * subgroupBroadcast(xr4, 6u);
+        acc5 += w6 * subgroupBroadcast(xr5, 6u);
+        acc6 += w6 * subgroupBroadcast(xr6, 6u);
+        acc7 += w6 * subgroupBroadcast(xr7, 6u);
+        let w7 = quads(b0, b1, b2, b3, 7u);
+        acc0 += w7 * subgroupBroadcast(xr0, 7u);
+        acc1 += w7 * subgroupBroadcast(xr1, 7u);
+        acc2 += w7 * subgroupBroadcast(xr2, 7u);
+        acc3 += w7 * subgroupBroadcast(xr3, 7u);
+        acc4 += w7 * subgroupBroadcast(xr4, 7u);
+        acc5 += w7 * subgroupBroadcast(xr5, 7u);
+        acc6 += w7 * subgroupBroadcast(xr6, 7u);
+        acc7 += w7 * subgroupBroadcast(xr7, 7u);
+    }
+    let cols = vec4<u32>(col, col + 64u, col + 128u, col + 192u);
+    store(i0 + 0u, cols, acc0);
+    store(i0 + 1u, cols, acc1);
+    store(i0 + 2u, cols, acc2);
+    store(i0 + 3u, cols, acc3);
+    store(i0 + 4u, cols, acc4);
+    store(i0 + 5u, cols, acc5);
+    store(i0 + 6u, cols, acc6);
+    store(i0 + 7u, cols, acc7);
+}
+
+// Row i of out at columns `cols`, those that exist.
+fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
+    if i >= p.m {
+        return;
+    }
+    for (var c = 0u; c < 4u; c++) {
+        if cols[c] < p.n {
+            out[i * p.n + cols[c]] = v[c];
+        }
+    }
+}
