@@ -268,3 +268,110 @@ fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
         }
     }
 }
+
+// Elements 4t .. 4t+4 of a block before its affine step (t a literal).
+fn raw_quad(b: Block, t: u32) -> vec4<f32> {
+    if WTYPE == Q8_0 {
+        return i8x4(select(b.qb[t % 4u], b.qa[t % 4u], t < 4u));
+    }
+    return nib4(b.qa[t % 4u], 4u * (t / 4u));
+}
+
+// Weight rows per `qmatvec_sg8` invocation (4 or 8) and invocations per workgroup (a
+// multiple of 8), chosen per device by measurement.
+override ROWS: u32 = 4u;
+override MV_WG: u32 = 16u;
+
+// One token: out = dequant(w) x. The subgroup's invocations each load a quarter-row of
+// every 32-element chunk of x and share it, as in `qmatmul_sg8`; each invocation owns ROWS
+// weight rows, col + MV_WG r (col = ROWS MV_WG x + lid), and applies each block's affine
+// step once to the block's sums (d * sum(q x) + m * sum(x)), as quant.wgsl's dots do.
+@compute @workgroup_size(MV_WG, 1, 1)
+fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let chunks = p.k / 32u;
+    let col = wg.x * ROWS * MV_WG + lid;
+    let j0 = min(col + 0u * MV_WG, p.n - 1u);
+    var s0 = 0.0;
+    let j1 = min(col + 1u * MV_WG, p.n - 1u);
+    var s1 = 0.0;
+    let j2 = min(col + 2u * MV_WG, p.n - 1u);
+    var s2 = 0.0;
+    let j3 = min(col + 3u * MV_WG, p.n - 1u);
+    var s3 = 0.0;
+    let j4 = min(col + 4u * MV_WG, p.n - 1u);
+    var s4 = 0.0;
+    let j5 = min(col + 5u * MV_WG, p.n - 1u);
+    var s5 = 0.0;
+    let j6 = min(col + 6u * MV_WG, p.n - 1u);
+    var s6 = 0.0;
+    let j7 = min(col + 7u * MV_WG, p.n - 1u);
+    var s7 = 0.0;
+    for (var c = 0u; c < chunks; c++) {
+        let xv = x4[8u * c + lane];
+        let xb0 = subgroupBroadcast(xv, 0u);
+        let xb1 = subgroupBroadcast(xv, 1u);
+        let xb2 = subgroupBroadcast(xv, 2u);
+        let xb3 = subgroupBroadcast(xv, 3u);
+        let xb4 = subgroupBroadcast(xv, 4u);
+        let xb5 = subgroupBroadcast(xv, 5u);
+        let xb6 = subgroupBroadcast(xv, 6u);
+        let xb7 = subgroupBroadcast(xv, 7u);
+        let sum_x = dot(xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7, vec4<f32>(1.0));
+        if ROWS > 0u {
+            let b0 = load_block(j0, c);
+            s0 += b0.d * (dot(raw_quad(b0, 0u), xb0) + dot(raw_quad(b0, 1u), xb1) + dot(raw_quad(b0, 2u), xb2) + dot(raw_quad(b0, 3u), xb3) + dot(raw_quad(b0, 4u), xb4) + dot(raw_quad(b0, 5u), xb5) + dot(raw_quad(b0, 6u), xb6) + dot(raw_quad(b0, 7u), xb7)) + b0.m * sum_x;
+        }
+        if ROWS > 1u {
+            let b1 = load_block(j1, c);
+            s1 += b1.d * (dot(raw_quad(b1, 0u), xb0) + dot(raw_quad(b1, 1u), xb1) + dot(raw_quad(b1, 2u), xb2) + dot(raw_quad(b1, 3u), xb3) + dot(raw_quad(b1, 4u), xb4) + dot(raw_quad(b1, 5u), xb5) + dot(raw_quad(b1, 6u), xb6) + dot(raw_quad(b1, 7u), xb7)) + b1.m * sum_x;
+        }
+        if ROWS > 2u {
+            let b2 = load_block(j2, c);
+            s2 += b2.d * (dot(raw_quad(b2, 0u), xb0) + dot(raw_quad(b2, 1u), xb1) + dot(raw_quad(b2, 2u), xb2) + dot(raw_quad(b2, 3u), xb3) + dot(raw_quad(b2, 4u), xb4) + dot(raw_quad(b2, 5u), xb5) + dot(raw_quad(b2, 6u), xb6) + dot(raw_quad(b2, 7u), xb7)) + b2.m * sum_x;
+        }
+        if ROWS > 3u {
+            let b3 = load_block(j3, c);
+            s3 += b3.d * (dot(raw_quad(b3, 0u), xb0) + dot(raw_quad(b3, 1u), xb1) + dot(raw_quad(b3, 2u), xb2) + dot(raw_quad(b3, 3u), xb3) + dot(raw_quad(b3, 4u), xb4) + dot(raw_quad(b3, 5u), xb5) + dot(raw_quad(b3, 6u), xb6) + dot(raw_quad(b3, 7u), xb7)) + b3.m * sum_x;
+        }
+        if ROWS > 4u {
+            let b4 = load_block(j4, c);
+            s4 += b4.d * (dot(raw_quad(b4, 0u), xb0) + dot(raw_quad(b4, 1u), xb1) + dot(raw_quad(b4, 2u), xb2) + dot(raw_quad(b4, 3u), xb3) + dot(raw_quad(b4, 4u), xb4) + dot(raw_quad(b4, 5u), xb5) + dot(raw_quad(b4, 6u), xb6) + dot(raw_quad(b4, 7u), xb7)) + b4.m * sum_x;
+        }
+        if ROWS > 5u {
+            let b5 = load_block(j5, c);
+            s5 += b5.d * (dot(raw_quad(b5, 0u), xb0) + dot(raw_quad(b5, 1u), xb1) + dot(raw_quad(b5, 2u), xb2) + dot(raw_quad(b5, 3u), xb3) + dot(raw_quad(b5, 4u), xb4) + dot(raw_quad(b5, 5u), xb5) + dot(raw_quad(b5, 6u), xb6) + dot(raw_quad(b5, 7u), xb7)) + b5.m * sum_x;
+        }
+        if ROWS > 6u {
+            let b6 = load_block(j6, c);
+            s6 += b6.d * (dot(raw_quad(b6, 0u), xb0) + dot(raw_quad(b6, 1u), xb1) + dot(raw_quad(b6, 2u), xb2) + dot(raw_quad(b6, 3u), xb3) + dot(raw_quad(b6, 4u), xb4) + dot(raw_quad(b6, 5u), xb5) + dot(raw_quad(b6, 6u), xb6) + dot(raw_quad(b6, 7u), xb7)) + b6.m * sum_x;
+        }
+        if ROWS > 7u {
+            let b7 = load_block(j7, c);
+            s7 += b7.d * (dot(raw_quad(b7, 0u), xb0) + dot(raw_quad(b7, 1u), xb1) + dot(raw_quad(b7, 2u), xb2) + dot(raw_quad(b7, 3u), xb3) + dot(raw_quad(b7, 4u), xb4) + dot(raw_quad(b7, 5u), xb5) + dot(raw_quad(b7, 6u), xb6) + dot(raw_quad(b7, 7u), xb7)) + b7.m * sum_x;
+        }
+    }
+    if ROWS > 0u && col + 0u * MV_WG < p.n {
+        out[col + 0u * MV_WG] = s0;
+    }
+    if ROWS > 1u && col + 1u * MV_WG < p.n {
+        out[col + 1u * MV_WG] = s1;
+    }
+    if ROWS > 2u && col + 2u * MV_WG < p.n {
+        out[col + 2u * MV_WG] = s2;
+    }
+    if ROWS > 3u && col + 3u * MV_WG < p.n {
+        out[col + 3u * MV_WG] = s3;
+    }
+    if ROWS > 4u && col + 4u * MV_WG < p.n {
+        out[col + 4u * MV_WG] = s4;
+    }
+    if ROWS > 5u && col + 5u * MV_WG < p.n {
+        out[col + 5u * MV_WG] = s5;
+    }
+    if ROWS > 6u && col + 6u * MV_WG < p.n {
+        out[col + 6u * MV_WG] = s6;
+    }
+    if ROWS > 7u && col + 7u * MV_WG < p.n {
+        out[col + 7u * MV_WG] = s7;
+    }
+}

@@ -27,6 +27,10 @@ pub struct MatvecShape {
     /// `qmatvec_split`: a workgroup's invocations split each row's k and add their sums
     /// in workgroup memory (written `WGxROWSs`); else `qmatvec`, one invocation per rows.
     pub split: bool,
+    /// `qmatvec_sg8` (quant_sg.wgsl) for the 32-element block formats: one invocation per
+    /// rows, x shared across subgroups of 8 (written `WGxROWSg`); devices without such
+    /// subgroups, and other formats, run `qmatvec` with the same shape.
+    pub subgroup: bool,
 }
 
 impl MatvecShape {
@@ -35,7 +39,13 @@ impl MatvecShape {
             "{}x{}{}",
             self.wg,
             self.rows,
-            if self.split { "s" } else { "" }
+            if self.split {
+                "s"
+            } else if self.subgroup {
+                "g"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -122,11 +132,13 @@ impl Default for KernelShapes {
                 wg: 16,
                 rows: 4,
                 split: false,
+                subgroup: false,
             },
             matvec_wide: MatvecShape {
                 wg: 16,
                 rows: 8,
                 split: false,
+                subgroup: false,
             },
             attention_decode: AttentionShape {
                 wg: 4,
@@ -162,6 +174,12 @@ impl KernelShapes {
         .into_iter()
         .filter(|(_, v)| *v == Variant::Subgroup8)
         .map(|(k, _)| k)
+        .chain(
+            [("matvec", self.matvec), ("matvec_wide", self.matvec_wide)]
+                .into_iter()
+                .filter(|(_, m)| m.subgroup)
+                .map(|(k, _)| k),
+        )
         .collect()
     }
 
@@ -189,14 +207,17 @@ impl KernelShapes {
                         "{key}: {v:?} is not WGxROWS[s], e.g. 16x4 or 32x4s"
                     ))
                 })?;
-                let (rows, split) = match rows.strip_suffix('s') {
-                    Some(r) => (r, true),
-                    None => (rows, false),
+                let (rows, split, subgroup) = match (rows.strip_suffix('s'), rows.strip_suffix('g'))
+                {
+                    (Some(r), _) => (r, true, false),
+                    (_, Some(r)) => (r, false, true),
+                    _ => (rows, false, false),
                 };
                 Ok(MatvecShape {
                     wg: num(wg, &MATVEC_WG)?,
                     rows: num(rows, &MATVEC_ROWS)?,
                     split,
+                    subgroup,
                 })
             };
             match key {
@@ -258,10 +279,15 @@ impl KernelShapes {
 
 fn matvec_candidates() -> Vec<MatvecShape> {
     let mut v = Vec::new();
-    for split in [false, true] {
+    for (split, subgroup) in [(false, false), (true, false), (false, true)] {
         for wg in MATVEC_WG {
             for rows in MATVEC_ROWS {
-                v.push(MatvecShape { wg, rows, split });
+                v.push(MatvecShape {
+                    wg,
+                    rows,
+                    split,
+                    subgroup,
+                });
             }
         }
     }
@@ -395,7 +421,11 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        let shape = fastest(gpu, &op, matvec_candidates(), &mut timings, |m| {
+        let candidates = matvec_candidates()
+            .into_iter()
+            .filter(|m| !m.subgroup || gpu.subgroups_of_8())
+            .collect();
+        let shape = fastest(gpu, &op, candidates, &mut timings, |m| {
             (
                 KernelShapes {
                     matvec: m,
@@ -556,9 +586,9 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
             let wanted = s.subgroup_choices();
             if !wanted.is_empty() && !gpu.subgroups_of_8() {
                 notes.push(format!(
-                    "{}=sg8 needs subgroups of exactly 8 invocations, which this device \
-                     lacks: it runs the portable kernels",
-                    wanted.join("=sg8, ")
+                    "the subgroup kernels chosen for {} need subgroups of exactly 8 \
+                     invocations, which this device lacks: it runs the portable kernels",
+                    wanted.join(", ")
                 ));
             }
             gpu.set_shapes(*s);
@@ -627,11 +657,15 @@ mod tests {
             .unwrap()
             .matvec_wide;
         assert!(split.split && split.wg == 32 && split.rows == 8);
+        let sg = KernelShapes::parse("matvec=16x4g").unwrap().matvec;
+        assert!(sg.subgroup && !sg.split && sg.wg == 16 && sg.rows == 4);
         for bad in [
             "matvec=7x4",
             "matvec=16x5",
             "matvec=16x4t",
             "matvec=16x4ss",
+            "matvec=16x4gs",
+            "matvec=16x4sg",
             "attention_decode=4s",
             "attention_decode=8",
             "matvec=16",

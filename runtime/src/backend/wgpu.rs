@@ -887,6 +887,29 @@ impl Backend for Gpu {
                 } else {
                     self.shapes.matvec
                 };
+                if m == 1
+                    && mv.subgroup
+                    && self.subgroups_of_8()
+                    && matches!(
+                        wtype,
+                        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
+                    )
+                {
+                    let d = Dispatch {
+                        family: "quant_sg",
+                        entry: "qmatvec_sg8",
+                        overrides: vec![
+                            ("WTYPE", wtype.shader_code()),
+                            ("FACTORS", u32::from(factors.is_some())),
+                            ("ROWS", mv.rows),
+                            ("MV_WG", mv.wg),
+                        ],
+                        bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
+                        params: vec![m, k, n, row_bytes],
+                        groups: self.check_grid(name, u64::from(n.div_ceil(mv.rows * mv.wg)), 1)?,
+                    };
+                    return self.dispatch(d);
+                }
                 let (entry, groups) = if m == 1 && mv.split {
                     // One workgroup per `rows` rows.
                     let groups = u64::from(n.div_ceil(mv.rows)) * u64::from(mv.wg);
