@@ -14,7 +14,9 @@
 //
 // A separate file because a module using subgroup operations fails validation on devices
 // without them. The helpers below are copies of quant.wgsl's (tests/tests/shaders.rs checks
-// that they stay identical).
+// that every function of the same name stays identical; `Params`, the format codes and the
+// block decoding of `load_block` / `raw_quad` mirror quant.wgsl's `raw` and are checked by
+// the conformance cases instead).
 
 struct Params {
     m: u32,      // tokens (rows of x)
@@ -119,13 +121,19 @@ fn load_block(j: u32, c: u32) -> Block {
     return r;
 }
 
-// Elements 4t .. 4t+4 of a block, dequantised as quant.wgsl's `chunk` does (t a literal,
-// so the selections fold away).
-fn quad(b: Block, t: u32) -> vec4<f32> {
+// Elements 4t .. 4t+4 of a block before its affine step (t a literal, so the selections
+// fold away): Q8_0's bytes in order, Q4's low nibbles for elements 0..16 and high nibbles
+// for 16..32.
+fn raw_quad(b: Block, t: u32) -> vec4<f32> {
     if WTYPE == Q8_0 {
-        return vec4<f32>(b.d) * i8x4(select(b.qb[t % 4u], b.qa[t % 4u], t < 4u)) + vec4<f32>(b.m);
+        return i8x4(select(b.qb[t % 4u], b.qa[t % 4u], t < 4u));
     }
-    return vec4<f32>(b.d) * nib4(b.qa[t % 4u], 4u * (t / 4u)) + vec4<f32>(b.m);
+    return nib4(b.qa[t % 4u], 4u * (t / 4u));
+}
+
+// The same elements dequantised, as quant.wgsl's `chunk` does.
+fn quad(b: Block, t: u32) -> vec4<f32> {
+    return vec4<f32>(b.d) * raw_quad(b, t) + vec4<f32>(b.m);
 }
 
 // Elements 4t .. 4t+4 of four weight rows' blocks as the rows of a matrix, so that
@@ -267,14 +275,6 @@ fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
             out[i * p.n + cols[c]] = v[c];
         }
     }
-}
-
-// Elements 4t .. 4t+4 of a block before its affine step (t a literal).
-fn raw_quad(b: Block, t: u32) -> vec4<f32> {
-    if WTYPE == Q8_0 {
-        return i8x4(select(b.qb[t % 4u], b.qa[t % 4u], t < 4u));
-    }
-    return nib4(b.qa[t % 4u], 4u * (t / 4u));
 }
 
 // Weight rows per `qmatvec_sg8` invocation (4 or 8) and invocations per workgroup (a

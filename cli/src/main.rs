@@ -145,7 +145,9 @@ struct DeviceArgs {
     wgpu_backend: Option<String>,
     /// GPU kernel shapes: `cached` (measured on first use of an adapter and driver, then
     /// read from the cache), `measure` (again, replacing the cache), `defaults`, or forced
-    /// as matvec=WGxROWS,matvec_wide=WGxROWS,attention_decode=WG,attention_prefill=v4|sg8.
+    /// as matvec=WGxROWS[s|g],matvec_wide=WGxROWS[s|g],attention_decode=WG[s],
+    /// attention_prefill=portable|sg8,prompt_matmul=portable|sg8 (keys left out keep their
+    /// defaults).
     #[arg(long, default_value = "cached", value_parser = parse_tuning)]
     kernel_shapes: Tuning,
     /// Instruction set of the multi-threaded CPU path (to compare variants on one host).

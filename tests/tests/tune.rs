@@ -32,22 +32,25 @@ fn every_candidate_shape_matches_the_reference() {
     let cases: Vec<_> = selftest::cases()
         .into_iter()
         .filter(|c| {
-            // Shapes change how rows and pairs are spread, not how a block decodes: three
-            // formats (scalar f32, Q8_0, Q4_1, split layouts) keep the check short.
-            let format = ["f32 ", "q8_0 ", "q4_1 "]
+            // Shapes change how rows and pairs are spread, not how a block decodes: scalar
+            // f32 and the split-layout formats the subgroup products read keep it short.
+            let format = ["f32 ", "q8_0 ", "q4_0 ", "q4_1 "]
                 .iter()
                 .any(|f| c.shape().starts_with(f));
-            (c.kernel() == "qmatvec" && format) || c.kernel().contains("attention")
+            (matches!(c.kernel(), "qmatvec" | "qmatmul") && format)
+                || c.kernel().contains("attention")
         })
         .collect();
     assert!(cases.len() >= 8, "only {} cases", cases.len());
     // Each matrix-vector shape once, the attention shapes in turn beside them.
     let mut seen_attention = std::collections::HashSet::new();
     let mut seen_prefill = std::collections::HashSet::new();
+    let mut seen_prompt_matmul = std::collections::HashSet::new();
     let mut failures = Vec::new();
     for c in KernelShapes::covering() {
         seen_attention.insert(c.attention_decode.spec());
         seen_prefill.insert(c.attention_prefill.spec());
+        seen_prompt_matmul.insert(c.prompt_matmul.spec());
         let gpu = open(Tuning::Force(c), &dir);
         assert_eq!(gpu.tuning().unwrap().shapes, c);
         for case in &cases {
@@ -65,6 +68,7 @@ fn every_candidate_shape_matches_the_reference() {
     }
     assert_eq!(seen_attention.len(), 5, "not every attention shape ran");
     assert_eq!(seen_prefill.len(), 2, "not every prefill attention ran");
+    assert_eq!(seen_prompt_matmul.len(), 2, "not every prompt product ran");
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(!dir.exists(), "forced shapes must not touch the cache");
 }
@@ -93,7 +97,11 @@ fn a_bad_cache_is_ignored_and_rebuilt() {
     let valid = std::fs::read_to_string(&file).unwrap();
     let foreign = valid.replace("edgetune ", "edgetune-older ");
     let outside = valid.replace(&t.shapes.spec(), "matvec=7x4");
+    // A cache from before the subgroup choices existed: every other key, valid values.
+    let spec = t.shapes.spec();
+    let older = valid.replace(&spec, &spec[..spec.find(",attention_prefill").unwrap()]);
     for (what, body) in [
+        ("a cache without the newer keys", older),
         ("not JSON", "{\"identity\": tru".to_string()),
         ("another identity", foreign),
         ("a shape outside the candidates", outside),

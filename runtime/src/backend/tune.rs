@@ -1,7 +1,8 @@
 //! Kernel shapes chosen per device by measurement. The quantised matrix-vector product and
 //! decode-step attention have shapes (invocations per workgroup, rows per invocation) whose
 //! best value differs between devices by several times (register counts, cores, how an
-//! emulated GPU maps workgroups to threads). On first use of an adapter and driver,
+//! emulated GPU maps workgroups to threads), and prompt attention and prompt products have
+//! subgroup variants ([`Variant`]) that only some devices run well. On first use of an adapter and driver,
 //! [`autotune`] times each candidate on the shapes of a small model and keeps the fastest;
 //! the choice is cached on disk, keyed by adapter, driver and edgetune version, and a cache
 //! that is unreadable, stale or names a shape outside the candidates is ignored and
@@ -125,7 +126,8 @@ fn attention_candidates() -> Vec<AttentionShape> {
 }
 
 impl Default for KernelShapes {
-    /// The shapes measured best on lavapipe (BENCHMARKS.md), used without measurement.
+    /// Portable kernels in shapes that ran well on lavapipe before the subgroup variants
+    /// (BENCHMARKS.md), used without measurement.
     fn default() -> Self {
         KernelShapes {
             matvec: MatvecShape {
@@ -204,7 +206,7 @@ impl KernelShapes {
             let matvec = |v: &str| -> Result<MatvecShape> {
                 let (wg, rows) = v.split_once('x').ok_or_else(|| {
                     bad(format!(
-                        "{key}: {v:?} is not WGxROWS[s], e.g. 16x4 or 32x4s"
+                        "{key}: {v:?} is not WGxROWS[s|g], e.g. 16x4, 32x4s or 32x8g"
                     ))
                 })?;
                 let (rows, split, subgroup) = match (rows.strip_suffix('s'), rows.strip_suffix('g'))
@@ -398,8 +400,9 @@ fn time_op(
 }
 
 /// Measures every candidate on SmolLM2-135M's shapes (a projection, a wide output head, a
-/// decode step's attention at 256 positions) and returns the fastest of each, with the
-/// timings for the cache.
+/// decode step's attention at 256 positions; where subgroups are 8 invocations, also a
+/// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
+/// and Q4_0 too) and returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let mut best = KernelShapes::default();
     let mut timings = Vec::new();

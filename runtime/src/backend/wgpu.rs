@@ -598,14 +598,26 @@ fn z_params(
     ]
 }
 
+/// Whether `wtype` is stored in [`split_layout`] on the device (what the subgroup products
+/// of quant_sg.wgsl read).
+fn has_split_layout(wtype: WeightType) -> bool {
+    matches!(
+        wtype,
+        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
+    )
+}
+
 /// The device layout of the 32-element block formats (see shaders/quant.wgsl): every
 /// block's scale first (u16 d; for Q4_1 a u32 of d and m), padded to 16 bytes, then every
 /// block's quants, 16 or 32 bytes each. `None` for formats kept in their GGUF layout.
 pub fn split_layout(wtype: WeightType, data: &[u8]) -> Result<Option<Vec<u8>>> {
-    let (scale_bytes, quant_offset) = match wtype {
-        WeightType::Q8_0 | WeightType::Q4_0 => (2, 2),
-        WeightType::Q4_1 => (4, 4),
-        _ => return Ok(None),
+    if !has_split_layout(wtype) {
+        return Ok(None);
+    }
+    let (scale_bytes, quant_offset) = if wtype == WeightType::Q4_1 {
+        (4, 4)
+    } else {
+        (2, 2)
     };
     let bb = wtype.block_bytes();
     if !data.len().is_multiple_of(bb) {
@@ -824,17 +836,12 @@ impl Backend for Gpu {
                 k,
                 n,
             } => {
-                // Many tokens: dequantise the weights once into f32 scratch and use the
-                // register-blocked matmul, which outruns dequantising per tile (issue 3's
-                // prompt processing; see BENCHMARKS.md).
-                let scratch_bytes = u64::from(n) * u64::from(k) * 4;
+                let row_bytes = wtype.row_bytes(k as usize)? as u32;
+                // Many tokens on subgroups of 8: the blocks are read as they are.
                 if m >= DEQUANT_MATMUL_FROM
                     && self.shapes.prompt_matmul == tune::Variant::Subgroup8
                     && self.subgroups_of_8()
-                    && matches!(
-                        wtype,
-                        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
-                    )
+                    && has_split_layout(wtype)
                 {
                     // Workgroup (x, y): 256 weight rows, 8 rows of x.
                     let d = Dispatch {
@@ -845,7 +852,7 @@ impl Backend for Gpu {
                             ("FACTORS", u32::from(factors.is_some())),
                         ],
                         bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
-                        params: vec![m, k, n, wtype.row_bytes(k as usize)? as u32],
+                        params: vec![m, k, n, row_bytes],
                         groups: self.check_grid(
                             name,
                             u64::from(n.div_ceil(256)),
@@ -854,6 +861,10 @@ impl Backend for Gpu {
                     };
                     return self.dispatch(d);
                 }
+                // Many tokens: dequantise the weights once into f32 scratch and use the
+                // register-blocked matmul, which outruns dequantising per tile (issue 3's
+                // prompt processing; see BENCHMARKS.md).
+                let scratch_bytes = u64::from(n) * u64::from(k) * 4;
                 if m >= DEQUANT_MATMUL_FROM
                     && k.is_multiple_of(4)
                     && n.is_multiple_of(8)
@@ -880,21 +891,13 @@ impl Backend for Gpu {
                         b_t: true,
                     });
                 }
-                let row_bytes = wtype.row_bytes(k as usize)? as u32;
                 // Wide products (output heads) and projections each have their tuned shape.
                 let mv = if n >= tune::WIDE_FROM {
                     self.shapes.matvec_wide
                 } else {
                     self.shapes.matvec
                 };
-                if m == 1
-                    && mv.subgroup
-                    && self.subgroups_of_8()
-                    && matches!(
-                        wtype,
-                        WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
-                    )
-                {
+                if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
                     let d = Dispatch {
                         family: "quant_sg",
                         entry: "qmatvec_sg8",
