@@ -9,7 +9,7 @@
 //! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
 //! never in what is summed; `tests/tests/tune.rs` checks every one against the reference.
 
-use super::wgpu::Gpu;
+use super::wgpu::{Gpu, GpuBuffer};
 use super::{Backend, Op};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_json};
@@ -370,12 +370,7 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
 /// Seconds per call of `op` on `gpu` with `shapes`: the fastest of five batches after a
 /// warm-up (which compiles the pipeline), since other work on the machine only ever adds
 /// time; or one call's time if that is over three times `best`.
-fn time_op(
-    gpu: &mut Gpu,
-    shapes: KernelShapes,
-    op: &Op<'_, super::wgpu::GpuBuffer>,
-    best: f64,
-) -> Result<f64> {
+fn time_op(gpu: &mut Gpu, shapes: KernelShapes, op: &Op<'_, GpuBuffer>, best: f64) -> Result<f64> {
     gpu.set_shapes(shapes);
     gpu.run(op)?;
     gpu.sync()?;
@@ -408,12 +403,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let mut timings = Vec::new();
     let wtype = WeightType::Q4_1;
     for (k, n) in [(576u32, 1536u32), (576, WIDE_FROM)] {
-        let x = gpu.upload_f32(&vec![0.5; k as usize], "tune x")?;
-        let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
-            .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
-            .collect();
-        let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
-        let out = gpu.alloc(u64::from(n) * 4, "tune out")?;
+        let (x, w, out) = product_buffers(gpu, wtype, 1, k, n)?;
         let op = Op::QMatmul {
             x: &x,
             w: &w,
@@ -509,12 +499,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         })?;
         // A prompt's product: 64 rows of x, a projection's weights.
         let (m, k, n) = (64u32, 576u32, 1536u32);
-        let x = gpu.upload_f32(&vec![0.5; (m * k) as usize], "tune x")?;
-        let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
-            .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
-            .collect();
-        let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
-        let out = gpu.alloc(u64::from(m * n) * 4, "tune out")?;
+        let (x, w, out) = product_buffers(gpu, wtype, m, k, n)?;
         let op = Op::QMatmul {
             x: &x,
             w: &w,
@@ -538,11 +523,29 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     Ok((best, timings))
 }
 
+/// x (m x k), synthetic `wtype` weights (n rows of k, scales small enough to stay finite)
+/// and out (m x n) for timing a product.
+fn product_buffers(
+    gpu: &Gpu,
+    wtype: WeightType,
+    m: u32,
+    k: u32,
+    n: u32,
+) -> Result<(GpuBuffer, GpuBuffer, GpuBuffer)> {
+    let x = gpu.upload_f32(&vec![0.5; m as usize * k as usize], "tune x")?;
+    let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
+        .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
+        .collect();
+    let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
+    let out = gpu.alloc(u64::from(m) * u64::from(n) * 4, "tune out")?;
+    Ok((x, w, out))
+}
+
 /// The candidate whose shapes (`shapes_of` gives them and a label) run `op` fastest; each
 /// candidate's time is added to `timings`.
 fn fastest<T: Copy>(
     gpu: &mut Gpu,
-    op: &Op<'_, super::wgpu::GpuBuffer>,
+    op: &Op<'_, GpuBuffer>,
     candidates: Vec<T>,
     timings: &mut Vec<String>,
     shapes_of: impl Fn(T) -> (KernelShapes, String),
