@@ -701,6 +701,11 @@ pub fn cases() -> Vec<Case> {
         (2, 3, 3, 6, 1, 0, 0),
         (2, 3, 3, 6, 0, 3, 4),
         (2, 2, 1, 256, 3, 0, 0),
+        // Query heads per kv head: 4 (the most one `attention_gqa` workgroup holds, packed
+        // and not) and 7 (beyond it).
+        (1, 8, 2, 64, 37, 0, 0),
+        (2, 16, 4, 32, 9, 3, 1),
+        (1, 14, 2, 64, 30, 0, 0),
         // Prompts (enough pairs for the prefill kernels): token counts that fill no
         // subgroup or workgroup exactly, packed and not, both subgroup head widths.
         (45, 9, 3, 64, 3, 2, 5),

@@ -101,11 +101,20 @@ pub struct AttentionShape {
     /// `attention_split`: a workgroup per (token, head), its invocations splitting the
     /// positions (written `WGs`); else `attention_v4`, one invocation per pair.
     pub split: bool,
+    /// With `split`, `attention_gqa`: the workgroup serves every query head of one kv
+    /// head, loading each key and value once for all of them (written `WGq`). Models with
+    /// more than 4 query heads per kv head run `attention_split` instead.
+    pub gqa: bool,
 }
 
 impl AttentionShape {
     pub fn spec(&self) -> String {
-        format!("{}{}", self.wg, if self.split { "s" } else { "" })
+        let suffix = match (self.split, self.gqa) {
+            (true, true) => "q",
+            (true, false) => "s",
+            _ => "",
+        };
+        format!("{}{suffix}", self.wg)
     }
 }
 
@@ -120,8 +129,18 @@ const ATTENTION_WG: [u32; 3] = [4, 16, 64];
 const ATTENTION_SPLIT: [u32; 2] = [8, 16];
 
 fn attention_candidates() -> Vec<AttentionShape> {
-    let one = ATTENTION_WG.map(|wg| AttentionShape { wg, split: false });
-    let split = ATTENTION_SPLIT.map(|wg| AttentionShape { wg, split: true });
+    let one = ATTENTION_WG.map(|wg| AttentionShape {
+        wg,
+        split: false,
+        gqa: false,
+    });
+    let split = [false, true].into_iter().flat_map(|gqa| {
+        ATTENTION_SPLIT.map(|wg| AttentionShape {
+            wg,
+            split: true,
+            gqa,
+        })
+    });
     one.into_iter().chain(split).collect()
 }
 
@@ -145,6 +164,7 @@ impl Default for KernelShapes {
             attention_decode: AttentionShape {
                 wg: 4,
                 split: false,
+                gqa: false,
             },
             attention_prefill: Variant::Portable,
             prompt_matmul: Variant::Portable,
@@ -226,14 +246,17 @@ impl KernelShapes {
                 "matvec" => s.matvec = matvec(value)?,
                 "matvec_wide" => s.matvec_wide = matvec(value)?,
                 "attention_decode" => {
-                    s.attention_decode = match value.strip_suffix('s') {
+                    let gqa = value.strip_suffix('q');
+                    s.attention_decode = match gqa.or_else(|| value.strip_suffix('s')) {
                         Some(wg) => AttentionShape {
                             wg: num(wg, &ATTENTION_SPLIT)?,
                             split: true,
+                            gqa: gqa.is_some(),
                         },
                         None => AttentionShape {
                             wg: num(value, &ATTENTION_WG)?,
                             split: false,
+                            gqa: false,
                         },
                     }
                 }
@@ -657,7 +680,11 @@ mod tests {
         let split = KernelShapes::parse("attention_decode=8s")
             .unwrap()
             .attention_decode;
-        assert!(split.split && split.wg == 8);
+        assert!(split.split && !split.gqa && split.wg == 8);
+        let gqa = KernelShapes::parse("attention_decode=16q")
+            .unwrap()
+            .attention_decode;
+        assert!(gqa.split && gqa.gqa && gqa.wg == 16 && gqa.spec() == "16q");
         assert_eq!(partial.matvec, KernelShapes::default().matvec);
         let split = KernelShapes::parse("matvec_wide=32x8s")
             .unwrap()
@@ -673,6 +700,8 @@ mod tests {
             "matvec=16x4gs",
             "matvec=16x4sg",
             "attention_decode=4s",
+            "attention_decode=4q",
+            "attention_decode=16qs",
             "attention_decode=8",
             "matvec=16",
             "speed=11",

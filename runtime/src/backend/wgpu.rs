@@ -1102,6 +1102,7 @@ impl Backend for Gpu {
                     tune::AttentionShape {
                         wg: ATTENTION_WG,
                         split: false,
+                        gqa: false,
                     }
                 };
                 let params = vec![
@@ -1132,6 +1133,25 @@ impl Backend for Gpu {
                             u64::from(n_tokens.div_ceil(PREFILL_SG_WG)),
                             u64::from(n_heads),
                         )?,
+                    }
+                } else if head_dim.is_multiple_of(4)
+                    && head_dim <= 128
+                    && shape.gqa
+                    && (1..=4).contains(&(n_heads / n_kv_heads))
+                {
+                    // One workgroup per (token, kv head).
+                    let kv_pairs = u64::from(n_tokens) * u64::from(n_kv_heads);
+                    Dispatch {
+                        family: "attention",
+                        entry: "attention_gqa",
+                        overrides: vec![
+                            ("HD4", head_dim / 4),
+                            ("AT_SPLIT", wg),
+                            ("GQA", n_heads / n_kv_heads),
+                        ],
+                        bindings: vec![(5, q), (6, k), (7, v), (8, out)],
+                        params,
+                        groups: self.grid_of(name, kv_pairs * u64::from(wg), wg)?,
                     }
                 } else if head_dim.is_multiple_of(4) && head_dim <= 128 && shape.split {
                     // One workgroup per (token, head).
