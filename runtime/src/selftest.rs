@@ -539,6 +539,60 @@ pub fn cases() -> Vec<Case> {
         }
     }
 
+    // The fused step into the KV cache: each of its three outputs is a case. A decode step
+    // after many positions, a prompt at position 0, multi-head; the rows of q_out after the
+    // call's and of the caches before and after pos0.. must come back untouched.
+    for (style, t, h, kv, hd, pos0) in [
+        (RopeStyle::Interleaved, 1u32, 9u32, 3u32, 64u32, 300u32),
+        (RopeStyle::HalfSplit, 7, 4, 2, 32, 0),
+        (RopeStyle::HalfSplit, 2, 3, 3, 6, 5),
+    ] {
+        let after = 2;
+        let nq = ((t + after) * h * hd) as usize;
+        let nkv = (t * kv * hd) as usize;
+        let ncache = ((pos0 + t + after) * kv * hd) as usize;
+        for (what, out, out_elems) in [("q", 4, nq), ("k", 5, ncache), ("v", 6, ncache)] {
+            cases.push(Case {
+                kernel: "rope_kv",
+                shape: format!("{what} {style:?} t={t} h={h} kv={kv} d={hd} pos0={pos0}"),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(nq))),
+                    Init::Data(f32_bytes(&d.f32s(nkv))),
+                    Init::Data(f32_bytes(&d.f32s(nkv))),
+                    Init::Data(f32_bytes(&rope_table(
+                        10000.0,
+                        hd,
+                        pos0 + t,
+                        &RopeScaling::None,
+                    ))),
+                    Init::Data(f32_bytes(&d.f32s(nq))),
+                    Init::Data(f32_bytes(&d.f32s(ncache))),
+                    Init::Data(f32_bytes(&d.f32s(ncache))),
+                ],
+                op: Op::RopeKv {
+                    q: &IDX[0],
+                    k: &IDX[1],
+                    v: &IDX[2],
+                    table: &IDX[3],
+                    q_out: &IDX[4],
+                    k_cache: &IDX[5],
+                    v_cache: &IDX[6],
+                    n_tokens: t,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                    pos0,
+                    style,
+                },
+                out,
+                out_elems,
+                tolerance: close(1e-6, 1e-5),
+                work: 4.0 * f64::from(t * (h + 3 * kv) * hd),
+                unit: Unit::GbPerS,
+            });
+        }
+    }
+
     for (rows, cols) in [(3u32, 1000u32), (10, 7)] {
         let n = (rows * cols) as usize;
         let x: Vec<f32> = d.f32s(n).into_iter().map(|v| 8.0 * v).collect();

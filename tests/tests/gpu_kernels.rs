@@ -40,6 +40,7 @@ kernel_tests! {
     qmatmul_should_match_reference => "qmatmul",
     rmsnorm_should_match_reference => "rmsnorm",
     rope_should_match_reference => "rope",
+    rope_kv_should_match_reference => "rope_kv",
     softmax_should_match_reference => "softmax",
     add_should_match_reference => "add",
     scale_should_match_reference => "scale",
@@ -59,7 +60,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 28, "{kernels:?}");
+    assert_eq!(kernels.len(), 29, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of

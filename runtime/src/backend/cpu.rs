@@ -313,6 +313,37 @@ impl Backend for Cpu {
                 let y = rope(&x.f32s_at(at, rows), &tab, shape, pos0 as usize, style);
                 out.write_f32_at(at, &y);
             }
+            Op::RopeKv {
+                q,
+                k,
+                v,
+                table,
+                q_out,
+                k_cache,
+                v_cache,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                style,
+            } => {
+                let (t, hd) = (n_tokens as usize, head_dim as usize);
+                let (nq, nkv) = (t * n_heads as usize * hd, t * n_kv_heads as usize * hd);
+                let tab = table.f32s(((pos0 + n_tokens) * head_dim) as usize);
+                let at = pos0 as usize * n_kv_heads as usize * hd;
+                let p = pos0 as usize;
+                q_out.write_f32(&rope(
+                    &q.f32s(nq),
+                    &tab,
+                    (t, n_heads as usize, hd),
+                    p,
+                    style,
+                ));
+                let kr = rope(&k.f32s(nkv), &tab, (t, n_kv_heads as usize, hd), p, style);
+                k_cache.write_f32_at(at, &kr);
+                v_cache.write_f32_at(at, &v.f32s(nkv));
+            }
             Op::Softmax { x, out, rows, cols } => {
                 out.write_f32(&softmax(&x.f32s((rows * cols) as usize), cols as usize));
             }

@@ -107,6 +107,27 @@ pub enum Op<'a, B> {
         row0: u32,
         style: RopeStyle,
     },
+    /// A step's queries, keys and values for attention over the KV cache in one kernel:
+    /// rows 0..n_tokens of q \[n_tokens, n_heads, head_dim\] rotated into the same rows of
+    /// `q_out`, of k \[n_tokens, n_kv_heads, head_dim\] rotated into `k_cache`'s rows pos0..,
+    /// and of v (same shape) copied into `v_cache`'s rows pos0.., the tokens at positions
+    /// pos0..: what [`Op::Rope`] on q and on k and two [`Op::Copy`]s into the cache do,
+    /// with one dispatch instead of four (CPU-emulated GPUs pay per dispatch).
+    RopeKv {
+        q: &'a B,
+        k: &'a B,
+        v: &'a B,
+        table: &'a B,
+        q_out: &'a B,
+        k_cache: &'a B,
+        v_cache: &'a B,
+        n_tokens: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        pos0: u32,
+        style: RopeStyle,
+    },
     /// Row-wise softmax of x \[rows, cols\].
     Softmax {
         x: &'a B,
@@ -364,6 +385,7 @@ impl<'a, B> Op<'a, B> {
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
             Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, row0, style }
+            RopeKv { q, k, v, table, q_out, k_cache, v_cache; n_tokens, n_heads, n_kv_heads, head_dim, pos0, style }
             Softmax { x, out; rows, cols }
             SwiGlu { gate, up, out; n }
             Add { a, b, out; n }
@@ -535,6 +557,7 @@ impl<B> Op<'_, B> {
             Op::Embed { .. } => "embed",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Rope { .. } => "rope",
+            Op::RopeKv { .. } => "rope_kv",
             Op::Softmax { .. } => "softmax",
             Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
@@ -672,6 +695,55 @@ impl<B> Op<'_, B> {
                 need(op, "x", size(x), n, 4)?;
                 need(op, "out", size(out), n, 4)?;
                 let positions = u64::from(pos0) + u64::from(n_tokens);
+                need(
+                    op,
+                    "table",
+                    size(table),
+                    elems(op, &[positions, head_dim.into()])?,
+                    4,
+                )
+            }
+            Op::RopeKv {
+                q,
+                k,
+                v,
+                table,
+                q_out,
+                k_cache,
+                v_cache,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                ..
+            } => {
+                nonzero(
+                    op,
+                    &[
+                        ("n_tokens", n_tokens),
+                        ("n_heads", n_heads),
+                        ("n_kv_heads", n_kv_heads),
+                        ("head_dim", head_dim),
+                    ],
+                )?;
+                if head_dim % 2 != 0 {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!("head_dim {head_dim} must be even"),
+                    });
+                }
+                let tokens = u64::from(n_tokens);
+                let positions = u64::from(pos0) + tokens;
+                let nq = elems(op, &[tokens, n_heads.into(), head_dim.into()])?;
+                let nkv = elems(op, &[tokens, n_kv_heads.into(), head_dim.into()])?;
+                let cache = elems(op, &[positions, n_kv_heads.into(), head_dim.into()])?;
+                need(op, "q", size(q), nq, 4)?;
+                need(op, "q_out", size(q_out), nq, 4)?;
+                need(op, "k", size(k), nkv, 4)?;
+                need(op, "v", size(v), nkv, 4)?;
+                need(op, "k_cache", size(k_cache), cache, 4)?;
+                need(op, "v_cache", size(v_cache), cache, 4)?;
                 need(
                     op,
                     "table",

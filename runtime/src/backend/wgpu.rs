@@ -1020,6 +1020,42 @@ impl Backend for Gpu {
                     u64::from(n_tokens) * u64::from(n_heads) * u64::from(head_dim / 2),
                 )?,
             },
+            Op::RopeKv {
+                q,
+                k,
+                v,
+                table,
+                q_out,
+                k_cache,
+                v_cache,
+                n_tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                style,
+            } => Dispatch {
+                family: "rope",
+                entry: "rope_kv",
+                overrides: vec![("STYLE", u32::from(style == RopeStyle::HalfSplit))],
+                bindings: vec![
+                    (1, q),
+                    (2, table),
+                    (3, q_out),
+                    (4, k),
+                    (5, v),
+                    (6, k_cache),
+                    (7, v_cache),
+                ],
+                params: vec![n_tokens, n_heads, head_dim, pos0, 0, n_kv_heads],
+                // One invocation per rotated pair of q and of k, then per two values of v.
+                groups: self.grid(
+                    name,
+                    u64::from(n_tokens)
+                        * u64::from(n_heads + 2 * n_kv_heads)
+                        * u64::from(head_dim / 2),
+                )?,
+            },
             Op::Softmax { x, out, rows, cols } => Dispatch {
                 family: "softmax",
                 entry: "softmax",

@@ -1355,41 +1355,64 @@ impl<'b, B: Backend> Model<'b, B> {
         layer.q.forward(be, h, q, t, s)?;
         layer.k.forward(be, h, k, t, s)?;
         layer.v.forward(be, h, v, t, s)?;
-        for (row0, n) in spans.clone() {
-            for (x, out, n_heads) in [(q, qr, c.n_heads), (k, kr, c.n_kv_heads)] {
-                be.run(&Op::Rope {
-                    x,
+        let (keys, values, pos0) = match kv {
+            // One sequence into the cache: RoPE and the cache writes in one kernel.
+            Some((ck, cv)) if segs.len() == 1 => {
+                be.run(&Op::RopeKv {
+                    q,
+                    k,
+                    v,
                     table: rope_table,
-                    out,
-                    n_tokens: n,
-                    n_heads,
+                    q_out: qr,
+                    k_cache: ck,
+                    v_cache: cv,
+                    n_tokens: t,
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
                     head_dim: hd,
                     pos0,
-                    row0,
                     style: c.rope_style,
-                })?;
-            }
-        }
-        let (keys, values, pos0) = match kv {
-            Some((ck, cv)) => {
-                let at = pos0 * kv_dim;
-                be.run(&Op::Copy {
-                    src: kr,
-                    dst: ck,
-                    n: t * kv_dim,
-                    src_offset: 0,
-                    dst_offset: at,
-                })?;
-                be.run(&Op::Copy {
-                    src: v,
-                    dst: cv,
-                    n: t * kv_dim,
-                    src_offset: 0,
-                    dst_offset: at,
                 })?;
                 (ck, cv, pos0)
             }
-            None => (kr, v, 0),
+            _ => {
+                for (row0, n) in spans.clone() {
+                    for (x, out, n_heads) in [(q, qr, c.n_heads), (k, kr, c.n_kv_heads)] {
+                        be.run(&Op::Rope {
+                            x,
+                            table: rope_table,
+                            out,
+                            n_tokens: n,
+                            n_heads,
+                            head_dim: hd,
+                            pos0,
+                            row0,
+                            style: c.rope_style,
+                        })?;
+                    }
+                }
+                match kv {
+                    Some((ck, cv)) => {
+                        let at = pos0 * kv_dim;
+                        be.run(&Op::Copy {
+                            src: kr,
+                            dst: ck,
+                            n: t * kv_dim,
+                            src_offset: 0,
+                            dst_offset: at,
+                        })?;
+                        be.run(&Op::Copy {
+                            src: v,
+                            dst: cv,
+                            n: t * kv_dim,
+                            src_offset: 0,
+                            dst_offset: at,
+                        })?;
+                        (ck, cv, pos0)
+                    }
+                    None => (kr, v, 0),
+                }
+            }
         };
         for (row0, n) in spans {
             be.run(&Op::Attention {
