@@ -495,6 +495,38 @@ pub fn cases() -> Vec<Case> {
         });
     }
 
+    // The residual add and norm in one kernel: both of its outputs (the sum, the addend
+    // overwritten with the normed rows) are cases.
+    for (rows, dim) in [(1u32, 576u32), (7, 100)] {
+        let n = (rows * dim) as usize;
+        for (what, out) in [("sum", 2), ("h", 1)] {
+            cases.push(Case {
+                kernel: "add_rmsnorm",
+                shape: format!("{what} {rows}x{dim}"),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(n))),
+                    Init::Data(f32_bytes(&d.f32s(n))),
+                    Init::Zeros(n as u64 * 4),
+                    Init::Data(f32_bytes(&d.f32s(dim as usize))),
+                ],
+                op: Op::AddRmsNorm {
+                    a: &IDX[0],
+                    h: &IDX[1],
+                    sum: &IDX[2],
+                    weight: &IDX[3],
+                    rows,
+                    dim,
+                    eps: 1e-5,
+                },
+                out,
+                out_elems: n,
+                tolerance: close(1e-6, 1e-5),
+                work: 20.0 * n as f64,
+                unit: Unit::GbPerS,
+            });
+        }
+    }
+
     for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
         // The last is one sequence of a packed batch: its rows start at row0 and two more
         // follow it, and the rows of `out` before and after them must come back untouched.

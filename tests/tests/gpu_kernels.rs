@@ -39,6 +39,7 @@ kernel_tests! {
     qmatvec_should_match_reference => "qmatvec",
     qmatmul_should_match_reference => "qmatmul",
     rmsnorm_should_match_reference => "rmsnorm",
+    add_rmsnorm_should_match_reference => "add_rmsnorm",
     rope_should_match_reference => "rope",
     rope_kv_should_match_reference => "rope_kv",
     softmax_should_match_reference => "softmax",
@@ -60,7 +61,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 29, "{kernels:?}");
+    assert_eq!(kernels.len(), 30, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of

@@ -295,6 +295,21 @@ impl Backend for Cpu {
                     eps,
                 ));
             }
+            Op::AddRmsNorm {
+                a,
+                h,
+                sum,
+                weight,
+                rows,
+                dim,
+                eps,
+            } => {
+                let (d, n) = (dim as usize, (rows * dim) as usize);
+                let (a, b) = (a.f32s(n), h.f32s(n));
+                let s: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+                sum.write_f32(&s);
+                h.write_f32(&rmsnorm(&s, &weight.f32s(d), d, eps));
+            }
             Op::Rope {
                 x,
                 table,

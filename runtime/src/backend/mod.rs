@@ -91,6 +91,18 @@ pub enum Op<'a, B> {
         dim: u32,
         eps: f32,
     },
+    /// sum = a + h, then h = rmsnorm(sum) * weight, both \[rows, dim\]: a residual add and
+    /// the norm after it in one kernel (one dispatch instead of two); `h`, the addend, is
+    /// overwritten with the normed rows.
+    AddRmsNorm {
+        a: &'a B,
+        h: &'a B,
+        sum: &'a B,
+        weight: &'a B,
+        rows: u32,
+        dim: u32,
+        eps: f32,
+    },
     /// Rotary embedding of rows row0..row0 + n_tokens of x \[rows, n_heads, head_dim\] into
     /// the same rows of `out` (the rest of `out` is untouched); the token in row row0 + t
     /// sits at position pos0 + t. `table` holds (cos, sin) pairs \[positions, head_dim/2, 2\]
@@ -384,6 +396,7 @@ impl<'a, B> Op<'a, B> {
             Dequant { w, out; wtype, n; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
+            AddRmsNorm { a, h, sum, weight; rows, dim, eps }
             Rope { x, table, out; n_tokens, n_heads, head_dim, pos0, row0, style }
             RopeKv { q, k, v, table, q_out, k_cache, v_cache; n_tokens, n_heads, n_kv_heads, head_dim, pos0, style }
             Softmax { x, out; rows, cols }
@@ -556,6 +569,7 @@ impl<B> Op<'_, B> {
 
             Op::Embed { .. } => "embed",
             Op::RmsNorm { .. } => "rmsnorm",
+            Op::AddRmsNorm { .. } => "add_rmsnorm",
             Op::Rope { .. } => "rope",
             Op::RopeKv { .. } => "rope_kv",
             Op::Softmax { .. } => "softmax",
@@ -653,6 +667,15 @@ impl<B> Op<'_, B> {
                 rows,
                 dim,
                 eps,
+            }
+            | Op::AddRmsNorm {
+                a: x,
+                sum: out,
+                weight,
+                rows,
+                dim,
+                eps,
+                ..
             } => {
                 nonzero(op, &[("rows", rows), ("dim", dim)])?;
                 if !(eps.is_finite() && eps >= 0.0) {
@@ -661,9 +684,16 @@ impl<B> Op<'_, B> {
                         reason: format!("eps must be finite and >= 0, got {eps}"),
                     });
                 }
-                need(op, "x", size(x), mul(rows, dim), 4)?;
+                let (x_name, out_name) = match *self {
+                    Op::AddRmsNorm { h, .. } => {
+                        need(op, "h", size(h), mul(rows, dim), 4)?;
+                        ("a", "sum")
+                    }
+                    _ => ("x", "out"),
+                };
+                need(op, x_name, size(x), mul(rows, dim), 4)?;
                 need(op, "weight", size(weight), u64::from(dim), 4)?;
-                need(op, "out", size(out), mul(rows, dim), 4)
+                need(op, out_name, size(out), mul(rows, dim), 4)
             }
             Op::Rope {
                 x,

@@ -999,6 +999,22 @@ impl Backend for Gpu {
                 params: vec![rows, dim, eps.to_bits()],
                 groups: self.grid(name, u64::from(rows))?,
             },
+            Op::AddRmsNorm {
+                a,
+                h,
+                sum,
+                weight,
+                rows,
+                dim,
+                eps,
+            } => Dispatch {
+                family: "rmsnorm",
+                entry: "add_rmsnorm",
+                overrides: vec![],
+                bindings: vec![(1, a), (2, weight), (3, sum), (5, h)],
+                params: vec![rows, dim, eps.to_bits()],
+                groups: self.grid(name, u64::from(rows))?,
+            },
             Op::Rope {
                 x,
                 table,

@@ -1294,7 +1294,9 @@ impl<'b, B: Backend> Model<'b, B> {
                 act,
             };
             let kv = keep.then_some((&cache.k[i], &cache.v[i]));
-            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, segs), kv)?;
+            // Each layer leaves the next one's attention norm of its output in `h`.
+            let norms = (i > 0, self.layers.get(i + 1).map(|l| &l.attn_norm));
+            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, segs), kv, norms)?;
         }
         if keep {
             cache.len = pos0 + t;
@@ -1307,7 +1309,10 @@ impl<'b, B: Backend> Model<'b, B> {
     /// be `b.x`) and the activations in `b`. With `kv`, the keys and values go into that
     /// layer's cache at pos0 and attention reads the cache; without, the sequences attend
     /// to their own rows of `b.kr` and `b.v` (pos0 = 0, training). Several sequences need
-    /// pos0 = 0: each attends to its own rows only.
+    /// pos0 = 0: each attends to its own rows only. `normed`: `b.h` already holds this
+    /// layer's attention norm of `b.x` (the layer before left it there); `next_norm`: the
+    /// norm weight to leave `b.h` holding of `b.out` (the next layer's attention norm),
+    /// each residual add and the norm after it being one kernel.
     fn layer_forward(
         &self,
         layer: &Layer<B>,
@@ -1315,6 +1320,7 @@ impl<'b, B: Backend> Model<'b, B> {
         s: &Scratch<B>,
         (rope_table, pos0, segs): (&B::Buffer, u32, &[u32]),
         kv: Option<(&B::Buffer, &B::Buffer)>,
+        (normed, next_norm): (bool, Option<&B::Buffer>),
     ) -> Result<()> {
         let be: &B = &self.backend;
         let c = &self.cfg;
@@ -1344,14 +1350,16 @@ impl<'b, B: Backend> Model<'b, B> {
             up,
             act,
         } = *b;
-        be.run(&Op::RmsNorm {
-            x,
-            weight: &layer.attn_norm,
-            out: h,
-            rows: t,
-            dim,
-            eps: c.rms_eps,
-        })?;
+        if !normed {
+            be.run(&Op::RmsNorm {
+                x,
+                weight: &layer.attn_norm,
+                out: h,
+                rows: t,
+                dim,
+                eps: c.rms_eps,
+            })?;
+        }
         layer.q.forward(be, h, q, t, s)?;
         layer.k.forward(be, h, k, t, s)?;
         layer.v.forward(be, h, v, t, s)?;
@@ -1430,16 +1438,11 @@ impl<'b, B: Backend> Model<'b, B> {
             })?;
         }
         layer.o.forward(be, att, h, t, s)?;
-        be.run(&Op::Add {
+        be.run(&Op::AddRmsNorm {
             a: x,
-            b: h,
-            out: x2,
-            n: t * dim,
-        })?;
-        be.run(&Op::RmsNorm {
-            x: x2,
+            h,
+            sum: x2,
             weight: &layer.ffn_norm,
-            out: h,
             rows: t,
             dim,
             eps: c.rms_eps,
@@ -1453,12 +1456,23 @@ impl<'b, B: Backend> Model<'b, B> {
             n: t * c.ffn_dim,
         })?;
         layer.down.forward(be, act, h, t, s)?;
-        be.run(&Op::Add {
-            a: x2,
-            b: h,
-            out,
-            n: t * dim,
-        })
+        match next_norm {
+            Some(weight) => be.run(&Op::AddRmsNorm {
+                a: x2,
+                h,
+                sum: out,
+                weight,
+                rows: t,
+                dim,
+                eps: c.rms_eps,
+            }),
+            None => be.run(&Op::Add {
+                a: x2,
+                b: h,
+                out,
+                n: t * dim,
+            }),
+        }
     }
 
     /// The summed negative log-likelihood of each token after the first, given the ones

@@ -401,6 +401,7 @@ impl<'b, B: Backend> Model<'b, B> {
                     &tape.scratch,
                     (&tape.rope, 0, &[t]),
                     None,
+                    (false, None),
                 )?;
             }
             let g = |target: Target| lookup[i * 7 + target as usize];
@@ -449,7 +450,14 @@ impl<'b, B: Backend> Model<'b, B> {
             let out = tape.inputs.get(i + 1).unwrap_or(&tape.last);
             let saved = if tape.recompute { 0 } else { i };
             let bufs = tape.bufs(i, saved, out);
-            self.layer_forward(layer, &bufs, &tape.scratch, (&tape.rope, 0, &[t]), None)?;
+            self.layer_forward(
+                layer,
+                &bufs,
+                &tape.scratch,
+                (&tape.rope, 0, &[t]),
+                None,
+                (false, None),
+            )?;
         }
         Ok(())
     }
