@@ -57,6 +57,68 @@ fn shape_mismatch_names_the_buffer() {
 }
 
 #[test]
+fn fused_ops_name_what_is_wrong() {
+    let Some(gpu) = common::gpu() else { return };
+    let buf = |n: usize| gpu.upload_f32(&vec![0.5; n], "buf").unwrap();
+    let (big, small) = (buf(4096), buf(8));
+    let err = gpu
+        .run(&Op::AddRmsNorm {
+            a: &big,
+            h: &big,
+            sum: &small,
+            weight: &big,
+            rows: 4,
+            dim: 4,
+            eps: 1e-5,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BufferTooSmall {
+                op: "add_rmsnorm",
+                buffer: "sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let rope_kv = |head_dim: u32, pos0: u32, small_cache: bool| Op::RopeKv {
+        q: &big,
+        k: &big,
+        v: &big,
+        table: &big,
+        q_out: &big,
+        k_cache: if small_cache { &small } else { &big },
+        v_cache: &big,
+        n_tokens: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim,
+        pos0,
+        style: edgetune::backend::RopeStyle::Interleaved,
+    };
+    let err = gpu.run(&rope_kv(7, 0, false)).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidShape { op: "rope_kv", reason } if reason.contains("even")),
+        "{err}"
+    );
+    // The cache must hold the step's rows at pos0.
+    let err = gpu.run(&rope_kv(8, 1, true)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BufferTooSmall {
+                op: "rope_kv",
+                buffer: "k_cache",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn buffers_over_the_device_limits_are_rejected() {
     let Some(gpu) = common::gpu() else { return };
     let limit = gpu.report().max_buffer_size;

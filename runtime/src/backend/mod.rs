@@ -505,6 +505,28 @@ fn need(
     Ok(())
 }
 
+/// RoPE's head width is even and its (cos, sin) table covers `positions`.
+fn rope_table_fits(
+    op: &'static str,
+    table_bytes: u64,
+    positions: u64,
+    head_dim: u32,
+) -> Result<()> {
+    if !head_dim.is_multiple_of(2) {
+        return Err(Error::InvalidShape {
+            op,
+            reason: format!("head_dim {head_dim} must be even"),
+        });
+    }
+    need(
+        op,
+        "table",
+        table_bytes,
+        elems(op, &[positions, head_dim.into()])?,
+        4,
+    )
+}
+
 fn nonzero(op: &'static str, dims: &[(&str, u32)]) -> Result<()> {
     for (name, v) in dims {
         if *v == 0 {
@@ -714,24 +736,12 @@ impl<B> Op<'_, B> {
                         ("head_dim", head_dim),
                     ],
                 )?;
-                if head_dim % 2 != 0 {
-                    return Err(Error::InvalidShape {
-                        op,
-                        reason: format!("head_dim {head_dim} must be even"),
-                    });
-                }
                 let rows = u64::from(row0) + u64::from(n_tokens);
                 let n = elems(op, &[rows, n_heads.into(), head_dim.into()])?;
                 need(op, "x", size(x), n, 4)?;
                 need(op, "out", size(out), n, 4)?;
                 let positions = u64::from(pos0) + u64::from(n_tokens);
-                need(
-                    op,
-                    "table",
-                    size(table),
-                    elems(op, &[positions, head_dim.into()])?,
-                    4,
-                )
+                rope_table_fits(op, size(table), positions, head_dim)
             }
             Op::RopeKv {
                 q,
@@ -757,12 +767,6 @@ impl<B> Op<'_, B> {
                         ("head_dim", head_dim),
                     ],
                 )?;
-                if head_dim % 2 != 0 {
-                    return Err(Error::InvalidShape {
-                        op,
-                        reason: format!("head_dim {head_dim} must be even"),
-                    });
-                }
                 let tokens = u64::from(n_tokens);
                 let positions = u64::from(pos0) + tokens;
                 let nq = elems(op, &[tokens, n_heads.into(), head_dim.into()])?;
@@ -774,13 +778,7 @@ impl<B> Op<'_, B> {
                 need(op, "v", size(v), nkv, 4)?;
                 need(op, "k_cache", size(k_cache), cache, 4)?;
                 need(op, "v_cache", size(v_cache), cache, 4)?;
-                need(
-                    op,
-                    "table",
-                    size(table),
-                    elems(op, &[positions, head_dim.into()])?,
-                    4,
-                )
+                rope_table_fits(op, size(table), positions, head_dim)
             }
             Op::Softmax { x, out, rows, cols } => {
                 nonzero(op, &[("rows", rows), ("cols", cols)])?;
