@@ -3,7 +3,7 @@
 // CPU reference: runtime/src/quant.rs `dequantize`, runtime/src/backend/cpu.rs `qmatmul`, `embed`.
 //
 // w is n rows of k elements, read as raw little-endian bytes from an array<u32>: in the
-// GGUF layout, except Q8_0/Q4_0/Q4_1, which the backend stores split (see `block_index`). The format is the WTYPE override constant (codes as `WeightType::shader_code`),
+// GGUF layout, except Q8_0/Q4_0/Q4_1, which the backend stores split (see `stored_block`). The format is the WTYPE override constant (codes as `WeightType::shader_code`),
 // so each format is its own specialised pipeline and the switch folds away.
 // Every format is decoded in chunks of 32 consecutive elements. Each value is produced by
 // the same correctly rounded operations as the reference (products that are exact by
@@ -26,6 +26,8 @@ const BF16: u32 = 2u;
 const Q8_0: u32 = 3u;
 const Q4_0: u32 = 4u;
 const Q4_1: u32 = 5u;
+// Rows per group of the split layout (`backend::wgpu::SPLIT_ROW_GROUP`).
+const ROW_GROUP: u32 = 64u;
 const Q4_K: u32 = 6u;
 const Q6_K: u32 = 7u;
 
@@ -89,10 +91,20 @@ fn f16_at(off: u32) -> f32 {
 // Q4_1 a u32 holding d and m), padded to 16 bytes, then every block's quants as 16-byte
 // vectors. Each lane then issues one or two wide loads per block instead of many unaligned
 // word loads, which is what limits matrix-vector products on CPU-emulated GPUs.
+// Blocks are ordered by groups of rows, chunk by chunk (`stored_block`); trained scale
+// factors stay in GGUF block order (`block_index`).
 
-// The block holding chunk c of row j.
+// The block holding chunk c of row j, in GGUF order (the order of the trained factors).
 fn block_index(j: u32, c: u32) -> u32 {
     return j * (p.k / 32u) + c;
+}
+
+// Where that block sits in the split layout: rows in groups of ROW_GROUP (the last group
+// may be shorter), each group's blocks chunk by chunk, so the rows a workgroup reads
+// together lie side by side and its loads stream through memory.
+fn stored_block(j: u32, c: u32) -> u32 {
+    let g0 = j - j % ROW_GROUP;
+    return g0 * (p.k / 32u) + c * min(ROW_GROUP, p.n - g0) + j - g0;
 }
 
 fn n_blocks() -> u32 {
@@ -112,12 +124,13 @@ fn stored_scale(b: u32) -> f32 {
     return split_scale16(b);
 }
 
-// Block b's scale: the stored one, times its trained factor where given.
-fn block_scale(b: u32) -> f32 {
+// Block (j, c)'s scale: the stored one, times its trained factor where given.
+fn block_scale(j: u32, c: u32) -> f32 {
+    let d = stored_scale(stored_block(j, c));
     if FACTORS {
-        return stored_scale(b) * factors[b];
+        return d * factors[block_index(j, c)];
     }
-    return stored_scale(b);
+    return d;
 }
 
 // The super-block scale d of the K-quant super-block holding chunk c of row j, times its
@@ -214,16 +227,15 @@ fn raw(j: u32, c: u32) -> Raw {
             r.s0 = 1.0;
         }
         case Q8_0: {
-            let b = block_index(j, c);
-            r.s0 = block_scale(b);
-            let q = split_quants(b, 2u);
+            r.s0 = block_scale(j, c);
+            let q = split_quants(stored_block(j, c), 2u);
             let lo = wq[q];
             let hi = wq[q + 1u];
             r.q = Chunk(i8x4(lo.x), i8x4(lo.y), i8x4(lo.z), i8x4(lo.w), i8x4(hi.x), i8x4(hi.y), i8x4(hi.z), i8x4(hi.w));
         }
         case Q4_0, Q4_1: {
-            let b = block_index(j, c);
-            r.s0 = block_scale(b);
+            let b = stored_block(j, c);
+            r.s0 = block_scale(j, c);
             if WTYPE == Q4_1 {
                 r.m0 = half_to_f32(w[b] >> 16u);
             } else {
@@ -356,14 +368,17 @@ fn n_chunks() -> u32 {
     return (p.k + 31u) / 32u;
 }
 
-// One invocation per 32-element chunk of a single row of k elements.
+// One invocation per 32-element chunk of the n rows of k elements.
 @compute @workgroup_size(64, 1, 1)
 fn dequant(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let c = gid.x + gid.y * nwg.x * 64u;
-    if c >= n_chunks() {
+    let idx = gid.x + gid.y * nwg.x * 64u;
+    let nc = n_chunks();
+    let j = idx / nc;
+    if j >= p.n {
         return;
     }
-    store_chunk(chunk(0u, c), 0u, c);
+    let c = idx % nc;
+    store_chunk(chunk(j, c), j * p.k, c);
 }
 
 // One invocation per (id, chunk): out[t, :] = dequant(row ids[t]). Ids past the table

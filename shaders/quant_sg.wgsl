@@ -31,6 +31,7 @@ override FACTORS: bool = false;
 const Q8_0: u32 = 3u;
 const Q4_0: u32 = 4u;
 const Q4_1: u32 = 5u;
+const ROW_GROUP: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -52,6 +53,11 @@ fn block_index(j: u32, c: u32) -> u32 {
     return j * (p.k / 32u) + c;
 }
 
+fn stored_block(j: u32, c: u32) -> u32 {
+    let g0 = j - j % ROW_GROUP;
+    return g0 * (p.k / 32u) + c * min(ROW_GROUP, p.n - g0) + j - g0;
+}
+
 fn n_blocks() -> u32 {
     return p.n * (p.k / 32u);
 }
@@ -67,11 +73,12 @@ fn stored_scale(b: u32) -> f32 {
     return split_scale16(b);
 }
 
-fn block_scale(b: u32) -> f32 {
+fn block_scale(j: u32, c: u32) -> f32 {
+    let d = stored_scale(stored_block(j, c));
     if FACTORS {
-        return stored_scale(b) * factors[b];
+        return d * factors[block_index(j, c)];
     }
-    return stored_scale(b);
+    return d;
 }
 
 fn split_quants(b: u32, per_block: u32) -> u32 {
@@ -101,9 +108,9 @@ struct Block {
 
 // Block c of weight row j.
 fn load_block(j: u32, c: u32) -> Block {
-    let b = block_index(j, c);
+    let b = stored_block(j, c);
     var r: Block;
-    r.d = block_scale(b);
+    r.d = block_scale(j, c);
     // -0.0 leaves every value, negative zero included, unchanged when added.
     r.m = -0.0;
     if WTYPE == Q8_0 {

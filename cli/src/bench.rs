@@ -133,7 +133,7 @@ fn time<B: Backend>(dev: &B, item: &Item, min_secs: f64) -> edgetune::Result<f64
             .collect(),
     };
     let w = match item.wtype {
-        Some(t) => dev.upload_weights(t, &w_bytes, "w")?,
+        Some(t) => dev.upload_weights(t, &w_bytes, item.k, "w")?,
         None => dev.upload(&w_bytes, "w")?,
     };
     let out = dev.alloc((m * n * 4) as u64, "out")?;

@@ -89,7 +89,7 @@ impl CheckRow {
 enum Init {
     Data(Vec<u8>),
     /// Weights in GGUF layout, uploaded with [`Backend::upload_weights`].
-    Weights(WeightType, Vec<u8>),
+    Weights(WeightType, u32, Vec<u8>),
     Zeros(u64),
 }
 
@@ -306,7 +306,7 @@ pub fn cases() -> Vec<Case> {
             kernel: "dequant",
             shape: format!("{} n={n_deq}", ty.name()),
             bufs: vec![
-                Init::Weights(ty, d.weights(ty, 1, n_deq, true)),
+                Init::Weights(ty, k_small as u32, d.weights(ty, 4, k_small, true)),
                 Init::Zeros((n_deq * 4) as u64),
             ],
             op: Op::Dequant {
@@ -314,7 +314,8 @@ pub fn cases() -> Vec<Case> {
                 factors: None,
                 out: &IDX[1],
                 wtype: ty,
-                n: n_deq as u32,
+                rows: 4,
+                cols: k_small as u32,
             },
             out: 1,
             out_elems: n_deq,
@@ -333,7 +334,7 @@ pub fn cases() -> Vec<Case> {
             kernel: "embed",
             shape: format!("{} vocab={vocab} dim={k_small} ids={n_ids}", ty.name()),
             bufs: vec![
-                Init::Weights(ty, d.weights(ty, vocab, k_small, true)),
+                Init::Weights(ty, k_small as u32, d.weights(ty, vocab, k_small, true)),
                 Init::Data(ids),
                 Init::Zeros((n_ids * k_small * 4) as u64),
             ],
@@ -372,7 +373,7 @@ pub fn cases() -> Vec<Case> {
                 shape: format!("{} {m}x{k}x{n}", ty.name()),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(m * k))),
-                    Init::Weights(ty, d.weights(ty, n, k, false)),
+                    Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
                     Init::Zeros((m * n * 4) as u64),
                 ],
                 op: Op::QMatmul {
@@ -422,7 +423,7 @@ pub fn cases() -> Vec<Case> {
             kernel: "dequant",
             shape: format!("{} n={} scale factors", ty.name(), n * k),
             bufs: vec![
-                Init::Weights(ty, w.clone()),
+                Init::Weights(ty, k as u32, w.clone()),
                 Init::Data(f32_bytes(&factors)),
                 Init::Zeros((n * k * 4) as u64),
             ],
@@ -431,7 +432,8 @@ pub fn cases() -> Vec<Case> {
                 factors: Some(&IDX[1]),
                 out: &IDX[2],
                 wtype: ty,
-                n: (n * k) as u32,
+                rows: n as u32,
+                cols: k as u32,
             },
             out: 2,
             out_elems: n * k,
@@ -446,7 +448,7 @@ pub fn cases() -> Vec<Case> {
                 shape: format!("{} {m}x{k}x{n} scale factors", ty.name()),
                 bufs: vec![
                     Init::Data(f32_bytes(&d.f32s(m * k))),
-                    Init::Weights(ty, w.clone()),
+                    Init::Weights(ty, k as u32, w.clone()),
                     Init::Data(f32_bytes(&factors)),
                     Init::Zeros((m * n * 4) as u64),
                 ],
@@ -1004,7 +1006,7 @@ fn backward_cases(d: &mut Data) -> Vec<Case> {
             };
             let mut bufs = vec![
                 data(d, m * n),
-                Init::Weights(ty, d.weights(ty, n, k, false)),
+                Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
                 Init::Zeros((m * k * 4) as u64),
             ];
             if scaled {
@@ -1300,7 +1302,9 @@ fn execute<B: Backend>(dev: &B, case: &Case, timed: bool) -> Result<(Vec<u32>, f
         .iter()
         .map(|init| match init {
             Init::Data(bytes) => dev.upload(bytes, "selftest input"),
-            Init::Weights(wtype, bytes) => dev.upload_weights(*wtype, bytes, "selftest weights"),
+            Init::Weights(wtype, cols, bytes) => {
+                dev.upload_weights(*wtype, bytes, *cols, "selftest weights")
+            }
             Init::Zeros(n) => dev.alloc(*n, "selftest output"),
         })
         .collect::<Result<Vec<_>>>()?;

@@ -92,8 +92,14 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
             .map(|n| t.get(*n).map(|_| up(n)))
             .collect();
         if let Some(name) = p["wtype"].as_str() {
+            // Dequantisation cases are one row of n elements.
+            let cols = if kind == "dequant" {
+                u32_of(p, "n")
+            } else {
+                u32_of(p, "k")
+            };
             bufs[0] = Some(
-                dev.upload_weights(wtype(name), &g.bytes(&t["w"]), "golden weights")
+                dev.upload_weights(wtype(name), &g.bytes(&t["w"]), cols, "golden weights")
                     .unwrap(),
             );
         }
@@ -105,7 +111,8 @@ fn run_all<B: Backend>(dev: &B) -> Vec<String> {
                 factors: None,
                 out: &out,
                 wtype: wtype(p["wtype"].as_str().unwrap()),
-                n: u32_of(p, "n"),
+                rows: 1,
+                cols: u32_of(p, "n"),
             },
             "qmatmul" => Op::QMatmul {
                 x: b(1),

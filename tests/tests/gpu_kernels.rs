@@ -74,14 +74,17 @@ fn every_half_dequantises_exactly() {
     let bytes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
     fn widen<B: Backend>(be: &B, bytes: &[u8]) -> Vec<f32> {
         let n = 1u32 << 16;
-        let w = be.upload_weights(WeightType::F16, bytes, "halves").unwrap();
+        let w = be
+            .upload_weights(WeightType::F16, bytes, n, "halves")
+            .unwrap();
         let out = be.alloc(u64::from(n) * 4, "out").unwrap();
         be.run(&Op::Dequant {
             w: &w,
             factors: None,
             out: &out,
             wtype: WeightType::F16,
-            n,
+            rows: 1,
+            cols: n,
         })
         .unwrap();
         be.read_f32(&out, n as usize).unwrap()
@@ -115,7 +118,7 @@ fn concurrent_dequantising_products_keep_their_weights() {
     };
     fn product<B: Backend>(be: &B, x: &[f32], w: &[u8], (m, k, n): (u32, u32, u32)) -> Vec<f32> {
         let xb = be.upload_f32(x, "x").unwrap();
-        let wb = be.upload_weights(WeightType::F32, w, "w").unwrap();
+        let wb = be.upload_weights(WeightType::F32, w, k, "w").unwrap();
         let out = be.alloc(u64::from(m * n) * 4, "out").unwrap();
         be.run(&Op::QMatmul {
             x: &xb,

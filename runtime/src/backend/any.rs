@@ -173,13 +173,20 @@ impl Backend for AnyBackend {
         &self,
         wtype: WeightType,
         data: &[u8],
+        cols: u32,
         what: &'static str,
     ) -> Result<AnyBuffer> {
         match self {
-            AnyBackend::Cpu(c) => c.upload_weights(wtype, data, what).map(AnyBuffer::Cpu),
-            AnyBackend::Host(h) => h.upload_weights(wtype, data, what).map(AnyBuffer::Cpu),
+            AnyBackend::Cpu(c) => c
+                .upload_weights(wtype, data, cols, what)
+                .map(AnyBuffer::Cpu),
+            AnyBackend::Host(h) => h
+                .upload_weights(wtype, data, cols, what)
+                .map(AnyBuffer::Cpu),
             #[cfg(feature = "gpu")]
-            AnyBackend::Gpu(g) => g.upload_weights(wtype, data, what).map(AnyBuffer::Gpu),
+            AnyBackend::Gpu(g) => g
+                .upload_weights(wtype, data, cols, what)
+                .map(AnyBuffer::Gpu),
         }
     }
 

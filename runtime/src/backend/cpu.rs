@@ -133,6 +133,7 @@ impl Backend for CpuInPlace {
         &self,
         wtype: WeightType,
         data: &[u8],
+        cols: u32,
         what: &'static str,
     ) -> Result<CpuBuffer> {
         let at = (data.as_ptr() as usize).checked_sub(self.image.as_ptr() as usize);
@@ -140,7 +141,7 @@ impl Backend for CpuInPlace {
             Some(bytes) if data.len().is_multiple_of(4) => {
                 Ok(CpuBuffer(RefCell::new(Cow::Borrowed(bytes))))
             }
-            _ => Cpu.upload_weights(wtype, data, what),
+            _ => Cpu.upload_weights(wtype, data, cols, what),
         }
     }
 
@@ -246,9 +247,10 @@ impl Backend for Cpu {
                 factors,
                 out,
                 wtype,
-                n,
+                rows,
+                cols,
             } => {
-                let n = n as usize;
+                let n = rows as usize * cols as usize;
                 let factors = factors.map(|f| f.f32s(n / wtype.block_elems()));
                 let mut y = vec![0.0; n];
                 quant::dequantize_scaled(
@@ -947,20 +949,20 @@ mod tests {
         static IMAGE: &[u8] = include_bytes!("../../../tests/golden/tiny/llama_gqa_tied/q8_0.gguf");
         let flash = CpuInPlace { image: IMAGE };
         let w = flash
-            .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 136], "w")
+            .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 136], 128, "w")
             .unwrap();
         assert!(w.in_place());
         let elsewhere = IMAGE[64..64 + 136].to_vec();
         assert!(
             !flash
-                .upload_weights(WeightType::Q8_0, &elsewhere, "w")
+                .upload_weights(WeightType::Q8_0, &elsewhere, 128, "w")
                 .unwrap()
                 .in_place()
         );
         // An odd length cannot be a whole buffer: copied.
         assert!(
             !flash
-                .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 135], "w")
+                .upload_weights(WeightType::Q8_0, &IMAGE[64..64 + 135], 128, "w")
                 .unwrap()
                 .in_place()
         );

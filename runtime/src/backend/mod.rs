@@ -63,14 +63,15 @@ pub enum Op<'a, B> {
         k: u32,
         n: u32,
     },
-    /// out\[0..n\] = dequant(w\[0..n\]) (the same arithmetic as QMatmul), with `factors` as
+    /// out\[rows, cols\] = dequant(w) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
         w: &'a B,
         factors: Option<&'a B>,
         out: &'a B,
         wtype: WeightType,
-        n: u32,
+        rows: u32,
+        cols: u32,
     },
     /// out\[t, 0..dim\] = dequant(table row ids\[t\]); `ids` holds u32.
     Embed {
@@ -393,7 +394,7 @@ impl<'a, B> Op<'a, B> {
         Some(map_op!(self, f;
             Matmul { a, b, out; m, k, n, a_t, b_t }
             QMatmul { x, w, out; wtype, m, k, n; factors }
-            Dequant { w, out; wtype, n; factors }
+            Dequant { w, out; wtype, rows, cols; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
             AddRmsNorm { a, h, sum, weight; rows, dim, eps }
@@ -653,14 +654,21 @@ impl<B> Op<'_, B> {
                 factors,
                 out,
                 wtype,
-                n,
+                rows,
+                cols,
             } => {
-                nonzero(op, &[("n", n)])?;
-                need(op, "w", size(w), weight_bytes(op, wtype, 1, n)?, 1)?;
+                nonzero(op, &[("rows", rows), ("cols", cols)])?;
+                need(op, "w", size(w), weight_bytes(op, wtype, rows, cols)?, 1)?;
                 if let Some(f) = factors {
-                    need(op, "factors", size(f), block_count(op, wtype, 1, n)?, 4)?;
+                    need(
+                        op,
+                        "factors",
+                        size(f),
+                        block_count(op, wtype, rows, cols)?,
+                        4,
+                    )?;
                 }
-                need(op, "out", size(out), u64::from(n), 4)
+                need(op, "out", size(out), mul(rows, cols), 4)
             }
             Op::Embed {
                 table,
@@ -1217,16 +1225,18 @@ pub trait Backend {
     /// Waits until all queued work has finished.
     fn sync(&self) -> Result<()>;
 
-    /// A buffer holding weights stored as `wtype` (GGUF bytes). A backend may rearrange
-    /// them into a layout its kernels read faster; buffers from here are what
-    /// [`Op::QMatmul`], [`Op::Dequant`] and [`Op::Embed`] take as weights.
+    /// A buffer holding weights stored as `wtype` (GGUF bytes), rows of `cols` elements. A
+    /// backend may rearrange them into a layout its kernels read faster; buffers from here
+    /// are what [`Op::QMatmul`], [`Op::Dequant`] and [`Op::Embed`] take as weights, with
+    /// the same row width.
     fn upload_weights(
         &self,
         wtype: WeightType,
         data: &[u8],
+        cols: u32,
         what: &'static str,
     ) -> Result<Self::Buffer> {
-        let _ = wtype;
+        let _ = (wtype, cols);
         self.upload(data, what)
     }
 

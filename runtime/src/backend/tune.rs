@@ -9,7 +9,7 @@
 //! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
 //! never in what is summed; `tests/tests/tune.rs` checks every one against the reference.
 
-use super::wgpu::{Gpu, GpuBuffer};
+use super::wgpu::{Gpu, GpuBuffer, SHADERS};
 use super::{Backend, Op};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_json};
@@ -357,11 +357,15 @@ fn cache_path(identity: &str, dir: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| env("EDGETUNE_CACHE_DIR"))
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("edgetune")))
         .or_else(|| env("HOME").map(|d| d.join(".cache").join("edgetune")))?;
-    // FNV-1a: a file name stable across Rust versions (the identity is checked inside).
-    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = fnv1a(identity.bytes());
     Some(dir.join("autotune").join(format!("{hash:016x}.json")))
+}
+
+/// FNV-1a: a hash stable across Rust versions (file names; the identity is checked inside).
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The cached shapes, or why the cache cannot be trusted.
@@ -561,7 +565,7 @@ fn product_buffers(
     let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
         .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
         .collect();
-    let w = gpu.upload_weights(wtype, &bytes, "tune w")?;
+    let w = gpu.upload_weights(wtype, &bytes, k, "tune w")?;
     let out = gpu.alloc(u64::from(m) * u64::from(n) * 4, "tune out")?;
     Ok((x, w, out))
 }
@@ -606,8 +610,10 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         notes,
     };
     let r = gpu.report();
-    // The candidates are part of the identity: a cache measured before a kernel form
-    // existed (the crate version need not change) is measured again, not trusted.
+    // The candidates and the kernels' source are part of the identity: a cache measured
+    // before a kernel form existed or a kernel changed (the crate version need not change)
+    // is measured again, not trusted.
+    let kernels = fnv1a(SHADERS.iter().flat_map(|(_, src)| src.bytes()));
     let candidates: Vec<String> = matvec_candidates()
         .iter()
         .map(MatvecShape::spec)
@@ -615,7 +621,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
-        "edgetune {} | {} | {} | {} {} | {:04x}:{:04x} | {}",
+        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | {}",
         env!("CARGO_PKG_VERSION"),
         r.name,
         r.backend,

@@ -607,10 +607,17 @@ fn has_split_layout(wtype: WeightType) -> bool {
     )
 }
 
+/// Rows per group of [`split_layout`] (`ROW_GROUP` in the quant shaders).
+pub const SPLIT_ROW_GROUP: usize = 64;
+
 /// The device layout of the 32-element block formats (see shaders/quant.wgsl): every
 /// block's scale first (u16 d; for Q4_1 a u32 of d and m), padded to 16 bytes, then every
-/// block's quants, 16 or 32 bytes each. `None` for formats kept in their GGUF layout.
-pub fn split_layout(wtype: WeightType, data: &[u8]) -> Result<Option<Vec<u8>>> {
+/// block's quants, 16 or 32 bytes each. Blocks are ordered by groups of
+/// [`SPLIT_ROW_GROUP`] rows (the last may be shorter), and within a group chunk by chunk,
+/// row by row: a matrix-vector workgroup's rows at one chunk are then adjacent, so its
+/// loads form one stream instead of one per row, which measured about 1.3x faster decode
+/// on lavapipe. `None` for formats kept in their GGUF layout.
+pub fn split_layout(wtype: WeightType, data: &[u8], cols: u32) -> Result<Option<Vec<u8>>> {
     if !has_split_layout(wtype) {
         return Ok(None);
     }
@@ -631,12 +638,29 @@ pub fn split_layout(wtype: WeightType, data: &[u8]) -> Result<Option<Vec<u8>>> {
         });
     }
     let n_blocks = data.len() / bb;
+    let chunks = cols as usize / wtype.block_elems();
+    if chunks == 0
+        || !(cols as usize).is_multiple_of(wtype.block_elems())
+        || !n_blocks.is_multiple_of(chunks)
+    {
+        return Err(Error::InvalidShape {
+            op: "upload_weights",
+            reason: format!(
+                "{n_blocks} {} blocks are not whole rows of {cols} elements",
+                wtype.name()
+            ),
+        });
+    }
+    let rows = n_blocks / chunks;
     let quants_at = (n_blocks * scale_bytes).div_ceil(16) * 16;
     let mut out = vec![0u8; quants_at + n_blocks * (bb - quant_offset)];
+    let q = bb - quant_offset;
     for (b, block) in data.chunks_exact(bb).enumerate() {
-        out[b * scale_bytes..(b + 1) * scale_bytes].copy_from_slice(&block[..scale_bytes]);
-        let q = bb - quant_offset;
-        out[quants_at + b * q..quants_at + (b + 1) * q].copy_from_slice(&block[quant_offset..]);
+        let (j, c) = (b / chunks, b % chunks);
+        let g0 = j - j % SPLIT_ROW_GROUP;
+        let s = g0 * chunks + c * SPLIT_ROW_GROUP.min(rows - g0) + j - g0;
+        out[s * scale_bytes..(s + 1) * scale_bytes].copy_from_slice(&block[..scale_bytes]);
+        out[quants_at + s * q..quants_at + (s + 1) * q].copy_from_slice(&block[quant_offset..]);
     }
     Ok(Some(out))
 }
@@ -713,9 +737,10 @@ impl Backend for Gpu {
         &self,
         wtype: WeightType,
         data: &[u8],
+        cols: u32,
         what: &'static str,
     ) -> Result<GpuBuffer> {
-        match split_layout(wtype, data)? {
+        match split_layout(wtype, data, cols)? {
             Some(split) => self.upload(&split, what),
             None => self.upload(data, what),
         }
@@ -869,7 +894,6 @@ impl Backend for Gpu {
                     && k.is_multiple_of(4)
                     && n.is_multiple_of(8)
                     && scratch_bytes <= self.limits.max_storage_buffer_binding_size
-                    && let Some(total) = n.checked_mul(k)
                 {
                     let _pair = lock(&self.scratch_pair);
                     let scratch = self.scratch(scratch_bytes)?;
@@ -878,7 +902,8 @@ impl Backend for Gpu {
                         factors,
                         out: &scratch,
                         wtype,
-                        n: total,
+                        rows: n,
+                        cols: k,
                     })?;
                     return self.run(&Op::Matmul {
                         a: x,
@@ -956,7 +981,8 @@ impl Backend for Gpu {
                 factors,
                 out,
                 wtype,
-                n,
+                rows,
+                cols,
             } => Dispatch {
                 family: "quant",
                 entry: "dequant",
@@ -965,8 +991,8 @@ impl Backend for Gpu {
                     ("FACTORS", u32::from(factors.is_some())),
                 ],
                 bindings: vec![(1, w), (4, out), (6, w), (7, factors.unwrap_or(w))],
-                params: vec![1, n, 1, wtype.row_bytes(n as usize)? as u32],
-                groups: self.grid(name, u64::from(n.div_ceil(32)))?,
+                params: vec![1, cols, rows, wtype.row_bytes(cols as usize)? as u32],
+                groups: self.grid(name, u64::from(rows) * u64::from(cols.div_ceil(32)))?,
             },
             Op::Embed {
                 table,

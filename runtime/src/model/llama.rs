@@ -598,7 +598,9 @@ impl<B: Backend, S: TensorSource> Loader<'_, B, S> {
             );
             return Err(Self::error(t, reason));
         }
-        let buf = self.backend.upload_weights(t.wtype, &t.data, "weight")?;
+        let buf = self
+            .backend
+            .upload_weights(t.wtype, &t.data, cols, "weight")?;
         Ok(Weight {
             buf,
             wtype: t.wtype,
@@ -924,7 +926,7 @@ impl<'b, B: Backend> Model<'b, B> {
             let f32s: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             let buf = self
                 .backend
-                .upload_weights(WeightType::F32, &f32s, "weight")?;
+                .upload_weights(WeightType::F32, &f32s, w.cols, "weight")?;
             widened.push((p.slot, buf));
         }
         for (slot, buf) in widened {
