@@ -396,16 +396,22 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
     crate::format::file::write_atomic(path, body.to_string().as_bytes())
 }
 
-/// Seconds per call of `op` on `gpu` with `shapes`: the fastest of five batches after a
-/// warm-up (which compiles the pipeline), since other work on the machine only ever adds
-/// time; or one call's time if that is over three times `best`.
-fn time_op(gpu: &mut Gpu, shapes: KernelShapes, op: &Op<'_, GpuBuffer>, best: f64) -> Result<f64> {
+/// Seconds per call of `ops` (run one after another) on `gpu` with `shapes`: the fastest
+/// of five batches after a warm-up (which compiles the pipelines), since other work on the
+/// machine only ever adds time; or one call's time if that is over three times `best`.
+fn time_op(
+    gpu: &mut Gpu,
+    shapes: KernelShapes,
+    ops: &[Op<'_, GpuBuffer>],
+    best: f64,
+) -> Result<f64> {
     gpu.set_shapes(shapes);
-    gpu.run(op)?;
+    let run = |gpu: &Gpu| ops.iter().try_for_each(|op| gpu.run(op));
+    run(gpu)?;
     gpu.sync()?;
     // A candidate several times slower than the best so far is not timed further.
     let start = Instant::now();
-    gpu.run(op)?;
+    run(gpu)?;
     gpu.sync()?;
     let once = start.elapsed().as_secs_f64();
     if once > 3.0 * best {
@@ -415,7 +421,7 @@ fn time_op(gpu: &mut Gpu, shapes: KernelShapes, op: &Op<'_, GpuBuffer>, best: f6
     for _ in 0..5 {
         let start = Instant::now();
         for _ in 0..4 {
-            gpu.run(op)?;
+            run(gpu)?;
         }
         gpu.sync()?;
         t.push(start.elapsed().as_secs_f64() / 4.0);
@@ -423,7 +429,18 @@ fn time_op(gpu: &mut Gpu, shapes: KernelShapes, op: &Op<'_, GpuBuffer>, best: f6
     Ok(t.into_iter().fold(f64::INFINITY, f64::min))
 }
 
-/// Measures every candidate on SmolLM2-135M's shapes (a projection, a wide output head, a
+/// (k, n) of a SmolLM2-135M layer's products in a decode step: q, k, v, o, gate, up, down.
+const LAYER_PRODUCTS: &[(u32, u32)] = &[
+    (576, 576),
+    (576, 192),
+    (576, 192),
+    (576, 576),
+    (576, 1536),
+    (576, 1536),
+    (1536, 576),
+];
+
+/// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output head, a
 /// decode step's attention at 256 positions; where subgroups are 8 invocations, also a
 /// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
 /// and Q4_0 too) and returns the fastest of each, with the timings for the cache.
@@ -431,33 +448,41 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let mut best = KernelShapes::default();
     let mut timings = Vec::new();
     let wtype = WeightType::Q4_1;
-    for (k, n) in [(576u32, 1536u32), (576, WIDE_FROM)] {
-        let (x, w, out) = product_buffers(gpu, wtype, 1, k, n)?;
-        let op = Op::QMatmul {
-            x: &x,
-            w: &w,
-            factors: None,
-            out: &out,
-            wtype,
-            m: 1,
-            k,
-            n,
-        };
+    // The projections as a whole layer's decode step runs them (a shape that fills the
+    // threads on 1536 rows can leave them idle on 192), and a wide output head.
+    for (label, shapes) in [("layer", LAYER_PRODUCTS), ("head", &[(576, WIDE_FROM)][..])] {
+        let mut bufs = Vec::with_capacity(shapes.len());
+        for &(k, n) in shapes {
+            bufs.push((k, n, product_buffers(gpu, wtype, 1, k, n)?));
+        }
+        let ops: Vec<_> = bufs
+            .iter()
+            .map(|(k, n, (x, w, out))| Op::QMatmul {
+                x,
+                w,
+                factors: None,
+                out,
+                wtype,
+                m: 1,
+                k: *k,
+                n: *n,
+            })
+            .collect();
         let candidates = matvec_candidates()
             .into_iter()
             .filter(|m| !m.subgroup || gpu.subgroups_of_8())
             .collect();
-        let shape = fastest(gpu, &op, candidates, &mut timings, |m| {
+        let shape = fastest(gpu, &ops, candidates, &mut timings, |m| {
             (
                 KernelShapes {
                     matvec: m,
                     matvec_wide: m,
                     ..best
                 },
-                format!("matvec {k}x{n} {}", m.spec()),
+                format!("matvec {label} {}", m.spec()),
             )
         })?;
-        if n >= WIDE_FROM {
+        if label == "head" {
             best.matvec_wide = shape;
         } else {
             best.matvec = shape;
@@ -484,15 +509,21 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         row0: 0,
         scale: 0.125,
     };
-    best.attention_decode = fastest(gpu, &op, attention_candidates(), &mut timings, |a| {
-        (
-            KernelShapes {
-                attention_decode: a,
-                ..best
-            },
-            format!("attention decode {}", a.spec()),
-        )
-    })?;
+    best.attention_decode = fastest(
+        gpu,
+        std::slice::from_ref(&op),
+        attention_candidates(),
+        &mut timings,
+        |a| {
+            (
+                KernelShapes {
+                    attention_decode: a,
+                    ..best
+                },
+                format!("attention decode {}", a.spec()),
+            )
+        },
+    )?;
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
         let tokens = 128u32;
@@ -517,15 +548,21 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             row0: 0,
             scale: 0.125,
         };
-        best.attention_prefill = fastest(gpu, &op, VARIANTS.to_vec(), &mut timings, |a| {
-            (
-                KernelShapes {
-                    attention_prefill: a,
-                    ..best
-                },
-                format!("attention prefill {}", a.spec()),
-            )
-        })?;
+        best.attention_prefill = fastest(
+            gpu,
+            std::slice::from_ref(&op),
+            VARIANTS.to_vec(),
+            &mut timings,
+            |a| {
+                (
+                    KernelShapes {
+                        attention_prefill: a,
+                        ..best
+                    },
+                    format!("attention prefill {}", a.spec()),
+                )
+            },
+        )?;
         // A prompt's product: 64 rows of x, a projection's weights.
         let (m, k, n) = (64u32, 576u32, 1536u32);
         let (x, w, out) = product_buffers(gpu, wtype, m, k, n)?;
@@ -539,15 +576,21 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        best.prompt_matmul = fastest(gpu, &op, VARIANTS.to_vec(), &mut timings, |v| {
-            (
-                KernelShapes {
-                    prompt_matmul: v,
-                    ..best
-                },
-                format!("prompt matmul {}", v.spec()),
-            )
-        })?;
+        best.prompt_matmul = fastest(
+            gpu,
+            std::slice::from_ref(&op),
+            VARIANTS.to_vec(),
+            &mut timings,
+            |v| {
+                (
+                    KernelShapes {
+                        prompt_matmul: v,
+                        ..best
+                    },
+                    format!("prompt matmul {}", v.spec()),
+                )
+            },
+        )?;
     }
     Ok((best, timings))
 }
@@ -574,7 +617,7 @@ fn product_buffers(
 /// candidate's time is added to `timings`.
 fn fastest<T: Copy>(
     gpu: &mut Gpu,
-    op: &Op<'_, GpuBuffer>,
+    ops: &[Op<'_, GpuBuffer>],
     candidates: Vec<T>,
     timings: &mut Vec<String>,
     shapes_of: impl Fn(T) -> (KernelShapes, String),
@@ -586,7 +629,7 @@ fn fastest<T: Copy>(
     for _ in 0..2 {
         for (c, t) in candidates.iter().zip(&mut times) {
             let bound = best.map_or(f64::INFINITY, |b| b.0);
-            let s = time_op(gpu, shapes_of(*c).0, op, bound)?;
+            let s = time_op(gpu, shapes_of(*c).0, ops, bound)?;
             *t = t.min(s);
             if s < bound {
                 best = Some((s, *c));
@@ -610,9 +653,9 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         notes,
     };
     let r = gpu.report();
-    // The candidates and the kernels' source are part of the identity: a cache measured
-    // before a kernel form existed or a kernel changed (the crate version need not change)
-    // is measured again, not trusted.
+    // The candidates, the kernels' source and the measured shapes are part of the
+    // identity: a cache measured before a kernel form existed, a kernel changed or the
+    // measurement did (the crate version need not change) is measured again, not trusted.
     let kernels = fnv1a(SHADERS.iter().flat_map(|(_, src)| src.bytes()));
     let candidates: Vec<String> = matvec_candidates()
         .iter()
@@ -621,7 +664,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
-        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | {}",
+        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | {} | layer {:?}",
         env!("CARGO_PKG_VERSION"),
         r.name,
         r.backend,
@@ -630,6 +673,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         gpu.vendor_device().0,
         gpu.vendor_device().1,
         candidates.join(" "),
+        LAYER_PRODUCTS,
     );
     let path = cache_path(&identity, dir);
     let mut notes = Vec::new();
