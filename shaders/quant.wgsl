@@ -26,10 +26,10 @@ const BF16: u32 = 2u;
 const Q8_0: u32 = 3u;
 const Q4_0: u32 = 4u;
 const Q4_1: u32 = 5u;
-// Rows per group of the split layout (`backend::wgpu::SPLIT_ROW_GROUP`).
-const ROW_GROUP: u32 = 64u;
 const Q4_K: u32 = 6u;
 const Q6_K: u32 = 7u;
+// Rows per group of the split layout (`backend::wgpu::SPLIT_ROW_GROUP`).
+const ROW_GROUP: u32 = 64u;
 
 // Whether x can be read as vec4 (k % 4 == 0).
 override X4: bool = false;

@@ -119,6 +119,28 @@ fn fused_ops_name_what_is_wrong() {
 }
 
 #[test]
+fn weights_that_are_not_whole_rows_are_refused() {
+    use edgetune::WeightType;
+    let Some(gpu) = common::gpu() else { return };
+    // Three Q8_0 blocks (96 elements): not whole rows of 64, and no rows at all of 0.
+    let bytes = vec![0u8; 3 * WeightType::Q8_0.block_bytes()];
+    for cols in [64, 0, 40] {
+        let err = gpu
+            .upload_weights(WeightType::Q8_0, &bytes, cols, "w")
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidShape { op: "upload_weights", reason } if reason.contains("whole rows")),
+            "cols {cols}: {err}"
+        );
+    }
+    // Whole rows go up.
+    assert!(
+        gpu.upload_weights(WeightType::Q8_0, &bytes, 96, "w")
+            .is_ok()
+    );
+}
+
+#[test]
 fn buffers_over_the_device_limits_are_rejected() {
     let Some(gpu) = common::gpu() else { return };
     let limit = gpu.report().max_buffer_size;

@@ -450,7 +450,8 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let wtype = WeightType::Q4_1;
     // The projections as a whole layer's decode step runs them (a shape that fills the
     // threads on 1536 rows can leave them idle on 192), and a wide output head.
-    for (label, shapes) in [("layer", LAYER_PRODUCTS), ("head", &[(576, WIDE_FROM)][..])] {
+    for (wide, shapes) in [(false, LAYER_PRODUCTS), (true, &[(576, WIDE_FROM)][..])] {
+        let label = if wide { "head" } else { "layer" };
         let mut bufs = Vec::with_capacity(shapes.len());
         for &(k, n) in shapes {
             bufs.push((k, n, product_buffers(gpu, wtype, 1, k, n)?));
@@ -482,7 +483,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                 format!("matvec {label} {}", m.spec()),
             )
         })?;
-        if label == "head" {
+        if wide {
             best.matvec_wide = shape;
         } else {
             best.matvec = shape;
@@ -509,21 +510,15 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         row0: 0,
         scale: 0.125,
     };
-    best.attention_decode = fastest(
-        gpu,
-        std::slice::from_ref(&op),
-        attention_candidates(),
-        &mut timings,
-        |a| {
-            (
-                KernelShapes {
-                    attention_decode: a,
-                    ..best
-                },
-                format!("attention decode {}", a.spec()),
-            )
-        },
-    )?;
+    best.attention_decode = fastest(gpu, &[op], attention_candidates(), &mut timings, |a| {
+        (
+            KernelShapes {
+                attention_decode: a,
+                ..best
+            },
+            format!("attention decode {}", a.spec()),
+        )
+    })?;
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
         let tokens = 128u32;
@@ -548,21 +543,15 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             row0: 0,
             scale: 0.125,
         };
-        best.attention_prefill = fastest(
-            gpu,
-            std::slice::from_ref(&op),
-            VARIANTS.to_vec(),
-            &mut timings,
-            |a| {
-                (
-                    KernelShapes {
-                        attention_prefill: a,
-                        ..best
-                    },
-                    format!("attention prefill {}", a.spec()),
-                )
-            },
-        )?;
+        best.attention_prefill = fastest(gpu, &[op], VARIANTS.to_vec(), &mut timings, |a| {
+            (
+                KernelShapes {
+                    attention_prefill: a,
+                    ..best
+                },
+                format!("attention prefill {}", a.spec()),
+            )
+        })?;
         // A prompt's product: 64 rows of x, a projection's weights.
         let (m, k, n) = (64u32, 576u32, 1536u32);
         let (x, w, out) = product_buffers(gpu, wtype, m, k, n)?;
@@ -576,21 +565,15 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        best.prompt_matmul = fastest(
-            gpu,
-            std::slice::from_ref(&op),
-            VARIANTS.to_vec(),
-            &mut timings,
-            |v| {
-                (
-                    KernelShapes {
-                        prompt_matmul: v,
-                        ..best
-                    },
-                    format!("prompt matmul {}", v.spec()),
-                )
-            },
-        )?;
+        best.prompt_matmul = fastest(gpu, &[op], VARIANTS.to_vec(), &mut timings, |v| {
+            (
+                KernelShapes {
+                    prompt_matmul: v,
+                    ..best
+                },
+                format!("prompt matmul {}", v.spec()),
+            )
+        })?;
     }
     Ok((best, timings))
 }
