@@ -3,7 +3,7 @@
 //! best value differs between devices by several times (register counts, cores, how an
 //! emulated GPU maps workgroups to threads), and prompt attention and prompt products have
 //! subgroup variants ([`Variant`]) that only some devices run well. On first use of an adapter and driver,
-//! [`autotune`] times each candidate on the shapes of a small model and keeps the fastest;
+//! `autotune` times each candidate on the shapes of a small model and keeps the fastest;
 //! the choice is cached on disk, keyed by adapter, driver and edgetune version, and a cache
 //! that is unreadable, stale or names a shape outside the candidates is ignored and
 //! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
