@@ -74,6 +74,68 @@ fn every_candidate_shape_matches_the_reference() {
 }
 
 #[test]
+fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = scratch("no-subgroups");
+    let forced = KernelShapes::parse(
+        "matvec=8x8g,matvec_wide=8x4g,attention_decode=8q,attention_prefill=sg8,prompt_matmul=sg8",
+    )
+    .unwrap();
+    let gpu = Gpu::open(&GpuOptions {
+        tuning: Tuning::Force(forced),
+        cache_dir: Some(dir.clone()),
+        without_subgroups: true,
+        ..GpuOptions::default()
+    })
+    .unwrap();
+    assert!(!gpu.report().subgroups);
+    let notes = &gpu.tuning().unwrap().notes;
+    let notice: Vec<_> = notes
+        .iter()
+        .filter(|n| n.contains("need subgroups of exactly 8"))
+        .collect();
+    assert_eq!(notice.len(), 1, "{notes:?}");
+    assert!(
+        notice[0].contains("attention_prefill, prompt_matmul") && notice[0].contains("matvec"),
+        "{}",
+        notice[0]
+    );
+    // Every product and attention case the forced kernels would have run, on the
+    // portable kernels instead, against the reference.
+    let mut failures = Vec::new();
+    for case in selftest::cases()
+        .into_iter()
+        .filter(|c| matches!(c.kernel(), "qmatvec" | "qmatmul") || c.kernel().contains("attention"))
+    {
+        let r = selftest::check(&gpu, &case, false);
+        if !r.pass {
+            failures.push(format!("{} {} {:?}", r.kernel, r.shape, r.error));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Measured without subgroups, no subgroup kernel is chosen.
+    let measured = Gpu::open(&GpuOptions {
+        tuning: Tuning::Measure,
+        cache_dir: Some(dir.clone()),
+        without_subgroups: true,
+        ..GpuOptions::default()
+    })
+    .unwrap();
+    let shapes = measured.tuning().unwrap().shapes;
+    assert!(
+        shapes
+            .spec()
+            .split(',')
+            .all(|c| !c.ends_with('g') && !c.ends_with("sg8")),
+        "{}",
+        shapes.spec()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_bad_cache_is_ignored_and_rebuilt() {
     if common::gpu().is_none() {
         return;

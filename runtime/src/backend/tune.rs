@@ -647,7 +647,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
-        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | {} | layer {:?}",
+        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | subgroups {} | {} | layer {:?}{}",
         env!("CARGO_PKG_VERSION"),
         r.name,
         r.backend,
@@ -655,11 +655,20 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         r.driver_info,
         gpu.vendor_device().0,
         gpu.vendor_device().1,
+        gpu.subgroups_of_8(),
         candidates.join(" "),
         LAYER_PRODUCTS,
+        if r.driver == "llvmpipe" {
+            llvmpipe_codegen()
+        } else {
+            String::new()
+        },
     );
     let path = cache_path(&identity, dir);
     let mut notes = Vec::new();
+    if r.driver == "llvmpipe" {
+        notes.extend(slow_llvmpipe(&r.driver_info, llvmpipe_uses_avx512()));
+    }
     match tuning {
         Tuning::Defaults => return Ok(report(KernelShapes::default(), "defaults", notes)),
         Tuning::Force(s) => {
@@ -709,9 +718,90 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     Ok(report(shapes, &origin, notes))
 }
 
+/// What else sets llvmpipe's code generation, and so its fastest shapes, while its name and
+/// driver string stay the same: the host's vector instructions and Mesa's overrides of them
+/// (a cache directory can be shared by hosts with different processors).
+fn llvmpipe_codegen() -> String {
+    let env: Vec<String> = LLVMPIPE_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect();
+    format!(" | avx512 {} | {}", host_has_avx512(), env.join(" "))
+}
+
+/// Environment variables that change llvmpipe's code or threads.
+const LLVMPIPE_ENV: [&str; 3] = [
+    "GALLIUM_OVERRIDE_CPU_CAPS",
+    "LP_NATIVE_VECTOR_WIDTH",
+    "LP_NUM_THREADS",
+];
+
+fn host_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether llvmpipe generates AVX-512 code here: every value Mesa accepts in
+/// GALLIUM_OVERRIDE_CPU_CAPS (nosse ... avx) turns AVX-512 off.
+fn llvmpipe_uses_avx512() -> bool {
+    host_has_avx512() && std::env::var("GALLIUM_OVERRIDE_CPU_CAPS").map_or(true, |v| v.is_empty())
+}
+
+/// A notice for llvmpipe from Mesa 22 or older generating x86 code without AVX-512. That
+/// Mesa loads and stores storage buffers one invocation at a time, inserting each 32-bit
+/// word at a run-time lane index, and without AVX-512 LLVM does that insert through the
+/// stack (a store-forwarding stall per word): every kernel runs 3-5x slower than with it.
+/// Mesa 25.0 loads through masked gathers instead (BENCHMARKS.md measures both).
+fn slow_llvmpipe(driver_info: &str, avx512: bool) -> Option<String> {
+    let major: u32 = driver_info
+        .strip_prefix("Mesa ")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    (cfg!(target_arch = "x86_64") && major <= 22 && !avx512).then(|| {
+        format!(
+            "llvmpipe from {} without AVX-512 loads GPU buffers word by word through the \
+             stack (3-5x slower); Mesa 25 does not (Debian 12: bookworm-backports)",
+            driver_info.split(" (").next().unwrap_or(driver_info)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_llvmpipe_without_avx512_gets_a_notice() {
+        let old = "Mesa 22.3.6 (LLVM 15.0.6)";
+        let note = slow_llvmpipe(old, false);
+        assert_eq!(note.is_some(), cfg!(target_arch = "x86_64"));
+        if let Some(n) = note {
+            assert!(
+                n.starts_with("llvmpipe from Mesa 22.3.6 without AVX-512"),
+                "{n}"
+            );
+        }
+        assert_eq!(slow_llvmpipe(old, true), None);
+        assert_eq!(
+            slow_llvmpipe("Mesa 25.0.7-2~bpo12+1 (LLVM 15.0.6)", false),
+            None
+        );
+        for odd in ["", "Mesa", "Mesa x.1", "580.159.04", "Mesa 22"] {
+            assert_eq!(
+                slow_llvmpipe(odd, false).is_some(),
+                odd == "Mesa 22" && cfg!(target_arch = "x86_64"),
+                "{odd}"
+            );
+        }
+    }
 
     #[test]
     fn spec_round_trips_and_rejects_what_is_not_a_candidate() {

@@ -76,6 +76,9 @@ pub struct GpuOptions {
     pub tuning: Tuning,
     /// Where the kernel shape cache lives (default: see [`tune`]).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Open the device without subgroup operations, so only the portable kernels run (a
+    /// driver whose subgroups misbehave; how a device without them behaves).
+    pub without_subgroups: bool,
 }
 
 /// What the conformance suite prints about the device.
@@ -247,7 +250,10 @@ impl Gpu {
             });
         }
         let limits = adapter.limits();
-        let features = adapter.features();
+        let mut features = adapter.features();
+        if opts.without_subgroups {
+            features.remove(wgpu::Features::SUBGROUP);
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("edgetune"),
             required_features: features & wgpu::Features::SUBGROUP,
