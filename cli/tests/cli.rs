@@ -5,7 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn edgetune() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edgetune"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgetune"));
+    // The tests' own kernel shape cache: shapes measured while other tests load the machine
+    // must not become what the user's commands run with.
+    c.env(
+        "EDGETUNE_CACHE_DIR",
+        std::env::temp_dir().join("edgetune-test-autotune"),
+    );
+    c
 }
 
 fn tiny(rel: &str) -> PathBuf {

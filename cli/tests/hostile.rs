@@ -45,6 +45,12 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
         .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_edgetune"))
         .args(args)
+        // The tests' own kernel shape cache: shapes measured while other tests load the machine
+        // must not become what the user's commands run with.
+        .env(
+            "EDGETUNE_CACHE_DIR",
+            std::env::temp_dir().join("edgetune-test-autotune"),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

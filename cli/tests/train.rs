@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn edgetune(args: &[&str]) -> Output {
+    // The tests' own kernel shape cache: shapes measured while other tests load the machine
+    // must not become what the user's commands run with.
     Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .env(
+            "EDGETUNE_CACHE_DIR",
+            std::env::temp_dir().join("edgetune-test-autotune"),
+        )
         .args(args)
         .output()
         .unwrap()

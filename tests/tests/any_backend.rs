@@ -11,6 +11,10 @@ fn open(kind: BackendKind) -> AnyBackend {
     AnyBackend::open(&BackendOptions {
         kind,
         threads: Some(3),
+        gpu: edgetune::backend::wgpu::GpuOptions {
+            cache_dir: Some(common::tune_cache()),
+            ..Default::default()
+        },
         ..BackendOptions::default()
     })
     .unwrap()
