@@ -100,18 +100,19 @@ def train_step():
 
 
 timed(f"train{batch}x{length}", batch * length, train_step)
-label = f"llama.cpp CPU ({a.threads} threads)"
 # The instruction set this llama.cpp build uses (an AVX2-only build on an AVX-512 host
-# stands in for an AVX2-only host; BENCHMARKS.md).
+# stands in for an AVX2-only host; BENCHMARKS.md), in the label so that bench_compare.py
+# never pairs runs of different builds.
 info = llama_cpp.llama_print_system_info().decode()
 isa = next((name for flag, name in [("AVX512 = 1", "AVX-512"), ("AVX2 = 1", "AVX2"),
                                     ("NEON = 1", "NEON")] if flag in info), "baseline")
+label = f"llama.cpp CPU ({a.threads} threads, {isa})"
 if a.json:
     for r in rows:
         r["tok_s"] = r["tokens"] / r["seconds"]
-    print(json.dumps({"system": label, "isa": isa, "model": a.model, "rows": rows}))
+    print(json.dumps({"system": label, "model": a.model, "rows": rows}))
 else:
     for r in rows:
         loss = f"   loss {r['loss']:.3f}" if r["loss"] is not None else ""
-        print(f"{label + ', ' + isa:<34} {r['test']:<12} {r['tokens']:>5} tokens {r['tokens'] / r['seconds']:>8.2f} tok/s"
+        print(f"{label:<40} {r['test']:<12} {r['tokens']:>5} tokens {r['tokens'] / r['seconds']:>8.2f} tok/s"
               f"   peak RSS {r['peak_rss_mib']:>4.0f} MiB{loss}")

@@ -194,6 +194,7 @@ fn real_gpu_only_refuses_a_cpu_emulated_adapter_before_making_a_device() {
     drop(gpu);
     let only_real = Gpu::open(&GpuOptions {
         real_gpu_only: true,
+        cache_dir: Some(common::tune_cache()),
         ..GpuOptions::default()
     });
     match only_real {

@@ -4,7 +4,9 @@
 //! emulated GPU maps workgroups to threads), and prompt attention and prompt products have
 //! subgroup variants ([`Variant`]) that only some devices run well. On first use of an adapter and driver,
 //! `autotune` times each candidate on the shapes of a small model and keeps the fastest;
-//! the choice is cached on disk, keyed by adapter, driver and edgetune version, and a cache
+//! the choice is cached on disk, keyed by adapter, driver, edgetune version, kernels and
+//! candidates (and, for llvmpipe, the host's vector instructions, CPUs and Mesa's code
+//! generation variables, which change its fastest shapes), and a cache
 //! that is unreadable, stale or names a shape outside the candidates is ignored and
 //! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
 //! never in what is summed; `tests/tests/tune.rs` checks every one against the reference.
@@ -658,7 +660,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         gpu.subgroups_of_8(),
         candidates.join(" "),
         LAYER_PRODUCTS,
-        if r.driver == "llvmpipe" {
+        if is_llvmpipe(&r) {
             llvmpipe_codegen()
         } else {
             String::new()
@@ -666,8 +668,12 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     );
     let path = cache_path(&identity, dir);
     let mut notes = Vec::new();
-    if r.driver == "llvmpipe" {
-        notes.extend(slow_llvmpipe(&r.driver_info, llvmpipe_uses_avx512()));
+    if is_llvmpipe(&r) {
+        notes.extend(slow_llvmpipe(
+            &r.driver_info,
+            host_has_avx512(),
+            caps_overridden(),
+        ));
     }
     match tuning {
         Tuning::Defaults => return Ok(report(KernelShapes::default(), "defaults", notes)),
@@ -718,23 +724,42 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     Ok(report(shapes, &origin, notes))
 }
 
-/// What else sets llvmpipe's code generation, and so its fastest shapes, while its name and
-/// driver string stay the same: the host's vector instructions and Mesa's overrides of them
-/// (a cache directory can be shared by hosts with different processors).
+/// What else sets llvmpipe's code generation and threads, and so its fastest shapes, while
+/// its name and driver string stay the same (a cache directory can be shared by hosts with
+/// different processors).
 fn llvmpipe_codegen() -> String {
     let env: Vec<String> = LLVMPIPE_ENV
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
         .collect();
-    format!(" | avx512 {} | {}", host_has_avx512(), env.join(" "))
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(" | {} | {cpus} cpus | {}", host_isa(), env.join(" "))
 }
 
 /// Environment variables that change llvmpipe's code or threads.
-const LLVMPIPE_ENV: [&str; 3] = [
+const LLVMPIPE_ENV: [&str; 4] = [
     "GALLIUM_OVERRIDE_CPU_CAPS",
+    "GALLIUM_NOSSE",
     "LP_NATIVE_VECTOR_WIDTH",
     "LP_NUM_THREADS",
 ];
+
+/// The host's vector instruction sets llvmpipe generates code for.
+fn host_isa() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        format!(
+            "avx2 {} fma {} avx512 {}",
+            std::is_x86_feature_detected!("avx2"),
+            std::is_x86_feature_detected!("fma"),
+            host_has_avx512()
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
 
 fn host_has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -747,29 +772,45 @@ fn host_has_avx512() -> bool {
     }
 }
 
-/// Whether llvmpipe generates AVX-512 code here: every value Mesa accepts in
-/// GALLIUM_OVERRIDE_CPU_CAPS (nosse ... avx) turns AVX-512 off.
-fn llvmpipe_uses_avx512() -> bool {
-    host_has_avx512() && std::env::var("GALLIUM_OVERRIDE_CPU_CAPS").map_or(true, |v| v.is_empty())
+fn is_llvmpipe(r: &super::wgpu::AdapterReport) -> bool {
+    // Vulkan (lavapipe) names the driver; GL only the renderer.
+    r.driver == "llvmpipe" || r.name.starts_with("llvmpipe")
+}
+
+/// Whether GALLIUM_OVERRIDE_CPU_CAPS holds one of the values Mesa acts on (it ignores
+/// others), each of which turns AVX-512 off.
+fn caps_overridden() -> bool {
+    std::env::var("GALLIUM_OVERRIDE_CPU_CAPS").is_ok_and(|v| {
+        matches!(
+            v.as_str(),
+            "nosse" | "sse" | "sse2" | "sse3" | "ssse3" | "sse4.1" | "avx"
+        )
+    })
 }
 
 /// A notice for llvmpipe from Mesa 22 or older generating x86 code without AVX-512. That
 /// Mesa loads and stores storage buffers one invocation at a time, inserting each 32-bit
 /// word at a run-time lane index, and without AVX-512 LLVM does that insert through the
-/// stack (a store-forwarding stall per word): every kernel runs 3-5x slower than with it.
-/// Mesa 25.0 loads through masked gathers instead (BENCHMARKS.md measures both).
-fn slow_llvmpipe(driver_info: &str, avx512: bool) -> Option<String> {
-    let major: u32 = driver_info
-        .strip_prefix("Mesa ")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()?;
+/// stack (a store-forwarding stall per word). Mesa 25.0 loads through masked gathers and
+/// ran SmolLM2 2-3x faster there; 23 and 24 are not measured (BENCHMARKS.md, seventh part).
+fn slow_llvmpipe(driver_info: &str, host_avx512: bool, capped: bool) -> Option<String> {
+    let version = driver_info
+        .split("Mesa ")
+        .nth(1)?
+        .split([' ', '('])
+        .next()?;
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    let avx512 = host_avx512 && !capped;
     (cfg!(target_arch = "x86_64") && major <= 22 && !avx512).then(|| {
         format!(
-            "llvmpipe from {} without AVX-512 loads GPU buffers word by word through the \
-             stack (3-5x slower); Mesa 25 does not (Debian 12: bookworm-backports)",
-            driver_info.split(" (").next().unwrap_or(driver_info)
+            "llvmpipe from Mesa {version} without AVX-512{} loads GPU buffers word by word \
+             through the stack: Mesa 25 ran 2-3x faster without it (Debian 12: \
+             bookworm-backports), the multi-threaded CPU path faster still",
+            if host_avx512 {
+                " (GALLIUM_OVERRIDE_CPU_CAPS turns it off)"
+            } else {
+                ""
+            }
         )
     })
 }
@@ -780,24 +821,31 @@ mod tests {
 
     #[test]
     fn old_llvmpipe_without_avx512_gets_a_notice() {
+        let x86 = cfg!(target_arch = "x86_64");
         let old = "Mesa 22.3.6 (LLVM 15.0.6)";
-        let note = slow_llvmpipe(old, false);
-        assert_eq!(note.is_some(), cfg!(target_arch = "x86_64"));
+        let note = slow_llvmpipe(old, false, false);
+        assert_eq!(note.is_some(), x86);
         if let Some(n) = note {
             assert!(
-                n.starts_with("llvmpipe from Mesa 22.3.6 without AVX-512"),
+                n.starts_with("llvmpipe from Mesa 22.3.6 without AVX-512 loads"),
                 "{n}"
             );
         }
-        assert_eq!(slow_llvmpipe(old, true), None);
-        assert_eq!(
-            slow_llvmpipe("Mesa 25.0.7-2~bpo12+1 (LLVM 15.0.6)", false),
-            None
-        );
+        assert_eq!(slow_llvmpipe(old, true, false), None);
+        let capped = slow_llvmpipe(old, true, true);
+        assert_eq!(capped.is_some(), x86);
+        if let Some(n) = capped {
+            assert!(n.contains("GALLIUM_OVERRIDE_CPU_CAPS turns it off"), "{n}");
+        }
+        // GL reports the version after the OpenGL one.
+        let gl = "4.5 (Core Profile) Mesa 22.3.6";
+        assert_eq!(slow_llvmpipe(gl, false, false).is_some(), x86);
+        let new = "Mesa 25.0.7-2~bpo12+1 (LLVM 15.0.6)";
+        assert_eq!(slow_llvmpipe(new, false, false), None);
         for odd in ["", "Mesa", "Mesa x.1", "580.159.04", "Mesa 22"] {
             assert_eq!(
-                slow_llvmpipe(odd, false).is_some(),
-                odd == "Mesa 22" && cfg!(target_arch = "x86_64"),
+                slow_llvmpipe(odd, false, false).is_some(),
+                odd == "Mesa 22" && x86,
                 "{odd}"
             );
         }
