@@ -11,6 +11,7 @@
 //! rebuilt. Candidates differ only in how the terms of each sum are grouped (rounding),
 //! never in what is summed; `tests/tests/tune.rs` checks every one against the reference.
 
+use super::host::Isa;
 use super::wgpu::{Gpu, GpuBuffer, SHADERS};
 use super::{Backend, Op};
 use crate::error::{Error, Result};
@@ -671,7 +672,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     if is_llvmpipe(&r) {
         notes.extend(slow_llvmpipe(
             &r.driver_info,
-            host_has_avx512(),
+            Isa::Avx512.available(),
             caps_overridden(),
         ));
     }
@@ -733,7 +734,9 @@ fn llvmpipe_codegen() -> String {
         .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
         .collect();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!(" | {} | {cpus} cpus | {}", host_isa(), env.join(" "))
+    // The host's widest vector instructions (what llvmpipe generates code for).
+    let isa = Isa::detect().name();
+    format!(" | {isa} | {cpus} cpus | {}", env.join(" "))
 }
 
 /// Environment variables that change llvmpipe's code or threads.
@@ -743,34 +746,6 @@ const LLVMPIPE_ENV: [&str; 4] = [
     "LP_NATIVE_VECTOR_WIDTH",
     "LP_NUM_THREADS",
 ];
-
-/// The host's vector instruction sets llvmpipe generates code for.
-fn host_isa() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        format!(
-            "avx2 {} fma {} avx512 {}",
-            std::is_x86_feature_detected!("avx2"),
-            std::is_x86_feature_detected!("fma"),
-            host_has_avx512()
-        )
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH.to_string()
-    }
-}
-
-fn host_has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 fn is_llvmpipe(r: &super::wgpu::AdapterReport) -> bool {
     // Vulkan (lavapipe) names the driver; GL only the renderer.
