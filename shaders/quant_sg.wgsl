@@ -39,6 +39,26 @@ const ROW_GROUP: u32 = 64u;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> wq: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read> factors: array<f32>;
+// The same bytes as `w`, 16 to a texel, TEX_W texels a row, read instead of `w` when TEX
+// (a 1x1 placeholder otherwise): lavapipe from Mesa 22 on hosts without AVX-512 loads a
+// storage buffer lane by lane through the stack but fetches texels with a gather, so its
+// products ran 2-4x faster this way (BENCHMARKS.md); backend::tune measures which to use.
+@group(0) @binding(8) var wt: texture_2d<u32>;
+
+override TEX: bool = false;
+const TEX_W: u32 = 4096u;
+// x as a texture (u32 x 4 texels: row r of x is texel row r), read by `qmatmul_sg8` instead
+// of `x4` when XTEX, for the same reason as TEX.
+@group(0) @binding(9) var xt: texture_2d<u32>;
+override XTEX: bool = false;
+
+// Elements 4q .. 4q+4 of row r of x.
+fn x_quad(r: u32, q: u32) -> vec4<f32> {
+    if XTEX {
+        return bitcast<vec4<f32>>(textureLoad(xt, vec2<u32>(q, r), 0));
+    }
+    return x4[r * (p.k / 4u) + q];
+}
 
 fn half_to_f32(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;
@@ -62,23 +82,20 @@ fn n_blocks() -> u32 {
     return p.n * (p.k / 32u);
 }
 
-fn split_scale16(b: u32) -> f32 {
-    return half_to_f32((w[b >> 1u] >> (16u * (b & 1u))) & 0xFFFFu);
+// Words 4i .. 4i+4 of the weights.
+fn w_vec(i: u32) -> vec4<u32> {
+    if TEX {
+        return textureLoad(wt, vec2<u32>(i % TEX_W, i / TEX_W), 0);
+    }
+    return wq[i];
 }
 
-fn stored_scale(b: u32) -> f32 {
-    if WTYPE == Q4_1 {
-        return half_to_f32(w[b] & 0xFFFFu);
+// Word i of the weights.
+fn w_word(i: u32) -> u32 {
+    if TEX {
+        return w_vec(i / 4u)[i % 4u];
     }
-    return split_scale16(b);
-}
-
-fn block_scale(j: u32, c: u32) -> f32 {
-    let d = stored_scale(stored_block(j, c));
-    if FACTORS {
-        return d * factors[block_index(j, c)];
-    }
-    return d;
+    return w[i];
 }
 
 fn split_quants(b: u32, per_block: u32) -> u32 {
@@ -110,17 +127,26 @@ struct Block {
 fn load_block(j: u32, c: u32) -> Block {
     let b = stored_block(j, c);
     var r: Block;
-    r.d = block_scale(j, c);
+    // The stored scale d (as quant.wgsl's `stored_scale`: Q4_1 a word of d and m per
+    // block, the others a u16 d), times the block's trained factor where given.
+    var dm = w_word(b);
+    if WTYPE != Q4_1 {
+        dm = w_word(b >> 1u) >> (16u * (b & 1u));
+    }
+    r.d = half_to_f32(dm & 0xFFFFu);
+    if FACTORS {
+        r.d *= factors[block_index(j, c)];
+    }
     // -0.0 leaves every value, negative zero included, unchanged when added.
     r.m = -0.0;
     if WTYPE == Q8_0 {
         let q = split_quants(b, 2u);
-        r.qa = wq[q];
-        r.qb = wq[q + 1u];
+        r.qa = w_vec(q);
+        r.qb = w_vec(q + 1u);
     } else {
-        r.qa = wq[split_quants(b, 1u)];
+        r.qa = w_vec(split_quants(b, 1u));
         if WTYPE == Q4_1 {
-            r.m = half_to_f32(w[b] >> 16u);
+            r.m = half_to_f32(dm >> 16u);
         } else {
             r.m = -8.0 * r.d;
         }
@@ -155,7 +181,6 @@ fn quads(b0: Block, b1: Block, b2: Block, b3: Block, t: u32) -> mat4x4<f32> {
 @compute @workgroup_size(64, 1, 1)
 fn qmatmul_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let chunks = p.k / 32u;
-    let k4 = p.k / 4u;
     let col = wg.x * 256u + lid;
     let i0 = wg.y * 8u;
     let last = p.m - 1u;
@@ -176,14 +201,14 @@ fn qmatmul_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         // This invocation's quarter-row (elements 4 lane .. 4 lane + 4) of the chunk of
         // each x row.
         let xo = 8u * c + lane;
-        let xr0 = x4[min(i0 + 0u, last) * k4 + xo];
-        let xr1 = x4[min(i0 + 1u, last) * k4 + xo];
-        let xr2 = x4[min(i0 + 2u, last) * k4 + xo];
-        let xr3 = x4[min(i0 + 3u, last) * k4 + xo];
-        let xr4 = x4[min(i0 + 4u, last) * k4 + xo];
-        let xr5 = x4[min(i0 + 5u, last) * k4 + xo];
-        let xr6 = x4[min(i0 + 6u, last) * k4 + xo];
-        let xr7 = x4[min(i0 + 7u, last) * k4 + xo];
+        let xr0 = x_quad(min(i0 + 0u, last), xo);
+        let xr1 = x_quad(min(i0 + 1u, last), xo);
+        let xr2 = x_quad(min(i0 + 2u, last), xo);
+        let xr3 = x_quad(min(i0 + 3u, last), xo);
+        let xr4 = x_quad(min(i0 + 4u, last), xo);
+        let xr5 = x_quad(min(i0 + 5u, last), xo);
+        let xr6 = x_quad(min(i0 + 6u, last), xo);
+        let xr7 = x_quad(min(i0 + 7u, last), xo);
         let b0 = load_block(j0, c);
         let b1 = load_block(j1, c);
         let b2 = load_block(j2, c);

@@ -35,6 +35,10 @@ pub struct MatvecShape {
     /// rows, x shared across subgroups of 8 (written `WGxROWSg`); devices without such
     /// subgroups, and other formats, run `qmatvec` with the same shape.
     pub subgroup: bool,
+    /// With `subgroup`, the weights are read from a texture holding the same bytes
+    /// (written `WGxROWSgt`), made on a weight's first such product: each weight then
+    /// takes its memory twice, so measuring keeps it only where it is clearly faster.
+    pub texture: bool,
 }
 
 impl MatvecShape {
@@ -45,6 +49,8 @@ impl MatvecShape {
             self.rows,
             if self.split {
                 "s"
+            } else if self.texture {
+                "gt"
             } else if self.subgroup {
                 "g"
             } else {
@@ -83,6 +89,9 @@ pub enum Variant {
     /// The subgroup variant (written `sg8`); a device without subgroups of 8 runs the
     /// portable kernel instead.
     Subgroup8,
+    /// For the prompt products only: the subgroup variant reading the weights from
+    /// textures, as `MatvecShape::texture` (written `sg8t`).
+    Subgroup8Texture,
 }
 
 impl Variant {
@@ -90,11 +99,17 @@ impl Variant {
         match self {
             Variant::Portable => "portable",
             Variant::Subgroup8 => "sg8",
+            Variant::Subgroup8Texture => "sg8t",
         }
     }
 }
 
 const VARIANTS: [Variant; 2] = [Variant::Portable, Variant::Subgroup8];
+const PROMPT_VARIANTS: [Variant; 3] = [
+    Variant::Portable,
+    Variant::Subgroup8,
+    Variant::Subgroup8Texture,
+];
 
 /// The shape of decode-step attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,12 +172,14 @@ impl Default for KernelShapes {
                 rows: 4,
                 split: false,
                 subgroup: false,
+                texture: false,
             },
             matvec_wide: MatvecShape {
                 wg: 16,
                 rows: 8,
                 split: false,
                 subgroup: false,
+                texture: false,
             },
             attention_decode: AttentionShape {
                 wg: 4,
@@ -197,7 +214,7 @@ impl KernelShapes {
             ("prompt_matmul", self.prompt_matmul),
         ]
         .into_iter()
-        .filter(|(_, v)| *v == Variant::Subgroup8)
+        .filter(|(_, v)| *v != Variant::Portable)
         .map(|(k, _)| k)
         .chain(
             [("matvec", self.matvec), ("matvec_wide", self.matvec_wide)]
@@ -229,20 +246,24 @@ impl KernelShapes {
             let matvec = |v: &str| -> Result<MatvecShape> {
                 let (wg, rows) = v.split_once('x').ok_or_else(|| {
                     bad(format!(
-                        "{key}: {v:?} is not WGxROWS[s|g], e.g. 16x4, 32x4s or 32x8g"
+                        "{key}: {v:?} is not WGxROWS[s|g|gt], e.g. 16x4, 32x4s, 32x8g or 8x8gt"
                     ))
                 })?;
-                let (rows, split, subgroup) = match (rows.strip_suffix('s'), rows.strip_suffix('g'))
-                {
-                    (Some(r), _) => (r, true, false),
-                    (_, Some(r)) => (r, false, true),
-                    _ => (rows, false, false),
+                let (rows, split, subgroup, texture) = if let Some(r) = rows.strip_suffix("gt") {
+                    (r, false, true, true)
+                } else if let Some(r) = rows.strip_suffix('s') {
+                    (r, true, false, false)
+                } else if let Some(r) = rows.strip_suffix('g') {
+                    (r, false, true, false)
+                } else {
+                    (rows, false, false, false)
                 };
                 Ok(MatvecShape {
                     wg: num(wg, &MATVEC_WG)?,
                     rows: num(rows, &MATVEC_ROWS)?,
                     split,
                     subgroup,
+                    texture,
                 })
             };
             match key {
@@ -264,11 +285,21 @@ impl KernelShapes {
                     }
                 }
                 "attention_prefill" | "prompt_matmul" => {
-                    let v = VARIANTS
-                        .into_iter()
+                    let allowed: &[Variant] = if key == "prompt_matmul" {
+                        &PROMPT_VARIANTS
+                    } else {
+                        &VARIANTS
+                    };
+                    let v = allowed
+                        .iter()
+                        .copied()
                         .find(|c| c.spec() == value)
                         .ok_or_else(|| {
-                            bad(format!("{key}: {value:?} is not one of portable, sg8"))
+                            let names: Vec<_> = allowed.iter().map(Variant::spec).collect();
+                            bad(format!(
+                                "{key}: {value:?} is not one of {}",
+                                names.join(", ")
+                            ))
                         })?;
                     if key == "prompt_matmul" {
                         s.prompt_matmul = v;
@@ -299,7 +330,7 @@ impl KernelShapes {
                 matvec_wide: m,
                 attention_decode: attention[i % attention.len()],
                 attention_prefill: VARIANTS[i % VARIANTS.len()],
-                prompt_matmul: VARIANTS[(i / 2) % VARIANTS.len()],
+                prompt_matmul: PROMPT_VARIANTS[(i / 2) % PROMPT_VARIANTS.len()],
             })
             .collect()
     }
@@ -307,7 +338,12 @@ impl KernelShapes {
 
 fn matvec_candidates() -> Vec<MatvecShape> {
     let mut v = Vec::new();
-    for (split, subgroup) in [(false, false), (true, false), (false, true)] {
+    for (split, subgroup, texture) in [
+        (false, false, false),
+        (true, false, false),
+        (false, true, false),
+        (false, true, true),
+    ] {
         for wg in MATVEC_WG {
             for rows in MATVEC_ROWS {
                 v.push(MatvecShape {
@@ -315,6 +351,7 @@ fn matvec_candidates() -> Vec<MatvecShape> {
                     rows,
                     split,
                     subgroup,
+                    texture,
                 });
             }
         }
@@ -472,20 +509,30 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                 n: *n,
             })
             .collect();
-        let candidates = matvec_candidates()
+        let (buffers, textures): (Vec<_>, Vec<_>) = matvec_candidates()
             .into_iter()
             .filter(|m| !m.subgroup || gpu.subgroups_of_8())
-            .collect();
-        let shape = fastest(gpu, &ops, candidates, &mut timings, |m| {
-            (
-                KernelShapes {
-                    matvec: m,
-                    matvec_wide: m,
-                    ..best
-                },
-                format!("matvec {label} {}", m.spec()),
-            )
-        })?;
+            .partition(|m| !m.texture);
+        let mut shape_of = |gpu: &mut Gpu, candidates| {
+            fastest(gpu, &ops, candidates, &mut timings, |m| {
+                (
+                    KernelShapes {
+                        matvec: m,
+                        matvec_wide: m,
+                        ..best
+                    },
+                    format!("matvec {label} {}", m.spec()),
+                )
+            })
+        };
+        let (mut shape, time) = shape_of(gpu, buffers)?;
+        // Textures double the weights' memory: worth it only when clearly faster.
+        if !textures.is_empty() {
+            let (t_shape, t_time) = shape_of(gpu, textures)?;
+            if t_time * TEXTURE_GAIN < time {
+                shape = t_shape;
+            }
+        }
         if wide {
             best.matvec_wide = shape;
         } else {
@@ -521,7 +568,8 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             },
             format!("attention decode {}", a.spec()),
         )
-    })?;
+    })?
+    .0;
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
         let tokens = 128u32;
@@ -554,7 +602,8 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                 },
                 format!("attention prefill {}", a.spec()),
             )
-        })?;
+        })?
+        .0;
         // A prompt's product: 64 rows of x, a projection's weights.
         let (m, k, n) = (64u32, 576u32, 1536u32);
         let (x, w, out) = product_buffers(gpu, wtype, m, k, n)?;
@@ -568,15 +617,34 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        best.prompt_matmul = fastest(gpu, &[op], VARIANTS.to_vec(), &mut timings, |v| {
-            (
-                KernelShapes {
-                    prompt_matmul: v,
-                    ..best
-                },
-                format!("prompt matmul {}", v.spec()),
-            )
-        })?;
+        let (buffers, textures): (Vec<_>, Vec<_>) = PROMPT_VARIANTS
+            .into_iter()
+            .partition(|v| *v != Variant::Subgroup8Texture);
+        let ops = [op];
+        let mut variant_of = |gpu: &mut Gpu, candidates| {
+            fastest(gpu, &ops, candidates, &mut timings, |v| {
+                (
+                    KernelShapes {
+                        prompt_matmul: v,
+                        ..best
+                    },
+                    format!("prompt matmul {}", v.spec()),
+                )
+            })
+        };
+        let (variant, time) = variant_of(gpu, buffers)?;
+        let (t_variant, t_time) = variant_of(gpu, textures)?;
+        // Free where the decode products already made the textures.
+        let gain = if best.matvec.texture || best.matvec_wide.texture {
+            1.0
+        } else {
+            TEXTURE_GAIN
+        };
+        best.prompt_matmul = if t_time * gain < time {
+            t_variant
+        } else {
+            variant
+        };
     }
     Ok((best, timings))
 }
@@ -599,15 +667,20 @@ fn product_buffers(
     Ok((x, w, out))
 }
 
-/// The candidate whose shapes (`shapes_of` gives them and a label) run `op` fastest; each
-/// candidate's time is added to `timings`.
+/// How much faster reading weights from textures must be to be chosen (it costs their
+/// memory a second time): 1.5x, where lavapipe without AVX-512 measured 2-4x and with it
+/// about 1x.
+const TEXTURE_GAIN: f64 = 1.5;
+
+/// The candidate whose shapes (`shapes_of` gives them and a label) run `op` fastest, and
+/// its time; each candidate's time is added to `timings`.
 fn fastest<T: Copy>(
     gpu: &mut Gpu,
     ops: &[Op<'_, GpuBuffer>],
     candidates: Vec<T>,
     timings: &mut Vec<String>,
     shapes_of: impl Fn(T) -> (KernelShapes, String),
-) -> Result<T> {
+) -> Result<(T, f64)> {
     let mut best: Option<(f64, T)> = None;
     let mut times = vec![f64::INFINITY; candidates.len()];
     // Two rounds, each candidate keeping its faster time: on a shared host a burst of
@@ -625,10 +698,11 @@ fn fastest<T: Copy>(
     for (c, t) in candidates.iter().zip(&times) {
         timings.push(format!("{}: {:.1}", shapes_of(*c).1, t * 1e6));
     }
-    best.map(|b| b.1).ok_or_else(|| Error::InvalidArgument {
-        name: "kernel shapes",
-        reason: "no candidate to measure".into(),
-    })
+    best.map(|b| (b.1, b.0))
+        .ok_or_else(|| Error::InvalidArgument {
+            name: "kernel shapes",
+            reason: "no candidate to measure".into(),
+        })
 }
 
 /// Applies `tuning` to a freshly opened device: see [`Tuning`].
@@ -647,7 +721,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .iter()
         .map(MatvecShape::spec)
         .chain(attention_candidates().iter().map(AttentionShape::spec))
-        .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
+        .chain(PROMPT_VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
         "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | subgroups {} | {} | layer {:?}{}",
@@ -767,7 +841,8 @@ fn caps_overridden() -> bool {
 /// Mesa loads and stores storage buffers one invocation at a time, inserting each 32-bit
 /// word at a run-time lane index, and without AVX-512 LLVM does that insert through the
 /// stack (a store-forwarding stall per word). Mesa 25.0 loads through masked gathers and
-/// ran SmolLM2 2-3x faster there; 23 and 24 are not measured (BENCHMARKS.md, seventh part).
+/// ran SmolLM2 2-3x faster there before the texture candidates; 23 and 24 are not measured
+/// (BENCHMARKS.md, seventh and eighth parts).
 fn slow_llvmpipe(driver_info: &str, host_avx512: bool, capped: bool) -> Option<String> {
     let version = driver_info
         .split("Mesa ")
@@ -779,8 +854,10 @@ fn slow_llvmpipe(driver_info: &str, host_avx512: bool, capped: bool) -> Option<S
     (cfg!(target_arch = "x86_64") && major <= 22 && !avx512).then(|| {
         format!(
             "llvmpipe from Mesa {version} without AVX-512{} loads GPU buffers word by word \
-             through the stack: Mesa 25 ran 2-3x faster without it (Debian 12: \
-             bookworm-backports), the multi-threaded CPU path faster still",
+             through the stack: the products read their weights from textures instead where \
+             that measures faster (holding them twice), the other kernels still pay; Mesa 25 \
+             (Debian 12: bookworm-backports) loads with gathers, and the multi-threaded CPU \
+             path is faster still",
             if host_avx512 {
                 " (GALLIUM_OVERRIDE_CPU_CAPS turns it off)"
             } else {
@@ -856,6 +933,11 @@ mod tests {
         assert!(split.split && split.wg == 32 && split.rows == 8);
         let sg = KernelShapes::parse("matvec=16x4g").unwrap().matvec;
         assert!(sg.subgroup && !sg.split && sg.wg == 16 && sg.rows == 4);
+        let tex = KernelShapes::parse("matvec_wide=8x8gt,prompt_matmul=sg8t").unwrap();
+        let m = tex.matvec_wide;
+        assert!(m.subgroup && m.texture && !m.split && m.wg == 8 && m.rows == 8);
+        assert_eq!(tex.prompt_matmul, Variant::Subgroup8Texture);
+        assert_eq!(tex.subgroup_choices(), ["prompt_matmul", "matvec_wide"]);
         for bad in [
             "matvec=7x4",
             "matvec=16x5",
@@ -872,6 +954,9 @@ mod tests {
             "matvec",
             "attention_decode=-1",
             "attention_prefill=sg4",
+            "attention_prefill=sg8t",
+            "matvec=16x4tg",
+            "matvec=16x4st",
             "prompt_matmul=v4",
         ] {
             let err = KernelShapes::parse(bad).unwrap_err().to_string();

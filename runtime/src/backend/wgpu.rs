@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::quant::WeightType;
 use std::collections::HashMap;
 use std::prelude::v1::*;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use wgpu::util::DeviceExt;
 
 /// The kernel families, one WGSL file each.
@@ -102,6 +102,9 @@ pub struct AdapterReport {
 pub struct GpuBuffer {
     buf: wgpu::Buffer,
     size: u64,
+    /// The same bytes as a texture, made on first use by a kernel shape that reads weights
+    /// from textures (`MatvecShape::texture`); `None` inside when they do not fit one.
+    texture: OnceLock<Option<wgpu::TextureView>>,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +172,11 @@ pub struct Gpu {
     /// One uniform buffer per dispatch slot of a submission, rewritten for each op (a
     /// buffer made per op cost an allocation per dispatch: a decode step makes ~500).
     param_slots: Vec<wgpu::Buffer>,
+    /// Bound where a kernel's weight texture goes when it reads the storage buffer instead.
+    no_texture: wgpu::TextureView,
+    /// x of the prompt products that read their weights from textures, copied in before
+    /// each (grown on demand; held while a copy and its product are recorded).
+    x_texture: Mutex<Option<wgpu::Texture>>,
 }
 
 /// Bytes of an op's parameters a reused slot holds; larger ones get their own buffer.
@@ -280,6 +288,9 @@ impl Gpu {
             }
         }));
         debug_!("wgpu adapter: {}", info.name.as_str());
+        let no_texture = device
+            .create_texture(&weight_texture_desc(1, 1))
+            .create_view(&wgpu::TextureViewDescriptor::default());
         let mut gpu = Gpu {
             device,
             queue,
@@ -297,6 +308,8 @@ impl Gpu {
             shapes: KernelShapes::default(),
             tune: None,
             param_slots: Vec::new(),
+            no_texture,
+            x_texture: Mutex::new(None),
         };
         gpu.param_slots = (0..MAX_OPS_PER_SUBMIT)
             .map(|_| {
@@ -508,6 +521,11 @@ impl Gpu {
     }
 
     fn dispatch(&self, d: Dispatch<'_>) -> Result<()> {
+        self.dispatch_with(d, &[])
+    }
+
+    /// `dispatch`, with these textures bound beside the buffers.
+    fn dispatch_with(&self, d: Dispatch<'_>, textures: &[(u32, &wgpu::TextureView)]) -> Result<()> {
         for (_, buf) in &d.bindings {
             if buf.size > self.limits.max_storage_buffer_binding_size {
                 return Err(Error::BufferTooLarge {
@@ -553,6 +571,10 @@ impl Gpu {
                     resource: buf.buf.as_entire_binding(),
                 }),
         );
+        entries.extend(textures.iter().map(|(binding, view)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: wgpu::BindingResource::TextureView(view),
+        }));
         // No error scope here: scopes cost a round trip per call on the hot path, and a
         // validation error still reaches our uncaptured-error handler and the next call.
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -569,6 +591,115 @@ impl Gpu {
             self.submit_pending(&mut pending);
         }
         Ok(())
+    }
+
+    /// `w`'s texture (see `GpuBuffer::texture`), made and filled from the buffer on first
+    /// use; `None` when it does not fit one (too large, or not whole 16-byte texels).
+    fn weight_texture<'b>(&self, w: &'b GpuBuffer) -> Result<Option<&'b wgpu::TextureView>> {
+        if let Some(t) = w.texture.get() {
+            return Ok(t.as_ref());
+        }
+        let texels = w.size / 16;
+        let rows = texels.div_ceil(u64::from(WEIGHT_TEXTURE_WIDTH));
+        if !w.size.is_multiple_of(16)
+            || rows > u64::from(self.limits.max_texture_dimension_2d)
+            || WEIGHT_TEXTURE_WIDTH > self.limits.max_texture_dimension_2d
+        {
+            return Ok(w.texture.get_or_init(|| None).as_ref());
+        }
+        let texture = self.scoped("weight texture", || {
+            self.device
+                .create_texture(&weight_texture_desc(WEIGHT_TEXTURE_WIDTH, rows as u32))
+        })?;
+        let row_bytes = u64::from(WEIGHT_TEXTURE_WIDTH) * 16;
+        let full = texels / u64::from(WEIGHT_TEXTURE_WIDTH);
+        let rest = texels % u64::from(WEIGHT_TEXTURE_WIDTH);
+        let mut pending = lock(&self.pending);
+        let enc = pending.encoder(&self.device);
+        // Whole rows in one copy, then the part of the last row the buffer holds.
+        for (y, width, height) in [(0, WEIGHT_TEXTURE_WIDTH as u64, full), (full, rest, 1)] {
+            if width == 0 || height == 0 {
+                continue;
+            }
+            enc.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &w.buf,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: y * row_bytes,
+                        bytes_per_row: Some(row_bytes as u32),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture: &texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: y as u32,
+                        z: 0,
+                    },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d {
+                    width: width as u32,
+                    height: height as u32,
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
+        drop(pending);
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        Ok(w.texture.get_or_init(|| Some(view)).as_ref())
+    }
+
+    /// x (m rows of k f32) copied into `slot`'s texture, grown to hold it; `None` where the
+    /// copy is impossible (rows of k f32 must be whole multiples of 256 bytes) or too large.
+    fn x_texture_of(
+        &self,
+        slot: &mut Option<wgpu::Texture>,
+        x: &GpuBuffer,
+        m: u32,
+        k: u32,
+    ) -> Result<Option<wgpu::TextureView>> {
+        let max = self.limits.max_texture_dimension_2d;
+        if !k.is_multiple_of(64) || k / 4 > max || m > max {
+            return Ok(None);
+        }
+        let fits = |t: &wgpu::Texture| t.width() >= k / 4 && t.height() >= m;
+        if !slot.as_ref().is_some_and(fits) {
+            let (w, h) = slot.as_ref().map_or((0, 0), |t| (t.width(), t.height()));
+            let t = self.scoped("x texture", || {
+                self.device
+                    .create_texture(&weight_texture_desc((k / 4).max(w), m.max(h)))
+            })?;
+            *slot = Some(t);
+        }
+        let Some(t) = slot.as_ref() else {
+            return Ok(None);
+        };
+        let mut pending = lock(&self.pending);
+        pending.encoder(&self.device).copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: &x.buf,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(k * 4),
+                    rows_per_image: None,
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: t,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d {
+                width: k / 4,
+                height: m,
+                depth_or_array_layers: 1,
+            },
+        );
+        Ok(Some(t.create_view(&wgpu::TextureViewDescriptor::default())))
     }
 
     fn wait(&self) -> Result<()> {
@@ -611,6 +742,29 @@ fn has_split_layout(wtype: WeightType) -> bool {
         wtype,
         WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4_1
     )
+}
+
+/// Texels per row of a weight texture (`TEX_W` in shaders/quant_sg.wgsl): WebGPU
+/// guarantees 8192, and rows of 64 KiB keep the padding of the last one small.
+const WEIGHT_TEXTURE_WIDTH: u32 = 4096;
+
+/// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, read with
+/// `textureLoad`, filled by copies).
+fn weight_texture_desc(width: u32, height: u32) -> wgpu::TextureDescriptor<'static> {
+    wgpu::TextureDescriptor {
+        label: Some("weight texture"),
+        size: wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Uint,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    }
 }
 
 /// Rows per group of [`split_layout`] (`ROW_GROUP` in the quant shaders).
@@ -713,7 +867,11 @@ impl Backend for Gpu {
                 Error::OutOfMemory { .. } => Error::OutOfMemory { what, bytes: size },
                 other => other,
             })?;
-        Ok(GpuBuffer { buf, size })
+        Ok(GpuBuffer {
+            buf,
+            size,
+            texture: OnceLock::new(),
+        })
     }
 
     fn upload(&self, data: &[u8], what: &'static str) -> Result<GpuBuffer> {
@@ -870,10 +1028,22 @@ impl Backend for Gpu {
                 let row_bytes = wtype.row_bytes(k as usize)? as u32;
                 // Many tokens on subgroups of 8: the blocks are read as they are.
                 if m >= DEQUANT_MATMUL_FROM
-                    && self.shapes.prompt_matmul == tune::Variant::Subgroup8
+                    && self.shapes.prompt_matmul != tune::Variant::Portable
                     && self.subgroups_of_8()
                     && has_split_layout(wtype)
                 {
+                    let texture = if self.shapes.prompt_matmul == tune::Variant::Subgroup8Texture {
+                        self.weight_texture(w)?
+                    } else {
+                        None
+                    };
+                    // With the weights, x goes into a texture too. The slot is held until
+                    // the product is recorded, so no other product's copy lands between.
+                    let mut slot = lock(&self.x_texture);
+                    let xt = match texture {
+                        Some(_) => self.x_texture_of(&mut slot, x, m, k)?,
+                        None => None,
+                    };
                     // Workgroup (x, y): 256 weight rows, 8 rows of x.
                     let d = Dispatch {
                         family: "quant_sg",
@@ -881,6 +1051,8 @@ impl Backend for Gpu {
                         overrides: vec![
                             ("WTYPE", wtype.shader_code()),
                             ("FACTORS", u32::from(factors.is_some())),
+                            ("TEX", u32::from(texture.is_some())),
+                            ("XTEX", u32::from(xt.is_some())),
                         ],
                         bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
                         params: vec![m, k, n, row_bytes],
@@ -890,7 +1062,13 @@ impl Backend for Gpu {
                             u64::from(m.div_ceil(8)),
                         )?,
                     };
-                    return self.dispatch(d);
+                    return self.dispatch_with(
+                        d,
+                        &[
+                            (8, texture.unwrap_or(&self.no_texture)),
+                            (9, xt.as_ref().unwrap_or(&self.no_texture)),
+                        ],
+                    );
                 }
                 // Many tokens: dequantise the weights once into f32 scratch and use the
                 // register-blocked matmul, which outruns dequantising per tile (issue 3's
@@ -929,6 +1107,11 @@ impl Backend for Gpu {
                     self.shapes.matvec
                 };
                 if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
+                    let texture = if mv.texture {
+                        self.weight_texture(w)?
+                    } else {
+                        None
+                    };
                     let d = Dispatch {
                         family: "quant_sg",
                         entry: "qmatvec_sg8",
@@ -937,12 +1120,13 @@ impl Backend for Gpu {
                             ("FACTORS", u32::from(factors.is_some())),
                             ("ROWS", mv.rows),
                             ("MV_WG", mv.wg),
+                            ("TEX", u32::from(texture.is_some())),
                         ],
                         bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
                         params: vec![m, k, n, row_bytes],
                         groups: self.check_grid(name, u64::from(n.div_ceil(mv.rows * mv.wg)), 1)?,
                     };
-                    return self.dispatch(d);
+                    return self.dispatch_with(d, &[(8, texture.unwrap_or(&self.no_texture))]);
                 }
                 let (entry, groups) = if m == 1 && mv.split {
                     // One workgroup per `rows` rows.
