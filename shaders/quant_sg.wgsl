@@ -129,8 +129,10 @@ fn load_block(j: u32, c: u32) -> Block {
     var r: Block;
     // The stored scale d (as quant.wgsl's `stored_scale`: Q4_1 a word of d and m per
     // block, the others a u16 d), times the block's trained factor where given.
-    var dm = w_word(b);
-    if WTYPE != Q4_1 {
+    var dm: u32;
+    if WTYPE == Q4_1 {
+        dm = w_word(b);
+    } else {
         dm = w_word(b >> 1u) >> (16u * (b & 1u));
     }
     r.d = half_to_f32(dm & 0xFFFFu);

@@ -634,8 +634,9 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         };
         let (variant, time) = variant_of(gpu, buffers)?;
         let (t_variant, t_time) = variant_of(gpu, textures)?;
-        // Free where the decode products already made the textures.
-        let gain = if best.matvec.texture || best.matvec_wide.texture {
+        // Free where the projections' decode products already made the textures (the
+        // wide products' choice covers only output heads).
+        let gain = if best.matvec.texture {
             1.0
         } else {
             TEXTURE_GAIN

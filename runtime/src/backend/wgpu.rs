@@ -594,7 +594,8 @@ impl Gpu {
     }
 
     /// `w`'s texture (see `GpuBuffer::texture`), made and filled from the buffer on first
-    /// use; `None` when it does not fit one (too large, or not whole 16-byte texels).
+    /// use; `None` when it does not fit one (too large, not whole 16-byte texels, or no
+    /// memory for a second copy), and the product reads the buffer.
     fn weight_texture<'b>(&self, w: &'b GpuBuffer) -> Result<Option<&'b wgpu::TextureView>> {
         if let Some(t) = w.texture.get() {
             return Ok(t.as_ref());
@@ -607,10 +608,12 @@ impl Gpu {
         {
             return Ok(w.texture.get_or_init(|| None).as_ref());
         }
-        let texture = self.scoped("weight texture", || {
+        let Ok(texture) = self.scoped("weight texture", || {
             self.device
                 .create_texture(&weight_texture_desc(WEIGHT_TEXTURE_WIDTH, rows as u32))
-        })?;
+        }) else {
+            return Ok(w.texture.get_or_init(|| None).as_ref());
+        };
         let row_bytes = u64::from(WEIGHT_TEXTURE_WIDTH) * 16;
         let full = texels / u64::from(WEIGHT_TEXTURE_WIDTH);
         let rest = texels % u64::from(WEIGHT_TEXTURE_WIDTH);
@@ -653,7 +656,8 @@ impl Gpu {
     }
 
     /// x (m rows of k f32) copied into `slot`'s texture, grown to hold it; `None` where the
-    /// copy is impossible (rows of k f32 must be whole multiples of 256 bytes) or too large.
+    /// copy is impossible (rows of k f32 must be whole multiples of 256 bytes), too large,
+    /// or finds no memory, and the product reads x from its buffer.
     fn x_texture_of(
         &self,
         slot: &mut Option<wgpu::Texture>,
@@ -668,10 +672,12 @@ impl Gpu {
         let fits = |t: &wgpu::Texture| t.width() >= k / 4 && t.height() >= m;
         if !slot.as_ref().is_some_and(fits) {
             let (w, h) = slot.as_ref().map_or((0, 0), |t| (t.width(), t.height()));
-            let t = self.scoped("x texture", || {
+            let Ok(t) = self.scoped("x texture", || {
                 self.device
                     .create_texture(&weight_texture_desc((k / 4).max(w), m.max(h)))
-            })?;
+            }) else {
+                return Ok(None);
+            };
             *slot = Some(t);
         }
         let Some(t) = slot.as_ref() else {
@@ -1039,9 +1045,9 @@ impl Backend for Gpu {
                     };
                     // With the weights, x goes into a texture too. The slot is held until
                     // the product is recorded, so no other product's copy lands between.
-                    let mut slot = lock(&self.x_texture);
-                    let xt = match texture {
-                        Some(_) => self.x_texture_of(&mut slot, x, m, k)?,
+                    let mut slot = texture.map(|_| lock(&self.x_texture));
+                    let xt = match slot.as_deref_mut() {
+                        Some(slot) => self.x_texture_of(slot, x, m, k)?,
                         None => None,
                     };
                     // Workgroup (x, y): 256 weight rows, 8 rows of x.
