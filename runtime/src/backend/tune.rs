@@ -509,12 +509,18 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                 n: *n,
             })
             .collect();
-        let (buffers, textures): (Vec<_>, Vec<_>) = matvec_candidates()
+        let candidates = matvec_candidates()
             .into_iter()
             .filter(|m| !m.subgroup || gpu.subgroups_of_8())
-            .partition(|m| !m.texture);
-        let mut shape_of = |gpu: &mut Gpu, candidates| {
-            fastest(gpu, &ops, candidates, &mut timings, |m| {
+            .collect();
+        let shape = fastest_for_memory(
+            gpu,
+            &ops,
+            candidates,
+            |m| m.texture,
+            TEXTURE_GAIN,
+            &mut timings,
+            |m| {
                 (
                     KernelShapes {
                         matvec: m,
@@ -523,16 +529,8 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                     },
                     format!("matvec {label} {}", m.spec()),
                 )
-            })
-        };
-        let (mut shape, time) = shape_of(gpu, buffers)?;
-        // Textures double the weights' memory: worth it only when clearly faster.
-        if !textures.is_empty() {
-            let (t_shape, t_time) = shape_of(gpu, textures)?;
-            if t_time * TEXTURE_GAIN < time {
-                shape = t_shape;
-            }
-        }
+            },
+        )?;
         if wide {
             best.matvec_wide = shape;
         } else {
@@ -617,12 +615,21 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             k,
             n,
         };
-        let (buffers, textures): (Vec<_>, Vec<_>) = PROMPT_VARIANTS
-            .into_iter()
-            .partition(|v| *v != Variant::Subgroup8Texture);
-        let ops = [op];
-        let mut variant_of = |gpu: &mut Gpu, candidates| {
-            fastest(gpu, &ops, candidates, &mut timings, |v| {
+        // Textures are free where the projections' decode products already made them (the
+        // wide products' choice covers only output heads).
+        let gain = if best.matvec.texture {
+            1.0
+        } else {
+            TEXTURE_GAIN
+        };
+        best.prompt_matmul = fastest_for_memory(
+            gpu,
+            &[op],
+            PROMPT_VARIANTS.to_vec(),
+            |v| *v == Variant::Subgroup8Texture,
+            gain,
+            &mut timings,
+            |v| {
                 (
                     KernelShapes {
                         prompt_matmul: v,
@@ -630,22 +637,8 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
                     },
                     format!("prompt matmul {}", v.spec()),
                 )
-            })
-        };
-        let (variant, time) = variant_of(gpu, buffers)?;
-        let (t_variant, t_time) = variant_of(gpu, textures)?;
-        // Free where the projections' decode products already made the textures (the
-        // wide products' choice covers only output heads).
-        let gain = if best.matvec.texture {
-            1.0
-        } else {
-            TEXTURE_GAIN
-        };
-        best.prompt_matmul = if t_time * gain < time {
-            t_variant
-        } else {
-            variant
-        };
+            },
+        )?;
     }
     Ok((best, timings))
 }
@@ -704,6 +697,31 @@ fn fastest<T: Copy>(
             name: "kernel shapes",
             reason: "no candidate to measure".into(),
         })
+}
+
+/// The fastest of `candidates`, except that one reading weights from textures
+/// (`is_texture`) is taken only when `gain` times faster than the fastest that does not:
+/// textures hold the weights a second time.
+fn fastest_for_memory<T: Copy>(
+    gpu: &mut Gpu,
+    ops: &[Op<'_, GpuBuffer>],
+    candidates: Vec<T>,
+    is_texture: impl Fn(&T) -> bool,
+    gain: f64,
+    timings: &mut Vec<String>,
+    shapes_of: impl Fn(T) -> (KernelShapes, String),
+) -> Result<T> {
+    let (textures, buffers): (Vec<T>, Vec<T>) = candidates.into_iter().partition(is_texture);
+    let (choice, time) = fastest(gpu, ops, buffers, timings, &shapes_of)?;
+    if textures.is_empty() {
+        return Ok(choice);
+    }
+    let (t_choice, t_time) = fastest(gpu, ops, textures, timings, &shapes_of)?;
+    Ok(if t_time * gain < time {
+        t_choice
+    } else {
+        choice
+    })
 }
 
 /// Applies `tuning` to a freshly opened device: see [`Tuning`].

@@ -614,43 +614,18 @@ impl Gpu {
         }) else {
             return Ok(w.texture.get_or_init(|| None).as_ref());
         };
-        let row_bytes = u64::from(WEIGHT_TEXTURE_WIDTH) * 16;
-        let full = texels / u64::from(WEIGHT_TEXTURE_WIDTH);
-        let rest = texels % u64::from(WEIGHT_TEXTURE_WIDTH);
-        let mut pending = lock(&self.pending);
-        let enc = pending.encoder(&self.device);
-        // Whole rows in one copy, then the part of the last row the buffer holds.
-        for (y, width, height) in [(0, WEIGHT_TEXTURE_WIDTH as u64, full), (full, rest, 1)] {
-            if width == 0 || height == 0 {
-                continue;
-            }
-            enc.copy_buffer_to_texture(
-                wgpu::TexelCopyBufferInfo {
-                    buffer: &w.buf,
-                    layout: wgpu::TexelCopyBufferLayout {
-                        offset: y * row_bytes,
-                        bytes_per_row: Some(row_bytes as u32),
-                        rows_per_image: None,
-                    },
-                },
-                wgpu::TexelCopyTextureInfo {
-                    texture: &texture,
-                    mip_level: 0,
-                    origin: wgpu::Origin3d {
-                        x: 0,
-                        y: y as u32,
-                        z: 0,
-                    },
-                    aspect: wgpu::TextureAspect::All,
-                },
-                wgpu::Extent3d {
-                    width: width as u32,
-                    height: height as u32,
-                    depth_or_array_layers: 1,
-                },
-            );
+        // Whole rows in one copy, then the part of the last row the buffer holds (rows
+        // fit u32: at most the device's texture height).
+        let row_bytes = WEIGHT_TEXTURE_WIDTH * 16;
+        let full = (texels / u64::from(WEIGHT_TEXTURE_WIDTH)) as u32;
+        let rest = (texels % u64::from(WEIGHT_TEXTURE_WIDTH)) as u32;
+        if full > 0 {
+            self.copy_to_texture(w, 0, row_bytes, &texture, 0, (WEIGHT_TEXTURE_WIDTH, full));
         }
-        drop(pending);
+        if rest > 0 {
+            let offset = u64::from(full) * u64::from(row_bytes);
+            self.copy_to_texture(w, offset, row_bytes, &texture, full, (rest, 1));
+        }
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
         Ok(w.texture.get_or_init(|| Some(view)).as_ref())
     }
@@ -683,29 +658,43 @@ impl Gpu {
         let Some(t) = slot.as_ref() else {
             return Ok(None);
         };
+        self.copy_to_texture(x, 0, k * 4, t, 0, (k / 4, m));
+        Ok(Some(t.create_view(&wgpu::TextureViewDescriptor::default())))
+    }
+
+    /// Records a copy of `texels` (width, height) of 16 bytes from `buf` at `offset`, rows
+    /// `row_bytes` apart, into `texture` from row `y`.
+    fn copy_to_texture(
+        &self,
+        buf: &GpuBuffer,
+        offset: u64,
+        row_bytes: u32,
+        texture: &wgpu::Texture,
+        y: u32,
+        texels: (u32, u32),
+    ) {
         let mut pending = lock(&self.pending);
         pending.encoder(&self.device).copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
-                buffer: &x.buf,
+                buffer: &buf.buf,
                 layout: wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some(k * 4),
+                    offset,
+                    bytes_per_row: Some(row_bytes),
                     rows_per_image: None,
                 },
             },
             wgpu::TexelCopyTextureInfo {
-                texture: t,
+                texture,
                 mip_level: 0,
-                origin: wgpu::Origin3d::ZERO,
+                origin: wgpu::Origin3d { x: 0, y, z: 0 },
                 aspect: wgpu::TextureAspect::All,
             },
             wgpu::Extent3d {
-                width: k / 4,
-                height: m,
+                width: texels.0,
+                height: texels.1,
                 depth_or_array_layers: 1,
             },
         );
-        Ok(Some(t.create_view(&wgpu::TextureViewDescriptor::default())))
     }
 
     fn wait(&self) -> Result<()> {
