@@ -22,7 +22,7 @@ struct Params {
     pos0: u32,
     scale: f32,
     row0: u32,
-    _pad1: u32,
+    chunks: u32,
 }
 
 // head_dim / 4: 8, 16, 24 or 32 (head_dim a multiple of 32, at most 128).
@@ -270,4 +270,141 @@ fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgrou
     if HD4 > 29u { out4[qo + 29u] = acc29 * inv; }
     if HD4 > 30u { out4[qo + 30u] = acc30 * inv; }
     if HD4 > 31u { out4[qo + 31u] = acc31 * inv; }
+}
+
+// A decode step (a few tokens over a long KV cache), split over positions and merged:
+// `attention_dsg8` gives each workgroup, one subgroup of 8 invocations, CHUNK positions of
+// one (token, kv head) for all GQA query heads of that kv head; each invocation holds an
+// eighth of every head's query and accumulator (DL vec4s), loads that eighth of each key
+// and value row, and `subgroupAdd` completes the dot products. It leaves each query
+// head's unnormalised accumulator, running maximum and sum in `part`; `attention_merge`
+// combines a head's chunks into `out`. With TEX the keys and values are read from
+// textures holding the cache's rows (one row per position, backend::wgpu keeps them in
+// step with the buffers) instead of the buffers.
+//
+// Why: the other decode kernels hold whole head rows per invocation (registers spill on
+// hosts with 16 vector registers) and leave the threads idle when a model has fewer kv
+// heads than the host has threads; and a texel fetch skips lavapipe's per-lane buffer
+// loads (see shaders/quant_sg.wgsl).
+
+// Query heads per kv head (1 to 4).
+override GQA: u32 = 1u;
+// Positions per workgroup.
+override CHUNK: u32 = 64u;
+// 1: keys and values from `kt` / `vt`.
+override TEX: u32 = 0u;
+// vec4s of a head row per invocation: head_dim / 32 (1 to 4).
+override DL: u32 = HD4 / 8u;
+
+// Per (token, query head, chunk): head_dim accumulator values, then the maximum and sum.
+@group(0) @binding(9) var<storage, read_write> part: array<f32>;
+@group(0) @binding(10) var kt: texture_2d<u32>;
+@group(0) @binding(11) var vt: texture_2d<u32>;
+
+// vec4 `col` of cache row `row` (n_kv_heads * HD4 vec4s a row) of the keys or the values.
+fn kv_load(values: bool, row: u32, col: u32) -> vec4<f32> {
+    if TEX == 1u {
+        let at = vec2<u32>(col, row);
+        if values {
+            return bitcast<vec4<f32>>(textureLoad(vt, at, 0));
+        }
+        return bitcast<vec4<f32>>(textureLoad(kt, at, 0));
+    }
+    let i = row * p.n_kv_heads * HD4 + col;
+    if values {
+        return v4[i];
+    }
+    return k4[i];
+}
+
+// Workgroup (c, t * n_kv_heads + kvh): positions c * CHUNK .. of token t, kv head kvh.
+@compute @workgroup_size(8, 1, 1)
+fn attention_dsg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let t = wid.y / p.n_kv_heads;
+    let kvh = wid.y % p.n_kv_heads;
+    let chunks = p.chunks;
+    let first = wid.x * CHUNK;
+    let last = p.pos0 + t;
+    let end = min(first + CHUNK, last + 1u);
+    let col = kvh * HD4 + lane * DL;
+    var qv: array<vec4<f32>, 16>;
+    var acc: array<vec4<f32>, 16>;
+    var mx: array<f32, 4>;
+    var sum: array<f32, 4>;
+    for (var g = 0u; g < GQA; g++) {
+        let qo = ((p.row0 + t) * p.n_heads + kvh * GQA + g) * HD4 + lane * DL;
+        for (var j = 0u; j < DL; j++) {
+            qv[g * 4u + j] = q4[qo + j];
+            acc[g * 4u + j] = vec4<f32>(0.0);
+        }
+        mx[g] = -3.0e38;
+        sum[g] = 0.0;
+    }
+    var kk: array<vec4<f32>, 4>;
+    var vv: array<vec4<f32>, 4>;
+    for (var pos = first; pos < end; pos++) {
+        let row = p.row0 + pos;
+        for (var j = 0u; j < DL; j++) {
+            kk[j] = kv_load(false, row, col + j);
+            vv[j] = kv_load(true, row, col + j);
+        }
+        for (var g = 0u; g < GQA; g++) {
+            var d = 0.0;
+            for (var j = 0u; j < DL; j++) {
+                d += dot(qv[g * 4u + j], kk[j]);
+            }
+            let s = subgroupAdd(d) * p.scale;
+            let new_mx = max(mx[g], s);
+            let correction = exp(mx[g] - new_mx);
+            let e = exp(s - new_mx);
+            sum[g] = sum[g] * correction + e;
+            mx[g] = new_mx;
+            for (var j = 0u; j < DL; j++) {
+                acc[g * 4u + j] = acc[g * 4u + j] * correction + e * vv[j];
+            }
+        }
+    }
+    for (var g = 0u; g < GQA; g++) {
+        let at = ((t * p.n_heads + kvh * GQA + g) * chunks + wid.x) * (HD4 * 4u + 2u);
+        for (var j = 0u; j < DL; j++) {
+            let a = acc[g * 4u + j];
+            let o = at + (lane * DL + j) * 4u;
+            part[o] = a.x;
+            part[o + 1u] = a.y;
+            part[o + 2u] = a.z;
+            part[o + 3u] = a.w;
+        }
+        if lane == 0u {
+            part[at + HD4 * 4u] = mx[g];
+            part[at + HD4 * 4u + 1u] = sum[g];
+        }
+    }
+}
+
+// One invocation per (token, query head, vec4 of the head row): `attention_dsg8`'s
+// chunks of that head merged, as the online softmax merges positions.
+@compute @workgroup_size(64, 1, 1)
+fn attention_merge(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 64u;
+    if i >= p.n_tokens * p.n_heads * HD4 {
+        return;
+    }
+    let j = i % HD4;
+    let th = i / HD4;
+    let stride = HD4 * 4u + 2u;
+    let base = th * p.chunks * stride;
+    // Chunks past the token's last position hold nothing (maximum -3e38, sum 0).
+    var m = -3.0e38;
+    for (var c = 0u; c < p.chunks; c++) {
+        m = max(m, part[base + c * stride + HD4 * 4u]);
+    }
+    var total = 0.0;
+    var a = vec4<f32>(0.0);
+    for (var c = 0u; c < p.chunks; c++) {
+        let at = base + c * stride;
+        let w = exp(part[at + HD4 * 4u] - m);
+        total += part[at + HD4 * 4u + 1u] * w;
+        a += vec4<f32>(part[at + j * 4u], part[at + j * 4u + 1u], part[at + j * 4u + 2u], part[at + j * 4u + 3u]) * w;
+    }
+    out4[(p.row0 * p.n_heads + th) * HD4 + j] = a / total;
 }

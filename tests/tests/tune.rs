@@ -66,7 +66,7 @@ fn every_candidate_shape_matches_the_reference() {
             }
         }
     }
-    assert_eq!(seen_attention.len(), 7, "not every attention shape ran");
+    assert_eq!(seen_attention.len(), 11, "not every attention shape ran");
     assert_eq!(seen_prefill.len(), 2, "not every prefill attention ran");
     assert_eq!(seen_prompt_matmul.len(), 3, "not every prompt product ran");
     assert!(failures.is_empty(), "{failures:#?}");
@@ -80,7 +80,7 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
     }
     let dir = scratch("no-subgroups");
     let forced = KernelShapes::parse(
-        "matvec=8x8g,matvec_wide=8x4g,attention_decode=8q,attention_prefill=sg8,prompt_matmul=sg8",
+        "matvec=8x8g,matvec_wide=8x4g,attention_decode=32d,attention_prefill=sg8,prompt_matmul=sg8",
     )
     .unwrap();
     let gpu = Gpu::open(&GpuOptions {
@@ -128,7 +128,10 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
         shapes
             .spec()
             .split(',')
-            .all(|c| !c.ends_with('g') && !c.ends_with("sg8")),
+            .filter_map(|c| c.split_once('='))
+            .all(|(_, v)| !["g", "gt", "sg8", "sg8t", "d", "dt"]
+                .iter()
+                .any(|s| v.ends_with(s))),
         "{}",
         shapes.spec()
     );
@@ -200,4 +203,141 @@ fn a_bad_cache_is_ignored_and_rebuilt() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The texture copies of the KV cache that `attention_decode=WGdt` reads follow every write
+/// to the cache: decode steps appending rows (RopeKv), a cleared cache refilled with other
+/// values from position 0, and a write by another kernel (Copy), each step against the CPU
+/// reference running the same ops.
+#[test]
+fn decode_attention_from_kv_textures_follows_every_cache_write() {
+    use edgetune::backend::cpu::Cpu;
+    use edgetune::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = scratch("kv-textures");
+    let gpu = open(
+        Tuning::Force(KernelShapes::parse("attention_decode=32dt").unwrap()),
+        &dir,
+    );
+    if !gpu.report().subgroups {
+        return;
+    }
+    // 8 query heads over 2 kv heads of 64: cache rows of 512 bytes, which a texture takes.
+    let (heads, kv, hd, capacity) = (8u32, 2u32, 64u32, 80u32);
+    let table = rope_table(10000.0, hd, capacity, &RopeScaling::None);
+    // Salts below 1000 apart give different values.
+    let value = |i: u32, salt: u32| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0;
+    let fill = |n: u32, salt: u32| (0..n).map(|i| value(i, salt)).collect::<Vec<f32>>();
+    struct Bufs<B: Backend> {
+        table: B::Buffer,
+        k_cache: B::Buffer,
+        v_cache: B::Buffer,
+        q_out: B::Buffer,
+        out: B::Buffer,
+    }
+    fn bufs<B: Backend>(be: &B, table: &[f32], cache: u32, q: u32) -> Bufs<B> {
+        Bufs {
+            table: be.upload_f32(table, "table").unwrap(),
+            k_cache: be.alloc(u64::from(cache) * 4, "k cache").unwrap(),
+            v_cache: be.alloc(u64::from(cache) * 4, "v cache").unwrap(),
+            q_out: be.alloc(u64::from(q) * 4, "q out").unwrap(),
+            out: be.alloc(u64::from(q) * 4, "out").unwrap(),
+        }
+    }
+    let cache_len = capacity * kv * hd;
+    let g = bufs(&gpu, &table, cache_len, heads * hd);
+    let c = bufs(&Cpu, &table, cache_len, heads * hd);
+    // One decode step at `pos` on both backends; the attention outputs compared.
+    let step = |pos: u32, salt: u32| -> f32 {
+        let (q, k, v) = (
+            fill(heads * hd, salt),
+            fill(kv * hd, salt + 1),
+            fill(kv * hd, salt + 2),
+        );
+        let mut outs = Vec::new();
+        macro_rules! run {
+            ($be:expr, $b:expr) => {{
+                let (qb, kb, vb) = (
+                    $be.upload_f32(&q, "q").unwrap(),
+                    $be.upload_f32(&k, "k").unwrap(),
+                    $be.upload_f32(&v, "v").unwrap(),
+                );
+                $be.run(&Op::RopeKv {
+                    q: &qb,
+                    k: &kb,
+                    v: &vb,
+                    table: &$b.table,
+                    q_out: &$b.q_out,
+                    k_cache: &$b.k_cache,
+                    v_cache: &$b.v_cache,
+                    n_tokens: 1,
+                    n_heads: heads,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                    pos0: pos,
+                    style: RopeStyle::HalfSplit,
+                })
+                .unwrap();
+                $be.run(&Op::Attention {
+                    q: &$b.q_out,
+                    k: &$b.k_cache,
+                    v: &$b.v_cache,
+                    out: &$b.out,
+                    n_tokens: 1,
+                    n_heads: heads,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                    pos0: pos,
+                    row0: 0,
+                    scale: 0.125,
+                })
+                .unwrap();
+                outs.push($be.read_f32(&$b.out, (heads * hd) as usize).unwrap());
+            }};
+        }
+        run!(gpu, g);
+        run!(Cpu, c);
+        outs[0]
+            .iter()
+            .zip(&outs[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    };
+    let mut worst = Vec::new();
+    for pos in 0..70 {
+        worst.push((pos, step(pos, pos)));
+    }
+    // The cache cleared and refilled with other values: no row of the first pass is read.
+    for pos in 0..40 {
+        worst.push((pos, step(pos, 500 + pos)));
+    }
+    // Another kernel overwrites rows 0..10 of the keys on both backends.
+    let src = fill(10 * kv * hd, 77);
+    let gpu_src = gpu.upload_f32(&src, "src").unwrap();
+    gpu.run(&Op::Copy {
+        src: &gpu_src,
+        dst: &g.k_cache,
+        n: 10 * kv * hd,
+        src_offset: 0,
+        dst_offset: 0,
+    })
+    .unwrap();
+    let cpu_src = Cpu.upload_f32(&src, "src").unwrap();
+    Cpu.run(&Op::Copy {
+        src: &cpu_src,
+        dst: &c.k_cache,
+        n: 10 * kv * hd,
+        src_offset: 0,
+        dst_offset: 0,
+    })
+    .unwrap();
+    worst.push((40, step(40, 333)));
+    let bad: Vec<_> = worst
+        .iter()
+        .filter(|(_, w)| w.is_nan() || *w >= 1e-4)
+        .collect();
+    assert!(bad.is_empty(), "(position, max |diff|): {bad:?}");
+    assert!(!dir.exists(), "forced shapes must not touch the cache");
 }

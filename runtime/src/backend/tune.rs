@@ -123,13 +123,23 @@ pub struct AttentionShape {
     /// head, loading each key and value once for all of them (written `WGq`). Models with
     /// more than 4 query heads per kv head run `attention_split` instead.
     pub gqa: bool,
+    /// `attention_dsg8` and `attention_merge` (shaders/attention_sg.wgsl): workgroups of
+    /// one 8-invocation subgroup, each taking `wg` positions of one kv head for all its
+    /// query heads, merged by a second dispatch (written `WGd`). A device without
+    /// subgroups of 8, or a model outside the kernel's head sizes, runs `attention_v4`.
+    pub subgroup: bool,
+    /// With `subgroup`, the keys and values are read from textures kept in step with the
+    /// cache (written `WGdt`); the cache is then held twice.
+    pub texture: bool,
 }
 
 impl AttentionShape {
     pub fn spec(&self) -> String {
-        let suffix = match (self.split, self.gqa) {
-            (true, true) => "q",
-            (true, false) => "s",
+        let suffix = match (self.split, self.gqa, self.subgroup, self.texture) {
+            (true, true, ..) => "q",
+            (true, false, ..) => "s",
+            (_, _, true, true) => "dt",
+            (_, _, true, false) => "d",
             _ => "",
         };
         format!("{}{suffix}", self.wg)
@@ -145,21 +155,35 @@ const MATVEC_WG: [u32; 4] = [8, 16, 32, 64];
 const MATVEC_ROWS: [u32; 2] = [4, 8];
 const ATTENTION_WG: [u32; 3] = [4, 16, 64];
 const ATTENTION_SPLIT: [u32; 2] = [8, 16];
+/// Positions per workgroup of `attention_dsg8`.
+const ATTENTION_CHUNK: [u32; 2] = [32, 64];
 
 fn attention_candidates() -> Vec<AttentionShape> {
-    let one = ATTENTION_WG.map(|wg| AttentionShape {
-        wg,
+    let plain = AttentionShape {
+        wg: 0,
         split: false,
         gqa: false,
-    });
+        subgroup: false,
+        texture: false,
+    };
+    let one = ATTENTION_WG.map(|wg| AttentionShape { wg, ..plain });
     let split = [false, true].into_iter().flat_map(|gqa| {
         ATTENTION_SPLIT.map(|wg| AttentionShape {
             wg,
             split: true,
             gqa,
+            ..plain
         })
     });
-    one.into_iter().chain(split).collect()
+    let subgroup = [false, true].into_iter().flat_map(|texture| {
+        ATTENTION_CHUNK.map(|wg| AttentionShape {
+            wg,
+            subgroup: true,
+            texture,
+            ..plain
+        })
+    });
+    one.into_iter().chain(split).chain(subgroup).collect()
 }
 
 impl Default for KernelShapes {
@@ -185,6 +209,8 @@ impl Default for KernelShapes {
                 wg: 4,
                 split: false,
                 gqa: false,
+                subgroup: false,
+                texture: false,
             },
             attention_prefill: Variant::Portable,
             prompt_matmul: Variant::Portable,
@@ -216,6 +242,7 @@ impl KernelShapes {
         .into_iter()
         .filter(|(_, v)| *v != Variant::Portable)
         .map(|(k, _)| k)
+        .chain(self.attention_decode.subgroup.then_some("attention_decode"))
         .chain(
             [("matvec", self.matvec), ("matvec_wide", self.matvec_wide)]
                 .into_iter()
@@ -270,18 +297,34 @@ impl KernelShapes {
                 "matvec" => s.matvec = matvec(value)?,
                 "matvec_wide" => s.matvec_wide = matvec(value)?,
                 "attention_decode" => {
+                    let plain = AttentionShape {
+                        wg: 0,
+                        split: false,
+                        gqa: false,
+                        subgroup: false,
+                        texture: false,
+                    };
                     let gqa = value.strip_suffix('q');
-                    s.attention_decode = match gqa.or_else(|| value.strip_suffix('s')) {
-                        Some(wg) => AttentionShape {
+                    let texture = value.strip_suffix("dt");
+                    s.attention_decode = if let Some(wg) = gqa.or_else(|| value.strip_suffix('s')) {
+                        AttentionShape {
                             wg: num(wg, &ATTENTION_SPLIT)?,
                             split: true,
                             gqa: gqa.is_some(),
-                        },
-                        None => AttentionShape {
+                            ..plain
+                        }
+                    } else if let Some(wg) = texture.or_else(|| value.strip_suffix('d')) {
+                        AttentionShape {
+                            wg: num(wg, &ATTENTION_CHUNK)?,
+                            subgroup: true,
+                            texture: texture.is_some(),
+                            ..plain
+                        }
+                    } else {
+                        AttentionShape {
                             wg: num(value, &ATTENTION_WG)?,
-                            split: false,
-                            gqa: false,
-                        },
+                            ..plain
+                        }
                     }
                 }
                 "attention_prefill" | "prompt_matmul" => {
@@ -481,7 +524,7 @@ const LAYER_PRODUCTS: &[(u32, u32)] = &[
 ];
 
 /// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output head, a
-/// decode step's attention at 256 positions; where subgroups are 8 invocations, also a
+/// decode step's attention at 512 positions; where subgroups are 8 invocations, also a
 /// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
 /// and Q4_0 too) and returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
@@ -537,7 +580,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             best.matvec = shape;
         }
     }
-    let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 255u32);
+    let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 511u32);
     let q = gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?;
     let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
     let (kb, vb) = (
@@ -558,16 +601,27 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         row0: 0,
         scale: 0.125,
     };
-    best.attention_decode = fastest(gpu, &[op], attention_candidates(), &mut timings, |a| {
-        (
-            KernelShapes {
-                attention_decode: a,
-                ..best
-            },
-            format!("attention decode {}", a.spec()),
-        )
-    })?
-    .0;
+    let candidates = attention_candidates()
+        .into_iter()
+        .filter(|a| !a.subgroup || gpu.subgroups_of_8())
+        .collect();
+    best.attention_decode = fastest_for_memory(
+        gpu,
+        &[op],
+        candidates,
+        |a| a.texture,
+        TEXTURE_GAIN,
+        &mut timings,
+        |a| {
+            (
+                KernelShapes {
+                    attention_decode: a,
+                    ..best
+                },
+                format!("attention decode {}", a.spec()),
+            )
+        },
+    )?;
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
         let tokens = 128u32;
@@ -945,6 +999,14 @@ mod tests {
             .unwrap()
             .attention_decode;
         assert!(gqa.split && gqa.gqa && gqa.wg == 16 && gqa.spec() == "16q");
+        let chunked = KernelShapes::parse("attention_decode=64dt").unwrap();
+        let a = chunked.attention_decode;
+        assert!(a.subgroup && a.texture && !a.split && a.wg == 64 && a.spec() == "64dt");
+        assert_eq!(chunked.subgroup_choices(), ["attention_decode"]);
+        let a = KernelShapes::parse("attention_decode=32d")
+            .unwrap()
+            .attention_decode;
+        assert!(a.subgroup && !a.texture && a.wg == 32 && a.spec() == "32d");
         assert_eq!(partial.matvec, KernelShapes::default().matvec);
         let split = KernelShapes::parse("matvec_wide=32x8s")
             .unwrap()
@@ -968,6 +1030,9 @@ mod tests {
             "attention_decode=4q",
             "attention_decode=16qs",
             "attention_decode=8",
+            "attention_decode=16d",
+            "attention_decode=32td",
+            "attention_decode=32dq",
             "matvec=16",
             "speed=11",
             "matvec",

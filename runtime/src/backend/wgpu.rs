@@ -105,6 +105,49 @@ pub struct GpuBuffer {
     /// The same bytes as a texture, made on first use by a kernel shape that reads weights
     /// from textures (`MatvecShape::texture`); `None` inside when they do not fit one.
     texture: OnceLock<Option<wgpu::TextureView>>,
+    /// The same rows as a texture, for decode attention reading its keys and values from
+    /// textures (`AttentionShape::texture`), made on first such use.
+    mirror: Mutex<Mirror>,
+}
+
+/// A KV cache buffer's texture copy: one row of texels per cache row. The first `valid`
+/// bytes of the buffer are in the texture; a dispatch that may write the buffer lowers
+/// `valid` (to the first byte it writes where known, else 0), and attention copies the
+/// rows past it before reading, so a decode step copies only its new row.
+#[derive(Debug, Default)]
+enum Mirror {
+    #[default]
+    Untried,
+    /// Rows that need not be whole 256-byte multiples, too many rows, or no memory: the
+    /// kernel reads the buffer.
+    Unfit,
+    /// Boxed: every buffer has a mirror slot, few hold one.
+    Held(Box<KvTexture>),
+}
+
+#[derive(Debug)]
+struct KvTexture {
+    texture: wgpu::Texture,
+    view: wgpu::TextureView,
+    row_bytes: u32,
+    valid: u64,
+}
+
+impl GpuBuffer {
+    /// The bytes from the start that the mirror holds (0 without one).
+    fn mirror_valid(&self) -> u64 {
+        match &*lock(&self.mirror) {
+            Mirror::Held(m) => m.valid,
+            _ => 0,
+        }
+    }
+
+    /// Marks the buffer as written from byte `from` on.
+    fn written_from(&self, from: u64) {
+        if let Mirror::Held(m) = &mut *lock(&self.mirror) {
+            m.valid = m.valid.min(from);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +217,9 @@ pub struct Gpu {
     param_slots: Vec<wgpu::Buffer>,
     /// Bound where a kernel's weight texture goes when it reads the storage buffer instead.
     no_texture: wgpu::TextureView,
+    /// Per shader family, the bindings it declares `read_write` (bit n: binding n): a
+    /// dispatch binding a buffer there may write it, which stales the buffer's mirror.
+    writable: HashMap<&'static str, u32>,
     /// x of the prompt products that read their weights from textures, copied in before
     /// each (grown on demand; held while a copy and its product are recorded).
     x_texture: Mutex<Option<wgpu::Texture>>,
@@ -309,6 +355,10 @@ impl Gpu {
             tune: None,
             param_slots: Vec::new(),
             no_texture,
+            writable: SHADERS
+                .iter()
+                .map(|(family, src)| (*family, writable_bindings(src)))
+                .collect(),
             x_texture: Mutex::new(None),
         };
         gpu.param_slots = (0..MAX_OPS_PER_SUBMIT)
@@ -535,6 +585,12 @@ impl Gpu {
                 });
             }
         }
+        let writable = self.writable.get(d.family).copied().unwrap_or(u32::MAX);
+        for (binding, buf) in &d.bindings {
+            if writable.checked_shr(*binding).unwrap_or(0) & 1 == 1 {
+                buf.written_from(0);
+            }
+        }
         let pipeline = self.pipeline(d.family, d.entry, d.overrides)?;
         let mut words = d.params;
         words.resize(words.len().div_ceil(4).max(1) * 4, 0);
@@ -662,6 +718,63 @@ impl Gpu {
         Ok(Some(t.create_view(&wgpu::TextureViewDescriptor::default())))
     }
 
+    /// The texture mirror of KV cache `buf` (rows of `row_bytes`) with its first `rows`
+    /// rows up to date, copying those past its valid part; `None` where it cannot have
+    /// one (see [`Mirror::Unfit`]) and attention reads the buffer.
+    fn kv_texture(
+        &self,
+        buf: &GpuBuffer,
+        row_bytes: u32,
+        rows: u32,
+    ) -> Result<Option<wgpu::TextureView>> {
+        let mut mirror = lock(&buf.mirror);
+        if matches!(*mirror, Mirror::Untried) {
+            let max = u64::from(self.limits.max_texture_dimension_2d);
+            let height = buf.size / u64::from(row_bytes);
+            *mirror = if !row_bytes.is_multiple_of(256)
+                || u64::from(row_bytes / 16) > max
+                || height == 0
+                || height > max
+            {
+                Mirror::Unfit
+            } else {
+                match self.scoped("kv texture", || {
+                    self.device
+                        .create_texture(&weight_texture_desc(row_bytes / 16, height as u32))
+                }) {
+                    Ok(texture) => Mirror::Held(Box::new(KvTexture {
+                        view: texture.create_view(&wgpu::TextureViewDescriptor::default()),
+                        texture,
+                        row_bytes,
+                        valid: 0,
+                    })),
+                    Err(_) => Mirror::Unfit,
+                }
+            };
+        }
+        let Mirror::Held(m) = &mut *mirror else {
+            return Ok(None);
+        };
+        if m.row_bytes != row_bytes {
+            return Ok(None);
+        }
+        let need = u64::from(rows) * u64::from(row_bytes);
+        if m.valid < need {
+            // Whole rows: `valid` is where a write started, which may fall inside a row.
+            let from = (m.valid / u64::from(row_bytes)) as u32;
+            self.copy_to_texture(
+                buf,
+                u64::from(from) * u64::from(row_bytes),
+                row_bytes,
+                &m.texture,
+                from,
+                (row_bytes / 16, rows - from),
+            );
+            m.valid = need;
+        }
+        Ok(Some(m.view.clone()))
+    }
+
     /// Records a copy of `texels` (width, height) of 16 bytes from `buf` at `offset`, rows
     /// `row_bytes` apart, into `texture` from row `y`.
     fn copy_to_texture(
@@ -742,6 +855,18 @@ fn has_split_layout(wtype: WeightType) -> bool {
 /// Texels per row of a weight texture (`TEX_W` in shaders/quant_sg.wgsl): WebGPU
 /// guarantees 8192, and rows of 64 KiB keep the padding of the last one small.
 const WEIGHT_TEXTURE_WIDTH: u32 = 4096;
+
+/// The bindings (bit n: binding n) that WGSL source `src` declares
+/// `var<storage, read_write>`.
+fn writable_bindings(src: &str) -> u32 {
+    src.lines()
+        .filter(|l| l.contains("var<storage, read_write>"))
+        .filter_map(|l| {
+            let at = l.find("@binding(")? + "@binding(".len();
+            l[at..].split(')').next()?.parse::<u32>().ok()
+        })
+        .fold(0, |bits, b| bits | 1u32.checked_shl(b).unwrap_or(0))
+}
 
 /// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, read with
 /// `textureLoad`, filled by copies).
@@ -866,6 +991,7 @@ impl Backend for Gpu {
             buf,
             size,
             texture: OnceLock::new(),
+            mirror: Mutex::default(),
         })
     }
 
@@ -1366,6 +1492,8 @@ impl Backend for Gpu {
                         wg: ATTENTION_WG,
                         split: false,
                         gqa: false,
+                        subgroup: false,
+                        texture: false,
                     }
                 };
                 let params = vec![
@@ -1378,6 +1506,68 @@ impl Backend for Gpu {
                     row0,
                 ];
                 let wg = shape.wg;
+                if pairs < tune::DECODE_PAIRS_BELOW
+                    && shape.subgroup
+                    && self.subgroups_of_8()
+                    && head_dim.is_multiple_of(32)
+                    && head_dim <= 128
+                    && (1..=4).contains(&(n_heads / n_kv_heads))
+                {
+                    // Workgroup (chunk, token * n_kv_heads + kv head) into the scratch,
+                    // then one invocation per (token, head, vec4) merging the chunks.
+                    let chunks = (pos0 + n_tokens).div_ceil(wg);
+                    let row_bytes = n_kv_heads * head_dim * 4;
+                    let rows = row0 + pos0 + n_tokens;
+                    let views = match shape.texture {
+                        true => self
+                            .kv_texture(k, row_bytes, rows)?
+                            .zip(self.kv_texture(v, row_bytes, rows)?),
+                        false => None,
+                    };
+                    let (kt, vt) = views
+                        .as_ref()
+                        .map_or((&self.no_texture, &self.no_texture), |(a, b)| (a, b));
+                    let mut params = params;
+                    params.push(chunks);
+                    let part_bytes = u64::from(n_tokens * n_heads)
+                        * u64::from(chunks)
+                        * u64::from(head_dim + 2)
+                        * 4;
+                    let _pair = lock(&self.scratch_pair);
+                    let part = self.scratch(part_bytes)?;
+                    self.dispatch_with(
+                        Dispatch {
+                            family: "attention_sg",
+                            entry: "attention_dsg8",
+                            overrides: vec![
+                                ("HD4", head_dim / 4),
+                                ("GQA", n_heads / n_kv_heads),
+                                ("CHUNK", wg),
+                                ("TEX", u32::from(views.is_some())),
+                            ],
+                            bindings: vec![(5, q), (6, k), (7, v), (9, &part)],
+                            params: params.clone(),
+                            groups: self.check_grid(
+                                name,
+                                u64::from(chunks),
+                                u64::from(n_tokens) * u64::from(n_kv_heads),
+                            )?,
+                        },
+                        &[(10, kt), (11, vt)],
+                    )?;
+                    return self.dispatch(Dispatch {
+                        family: "attention_sg",
+                        entry: "attention_merge",
+                        overrides: vec![("HD4", head_dim / 4)],
+                        bindings: vec![(8, out), (9, &part)],
+                        params,
+                        groups: self.grid_of(
+                            name,
+                            u64::from(n_tokens * n_heads) * u64::from(head_dim / 4),
+                            64,
+                        )?,
+                    });
+                }
                 if pairs >= tune::DECODE_PAIRS_BELOW
                     && self.shapes.attention_prefill == tune::Variant::Subgroup8
                     && self.subgroups_of_8()
@@ -1721,6 +1911,29 @@ impl Backend for Gpu {
                 groups: self.grid(name, u64::from(n))?,
             },
         };
-        self.dispatch(d)
+        // RopeKv writes the caches from row pos0 on: their mirrors' rows before stay valid
+        // (a decode step then copies one row per cache instead of all of them), though
+        // the dispatch, binding them writable, marked them all stale.
+        let kept = match *op {
+            Op::RopeKv {
+                k_cache,
+                v_cache,
+                n_kv_heads,
+                head_dim,
+                pos0,
+                ..
+            } => {
+                let from = u64::from(pos0) * u64::from(n_kv_heads) * u64::from(head_dim) * 4;
+                [k_cache, v_cache].map(|c| Some((c, c.mirror_valid().min(from))))
+            }
+            _ => [None, None],
+        };
+        self.dispatch(d)?;
+        for (cache, valid) in kept.into_iter().flatten() {
+            if let Mirror::Held(m) = &mut *lock(&cache.mirror) {
+                m.valid = valid;
+            }
+        }
+        Ok(())
     }
 }
