@@ -1,3 +1,6 @@
+// Attention for devices whose subgroups are 8 invocations: `attention_sg8` (prefill) here,
+// the chunked decode step `attention_dsg8` and `attention_merge` below.
+//
 // Prefill attention sharing each key and value row across a subgroup of 8 invocations.
 // The same computation as `attention_v4` in attention.wgsl (causal, grouped-query heads,
 // online softmax, row0 / pos0 as there); CPU reference: runtime/src/backend/cpu.rs

@@ -13,7 +13,7 @@
 
 use super::host::Isa;
 use super::wgpu::{Gpu, GpuBuffer, SHADERS};
-use super::{Backend, Op};
+use super::{Backend, Op, RopeScaling, RopeStyle, rope_table};
 use crate::error::{Error, Result};
 use crate::format::file::{FileKind, read_json};
 use crate::quant::WeightType;
@@ -114,7 +114,8 @@ const PROMPT_VARIANTS: [Variant; 3] = [
 /// The shape of decode-step attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
-    /// Invocations per workgroup.
+    /// Invocations per workgroup; with `subgroup`, positions per workgroup (of 8
+    /// invocations).
     pub wg: u32,
     /// `attention_split`: a workgroup per (token, head), its invocations splitting the
     /// positions (written `WGs`); else `attention_v4`, one invocation per pair.
@@ -126,10 +127,11 @@ pub struct AttentionShape {
     /// `attention_dsg8` and `attention_merge` (shaders/attention_sg.wgsl): workgroups of
     /// one 8-invocation subgroup, each taking `wg` positions of one kv head for all its
     /// query heads, merged by a second dispatch (written `WGd`). A device without
-    /// subgroups of 8, or a model outside the kernel's head sizes, runs `attention_v4`.
+    /// subgroups of 8, or a model outside the kernel's head sizes (head_dim a multiple of
+    /// 32 up to 128, at most 4 query heads per kv head), runs the portable kernels.
     pub subgroup: bool,
     /// With `subgroup`, the keys and values are read from textures kept in step with the
-    /// cache (written `WGdt`); the cache is then held twice.
+    /// cache (written `WGdt`) after a call's first position; the cache is then held twice.
     pub texture: bool,
 }
 
@@ -524,7 +526,7 @@ const LAYER_PRODUCTS: &[(u32, u32)] = &[
 ];
 
 /// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output head, a
-/// decode step's attention at 512 positions; where subgroups are 8 invocations, also a
+/// decode step's attention at 512 positions with its RoPE and cache write; where subgroups are 8 invocations, also a
 /// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
 /// and Q4_0 too) and returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
@@ -580,34 +582,59 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             best.matvec = shape;
         }
     }
+    // A decode step's attention with the RoPE and cache write before it, as a model runs
+    // them: the KV textures' copy of each new row is part of what is timed.
     let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 511u32);
-    let q = gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?;
+    let step = gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?;
+    let q = gpu.alloc(u64::from(heads * hd) * 4, "tune q")?;
+    let new_kv = gpu.upload_f32(&vec![0.1; (kv_heads * hd) as usize], "tune kv")?;
+    let table = gpu.upload_f32(
+        &rope_table(10000.0, hd, pos0 + 1, &RopeScaling::None),
+        "tune rope",
+    )?;
     let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
     let (kb, vb) = (
         gpu.upload_f32(&kv, "tune k")?,
         gpu.upload_f32(&kv, "tune v")?,
     );
     let out = gpu.alloc(u64::from(heads * hd) * 4, "tune out")?;
-    let op = Op::Attention {
-        q: &q,
-        k: &kb,
-        v: &vb,
-        out: &out,
-        n_tokens: 1,
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim: hd,
-        pos0,
-        row0: 0,
-        scale: 0.125,
-    };
+    let ops = [
+        Op::RopeKv {
+            q: &step,
+            k: &new_kv,
+            v: &new_kv,
+            table: &table,
+            q_out: &q,
+            k_cache: &kb,
+            v_cache: &vb,
+            n_tokens: 1,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            pos0,
+            style: RopeStyle::HalfSplit,
+        },
+        Op::Attention {
+            q: &q,
+            k: &kb,
+            v: &vb,
+            out: &out,
+            n_tokens: 1,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            pos0,
+            row0: 0,
+            scale: 0.125,
+        },
+    ];
     let candidates = attention_candidates()
         .into_iter()
         .filter(|a| !a.subgroup || gpu.subgroups_of_8())
         .collect();
     best.attention_decode = fastest_for_memory(
         gpu,
-        &[op],
+        &ops,
         candidates,
         |a| a.texture,
         TEXTURE_GAIN,

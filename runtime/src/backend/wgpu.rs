@@ -111,14 +111,16 @@ pub struct GpuBuffer {
 }
 
 /// A KV cache buffer's texture copy: one row of texels per cache row. The first `valid`
-/// bytes of the buffer are in the texture; a dispatch that may write the buffer lowers
-/// `valid` (to the first byte it writes where known, else 0), and attention copies the
-/// rows past it before reading, so a decode step copies only its new row.
+/// bytes of the buffer are in the texture; a dispatch that may write the buffer sets
+/// `valid` to 0 as it is recorded (RopeKv then restores the rows before its first
+/// position), and attention copies the rows past it before reading, so a decode step
+/// copies only its new row. It assumes, as `&mut KvCache` ensures, that one thread at a
+/// time records the ops on a cache.
 #[derive(Debug, Default)]
 enum Mirror {
     #[default]
     Untried,
-    /// Rows that need not be whole 256-byte multiples, too many rows, or no memory: the
+    /// Rows that are not whole multiples of 256 bytes, too many rows, or no memory: the
     /// kernel reads the buffer.
     Unfit,
     /// Boxed: every buffer has a mirror slot, few hold one.
@@ -142,10 +144,11 @@ impl GpuBuffer {
         }
     }
 
-    /// Marks the buffer as written from byte `from` on.
-    fn written_from(&self, from: u64) {
+    /// Records that the mirror holds the buffer's first `bytes` (0: the buffer may have
+    /// been written anywhere).
+    fn set_mirror_valid(&self, bytes: u64) {
         if let Mirror::Held(m) = &mut *lock(&self.mirror) {
-            m.valid = m.valid.min(from);
+            m.valid = bytes;
         }
     }
 }
@@ -200,11 +203,13 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     pending: Mutex<Pending>,
-    /// f32 scratch for dequantised weights, grown on demand. Queued work reading an older,
-    /// smaller one keeps that one alive; wgpu orders the passes that share this one.
+    /// f32 scratch for dequantised weights and chunked attention's partial results, grown
+    /// on demand. Queued work reading an older, smaller one keeps that one alive; wgpu
+    /// orders the passes that share this one.
     scratch: Mutex<Option<Arc<GpuBuffer>>>,
-    /// Held while a dequantise-then-multiply pair is recorded, so a product on another
-    /// thread cannot dequantise its weights into the scratch between the two.
+    /// Held while a pair of dispatches that passes data through the scratch (dequantise
+    /// then multiply, attention chunks then their merge) is recorded, so another thread
+    /// cannot overwrite the scratch between the two.
     scratch_pair: Mutex<()>,
     /// Bytes written with `upload` since the last submission.
     staged: Mutex<u64>,
@@ -441,7 +446,7 @@ impl Gpu {
         if let Some(buf) = slot.as_ref().filter(|b| b.size >= bytes) {
             return Ok(Arc::clone(buf));
         }
-        let buf = Arc::new(self.alloc(bytes, "dequantised weights")?);
+        let buf = Arc::new(self.alloc(bytes, "kernel scratch")?);
         *slot = Some(Arc::clone(&buf));
         Ok(buf)
     }
@@ -585,12 +590,6 @@ impl Gpu {
                 });
             }
         }
-        let writable = self.writable.get(d.family).copied().unwrap_or(u32::MAX);
-        for (binding, buf) in &d.bindings {
-            if writable.checked_shr(*binding).unwrap_or(0) & 1 == 1 {
-                buf.written_from(0);
-            }
-        }
         let pipeline = self.pipeline(d.family, d.entry, d.overrides)?;
         let mut words = d.params;
         words.resize(words.len().div_ceil(4).max(1) * 4, 0);
@@ -642,6 +641,13 @@ impl Gpu {
         pass.set_pipeline(&pipeline.0);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(d.groups.0, d.groups.1, 1);
+        // Recorded, so a copy into a mirror (recorded under the same lock) comes after.
+        let writable = self.writable.get(d.family).copied().unwrap_or(u32::MAX);
+        for (binding, buf) in &d.bindings {
+            if writable.checked_shr(*binding).unwrap_or(1) & 1 == 1 {
+                buf.set_mirror_valid(0);
+            }
+        }
         pending.ops += 1;
         if pending.ops >= MAX_OPS_PER_SUBMIT {
             self.submit_pending(&mut pending);
@@ -720,13 +726,17 @@ impl Gpu {
 
     /// The texture mirror of KV cache `buf` (rows of `row_bytes`) with its first `rows`
     /// rows up to date, copying those past its valid part; `None` where it cannot have
-    /// one (see [`Mirror::Unfit`]) and attention reads the buffer.
+    /// one (see [`Mirror::Unfit`], or rows of another size than its first use) and
+    /// attention reads the buffer.
     fn kv_texture(
         &self,
         buf: &GpuBuffer,
         row_bytes: u32,
         rows: u32,
     ) -> Result<Option<wgpu::TextureView>> {
+        // `pending` before the mirror, as `dispatch_with` takes them: a write and the copy
+        // of its rows are recorded in the order the mirror's state says.
+        let mut pending = lock(&self.pending);
         let mut mirror = lock(&buf.mirror);
         if matches!(*mirror, Mirror::Untried) {
             let max = u64::from(self.limits.max_texture_dimension_2d);
@@ -762,7 +772,8 @@ impl Gpu {
         if m.valid < need {
             // Whole rows: `valid` is where a write started, which may fall inside a row.
             let from = (m.valid / u64::from(row_bytes)) as u32;
-            self.copy_to_texture(
+            self.record_copy_to_texture(
+                &mut pending,
                 buf,
                 u64::from(from) * u64::from(row_bytes),
                 row_bytes,
@@ -787,6 +798,21 @@ impl Gpu {
         texels: (u32, u32),
     ) {
         let mut pending = lock(&self.pending);
+        self.record_copy_to_texture(&mut pending, buf, offset, row_bytes, texture, y, texels);
+    }
+
+    /// [`Gpu::copy_to_texture`] with `pending` already held.
+    #[allow(clippy::too_many_arguments)]
+    fn record_copy_to_texture(
+        &self,
+        pending: &mut Pending,
+        buf: &GpuBuffer,
+        offset: u64,
+        row_bytes: u32,
+        texture: &wgpu::Texture,
+        y: u32,
+        texels: (u32, u32),
+    ) {
         pending.encoder(&self.device).copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
                 buffer: &buf.buf,
@@ -857,15 +883,24 @@ fn has_split_layout(wtype: WeightType) -> bool {
 const WEIGHT_TEXTURE_WIDTH: u32 = 4096;
 
 /// The bindings (bit n: binding n) that WGSL source `src` declares
-/// `var<storage, read_write>`.
+/// `var<storage, read_write>`, as our shaders write them (`@binding(N)` on the same line);
+/// all of them where a `read_write` is found that this does not parse, so a writable
+/// binding is never taken for a read-only one.
 fn writable_bindings(src: &str) -> u32 {
-    src.lines()
+    let declared = src.matches("read_write>").count();
+    let parsed: Vec<u32> = src
+        .lines()
         .filter(|l| l.contains("var<storage, read_write>"))
         .filter_map(|l| {
             let at = l.find("@binding(")? + "@binding(".len();
             l[at..].split(')').next()?.parse::<u32>().ok()
         })
-        .fold(0, |bits, b| bits | 1u32.checked_shl(b).unwrap_or(0))
+        .filter(|b| *b < 32)
+        .collect();
+    if parsed.len() != declared {
+        return u32::MAX;
+    }
+    parsed.iter().fold(0, |bits, b| bits | 1 << b)
 }
 
 /// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, read with
@@ -1506,8 +1541,14 @@ impl Backend for Gpu {
                     row0,
                 ];
                 let wg = shape.wg;
+                // Chunked attention's partial results: (head_dim + 2) values per (token,
+                // head, chunk).
+                let chunks = (pos0 + n_tokens).div_ceil(wg.max(1));
+                let part_bytes =
+                    u64::from(n_tokens * n_heads) * u64::from(chunks) * u64::from(head_dim + 2) * 4;
                 if pairs < tune::DECODE_PAIRS_BELOW
                     && shape.subgroup
+                    && part_bytes <= self.limits.max_storage_buffer_binding_size
                     && self.subgroups_of_8()
                     && head_dim.is_multiple_of(32)
                     && head_dim <= 128
@@ -1515,24 +1556,23 @@ impl Backend for Gpu {
                 {
                     // Workgroup (chunk, token * n_kv_heads + kv head) into the scratch,
                     // then one invocation per (token, head, vec4) merging the chunks.
-                    let chunks = (pos0 + n_tokens).div_ceil(wg);
                     let row_bytes = n_kv_heads * head_dim * 4;
                     let rows = row0 + pos0 + n_tokens;
-                    let views = match shape.texture {
-                        true => self
-                            .kv_texture(k, row_bytes, rows)?
-                            .zip(self.kv_texture(v, row_bytes, rows)?),
+                    // A call from position 0 reads a cache (or per-layer keys) just written
+                    // whole: a texture copy would be all cost.
+                    let k_view = match shape.texture && pos0 > 0 {
+                        true => self.kv_texture(k, row_bytes, rows)?,
                         false => None,
+                    };
+                    let views = match k_view {
+                        Some(kt) => self.kv_texture(v, row_bytes, rows)?.map(|vt| (kt, vt)),
+                        None => None,
                     };
                     let (kt, vt) = views
                         .as_ref()
                         .map_or((&self.no_texture, &self.no_texture), |(a, b)| (a, b));
                     let mut params = params;
                     params.push(chunks);
-                    let part_bytes = u64::from(n_tokens * n_heads)
-                        * u64::from(chunks)
-                        * u64::from(head_dim + 2)
-                        * 4;
                     let _pair = lock(&self.scratch_pair);
                     let part = self.scratch(part_bytes)?;
                     self.dispatch_with(
@@ -1930,10 +1970,29 @@ impl Backend for Gpu {
         };
         self.dispatch(d)?;
         for (cache, valid) in kept.into_iter().flatten() {
-            if let Mirror::Held(m) = &mut *lock(&cache.mirror) {
-                m.valid = valid;
-            }
+            cache.set_mirror_valid(valid);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writable_bindings_are_read_from_the_shaders() {
+        let family = |name: &str| {
+            let src = SHADERS.iter().find(|(f, _)| *f == name).map(|(_, s)| *s);
+            writable_bindings(src.unwrap_or_default())
+        };
+        // RopeKv writes q_out and both caches; attention only its output.
+        assert_eq!(family("rope"), 1 << 3 | 1 << 6 | 1 << 7);
+        assert_eq!(family("attention_sg"), 1 << 8 | 1 << 9);
+        // A declaration this does not parse makes every binding writable.
+        let odd = "@group(0) @binding(2)\nvar<storage, read_write> o: array<f32>;";
+        assert_eq!(writable_bindings(odd), u32::MAX);
+        let high = "@group(0) @binding(40) var<storage, read_write> o: array<f32>;";
+        assert_eq!(writable_bindings(high), u32::MAX);
     }
 }
