@@ -954,8 +954,9 @@ fn slow_llvmpipe(driver_info: &str, host_avx512: bool, capped: bool) -> Option<S
     (cfg!(target_arch = "x86_64") && major <= 22 && !avx512).then(|| {
         format!(
             "llvmpipe from Mesa {version} without AVX-512{} loads GPU buffers word by word \
-             through the stack: the products read their weights from textures instead where \
-             that measures faster (holding them twice), the other kernels still pay; Mesa 25 \
+             through the stack: the products read their weights, and decode attention the KV \
+             cache, from textures instead where that measures faster (holding them twice), \
+             the other kernels still pay; Mesa 25 \
              (Debian 12: bookworm-backports) loads with gathers, and the multi-threaded CPU \
              path is faster still",
             if host_avx512 {
