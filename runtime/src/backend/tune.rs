@@ -136,6 +136,17 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// `attention_v4` with `wg` invocations per workgroup: the shape the others vary.
+    pub const fn v4(wg: u32) -> AttentionShape {
+        AttentionShape {
+            wg,
+            split: false,
+            gqa: false,
+            subgroup: false,
+            texture: false,
+        }
+    }
+
     pub fn spec(&self) -> String {
         let suffix = match (self.split, self.gqa, self.subgroup, self.texture) {
             (true, true, ..) => "q",
@@ -161,28 +172,19 @@ const ATTENTION_SPLIT: [u32; 2] = [8, 16];
 const ATTENTION_CHUNK: [u32; 2] = [32, 64];
 
 fn attention_candidates() -> Vec<AttentionShape> {
-    let plain = AttentionShape {
-        wg: 0,
-        split: false,
-        gqa: false,
-        subgroup: false,
-        texture: false,
-    };
-    let one = ATTENTION_WG.map(|wg| AttentionShape { wg, ..plain });
+    let one = ATTENTION_WG.map(AttentionShape::v4);
     let split = [false, true].into_iter().flat_map(|gqa| {
         ATTENTION_SPLIT.map(|wg| AttentionShape {
-            wg,
             split: true,
             gqa,
-            ..plain
+            ..AttentionShape::v4(wg)
         })
     });
     let subgroup = [false, true].into_iter().flat_map(|texture| {
         ATTENTION_CHUNK.map(|wg| AttentionShape {
-            wg,
             subgroup: true,
             texture,
-            ..plain
+            ..AttentionShape::v4(wg)
         })
     });
     one.into_iter().chain(split).chain(subgroup).collect()
@@ -207,13 +209,7 @@ impl Default for KernelShapes {
                 subgroup: false,
                 texture: false,
             },
-            attention_decode: AttentionShape {
-                wg: 4,
-                split: false,
-                gqa: false,
-                subgroup: false,
-                texture: false,
-            },
+            attention_decode: AttentionShape::v4(4),
             attention_prefill: Variant::Portable,
             prompt_matmul: Variant::Portable,
         }
@@ -299,34 +295,22 @@ impl KernelShapes {
                 "matvec" => s.matvec = matvec(value)?,
                 "matvec_wide" => s.matvec_wide = matvec(value)?,
                 "attention_decode" => {
-                    let plain = AttentionShape {
-                        wg: 0,
-                        split: false,
-                        gqa: false,
-                        subgroup: false,
-                        texture: false,
-                    };
                     let gqa = value.strip_suffix('q');
                     let texture = value.strip_suffix("dt");
                     s.attention_decode = if let Some(wg) = gqa.or_else(|| value.strip_suffix('s')) {
                         AttentionShape {
-                            wg: num(wg, &ATTENTION_SPLIT)?,
                             split: true,
                             gqa: gqa.is_some(),
-                            ..plain
+                            ..AttentionShape::v4(num(wg, &ATTENTION_SPLIT)?)
                         }
                     } else if let Some(wg) = texture.or_else(|| value.strip_suffix('d')) {
                         AttentionShape {
-                            wg: num(wg, &ATTENTION_CHUNK)?,
                             subgroup: true,
                             texture: texture.is_some(),
-                            ..plain
+                            ..AttentionShape::v4(num(wg, &ATTENTION_CHUNK)?)
                         }
                     } else {
-                        AttentionShape {
-                            wg: num(value, &ATTENTION_WG)?,
-                            ..plain
-                        }
+                        AttentionShape::v4(num(value, &ATTENTION_WG)?)
                     }
                 }
                 "attention_prefill" | "prompt_matmul" => {

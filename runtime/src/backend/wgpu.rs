@@ -658,9 +658,9 @@ impl Gpu {
     /// `w`'s texture (see `GpuBuffer::texture`), made and filled from the buffer on first
     /// use; `None` when it does not fit one (too large, not whole 16-byte texels, or no
     /// memory for a second copy), and the product reads the buffer.
-    fn weight_texture<'b>(&self, w: &'b GpuBuffer) -> Result<Option<&'b wgpu::TextureView>> {
+    fn weight_texture<'b>(&self, w: &'b GpuBuffer) -> Option<&'b wgpu::TextureView> {
         if let Some(t) = w.texture.get() {
-            return Ok(t.as_ref());
+            return t.as_ref();
         }
         let texels = w.size / 16;
         let rows = texels.div_ceil(u64::from(WEIGHT_TEXTURE_WIDTH));
@@ -668,28 +668,39 @@ impl Gpu {
             || rows > u64::from(self.limits.max_texture_dimension_2d)
             || WEIGHT_TEXTURE_WIDTH > self.limits.max_texture_dimension_2d
         {
-            return Ok(w.texture.get_or_init(|| None).as_ref());
+            return w.texture.get_or_init(|| None).as_ref();
         }
         let Ok(texture) = self.scoped("weight texture", || {
             self.device
                 .create_texture(&weight_texture_desc(WEIGHT_TEXTURE_WIDTH, rows as u32))
         }) else {
-            return Ok(w.texture.get_or_init(|| None).as_ref());
+            return w.texture.get_or_init(|| None).as_ref();
         };
         // Whole rows in one copy, then the part of the last row the buffer holds (rows
         // fit u32: at most the device's texture height).
         let row_bytes = WEIGHT_TEXTURE_WIDTH * 16;
         let full = (texels / u64::from(WEIGHT_TEXTURE_WIDTH)) as u32;
         let rest = (texels % u64::from(WEIGHT_TEXTURE_WIDTH)) as u32;
+        let mut pending = lock(&self.pending);
         if full > 0 {
-            self.copy_to_texture(w, 0, row_bytes, &texture, 0, (WEIGHT_TEXTURE_WIDTH, full));
+            let texels = (WEIGHT_TEXTURE_WIDTH, full);
+            self.copy_to_texture(&mut pending, w, 0, row_bytes, &texture, 0, texels);
         }
         if rest > 0 {
             let offset = u64::from(full) * u64::from(row_bytes);
-            self.copy_to_texture(w, offset, row_bytes, &texture, full, (rest, 1));
+            self.copy_to_texture(
+                &mut pending,
+                w,
+                offset,
+                row_bytes,
+                &texture,
+                full,
+                (rest, 1),
+            );
         }
+        drop(pending);
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-        Ok(w.texture.get_or_init(|| Some(view)).as_ref())
+        w.texture.get_or_init(|| Some(view)).as_ref()
     }
 
     /// x (m rows of k f32) copied into `slot`'s texture, grown to hold it; `None` where the
@@ -701,10 +712,10 @@ impl Gpu {
         x: &GpuBuffer,
         m: u32,
         k: u32,
-    ) -> Result<Option<wgpu::TextureView>> {
+    ) -> Option<wgpu::TextureView> {
         let max = self.limits.max_texture_dimension_2d;
         if !k.is_multiple_of(64) || k / 4 > max || m > max {
-            return Ok(None);
+            return None;
         }
         let fits = |t: &wgpu::Texture| t.width() >= k / 4 && t.height() >= m;
         if !slot.as_ref().is_some_and(fits) {
@@ -713,27 +724,20 @@ impl Gpu {
                 self.device
                     .create_texture(&weight_texture_desc((k / 4).max(w), m.max(h)))
             }) else {
-                return Ok(None);
+                return None;
             };
             *slot = Some(t);
         }
-        let Some(t) = slot.as_ref() else {
-            return Ok(None);
-        };
-        self.copy_to_texture(x, 0, k * 4, t, 0, (k / 4, m));
-        Ok(Some(t.create_view(&wgpu::TextureViewDescriptor::default())))
+        let t = slot.as_ref()?;
+        self.copy_to_texture(&mut lock(&self.pending), x, 0, k * 4, t, 0, (k / 4, m));
+        Some(t.create_view(&wgpu::TextureViewDescriptor::default()))
     }
 
     /// The texture mirror of KV cache `buf` (rows of `row_bytes`) with its first `rows`
     /// rows up to date, copying those past its valid part; `None` where it cannot have
     /// one (see [`Mirror::Unfit`], or rows of another size than its first use) and
     /// attention reads the buffer.
-    fn kv_texture(
-        &self,
-        buf: &GpuBuffer,
-        row_bytes: u32,
-        rows: u32,
-    ) -> Result<Option<wgpu::TextureView>> {
+    fn kv_texture(&self, buf: &GpuBuffer, row_bytes: u32, rows: u32) -> Option<wgpu::TextureView> {
         // `pending` before the mirror, as `dispatch_with` takes them: a write and the copy
         // of its rows are recorded in the order the mirror's state says.
         let mut pending = lock(&self.pending);
@@ -763,16 +767,16 @@ impl Gpu {
             };
         }
         let Mirror::Held(m) = &mut *mirror else {
-            return Ok(None);
+            return None;
         };
         if m.row_bytes != row_bytes {
-            return Ok(None);
+            return None;
         }
         let need = u64::from(rows) * u64::from(row_bytes);
         if m.valid < need {
             // Whole rows: `valid` is where a write started, which may fall inside a row.
             let from = (m.valid / u64::from(row_bytes)) as u32;
-            self.record_copy_to_texture(
+            self.copy_to_texture(
                 &mut pending,
                 buf,
                 u64::from(from) * u64::from(row_bytes),
@@ -783,27 +787,13 @@ impl Gpu {
             );
             m.valid = need;
         }
-        Ok(Some(m.view.clone()))
+        Some(m.view.clone())
     }
 
-    /// Records a copy of `texels` (width, height) of 16 bytes from `buf` at `offset`, rows
-    /// `row_bytes` apart, into `texture` from row `y`.
-    fn copy_to_texture(
-        &self,
-        buf: &GpuBuffer,
-        offset: u64,
-        row_bytes: u32,
-        texture: &wgpu::Texture,
-        y: u32,
-        texels: (u32, u32),
-    ) {
-        let mut pending = lock(&self.pending);
-        self.record_copy_to_texture(&mut pending, buf, offset, row_bytes, texture, y, texels);
-    }
-
-    /// [`Gpu::copy_to_texture`] with `pending` already held.
+    /// Records into `pending` a copy of `texels` (width, height) of 16 bytes from `buf` at
+    /// `offset`, rows `row_bytes` apart, into `texture` from row `y`.
     #[allow(clippy::too_many_arguments)]
-    fn record_copy_to_texture(
+    fn copy_to_texture(
         &self,
         pending: &mut Pending,
         buf: &GpuBuffer,
@@ -1189,7 +1179,7 @@ impl Backend for Gpu {
                     && has_split_layout(wtype)
                 {
                     let texture = if self.shapes.prompt_matmul == tune::Variant::Subgroup8Texture {
-                        self.weight_texture(w)?
+                        self.weight_texture(w)
                     } else {
                         None
                     };
@@ -1197,7 +1187,7 @@ impl Backend for Gpu {
                     // the product is recorded, so no other product's copy lands between.
                     let mut slot = texture.map(|_| lock(&self.x_texture));
                     let xt = match slot.as_deref_mut() {
-                        Some(slot) => self.x_texture_of(slot, x, m, k)?,
+                        Some(slot) => self.x_texture_of(slot, x, m, k),
                         None => None,
                     };
                     // Workgroup (x, y): 256 weight rows, 8 rows of x.
@@ -1264,7 +1254,7 @@ impl Backend for Gpu {
                 };
                 if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
                     let texture = if mv.texture {
-                        self.weight_texture(w)?
+                        self.weight_texture(w)
                     } else {
                         None
                     };
@@ -1523,13 +1513,7 @@ impl Backend for Gpu {
                 let shape = if pairs < tune::DECODE_PAIRS_BELOW {
                     self.shapes.attention_decode
                 } else {
-                    tune::AttentionShape {
-                        wg: ATTENTION_WG,
-                        split: false,
-                        gqa: false,
-                        subgroup: false,
-                        texture: false,
-                    }
+                    tune::AttentionShape::v4(ATTENTION_WG)
                 };
                 let params = vec![
                     n_tokens,
@@ -1561,11 +1545,11 @@ impl Backend for Gpu {
                     // A call from position 0 reads a cache (or per-layer keys) just written
                     // whole: a texture copy would be all cost.
                     let k_view = match shape.texture && pos0 > 0 {
-                        true => self.kv_texture(k, row_bytes, rows)?,
+                        true => self.kv_texture(k, row_bytes, rows),
                         false => None,
                     };
                     let views = match k_view {
-                        Some(kt) => self.kv_texture(v, row_bytes, rows)?.map(|vt| (kt, vt)),
+                        Some(kt) => self.kv_texture(v, row_bytes, rows).map(|vt| (kt, vt)),
                         None => None,
                     };
                     let (kt, vt) = views
