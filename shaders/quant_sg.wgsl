@@ -43,19 +43,22 @@ const ROW_GROUP: u32 = 64u;
 // (a 1x1 placeholder otherwise): lavapipe from Mesa 22 on hosts without AVX-512 loads a
 // storage buffer lane by lane through the stack but fetches texels with a gather, so its
 // products ran 2-4x faster this way (BENCHMARKS.md); backend::tune measures which to use.
-@group(0) @binding(8) var wt: texture_2d<u32>;
+// A read-only storage texture rather than a sampled one: lavapipe inlines its loads
+// (about 40 instructions for 8 lanes) where a sampled texture's go through a call of about
+// 150 with level and bounds arithmetic.
+@group(0) @binding(8) var wt: texture_storage_2d<rgba32uint, read>;
 
 override TEX: bool = false;
 const TEX_W: u32 = 4096u;
 // x as a texture (u32 x 4 texels: row r of x is texel row r), read by `qmatmul_sg8` instead
 // of `x4` when XTEX, for the same reason as TEX.
-@group(0) @binding(9) var xt: texture_2d<u32>;
+@group(0) @binding(9) var xt: texture_storage_2d<rgba32uint, read>;
 override XTEX: bool = false;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
     if XTEX {
-        return bitcast<vec4<f32>>(textureLoad(xt, vec2<u32>(q, r), 0));
+        return bitcast<vec4<f32>>(textureLoad(xt, vec2<u32>(q, r)));
     }
     return x4[r * (p.k / 4u) + q];
 }
@@ -85,7 +88,7 @@ fn n_blocks() -> u32 {
 // Words 4i .. 4i+4 of the weights.
 fn w_vec(i: u32) -> vec4<u32> {
     if TEX {
-        return textureLoad(wt, vec2<u32>(i % TEX_W, i / TEX_W), 0);
+        return textureLoad(wt, vec2<u32>(i % TEX_W, i / TEX_W));
     }
     return wq[i];
 }
@@ -316,29 +319,114 @@ fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
 override ROWS: u32 = 4u;
 override MV_WG: u32 = 16u;
 
-// One token: out = dequant(w) x. The subgroup's invocations each load a quarter-row of
-// every 32-element chunk of x and share it, as in `qmatmul_sg8`; each invocation owns ROWS
-// weight rows, col + MV_WG r (col = ROWS MV_WG x + lid), and applies each block's affine
-// step once to the block's sums (d * sum(q x) + m * sum(x)), as quant.wgsl's dots do.
+// The scale words of blocks b .. b+ROWS (b a multiple of ROWS): for Q4_1 block b+r's word
+// of d and m is `lo[r]` (r < 4) or `hi[r - 4]`; for the others its u16 d is half r % 2 of
+// word r / 2 of `lo`. One texel holds four Q4_1 words or eight u16 scales, so the rows'
+// scales take one or two loads instead of one per row.
+struct Scales {
+    lo: vec4<u32>,
+    hi: vec4<u32>,
+}
+
+fn load_scales(b: u32) -> Scales {
+    var s: Scales;
+    if WTYPE == Q4_1 {
+        s.lo = w_vec(b / 4u);
+        if ROWS > 4u {
+            s.hi = w_vec(b / 4u + 1u);
+        }
+    } else {
+        let v = w_vec(b / 8u);
+        s.lo = select(v, v.zwzw, b % 8u != 0u);
+    }
+    return s;
+}
+
+// Block b+r's scale d (times its trained factor where given, for weight row j) and offset
+// m, as `load_block` gives them; r a literal, so the selections fold.
+fn block_dm(s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
+    var dm: u32;
+    if WTYPE == Q4_1 {
+        dm = select(s.hi[r % 4u], s.lo[r % 4u], r < 4u);
+    } else {
+        dm = s.lo[r / 2u] >> (16u * (r % 2u));
+    }
+    var d = half_to_f32(dm & 0xFFFFu);
+    if FACTORS {
+        d *= factors[block_index(j, c)];
+    }
+    // -0.0 leaves every value, negative zero included, unchanged when added.
+    var m = -0.0;
+    if WTYPE == Q4_1 {
+        m = half_to_f32(dm >> 16u);
+    } else if WTYPE == Q4_0 {
+        m = -8.0 * d;
+    }
+    return vec2<f32>(d, m);
+}
+
+// Elements 4t .. 4t+4 of a block before its affine step, each times the power of two
+// `quad_scale(t)` undoes (t a literal): Q4 nibbles are masked where they lie in their word
+// instead of shifted down, one instruction less per element; Q8_0 bytes are moved to the
+// top (the sign bit) and masked. Powers of two keep every product, and so every sum,
+// exactly as `raw_quad` gives it.
+fn scaled_quad(qa: vec4<u32>, qb: vec4<u32>, t: u32) -> vec4<f32> {
+    if WTYPE == Q8_0 {
+        let v = select(qb[t % 4u], qa[t % 4u], t < 4u);
+        return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v) & vec4<u32>(0xFF000000u)));
+    }
+    let v = qa[t % 4u];
+    if t < 4u {
+        return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v) & vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000000u)));
+    }
+    // The top nibble is shifted down: masked in place it would be negative as an i32.
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v & 0xF0u, v & 0xF000u, v & 0xF00000u, v >> 28u)));
+}
+
+fn quad_scale(t: u32) -> vec4<f32> {
+    if WTYPE == Q8_0 {
+        return vec4<f32>(exp2(-24.0));
+    }
+    if t < 4u {
+        return vec4<f32>(1.0, exp2(-8.0), exp2(-16.0), exp2(-24.0));
+    }
+    return vec4<f32>(exp2(-4.0), exp2(-12.0), exp2(-20.0), 1.0);
+}
+
+// Block c of weight row j's sum d * sum(q x) + m * sum(x), its quants read here and its
+// scales given; xs[t] holds x's elements 4t .. 4t+4 times quad_scale(t).
+fn block_sum(j: u32, b: u32, c: u32, dm: vec2<f32>, xs0: vec4<f32>, xs1: vec4<f32>, xs2: vec4<f32>, xs3: vec4<f32>, xs4: vec4<f32>, xs5: vec4<f32>, xs6: vec4<f32>, xs7: vec4<f32>, sum_x: f32) -> f32 {
+    var qa: vec4<u32>;
+    var qb: vec4<u32>;
+    if WTYPE == Q8_0 {
+        let q = split_quants(b, 2u);
+        qa = w_vec(q);
+        qb = w_vec(q + 1u);
+    } else {
+        qa = w_vec(split_quants(b, 1u));
+    }
+    return dm.x * (dot(scaled_quad(qa, qb, 0u), xs0) + dot(scaled_quad(qa, qb, 1u), xs1) + dot(scaled_quad(qa, qb, 2u), xs2) + dot(scaled_quad(qa, qb, 3u), xs3) + dot(scaled_quad(qa, qb, 4u), xs4) + dot(scaled_quad(qa, qb, 5u), xs5) + dot(scaled_quad(qa, qb, 6u), xs6) + dot(scaled_quad(qa, qb, 7u), xs7)) + dm.y * sum_x;
+}
+
+// One token: out = dequant(w) x, for n a multiple of ROWS. The subgroup's invocations each
+// load a quarter-row of every 32-element chunk of x and share it, as in `qmatmul_sg8`;
+// each invocation owns ROWS adjacent weight rows j0 .. j0+ROWS (j0 = ROWS (MV_WG x + lid),
+// the last such block where that passes n, computed and not stored), whose blocks at one
+// chunk are adjacent in the split layout, so their scales come in one or two loads; each
+// block's affine step is applied once to its sums (d * sum(q x) + m * sum(x)), as
+// quant.wgsl's dots do.
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let chunks = p.k / 32u;
-    let col = wg.x * ROWS * MV_WG + lid;
-    let j0 = min(col + 0u * MV_WG, p.n - 1u);
+    let first = (wg.x * MV_WG + lid) * ROWS;
+    let j0 = min(first, p.n - ROWS);
     var s0 = 0.0;
-    let j1 = min(col + 1u * MV_WG, p.n - 1u);
     var s1 = 0.0;
-    let j2 = min(col + 2u * MV_WG, p.n - 1u);
     var s2 = 0.0;
-    let j3 = min(col + 3u * MV_WG, p.n - 1u);
     var s3 = 0.0;
-    let j4 = min(col + 4u * MV_WG, p.n - 1u);
     var s4 = 0.0;
-    let j5 = min(col + 5u * MV_WG, p.n - 1u);
     var s5 = 0.0;
-    let j6 = min(col + 6u * MV_WG, p.n - 1u);
     var s6 = 0.0;
-    let j7 = min(col + 7u * MV_WG, p.n - 1u);
     var s7 = 0.0;
     for (var c = 0u; c < chunks; c++) {
         let xv = x4[8u * c + lane];
@@ -351,61 +439,37 @@ fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         let xb6 = subgroupBroadcast(xv, 6u);
         let xb7 = subgroupBroadcast(xv, 7u);
         let sum_x = dot(xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7, vec4<f32>(1.0));
-        if ROWS > 0u {
-            let b0 = load_block(j0, c);
-            s0 += b0.d * (dot(raw_quad(b0, 0u), xb0) + dot(raw_quad(b0, 1u), xb1) + dot(raw_quad(b0, 2u), xb2) + dot(raw_quad(b0, 3u), xb3) + dot(raw_quad(b0, 4u), xb4) + dot(raw_quad(b0, 5u), xb5) + dot(raw_quad(b0, 6u), xb6) + dot(raw_quad(b0, 7u), xb7)) + b0.m * sum_x;
-        }
-        if ROWS > 1u {
-            let b1 = load_block(j1, c);
-            s1 += b1.d * (dot(raw_quad(b1, 0u), xb0) + dot(raw_quad(b1, 1u), xb1) + dot(raw_quad(b1, 2u), xb2) + dot(raw_quad(b1, 3u), xb3) + dot(raw_quad(b1, 4u), xb4) + dot(raw_quad(b1, 5u), xb5) + dot(raw_quad(b1, 6u), xb6) + dot(raw_quad(b1, 7u), xb7)) + b1.m * sum_x;
-        }
-        if ROWS > 2u {
-            let b2 = load_block(j2, c);
-            s2 += b2.d * (dot(raw_quad(b2, 0u), xb0) + dot(raw_quad(b2, 1u), xb1) + dot(raw_quad(b2, 2u), xb2) + dot(raw_quad(b2, 3u), xb3) + dot(raw_quad(b2, 4u), xb4) + dot(raw_quad(b2, 5u), xb5) + dot(raw_quad(b2, 6u), xb6) + dot(raw_quad(b2, 7u), xb7)) + b2.m * sum_x;
-        }
-        if ROWS > 3u {
-            let b3 = load_block(j3, c);
-            s3 += b3.d * (dot(raw_quad(b3, 0u), xb0) + dot(raw_quad(b3, 1u), xb1) + dot(raw_quad(b3, 2u), xb2) + dot(raw_quad(b3, 3u), xb3) + dot(raw_quad(b3, 4u), xb4) + dot(raw_quad(b3, 5u), xb5) + dot(raw_quad(b3, 6u), xb6) + dot(raw_quad(b3, 7u), xb7)) + b3.m * sum_x;
-        }
+        let xs0 = xb0 * quad_scale(0u);
+        let xs1 = xb1 * quad_scale(1u);
+        let xs2 = xb2 * quad_scale(2u);
+        let xs3 = xb3 * quad_scale(3u);
+        let xs4 = xb4 * quad_scale(4u);
+        let xs5 = xb5 * quad_scale(5u);
+        let xs6 = xb6 * quad_scale(6u);
+        let xs7 = xb7 * quad_scale(7u);
+        let b = stored_block(j0, c);
+        let sc = load_scales(b);
+        s0 += block_sum(j0, b, c, block_dm(sc, 0u, j0, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        s1 += block_sum(j0 + 1u, b + 1u, c, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        s2 += block_sum(j0 + 2u, b + 2u, c, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        s3 += block_sum(j0 + 3u, b + 3u, c, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         if ROWS > 4u {
-            let b4 = load_block(j4, c);
-            s4 += b4.d * (dot(raw_quad(b4, 0u), xb0) + dot(raw_quad(b4, 1u), xb1) + dot(raw_quad(b4, 2u), xb2) + dot(raw_quad(b4, 3u), xb3) + dot(raw_quad(b4, 4u), xb4) + dot(raw_quad(b4, 5u), xb5) + dot(raw_quad(b4, 6u), xb6) + dot(raw_quad(b4, 7u), xb7)) + b4.m * sum_x;
-        }
-        if ROWS > 5u {
-            let b5 = load_block(j5, c);
-            s5 += b5.d * (dot(raw_quad(b5, 0u), xb0) + dot(raw_quad(b5, 1u), xb1) + dot(raw_quad(b5, 2u), xb2) + dot(raw_quad(b5, 3u), xb3) + dot(raw_quad(b5, 4u), xb4) + dot(raw_quad(b5, 5u), xb5) + dot(raw_quad(b5, 6u), xb6) + dot(raw_quad(b5, 7u), xb7)) + b5.m * sum_x;
-        }
-        if ROWS > 6u {
-            let b6 = load_block(j6, c);
-            s6 += b6.d * (dot(raw_quad(b6, 0u), xb0) + dot(raw_quad(b6, 1u), xb1) + dot(raw_quad(b6, 2u), xb2) + dot(raw_quad(b6, 3u), xb3) + dot(raw_quad(b6, 4u), xb4) + dot(raw_quad(b6, 5u), xb5) + dot(raw_quad(b6, 6u), xb6) + dot(raw_quad(b6, 7u), xb7)) + b6.m * sum_x;
-        }
-        if ROWS > 7u {
-            let b7 = load_block(j7, c);
-            s7 += b7.d * (dot(raw_quad(b7, 0u), xb0) + dot(raw_quad(b7, 1u), xb1) + dot(raw_quad(b7, 2u), xb2) + dot(raw_quad(b7, 3u), xb3) + dot(raw_quad(b7, 4u), xb4) + dot(raw_quad(b7, 5u), xb5) + dot(raw_quad(b7, 6u), xb6) + dot(raw_quad(b7, 7u), xb7)) + b7.m * sum_x;
+            s4 += block_sum(j0 + 4u, b + 4u, c, block_dm(sc, 4u, j0 + 4u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s5 += block_sum(j0 + 5u, b + 5u, c, block_dm(sc, 5u, j0 + 5u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s6 += block_sum(j0 + 6u, b + 6u, c, block_dm(sc, 6u, j0 + 6u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s7 += block_sum(j0 + 7u, b + 7u, c, block_dm(sc, 7u, j0 + 7u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         }
     }
-    if ROWS > 0u && col + 0u * MV_WG < p.n {
-        out[col + 0u * MV_WG] = s0;
-    }
-    if ROWS > 1u && col + 1u * MV_WG < p.n {
-        out[col + 1u * MV_WG] = s1;
-    }
-    if ROWS > 2u && col + 2u * MV_WG < p.n {
-        out[col + 2u * MV_WG] = s2;
-    }
-    if ROWS > 3u && col + 3u * MV_WG < p.n {
-        out[col + 3u * MV_WG] = s3;
-    }
-    if ROWS > 4u && col + 4u * MV_WG < p.n {
-        out[col + 4u * MV_WG] = s4;
-    }
-    if ROWS > 5u && col + 5u * MV_WG < p.n {
-        out[col + 5u * MV_WG] = s5;
-    }
-    if ROWS > 6u && col + 6u * MV_WG < p.n {
-        out[col + 6u * MV_WG] = s6;
-    }
-    if ROWS > 7u && col + 7u * MV_WG < p.n {
-        out[col + 7u * MV_WG] = s7;
+    if first < p.n {
+        out[j0] = s0;
+        out[j0 + 1u] = s1;
+        out[j0 + 2u] = s2;
+        out[j0 + 3u] = s3;
+        if ROWS > 4u {
+            out[j0 + 4u] = s4;
+            out[j0 + 5u] = s5;
+            out[j0 + 6u] = s6;
+            out[j0 + 7u] = s7;
+        }
     }
 }

@@ -32,8 +32,9 @@ pub struct MatvecShape {
     /// in workgroup memory (written `WGxROWSs`); else `qmatvec`, one invocation per rows.
     pub split: bool,
     /// `qmatvec_sg8` (quant_sg.wgsl) for the 32-element block formats: one invocation per
-    /// rows, x shared across subgroups of 8 (written `WGxROWSg`); devices without such
-    /// subgroups, and other formats, run `qmatvec` with the same shape.
+    /// `rows` adjacent rows, x shared across subgroups of 8 (written `WGxROWSg`); devices
+    /// without such subgroups, other formats and row counts not a multiple of `rows` run
+    /// `qmatvec` with the same shape.
     pub subgroup: bool,
     /// With `subgroup`, the weights are read from a texture holding the same bytes
     /// (written `WGxROWSgt`), made on a weight's first such product: each weight then
@@ -841,7 +842,8 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
             if !wanted.is_empty() && !gpu.subgroups_of_8() {
                 notes.push(format!(
                     "the subgroup kernels chosen for {} need subgroups of exactly 8 \
-                     invocations, which this device lacks: it runs the portable kernels",
+                     invocations and read-only storage textures, which this device lacks: \
+                     it runs the portable kernels",
                     wanted.join(", ")
                 ));
             }

@@ -310,7 +310,9 @@ impl Gpu {
         }
         let limits = adapter.limits();
         let mut features = adapter.features();
-        if opts.without_subgroups {
+        // The subgroup products also bind their weights and x as read-only storage
+        // textures (two per kernel); without those no subgroup kernel is used.
+        if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -339,8 +341,12 @@ impl Gpu {
             }
         }));
         debug_!("wgpu adapter: {}", info.name.as_str());
+        let mut placeholder = weight_texture_desc(1, 1);
+        if !features.contains(wgpu::Features::SUBGROUP) {
+            placeholder.usage = wgpu::TextureUsages::TEXTURE_BINDING;
+        }
         let no_texture = device
-            .create_texture(&weight_texture_desc(1, 1))
+            .create_texture(&placeholder)
             .create_view(&wgpu::TextureViewDescriptor::default());
         let mut gpu = Gpu {
             device,
@@ -397,7 +403,8 @@ impl Gpu {
     }
 
     /// Whether every subgroup has exactly 8 invocations (lavapipe on AVX2 and AVX-512
-    /// hosts), which the subgroup kernels are written for.
+    /// hosts), which the subgroup kernels are written for (`open` also drops subgroups
+    /// where read-only storage textures, which those kernels bind, are missing).
     pub(crate) fn subgroups_of_8(&self) -> bool {
         self.features.contains(wgpu::Features::SUBGROUP)
             && self.info.subgroup_min_size == 8
@@ -893,8 +900,32 @@ fn writable_bindings(src: &str) -> u32 {
     parsed.iter().fold(0, |bits, b| bits | 1 << b)
 }
 
-/// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, read with
-/// `textureLoad`, filled by copies).
+/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, two to a
+/// kernel, as wgpu will check it: from the adapter on downlevel devices, else from
+/// WebGPU's guarantees.
+fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
+    let format = wgpu::TextureFormat::Rgba32Uint;
+    let usable = |f: wgpu::TextureFormatFeatures| {
+        f.allowed_usages
+            .contains(wgpu::TextureUsages::STORAGE_BINDING)
+            && f.flags
+                .contains(wgpu::TextureFormatFeatureFlags::STORAGE_READ_ONLY)
+    };
+    let downlevel = !adapter
+        .get_downlevel_capabilities()
+        .flags
+        .contains(wgpu::DownlevelFlags::WEBGPU_TEXTURE_FORMAT_SUPPORT);
+    let features = if downlevel {
+        adapter.get_texture_format_features(format)
+    } else {
+        format.guaranteed_format_features(wgpu::Features::empty())
+    };
+    limits.max_storage_textures_per_shader_stage >= 2 && usable(features)
+}
+
+/// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, filled by copies,
+/// read with `textureLoad`: by the products as a read-only storage texture, by decode
+/// attention as a sampled one, which measured faster there).
 fn weight_texture_desc(width: u32, height: u32) -> wgpu::TextureDescriptor<'static> {
     wgpu::TextureDescriptor {
         label: Some("weight texture"),
@@ -907,7 +938,9 @@ fn weight_texture_desc(width: u32, height: u32) -> wgpu::TextureDescriptor<'stat
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
         format: wgpu::TextureFormat::Rgba32Uint,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING
+            | wgpu::TextureUsages::STORAGE_BINDING
+            | wgpu::TextureUsages::COPY_DST,
         view_formats: &[],
     }
 }
@@ -1252,7 +1285,12 @@ impl Backend for Gpu {
                 } else {
                     self.shapes.matvec
                 };
-                if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
+                if m == 1
+                    && mv.subgroup
+                    && self.subgroups_of_8()
+                    && has_split_layout(wtype)
+                    && n.is_multiple_of(mv.rows)
+                {
                     let texture = if mv.texture {
                         self.weight_texture(w)
                     } else {
@@ -1268,7 +1306,7 @@ impl Backend for Gpu {
                             ("MV_WG", mv.wg),
                             ("TEX", u32::from(texture.is_some())),
                         ],
-                        bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
+                        bindings: vec![(4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
                         params: vec![m, k, n, row_bytes],
                         groups: self.check_grid(name, u64::from(n.div_ceil(mv.rows * mv.wg)), 1)?,
                     };
