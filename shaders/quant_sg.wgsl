@@ -314,15 +314,17 @@ fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
     }
 }
 
-// Weight rows per `qmatvec_sg8` invocation (4 or 8) and invocations per workgroup (a
-// multiple of 8), chosen per device by measurement.
+// Weight rows per `qmatvec_sg8` invocation (4 or 8, chosen per device by measurement; 1
+// for row counts that are not a multiple of the chosen one) and invocations per workgroup
+// (a multiple of 8, chosen by measurement).
 override ROWS: u32 = 4u;
 override MV_WG: u32 = 16u;
 
 // The scale words of blocks b .. b+ROWS (b a multiple of ROWS): for Q4_1 block b+r's word
 // of d and m is `lo[r]` (r < 4) or `hi[r - 4]`; for the others its u16 d is half r % 2 of
 // word r / 2 of `lo`. One texel holds four Q4_1 words or eight u16 scales, so the rows'
-// scales take one or two loads instead of one per row.
+// scales take one or two loads instead of one per row. With one row, its scale is the
+// low half of `lo[0]` wherever it lies.
 struct Scales {
     lo: vec4<u32>,
     hi: vec4<u32>,
@@ -330,7 +332,13 @@ struct Scales {
 
 fn load_scales(b: u32) -> Scales {
     var s: Scales;
-    if WTYPE == Q4_1 {
+    if ROWS == 1u {
+        if WTYPE == Q4_1 {
+            s.lo.x = w_vec(b / 4u)[b % 4u];
+        } else {
+            s.lo.x = w_vec(b / 8u)[b % 8u / 2u] >> (16u * (b % 2u));
+        }
+    } else if WTYPE == Q4_1 {
         s.lo = w_vec(b / 4u);
         if ROWS > 4u {
             s.hi = w_vec(b / 4u + 1u);
@@ -450,9 +458,11 @@ fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         let b = stored_block(j0, c);
         let sc = load_scales(b);
         s0 += block_sum(j0, b, c, block_dm(sc, 0u, j0, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        s1 += block_sum(j0 + 1u, b + 1u, c, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        s2 += block_sum(j0 + 2u, b + 2u, c, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        s3 += block_sum(j0 + 3u, b + 3u, c, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        if ROWS > 1u {
+            s1 += block_sum(j0 + 1u, b + 1u, c, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s2 += block_sum(j0 + 2u, b + 2u, c, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s3 += block_sum(j0 + 3u, b + 3u, c, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        }
         if ROWS > 4u {
             s4 += block_sum(j0 + 4u, b + 4u, c, block_dm(sc, 4u, j0 + 4u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
             s5 += block_sum(j0 + 5u, b + 5u, c, block_dm(sc, 5u, j0 + 5u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
@@ -462,9 +472,11 @@ fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     }
     if first < p.n {
         out[j0] = s0;
-        out[j0 + 1u] = s1;
-        out[j0 + 2u] = s2;
-        out[j0 + 3u] = s3;
+        if ROWS > 1u {
+            out[j0 + 1u] = s1;
+            out[j0 + 2u] = s2;
+            out[j0 + 3u] = s3;
+        }
         if ROWS > 4u {
             out[j0 + 4u] = s4;
             out[j0 + 5u] = s5;

@@ -32,9 +32,9 @@ pub struct MatvecShape {
     /// in workgroup memory (written `WGxROWSs`); else `qmatvec`, one invocation per rows.
     pub split: bool,
     /// `qmatvec_sg8` (quant_sg.wgsl) for the 32-element block formats: one invocation per
-    /// `rows` adjacent rows, x shared across subgroups of 8 (written `WGxROWSg`); devices
-    /// without such subgroups, other formats and row counts not a multiple of `rows` run
-    /// `qmatvec` with the same shape.
+    /// `rows` adjacent rows (one row for row counts not a multiple of `rows`), x shared
+    /// across subgroups of 8 (written `WGxROWSg`); devices without such subgroups, and
+    /// other formats, run `qmatvec` with the same shape.
     pub subgroup: bool,
     /// With `subgroup`, the weights are read from a texture holding the same bytes
     /// (written `WGxROWSgt`), made on a weight's first such product: each weight then

@@ -902,7 +902,8 @@ fn writable_bindings(src: &str) -> u32 {
 
 /// Whether `Rgba32Uint` textures can be bound as read-only storage textures, two to a
 /// kernel, as wgpu will check it: from the adapter on downlevel devices, else from
-/// WebGPU's guarantees.
+/// WebGPU's guarantees (the device never requests
+/// `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask the adapter).
 fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
     let format = wgpu::TextureFormat::Rgba32Uint;
     let usable = |f: wgpu::TextureFormatFeatures| {
@@ -1285,12 +1286,14 @@ impl Backend for Gpu {
                 } else {
                     self.shapes.matvec
                 };
-                if m == 1
-                    && mv.subgroup
-                    && self.subgroups_of_8()
-                    && has_split_layout(wtype)
-                    && n.is_multiple_of(mv.rows)
-                {
+                if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
+                    // Each invocation owns `rows` adjacent rows, so other row counts take
+                    // one row per invocation (slower, not measured; correct for any n).
+                    let rows = if n.is_multiple_of(mv.rows) {
+                        mv.rows
+                    } else {
+                        1
+                    };
                     let texture = if mv.texture {
                         self.weight_texture(w)
                     } else {
@@ -1302,13 +1305,13 @@ impl Backend for Gpu {
                         overrides: vec![
                             ("WTYPE", wtype.shader_code()),
                             ("FACTORS", u32::from(factors.is_some())),
-                            ("ROWS", mv.rows),
+                            ("ROWS", rows),
                             ("MV_WG", mv.wg),
                             ("TEX", u32::from(texture.is_some())),
                         ],
                         bindings: vec![(4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
                         params: vec![m, k, n, row_bytes],
-                        groups: self.check_grid(name, u64::from(n.div_ceil(mv.rows * mv.wg)), 1)?,
+                        groups: self.check_grid(name, u64::from(n.div_ceil(rows * mv.wg)), 1)?,
                     };
                     return self.dispatch_with(d, &[(8, texture.unwrap_or(&self.no_texture))]);
                 }
