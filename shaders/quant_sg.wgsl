@@ -23,6 +23,8 @@ struct Params {
     k: u32,      // elements per weight row (a multiple of 32)
     n: u32,      // weight rows
     row_bytes: u32,
+    row0: u32,   // `qmatvec_sg8`: the weight rows row0 .. row_end this dispatch computes
+    row_end: u32,
 }
 
 override WTYPE: u32 = 5u;
@@ -315,8 +317,8 @@ fn store(i: u32, cols: vec4<u32>, v: vec4<f32>) {
 }
 
 // Weight rows per `qmatvec_sg8` invocation (4 or 8, chosen per device by measurement; 1
-// for row counts that are not a multiple of the chosen one) and invocations per workgroup
-// (a multiple of 8, chosen by measurement).
+// for the last, partial row group where n is not a multiple of the chosen count) and
+// invocations per workgroup (a multiple of 8, chosen by measurement).
 override ROWS: u32 = 4u;
 override MV_WG: u32 = 16u;
 
@@ -416,18 +418,19 @@ fn block_sum(j: u32, b: u32, c: u32, dm: vec2<f32>, xs0: vec4<f32>, xs1: vec4<f3
     return dm.x * (dot(scaled_quad(qa, qb, 0u), xs0) + dot(scaled_quad(qa, qb, 1u), xs1) + dot(scaled_quad(qa, qb, 2u), xs2) + dot(scaled_quad(qa, qb, 3u), xs3) + dot(scaled_quad(qa, qb, 4u), xs4) + dot(scaled_quad(qa, qb, 5u), xs5) + dot(scaled_quad(qa, qb, 6u), xs6) + dot(scaled_quad(qa, qb, 7u), xs7)) + dm.y * sum_x;
 }
 
-// One token: out = dequant(w) x, for n a multiple of ROWS. The subgroup's invocations each
-// load a quarter-row of every 32-element chunk of x and share it, as in `qmatmul_sg8`;
-// each invocation owns ROWS adjacent weight rows j0 .. j0+ROWS (j0 = ROWS (MV_WG x + lid),
-// the last such block where that passes n, computed and not stored), whose blocks at one
-// chunk are adjacent in the split layout, so their scales come in one or two loads; each
-// block's affine step is applied once to its sums (d * sum(q x) + m * sum(x)), as
-// quant.wgsl's dots do.
+// One token: rows row0 .. row_end of out = dequant(w) x, a multiple of ROWS rows that are
+// whole row groups or end at n (so every invocation's blocks are adjacent and aligned).
+// The subgroup's invocations each load a quarter-row of every 32-element chunk of x and
+// share it, as in `qmatmul_sg8`; each invocation owns ROWS adjacent weight rows
+// j0 .. j0+ROWS (j0 = row0 + ROWS (MV_WG x + lid), the last such block where that passes
+// row_end, computed and not stored), whose blocks at one chunk are adjacent in the split
+// layout, so their scales come in one or two loads; each block's affine step is applied
+// once to its sums (d * sum(q x) + m * sum(x)), as quant.wgsl's dots do.
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let chunks = p.k / 32u;
-    let first = (wg.x * MV_WG + lid) * ROWS;
-    let j0 = min(first, p.n - ROWS);
+    let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
+    let j0 = min(first, p.row_end - ROWS);
     var s0 = 0.0;
     var s1 = 0.0;
     var s2 = 0.0;
@@ -470,7 +473,7 @@ fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
             s7 += block_sum(j0 + 7u, b + 7u, c, block_dm(sc, 7u, j0 + 7u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         }
     }
-    if first < p.n {
+    if first < p.row_end {
         out[j0] = s0;
         if ROWS > 1u {
             out[j0 + 1u] = s1;

@@ -363,7 +363,7 @@ pub fn cases() -> Vec<Case> {
             (1, k_small, 16_389),
             // A multiple of 4 rows but not of 8, nor of the split layout's row groups:
             // four-row subgroup kernels end on a partial group, eight-row ones take one
-            // row per invocation (as every subgroup shape does for 67 and 16_389).
+            // row per invocation there (as every subgroup shape does for 67 and 16_389).
             (1, k_small, 1_028),
             // Enough tokens for the prompt paths (dequantise to f32 scratch and use the f32
             // matmul, or `qmatmul_sg8`), and more weight rows than one workgroup of

@@ -32,7 +32,8 @@ pub struct MatvecShape {
     /// in workgroup memory (written `WGxROWSs`); else `qmatvec`, one invocation per rows.
     pub split: bool,
     /// `qmatvec_sg8` (quant_sg.wgsl) for the 32-element block formats: one invocation per
-    /// `rows` adjacent rows (one row for row counts not a multiple of `rows`), x shared
+    /// `rows` adjacent rows (one row in the last, partial row group where the row count
+    /// is not a multiple of `rows`), x shared
     /// across subgroups of 8 (written `WGxROWSg`); devices without such subgroups, and
     /// other formats, run `qmatvec` with the same shape.
     pub subgroup: bool,

@@ -1235,7 +1235,7 @@ impl Backend for Gpu {
                             ("XTEX", u32::from(xt.is_some())),
                         ],
                         bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
-                        params: vec![m, k, n, row_bytes],
+                        params: vec![m, k, n, row_bytes, 0, n],
                         groups: self.check_grid(
                             name,
                             u64::from(n.div_ceil(256)),
@@ -1287,33 +1287,42 @@ impl Backend for Gpu {
                     self.shapes.matvec
                 };
                 if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
-                    // Each invocation owns `rows` adjacent rows, so other row counts take
-                    // one row per invocation (slower, not measured; correct for any n).
-                    let rows = if n.is_multiple_of(mv.rows) {
-                        mv.rows
-                    } else {
-                        1
-                    };
                     let texture = if mv.texture {
                         self.weight_texture(w)
                     } else {
                         None
                     };
-                    let d = Dispatch {
-                        family: "quant_sg",
-                        entry: "qmatvec_sg8",
-                        overrides: vec![
-                            ("WTYPE", wtype.shader_code()),
-                            ("FACTORS", u32::from(factors.is_some())),
-                            ("ROWS", rows),
-                            ("MV_WG", mv.wg),
-                            ("TEX", u32::from(texture.is_some())),
-                        ],
-                        bindings: vec![(4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
-                        params: vec![m, k, n, row_bytes],
-                        groups: self.check_grid(name, u64::from(n.div_ceil(rows * mv.wg)), 1)?,
+                    // Each invocation owns `rows` adjacent rows, whose scales are adjacent
+                    // words only in whole row groups or where n is a multiple of `rows`;
+                    // otherwise the last, partial row group takes one row per invocation.
+                    let full = n - n % SPLIT_ROW_GROUP as u32;
+                    let ranges = if n.is_multiple_of(mv.rows) {
+                        vec![(0, n, mv.rows)]
+                    } else {
+                        [(0, full, mv.rows), (full, n, 1)]
+                            .into_iter()
+                            .filter(|(a, b, _)| a < b)
+                            .collect()
                     };
-                    return self.dispatch_with(d, &[(8, texture.unwrap_or(&self.no_texture))]);
+                    for (row0, end, rows) in ranges {
+                        let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
+                        let d = Dispatch {
+                            family: "quant_sg",
+                            entry: "qmatvec_sg8",
+                            overrides: vec![
+                                ("WTYPE", wtype.shader_code()),
+                                ("FACTORS", u32::from(factors.is_some())),
+                                ("ROWS", rows),
+                                ("MV_WG", mv.wg),
+                                ("TEX", u32::from(texture.is_some())),
+                            ],
+                            bindings: vec![(4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
+                            params: vec![m, k, n, row_bytes, row0, end],
+                            groups: self.check_grid(name, groups, 1)?,
+                        };
+                        self.dispatch_with(d, &[(8, texture.unwrap_or(&self.no_texture))])?;
+                    }
+                    return Ok(());
                 }
                 let (entry, groups) = if m == 1 && mv.split {
                     // One workgroup per `rows` rows.
