@@ -131,34 +131,49 @@ struct Block {
 // Block c of weight row j.
 fn load_block(j: u32, c: u32) -> Block {
     let b = stored_block(j, c);
-    var r: Block;
-    // The stored scale d (as quant.wgsl's `stored_scale`: Q4_1 a word of d and m per
-    // block, the others a u16 d), times the block's trained factor where given.
+    // The stored scale word (as quant.wgsl's `stored_scale`: Q4_1 a word of d and m per
+    // block, the others a u16 d).
     var dm: u32;
     if WTYPE == Q4_1 {
         dm = w_word(b);
     } else {
         dm = w_word(b >> 1u) >> (16u * (b & 1u));
     }
-    r.d = half_to_f32(dm & 0xFFFFu);
-    if FACTORS {
-        r.d *= factors[block_index(j, c)];
-    }
-    // -0.0 leaves every value, negative zero included, unchanged when added.
-    r.m = -0.0;
+    var r = block_quants(b);
+    let a = block_affine(dm, j, c);
+    r.d = a.x;
+    r.m = a.y;
+    return r;
+}
+
+// Stored block b's quants, its d and m left unset.
+fn block_quants(b: u32) -> Block {
+    var r: Block;
     if WTYPE == Q8_0 {
         let q = split_quants(b, 2u);
         r.qa = w_vec(q);
         r.qb = w_vec(q + 1u);
     } else {
         r.qa = w_vec(split_quants(b, 1u));
-        if WTYPE == Q4_1 {
-            r.m = half_to_f32(dm >> 16u);
-        } else {
-            r.m = -8.0 * r.d;
-        }
     }
     return r;
+}
+
+// Block c of weight row j's d and m from its scale word (Q4_1: d and m; the others: d in
+// the low half): d times the block's trained factor where given.
+fn block_affine(dm: u32, j: u32, c: u32) -> vec2<f32> {
+    var d = half_to_f32(dm & 0xFFFFu);
+    if FACTORS {
+        d *= factors[block_index(j, c)];
+    }
+    // -0.0 leaves every value, negative zero included, unchanged when added.
+    var m = -0.0;
+    if WTYPE == Q4_1 {
+        m = half_to_f32(dm >> 16u);
+    } else if WTYPE == Q4_0 {
+        m = -8.0 * d;
+    }
+    return vec2<f32>(d, m);
 }
 
 // Elements 4t .. 4t+4 of a block before its affine step (t a literal, so the selections
@@ -352,27 +367,13 @@ fn load_scales(b: u32) -> Scales {
     return s;
 }
 
-// Block b+r's scale d (times its trained factor where given, for weight row j) and offset
-// m, as `load_block` gives them; r a literal, so the selections fold.
+// Block b+r's d and m (for weight row j at chunk c), as `load_block` gives them; r a
+// literal, so the selections fold.
 fn block_dm(s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
-    var dm: u32;
     if WTYPE == Q4_1 {
-        dm = select(s.hi[r % 4u], s.lo[r % 4u], r < 4u);
-    } else {
-        dm = s.lo[r / 2u] >> (16u * (r % 2u));
+        return block_affine(select(s.hi[r % 4u], s.lo[r % 4u], r < 4u), j, c);
     }
-    var d = half_to_f32(dm & 0xFFFFu);
-    if FACTORS {
-        d *= factors[block_index(j, c)];
-    }
-    // -0.0 leaves every value, negative zero included, unchanged when added.
-    var m = -0.0;
-    if WTYPE == Q4_1 {
-        m = half_to_f32(dm >> 16u);
-    } else if WTYPE == Q4_0 {
-        m = -8.0 * d;
-    }
-    return vec2<f32>(d, m);
+    return block_affine(s.lo[r / 2u] >> (16u * (r % 2u)), j, c);
 }
 
 // Elements 4t .. 4t+4 of a block before its affine step, each times the power of two
@@ -380,12 +381,12 @@ fn block_dm(s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
 // instead of shifted down, one instruction less per element; Q8_0 bytes are moved to the
 // top (the sign bit) and masked. Powers of two keep every product, and so every sum,
 // exactly as `raw_quad` gives it.
-fn scaled_quad(qa: vec4<u32>, qb: vec4<u32>, t: u32) -> vec4<f32> {
+fn scaled_quad(b: Block, t: u32) -> vec4<f32> {
     if WTYPE == Q8_0 {
-        let v = select(qb[t % 4u], qa[t % 4u], t < 4u);
+        let v = select(b.qb[t % 4u], b.qa[t % 4u], t < 4u);
         return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v) & vec4<u32>(0xFF000000u)));
     }
-    let v = qa[t % 4u];
+    let v = b.qa[t % 4u];
     if t < 4u {
         return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v) & vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000000u)));
     }
@@ -403,19 +404,11 @@ fn quad_scale(t: u32) -> vec4<f32> {
     return vec4<f32>(exp2(-4.0), exp2(-12.0), exp2(-20.0), 1.0);
 }
 
-// Block c of weight row j's sum d * sum(q x) + m * sum(x), its quants read here and its
-// scales given; xs[t] holds x's elements 4t .. 4t+4 times quad_scale(t).
-fn block_sum(j: u32, b: u32, c: u32, dm: vec2<f32>, xs0: vec4<f32>, xs1: vec4<f32>, xs2: vec4<f32>, xs3: vec4<f32>, xs4: vec4<f32>, xs5: vec4<f32>, xs6: vec4<f32>, xs7: vec4<f32>, sum_x: f32) -> f32 {
-    var qa: vec4<u32>;
-    var qb: vec4<u32>;
-    if WTYPE == Q8_0 {
-        let q = split_quants(b, 2u);
-        qa = w_vec(q);
-        qb = w_vec(q + 1u);
-    } else {
-        qa = w_vec(split_quants(b, 1u));
-    }
-    return dm.x * (dot(scaled_quad(qa, qb, 0u), xs0) + dot(scaled_quad(qa, qb, 1u), xs1) + dot(scaled_quad(qa, qb, 2u), xs2) + dot(scaled_quad(qa, qb, 3u), xs3) + dot(scaled_quad(qa, qb, 4u), xs4) + dot(scaled_quad(qa, qb, 5u), xs5) + dot(scaled_quad(qa, qb, 6u), xs6) + dot(scaled_quad(qa, qb, 7u), xs7)) + dm.y * sum_x;
+// Stored block b's sum d * sum(q x) + m * sum(x), its quants read here and its d and m
+// given; xs[t] holds x's elements 4t .. 4t+4 times quad_scale(t).
+fn block_sum(b: u32, dm: vec2<f32>, xs0: vec4<f32>, xs1: vec4<f32>, xs2: vec4<f32>, xs3: vec4<f32>, xs4: vec4<f32>, xs5: vec4<f32>, xs6: vec4<f32>, xs7: vec4<f32>, sum_x: f32) -> f32 {
+    let q = block_quants(b);
+    return dm.x * (dot(scaled_quad(q, 0u), xs0) + dot(scaled_quad(q, 1u), xs1) + dot(scaled_quad(q, 2u), xs2) + dot(scaled_quad(q, 3u), xs3) + dot(scaled_quad(q, 4u), xs4) + dot(scaled_quad(q, 5u), xs5) + dot(scaled_quad(q, 6u), xs6) + dot(scaled_quad(q, 7u), xs7)) + dm.y * sum_x;
 }
 
 // One token: rows row0 .. row_end of out = dequant(w) x, a multiple of ROWS rows that are
@@ -460,17 +453,17 @@ fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         let xs7 = xb7 * quad_scale(7u);
         let b = stored_block(j0, c);
         let sc = load_scales(b);
-        s0 += block_sum(j0, b, c, block_dm(sc, 0u, j0, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+        s0 += block_sum(b, block_dm(sc, 0u, j0, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         if ROWS > 1u {
-            s1 += block_sum(j0 + 1u, b + 1u, c, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s2 += block_sum(j0 + 2u, b + 2u, c, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s3 += block_sum(j0 + 3u, b + 3u, c, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s1 += block_sum(b + 1u, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s2 += block_sum(b + 2u, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s3 += block_sum(b + 3u, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         }
         if ROWS > 4u {
-            s4 += block_sum(j0 + 4u, b + 4u, c, block_dm(sc, 4u, j0 + 4u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s5 += block_sum(j0 + 5u, b + 5u, c, block_dm(sc, 5u, j0 + 5u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s6 += block_sum(j0 + 6u, b + 6u, c, block_dm(sc, 6u, j0 + 6u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s7 += block_sum(j0 + 7u, b + 7u, c, block_dm(sc, 7u, j0 + 7u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s4 += block_sum(b + 4u, block_dm(sc, 4u, j0 + 4u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s5 += block_sum(b + 5u, block_dm(sc, 5u, j0 + 5u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s6 += block_sum(b + 6u, block_dm(sc, 6u, j0 + 6u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
+            s7 += block_sum(b + 7u, block_dm(sc, 7u, j0 + 7u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
         }
     }
     if first < p.row_end {

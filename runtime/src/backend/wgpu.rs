@@ -1295,16 +1295,13 @@ impl Backend for Gpu {
                     // Each invocation owns `rows` adjacent rows, whose scales are adjacent
                     // words only in whole row groups or where n is a multiple of `rows`;
                     // otherwise the last, partial row group takes one row per invocation.
-                    let full = n - n % SPLIT_ROW_GROUP as u32;
-                    let ranges = if n.is_multiple_of(mv.rows) {
-                        vec![(0, n, mv.rows)]
+                    let tuned_end = if n.is_multiple_of(mv.rows) {
+                        n
                     } else {
-                        [(0, full, mv.rows), (full, n, 1)]
-                            .into_iter()
-                            .filter(|(a, b, _)| a < b)
-                            .collect()
+                        n - n % SPLIT_ROW_GROUP as u32
                     };
-                    for (row0, end, rows) in ranges {
+                    let ranges = [(0, tuned_end, mv.rows), (tuned_end, n, 1)];
+                    for (row0, end, rows) in ranges.into_iter().filter(|(a, b, _)| a < b) {
                         let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
                         let d = Dispatch {
                             family: "quant_sg",
