@@ -56,6 +56,11 @@ const TEX_W: u32 = 4096u;
 // of `x4` when XTEX, for the same reason as TEX.
 @group(0) @binding(9) var xt: texture_storage_2d<rgba32uint, read>;
 override XTEX: bool = false;
+// `qmatvec_swiglu_sg8`'s second weight (up) and its factors, as `wq`, `wt` and `factors`
+// hold the first (gate); placeholders for the other kernels.
+@group(0) @binding(10) var<storage, read> wq2: array<vec4<u32>>;
+@group(0) @binding(11) var<storage, read> factors2: array<f32>;
+@group(0) @binding(12) var wt2: texture_storage_2d<rgba32uint, read>;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
@@ -87,12 +92,24 @@ fn n_blocks() -> u32 {
     return p.n * (p.k / 32u);
 }
 
-// Words 4i .. 4i+4 of the weights.
-fn w_vec(i: u32) -> vec4<u32> {
+// Words 4i .. 4i+4 of the weights: of the second weight where `up` (a literal at every
+// call, so the selection folds away).
+fn w_vec_of(up: bool, i: u32) -> vec4<u32> {
     if TEX {
-        return textureLoad(wt, vec2<u32>(i % TEX_W, i / TEX_W));
+        let at = vec2<u32>(i % TEX_W, i / TEX_W);
+        if up {
+            return textureLoad(wt2, at);
+        }
+        return textureLoad(wt, at);
+    }
+    if up {
+        return wq2[i];
     }
     return wq[i];
+}
+
+fn w_vec(i: u32) -> vec4<u32> {
+    return w_vec_of(false, i);
 }
 
 // Word i of the weights.
@@ -139,32 +156,37 @@ fn load_block(j: u32, c: u32) -> Block {
     } else {
         dm = w_word(b >> 1u) >> (16u * (b & 1u));
     }
-    var r = block_quants(b);
-    let a = block_affine(dm, j, c);
+    var r = block_quants(false, b);
+    let a = block_affine(false, dm, j, c);
     r.d = a.x;
     r.m = a.y;
     return r;
 }
 
-// Stored block b's quants, its d and m left unset.
-fn block_quants(b: u32) -> Block {
+// Stored block b's quants (of the second weight where `up`), its d and m left unset.
+fn block_quants(up: bool, b: u32) -> Block {
     var r: Block;
     if WTYPE == Q8_0 {
         let q = split_quants(b, 2u);
-        r.qa = w_vec(q);
-        r.qb = w_vec(q + 1u);
+        r.qa = w_vec_of(up, q);
+        r.qb = w_vec_of(up, q + 1u);
     } else {
-        r.qa = w_vec(split_quants(b, 1u));
+        r.qa = w_vec_of(up, split_quants(b, 1u));
     }
     return r;
 }
 
 // Block c of weight row j's d and m from its scale word (Q4_1: d and m; the others: d in
-// the low half): d times the block's trained factor where given.
-fn block_affine(dm: u32, j: u32, c: u32) -> vec2<f32> {
+// the low half): d times the block's trained factor where given (the second weight's
+// where `up`).
+fn block_affine(up: bool, dm: u32, j: u32, c: u32) -> vec2<f32> {
     var d = half_to_f32(dm & 0xFFFFu);
     if FACTORS {
-        d *= factors[block_index(j, c)];
+        if up {
+            d *= factors2[block_index(j, c)];
+        } else {
+            d *= factors[block_index(j, c)];
+        }
     }
     // -0.0 leaves every value, negative zero included, unchanged when added.
     var m = -0.0;
@@ -347,21 +369,21 @@ struct Scales {
     hi: vec4<u32>,
 }
 
-fn load_scales(b: u32) -> Scales {
+fn load_scales(up: bool, b: u32) -> Scales {
     var s: Scales;
     if ROWS == 1u {
         if WTYPE == Q4_1 {
-            s.lo.x = w_vec(b / 4u)[b % 4u];
+            s.lo.x = w_vec_of(up, b / 4u)[b % 4u];
         } else {
-            s.lo.x = w_vec(b / 8u)[b % 8u / 2u] >> (16u * (b % 2u));
+            s.lo.x = w_vec_of(up, b / 8u)[b % 8u / 2u] >> (16u * (b % 2u));
         }
     } else if WTYPE == Q4_1 {
-        s.lo = w_vec(b / 4u);
+        s.lo = w_vec_of(up, b / 4u);
         if ROWS > 4u {
-            s.hi = w_vec(b / 4u + 1u);
+            s.hi = w_vec_of(up, b / 4u + 1u);
         }
     } else {
-        let v = w_vec(b / 8u);
+        let v = w_vec_of(up, b / 8u);
         s.lo = select(v, v.zwzw, b % 8u != 0u);
     }
     return s;
@@ -369,11 +391,11 @@ fn load_scales(b: u32) -> Scales {
 
 // Block b+r's d and m (for weight row j at chunk c), as `load_block` gives them; r a
 // literal, so the selections fold.
-fn block_dm(s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
+fn block_dm(up: bool, s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
     if WTYPE == Q4_1 {
-        return block_affine(select(s.hi[r % 4u], s.lo[r % 4u], r < 4u), j, c);
+        return block_affine(up, select(s.hi[r % 4u], s.lo[r % 4u], r < 4u), j, c);
     }
-    return block_affine(s.lo[r / 2u] >> (16u * (r % 2u)), j, c);
+    return block_affine(up, s.lo[r / 2u] >> (16u * (r % 2u)), j, c);
 }
 
 // Elements 4t .. 4t+4 of a block before its affine step, each times the power of two
@@ -404,80 +426,139 @@ fn quad_scale(t: u32) -> vec4<f32> {
     return vec4<f32>(exp2(-4.0), exp2(-12.0), exp2(-20.0), 1.0);
 }
 
-// Stored block b's sum d * sum(q x) + m * sum(x), its quants read here and its d and m
-// given; xs[t] holds x's elements 4t .. 4t+4 times quad_scale(t).
-fn block_sum(b: u32, dm: vec2<f32>, xs0: vec4<f32>, xs1: vec4<f32>, xs2: vec4<f32>, xs3: vec4<f32>, xs4: vec4<f32>, xs5: vec4<f32>, xs6: vec4<f32>, xs7: vec4<f32>, sum_x: f32) -> f32 {
-    let q = block_quants(b);
-    return dm.x * (dot(scaled_quad(q, 0u), xs0) + dot(scaled_quad(q, 1u), xs1) + dot(scaled_quad(q, 2u), xs2) + dot(scaled_quad(q, 3u), xs3) + dot(scaled_quad(q, 4u), xs4) + dot(scaled_quad(q, 5u), xs5) + dot(scaled_quad(q, 6u), xs6) + dot(scaled_quad(q, 7u), xs7)) + dm.y * sum_x;
+// One 32-element chunk of x as `qmatvec_sg8` uses it: elements 4t .. 4t+4 times
+// quad_scale(t) in xs[t], and the sum of all 32.
+struct XShared {
+    xs0: vec4<f32>,
+    xs1: vec4<f32>,
+    xs2: vec4<f32>,
+    xs3: vec4<f32>,
+    xs4: vec4<f32>,
+    xs5: vec4<f32>,
+    xs6: vec4<f32>,
+    xs7: vec4<f32>,
+    sum: f32,
+}
+
+// Chunk c of x: each of the subgroup's invocations loads a quarter-row and shares it, as in
+// `qmatmul_sg8`.
+fn x_shared(c: u32, lane: u32) -> XShared {
+    let xv = x4[8u * c + lane];
+    let xb0 = subgroupBroadcast(xv, 0u);
+    let xb1 = subgroupBroadcast(xv, 1u);
+    let xb2 = subgroupBroadcast(xv, 2u);
+    let xb3 = subgroupBroadcast(xv, 3u);
+    let xb4 = subgroupBroadcast(xv, 4u);
+    let xb5 = subgroupBroadcast(xv, 5u);
+    let xb6 = subgroupBroadcast(xv, 6u);
+    let xb7 = subgroupBroadcast(xv, 7u);
+    return XShared(
+        xb0 * quad_scale(0u),
+        xb1 * quad_scale(1u),
+        xb2 * quad_scale(2u),
+        xb3 * quad_scale(3u),
+        xb4 * quad_scale(4u),
+        xb5 * quad_scale(5u),
+        xb6 * quad_scale(6u),
+        xb7 * quad_scale(7u),
+        dot(xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7, vec4<f32>(1.0)),
+    );
+}
+
+// Stored block b's sum d * sum(q x) + m * sum(x), its quants read here (of the second
+// weight where `up`) and its d and m given.
+fn block_sum(up: bool, b: u32, dm: vec2<f32>, x: XShared) -> f32 {
+    let q = block_quants(up, b);
+    return dm.x * (dot(scaled_quad(q, 0u), x.xs0) + dot(scaled_quad(q, 1u), x.xs1) + dot(scaled_quad(q, 2u), x.xs2) + dot(scaled_quad(q, 3u), x.xs3) + dot(scaled_quad(q, 4u), x.xs4) + dot(scaled_quad(q, 5u), x.xs5) + dot(scaled_quad(q, 6u), x.xs6) + dot(scaled_quad(q, 7u), x.xs7)) + dm.y * x.sum;
+}
+
+// Values of weight rows j0 .. j0+ROWS: row j0+r in lo[r] (r < 4) or hi[r - 4].
+struct RowSums {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// Chunk c's part of the sums of weight rows j0 .. j0+ROWS (of the second weight where
+// `up`), whose blocks are adjacent, so their scales come in one or two loads; each block's
+// affine step is applied once to its sums, as quant.wgsl's dots do.
+fn row_sums(up: bool, j0: u32, c: u32, x: XShared) -> RowSums {
+    var r = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    let b = stored_block(j0, c);
+    let sc = load_scales(up, b);
+    r.lo.x = block_sum(up, b, block_dm(up, sc, 0u, j0, c), x);
+    if ROWS > 1u {
+        r.lo.y = block_sum(up, b + 1u, block_dm(up, sc, 1u, j0 + 1u, c), x);
+        r.lo.z = block_sum(up, b + 2u, block_dm(up, sc, 2u, j0 + 2u, c), x);
+        r.lo.w = block_sum(up, b + 3u, block_dm(up, sc, 3u, j0 + 3u, c), x);
+    }
+    if ROWS > 4u {
+        r.hi.x = block_sum(up, b + 4u, block_dm(up, sc, 4u, j0 + 4u, c), x);
+        r.hi.y = block_sum(up, b + 5u, block_dm(up, sc, 5u, j0 + 5u, c), x);
+        r.hi.z = block_sum(up, b + 6u, block_dm(up, sc, 6u, j0 + 6u, c), x);
+        r.hi.w = block_sum(up, b + 7u, block_dm(up, sc, 7u, j0 + 7u, c), x);
+    }
+    return r;
+}
+
+// Rows j0 .. j0+ROWS of out.
+fn store_rows(j0: u32, v: RowSums) {
+    out[j0] = v.lo.x;
+    if ROWS > 1u {
+        out[j0 + 1u] = v.lo.y;
+        out[j0 + 2u] = v.lo.z;
+        out[j0 + 3u] = v.lo.w;
+    }
+    if ROWS > 4u {
+        out[j0 + 4u] = v.hi.x;
+        out[j0 + 5u] = v.hi.y;
+        out[j0 + 6u] = v.hi.z;
+        out[j0 + 7u] = v.hi.w;
+    }
 }
 
 // One token: rows row0 .. row_end of out = dequant(w) x, a multiple of ROWS rows that are
 // whole row groups or end at n (so every invocation's blocks are adjacent and aligned).
-// The subgroup's invocations each load a quarter-row of every 32-element chunk of x and
-// share it, as in `qmatmul_sg8`; each invocation owns ROWS adjacent weight rows
-// j0 .. j0+ROWS (j0 = row0 + ROWS (MV_WG x + lid), the last such block where that passes
-// row_end, computed and not stored), whose blocks at one chunk are adjacent in the split
-// layout, so their scales come in one or two loads; each block's affine step is applied
-// once to its sums (d * sum(q x) + m * sum(x)), as quant.wgsl's dots do.
+// Each invocation owns ROWS adjacent weight rows j0 .. j0+ROWS (j0 = row0 + ROWS (MV_WG x +
+// lid), the last such block where that passes row_end, computed and not stored).
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
-    let chunks = p.k / 32u;
     let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
     let j0 = min(first, p.row_end - ROWS);
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var s2 = 0.0;
-    var s3 = 0.0;
-    var s4 = 0.0;
-    var s5 = 0.0;
-    var s6 = 0.0;
-    var s7 = 0.0;
-    for (var c = 0u; c < chunks; c++) {
-        let xv = x4[8u * c + lane];
-        let xb0 = subgroupBroadcast(xv, 0u);
-        let xb1 = subgroupBroadcast(xv, 1u);
-        let xb2 = subgroupBroadcast(xv, 2u);
-        let xb3 = subgroupBroadcast(xv, 3u);
-        let xb4 = subgroupBroadcast(xv, 4u);
-        let xb5 = subgroupBroadcast(xv, 5u);
-        let xb6 = subgroupBroadcast(xv, 6u);
-        let xb7 = subgroupBroadcast(xv, 7u);
-        let sum_x = dot(xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7, vec4<f32>(1.0));
-        let xs0 = xb0 * quad_scale(0u);
-        let xs1 = xb1 * quad_scale(1u);
-        let xs2 = xb2 * quad_scale(2u);
-        let xs3 = xb3 * quad_scale(3u);
-        let xs4 = xb4 * quad_scale(4u);
-        let xs5 = xb5 * quad_scale(5u);
-        let xs6 = xb6 * quad_scale(6u);
-        let xs7 = xb7 * quad_scale(7u);
-        let b = stored_block(j0, c);
-        let sc = load_scales(b);
-        s0 += block_sum(b, block_dm(sc, 0u, j0, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        if ROWS > 1u {
-            s1 += block_sum(b + 1u, block_dm(sc, 1u, j0 + 1u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s2 += block_sum(b + 2u, block_dm(sc, 2u, j0 + 2u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s3 += block_sum(b + 3u, block_dm(sc, 3u, j0 + 3u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        }
-        if ROWS > 4u {
-            s4 += block_sum(b + 4u, block_dm(sc, 4u, j0 + 4u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s5 += block_sum(b + 5u, block_dm(sc, 5u, j0 + 5u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s6 += block_sum(b + 6u, block_dm(sc, 6u, j0 + 6u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-            s7 += block_sum(b + 7u, block_dm(sc, 7u, j0 + 7u, c), xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, sum_x);
-        }
+    var acc = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var c = 0u; c < p.k / 32u; c++) {
+        let r = row_sums(false, j0, c, x_shared(c, lane));
+        acc.lo += r.lo;
+        acc.hi += r.hi;
     }
     if first < p.row_end {
-        out[j0] = s0;
-        if ROWS > 1u {
-            out[j0 + 1u] = s1;
-            out[j0 + 2u] = s2;
-            out[j0 + 3u] = s3;
-        }
-        if ROWS > 4u {
-            out[j0 + 4u] = s4;
-            out[j0 + 5u] = s5;
-            out[j0 + 6u] = s6;
-            out[j0 + 7u] = s7;
-        }
+        store_rows(j0, acc);
+    }
+}
+
+// silu(v) = v sigmoid(v) per element, as elementwise.wgsl's `swiglu` computes it.
+fn silu4(v: vec4<f32>) -> vec4<f32> {
+    return v / (vec4<f32>(1.0) + exp(-v));
+}
+
+// `qmatvec_sg8` over two weights of one shape, gate (`wq`, `wt`, `factors`) and up (`wq2`,
+// `wt2`, `factors2`), storing silu(gate x) * (up x): a feed-forward's two products and
+// SwiGLU in one dispatch instead of three, each chunk of x loaded once for both.
+@compute @workgroup_size(MV_WG, 1, 1)
+fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
+    let j0 = min(first, p.row_end - ROWS);
+    var g = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var u = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var c = 0u; c < p.k / 32u; c++) {
+        let x = x_shared(c, lane);
+        let rg = row_sums(false, j0, c, x);
+        g.lo += rg.lo;
+        g.hi += rg.hi;
+        let ru = row_sums(true, j0, c, x);
+        u.lo += ru.lo;
+        u.hi += ru.hi;
+    }
+    if first < p.row_end {
+        store_rows(j0, RowSums(silu4(g.lo) * u.lo, silu4(g.hi) * u.hi));
     }
 }

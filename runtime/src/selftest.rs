@@ -238,6 +238,18 @@ fn close(atol: f64, rtol: f64) -> Tolerance {
     Tolerance::Close { atol, rtol }
 }
 
+/// x of the [`Op::QSwiGlu`] cases, scaled down: the product of the gate's and up's sums
+/// carries each one's rounding times the other, so both are kept near 1.
+fn small(x: Vec<f32>) -> Vec<f32> {
+    x.into_iter().map(|v| v / 16.0).collect()
+}
+
+/// [`Op::QSwiGlu`]'s tolerance for rows of k elements: that of a product times the other
+/// sum (near 1 with [`small`] x; the K-quants, with larger scales, need more).
+fn swiglu_tolerance(k: usize) -> Tolerance {
+    close(3.2e-5 * k as f64, 1e-3)
+}
+
 /// Every case of the suite, in report order.
 pub fn cases() -> Vec<Case> {
     let mut d = Data {
@@ -405,6 +417,43 @@ pub fn cases() -> Vec<Case> {
                 },
             });
         }
+        // The feed-forward's gate and up products with SwiGLU in one call: one token (the
+        // fused subgroup kernel, with the 67- and 1028-row ends as above) and a batch (the
+        // products and SwiGLU one after another).
+        for (m, k, n) in [
+            (1usize, k_small, 67usize),
+            (1, k_small, 1_028),
+            (1, k_big, 1536),
+            (5, k_small, 67),
+        ] {
+            cases.push(Case {
+                kernel: "qswiglu",
+                shape: format!("{} {m}x{k}x{n}", ty.name()),
+                bufs: vec![
+                    Init::Data(f32_bytes(&small(d.f32s(m * k)))),
+                    Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
+                    Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
+                    Init::Zeros((m * n * 4) as u64),
+                ],
+                op: Op::QSwiGlu {
+                    x: &IDX[0],
+                    gate: &IDX[1],
+                    up: &IDX[2],
+                    gate_factors: None,
+                    up_factors: None,
+                    out: &IDX[3],
+                    wtype: ty,
+                    m: m as u32,
+                    k: k as u32,
+                    n: n as u32,
+                },
+                out: 3,
+                out_elems: m * n,
+                tolerance: swiglu_tolerance(k),
+                work: 2.0 * (ty.row_bytes(k).unwrap_or(0) * n) as f64,
+                unit: Unit::GbPerS,
+            });
+        }
     }
 
     // Trained scale factors (the "scales" adapter) multiplying the stored block scales in
@@ -471,6 +520,44 @@ pub fn cases() -> Vec<Case> {
                 tolerance: close(2e-6 * k as f64, 1e-4),
                 work: 2.0 * (m * k * n) as f64,
                 unit: Unit::GflopPerS,
+            });
+        }
+        // Gate and up each with factors (the fused kernel on one token), and only the gate
+        // (factors are one switch there, so the calls run one after another).
+        for both in [true, false] {
+            let up_factors: Vec<f32> = d.f32s(blocks).iter().map(|v| 1.0 - 0.25 * v).collect();
+            cases.push(Case {
+                kernel: "qswiglu",
+                shape: format!(
+                    "{} 1x{k}x{n} scale factors on {}",
+                    ty.name(),
+                    if both { "both" } else { "gate" }
+                ),
+                bufs: vec![
+                    Init::Data(f32_bytes(&small(d.f32s(k)))),
+                    Init::Weights(ty, k as u32, w.clone()),
+                    Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
+                    Init::Data(f32_bytes(&factors)),
+                    Init::Data(f32_bytes(&up_factors)),
+                    Init::Zeros((n * 4) as u64),
+                ],
+                op: Op::QSwiGlu {
+                    x: &IDX[0],
+                    gate: &IDX[1],
+                    up: &IDX[2],
+                    gate_factors: Some(&IDX[3]),
+                    up_factors: both.then_some(&IDX[4]),
+                    out: &IDX[5],
+                    wtype: ty,
+                    m: 1,
+                    k: k as u32,
+                    n: n as u32,
+                },
+                out: 5,
+                out_elems: n,
+                tolerance: swiglu_tolerance(k),
+                work: 2.0 * (ty.row_bytes(k).unwrap_or(0) * n) as f64,
+                unit: Unit::GbPerS,
             });
         }
     }

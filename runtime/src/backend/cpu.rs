@@ -242,6 +242,33 @@ impl Backend for Cpu {
                 )?;
                 out.write_f32(&y);
             }
+            Op::QSwiGlu {
+                x,
+                gate,
+                up,
+                gate_factors,
+                up_factors,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                let xs = x.f32s(m * k);
+                let product = |w: &CpuBuffer, f: Option<&CpuBuffer>| {
+                    let f = f.map(|f| f.f32s(n * k / wtype.block_elems()));
+                    qmatmul(
+                        &xs,
+                        &w.bytes(wtype.row_bytes(k)? * n),
+                        wtype,
+                        f.as_deref(),
+                        (m, k, n),
+                    )
+                };
+                let (g, u) = (product(gate, gate_factors)?, product(up, up_factors)?);
+                out.write_f32(&swiglu(&g, &u));
+            }
             Op::Dequant {
                 w,
                 factors,
@@ -366,12 +393,7 @@ impl Backend for Cpu {
             }
             Op::SwiGlu { gate, up, out, n } => {
                 let (g, u) = (gate.f32s(n as usize), up.f32s(n as usize));
-                out.write_f32(
-                    &g.iter()
-                        .zip(&u)
-                        .map(|(&g, &u)| silu(g) * u)
-                        .collect::<Vec<_>>(),
-                );
+                out.write_f32(&swiglu(&g, &u));
             }
             Op::Add { a, b, out, n } => {
                 let (a, b) = (a.f32s(n as usize), b.f32s(n as usize));
@@ -790,6 +812,11 @@ pub fn softmax(x: &[f32], cols: usize) -> Vec<f32> {
 /// x * sigmoid(x).
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + libm::expf(-x))
+}
+
+/// silu(gate) * up, elementwise.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
 }
 
 /// The shape of an attention call; see [`Op::Attention`].

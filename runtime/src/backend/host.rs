@@ -6,7 +6,7 @@
 //! oracle; the conformance suite checks this backend against it.
 
 use super::cpu::{
-    AttnCall, AttnShape, Cpu, CpuBuffer, perturb_addr, softmax, zo_accumulate_range,
+    AttnCall, AttnShape, Cpu, CpuBuffer, perturb_addr, softmax, swiglu, zo_accumulate_range,
     zo_weights_range,
 };
 use super::pool::Pool;
@@ -1015,6 +1015,30 @@ impl Backend for Host {
                 let w = w.bytes(wtype.row_bytes(k)? * n);
                 let result = self.qmatmul(&xs, (&w, factors.as_deref()), wtype, (m, k, n))?;
                 out.write_f32(&result);
+                Ok(())
+            }
+            Op::QSwiGlu {
+                x,
+                gate,
+                up,
+                gate_factors,
+                up_factors,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                op.check(|b| self.size(b))?;
+                let (m, k, n) = (m as usize, k as usize, n as usize);
+                let xs = x.f32s(m * k);
+                let product = |w: &CpuBuffer, f: Option<&CpuBuffer>| {
+                    let f = f.map(|f| f.f32s(n * k / wtype.block_elems()));
+                    let w = w.bytes(wtype.row_bytes(k)? * n);
+                    self.qmatmul(&xs, (&w, f.as_deref()), wtype, (m, k, n))
+                };
+                let (g, u) = (product(gate, gate_factors)?, product(up, up_factors)?);
+                out.write_f32(&swiglu(&g, &u));
                 Ok(())
             }
             Op::QMatmulT {

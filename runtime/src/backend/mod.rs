@@ -63,6 +63,23 @@ pub enum Op<'a, B> {
         k: u32,
         n: u32,
     },
+    /// out\[m,n\] = silu(x * dequant(gate)^T) * (x * dequant(up)^T): a feed-forward's gate
+    /// and up products and SwiGLU in one call, so that a device with a fused kernel runs
+    /// one dispatch where [`Op::QMatmul`] twice and [`Op::SwiGlu`] run three (on lavapipe
+    /// each dispatch costs a thread hand-off). `gate` and `up` are of one type and shape,
+    /// each with its optional factors, as in [`Op::QMatmul`].
+    QSwiGlu {
+        x: &'a B,
+        gate: &'a B,
+        up: &'a B,
+        gate_factors: Option<&'a B>,
+        up_factors: Option<&'a B>,
+        out: &'a B,
+        wtype: WeightType,
+        m: u32,
+        k: u32,
+        n: u32,
+    },
     /// out\[rows, cols\] = dequant(w) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
@@ -394,6 +411,7 @@ impl<'a, B> Op<'a, B> {
         Some(map_op!(self, f;
             Matmul { a, b, out; m, k, n, a_t, b_t }
             QMatmul { x, w, out; wtype, m, k, n; factors }
+            QSwiGlu { x, gate, up, out; wtype, m, k, n; gate_factors, up_factors }
             Dequant { w, out; wtype, rows, cols; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
@@ -588,6 +606,7 @@ impl<B> Op<'_, B> {
             Op::Matmul { .. } => "matmul",
             Op::QMatmul { m: 1, .. } => "qmatvec",
             Op::QMatmul { .. } => "qmatmul",
+            Op::QSwiGlu { .. } => "qswiglu",
             Op::Dequant { .. } => "dequant",
 
             Op::Embed { .. } => "embed",
@@ -646,6 +665,30 @@ impl<B> Op<'_, B> {
                 need(op, "w", size(w), weight_bytes(op, wtype, n, k)?, 1)?;
                 if let Some(f) = factors {
                     need(op, "factors", size(f), block_count(op, wtype, n, k)?, 4)?;
+                }
+                need(op, "out", size(out), mul(m, n), 4)
+            }
+            Op::QSwiGlu {
+                x,
+                gate,
+                up,
+                gate_factors,
+                up_factors,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                nonzero(op, &[("m", m), ("k", k), ("n", n)])?;
+                need(op, "x", size(x), mul(m, k), 4)?;
+                let bytes = weight_bytes(op, wtype, n, k)?;
+                need(op, "gate", size(gate), bytes, 1)?;
+                need(op, "up", size(up), bytes, 1)?;
+                for (what, f) in [("gate_factors", gate_factors), ("up_factors", up_factors)] {
+                    if let Some(f) = f {
+                        need(op, what, size(f), block_count(op, wtype, n, k)?, 4)?;
+                    }
                 }
                 need(op, "out", size(out), mul(m, n), 4)
             }

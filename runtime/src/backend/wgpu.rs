@@ -211,6 +211,9 @@ pub struct Gpu {
     /// then multiply, attention chunks then their merge) is recorded, so another thread
     /// cannot overwrite the scratch between the two.
     scratch_pair: Mutex<()>,
+    /// [`Op::QSwiGlu`]'s gate and up products where no fused kernel takes it, grown on
+    /// demand; held while the three calls are recorded.
+    swiglu_scratch: Mutex<Option<[Arc<GpuBuffer>; 2]>>,
     /// Bytes written with `upload` since the last submission.
     staged: Mutex<u64>,
     lost: Arc<Mutex<Option<String>>>,
@@ -359,6 +362,7 @@ impl Gpu {
             pending: Mutex::new(Pending::default()),
             scratch: Mutex::new(None),
             scratch_pair: Mutex::new(()),
+            swiglu_scratch: Mutex::new(None),
             staged: Mutex::new(0),
             lost,
             uncaptured,
@@ -580,6 +584,87 @@ impl Gpu {
             self.queue.submit([enc.finish()]);
         }
         pending.ops = 0;
+    }
+
+    /// Wide products (output heads) and projections each have their tuned shape.
+    fn matvec_shape(&self, n: u32) -> tune::MatvecShape {
+        if n >= tune::WIDE_FROM {
+            self.shapes.matvec_wide
+        } else {
+            self.shapes.matvec
+        }
+    }
+
+    /// One token's product `out = dequant(w) x` on subgroups of 8 (`qmatvec_sg8`) in the
+    /// tuned shape `mv`, or with `up` the gate (`w`) and up products and SwiGLU in one
+    /// dispatch (`qmatvec_swiglu_sg8`); `false`, with nothing recorded, where the shape,
+    /// the device or the format does not take them.
+    #[allow(clippy::too_many_arguments)]
+    fn matvec_sg8(
+        &self,
+        mv: tune::MatvecShape,
+        x: &GpuBuffer,
+        (w, factors): (&GpuBuffer, Option<&GpuBuffer>),
+        up: Option<(&GpuBuffer, Option<&GpuBuffer>)>,
+        out: &GpuBuffer,
+        wtype: WeightType,
+        k: u32,
+        n: u32,
+    ) -> Result<bool> {
+        // One FACTORS override covers both weights.
+        let same_factors = up.is_none_or(|(_, f)| f.is_some() == factors.is_some());
+        if !(mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) && same_factors) {
+            return Ok(false);
+        }
+        let name = if up.is_some() { "qswiglu" } else { "qmatvec" };
+        let row_bytes = wtype.row_bytes(k as usize)? as u32;
+        // Both weights from textures, or both from buffers.
+        let textures = match (mv.texture, up) {
+            (false, _) => None,
+            (true, None) => self.weight_texture(w).map(|t| (t, &self.no_texture)),
+            (true, Some((u, _))) => self.weight_texture(w).zip(self.weight_texture(u)),
+        };
+        let (w2, factors2) = up.unwrap_or((w, factors));
+        // Each invocation owns `rows` adjacent rows, whose scales are adjacent words only in
+        // whole row groups or where n is a multiple of `rows`; otherwise the last, partial
+        // row group takes one row per invocation.
+        let tuned_end = if n.is_multiple_of(mv.rows) {
+            n
+        } else {
+            n - n % SPLIT_ROW_GROUP as u32
+        };
+        let ranges = [(0, tuned_end, mv.rows), (tuned_end, n, 1)];
+        for (row0, end, rows) in ranges.into_iter().filter(|(a, b, _)| a < b) {
+            let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
+            let d = Dispatch {
+                family: "quant_sg",
+                entry: if up.is_some() {
+                    "qmatvec_swiglu_sg8"
+                } else {
+                    "qmatvec_sg8"
+                },
+                overrides: vec![
+                    ("WTYPE", wtype.shader_code()),
+                    ("FACTORS", u32::from(factors.is_some())),
+                    ("ROWS", rows),
+                    ("MV_WG", mv.wg),
+                    ("TEX", u32::from(textures.is_some())),
+                ],
+                bindings: vec![
+                    (4, out),
+                    (5, x),
+                    (6, w),
+                    (7, factors.unwrap_or(w)),
+                    (10, w2),
+                    (11, factors2.unwrap_or(w2)),
+                ],
+                params: vec![1, k, n, row_bytes, row0, end],
+                groups: self.check_grid(name, groups, 1)?,
+            };
+            let (t1, t2) = textures.unwrap_or((&self.no_texture, &self.no_texture));
+            self.dispatch_with(d, &[(8, t1), (12, t2)])?;
+        }
+        Ok(true)
     }
 
     fn dispatch(&self, d: Dispatch<'_>) -> Result<()> {
@@ -1234,7 +1319,16 @@ impl Backend for Gpu {
                             ("TEX", u32::from(texture.is_some())),
                             ("XTEX", u32::from(xt.is_some())),
                         ],
-                        bindings: vec![(1, w), (4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
+                        // 10-12: the second weight of `qmatvec_swiglu_sg8`, unused here.
+                        bindings: vec![
+                            (1, w),
+                            (4, out),
+                            (5, x),
+                            (6, w),
+                            (7, factors.unwrap_or(w)),
+                            (10, w),
+                            (11, w),
+                        ],
                         params: vec![m, k, n, row_bytes, 0, n],
                         groups: self.check_grid(
                             name,
@@ -1247,6 +1341,7 @@ impl Backend for Gpu {
                         &[
                             (8, texture.unwrap_or(&self.no_texture)),
                             (9, xt.as_ref().unwrap_or(&self.no_texture)),
+                            (12, &self.no_texture),
                         ],
                     );
                 }
@@ -1280,45 +1375,8 @@ impl Backend for Gpu {
                         b_t: true,
                     });
                 }
-                // Wide products (output heads) and projections each have their tuned shape.
-                let mv = if n >= tune::WIDE_FROM {
-                    self.shapes.matvec_wide
-                } else {
-                    self.shapes.matvec
-                };
-                if m == 1 && mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) {
-                    let texture = if mv.texture {
-                        self.weight_texture(w)
-                    } else {
-                        None
-                    };
-                    // Each invocation owns `rows` adjacent rows, whose scales are adjacent
-                    // words only in whole row groups or where n is a multiple of `rows`;
-                    // otherwise the last, partial row group takes one row per invocation.
-                    let tuned_end = if n.is_multiple_of(mv.rows) {
-                        n
-                    } else {
-                        n - n % SPLIT_ROW_GROUP as u32
-                    };
-                    let ranges = [(0, tuned_end, mv.rows), (tuned_end, n, 1)];
-                    for (row0, end, rows) in ranges.into_iter().filter(|(a, b, _)| a < b) {
-                        let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
-                        let d = Dispatch {
-                            family: "quant_sg",
-                            entry: "qmatvec_sg8",
-                            overrides: vec![
-                                ("WTYPE", wtype.shader_code()),
-                                ("FACTORS", u32::from(factors.is_some())),
-                                ("ROWS", rows),
-                                ("MV_WG", mv.wg),
-                                ("TEX", u32::from(texture.is_some())),
-                            ],
-                            bindings: vec![(4, out), (5, x), (6, w), (7, factors.unwrap_or(w))],
-                            params: vec![m, k, n, row_bytes, row0, end],
-                            groups: self.check_grid(name, groups, 1)?,
-                        };
-                        self.dispatch_with(d, &[(8, texture.unwrap_or(&self.no_texture))])?;
-                    }
+                let mv = self.matvec_shape(n);
+                if m == 1 && self.matvec_sg8(mv, x, (w, factors), None, out, wtype, k, n)? {
                     return Ok(());
                 }
                 let (entry, groups) = if m == 1 && mv.split {
@@ -1358,6 +1416,66 @@ impl Backend for Gpu {
                     params: vec![m, k, n, row_bytes],
                     groups,
                 }
+            }
+            Op::QSwiGlu {
+                x,
+                gate,
+                up,
+                gate_factors,
+                up_factors,
+                out,
+                wtype,
+                m,
+                k,
+                n,
+            } => {
+                let fused = (gate, gate_factors);
+                if m == 1
+                    && self.matvec_sg8(
+                        self.matvec_shape(n),
+                        x,
+                        fused,
+                        Some((up, up_factors)),
+                        out,
+                        wtype,
+                        k,
+                        n,
+                    )?
+                {
+                    return Ok(());
+                }
+                // Elsewhere the two products and SwiGLU, through a pair of scratch buffers.
+                let bytes = u64::from(m) * u64::from(n) * 4;
+                let mut slot = lock(&self.swiglu_scratch);
+                let pair = match slot.as_ref().filter(|p| p[0].size >= bytes) {
+                    Some(pair) => pair.clone(),
+                    None => {
+                        let alloc = || self.alloc(bytes, "swiglu scratch").map(Arc::new);
+                        let pair = [alloc()?, alloc()?];
+                        *slot = Some(pair.clone());
+                        pair
+                    }
+                };
+                for (w, factors, product) in
+                    [(gate, gate_factors, &pair[0]), (up, up_factors, &pair[1])]
+                {
+                    self.run(&Op::QMatmul {
+                        x,
+                        w,
+                        factors,
+                        out: product,
+                        wtype,
+                        m,
+                        k,
+                        n,
+                    })?;
+                }
+                return self.run(&Op::SwiGlu {
+                    gate: &pair[0],
+                    up: &pair[1],
+                    out,
+                    n: m * n,
+                });
             }
             Op::Dequant {
                 w,

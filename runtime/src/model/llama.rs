@@ -1449,14 +1449,35 @@ impl<'b, B: Backend> Model<'b, B> {
             dim,
             eps: c.rms_eps,
         })?;
-        layer.gate.forward(be, h, gate, t, s)?;
-        layer.up.forward(be, h, up, t, s)?;
-        be.run(&Op::SwiGlu {
-            gate,
-            up,
-            out: act,
-            n: t * c.ffn_dim,
-        })?;
+        let (g, u) = (&layer.gate, &layer.up);
+        let plain = |l: &Linear<B>| !l.adapted() && l.bias.is_none();
+        let same_shape =
+            |a: &Weight<B>, b: &Weight<B>| (a.wtype, a.rows, a.cols) == (b.wtype, b.rows, b.cols);
+        // A decode step (never a pass backprop reads gate and up from): both products and
+        // SwiGLU in one call, one dispatch where the device fuses them.
+        if t == 1 && kv.is_some() && plain(g) && plain(u) && same_shape(&g.weight, &u.weight) {
+            be.run(&Op::QSwiGlu {
+                x: h,
+                gate: &g.weight.buf,
+                up: &u.weight.buf,
+                gate_factors: g.weight.scale_factors.as_ref(),
+                up_factors: u.weight.scale_factors.as_ref(),
+                out: act,
+                wtype: g.weight.wtype,
+                m: 1,
+                k: g.weight.cols,
+                n: g.weight.rows,
+            })?;
+        } else {
+            g.forward(be, h, gate, t, s)?;
+            u.forward(be, h, up, t, s)?;
+            be.run(&Op::SwiGlu {
+                gate,
+                up,
+                out: act,
+                n: t * c.ffn_dim,
+            })?;
+        }
         layer.down.forward(be, act, h, t, s)?;
         match next_norm {
             Some(weight) => be.run(&Op::AddRmsNorm {
