@@ -314,7 +314,8 @@ impl Gpu {
         let limits = adapter.limits();
         let mut features = adapter.features();
         // The subgroup products also bind their weights and x as read-only storage
-        // textures (two per kernel); without those no subgroup kernel is used.
+        // textures (three per kernel, beside seven storage buffers); without those no
+        // subgroup kernel is used.
         if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
         }
@@ -985,8 +986,8 @@ fn writable_bindings(src: &str) -> u32 {
     parsed.iter().fold(0, |bits, b| bits | 1 << b)
 }
 
-/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, two to a
-/// kernel, as wgpu will check it: from the adapter on downlevel devices, else from
+/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, three to a
+/// kernel beside seven storage buffers (`qmatmul_sg8`), as wgpu will check it: from the adapter on downlevel devices, else from
 /// WebGPU's guarantees (the device never requests
 /// `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask the adapter).
 fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
@@ -1006,7 +1007,9 @@ fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) ->
     } else {
         format.guaranteed_format_features(wgpu::Features::empty())
     };
-    limits.max_storage_textures_per_shader_stage >= 2 && usable(features)
+    limits.max_storage_textures_per_shader_stage >= 3
+        && limits.max_storage_buffers_per_shader_stage >= 7
+        && usable(features)
 }
 
 /// A weight texture of `width` x `height` texels of 16 bytes (u32 x 4, filled by copies,
