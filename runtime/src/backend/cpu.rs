@@ -232,15 +232,7 @@ impl Backend for Cpu {
                 n,
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
-                let y = qmatmul(
-                    &x.f32s(m * k),
-                    &w.bytes(wtype.row_bytes(k)? * n),
-                    wtype,
-                    factors.as_deref(),
-                    (m, k, n),
-                )?;
-                out.write_f32(&y);
+                out.write_f32(&product(&x.f32s(m * k), (w, factors), wtype, (m, k, n))?);
             }
             Op::QSwiGlu {
                 x,
@@ -256,17 +248,8 @@ impl Backend for Cpu {
             } => {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
-                let product = |w: &CpuBuffer, f: Option<&CpuBuffer>| {
-                    let f = f.map(|f| f.f32s(n * k / wtype.block_elems()));
-                    qmatmul(
-                        &xs,
-                        &w.bytes(wtype.row_bytes(k)? * n),
-                        wtype,
-                        f.as_deref(),
-                        (m, k, n),
-                    )
-                };
-                let (g, u) = (product(gate, gate_factors)?, product(up, up_factors)?);
+                let g = product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
+                let u = product(&xs, (up, up_factors), wtype, (m, k, n))?;
                 out.write_f32(&swiglu(&g, &u));
             }
             Op::Dequant {
@@ -726,6 +709,23 @@ pub fn qmatmul(
         }
     }
     Ok(out)
+}
+
+/// [`qmatmul`] of x with a weight buffer and its optional factors.
+fn product(
+    x: &[f32],
+    (w, factors): (&CpuBuffer, Option<&CpuBuffer>),
+    wtype: WeightType,
+    (m, k, n): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
+    qmatmul(
+        x,
+        &w.bytes(wtype.row_bytes(k)? * n),
+        wtype,
+        factors.as_deref(),
+        (m, k, n),
+    )
 }
 
 /// Rows `ids` of a `vocab` x `dim` table, dequantised.

@@ -968,6 +968,21 @@ impl Host {
     }
 }
 
+impl Host {
+    /// [`Host::qmatmul`] of x with a weight buffer and its optional factors.
+    fn product(
+        &self,
+        x: &[f32],
+        (w, factors): (&CpuBuffer, Option<&CpuBuffer>),
+        wtype: WeightType,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
+        let w = w.bytes(wtype.row_bytes(k)? * n);
+        self.qmatmul(x, (&w, factors.as_deref()), wtype, (m, k, n))
+    }
+}
+
 impl Backend for Host {
     type Buffer = CpuBuffer;
 
@@ -1009,11 +1024,8 @@ impl Backend for Host {
             } => {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
-                let xs = x.f32s(m * k);
-                let factors = factors.map(|f| f.f32s(n * k / wtype.block_elems()));
                 // The result is computed before `out` is written: it may alias `x`.
-                let w = w.bytes(wtype.row_bytes(k)? * n);
-                let result = self.qmatmul(&xs, (&w, factors.as_deref()), wtype, (m, k, n))?;
+                let result = self.product(&x.f32s(m * k), (w, factors), wtype, (m, k, n))?;
                 out.write_f32(&result);
                 Ok(())
             }
@@ -1032,12 +1044,8 @@ impl Backend for Host {
                 op.check(|b| self.size(b))?;
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 let xs = x.f32s(m * k);
-                let product = |w: &CpuBuffer, f: Option<&CpuBuffer>| {
-                    let f = f.map(|f| f.f32s(n * k / wtype.block_elems()));
-                    let w = w.bytes(wtype.row_bytes(k)? * n);
-                    self.qmatmul(&xs, (&w, f.as_deref()), wtype, (m, k, n))
-                };
-                let (g, u) = (product(gate, gate_factors)?, product(up, up_factors)?);
+                let g = self.product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
+                let u = self.product(&xs, (up, up_factors), wtype, (m, k, n))?;
                 out.write_f32(&swiglu(&g, &u));
                 Ok(())
             }

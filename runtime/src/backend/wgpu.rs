@@ -987,7 +987,8 @@ fn writable_bindings(src: &str) -> u32 {
 }
 
 /// Whether `Rgba32Uint` textures can be bound as read-only storage textures, three to a
-/// kernel beside seven storage buffers (`qmatmul_sg8`), as wgpu will check it: from the adapter on downlevel devices, else from
+/// kernel beside seven storage buffers (`qmatmul_sg8`), as wgpu will check it: from the
+/// adapter on downlevel devices, else from
 /// WebGPU's guarantees (the device never requests
 /// `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask the adapter).
 fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
