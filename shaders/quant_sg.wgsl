@@ -25,6 +25,7 @@ struct Params {
     row_bytes: u32,
     row0: u32,   // `qmatvec_sg8`: the weight rows row0 .. row_end this dispatch computes
     row_end: u32,
+    eps: f32,    // NORM's epsilon
 }
 
 override WTYPE: u32 = 5u;
@@ -61,6 +62,17 @@ override XTEX: bool = false;
 @group(0) @binding(10) var<storage, read> wq2: array<vec4<u32>>;
 @group(0) @binding(11) var<storage, read> factors2: array<f32>;
 @group(0) @binding(12) var wt2: texture_storage_2d<rgba32uint, read>;
+// `qmatvec_sg8` and `qmatvec_swiglu_sg8` where NORM: x is rmsnorm(a + h) * norm_w, a
+// decode step's pending residual add (`resid` a, `x4` h) and the norm after it; where SUM,
+// one subgroup stores a + h to `sum4`. The norm's scale 1 / sqrt(mean((a + h)^2) + eps)
+// multiplies every row's sum, so it is applied once at the end from squares summed as the
+// chunks go by: the norm costs no pass over x and no dispatch of its own. Placeholders
+// for the other kernels.
+override NORM: bool = false;
+override SUM: bool = false;
+@group(0) @binding(13) var<storage, read> resid: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read> norm_w: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read_write> sum4: array<vec4<f32>>;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
@@ -427,7 +439,8 @@ fn quad_scale(t: u32) -> vec4<f32> {
 }
 
 // One 32-element chunk of x as `qmatvec_sg8` uses it: elements 4t .. 4t+4 times
-// quad_scale(t) in xs[t], and the sum of all 32.
+// quad_scale(t) in xs[t], the sum of all 32, and where NORM this invocation's part of the
+// sum of squares of a + h (before the norm's scale and weight).
 struct XShared {
     xs0: vec4<f32>,
     xs1: vec4<f32>,
@@ -438,12 +451,24 @@ struct XShared {
     xs6: vec4<f32>,
     xs7: vec4<f32>,
     sum: f32,
+    sq: f32,
 }
 
 // Chunk c of x: each of the subgroup's invocations loads a quarter-row and shares it, as in
-// `qmatmul_sg8`.
-fn x_shared(c: u32, lane: u32) -> XShared {
-    let xv = x4[8u * c + lane];
+// `qmatmul_sg8`; where NORM, its quarter-row of a + h times the norm's weight, stored to
+// `sum4` where `store`.
+fn x_shared(c: u32, lane: u32, store: bool) -> XShared {
+    let i = 8u * c + lane;
+    var xv = x4[i];
+    var sq = 0.0;
+    if NORM {
+        let s = resid[i] + xv;
+        if store {
+            sum4[i] = s;
+        }
+        sq = dot(s, s);
+        xv = s * norm_w[i];
+    }
     let xb0 = subgroupBroadcast(xv, 0u);
     let xb1 = subgroupBroadcast(xv, 1u);
     let xb2 = subgroupBroadcast(xv, 2u);
@@ -462,7 +487,25 @@ fn x_shared(c: u32, lane: u32) -> XShared {
         xb6 * quad_scale(6u),
         xb7 * quad_scale(7u),
         dot(xb0 + xb1 + xb2 + xb3 + xb4 + xb5 + xb6 + xb7, vec4<f32>(1.0)),
+        sq,
     );
+}
+
+// Whether this invocation stores its quarter-rows of a + h (SUM): the subgroup holding
+// the first invocation of the first workgroup of the first range, so each is stored once.
+// Called in uniform control flow.
+fn stores_sum(wg: u32, lid: u32) -> bool {
+    let first = subgroupAny(lid == 0u);
+    return SUM && first && wg == 0u && p.row0 == 0u;
+}
+
+// The norm's scale from an invocation's summed squares (1 without NORM). Called in
+// uniform control flow.
+fn norm_scale(sq: f32) -> f32 {
+    if NORM {
+        return inverseSqrt(subgroupAdd(sq) / f32(p.k) + p.eps);
+    }
+    return 1.0;
 }
 
 // Stored block b's sum d * sum(q x) + m * sum(x), its quants read here (of the second
@@ -524,14 +567,19 @@ fn store_rows(j0: u32, v: RowSums) {
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
     let j0 = min(first, p.row_end - ROWS);
+    let store = stores_sum(wg.x, lid);
     var acc = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var sq = 0.0;
     for (var c = 0u; c < p.k / 32u; c++) {
-        let r = row_sums(false, j0, c, x_shared(c, lane));
+        let x = x_shared(c, lane, store);
+        sq += x.sq;
+        let r = row_sums(false, j0, c, x);
         acc.lo += r.lo;
         acc.hi += r.hi;
     }
+    let scale = norm_scale(sq);
     if first < p.row_end {
-        store_rows(j0, acc);
+        store_rows(j0, RowSums(acc.lo * scale, acc.hi * scale));
     }
 }
 
@@ -541,16 +589,19 @@ fn silu4(v: vec4<f32>) -> vec4<f32> {
 }
 
 // `qmatvec_sg8` over two weights of one shape, gate (`wq`, `wt`, `factors`) and up (`wq2`,
-// `wt2`, `factors2`), storing silu(gate x) * (up x): a feed-forward's two products and
+// `wt2`, `factors2`), storing silu(gate x) * (up x) (x normed as there where NORM): a feed-forward's two products and
 // SwiGLU in one dispatch instead of three, each chunk of x loaded once for both.
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
     let j0 = min(first, p.row_end - ROWS);
+    let store = stores_sum(wg.x, lid);
     var g = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
     var u = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var sq = 0.0;
     for (var c = 0u; c < p.k / 32u; c++) {
-        let x = x_shared(c, lane);
+        let x = x_shared(c, lane, store);
+        sq += x.sq;
         let rg = row_sums(false, j0, c, x);
         g.lo += rg.lo;
         g.hi += rg.hi;
@@ -558,6 +609,9 @@ fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
         u.lo += ru.lo;
         u.hi += ru.hi;
     }
+    let scale = norm_scale(sq);
+    g = RowSums(g.lo * scale, g.hi * scale);
+    u = RowSums(u.lo * scale, u.hi * scale);
     if first < p.row_end {
         store_rows(j0, RowSums(silu4(g.lo) * u.lo, silu4(g.hi) * u.hi));
     }

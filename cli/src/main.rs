@@ -311,7 +311,7 @@ enum Command {
 fn print_rows(rows: &[CheckRow], json: bool) {
     if !json {
         println!(
-            "{:<10} {:<36} {:>10} {:>10} {:>14} {:>5} {:>12}",
+            "{:<12} {:<36} {:>10} {:>10} {:>14} {:>5} {:>12}",
             "kernel", "shape", "max_abs", "max_rel", "tolerance", "pass", "throughput"
         );
     }
@@ -321,7 +321,7 @@ fn print_rows(rows: &[CheckRow], json: bool) {
         } else {
             let verdict = if r.pass { "ok" } else { "FAIL" };
             println!(
-                "{:<10} {:<36} {:>10.3e} {:>10.3e} {:>14} {:>5} {:>8.2} {}",
+                "{:<12} {:<36} {:>10.3e} {:>10.3e} {:>14} {:>5} {:>8.2} {}",
                 r.kernel,
                 r.shape,
                 r.max_abs,

@@ -454,6 +454,68 @@ pub fn cases() -> Vec<Case> {
                 unit: Unit::GbPerS,
             });
         }
+        // A decode step's residual add and norm fused into the product after it: plain and
+        // with SwiGLU, the 67- and 1028-row ends as above; each call's output and, in
+        // cases of their own, the sum it stores.
+        for (k, n, swiglu, check_sum) in [
+            (k_small, 67usize, false, false),
+            (k_small, 1_028, false, false),
+            (k_big, 1536, true, false),
+            (k_small, 1_028, true, false),
+            (k_small, 67, false, true),
+            (k_big, 1536, true, true),
+        ] {
+            let wbytes = ty.row_bytes(k).unwrap_or(0) * n;
+            // Scaled down with SwiGLU, as [`small`] scales the qswiglu cases' x.
+            let norm = match swiglu {
+                true => small(d.f32s(k)),
+                false => d.f32s(k),
+            };
+            let up = d.weights(ty, n, k, false);
+            cases.push(Case {
+                kernel: "norm_qmatvec",
+                shape: format!(
+                    "{} 1x{k}x{n}{}{}",
+                    ty.name(),
+                    if swiglu { " swiglu" } else { "" },
+                    if check_sum { " sum" } else { "" }
+                ),
+                bufs: vec![
+                    Init::Data(f32_bytes(&d.f32s(k))),
+                    Init::Data(f32_bytes(&d.f32s(k))),
+                    Init::Data(f32_bytes(&norm)),
+                    Init::Weights(ty, k as u32, d.weights(ty, n, k, false)),
+                    Init::Weights(ty, k as u32, up),
+                    Init::Zeros((n * 4) as u64),
+                    Init::Zeros((k * 4) as u64),
+                ],
+                op: Op::NormMatvec {
+                    a: &IDX[0],
+                    h: &IDX[1],
+                    norm: &IDX[2],
+                    w: &IDX[3],
+                    out: &IDX[5],
+                    sum: Some(&IDX[6]),
+                    factors: None,
+                    up: swiglu.then_some(&IDX[4]),
+                    up_factors: None,
+                    wtype: ty,
+                    k: k as u32,
+                    n: n as u32,
+                    eps: 1e-5,
+                },
+                out: if check_sum { 6 } else { 5 },
+                out_elems: if check_sum { k } else { n },
+                tolerance: match (check_sum, swiglu) {
+                    // One f32 addition, the same everywhere.
+                    (true, _) => Tolerance::Exact,
+                    (false, true) => swiglu_tolerance(k),
+                    (false, false) => close(2e-6 * k as f64, 1e-4),
+                },
+                work: if swiglu { 2.0 } else { 1.0 } * wbytes as f64,
+                unit: Unit::GbPerS,
+            });
+        }
     }
 
     // Trained scale factors (the "scales" adapter) multiplying the stored block scales in

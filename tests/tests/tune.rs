@@ -37,7 +37,10 @@ fn every_candidate_shape_matches_the_reference() {
             let format = ["f32 ", "q8_0 ", "q4_0 ", "q4_1 "]
                 .iter()
                 .any(|f| c.shape().starts_with(f));
-            (matches!(c.kernel(), "qmatvec" | "qmatmul" | "qswiglu") && format)
+            (matches!(
+                c.kernel(),
+                "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec"
+            ) && format)
                 || c.kernel().contains("attention")
         })
         .collect();
@@ -106,7 +109,10 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
     // portable kernels instead, against the reference.
     let mut failures = Vec::new();
     for case in selftest::cases().into_iter().filter(|c| {
-        matches!(c.kernel(), "qmatvec" | "qmatmul" | "qswiglu") || c.kernel().contains("attention")
+        matches!(
+            c.kernel(),
+            "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec"
+        ) || c.kernel().contains("attention")
     }) {
         let r = selftest::check(&gpu, &case, false);
         if !r.pass {

@@ -190,6 +190,15 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn fuses_norm(&self, wtype: WeightType, n: u32) -> bool {
+        match self {
+            AnyBackend::Cpu(c) => c.fuses_norm(wtype, n),
+            AnyBackend::Host(h) => h.fuses_norm(wtype, n),
+            #[cfg(feature = "gpu")]
+            AnyBackend::Gpu(g) => g.fuses_norm(wtype, n),
+        }
+    }
+
     fn size(&self, buf: &AnyBuffer) -> u64 {
         match buf {
             AnyBuffer::Cpu(b) => Cpu.size(b),

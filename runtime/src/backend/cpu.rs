@@ -252,6 +252,29 @@ impl Backend for Cpu {
                 let u = product(&xs, (up, up_factors), wtype, (m, k, n))?;
                 out.write_f32(&swiglu(&g, &u));
             }
+            Op::NormMatvec {
+                a,
+                h,
+                norm,
+                w,
+                out,
+                sum,
+                factors,
+                up,
+                up_factors,
+                wtype,
+                k,
+                n,
+                eps,
+            } => {
+                let x = add_norm((a, h), norm, sum, (1, k as usize), eps);
+                let shape = (1, k as usize, n as usize);
+                let y = product(&x, (w, factors), wtype, shape)?;
+                out.write_f32(&match up {
+                    Some(up) => swiglu(&y, &product(&x, (up, up_factors), wtype, shape)?),
+                    None => y,
+                });
+            }
             Op::Dequant {
                 w,
                 factors,
@@ -316,11 +339,14 @@ impl Backend for Cpu {
                 dim,
                 eps,
             } => {
-                let (d, n) = (dim as usize, (rows * dim) as usize);
-                let (a, b) = (a.f32s(n), h.f32s(n));
-                let s: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-                sum.write_f32(&s);
-                h.write_f32(&rmsnorm(&s, &weight.f32s(d), d, eps));
+                let normed = add_norm(
+                    (a, h),
+                    weight,
+                    Some(sum),
+                    (rows as usize, dim as usize),
+                    eps,
+                );
+                h.write_f32(&normed);
             }
             Op::Rope {
                 x,
@@ -754,6 +780,28 @@ pub fn embed(
         )?;
     }
     Ok(out)
+}
+
+/// s = a + h over `rows` rows of `dim`, stored to `sum` where given, and rmsnorm(s) *
+/// weight returned: [`Op::AddRmsNorm`] and [`Op::NormMatvec`]'s input.
+pub(crate) fn add_norm(
+    (a, h): (&CpuBuffer, &CpuBuffer),
+    weight: &CpuBuffer,
+    sum: Option<&CpuBuffer>,
+    (rows, dim): (usize, usize),
+    eps: f32,
+) -> Vec<f32> {
+    let n = rows * dim;
+    let s: Vec<f32> = a
+        .f32s(n)
+        .iter()
+        .zip(&h.f32s(n))
+        .map(|(x, y)| x + y)
+        .collect();
+    if let Some(sum) = sum {
+        sum.write_f32(&s);
+    }
+    rmsnorm(&s, &weight.f32s(dim), dim, eps)
 }
 
 /// Row-wise RMSNorm over rows of `dim`.

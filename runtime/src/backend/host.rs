@@ -6,8 +6,8 @@
 //! oracle; the conformance suite checks this backend against it.
 
 use super::cpu::{
-    AttnCall, AttnShape, Cpu, CpuBuffer, perturb_addr, softmax, swiglu, zo_accumulate_range,
-    zo_weights_range,
+    AttnCall, AttnShape, Cpu, CpuBuffer, add_norm, perturb_addr, softmax, swiglu,
+    zo_accumulate_range, zo_weights_range,
 };
 use super::pool::Pool;
 use super::{Backend, Op};
@@ -1047,6 +1047,31 @@ impl Backend for Host {
                 let g = self.product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
                 let u = self.product(&xs, (up, up_factors), wtype, (m, k, n))?;
                 out.write_f32(&swiglu(&g, &u));
+                Ok(())
+            }
+            Op::NormMatvec {
+                a,
+                h,
+                norm,
+                w,
+                out,
+                sum,
+                factors,
+                up,
+                up_factors,
+                wtype,
+                k,
+                n,
+                eps,
+            } => {
+                op.check(|b| self.size(b))?;
+                let x = add_norm((a, h), norm, sum, (1, k as usize), eps);
+                let shape = (1, k as usize, n as usize);
+                let y = self.product(&x, (w, factors), wtype, shape)?;
+                out.write_f32(&match up {
+                    Some(up) => swiglu(&y, &self.product(&x, (up, up_factors), wtype, shape)?),
+                    None => y,
+                });
                 Ok(())
             }
             Op::QMatmulT {

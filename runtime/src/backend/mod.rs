@@ -80,6 +80,28 @@ pub enum Op<'a, B> {
         k: u32,
         n: u32,
     },
+    /// A decode step's residual add and norm with the product after it, in one call: for
+    /// one row of k elements, s = a + h and x = rmsnorm(s) * norm (as [`Op::AddRmsNorm`]
+    /// computes them), then out\[n\] = x * dequant(w)^T as [`Op::QMatmul`], or with `up`,
+    /// silu(x * dequant(w)^T) * (x * dequant(up)^T) as [`Op::QSwiGlu`] (`w` the gate). s
+    /// is stored to `sum` where given, which must be neither `a` nor `h`: those are only
+    /// read, so the q, k and v products can each take the same pending norm, one storing
+    /// the sum. A device with a fused kernel saves the norm's dispatch.
+    NormMatvec {
+        a: &'a B,
+        h: &'a B,
+        norm: &'a B,
+        w: &'a B,
+        out: &'a B,
+        sum: Option<&'a B>,
+        factors: Option<&'a B>,
+        up: Option<&'a B>,
+        up_factors: Option<&'a B>,
+        wtype: WeightType,
+        k: u32,
+        n: u32,
+        eps: f32,
+    },
     /// out\[rows, cols\] = dequant(w) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
@@ -412,6 +434,7 @@ impl<'a, B> Op<'a, B> {
             Matmul { a, b, out; m, k, n, a_t, b_t }
             QMatmul { x, w, out; wtype, m, k, n; factors }
             QSwiGlu { x, gate, up, out; wtype, m, k, n; gate_factors, up_factors }
+            NormMatvec { a, h, norm, w, out; wtype, k, n, eps; sum, factors, up, up_factors }
             Dequant { w, out; wtype, rows, cols; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
@@ -546,6 +569,17 @@ fn rope_table_fits(
     )
 }
 
+/// A norm's epsilon: finite and not negative.
+fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        return Ok(());
+    }
+    Err(Error::InvalidShape {
+        op,
+        reason: format!("eps must be finite and >= 0, got {eps}"),
+    })
+}
+
 fn nonzero(op: &'static str, dims: &[(&str, u32)]) -> Result<()> {
     for (name, v) in dims {
         if *v == 0 {
@@ -607,6 +641,7 @@ impl<B> Op<'_, B> {
             Op::QMatmul { m: 1, .. } => "qmatvec",
             Op::QMatmul { .. } => "qmatmul",
             Op::QSwiGlu { .. } => "qswiglu",
+            Op::NormMatvec { .. } => "norm_qmatvec",
             Op::Dequant { .. } => "dequant",
 
             Op::Embed { .. } => "embed",
@@ -692,6 +727,52 @@ impl<B> Op<'_, B> {
                 }
                 need(op, "out", size(out), mul(m, n), 4)
             }
+            Op::NormMatvec {
+                a,
+                h,
+                norm,
+                w,
+                out,
+                sum,
+                factors,
+                up,
+                up_factors,
+                wtype,
+                k,
+                n,
+                eps,
+            } => {
+                nonzero(op, &[("k", k), ("n", n)])?;
+                check_eps(op, eps)?;
+                for (name, b) in [
+                    ("a", Some(a)),
+                    ("h", Some(h)),
+                    ("norm", Some(norm)),
+                    ("sum", sum),
+                ] {
+                    if let Some(b) = b {
+                        need(op, name, size(b), u64::from(k), 4)?;
+                    }
+                }
+                if up.is_none() && up_factors.is_some() {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: "up_factors without up".into(),
+                    });
+                }
+                let bytes = weight_bytes(op, wtype, n, k)?;
+                for (name, b) in [("w", Some(w)), ("up", up)] {
+                    if let Some(b) = b {
+                        need(op, name, size(b), bytes, 1)?;
+                    }
+                }
+                for (name, f) in [("factors", factors), ("up_factors", up_factors)] {
+                    if let Some(f) = f {
+                        need(op, name, size(f), block_count(op, wtype, n, k)?, 4)?;
+                    }
+                }
+                need(op, "out", size(out), u64::from(n), 4)
+            }
             Op::Dequant {
                 w,
                 factors,
@@ -751,12 +832,7 @@ impl<B> Op<'_, B> {
                 ..
             } => {
                 nonzero(op, &[("rows", rows), ("dim", dim)])?;
-                if !(eps.is_finite() && eps >= 0.0) {
-                    return Err(Error::InvalidShape {
-                        op,
-                        reason: format!("eps must be finite and >= 0, got {eps}"),
-                    });
-                }
+                check_eps(op, eps)?;
                 let (x_name, out_name) = match *self {
                     Op::AddRmsNorm { h, .. } => {
                         need(op, "h", size(h), mul(rows, dim), 4)?;
@@ -1013,12 +1089,7 @@ impl<B> Op<'_, B> {
                 eps,
             } => {
                 nonzero(op, &[("rows", rows), ("dim", dim)])?;
-                if !(eps.is_finite() && eps >= 0.0) {
-                    return Err(Error::InvalidShape {
-                        op,
-                        reason: format!("eps must be finite and >= 0, got {eps}"),
-                    });
-                }
+                check_eps(op, eps)?;
                 for (name, b) in [("x", x), ("dy", dy), ("dx", dx)] {
                     need(op, name, size(b), mul(rows, dim), 4)?;
                 }
@@ -1281,6 +1352,15 @@ pub trait Backend {
     ) -> Result<Self::Buffer> {
         let _ = (wtype, cols);
         self.upload(data, what)
+    }
+
+    /// Whether [`Op::NormMatvec`] on weights of `wtype` with `n` rows costs no more than
+    /// its add, norm and product run apart: the model fuses a pending norm into the
+    /// products after it (q, k and v each taking it) only then. A backend that runs the add
+    /// and the norm apart inside the op repeats them at every call.
+    fn fuses_norm(&self, wtype: WeightType, n: u32) -> bool {
+        let _ = (wtype, n);
+        true
     }
 
     /// Uploads f32 values.

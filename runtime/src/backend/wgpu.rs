@@ -214,6 +214,8 @@ pub struct Gpu {
     /// [`Op::QSwiGlu`]'s gate and up products where no fused kernel takes it, grown on
     /// demand; held while the three calls are recorded.
     swiglu_scratch: Mutex<Option<[Arc<GpuBuffer>; 2]>>,
+    /// [`Op::NormMatvec`]'s sum and normed x where no fused kernel takes it; held likewise.
+    norm_scratch: Mutex<Option<[Arc<GpuBuffer>; 2]>>,
     /// Bytes written with `upload` since the last submission.
     staged: Mutex<u64>,
     lost: Arc<Mutex<Option<String>>>,
@@ -231,6 +233,28 @@ pub struct Gpu {
     /// x of the prompt products that read their weights from textures, copied in before
     /// each (grown on demand; held while a copy and its product are recorded).
     x_texture: Mutex<Option<wgpu::Texture>>,
+}
+
+/// A one-token product as [`Gpu::matvec_sg8`] takes it: out = dequant(w) x, or with `up`
+/// silu(dequant(w) x) * (dequant(up) x); each weight with its optional factors.
+struct Matvec<'a> {
+    /// x, or with `norm` the addend h of the pending add whose norm is x.
+    x: &'a GpuBuffer,
+    norm: Option<PendingNorm<'a>>,
+    w: (&'a GpuBuffer, Option<&'a GpuBuffer>),
+    up: Option<(&'a GpuBuffer, Option<&'a GpuBuffer>)>,
+    out: &'a GpuBuffer,
+    wtype: WeightType,
+    k: u32,
+    n: u32,
+}
+
+/// [`Op::NormMatvec`]'s residual, norm weight, optional sum and epsilon.
+struct PendingNorm<'a> {
+    a: &'a GpuBuffer,
+    weight: &'a GpuBuffer,
+    sum: Option<&'a GpuBuffer>,
+    eps: f32,
 }
 
 /// Bytes of an op's parameters a reused slot holds; larger ones get their own buffer.
@@ -314,7 +338,7 @@ impl Gpu {
         let limits = adapter.limits();
         let mut features = adapter.features();
         // The subgroup products also bind their weights and x as read-only storage
-        // textures (three per kernel, beside seven storage buffers); without those no
+        // textures (three per kernel, beside nine storage buffers); without those no
         // subgroup kernel is used.
         if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
@@ -364,6 +388,7 @@ impl Gpu {
             scratch: Mutex::new(None),
             scratch_pair: Mutex::new(()),
             swiglu_scratch: Mutex::new(None),
+            norm_scratch: Mutex::new(None),
             staged: Mutex::new(0),
             lost,
             uncaptured,
@@ -596,36 +621,43 @@ impl Gpu {
         }
     }
 
+    /// Whether one-token products of `wtype` in the tuned shape `mv` run on subgroups of 8.
+    fn takes_sg8(&self, mv: tune::MatvecShape, wtype: WeightType) -> bool {
+        mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype)
+    }
+
     /// One token's product `out = dequant(w) x` on subgroups of 8 (`qmatvec_sg8`) in the
     /// tuned shape `mv`, or with `up` the gate (`w`) and up products and SwiGLU in one
-    /// dispatch (`qmatvec_swiglu_sg8`); `false`, with nothing recorded, where the shape,
-    /// the device or the format does not take them.
-    #[allow(clippy::too_many_arguments)]
-    fn matvec_sg8(
-        &self,
-        mv: tune::MatvecShape,
-        x: &GpuBuffer,
-        (w, factors): (&GpuBuffer, Option<&GpuBuffer>),
-        up: Option<(&GpuBuffer, Option<&GpuBuffer>)>,
-        out: &GpuBuffer,
-        wtype: WeightType,
-        k: u32,
-        n: u32,
-    ) -> Result<bool> {
+    /// dispatch (`qmatvec_swiglu_sg8`), either with x made by a pending add and norm where
+    /// `norm`; `false`, with nothing recorded, where the shape, the device or the format
+    /// does not take them.
+    fn matvec_sg8(&self, mv: tune::MatvecShape, p: &Matvec<'_>) -> Result<bool> {
+        let (w, factors) = p.w;
         // One FACTORS override covers both weights.
-        let same_factors = up.is_none_or(|(_, f)| f.is_some() == factors.is_some());
-        if !(mv.subgroup && self.subgroups_of_8() && has_split_layout(wtype) && same_factors) {
+        let same_factors = p.up.is_none_or(|(_, f)| f.is_some() == factors.is_some());
+        if !(self.takes_sg8(mv, p.wtype) && same_factors) {
             return Ok(false);
         }
-        let name = if up.is_some() { "qswiglu" } else { "qmatvec" };
-        let row_bytes = wtype.row_bytes(k as usize)? as u32;
+        let (k, n) = (p.k, p.n);
+        let name = match (p.up.is_some(), p.norm.is_some()) {
+            (_, true) => "norm_qmatvec",
+            (true, false) => "qswiglu",
+            (false, false) => "qmatvec",
+        };
+        let row_bytes = p.wtype.row_bytes(k as usize)? as u32;
         // Both weights from textures, or both from buffers.
-        let textures = match (mv.texture, up) {
+        let textures = match (mv.texture, p.up) {
             (false, _) => None,
             (true, None) => self.weight_texture(w).map(|t| (t, &self.no_texture)),
             (true, Some((u, _))) => self.weight_texture(w).zip(self.weight_texture(u)),
         };
-        let (w2, factors2) = up.unwrap_or((w, factors));
+        let (w2, factors2) = p.up.unwrap_or((w, factors));
+        // Unused bindings get buffers already bound the same way (read-only, or `out`).
+        let (resid, norm_w, sum, eps) = match &p.norm {
+            Some(nm) => (nm.a, nm.weight, nm.sum.unwrap_or(p.out), nm.eps),
+            None => (p.x, p.x, p.out, 0.0),
+        };
+        let summed = p.norm.as_ref().is_some_and(|nm| nm.sum.is_some());
         // Each invocation owns `rows` adjacent rows, whose scales are adjacent words only in
         // whole row groups or where n is a multiple of `rows`; otherwise the last, partial
         // row group takes one row per invocation.
@@ -639,33 +671,54 @@ impl Gpu {
             let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
             let d = Dispatch {
                 family: "quant_sg",
-                entry: if up.is_some() {
+                entry: if p.up.is_some() {
                     "qmatvec_swiglu_sg8"
                 } else {
                     "qmatvec_sg8"
                 },
                 overrides: vec![
-                    ("WTYPE", wtype.shader_code()),
+                    ("WTYPE", p.wtype.shader_code()),
                     ("FACTORS", u32::from(factors.is_some())),
                     ("ROWS", rows),
                     ("MV_WG", mv.wg),
                     ("TEX", u32::from(textures.is_some())),
+                    ("NORM", u32::from(p.norm.is_some())),
+                    ("SUM", u32::from(summed)),
                 ],
                 bindings: vec![
-                    (4, out),
-                    (5, x),
+                    (4, p.out),
+                    (5, p.x),
                     (6, w),
                     (7, factors.unwrap_or(w)),
                     (10, w2),
                     (11, factors2.unwrap_or(w2)),
+                    (13, resid),
+                    (14, norm_w),
+                    (15, sum),
                 ],
-                params: vec![1, k, n, row_bytes, row0, end],
+                params: vec![1, k, n, row_bytes, row0, end, eps.to_bits()],
                 groups: self.check_grid(name, groups, 1)?,
             };
             let (t1, t2) = textures.unwrap_or((&self.no_texture, &self.no_texture));
             self.dispatch_with(d, &[(8, t1), (12, t2)])?;
         }
         Ok(true)
+    }
+
+    /// A pair of f32 scratch buffers of at least `bytes` each from `slot`, grown on demand.
+    fn scratch_pair_in(
+        &self,
+        slot: &mut Option<[Arc<GpuBuffer>; 2]>,
+        bytes: u64,
+        what: &'static str,
+    ) -> Result<[Arc<GpuBuffer>; 2]> {
+        if let Some(pair) = slot.as_ref().filter(|p| p[0].size >= bytes) {
+            return Ok(pair.clone());
+        }
+        let alloc = || self.alloc(bytes, what).map(Arc::new);
+        let pair = [alloc()?, alloc()?];
+        *slot = Some(pair.clone());
+        Ok(pair)
     }
 
     fn dispatch(&self, d: Dispatch<'_>) -> Result<()> {
@@ -987,7 +1040,7 @@ fn writable_bindings(src: &str) -> u32 {
 }
 
 /// Whether `Rgba32Uint` textures can be bound as read-only storage textures, three to a
-/// kernel beside seven storage buffers (`qmatmul_sg8`), as wgpu will check it: from the
+/// kernel beside nine storage buffers (`qmatvec_swiglu_sg8`), as wgpu will check it: from the
 /// adapter on downlevel devices, else from
 /// WebGPU's guarantees (the device never requests
 /// `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask the adapter).
@@ -1009,7 +1062,7 @@ fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) ->
         format.guaranteed_format_features(wgpu::Features::empty())
     };
     limits.max_storage_textures_per_shader_stage >= 3
-        && limits.max_storage_buffers_per_shader_stage >= 7
+        && limits.max_storage_buffers_per_shader_stage >= 9
         && usable(features)
 }
 
@@ -1105,6 +1158,11 @@ struct Dispatch<'a> {
 
 impl Backend for Gpu {
     type Buffer = GpuBuffer;
+
+    /// Where the subgroup products take the weights (their kernels norm x themselves).
+    fn fuses_norm(&self, wtype: WeightType, n: u32) -> bool {
+        self.takes_sg8(self.matvec_shape(n), wtype)
+    }
 
     fn name(&self) -> String {
         format!("{} ({:?})", self.info.name, self.info.backend)
@@ -1380,7 +1438,17 @@ impl Backend for Gpu {
                     });
                 }
                 let mv = self.matvec_shape(n);
-                if m == 1 && self.matvec_sg8(mv, x, (w, factors), None, out, wtype, k, n)? {
+                let plain = Matvec {
+                    x,
+                    norm: None,
+                    w: (w, factors),
+                    up: None,
+                    out,
+                    wtype,
+                    k,
+                    n,
+                };
+                if m == 1 && self.matvec_sg8(mv, &plain)? {
                     return Ok(());
                 }
                 let (entry, groups) = if m == 1 && mv.split {
@@ -1433,33 +1501,23 @@ impl Backend for Gpu {
                 k,
                 n,
             } => {
-                let fused = (gate, gate_factors);
-                if m == 1
-                    && self.matvec_sg8(
-                        self.matvec_shape(n),
-                        x,
-                        fused,
-                        Some((up, up_factors)),
-                        out,
-                        wtype,
-                        k,
-                        n,
-                    )?
-                {
+                let fused = Matvec {
+                    x,
+                    norm: None,
+                    w: (gate, gate_factors),
+                    up: Some((up, up_factors)),
+                    out,
+                    wtype,
+                    k,
+                    n,
+                };
+                if m == 1 && self.matvec_sg8(self.matvec_shape(n), &fused)? {
                     return Ok(());
                 }
                 // Elsewhere the two products and SwiGLU, through a pair of scratch buffers.
                 let bytes = u64::from(m) * u64::from(n) * 4;
                 let mut slot = lock(&self.swiglu_scratch);
-                let pair = match slot.as_ref().filter(|p| p[0].size >= bytes) {
-                    Some(pair) => pair.clone(),
-                    None => {
-                        let alloc = || self.alloc(bytes, "swiglu scratch").map(Arc::new);
-                        let pair = [alloc()?, alloc()?];
-                        *slot = Some(pair.clone());
-                        pair
-                    }
-                };
+                let pair = self.scratch_pair_in(&mut slot, bytes, "swiglu scratch")?;
                 for (w, factors, product) in
                     [(gate, gate_factors, &pair[0]), (up, up_factors, &pair[1])]
                 {
@@ -1480,6 +1538,83 @@ impl Backend for Gpu {
                     out,
                     n: m * n,
                 });
+            }
+            Op::NormMatvec {
+                a,
+                h,
+                norm,
+                w,
+                out,
+                sum,
+                factors,
+                up,
+                up_factors,
+                wtype,
+                k,
+                n,
+                eps,
+            } => {
+                let fused = Matvec {
+                    x: h,
+                    norm: Some(PendingNorm {
+                        a,
+                        weight: norm,
+                        sum,
+                        eps,
+                    }),
+                    w: (w, factors),
+                    up: up.map(|u| (u, up_factors)),
+                    out,
+                    wtype,
+                    k,
+                    n,
+                };
+                if self.matvec_sg8(self.matvec_shape(n), &fused)? {
+                    return Ok(());
+                }
+                // Elsewhere the add and the norm through a pair of scratch buffers (the sum
+                // into `sum` where given), then the product.
+                let mut slot = lock(&self.norm_scratch);
+                let pair = self.scratch_pair_in(&mut slot, u64::from(k) * 4, "norm scratch")?;
+                let s = sum.unwrap_or(&*pair[0]);
+                self.run(&Op::Add {
+                    a,
+                    b: h,
+                    out: s,
+                    n: k,
+                })?;
+                self.run(&Op::RmsNorm {
+                    x: s,
+                    weight: norm,
+                    out: &pair[1],
+                    rows: 1,
+                    dim: k,
+                    eps,
+                })?;
+                return match up {
+                    Some(up) => self.run(&Op::QSwiGlu {
+                        x: &pair[1],
+                        gate: w,
+                        up,
+                        gate_factors: factors,
+                        up_factors,
+                        out,
+                        wtype,
+                        m: 1,
+                        k,
+                        n,
+                    }),
+                    None => self.run(&Op::QMatmul {
+                        x: &pair[1],
+                        w,
+                        factors,
+                        out,
+                        wtype,
+                        m: 1,
+                        k,
+                        n,
+                    }),
+                };
             }
             Op::Dequant {
                 w,

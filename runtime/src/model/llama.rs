@@ -99,6 +99,12 @@ impl<B: Backend> Linear<B> {
         self.lora.is_some() || self.scale_in.is_some() || self.scale_out.is_some()
     }
 
+    /// Whether this projection is its weight's product alone (no adapter, no bias): what
+    /// the fused decode ops take.
+    fn plain(&self) -> bool {
+        !self.adapted() && self.bias.is_none()
+    }
+
     /// The steps after the product (bias, LoRA, IA3's output scales if `scale_out`), each
     /// writing an intermediate of the scratch's `y` pair but the last.
     fn steps(&self, scale_out: bool) -> usize {
@@ -259,6 +265,18 @@ pub struct KvCache<B: Backend> {
     /// Activation buffers of the last call, reused while the token count stays the same
     /// (every decode step), so a step allocates nothing but its logits.
     scratch: Option<Scratch<B>>,
+}
+
+/// What a layer's `h` holds when it starts (see [`Model::layer_forward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerIn {
+    /// Nothing yet: the layer norms x itself (the first layer).
+    Raw,
+    /// x's attention norm, which the layer before left.
+    Normed,
+    /// The layer before's feed-forward output, its residual add pending: x = x2 + h, which
+    /// the q, k and v products make and norm themselves ([`Op::NormMatvec`]).
+    Pending,
 }
 
 /// Where one layer's forward pass reads and writes (see [`Model::layer_forward`]).
@@ -1296,9 +1314,26 @@ impl<'b, B: Backend> Model<'b, B> {
                 act,
             };
             let kv = keep.then_some((&cache.k[i], &cache.v[i]));
-            // Each layer leaves the next one's attention norm of its output in `h`.
-            let norms = (i > 0, self.layers.get(i + 1).map(|l| &l.attn_norm));
-            self.layer_forward(layer, &bufs, s, (&cache.rope, pos0, segs), kv, norms)?;
+            // Each layer leaves the next one's attention norm of its output in `h`, or in a
+            // decode step where the next layer's q, k and v take it fused, its residual add
+            // pending.
+            let input = match i {
+                0 => LayerIn::Raw,
+                _ if self.takes_pending(layer, t, keep, segs) => LayerIn::Pending,
+                _ => LayerIn::Normed,
+            };
+            let next = self
+                .layers
+                .get(i + 1)
+                .map(|l| (&l.attn_norm, self.takes_pending(l, t, keep, segs)));
+            self.layer_forward(
+                layer,
+                &bufs,
+                s,
+                (&cache.rope, pos0, segs),
+                kv,
+                (input, next),
+            )?;
         }
         if keep {
             cache.len = pos0 + t;
@@ -1306,15 +1341,27 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(scratch)
     }
 
+    /// Whether `layer` of a forward pass of `t` tokens in the sequences `segs` takes the
+    /// layer before's residual add pending ([`LayerIn::Pending`]): one decode step into the
+    /// cache, q, k and v plain and the backend fusing the norm into their products.
+    fn takes_pending(&self, layer: &Layer<B>, t: u32, keep: bool, segs: &[u32]) -> bool {
+        t == 1
+            && keep
+            && segs.len() == 1
+            && [&layer.q, &layer.k, &layer.v]
+                .iter()
+                .all(|l| l.plain() && self.backend.fuses_norm(l.weight.wtype, l.weight.rows))
+    }
+
     /// One layer of the forward pass over the sequences `segs` (their token counts) packed
     /// one after another, each at positions pos0..: reads `b.x`, writes `b.out` (which may
     /// be `b.x`) and the activations in `b`. With `kv`, the keys and values go into that
     /// layer's cache at pos0 and attention reads the cache; without, the sequences attend
     /// to their own rows of `b.kr` and `b.v` (pos0 = 0, training). Several sequences need
-    /// pos0 = 0: each attends to its own rows only. `normed`: `b.h` already holds this
-    /// layer's attention norm of `b.x` (the layer before left it there); `next_norm`: the
-    /// norm weight to leave `b.h` holding of `b.out` (the next layer's attention norm),
-    /// each residual add and the norm after it being one kernel.
+    /// pos0 = 0: each attends to its own rows only. `input`: what `b.h` holds; `next`: the
+    /// next layer's attention norm, to leave `b.h` holding of `b.out` (each residual add
+    /// and the norm after it being one kernel), and whether that layer takes the add
+    /// pending instead (`b.out` is then not written: `b.x2` + `b.h` is).
     fn layer_forward(
         &self,
         layer: &Layer<B>,
@@ -1322,7 +1369,7 @@ impl<'b, B: Backend> Model<'b, B> {
         s: &Scratch<B>,
         (rope_table, pos0, segs): (&B::Buffer, u32, &[u32]),
         kv: Option<(&B::Buffer, &B::Buffer)>,
-        (normed, next_norm): (bool, Option<&B::Buffer>),
+        (input, next): (LayerIn, Option<(&B::Buffer, bool)>),
     ) -> Result<()> {
         let be: &B = &self.backend;
         let c = &self.cfg;
@@ -1352,19 +1399,46 @@ impl<'b, B: Backend> Model<'b, B> {
             up,
             act,
         } = *b;
-        if !normed {
-            be.run(&Op::RmsNorm {
+        match input {
+            LayerIn::Raw => be.run(&Op::RmsNorm {
                 x,
                 weight: &layer.attn_norm,
                 out: h,
                 rows: t,
                 dim,
                 eps: c.rms_eps,
-            })?;
+            })?,
+            LayerIn::Normed => {}
+            // x = x2 + h, normed into each of q, k and v (q's call storing x).
+            LayerIn::Pending => {
+                for (i, (l, out)) in [(&layer.q, q), (&layer.k, k), (&layer.v, v)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let w = &l.weight;
+                    be.run(&Op::NormMatvec {
+                        a: x2,
+                        h,
+                        norm: &layer.attn_norm,
+                        w: &w.buf,
+                        out,
+                        sum: (i == 0).then_some(x),
+                        factors: w.scale_factors.as_ref(),
+                        up: None,
+                        up_factors: None,
+                        wtype: w.wtype,
+                        k: w.cols,
+                        n: w.rows,
+                        eps: c.rms_eps,
+                    })?;
+                }
+            }
         }
-        layer.q.forward(be, h, q, t, s)?;
-        layer.k.forward(be, h, k, t, s)?;
-        layer.v.forward(be, h, v, t, s)?;
+        if input != LayerIn::Pending {
+            layer.q.forward(be, h, q, t, s)?;
+            layer.k.forward(be, h, k, t, s)?;
+            layer.v.forward(be, h, v, t, s)?;
+        }
         let (keys, values, pos0) = match kv {
             // One sequence into the cache: RoPE and the cache writes in one kernel.
             Some((ck, cv)) if segs.len() == 1 => {
@@ -1440,47 +1514,69 @@ impl<'b, B: Backend> Model<'b, B> {
             })?;
         }
         layer.o.forward(be, att, h, t, s)?;
-        be.run(&Op::AddRmsNorm {
-            a: x,
-            h,
-            sum: x2,
-            weight: &layer.ffn_norm,
-            rows: t,
-            dim,
-            eps: c.rms_eps,
-        })?;
         let (g, u) = (&layer.gate, &layer.up);
-        let plain = |l: &Linear<B>| !l.adapted() && l.bias.is_none();
         let same_shape =
             |a: &Weight<B>, b: &Weight<B>| (a.wtype, a.rows, a.cols) == (b.wtype, b.rows, b.cols);
         // A decode step (never a pass backprop reads gate and up from): both products and
-        // SwiGLU in one call, one dispatch where the device fuses them.
-        if t == 1 && kv.is_some() && plain(g) && plain(u) && same_shape(&g.weight, &u.weight) {
-            be.run(&Op::QSwiGlu {
-                x: h,
-                gate: &g.weight.buf,
-                up: &u.weight.buf,
-                gate_factors: g.weight.scale_factors.as_ref(),
-                up_factors: u.weight.scale_factors.as_ref(),
+        // SwiGLU in one call, one dispatch where the device fuses them, and the residual
+        // add and norm before them in it too where the device fuses that.
+        let fused_ffn =
+            t == 1 && kv.is_some() && g.plain() && u.plain() && same_shape(&g.weight, &u.weight);
+        if fused_ffn && be.fuses_norm(g.weight.wtype, g.weight.rows) {
+            be.run(&Op::NormMatvec {
+                a: x,
+                h,
+                norm: &layer.ffn_norm,
+                w: &g.weight.buf,
                 out: act,
+                sum: Some(x2),
+                factors: g.weight.scale_factors.as_ref(),
+                up: Some(&u.weight.buf),
+                up_factors: u.weight.scale_factors.as_ref(),
                 wtype: g.weight.wtype,
-                m: 1,
                 k: g.weight.cols,
                 n: g.weight.rows,
+                eps: c.rms_eps,
             })?;
         } else {
-            g.forward(be, h, gate, t, s)?;
-            u.forward(be, h, up, t, s)?;
-            be.run(&Op::SwiGlu {
-                gate,
-                up,
-                out: act,
-                n: t * c.ffn_dim,
+            be.run(&Op::AddRmsNorm {
+                a: x,
+                h,
+                sum: x2,
+                weight: &layer.ffn_norm,
+                rows: t,
+                dim,
+                eps: c.rms_eps,
             })?;
+            if fused_ffn {
+                be.run(&Op::QSwiGlu {
+                    x: h,
+                    gate: &g.weight.buf,
+                    up: &u.weight.buf,
+                    gate_factors: g.weight.scale_factors.as_ref(),
+                    up_factors: u.weight.scale_factors.as_ref(),
+                    out: act,
+                    wtype: g.weight.wtype,
+                    m: 1,
+                    k: g.weight.cols,
+                    n: g.weight.rows,
+                })?;
+            } else {
+                g.forward(be, h, gate, t, s)?;
+                u.forward(be, h, up, t, s)?;
+                be.run(&Op::SwiGlu {
+                    gate,
+                    up,
+                    out: act,
+                    n: t * c.ffn_dim,
+                })?;
+            }
         }
         layer.down.forward(be, act, h, t, s)?;
-        match next_norm {
-            Some(weight) => be.run(&Op::AddRmsNorm {
+        match next {
+            // The next layer's q, k and v make out = x2 + h.
+            Some((_, true)) => Ok(()),
+            Some((weight, false)) => be.run(&Op::AddRmsNorm {
                 a: x2,
                 h,
                 sum: out,

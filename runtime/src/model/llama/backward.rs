@@ -5,7 +5,8 @@
 //! SwiGLU product are recomputed rather than kept.
 
 use super::{
-    AdapterRoom, HEAD_CHUNK, Layer, LayerBufs, Linear, Model, Scratch, attention_scale, runs,
+    AdapterRoom, HEAD_CHUNK, Layer, LayerBufs, LayerIn, Linear, Model, Scratch, attention_scale,
+    runs,
 };
 use crate::adapter::{Method, Slot, Target};
 use crate::backend::{Backend, Op, rope_table};
@@ -401,7 +402,7 @@ impl<'b, B: Backend> Model<'b, B> {
                     &tape.scratch,
                     (&tape.rope, 0, &[t]),
                     None,
-                    (false, None),
+                    (LayerIn::Raw, None),
                 )?;
             }
             let g = |target: Target| lookup[i * 7 + target as usize];
@@ -456,7 +457,7 @@ impl<'b, B: Backend> Model<'b, B> {
                 &tape.scratch,
                 (&tape.rope, 0, &[t]),
                 None,
-                (false, None),
+                (LayerIn::Raw, None),
             )?;
         }
         Ok(())
