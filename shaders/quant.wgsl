@@ -3,7 +3,7 @@
 // CPU reference: runtime/src/quant.rs `dequantize`, runtime/src/backend/cpu.rs `qmatmul`, `embed`.
 //
 // w is n rows of k elements, read as raw little-endian bytes from an array<u32>: in the
-// GGUF layout, except Q8_0/Q4_0/Q4_1, which the backend stores split (see `stored_block`). The format is the WTYPE override constant (codes as `WeightType::shader_code`),
+// GGUF layout, except Q8_0/Q4_0/Q4_1, which the backend stores split (see `stored_block_in`). The format is the WTYPE override constant (codes as `WeightType::shader_code`),
 // so each format is its own specialised pipeline and the switch folds away.
 // Every format is decoded in chunks of 32 consecutive elements. Each value is produced by
 // the same correctly rounded operations as the reference (products that are exact by
@@ -91,7 +91,7 @@ fn f16_at(off: u32) -> f32 {
 // Q4_1 a u32 holding d and m), padded to 16 bytes, then every block's quants as 16-byte
 // vectors. Each lane then issues one or two wide loads per block instead of many unaligned
 // word loads, which is what limits matrix-vector products on CPU-emulated GPUs.
-// Blocks are ordered by groups of rows, chunk by chunk (`stored_block`); trained scale
+// Blocks are ordered by groups of rows, chunk by chunk (`stored_block_in`); trained scale
 // factors stay in GGUF block order (`block_index`).
 
 // The block holding chunk c of row j, in GGUF order (the order of the trained factors).
@@ -99,16 +99,13 @@ fn block_index(j: u32, c: u32) -> u32 {
     return j * (p.k / 32u) + c;
 }
 
-// Where that block sits in the split layout: rows in groups of ROW_GROUP (the last group
-// may be shorter), each group's blocks chunk by chunk, so the rows a workgroup reads
-// together lie side by side and its loads stream through memory.
-fn stored_block(j: u32, c: u32) -> u32 {
+// Where that block sits in the split layout of a weight of `rows` rows (p.n here;
+// quant_sg.wgsl's kernels also read weights of other row counts): rows in groups of
+// ROW_GROUP (the last group may be shorter), each group's blocks chunk by chunk, so the
+// rows a workgroup reads together lie side by side and its loads stream through memory.
+fn stored_block_in(rows: u32, j: u32, c: u32) -> u32 {
     let g0 = j - j % ROW_GROUP;
-    return g0 * (p.k / 32u) + c * min(ROW_GROUP, p.n - g0) + j - g0;
-}
-
-fn n_blocks() -> u32 {
-    return p.n * (p.k / 32u);
+    return g0 * (p.k / 32u) + c * min(ROW_GROUP, rows - g0) + j - g0;
 }
 
 // Block b's f16 scale from the packed u16 scale section.
@@ -126,7 +123,7 @@ fn stored_scale(b: u32) -> f32 {
 
 // Block (j, c)'s scale: the stored one, times its trained factor where given.
 fn block_scale(j: u32, c: u32) -> f32 {
-    let d = stored_scale(stored_block(j, c));
+    let d = stored_scale(stored_block_in(p.n, j, c));
     if FACTORS {
         return d * factors[block_index(j, c)];
     }
@@ -142,11 +139,13 @@ fn super_scale(d: f32, j: u32, c: u32) -> f32 {
     return d;
 }
 
-// Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block.
-fn split_quants(b: u32, per_block: u32) -> u32 {
-    var scale_bytes = 2u * n_blocks();
+// Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block,
+// in a weight of `rows` rows (its quants follow all its scales).
+fn split_quants_in(rows: u32, b: u32, per_block: u32) -> u32 {
+    let blocks = rows * (p.k / 32u);
+    var scale_bytes = 2u * blocks;
     if WTYPE == Q4_1 {
-        scale_bytes = 4u * n_blocks();
+        scale_bytes = 4u * blocks;
     }
     return (scale_bytes + 15u) / 16u + b * per_block;
 }
@@ -228,20 +227,20 @@ fn raw(j: u32, c: u32) -> Raw {
         }
         case Q8_0: {
             r.s0 = block_scale(j, c);
-            let q = split_quants(stored_block(j, c), 2u);
+            let q = split_quants_in(p.n, stored_block_in(p.n, j, c), 2u);
             let lo = wq[q];
             let hi = wq[q + 1u];
             r.q = Chunk(i8x4(lo.x), i8x4(lo.y), i8x4(lo.z), i8x4(lo.w), i8x4(hi.x), i8x4(hi.y), i8x4(hi.z), i8x4(hi.w));
         }
         case Q4_0, Q4_1: {
-            let b = stored_block(j, c);
+            let b = stored_block_in(p.n, j, c);
             r.s0 = block_scale(j, c);
             if WTYPE == Q4_1 {
                 r.m0 = half_to_f32(w[b] >> 16u);
             } else {
                 r.m0 = -8.0 * r.s0;
             }
-            let q = wq[split_quants(b, 1u)];
+            let q = wq[split_quants_in(p.n, b, 1u)];
             r.q = Chunk(nib4(q.x, 0u), nib4(q.y, 0u), nib4(q.z, 0u), nib4(q.w, 0u),
                         nib4(q.x, 4u), nib4(q.y, 4u), nib4(q.z, 4u), nib4(q.w, 4u));
         }

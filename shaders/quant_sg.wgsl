@@ -26,6 +26,7 @@ struct Params {
     row0: u32,   // `qmatvec_sg8`: the weight rows row0 .. row_end this dispatch computes
     row_end: u32,
     eps: f32,    // NORM's epsilon
+    n2: u32,     // rows of the second and third weights (`qmatvec_qkv_sg8`'s k and v; n elsewhere)
 }
 
 override WTYPE: u32 = 5u;
@@ -73,6 +74,13 @@ override SUM: bool = false;
 @group(0) @binding(13) var<storage, read> resid: array<vec4<f32>>;
 @group(0) @binding(14) var<storage, read> norm_w: array<vec4<f32>>;
 @group(0) @binding(15) var<storage, read_write> sum4: array<vec4<f32>>;
+// `qmatvec_qkv_sg8`'s third weight (v) as `wq2`, `factors2` and `wt2` hold the second (k),
+// and its k and v outputs beside `out` (q); placeholders for the other kernels.
+@group(0) @binding(16) var<storage, read> wq3: array<vec4<u32>>;
+@group(0) @binding(17) var<storage, read> factors3: array<f32>;
+@group(0) @binding(18) var wt3: texture_storage_2d<rgba32uint, read>;
+@group(0) @binding(19) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(20) var<storage, read_write> out3: array<f32>;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
@@ -95,33 +103,45 @@ fn block_index(j: u32, c: u32) -> u32 {
     return j * (p.k / 32u) + c;
 }
 
-fn stored_block(j: u32, c: u32) -> u32 {
+// The kernels here take up to three weights of one type and width, `which` 0, 1 and 2 (a
+// literal at every call, so the selections fold away): the first has n rows, the others
+// n2.
+fn weight_rows(which: u32) -> u32 {
+    if which == 0u {
+        return p.n;
+    }
+    return p.n2;
+}
+
+// Where block (j, c) of a weight of `rows` rows sits in the split layout (quant.wgsl's).
+fn stored_block_in(rows: u32, j: u32, c: u32) -> u32 {
     let g0 = j - j % ROW_GROUP;
-    return g0 * (p.k / 32u) + c * min(ROW_GROUP, p.n - g0) + j - g0;
+    return g0 * (p.k / 32u) + c * min(ROW_GROUP, rows - g0) + j - g0;
 }
 
-fn n_blocks() -> u32 {
-    return p.n * (p.k / 32u);
-}
-
-// Words 4i .. 4i+4 of the weights: of the second weight where `up` (a literal at every
-// call, so the selection folds away).
-fn w_vec_of(up: bool, i: u32) -> vec4<u32> {
+// Words 4i .. 4i+4 of weight `which`.
+fn w_vec_of(which: u32, i: u32) -> vec4<u32> {
     if TEX {
         let at = vec2<u32>(i % TEX_W, i / TEX_W);
-        if up {
+        if which == 2u {
+            return textureLoad(wt3, at);
+        }
+        if which == 1u {
             return textureLoad(wt2, at);
         }
         return textureLoad(wt, at);
     }
-    if up {
+    if which == 2u {
+        return wq3[i];
+    }
+    if which == 1u {
         return wq2[i];
     }
     return wq[i];
 }
 
 fn w_vec(i: u32) -> vec4<u32> {
-    return w_vec_of(false, i);
+    return w_vec_of(0u, i);
 }
 
 // Word i of the weights.
@@ -132,10 +152,13 @@ fn w_word(i: u32) -> u32 {
     return w[i];
 }
 
-fn split_quants(b: u32, per_block: u32) -> u32 {
-    var scale_bytes = 2u * n_blocks();
+// Index in `wq` of block b's first 16-byte quant vector, with `per_block` vectors a block,
+// in a weight of `rows` rows (its quants follow all its scales).
+fn split_quants_in(rows: u32, b: u32, per_block: u32) -> u32 {
+    let blocks = rows * (p.k / 32u);
+    var scale_bytes = 2u * blocks;
     if WTYPE == Q4_1 {
-        scale_bytes = 4u * n_blocks();
+        scale_bytes = 4u * blocks;
     }
     return (scale_bytes + 15u) / 16u + b * per_block;
 }
@@ -159,7 +182,7 @@ struct Block {
 
 // Block c of weight row j.
 fn load_block(j: u32, c: u32) -> Block {
-    let b = stored_block(j, c);
+    let b = stored_block_in(p.n, j, c);
     // The stored scale word (as quant.wgsl's `stored_scale`: Q4_1 a word of d and m per
     // block, the others a u16 d).
     var dm: u32;
@@ -168,33 +191,34 @@ fn load_block(j: u32, c: u32) -> Block {
     } else {
         dm = w_word(b >> 1u) >> (16u * (b & 1u));
     }
-    var r = block_quants(false, b);
-    let a = block_affine(false, dm, j, c);
+    var r = block_quants(0u, b);
+    let a = block_affine(0u, dm, j, c);
     r.d = a.x;
     r.m = a.y;
     return r;
 }
 
-// Stored block b's quants (of the second weight where `up`), its d and m left unset.
-fn block_quants(up: bool, b: u32) -> Block {
+// Stored block b's quants of weight `which`, its d and m left unset.
+fn block_quants(which: u32, b: u32) -> Block {
     var r: Block;
     if WTYPE == Q8_0 {
-        let q = split_quants(b, 2u);
-        r.qa = w_vec_of(up, q);
-        r.qb = w_vec_of(up, q + 1u);
+        let q = split_quants_in(weight_rows(which), b, 2u);
+        r.qa = w_vec_of(which, q);
+        r.qb = w_vec_of(which, q + 1u);
     } else {
-        r.qa = w_vec_of(up, split_quants(b, 1u));
+        r.qa = w_vec_of(which, split_quants_in(weight_rows(which), b, 1u));
     }
     return r;
 }
 
 // Block c of weight row j's d and m from its scale word (Q4_1: d and m; the others: d in
-// the low half): d times the block's trained factor where given (the second weight's
-// where `up`).
-fn block_affine(up: bool, dm: u32, j: u32, c: u32) -> vec2<f32> {
+// the low half): d times the block's trained factor where given (weight `which`'s).
+fn block_affine(which: u32, dm: u32, j: u32, c: u32) -> vec2<f32> {
     var d = half_to_f32(dm & 0xFFFFu);
     if FACTORS {
-        if up {
+        if which == 2u {
+            d *= factors3[block_index(j, c)];
+        } else if which == 1u {
             d *= factors2[block_index(j, c)];
         } else {
             d *= factors[block_index(j, c)];
@@ -381,21 +405,21 @@ struct Scales {
     hi: vec4<u32>,
 }
 
-fn load_scales(up: bool, b: u32) -> Scales {
+fn load_scales(which: u32, b: u32) -> Scales {
     var s: Scales;
     if ROWS == 1u {
         if WTYPE == Q4_1 {
-            s.lo.x = w_vec_of(up, b / 4u)[b % 4u];
+            s.lo.x = w_vec_of(which, b / 4u)[b % 4u];
         } else {
-            s.lo.x = w_vec_of(up, b / 8u)[b % 8u / 2u] >> (16u * (b % 2u));
+            s.lo.x = w_vec_of(which, b / 8u)[b % 8u / 2u] >> (16u * (b % 2u));
         }
     } else if WTYPE == Q4_1 {
-        s.lo = w_vec_of(up, b / 4u);
+        s.lo = w_vec_of(which, b / 4u);
         if ROWS > 4u {
-            s.hi = w_vec_of(up, b / 4u + 1u);
+            s.hi = w_vec_of(which, b / 4u + 1u);
         }
     } else {
-        let v = w_vec_of(up, b / 8u);
+        let v = w_vec_of(which, b / 8u);
         s.lo = select(v, v.zwzw, b % 8u != 0u);
     }
     return s;
@@ -403,11 +427,11 @@ fn load_scales(up: bool, b: u32) -> Scales {
 
 // Block b+r's d and m (for weight row j at chunk c), as `load_block` gives them; r a
 // literal, so the selections fold.
-fn block_dm(up: bool, s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
+fn block_dm(which: u32, s: Scales, r: u32, j: u32, c: u32) -> vec2<f32> {
     if WTYPE == Q4_1 {
-        return block_affine(up, select(s.hi[r % 4u], s.lo[r % 4u], r < 4u), j, c);
+        return block_affine(which, select(s.hi[r % 4u], s.lo[r % 4u], r < 4u), j, c);
     }
-    return block_affine(up, s.lo[r / 2u] >> (16u * (r % 2u)), j, c);
+    return block_affine(which, s.lo[r / 2u] >> (16u * (r % 2u)), j, c);
 }
 
 // Elements 4t .. 4t+4 of a block before its affine step, each times the power of two
@@ -508,10 +532,10 @@ fn norm_scale(sq: f32) -> f32 {
     return 1.0;
 }
 
-// Stored block b's sum d * sum(q x) + m * sum(x), its quants read here (of the second
-// weight where `up`) and its d and m given.
-fn block_sum(up: bool, b: u32, dm: vec2<f32>, x: XShared) -> f32 {
-    let q = block_quants(up, b);
+// Stored block b's sum d * sum(q x) + m * sum(x), its quants read here (of weight
+// `which`) and its d and m given.
+fn block_sum(which: u32, b: u32, dm: vec2<f32>, x: XShared) -> f32 {
+    let q = block_quants(which, b);
     return dm.x * (dot(scaled_quad(q, 0u), x.xs0) + dot(scaled_quad(q, 1u), x.xs1) + dot(scaled_quad(q, 2u), x.xs2) + dot(scaled_quad(q, 3u), x.xs3) + dot(scaled_quad(q, 4u), x.xs4) + dot(scaled_quad(q, 5u), x.xs5) + dot(scaled_quad(q, 6u), x.xs6) + dot(scaled_quad(q, 7u), x.xs7)) + dm.y * x.sum;
 }
 
@@ -521,41 +545,52 @@ struct RowSums {
     hi: vec4<f32>,
 }
 
-// Chunk c's part of the sums of weight rows j0 .. j0+ROWS (of the second weight where
-// `up`), whose blocks are adjacent, so their scales come in one or two loads; each block's
-// affine step is applied once to its sums, as quant.wgsl's dots do.
-fn row_sums(up: bool, j0: u32, c: u32, x: XShared) -> RowSums {
+// Chunk c's part of the sums of rows j0 .. j0+ROWS of weight `which`, whose blocks are
+// adjacent, so their scales come in one or two loads; each block's affine step is applied
+// once to its sums, as quant.wgsl's dots do.
+fn row_sums(which: u32, j0: u32, c: u32, x: XShared) -> RowSums {
     var r = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-    let b = stored_block(j0, c);
-    let sc = load_scales(up, b);
-    r.lo.x = block_sum(up, b, block_dm(up, sc, 0u, j0, c), x);
+    let b = stored_block_in(weight_rows(which), j0, c);
+    let sc = load_scales(which, b);
+    r.lo.x = block_sum(which, b, block_dm(which, sc, 0u, j0, c), x);
     if ROWS > 1u {
-        r.lo.y = block_sum(up, b + 1u, block_dm(up, sc, 1u, j0 + 1u, c), x);
-        r.lo.z = block_sum(up, b + 2u, block_dm(up, sc, 2u, j0 + 2u, c), x);
-        r.lo.w = block_sum(up, b + 3u, block_dm(up, sc, 3u, j0 + 3u, c), x);
+        r.lo.y = block_sum(which, b + 1u, block_dm(which, sc, 1u, j0 + 1u, c), x);
+        r.lo.z = block_sum(which, b + 2u, block_dm(which, sc, 2u, j0 + 2u, c), x);
+        r.lo.w = block_sum(which, b + 3u, block_dm(which, sc, 3u, j0 + 3u, c), x);
     }
     if ROWS > 4u {
-        r.hi.x = block_sum(up, b + 4u, block_dm(up, sc, 4u, j0 + 4u, c), x);
-        r.hi.y = block_sum(up, b + 5u, block_dm(up, sc, 5u, j0 + 5u, c), x);
-        r.hi.z = block_sum(up, b + 6u, block_dm(up, sc, 6u, j0 + 6u, c), x);
-        r.hi.w = block_sum(up, b + 7u, block_dm(up, sc, 7u, j0 + 7u, c), x);
+        r.hi.x = block_sum(which, b + 4u, block_dm(which, sc, 4u, j0 + 4u, c), x);
+        r.hi.y = block_sum(which, b + 5u, block_dm(which, sc, 5u, j0 + 5u, c), x);
+        r.hi.z = block_sum(which, b + 6u, block_dm(which, sc, 6u, j0 + 6u, c), x);
+        r.hi.w = block_sum(which, b + 7u, block_dm(which, sc, 7u, j0 + 7u, c), x);
     }
     return r;
 }
 
-// Rows j0 .. j0+ROWS of out.
-fn store_rows(j0: u32, v: RowSums) {
-    out[j0] = v.lo.x;
+// Element i of output `which` (out, out2, out3).
+fn store_of(which: u32, i: u32, v: f32) {
+    if which == 2u {
+        out3[i] = v;
+    } else if which == 1u {
+        out2[i] = v;
+    } else {
+        out[i] = v;
+    }
+}
+
+// Rows j0 .. j0+ROWS of output `which`.
+fn store_rows(which: u32, j0: u32, v: RowSums) {
+    store_of(which, j0, v.lo.x);
     if ROWS > 1u {
-        out[j0 + 1u] = v.lo.y;
-        out[j0 + 2u] = v.lo.z;
-        out[j0 + 3u] = v.lo.w;
+        store_of(which, j0 + 1u, v.lo.y);
+        store_of(which, j0 + 2u, v.lo.z);
+        store_of(which, j0 + 3u, v.lo.w);
     }
     if ROWS > 4u {
-        out[j0 + 4u] = v.hi.x;
-        out[j0 + 5u] = v.hi.y;
-        out[j0 + 6u] = v.hi.z;
-        out[j0 + 7u] = v.hi.w;
+        store_of(which, j0 + 4u, v.hi.x);
+        store_of(which, j0 + 5u, v.hi.y);
+        store_of(which, j0 + 6u, v.hi.z);
+        store_of(which, j0 + 7u, v.hi.w);
     }
 }
 
@@ -565,21 +600,27 @@ fn store_rows(j0: u32, v: RowSums) {
 // lid), the last such block where that passes row_end, computed and not stored).
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
-    let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
-    let j0 = min(first, p.row_end - ROWS);
     let store = stores_sum(wg.x, lid);
+    first_weight_rows(p.row0 + (wg.x * MV_WG + lid) * ROWS, p.row_end, lane, store);
+}
+
+// An invocation's rows first .. first+ROWS of the first weight's product into `out`, of
+// those before `end` (j0 clamped so that every invocation reaches the subgroup operations);
+// called in uniform control flow.
+fn first_weight_rows(first: u32, end: u32, lane: u32, store: bool) {
+    let j0 = min(first, end - ROWS);
     var acc = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
     var sq = 0.0;
     for (var c = 0u; c < p.k / 32u; c++) {
         let x = x_shared(c, lane, store);
         sq += x.sq;
-        let r = row_sums(false, j0, c, x);
+        let r = row_sums(0u, j0, c, x);
         acc.lo += r.lo;
         acc.hi += r.hi;
     }
     let scale = norm_scale(sq);
-    if first < p.row_end {
-        store_rows(j0, RowSums(acc.lo * scale, acc.hi * scale));
+    if first < end {
+        store_rows(0u, j0, RowSums(acc.lo * scale, acc.hi * scale));
     }
 }
 
@@ -589,8 +630,9 @@ fn silu4(v: vec4<f32>) -> vec4<f32> {
 }
 
 // `qmatvec_sg8` over two weights of one shape, gate (`wq`, `wt`, `factors`) and up (`wq2`,
-// `wt2`, `factors2`), storing silu(gate x) * (up x) (x normed as there where NORM): a feed-forward's two products and
-// SwiGLU in one dispatch instead of three, each chunk of x loaded once for both.
+// `wt2`, `factors2`), storing silu(gate x) * (up x) (x normed as there where NORM): a
+// feed-forward's two products and SwiGLU in one dispatch instead of three, each chunk of x
+// loaded once for both.
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
@@ -602,10 +644,10 @@ fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
     for (var c = 0u; c < p.k / 32u; c++) {
         let x = x_shared(c, lane, store);
         sq += x.sq;
-        let rg = row_sums(false, j0, c, x);
+        let rg = row_sums(0u, j0, c, x);
         g.lo += rg.lo;
         g.hi += rg.hi;
-        let ru = row_sums(true, j0, c, x);
+        let ru = row_sums(1u, j0, c, x);
         u.lo += ru.lo;
         u.hi += ru.hi;
     }
@@ -613,6 +655,42 @@ fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
     g = RowSums(g.lo * scale, g.hi * scale);
     u = RowSums(u.lo * scale, u.hi * scale);
     if first < p.row_end {
-        store_rows(j0, RowSums(silu4(g.lo) * u.lo, silu4(g.hi) * u.hi));
+        store_rows(0u, j0, RowSums(silu4(g.lo) * u.lo, silu4(g.hi) * u.hi));
+    }
+}
+
+// A decode step's q, k and v products of one x (normed as in `qmatvec_sg8` where NORM) in
+// one dispatch instead of three: the first workgroups own q's n rows (weight 0, to `out`),
+// the rest k's and v's n2 rows (weights 1 and 2, to `out2` and `out3`), each invocation
+// the same ROWS rows of both, so x's chunks are loaded once for them. n and n2 are
+// multiples of ROWS; which weights a workgroup reads is uniform over it, so its subgroup
+// operations stay in uniform control flow.
+@compute @workgroup_size(MV_WG, 1, 1)
+fn qmatvec_qkv_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let q_groups = (p.n + MV_WG * ROWS - 1u) / (MV_WG * ROWS);
+    let store = stores_sum(wg.x, lid);
+    if wg.x < q_groups {
+        first_weight_rows((wg.x * MV_WG + lid) * ROWS, p.n, lane, store);
+    } else {
+        let first = ((wg.x - q_groups) * MV_WG + lid) * ROWS;
+        let j0 = min(first, p.n2 - ROWS);
+        var k = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+        var v = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+        var sq = 0.0;
+        for (var c = 0u; c < p.k / 32u; c++) {
+            let x = x_shared(c, lane, false);
+            sq += x.sq;
+            let rk = row_sums(1u, j0, c, x);
+            k.lo += rk.lo;
+            k.hi += rk.hi;
+            let rv = row_sums(2u, j0, c, x);
+            v.lo += rv.lo;
+            v.hi += rv.hi;
+        }
+        let scale = norm_scale(sq);
+        if first < p.n2 {
+            store_rows(1u, j0, RowSums(k.lo * scale, k.hi * scale));
+            store_rows(2u, j0, RowSums(v.lo * scale, v.hi * scale));
+        }
     }
 }

@@ -118,7 +118,89 @@ impl Case {
     }
 }
 
-static IDX: [usize; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+static IDX: [usize; 13] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+
+/// An [`Op::NormQkv`] case of `ty` weights `dim` wide, n_q and n_kv rows, optionally with
+/// factors (q's, k's and v's, each optional), comparing buffer `out`: 3 the sum, 7-9 q, k,
+/// v.
+fn norm_qkv_case(
+    d: &mut Data,
+    ty: WeightType,
+    (dim, n_q, n_kv): (usize, usize, usize),
+    factors: Option<[Option<Vec<f32>>; 3]>,
+    out: usize,
+) -> Case {
+    let mut bufs = vec![
+        Init::Data(f32_bytes(&d.f32s(dim))),
+        Init::Data(f32_bytes(&d.f32s(dim))),
+        Init::Data(f32_bytes(&d.f32s(dim))),
+        Init::Zeros((dim * 4) as u64),
+        Init::Weights(ty, dim as u32, d.weights(ty, n_q, dim, false)),
+        Init::Weights(ty, dim as u32, d.weights(ty, n_kv, dim, false)),
+        Init::Weights(ty, dim as u32, d.weights(ty, n_kv, dim, false)),
+        Init::Zeros((n_q * 4) as u64),
+        Init::Zeros((n_kv * 4) as u64),
+        Init::Zeros((n_kv * 4) as u64),
+    ];
+    // Factors, where given, in buffers 10-12 (absent ones taking no index).
+    let mut slots = [None; 3];
+    let mut with = String::new();
+    for (i, f) in factors.into_iter().flatten().enumerate() {
+        if let Some(f) = f {
+            slots[i] = Some(&IDX[bufs.len()]);
+            bufs.push(Init::Data(f32_bytes(&f)));
+            with.push_str([" q", " k", " v"][i]);
+        }
+    }
+    let wbytes = ty.row_bytes(dim).unwrap_or(0) * (n_q + 2 * n_kv);
+    Case {
+        kernel: "norm_qkv",
+        shape: format!(
+            "{} {dim}x{n_q}+{n_kv}x2 {}{}",
+            ty.name(),
+            ["sum", "", "", "", "q", "k", "v"][out - 3],
+            if with.is_empty() {
+                String::new()
+            } else {
+                format!(" scale factors on{with}")
+            }
+        ),
+        bufs,
+        op: Op::NormQkv {
+            a: &IDX[0],
+            h: &IDX[1],
+            norm: &IDX[2],
+            sum: &IDX[3],
+            wq: &IDX[4],
+            wk: &IDX[5],
+            wv: &IDX[6],
+            q: &IDX[7],
+            k: &IDX[8],
+            v: &IDX[9],
+            q_factors: slots[0],
+            k_factors: slots[1],
+            v_factors: slots[2],
+            wtype: ty,
+            dim: dim as u32,
+            n_q: n_q as u32,
+            n_kv: n_kv as u32,
+            eps: 1e-5,
+        },
+        out,
+        out_elems: match out {
+            3 => dim,
+            7 => n_q,
+            _ => n_kv,
+        },
+        tolerance: match out {
+            // One f32 addition, the same everywhere.
+            3 => Tolerance::Exact,
+            _ => close(2e-6 * dim as f64, 1e-4),
+        },
+        work: wbytes as f64,
+        unit: Unit::GbPerS,
+    }
+}
 
 /// Deterministic test data from Philox (so every run and every machine sees the same inputs).
 #[derive(Debug)]
@@ -516,6 +598,20 @@ pub fn cases() -> Vec<Case> {
                 unit: Unit::GbPerS,
             });
         }
+        // A decode step's q, k and v products of one pending add and norm: the fused
+        // kernel's q and k/v halves (each output and the sum, a partial row group of q,
+        // SmolLM2's shape), and a q whose rows are no multiple of any row count (each
+        // product on its own there).
+        for (k, n_q, n_kv, out) in [
+            (k_small, 72usize, 24usize, 7),
+            (k_small, 72, 24, 8),
+            (k_small, 72, 24, 9),
+            (k_small, 72, 24, 3),
+            (k_big, 576, 192, 9),
+            (k_small, 67, 24, 8),
+        ] {
+            cases.push(norm_qkv_case(&mut d, ty, (k, n_q, n_kv), None, out));
+        }
     }
 
     // Trained scale factors (the "scales" adapter) multiplying the stored block scales in
@@ -583,6 +679,24 @@ pub fn cases() -> Vec<Case> {
                 work: 2.0 * (m * k * n) as f64,
                 unit: Unit::GflopPerS,
             });
+        }
+        // q, k and v each with factors (the fused kernel), and only q (each product on its
+        // own).
+        for all in [true, false] {
+            let f = |d: &mut Data, n: usize, on: bool| {
+                let v: Vec<f32> = d
+                    .f32s(n * k / ty.block_elems())
+                    .iter()
+                    .map(|v| 1.0 + 0.25 * v)
+                    .collect();
+                on.then_some(v)
+            };
+            let factors = [
+                f(&mut d, n, true),
+                f(&mut d, n / 3, all),
+                f(&mut d, n / 3, all),
+            ];
+            cases.push(norm_qkv_case(&mut d, ty, (k, n, n / 3), Some(factors), 9));
         }
         // Gate and up each with factors (the fused kernel on one token), and only the gate
         // (factors are one switch there, so the calls run one after another).

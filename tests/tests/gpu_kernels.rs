@@ -40,6 +40,7 @@ kernel_tests! {
     qmatmul_should_match_reference => "qmatmul",
     qswiglu_should_match_reference => "qswiglu",
     norm_qmatvec_should_match_reference => "norm_qmatvec",
+    norm_qkv_should_match_reference => "norm_qkv",
     rmsnorm_should_match_reference => "rmsnorm",
     add_rmsnorm_should_match_reference => "add_rmsnorm",
     rope_should_match_reference => "rope",
@@ -63,7 +64,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 32, "{kernels:?}");
+    assert_eq!(kernels.len(), 33, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of

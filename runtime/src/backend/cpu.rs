@@ -234,46 +234,8 @@ impl Backend for Cpu {
                 let (m, k, n) = (m as usize, k as usize, n as usize);
                 out.write_f32(&product(&x.f32s(m * k), (w, factors), wtype, (m, k, n))?);
             }
-            Op::QSwiGlu {
-                x,
-                gate,
-                up,
-                gate_factors,
-                up_factors,
-                out,
-                wtype,
-                m,
-                k,
-                n,
-            } => {
-                let (m, k, n) = (m as usize, k as usize, n as usize);
-                let xs = x.f32s(m * k);
-                let g = product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
-                let u = product(&xs, (up, up_factors), wtype, (m, k, n))?;
-                out.write_f32(&swiglu(&g, &u));
-            }
-            Op::NormMatvec {
-                a,
-                h,
-                norm,
-                w,
-                out,
-                sum,
-                factors,
-                up,
-                up_factors,
-                wtype,
-                k,
-                n,
-                eps,
-            } => {
-                let x = add_norm((a, h), norm, sum, (1, k as usize), eps);
-                let shape = (1, k as usize, n as usize);
-                let y = product(&x, (w, factors), wtype, shape)?;
-                out.write_f32(&match up {
-                    Some(up) => swiglu(&y, &product(&x, (up, up_factors), wtype, shape)?),
-                    None => y,
-                });
+            Op::QSwiGlu { .. } | Op::NormMatvec { .. } | Op::NormQkv { .. } => {
+                composed_products(op, product)?;
             }
             Op::Dequant {
                 w,
@@ -740,7 +702,7 @@ pub fn qmatmul(
 /// [`qmatmul`] of x with a weight buffer and its optional factors.
 fn product(
     x: &[f32],
-    (w, factors): (&CpuBuffer, Option<&CpuBuffer>),
+    (w, factors): WeightRef<'_>,
     wtype: WeightType,
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
@@ -780,6 +742,97 @@ pub fn embed(
         )?;
     }
     Ok(out)
+}
+
+/// A weight buffer and its optional scale factors, as the products take them.
+pub(crate) type WeightRef<'b> = (&'b CpuBuffer, Option<&'b CpuBuffer>);
+
+/// [`Op::QSwiGlu`], [`Op::NormMatvec`] and [`Op::NormQkv`]: their products, each through
+/// `product` (the reference's, or the host path's threaded one), composed with the add,
+/// norm and SwiGLU around them. Other ops are not composed products: `false`, nothing run.
+pub(crate) fn composed_products(
+    op: &Op<'_, CpuBuffer>,
+    product: impl Fn(&[f32], WeightRef<'_>, WeightType, (usize, usize, usize)) -> Result<Vec<f32>>,
+) -> Result<bool> {
+    match *op {
+        Op::QSwiGlu {
+            x,
+            gate,
+            up,
+            gate_factors,
+            up_factors,
+            out,
+            wtype,
+            m,
+            k,
+            n,
+        } => {
+            let (m, k, n) = (m as usize, k as usize, n as usize);
+            let xs = x.f32s(m * k);
+            let g = product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
+            let u = product(&xs, (up, up_factors), wtype, (m, k, n))?;
+            out.write_f32(&swiglu(&g, &u));
+        }
+        Op::NormMatvec {
+            a,
+            h,
+            norm,
+            w,
+            out,
+            sum,
+            factors,
+            up,
+            up_factors,
+            wtype,
+            k,
+            n,
+            eps,
+        } => {
+            let x = add_norm((a, h), norm, sum, (1, k as usize), eps);
+            let shape = (1, k as usize, n as usize);
+            let y = product(&x, (w, factors), wtype, shape)?;
+            out.write_f32(&match up {
+                Some(up) => swiglu(&y, &product(&x, (up, up_factors), wtype, shape)?),
+                None => y,
+            });
+        }
+        Op::NormQkv {
+            a,
+            h,
+            norm,
+            sum,
+            wq,
+            wk,
+            wv,
+            q,
+            k,
+            v,
+            q_factors,
+            k_factors,
+            v_factors,
+            wtype,
+            dim,
+            n_q,
+            n_kv,
+            eps,
+        } => {
+            let x = add_norm((a, h), norm, Some(sum), (1, dim as usize), eps);
+            for (w, factors, out, n) in [
+                (wq, q_factors, q, n_q),
+                (wk, k_factors, k, n_kv),
+                (wv, v_factors, v, n_kv),
+            ] {
+                out.write_f32(&product(
+                    &x,
+                    (w, factors),
+                    wtype,
+                    (1, dim as usize, n as usize),
+                )?);
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// s = a + h over `rows` rows of `dim`, stored to `sum` where given, and rmsnorm(s) *

@@ -6,7 +6,7 @@
 //! oracle; the conformance suite checks this backend against it.
 
 use super::cpu::{
-    AttnCall, AttnShape, Cpu, CpuBuffer, add_norm, perturb_addr, softmax, swiglu,
+    AttnCall, AttnShape, Cpu, CpuBuffer, WeightRef, composed_products, perturb_addr, softmax,
     zo_accumulate_range, zo_weights_range,
 };
 use super::pool::Pool;
@@ -973,7 +973,7 @@ impl Host {
     fn product(
         &self,
         x: &[f32],
-        (w, factors): (&CpuBuffer, Option<&CpuBuffer>),
+        (w, factors): WeightRef<'_>,
         wtype: WeightType,
         (m, k, n): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
@@ -1029,49 +1029,9 @@ impl Backend for Host {
                 out.write_f32(&result);
                 Ok(())
             }
-            Op::QSwiGlu {
-                x,
-                gate,
-                up,
-                gate_factors,
-                up_factors,
-                out,
-                wtype,
-                m,
-                k,
-                n,
-            } => {
+            Op::QSwiGlu { .. } | Op::NormMatvec { .. } | Op::NormQkv { .. } => {
                 op.check(|b| self.size(b))?;
-                let (m, k, n) = (m as usize, k as usize, n as usize);
-                let xs = x.f32s(m * k);
-                let g = self.product(&xs, (gate, gate_factors), wtype, (m, k, n))?;
-                let u = self.product(&xs, (up, up_factors), wtype, (m, k, n))?;
-                out.write_f32(&swiglu(&g, &u));
-                Ok(())
-            }
-            Op::NormMatvec {
-                a,
-                h,
-                norm,
-                w,
-                out,
-                sum,
-                factors,
-                up,
-                up_factors,
-                wtype,
-                k,
-                n,
-                eps,
-            } => {
-                op.check(|b| self.size(b))?;
-                let x = add_norm((a, h), norm, sum, (1, k as usize), eps);
-                let shape = (1, k as usize, n as usize);
-                let y = self.product(&x, (w, factors), wtype, shape)?;
-                out.write_f32(&match up {
-                    Some(up) => swiglu(&y, &self.product(&x, (up, up_factors), wtype, shape)?),
-                    None => y,
-                });
+                composed_products(op, |x, w, wtype, shape| self.product(x, w, wtype, shape))?;
                 Ok(())
             }
             Op::QMatmulT {

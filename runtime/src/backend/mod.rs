@@ -102,6 +102,32 @@ pub enum Op<'a, B> {
         n: u32,
         eps: f32,
     },
+    /// A decode step's q, k and v products of one pending add and norm, in one call: s =
+    /// a + h stored to `sum` and x = rmsnorm(s) * norm as in [`Op::NormMatvec`] (`sum`
+    /// neither `a` nor `h`), then q\[n_q\] = x * dequant(wq)^T, k\[n_kv\] = x *
+    /// dequant(wk)^T and v\[n_kv\] = x * dequant(wv)^T, the three weights of one type and
+    /// width `dim`, each with its optional factors as in [`Op::QMatmul`]. A device with a
+    /// fused kernel runs one dispatch where three [`Op::NormMatvec`] run three.
+    NormQkv {
+        a: &'a B,
+        h: &'a B,
+        norm: &'a B,
+        sum: &'a B,
+        wq: &'a B,
+        wk: &'a B,
+        wv: &'a B,
+        q: &'a B,
+        k: &'a B,
+        v: &'a B,
+        q_factors: Option<&'a B>,
+        k_factors: Option<&'a B>,
+        v_factors: Option<&'a B>,
+        wtype: WeightType,
+        dim: u32,
+        n_q: u32,
+        n_kv: u32,
+        eps: f32,
+    },
     /// out\[rows, cols\] = dequant(w) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
@@ -435,6 +461,7 @@ impl<'a, B> Op<'a, B> {
             QMatmul { x, w, out; wtype, m, k, n; factors }
             QSwiGlu { x, gate, up, out; wtype, m, k, n; gate_factors, up_factors }
             NormMatvec { a, h, norm, w, out; wtype, k, n, eps; sum, factors, up, up_factors }
+            NormQkv { a, h, norm, sum, wq, wk, wv, q, k, v; wtype, dim, n_q, n_kv, eps; q_factors, k_factors, v_factors }
             Dequant { w, out; wtype, rows, cols; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
@@ -642,6 +669,7 @@ impl<B> Op<'_, B> {
             Op::QMatmul { .. } => "qmatmul",
             Op::QSwiGlu { .. } => "qswiglu",
             Op::NormMatvec { .. } => "norm_qmatvec",
+            Op::NormQkv { .. } => "norm_qkv",
             Op::Dequant { .. } => "dequant",
 
             Op::Embed { .. } => "embed",
@@ -772,6 +800,44 @@ impl<B> Op<'_, B> {
                     }
                 }
                 need(op, "out", size(out), u64::from(n), 4)
+            }
+            Op::NormQkv {
+                a,
+                h,
+                norm,
+                sum,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                q_factors,
+                k_factors,
+                v_factors,
+                wtype,
+                dim,
+                n_q,
+                n_kv,
+                eps,
+            } => {
+                nonzero(op, &[("dim", dim), ("n_q", n_q), ("n_kv", n_kv)])?;
+                check_eps(op, eps)?;
+                for (name, b) in [("a", a), ("h", h), ("norm", norm), ("sum", sum)] {
+                    need(op, name, size(b), u64::from(dim), 4)?;
+                }
+                for (name, w, f, out, fname, oname, n) in [
+                    ("wq", wq, q_factors, q, "q_factors", "q", n_q),
+                    ("wk", wk, k_factors, k, "k_factors", "k", n_kv),
+                    ("wv", wv, v_factors, v, "v_factors", "v", n_kv),
+                ] {
+                    need(op, name, size(w), weight_bytes(op, wtype, n, dim)?, 1)?;
+                    if let Some(f) = f {
+                        need(op, fname, size(f), block_count(op, wtype, n, dim)?, 4)?;
+                    }
+                    need(op, oname, size(out), u64::from(n), 4)?;
+                }
+                Ok(())
             }
             Op::Dequant {
                 w,

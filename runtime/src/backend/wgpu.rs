@@ -235,18 +235,36 @@ pub struct Gpu {
     x_texture: Mutex<Option<wgpu::Texture>>,
 }
 
-/// A one-token product as [`Gpu::matvec_sg8`] takes it: out = dequant(w) x, or with `up`
-/// silu(dequant(w) x) * (dequant(up) x); each weight with its optional factors.
+/// A weight buffer and its optional scale factors.
+type WeightRef<'a> = (&'a GpuBuffer, Option<&'a GpuBuffer>);
+
+/// A one-token product as [`Gpu::matvec_sg8`] takes it: out = dequant(w) x, and with
+/// `more` other products of the same x.
 struct Matvec<'a> {
     /// x, or with `norm` the addend h of the pending add whose norm is x.
     x: &'a GpuBuffer,
     norm: Option<PendingNorm<'a>>,
-    w: (&'a GpuBuffer, Option<&'a GpuBuffer>),
-    up: Option<(&'a GpuBuffer, Option<&'a GpuBuffer>)>,
+    w: WeightRef<'a>,
+    more: More<'a>,
     out: &'a GpuBuffer,
     wtype: WeightType,
     k: u32,
     n: u32,
+}
+
+/// The products beside `w`'s in one [`Matvec`] dispatch.
+enum More<'a> {
+    None,
+    /// SwiGLU's up weight: out = silu(dequant(w) x) * (dequant(up) x).
+    Up(WeightRef<'a>),
+    /// k and v of [`Op::NormQkv`] (`w` q's), each of `n` rows, into their own outputs.
+    Kv {
+        k: WeightRef<'a>,
+        v: WeightRef<'a>,
+        k_out: &'a GpuBuffer,
+        v_out: &'a GpuBuffer,
+        n: u32,
+    },
 }
 
 /// [`Op::NormMatvec`]'s residual, norm weight, optional sum and epsilon.
@@ -338,7 +356,7 @@ impl Gpu {
         let limits = adapter.limits();
         let mut features = adapter.features();
         // The subgroup products also bind their weights and x as read-only storage
-        // textures (three per kernel, beside nine storage buffers); without those no
+        // textures (four per kernel, beside thirteen storage buffers); without those no
         // subgroup kernel is used.
         if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
@@ -627,31 +645,56 @@ impl Gpu {
     }
 
     /// One token's product `out = dequant(w) x` on subgroups of 8 (`qmatvec_sg8`) in the
-    /// tuned shape `mv`, or with `up` the gate (`w`) and up products and SwiGLU in one
-    /// dispatch (`qmatvec_swiglu_sg8`), either with x made by a pending add and norm where
-    /// `norm`; `false`, with nothing recorded, where the shape, the device or the format
-    /// does not take them.
+    /// tuned shape `mv`, or with `more` the gate (`w`) and up products and SwiGLU in one
+    /// dispatch (`qmatvec_swiglu_sg8`) or the q (`w`), k and v products in one
+    /// (`qmatvec_qkv_sg8`), each with x made by a pending add and norm where `norm`;
+    /// `false`, with nothing recorded, where the shape, the device or the format does not
+    /// take them.
     fn matvec_sg8(&self, mv: tune::MatvecShape, p: &Matvec<'_>) -> Result<bool> {
         let (w, factors) = p.w;
-        // One FACTORS override covers both weights.
-        let same_factors = p.up.is_none_or(|(_, f)| f.is_some() == factors.is_some());
-        if !(self.takes_sg8(mv, p.wtype) && same_factors) {
+        let (second, third, n2) = match p.more {
+            More::None => (None, None, p.n),
+            More::Up(up) => (Some(up), None, p.n),
+            More::Kv { k, v, n, .. } => (Some(k), Some(v), n),
+        };
+        // One FACTORS override covers every weight.
+        let same_factors = [second, third]
+            .iter()
+            .flatten()
+            .all(|(_, f)| f.is_some() == factors.is_some());
+        // q, k and v in one dispatch need whole row groups of the tuned shape in each.
+        let whole = third.is_none() || (p.n.is_multiple_of(mv.rows) && n2.is_multiple_of(mv.rows));
+        if !(self.takes_sg8(mv, p.wtype) && same_factors && whole) {
             return Ok(false);
         }
         let (k, n) = (p.k, p.n);
-        let name = match (p.up.is_some(), p.norm.is_some()) {
-            (_, true) => "norm_qmatvec",
-            (true, false) => "qswiglu",
-            (false, false) => "qmatvec",
+        let (name, entry) = match (&p.more, p.norm.is_some()) {
+            (More::Kv { .. }, _) => ("norm_qkv", "qmatvec_qkv_sg8"),
+            (More::Up(_), true) => ("norm_qmatvec", "qmatvec_swiglu_sg8"),
+            (More::None, true) => ("norm_qmatvec", "qmatvec_sg8"),
+            (More::Up(_), false) => ("qswiglu", "qmatvec_swiglu_sg8"),
+            (More::None, false) => ("qmatvec", "qmatvec_sg8"),
         };
         let row_bytes = p.wtype.row_bytes(k as usize)? as u32;
-        // Both weights from textures, or both from buffers.
-        let textures = match (mv.texture, p.up) {
-            (false, _) => None,
-            (true, None) => self.weight_texture(w).map(|t| (t, &self.no_texture)),
-            (true, Some((u, _))) => self.weight_texture(w).zip(self.weight_texture(u)),
+        // Every weight from a texture, or every one from its buffer.
+        let textures = if mv.texture {
+            let views = [Some(w), second.map(|s| s.0), third.map(|t| t.0)].map(|b| match b {
+                Some(b) => self.weight_texture(b),
+                None => Some(&self.no_texture),
+            });
+            match views {
+                [Some(a), Some(b), Some(c)] => Some([a, b, c]),
+                _ => None,
+            }
+        } else {
+            None
         };
-        let (w2, factors2) = p.up.unwrap_or((w, factors));
+        let (w2, factors2) = second.unwrap_or((w, factors));
+        let (w3, factors3) = third.unwrap_or((w, factors));
+        let (out2, out3) = match p.more {
+            More::Kv { k_out, v_out, .. } => (k_out, v_out),
+            _ => (p.out, p.out),
+        };
         // Unused bindings get buffers already bound the same way (read-only, or `out`).
         let (resid, norm_w, sum, eps) = match &p.norm {
             Some(nm) => (nm.a, nm.weight, nm.sum.unwrap_or(p.out), nm.eps),
@@ -660,22 +703,22 @@ impl Gpu {
         let summed = p.norm.as_ref().is_some_and(|nm| nm.sum.is_some());
         // Each invocation owns `rows` adjacent rows, whose scales are adjacent words only in
         // whole row groups or where n is a multiple of `rows`; otherwise the last, partial
-        // row group takes one row per invocation.
+        // row group takes one row per invocation (never with k and v: `whole` above).
         let tuned_end = if n.is_multiple_of(mv.rows) {
             n
         } else {
             n - n % SPLIT_ROW_GROUP as u32
         };
         let ranges = [(0, tuned_end, mv.rows), (tuned_end, n, 1)];
+        let per_group = |rows: u32, count: u32| count.div_ceil(rows * mv.wg);
         for (row0, end, rows) in ranges.into_iter().filter(|(a, b, _)| a < b) {
-            let groups = u64::from((end - row0).div_ceil(rows * mv.wg));
+            let groups = match p.more {
+                More::Kv { .. } => per_group(rows, n) + per_group(rows, n2),
+                _ => per_group(rows, end - row0),
+            };
             let d = Dispatch {
                 family: "quant_sg",
-                entry: if p.up.is_some() {
-                    "qmatvec_swiglu_sg8"
-                } else {
-                    "qmatvec_sg8"
-                },
+                entry,
                 overrides: vec![
                     ("WTYPE", p.wtype.shader_code()),
                     ("FACTORS", u32::from(factors.is_some())),
@@ -695,12 +738,16 @@ impl Gpu {
                     (13, resid),
                     (14, norm_w),
                     (15, sum),
+                    (16, w3),
+                    (17, factors3.unwrap_or(w3)),
+                    (19, out2),
+                    (20, out3),
                 ],
-                params: vec![1, k, n, row_bytes, row0, end, eps.to_bits()],
-                groups: self.check_grid(name, groups, 1)?,
+                params: vec![1, k, n, row_bytes, row0, end, eps.to_bits(), n2],
+                groups: self.check_grid(name, u64::from(groups), 1)?,
             };
-            let (t1, t2) = textures.unwrap_or((&self.no_texture, &self.no_texture));
-            self.dispatch_with(d, &[(8, t1), (12, t2)])?;
+            let [t1, t2, t3] = textures.unwrap_or([&self.no_texture; 3]);
+            self.dispatch_with(d, &[(8, t1), (12, t2), (18, t3)])?;
         }
         Ok(true)
     }
@@ -1039,11 +1086,11 @@ fn writable_bindings(src: &str) -> u32 {
     parsed.iter().fold(0, |bits, b| bits | 1 << b)
 }
 
-/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, three to a
-/// kernel beside nine storage buffers (`qmatvec_swiglu_sg8`), as wgpu will check it: from the
-/// adapter on downlevel devices, else from
-/// WebGPU's guarantees (the device never requests
-/// `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask the adapter).
+/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, four to a
+/// kernel (`qmatmul_sg8`) beside thirteen storage buffers (the one-token kernels), as wgpu
+/// will check it: from the adapter on downlevel devices, else from WebGPU's guarantees (the
+/// device never requests `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu
+/// ask the adapter).
 fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
     let format = wgpu::TextureFormat::Rgba32Uint;
     let usable = |f: wgpu::TextureFormatFeatures| {
@@ -1061,8 +1108,8 @@ fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) ->
     } else {
         format.guaranteed_format_features(wgpu::Features::empty())
     };
-    limits.max_storage_textures_per_shader_stage >= 3
-        && limits.max_storage_buffers_per_shader_stage >= 9
+    limits.max_storage_textures_per_shader_stage >= 4
+        && limits.max_storage_buffers_per_shader_stage >= 13
         && usable(features)
 }
 
@@ -1381,7 +1428,8 @@ impl Backend for Gpu {
                             ("TEX", u32::from(texture.is_some())),
                             ("XTEX", u32::from(xt.is_some())),
                         ],
-                        // 10-12: the second weight of `qmatvec_swiglu_sg8`, unused here.
+                        // 10-12 and 16-18: the second and third weights of the one-token
+                        // kernels, unused here.
                         bindings: vec![
                             (1, w),
                             (4, out),
@@ -1390,6 +1438,8 @@ impl Backend for Gpu {
                             (7, factors.unwrap_or(w)),
                             (10, w),
                             (11, w),
+                            (16, w),
+                            (17, w),
                         ],
                         params: vec![m, k, n, row_bytes, 0, n],
                         groups: self.check_grid(
@@ -1404,6 +1454,7 @@ impl Backend for Gpu {
                             (8, texture.unwrap_or(&self.no_texture)),
                             (9, xt.as_ref().unwrap_or(&self.no_texture)),
                             (12, &self.no_texture),
+                            (18, &self.no_texture),
                         ],
                     );
                 }
@@ -1442,7 +1493,7 @@ impl Backend for Gpu {
                     x,
                     norm: None,
                     w: (w, factors),
-                    up: None,
+                    more: More::None,
                     out,
                     wtype,
                     k,
@@ -1505,7 +1556,7 @@ impl Backend for Gpu {
                     x,
                     norm: None,
                     w: (gate, gate_factors),
-                    up: Some((up, up_factors)),
+                    more: More::Up((up, up_factors)),
                     out,
                     wtype,
                     k,
@@ -1563,7 +1614,7 @@ impl Backend for Gpu {
                         eps,
                     }),
                     w: (w, factors),
-                    up: up.map(|u| (u, up_factors)),
+                    more: up.map_or(More::None, |u| More::Up((u, up_factors))),
                     out,
                     wtype,
                     k,
@@ -1615,6 +1666,77 @@ impl Backend for Gpu {
                         n,
                     }),
                 };
+            }
+            Op::NormQkv {
+                a,
+                h,
+                norm,
+                sum,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                q_factors,
+                k_factors,
+                v_factors,
+                wtype,
+                dim,
+                n_q,
+                n_kv,
+                eps,
+            } => {
+                let fused = Matvec {
+                    x: h,
+                    norm: Some(PendingNorm {
+                        a,
+                        weight: norm,
+                        sum: Some(sum),
+                        eps,
+                    }),
+                    w: (wq, q_factors),
+                    more: More::Kv {
+                        k: (wk, k_factors),
+                        v: (wv, v_factors),
+                        k_out: k,
+                        v_out: v,
+                        n: n_kv,
+                    },
+                    out: q,
+                    wtype,
+                    k: dim,
+                    n: n_q,
+                };
+                if self.matvec_sg8(self.matvec_shape(n_q), &fused)? {
+                    return Ok(());
+                }
+                // Elsewhere each product with the add and norm (q's storing the sum).
+                for (i, (w, factors, out, n)) in [
+                    (wq, q_factors, q, n_q),
+                    (wk, k_factors, k, n_kv),
+                    (wv, v_factors, v, n_kv),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    self.run(&Op::NormMatvec {
+                        a,
+                        h,
+                        norm,
+                        w,
+                        out,
+                        sum: (i == 0).then_some(sum),
+                        factors,
+                        up: None,
+                        up_factors: None,
+                        wtype,
+                        k: dim,
+                        n,
+                        eps,
+                    })?;
+                }
+                return Ok(());
             }
             Op::Dequant {
                 w,

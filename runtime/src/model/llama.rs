@@ -1341,6 +1341,14 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(scratch)
     }
 
+    /// Whether `layer`'s q, k and v weights can be one [`Op::NormQkv`]: of one type and
+    /// width, k's and v's of one shape.
+    fn same_qkv(layer: &Layer<B>) -> bool {
+        let (q, k, v) = (&layer.q.weight, &layer.k.weight, &layer.v.weight);
+        (q.wtype, q.cols) == (k.wtype, k.cols)
+            && (k.wtype, k.rows, k.cols) == (v.wtype, v.rows, v.cols)
+    }
+
     /// Whether `layer` of a forward pass of `t` tokens in the sequences `segs` takes the
     /// layer before's residual add pending ([`LayerIn::Pending`]): one decode step into the
     /// cache, q, k and v plain and the backend fusing the norm into their products.
@@ -1409,7 +1417,32 @@ impl<'b, B: Backend> Model<'b, B> {
                 eps: c.rms_eps,
             })?,
             LayerIn::Normed => {}
-            // x = x2 + h, normed into each of q, k and v (q's call storing x).
+            // x = x2 + h, normed into q, k and v in one call where their weights are of
+            // one type and width (and k's and v's of one shape).
+            LayerIn::Pending if Self::same_qkv(layer) => {
+                let (wq, wk, wv) = (&layer.q.weight, &layer.k.weight, &layer.v.weight);
+                be.run(&Op::NormQkv {
+                    a: x2,
+                    h,
+                    norm: &layer.attn_norm,
+                    sum: x,
+                    wq: &wq.buf,
+                    wk: &wk.buf,
+                    wv: &wv.buf,
+                    q,
+                    k,
+                    v,
+                    q_factors: wq.scale_factors.as_ref(),
+                    k_factors: wk.scale_factors.as_ref(),
+                    v_factors: wv.scale_factors.as_ref(),
+                    wtype: wq.wtype,
+                    dim: wq.cols,
+                    n_q: wq.rows,
+                    n_kv: wk.rows,
+                    eps: c.rms_eps,
+                })?;
+            }
+            // Elsewhere each of q, k and v takes it (q's call storing x).
             LayerIn::Pending => {
                 for (i, (l, out)) in [(&layer.q, q), (&layer.k, k), (&layer.v, v)]
                     .into_iter()
