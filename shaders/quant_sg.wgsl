@@ -637,26 +637,35 @@ fn silu4(v: vec4<f32>) -> vec4<f32> {
 fn qmatvec_swiglu_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
     let j0 = min(first, p.row_end - ROWS);
-    let store = stores_sum(wg.x, lid);
-    var g = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-    var u = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    let r = pair_rows(0u, j0, lane, stores_sum(wg.x, lid));
+    if first < p.row_end {
+        store_rows(0u, j0, RowSums(silu4(r.a.lo) * r.b.lo, silu4(r.a.hi) * r.b.hi));
+    }
+}
+
+// Rows j0 .. j0+ROWS of weights `which` and `which` + 1 (a literal) times x, each chunk of x
+// loaded once for both; called in uniform control flow.
+struct PairSums {
+    a: RowSums,
+    b: RowSums,
+}
+
+fn pair_rows(which: u32, j0: u32, lane: u32, store: bool) -> PairSums {
+    var a = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
+    var b = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
     var sq = 0.0;
     for (var c = 0u; c < p.k / 32u; c++) {
         let x = x_shared(c, lane, store);
         sq += x.sq;
-        let rg = row_sums(0u, j0, c, x);
-        g.lo += rg.lo;
-        g.hi += rg.hi;
-        let ru = row_sums(1u, j0, c, x);
-        u.lo += ru.lo;
-        u.hi += ru.hi;
+        let ra = row_sums(which, j0, c, x);
+        a.lo += ra.lo;
+        a.hi += ra.hi;
+        let rb = row_sums(which + 1u, j0, c, x);
+        b.lo += rb.lo;
+        b.hi += rb.hi;
     }
     let scale = norm_scale(sq);
-    g = RowSums(g.lo * scale, g.hi * scale);
-    u = RowSums(u.lo * scale, u.hi * scale);
-    if first < p.row_end {
-        store_rows(0u, j0, RowSums(silu4(g.lo) * u.lo, silu4(g.hi) * u.hi));
-    }
+    return PairSums(RowSums(a.lo * scale, a.hi * scale), RowSums(b.lo * scale, b.hi * scale));
 }
 
 // A decode step's q, k and v products of one x (normed as in `qmatvec_sg8` where NORM) in
@@ -674,23 +683,10 @@ fn qmatvec_qkv_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     } else {
         let first = ((wg.x - q_groups) * MV_WG + lid) * ROWS;
         let j0 = min(first, p.n2 - ROWS);
-        var k = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-        var v = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
-        var sq = 0.0;
-        for (var c = 0u; c < p.k / 32u; c++) {
-            let x = x_shared(c, lane, false);
-            sq += x.sq;
-            let rk = row_sums(1u, j0, c, x);
-            k.lo += rk.lo;
-            k.hi += rk.hi;
-            let rv = row_sums(2u, j0, c, x);
-            v.lo += rv.lo;
-            v.hi += rv.hi;
-        }
-        let scale = norm_scale(sq);
+        let r = pair_rows(1u, j0, lane, false);
         if first < p.n2 {
-            store_rows(1u, j0, RowSums(k.lo * scale, k.hi * scale));
-            store_rows(2u, j0, RowSums(v.lo * scale, v.hi * scale));
+            store_rows(1u, j0, r.a);
+            store_rows(2u, j0, r.b);
         }
     }
 }
