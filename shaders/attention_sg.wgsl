@@ -281,7 +281,8 @@ fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgrou
 // eighth of every head's query and accumulator (DL vec4s), loads that eighth of each key
 // and value row, and `subgroupAdd` completes the dot products. It leaves each query
 // head's unnormalised accumulator, running maximum and sum in `part`; `attention_merge`
-// combines a head's chunks into `out`. With TEX the keys and values are read from
+// combines a head's chunks into `out`. A context of one chunk is written to `out` whole
+// (a dispatch fewer: on lavapipe each costs more than the positions). With TEX the keys and values are read from
 // textures holding the cache's rows (one row per position, backend::wgpu keeps them in
 // step with the buffers) instead of the buffers.
 //
@@ -368,6 +369,15 @@ fn attention_dsg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invoc
         }
     }
     for (var g = 0u; g < GQA; g++) {
+        if chunks == 1u {
+            // The whole context in this workgroup: normalised straight into `out`, with no
+            // merge dispatch after it.
+            let o = ((p.row0 + t) * p.n_heads + kvh * GQA + g) * HD4 + lane * DL;
+            for (var j = 0u; j < DL; j++) {
+                out4[o + j] = acc[g * 4u + j] / sum[g];
+            }
+            continue;
+        }
         let at = ((t * p.n_heads + kvh * GQA + g) * chunks + wid.x) * (HD4 * 4u + 2u);
         for (var j = 0u; j < DL; j++) {
             let a = acc[g * 4u + j];

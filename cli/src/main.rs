@@ -145,7 +145,7 @@ struct DeviceArgs {
     wgpu_backend: Option<String>,
     /// GPU kernel shapes: `cached` (measured on first use of an adapter and driver, then
     /// read from the cache), `measure` (again, replacing the cache), `defaults`, or forced
-    /// as matvec=WGxROWS[s|g|gt],matvec_wide=WGxROWS[s|g|gt],attention_decode=WG[s|q|d|dt],
+    /// as matvec=WGxROWS[s|g|gt],matvec_wide=WGxROWS[s|g|gt],attention_decode=WG[s|q|d|dt][/N],
     /// attention_prefill=portable|sg8,prompt_matmul=portable|sg8|sg8t (keys left out keep their
     /// defaults).
     #[arg(long, default_value = "cached", value_parser = parse_tuning)]

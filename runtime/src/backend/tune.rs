@@ -135,6 +135,10 @@ pub struct AttentionShape {
     /// With `subgroup`, the keys and values are read from textures kept in step with the
     /// cache (written `WGdt`) after a call's first position; the cache is then held twice.
     pub texture: bool,
+    /// With `subgroup`, a context of up to this many positions runs in one workgroup per
+    /// (token, kv head), written straight into the output: no merge dispatch, less
+    /// parallelism (written `WGd[t]/N`); 0: always chunks of `wg`.
+    pub one_pass: u32,
 }
 
 impl AttentionShape {
@@ -146,6 +150,7 @@ impl AttentionShape {
             gqa: false,
             subgroup: false,
             texture: false,
+            one_pass: 0,
         }
     }
 
@@ -157,7 +162,10 @@ impl AttentionShape {
             (_, _, true, false) => "d",
             _ => "",
         };
-        format!("{}{suffix}", self.wg)
+        match self.one_pass {
+            0 => format!("{}{suffix}", self.wg),
+            n => format!("{}{suffix}/{n}", self.wg),
+        }
     }
 }
 
@@ -172,6 +180,8 @@ const ATTENTION_WG: [u32; 3] = [4, 16, 64];
 const ATTENTION_SPLIT: [u32; 2] = [8, 16];
 /// Positions per workgroup of `attention_dsg8`.
 const ATTENTION_CHUNK: [u32; 2] = [32, 64];
+/// Contexts `attention_dsg8` may take in one pass, longest first.
+const ONE_PASS: [u32; 4] = [1024, 768, 512, 256];
 
 fn attention_candidates() -> Vec<AttentionShape> {
     let one = ATTENTION_WG.map(AttentionShape::v4);
@@ -297,6 +307,10 @@ impl KernelShapes {
                 "matvec" => s.matvec = matvec(value)?,
                 "matvec_wide" => s.matvec_wide = matvec(value)?,
                 "attention_decode" => {
+                    let (value, one_pass) = match value.split_once('/') {
+                        Some((v, n)) => (v, num(n, &ONE_PASS)?),
+                        None => (value, 0),
+                    };
                     let gqa = value.strip_suffix('q');
                     let texture = value.strip_suffix("dt");
                     s.attention_decode = if let Some(wg) = gqa.or_else(|| value.strip_suffix('s')) {
@@ -309,10 +323,16 @@ impl KernelShapes {
                         AttentionShape {
                             subgroup: true,
                             texture: texture.is_some(),
+                            one_pass,
                             ..AttentionShape::v4(num(wg, &ATTENTION_CHUNK)?)
                         }
                     } else {
                         AttentionShape::v4(num(value, &ATTENTION_WG)?)
+                    };
+                    if one_pass > 0 && !s.attention_decode.subgroup {
+                        return Err(bad(format!(
+                            "{key}={value}/{one_pass}: one pass is for the subgroup form (d, dt)"
+                        )));
                     }
                 }
                 "attention_prefill" | "prompt_matmul" => {
@@ -350,16 +370,24 @@ impl KernelShapes {
     }
 
     /// Shapes that hold every candidate of each kind: each matrix-vector form once, the
-    /// attention forms in turn beside them (what the tests run on a device).
+    /// attention forms in turn beside them (what the tests run on a device), the subgroup
+    /// form's second turn in one pass up to the shortest context it may take.
     pub fn covering() -> Vec<KernelShapes> {
         let attention = attention_candidates();
+        let shortest = ONE_PASS[ONE_PASS.len() - 1];
         matvec_candidates()
             .into_iter()
             .enumerate()
             .map(|(i, m)| KernelShapes {
                 matvec: m,
                 matvec_wide: m,
-                attention_decode: attention[i % attention.len()],
+                attention_decode: match attention[i % attention.len()] {
+                    a if a.subgroup && (i / attention.len()) % 2 == 1 => AttentionShape {
+                        one_pass: shortest,
+                        ..a
+                    },
+                    a => a,
+                },
                 attention_prefill: VARIANTS[i % VARIANTS.len()],
                 prompt_matmul: PROMPT_VARIANTS[(i / 2) % PROMPT_VARIANTS.len()],
             })
@@ -511,6 +539,76 @@ const LAYER_PRODUCTS: &[(u32, u32)] = &[
     (1536, 576),
 ];
 
+/// SmolLM2-135M's query heads, kv heads and head size.
+const ATTENTION_HEADS: (u32, u32, u32) = (9, 3, 64);
+
+/// A decode step's attention over `pos0 + 1` positions of [`ATTENTION_HEADS`], with the
+/// RoPE and cache write before it.
+struct DecodeAttention {
+    step: GpuBuffer,
+    q: GpuBuffer,
+    new_kv: GpuBuffer,
+    table: GpuBuffer,
+    k: GpuBuffer,
+    v: GpuBuffer,
+    out: GpuBuffer,
+    pos0: u32,
+}
+
+impl DecodeAttention {
+    fn new(gpu: &Gpu, pos0: u32) -> Result<DecodeAttention> {
+        let (heads, kv_heads, hd) = ATTENTION_HEADS;
+        let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
+        Ok(DecodeAttention {
+            step: gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?,
+            q: gpu.alloc(u64::from(heads * hd) * 4, "tune q")?,
+            new_kv: gpu.upload_f32(&vec![0.1; (kv_heads * hd) as usize], "tune kv")?,
+            table: gpu.upload_f32(
+                &rope_table(10000.0, hd, pos0 + 1, &RopeScaling::None),
+                "tune rope",
+            )?,
+            k: gpu.upload_f32(&kv, "tune k")?,
+            v: gpu.upload_f32(&kv, "tune v")?,
+            out: gpu.alloc(u64::from(heads * hd) * 4, "tune out")?,
+            pos0,
+        })
+    }
+
+    fn ops(&self) -> [Op<'_, GpuBuffer>; 2] {
+        let (n_heads, n_kv_heads, head_dim) = ATTENTION_HEADS;
+        [
+            Op::RopeKv {
+                q: &self.step,
+                k: &self.new_kv,
+                v: &self.new_kv,
+                table: &self.table,
+                q_out: &self.q,
+                k_cache: &self.k,
+                v_cache: &self.v,
+                n_tokens: 1,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0: self.pos0,
+                style: RopeStyle::HalfSplit,
+            },
+            Op::Attention {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                out: &self.out,
+                n_tokens: 1,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0: self.pos0,
+                row0: 0,
+                scale: 0.125,
+            },
+        ]
+    }
+}
+
 /// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output head, a
 /// decode step's attention at 512 positions with its RoPE and cache write; where subgroups are 8 invocations, also a
 /// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
@@ -570,57 +668,14 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     }
     // A decode step's attention with the RoPE and cache write before it, as a model runs
     // them: the KV textures' copy of each new row is part of what is timed.
-    let (heads, kv_heads, hd, pos0) = (9u32, 3u32, 64u32, 511u32);
-    let step = gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?;
-    let q = gpu.alloc(u64::from(heads * hd) * 4, "tune q")?;
-    let new_kv = gpu.upload_f32(&vec![0.1; (kv_heads * hd) as usize], "tune kv")?;
-    let table = gpu.upload_f32(
-        &rope_table(10000.0, hd, pos0 + 1, &RopeScaling::None),
-        "tune rope",
-    )?;
-    let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
-    let (kb, vb) = (
-        gpu.upload_f32(&kv, "tune k")?,
-        gpu.upload_f32(&kv, "tune v")?,
-    );
-    let out = gpu.alloc(u64::from(heads * hd) * 4, "tune out")?;
-    let ops = [
-        Op::RopeKv {
-            q: &step,
-            k: &new_kv,
-            v: &new_kv,
-            table: &table,
-            q_out: &q,
-            k_cache: &kb,
-            v_cache: &vb,
-            n_tokens: 1,
-            n_heads: heads,
-            n_kv_heads: kv_heads,
-            head_dim: hd,
-            pos0,
-            style: RopeStyle::HalfSplit,
-        },
-        Op::Attention {
-            q: &q,
-            k: &kb,
-            v: &vb,
-            out: &out,
-            n_tokens: 1,
-            n_heads: heads,
-            n_kv_heads: kv_heads,
-            head_dim: hd,
-            pos0,
-            row0: 0,
-            scale: 0.125,
-        },
-    ];
+    let at = DecodeAttention::new(gpu, 511)?;
     let candidates = attention_candidates()
         .into_iter()
         .filter(|a| !a.subgroup || gpu.subgroups_of_8())
         .collect();
     best.attention_decode = fastest_for_memory(
         gpu,
-        &ops,
+        &at.ops(),
         candidates,
         |a| a.texture,
         TEXTURE_GAIN,
@@ -635,8 +690,35 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             )
         },
     )?;
+    // One pass instead of the chosen chunks and their merge, for the longest context at
+    // which it is still faster, measured there: its time grows with the context, the
+    // chunks' hardly.
+    if best.attention_decode.subgroup {
+        for n in ONE_PASS {
+            let at = DecodeAttention::new(gpu, n - 1)?;
+            let chunked = best.attention_decode;
+            let one = AttentionShape {
+                one_pass: n,
+                ..chunked
+            };
+            let (choice, _) = fastest(gpu, &at.ops(), vec![chunked, one], &mut timings, |a| {
+                (
+                    KernelShapes {
+                        attention_decode: a,
+                        ..best
+                    },
+                    format!("attention decode at {n} positions {}", a.spec()),
+                )
+            })?;
+            if choice.one_pass > 0 {
+                best.attention_decode = choice;
+                break;
+            }
+        }
+    }
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
+        let (heads, kv_heads, hd) = ATTENTION_HEADS;
         let tokens = 128u32;
         let qn = (tokens * heads * hd) as usize;
         let q = gpu.upload_f32(&vec![0.1; qn], "tune q")?;
@@ -807,6 +889,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .iter()
         .map(MatvecShape::spec)
         .chain(attention_candidates().iter().map(AttentionShape::spec))
+        .chain(ONE_PASS.iter().map(|n| format!("/{n}")))
         .chain(PROMPT_VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
@@ -1022,6 +1105,11 @@ mod tests {
             .unwrap()
             .attention_decode;
         assert!(a.subgroup && !a.texture && a.wg == 32 && a.spec() == "32d");
+        let a = KernelShapes::parse("attention_decode=64dt/512")
+            .unwrap()
+            .attention_decode;
+        assert!(a.subgroup && a.texture && a.wg == 64 && a.one_pass == 512);
+        assert_eq!(a.spec(), "64dt/512");
         assert_eq!(partial.matvec, KernelShapes::default().matvec);
         let split = KernelShapes::parse("matvec_wide=32x8s")
             .unwrap()
@@ -1048,6 +1136,9 @@ mod tests {
             "attention_decode=16d",
             "attention_decode=32td",
             "attention_decode=32dq",
+            "attention_decode=32dt/300",
+            "attention_decode=16q/512",
+            "attention_decode=32dt/",
             "matvec=16",
             "speed=11",
             "matvec",

@@ -1950,10 +1950,16 @@ impl Backend for Gpu {
                     scale.to_bits(),
                     row0,
                 ];
-                let wg = shape.wg;
+                // Positions per workgroup of the subgroup form: the whole context where
+                // it takes it in one pass.
+                let context = pos0 + n_tokens;
+                let wg = match shape.subgroup && context <= shape.one_pass {
+                    true => shape.one_pass,
+                    false => shape.wg,
+                };
                 // Chunked attention's partial results: (head_dim + 2) values per (token,
                 // head, chunk).
-                let chunks = (pos0 + n_tokens).div_ceil(wg.max(1));
+                let chunks = context.div_ceil(wg.max(1));
                 let part_bytes =
                     u64::from(n_tokens * n_heads) * u64::from(chunks) * u64::from(head_dim + 2) * 4;
                 if pairs < tune::DECODE_PAIRS_BELOW
@@ -1965,7 +1971,8 @@ impl Backend for Gpu {
                     && (1..=4).contains(&(n_heads / n_kv_heads))
                 {
                     // Workgroup (chunk, token * n_kv_heads + kv head) into the scratch,
-                    // then one invocation per (token, head, vec4) merging the chunks.
+                    // then one invocation per (token, head, vec4) merging the chunks; one
+                    // chunk goes straight into `out`.
                     let row_bytes = n_kv_heads * head_dim * 4;
                     let rows = row0 + pos0 + n_tokens;
                     // A call from position 0 reads a cache (or per-layer keys) just written
@@ -1995,7 +2002,7 @@ impl Backend for Gpu {
                                 ("CHUNK", wg),
                                 ("TEX", u32::from(views.is_some())),
                             ],
-                            bindings: vec![(5, q), (6, k), (7, v), (9, &part)],
+                            bindings: vec![(5, q), (6, k), (7, v), (8, out), (9, &part)],
                             params: params.clone(),
                             groups: self.check_grid(
                                 name,
@@ -2005,6 +2012,10 @@ impl Backend for Gpu {
                         },
                         &[(10, kt), (11, vt)],
                     )?;
+                    if chunks == 1 {
+                        // attention_dsg8 wrote `out` itself.
+                        return Ok(());
+                    }
                     return self.dispatch(Dispatch {
                         family: "attention_sg",
                         entry: "attention_merge",
