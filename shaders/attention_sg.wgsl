@@ -282,9 +282,9 @@ fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgrou
 // and value row, and `subgroupAdd` completes the dot products. It leaves each query
 // head's unnormalised accumulator, running maximum and sum in `part`; `attention_merge`
 // combines a head's chunks into `out`. A context of one chunk is written to `out` whole
-// (a dispatch fewer: on lavapipe each costs more than the positions). With TEX the keys and values are read from
-// textures holding the cache's rows (one row per position, backend::wgpu keeps them in
-// step with the buffers) instead of the buffers.
+// (a dispatch fewer: on lavapipe each costs more than the positions). With TEX the keys
+// and values are read from textures holding the cache's rows (one row per position,
+// backend::wgpu keeps them in step with the buffers) instead of the buffers.
 //
 // Why: the other decode kernels hold whole head rows per invocation (registers spill on
 // hosts with 16 vector registers) and leave the threads idle when a model has fewer kv
