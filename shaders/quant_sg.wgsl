@@ -27,6 +27,8 @@ struct Params {
     row_end: u32,
     eps: f32,    // NORM's epsilon
     n2: u32,     // rows of the second and third weights (`qmatvec_qkv_sg8`'s k and v; n elsewhere)
+    head_dim: u32, // ROPE: the heads' width and the token's position
+    pos: u32,
 }
 
 override WTYPE: u32 = 5u;
@@ -81,6 +83,10 @@ override SUM: bool = false;
 @group(0) @binding(18) var wt3: texture_storage_2d<rgba32uint, read>;
 @group(0) @binding(19) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(20) var<storage, read_write> out3: array<f32>;
+// ROPE (`qmatvec_qkv_sg8`): q and k rotated as they are stored, q to `out` and k and v
+// to row `pos` of the caches in `out2` and `out3`, with rope.wgsl's (cos, sin) table.
+override ROPE: bool = false;
+@group(0) @binding(21) var<storage, read> rope4: array<vec4<f32>>;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
@@ -600,15 +606,17 @@ fn store_rows(which: u32, j0: u32, v: RowSums) {
 // lid), the last such block where that passes row_end, computed and not stored).
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
-    let store = stores_sum(wg.x, lid);
-    first_weight_rows(p.row0 + (wg.x * MV_WG + lid) * ROWS, p.row_end, lane, store);
+    let first = p.row0 + (wg.x * MV_WG + lid) * ROWS;
+    // Clamped, so that every invocation reaches the subgroup operations.
+    let j0 = min(first, p.row_end - ROWS);
+    let r = first_weight_rows(j0, lane, stores_sum(wg.x, lid));
+    if first < p.row_end {
+        store_rows(0u, j0, r);
+    }
 }
 
-// An invocation's rows first .. first+ROWS of the first weight's product into `out`, of
-// those before `end` (j0 clamped so that every invocation reaches the subgroup operations);
-// called in uniform control flow.
-fn first_weight_rows(first: u32, end: u32, lane: u32, store: bool) {
-    let j0 = min(first, end - ROWS);
+// Rows j0 .. j0+ROWS of the first weight times x; called in uniform control flow.
+fn first_weight_rows(j0: u32, lane: u32, store: bool) -> RowSums {
     var acc = RowSums(vec4<f32>(0.0), vec4<f32>(0.0));
     var sq = 0.0;
     for (var c = 0u; c < p.k / 32u; c++) {
@@ -619,9 +627,7 @@ fn first_weight_rows(first: u32, end: u32, lane: u32, store: bool) {
         acc.hi += r.hi;
     }
     let scale = norm_scale(sq);
-    if first < end {
-        store_rows(0u, j0, RowSums(acc.lo * scale, acc.hi * scale));
-    }
+    return RowSums(acc.lo * scale, acc.hi * scale);
 }
 
 // silu(v) = v sigmoid(v) per element, as elementwise.wgsl's `swiglu` computes it.
@@ -670,23 +676,50 @@ fn pair_rows(which: u32, j0: u32, lane: u32, store: bool) -> PairSums {
 
 // A decode step's q, k and v products of one x (normed as in `qmatvec_sg8` where NORM) in
 // one dispatch instead of three: the first workgroups own q's n rows (weight 0, to `out`),
-// the rest k's and v's n2 rows (weights 1 and 2, to `out2` and `out3`), each invocation
-// the same ROWS rows of both, so x's chunks are loaded once for them. n and n2 are
-// multiples of ROWS; which weights a workgroup reads is uniform over it, so its subgroup
-// operations stay in uniform control flow.
+// the rest k's and v's n2 rows (weights 1 and 2, to `out2` and `out3`, at row `pos` of
+// them where ROPE), each invocation the same ROWS rows of both, so x's chunks are loaded
+// once for them. n and n2 are multiples of ROWS; which weights a workgroup reads is
+// uniform over it, so its subgroup operations stay in uniform control flow.
 @compute @workgroup_size(MV_WG, 1, 1)
 fn qmatvec_qkv_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let q_groups = (p.n + MV_WG * ROWS - 1u) / (MV_WG * ROWS);
     let store = stores_sum(wg.x, lid);
     if wg.x < q_groups {
-        first_weight_rows((wg.x * MV_WG + lid) * ROWS, p.n, lane, store);
+        let first = (wg.x * MV_WG + lid) * ROWS;
+        let j0 = min(first, p.n - ROWS);
+        let r = rotated(first_weight_rows(j0, lane, store), j0);
+        if first < p.n {
+            store_rows(0u, j0, r);
+        }
     } else {
         let first = ((wg.x - q_groups) * MV_WG + lid) * ROWS;
         let j0 = min(first, p.n2 - ROWS);
         let r = pair_rows(1u, j0, lane, false);
         if first < p.n2 {
-            store_rows(1u, j0, r.a);
-            store_rows(2u, j0, r.b);
+            let at = select(0u, p.pos * p.n2, ROPE) + j0;
+            store_rows(1u, at, rotated(r.a, j0));
+            store_rows(2u, at, r.b);
         }
     }
+}
+
+// Where ROPE, rows j0 .. j0+ROWS of q or k rotated by their angles at position `pos`, as
+// rope.wgsl's STYLE 0 (GGUF's pairs (2i, 2i+1) of a head) rotates them: ROWS (4 or 8 here)
+// and head_dim are multiples of 4 and j0 of ROWS, so each pair lies in one invocation's
+// rows and their (cos, sin) pairs in one or two of the table's vec4s.
+fn rotated(v: RowSums, j0: u32) -> RowSums {
+    if !ROPE {
+        return v;
+    }
+    let t = (p.pos * p.head_dim + j0 % p.head_dim) / 4u;
+    var r = RowSums(rotate2(v.lo, rope4[t]), v.hi);
+    if ROWS > 4u {
+        r.hi = rotate2(v.hi, rope4[t + 1u]);
+    }
+    return r;
+}
+
+// Pairs (x, y) and (z, w) of v rotated by the angles whose (cos, sin) are cs.xy and cs.zw.
+fn rotate2(v: vec4<f32>, cs: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(v.x * cs.x - v.y * cs.y, v.x * cs.y + v.y * cs.x, v.z * cs.z - v.w * cs.w, v.z * cs.w + v.w * cs.z);
 }

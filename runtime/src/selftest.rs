@@ -118,7 +118,7 @@ impl Case {
     }
 }
 
-static IDX: [usize; 13] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+static IDX: [usize; 14] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
 
 /// An [`Op::NormQkv`] case of `ty` weights `dim` wide, n_q and n_kv rows, optionally with
 /// factors (q's, k's and v's, each optional), comparing buffer `out`: 3 the sum, 7-9 q, k,
@@ -200,6 +200,68 @@ fn norm_qkv_case(
         work: wbytes as f64,
         unit: Unit::GbPerS,
     }
+}
+
+/// An [`Op::NormQkvRope`] case: [`norm_qkv_case`]'s inputs (in buffers 0-9, without
+/// factors) in heads of `head_dim`, the token at position `pos` of caches of pos + 2 rows
+/// that hold data (so the rows the call must leave are compared too), comparing buffer
+/// `out`: 11 q_out, 12 the k cache, 13 the v cache.
+fn norm_qkv_rope_case(
+    d: &mut Data,
+    ty: WeightType,
+    (dim, n_q, n_kv): (usize, usize, usize),
+    (head_dim, pos, style): (u32, u32, RopeStyle),
+    out: usize,
+) -> Case {
+    let mut case = norm_qkv_case(d, ty, (dim, n_q, n_kv), None, 7);
+    let cache = (pos as usize + 2) * n_kv;
+    case.bufs.extend([
+        Init::Data(f32_bytes(&rope_table(
+            10000.0,
+            head_dim,
+            pos + 1,
+            &RopeScaling::None,
+        ))),
+        Init::Data(f32_bytes(&d.f32s(n_q))),
+        Init::Data(f32_bytes(&d.f32s(cache))),
+        Init::Data(f32_bytes(&d.f32s(cache))),
+    ]);
+    case.kernel = "norm_qkv_rope";
+    let what = ["q_out", "k_cache", "v_cache"][out - 11];
+    case.shape = format!(
+        "{} {dim}x{n_q}+{n_kv}x2 d={head_dim} pos={pos} {style:?} {what}",
+        ty.name()
+    );
+    case.op = Op::NormQkvRope {
+        a: &IDX[0],
+        h: &IDX[1],
+        norm: &IDX[2],
+        sum: &IDX[3],
+        wq: &IDX[4],
+        wk: &IDX[5],
+        wv: &IDX[6],
+        q: &IDX[7],
+        k: &IDX[8],
+        v: &IDX[9],
+        table: &IDX[10],
+        q_out: &IDX[11],
+        k_cache: &IDX[12],
+        v_cache: &IDX[13],
+        q_factors: None,
+        k_factors: None,
+        v_factors: None,
+        wtype: ty,
+        dim: dim as u32,
+        n_q: n_q as u32,
+        n_kv: n_kv as u32,
+        eps: 1e-5,
+        head_dim,
+        pos,
+        style,
+    };
+    case.out = out;
+    case.out_elems = if out == 11 { n_q } else { cache };
+    case
 }
 
 /// Deterministic test data from Philox (so every run and every machine sees the same inputs).
@@ -611,6 +673,26 @@ pub fn cases() -> Vec<Case> {
             (k_small, 67, 24, 8),
         ] {
             cases.push(norm_qkv_case(&mut d, ty, (k, n_q, n_kv), None, out));
+        }
+        // The same with RoPE and the cache writes: each output at heads of 8 (every row
+        // count's rows in one head), the k cache at SmolLM2's shape deep in the cache,
+        // heads of 4 (no 8 rows in one head: the fused kernel takes them only 4 rows an
+        // invocation) and Hugging Face's half-split pairs (never fused).
+        for (k, n_q, n_kv, rope, out) in [
+            (
+                k_small,
+                72usize,
+                24usize,
+                (8u32, 5u32, RopeStyle::Interleaved),
+                11,
+            ),
+            (k_small, 72, 24, (8, 5, RopeStyle::Interleaved), 12),
+            (k_small, 72, 24, (8, 5, RopeStyle::Interleaved), 13),
+            (k_big, 576, 192, (64, 300, RopeStyle::Interleaved), 12),
+            (k_small, 72, 24, (4, 2, RopeStyle::Interleaved), 12),
+            (k_small, 72, 24, (8, 5, RopeStyle::HalfSplit), 11),
+        ] {
+            cases.push(norm_qkv_rope_case(&mut d, ty, (k, n_q, n_kv), rope, out));
         }
     }
 

@@ -41,6 +41,7 @@ kernel_tests! {
     qswiglu_should_match_reference => "qswiglu",
     norm_qmatvec_should_match_reference => "norm_qmatvec",
     norm_qkv_should_match_reference => "norm_qkv",
+    norm_qkv_rope_should_match_reference => "norm_qkv_rope",
     rmsnorm_should_match_reference => "rmsnorm",
     add_rmsnorm_should_match_reference => "add_rmsnorm",
     rope_should_match_reference => "rope",
@@ -64,7 +65,7 @@ fn suite_covers_every_kernel() {
     let mut kernels: Vec<&str> = selftest::cases().iter().map(|c| c.kernel()).collect();
     kernels.sort();
     kernels.dedup();
-    assert_eq!(kernels.len(), 33, "{kernels:?}");
+    assert_eq!(kernels.len(), 34, "{kernels:?}");
 }
 
 /// The shaders widen halves in integer arithmetic (no shader-f16, no flushing): every one of

@@ -64,15 +64,33 @@ fn variants() -> Vec<(
     v
 }
 
-fn check_all<B: Backend>(be: &B) -> Vec<String> {
+/// The golden logits file and the tokens they are of.
+fn golden() -> (Value, Vec<u32>) {
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("logits.json")).unwrap()).unwrap();
-    let tokens: Vec<u32> = golden["tokens"]
+    let tokens = golden["tokens"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
+    (golden, tokens)
+}
+
+/// max |got - want| over the range of `want`.
+fn worst_diff(got: &[f32], want: &[f32]) -> f32 {
+    let (lo, hi) = want
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max)
+        / (hi - lo)
+}
+
+fn check_all<B: Backend>(be: &B) -> Vec<String> {
+    let (golden, tokens) = golden();
     let mut failures = Vec::new();
     for (name, variant, path, quantize, key) in variants() {
         let want: Vec<f32> = golden["models"][&name][key]
@@ -91,15 +109,7 @@ fn check_all<B: Backend>(be: &B) -> Vec<String> {
         let mut cache = model.new_cache(16).unwrap();
         let got = model.forward(&mut cache, &tokens, true).unwrap();
         assert_eq!(got.len(), want.len(), "{name} {variant}");
-        let (lo, hi) = want
-            .iter()
-            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0.0f32, f32::max)
-            / (hi - lo);
+        let worst = worst_diff(&got, &want);
         if worst.is_nan() || worst >= 2e-4 {
             failures.push(format!(
                 "{name} {variant}: max |diff| / logit range = {worst}"
@@ -151,6 +161,66 @@ fn host_matches_transformers_on_every_format() {
 fn gpu_matches_transformers_on_every_format() {
     let Some(gpu) = common::gpu() else { return };
     let failures = check_all(&gpu);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A decode step's fused kernels, forced where the device has subgroups of 8 (the add,
+/// norm, q/k/v products and RoPE into the cache in one dispatch; attention from the cache's
+/// texture copies or its buffer): GGUF models decoded one token at a time give
+/// transformers' logits at every position, as the prompt pass does above.
+#[test]
+fn gpu_decode_steps_on_the_fused_kernels_match_transformers() {
+    use edgetune::backend::tune::{KernelShapes, Tuning};
+    use edgetune::backend::wgpu::{Gpu, GpuOptions};
+    if common::gpu().is_none() {
+        return;
+    }
+    let (golden, tokens) = golden();
+    let mut failures = Vec::new();
+    for spec in [
+        "matvec=8x8gt,matvec_wide=8x8gt,attention_decode=64dt/256",
+        "matvec=16x4g,matvec_wide=16x4g,attention_decode=32d",
+    ] {
+        let gpu = Gpu::open(&GpuOptions {
+            tuning: Tuning::Force(KernelShapes::parse(spec).unwrap()),
+            cache_dir: Some(common::tune_cache()),
+            ..GpuOptions::default()
+        })
+        .unwrap();
+        let notes = &gpu.tuning().unwrap().notes;
+        if notes
+            .iter()
+            .any(|n| n.contains("need subgroups of exactly 8"))
+        {
+            eprintln!("skipping: {notes:?}");
+            return;
+        }
+        // The one model of two layers: the second takes the first's add and norm fused.
+        for (name, q) in [("llama_gqa_tied", "q8_0"), ("llama_gqa_tied", "q4_0")] {
+            let want: Vec<f32> = golden["models"][name][q]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| row.as_array().unwrap().clone())
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let files =
+                ModelFiles::open(&dir().join(name).join(format!("{q}.gguf")), None).unwrap();
+            let model = files.load(&gpu).unwrap();
+            let mut cache = model.new_cache(16).unwrap();
+            let mut got = Vec::new();
+            for &t in &tokens {
+                got.extend(model.forward(&mut cache, &[t], false).unwrap());
+            }
+            assert_eq!(got.len(), want.len(), "{name} {q}");
+            let worst = worst_diff(&got, &want);
+            if worst.is_nan() || worst >= 2e-4 {
+                failures.push(format!(
+                    "{spec} {name} {q}: max |diff| / logit range = {worst}"
+                ));
+            }
+        }
+    }
     assert!(failures.is_empty(), "{failures:#?}");
 }
 

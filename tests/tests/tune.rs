@@ -39,7 +39,7 @@ fn every_candidate_shape_matches_the_reference() {
                 .any(|f| c.shape().starts_with(f));
             (matches!(
                 c.kernel(),
-                "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec" | "norm_qkv"
+                "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec" | "norm_qkv" | "norm_qkv_rope"
             ) && format)
                 || c.kernel().contains("attention")
         })
@@ -112,7 +112,7 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
     for case in selftest::cases().into_iter().filter(|c| {
         matches!(
             c.kernel(),
-            "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec" | "norm_qkv"
+            "qmatvec" | "qmatmul" | "qswiglu" | "norm_qmatvec" | "norm_qkv" | "norm_qkv_rope"
         ) || c.kernel().contains("attention")
     }) {
         let r = selftest::check(&gpu, &case, false);

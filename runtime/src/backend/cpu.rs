@@ -237,6 +237,11 @@ impl Backend for Cpu {
             Op::QSwiGlu { .. } | Op::NormMatvec { .. } | Op::NormQkv { .. } => {
                 composed_products(op, product)?;
             }
+            Op::NormQkvRope { .. } => {
+                for part in op.qkv_rope_parts().into_iter().flatten() {
+                    self.run(&part)?;
+                }
+            }
             Op::Dequant {
                 w,
                 factors,
@@ -1170,6 +1175,72 @@ mod tests {
                 index: 7,
                 bound: 2
             }
+        );
+    }
+
+    #[test]
+    fn norm_qkv_rope_checks_its_heads_and_both_parts_under_its_name() {
+        let cpu = Cpu;
+        let x = cpu.upload_f32(&[0.5; 32], "x").unwrap();
+        let w = cpu.upload_f32(&[0.25; 32 * 16], "w").unwrap();
+        let angles = super::super::rope_table(10000.0, 8, 3, &super::super::RopeScaling::None);
+        let table = cpu.upload_f32(&angles, "table").unwrap();
+        let out = cpu.alloc(16 * 4, "out").unwrap();
+        let sum = cpu.alloc(32 * 4, "sum").unwrap();
+        let cache = cpu.alloc(3 * 8 * 4, "cache").unwrap();
+        let op = |n_kv: u32, head_dim: u32, pos: u32| Op::NormQkvRope {
+            a: &x,
+            h: &x,
+            norm: &x,
+            sum: &sum,
+            wq: &w,
+            wk: &w,
+            wv: &w,
+            q: &out,
+            k: &out,
+            v: &out,
+            table: &table,
+            q_out: &out,
+            k_cache: &cache,
+            v_cache: &cache,
+            q_factors: None,
+            k_factors: None,
+            v_factors: None,
+            wtype: WeightType::F32,
+            dim: 32,
+            n_q: 16,
+            n_kv,
+            eps: 1e-5,
+            head_dim,
+            pos,
+            style: RopeStyle::Interleaved,
+        };
+        cpu.run(&op(8, 8, 2)).unwrap();
+        for (n_kv, head_dim) in [(6, 8), (8, 0)] {
+            let err = cpu.run(&op(n_kv, head_dim, 0)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidShape {
+                        op: "norm_qkv_rope",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+        // Position 3 needs a fourth cache row: RopeKv's check, named so.
+        let err = cpu.run(&op(8, 8, 3)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::BufferTooSmall {
+                    op: "norm_qkv_rope",
+                    buffer: "k_cache",
+                    ..
+                }
+            ),
+            "{err:?}"
         );
     }
 

@@ -1034,6 +1034,14 @@ impl Backend for Host {
                 composed_products(op, |x, w, wtype, shape| self.product(x, w, wtype, shape))?;
                 Ok(())
             }
+            // Its parts, NormQkv on this path's threaded products.
+            Op::NormQkvRope { .. } => {
+                op.check(|b| self.size(b))?;
+                for part in op.qkv_rope_parts().into_iter().flatten() {
+                    self.run(&part)?;
+                }
+                Ok(())
+            }
             Op::QMatmulT {
                 dy,
                 w,

@@ -128,6 +128,39 @@ pub enum Op<'a, B> {
         n_kv: u32,
         eps: f32,
     },
+    /// A decode step's [`Op::NormQkv`] into `q`, `k` and `v`, then [`Op::RopeKv`] of those
+    /// (one token at position `pos`, heads of `head_dim`; n_q and n_kv whole heads): q
+    /// rotated into `q_out`, k rotated into `k_cache` and v copied into `v_cache` at row
+    /// `pos`. `q`, `k` and `v` are scratch: a device with a fused kernel rotates the
+    /// products as they are stored and leaves them unwritten, running one dispatch where
+    /// the two ops run two.
+    NormQkvRope {
+        a: &'a B,
+        h: &'a B,
+        norm: &'a B,
+        sum: &'a B,
+        wq: &'a B,
+        wk: &'a B,
+        wv: &'a B,
+        q: &'a B,
+        k: &'a B,
+        v: &'a B,
+        table: &'a B,
+        q_out: &'a B,
+        k_cache: &'a B,
+        v_cache: &'a B,
+        q_factors: Option<&'a B>,
+        k_factors: Option<&'a B>,
+        v_factors: Option<&'a B>,
+        wtype: WeightType,
+        dim: u32,
+        n_q: u32,
+        n_kv: u32,
+        eps: f32,
+        head_dim: u32,
+        pos: u32,
+        style: RopeStyle,
+    },
     /// out\[rows, cols\] = dequant(w) (the same arithmetic as QMatmul), with `factors` as
     /// there.
     Dequant {
@@ -462,6 +495,7 @@ impl<'a, B> Op<'a, B> {
             QSwiGlu { x, gate, up, out; wtype, m, k, n; gate_factors, up_factors }
             NormMatvec { a, h, norm, w, out; wtype, k, n, eps; sum, factors, up, up_factors }
             NormQkv { a, h, norm, sum, wq, wk, wv, q, k, v; wtype, dim, n_q, n_kv, eps; q_factors, k_factors, v_factors }
+            NormQkvRope { a, h, norm, sum, wq, wk, wv, q, k, v, table, q_out, k_cache, v_cache; wtype, dim, n_q, n_kv, eps, head_dim, pos, style; q_factors, k_factors, v_factors }
             Dequant { w, out; wtype, rows, cols; factors }
             Embed { table, ids, out; wtype, vocab, dim, n_ids }
             RmsNorm { x, weight, out; rows, dim, eps }
@@ -490,6 +524,82 @@ impl<'a, B> Op<'a, B> {
             AdamW { param, grad, m, v; n, hyper }
             Sgd { param, grad, buf; n, lr, momentum, weight_decay, grad_scale }
         ))
+    }
+}
+
+impl<'a, B> Op<'a, B> {
+    /// [`Op::NormQkvRope`] as the two ops it stands for, [`Op::NormQkv`] then
+    /// [`Op::RopeKv`], which a device without a fused kernel runs; `None` for other ops.
+    pub fn qkv_rope_parts(&self) -> Option<[Op<'a, B>; 2]> {
+        let Op::NormQkvRope {
+            a,
+            h,
+            norm,
+            sum,
+            wq,
+            wk,
+            wv,
+            q,
+            k,
+            v,
+            table,
+            q_out,
+            k_cache,
+            v_cache,
+            q_factors,
+            k_factors,
+            v_factors,
+            wtype,
+            dim,
+            n_q,
+            n_kv,
+            eps,
+            head_dim,
+            pos,
+            style,
+        } = *self
+        else {
+            return None;
+        };
+        // A zero head_dim gives zero heads, which RopeKv's check rejects.
+        let heads = |n: u32| n.checked_div(head_dim).unwrap_or(0);
+        Some([
+            Op::NormQkv {
+                a,
+                h,
+                norm,
+                sum,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                q_factors,
+                k_factors,
+                v_factors,
+                wtype,
+                dim,
+                n_q,
+                n_kv,
+                eps,
+            },
+            Op::RopeKv {
+                q,
+                k,
+                v,
+                table,
+                q_out,
+                k_cache,
+                v_cache,
+                n_tokens: 1,
+                n_heads: heads(n_q),
+                n_kv_heads: heads(n_kv),
+                head_dim,
+                pos0: pos,
+                style,
+            },
+        ])
     }
 }
 
@@ -670,6 +780,7 @@ impl<B> Op<'_, B> {
             Op::QSwiGlu { .. } => "qswiglu",
             Op::NormMatvec { .. } => "norm_qmatvec",
             Op::NormQkv { .. } => "norm_qkv",
+            Op::NormQkvRope { .. } => "norm_qkv_rope",
             Op::Dequant { .. } => "dequant",
 
             Op::Embed { .. } => "embed",
@@ -836,6 +947,43 @@ impl<B> Op<'_, B> {
                         need(op, fname, size(f), block_count(op, wtype, n, dim)?, 4)?;
                     }
                     need(op, oname, size(out), u64::from(n), 4)?;
+                }
+                Ok(())
+            }
+            Op::NormQkvRope {
+                n_q,
+                n_kv,
+                head_dim,
+                ..
+            } => {
+                nonzero(op, &[("head_dim", head_dim)])?;
+                if !(n_q.is_multiple_of(head_dim) && n_kv.is_multiple_of(head_dim)) {
+                    return Err(Error::InvalidShape {
+                        op,
+                        reason: format!(
+                            "n_q {n_q} and n_kv {n_kv} must be whole heads of {head_dim}"
+                        ),
+                    });
+                }
+                // Each part's checks, their errors naming this op (`size` as a trait
+                // object: the recursive call instantiates no new `check`).
+                let size: &dyn Fn(&B) -> u64 = &size;
+                for part in self.qkv_rope_parts().into_iter().flatten() {
+                    part.check(size).map_err(|e| match e {
+                        Error::InvalidShape { reason, .. } => Error::InvalidShape { op, reason },
+                        Error::BufferTooSmall {
+                            buffer,
+                            needed,
+                            actual,
+                            ..
+                        } => Error::BufferTooSmall {
+                            op,
+                            buffer,
+                            needed,
+                            actual,
+                        },
+                        other => other,
+                    })?;
                 }
                 Ok(())
             }

@@ -257,14 +257,24 @@ enum More<'a> {
     None,
     /// SwiGLU's up weight: out = silu(dequant(w) x) * (dequant(up) x).
     Up(WeightRef<'a>),
-    /// k and v of [`Op::NormQkv`] (`w` q's), each of `n` rows, into their own outputs.
+    /// k and v of [`Op::NormQkv`] (`w` q's), each of `n` rows, into their own outputs;
+    /// with `rope`, [`Op::NormQkvRope`]'s: q and k rotated, k and v into the caches.
     Kv {
         k: WeightRef<'a>,
         v: WeightRef<'a>,
         k_out: &'a GpuBuffer,
         v_out: &'a GpuBuffer,
         n: u32,
+        rope: Option<KvRope<'a>>,
     },
+}
+
+/// [`Op::NormQkvRope`]'s rotation: the (cos, sin) table, the heads' width and the token's
+/// position, which is also the row of the caches its k and v go to.
+struct KvRope<'a> {
+    table: &'a GpuBuffer,
+    head_dim: u32,
+    pos: u32,
 }
 
 /// [`Op::NormMatvec`]'s residual, norm weight, optional sum and epsilon.
@@ -652,19 +662,23 @@ impl Gpu {
     /// take them.
     fn matvec_sg8(&self, mv: tune::MatvecShape, p: &Matvec<'_>) -> Result<bool> {
         let (w, factors) = p.w;
-        let (second, third, n2) = match p.more {
-            More::None => (None, None, p.n),
-            More::Up(up) => (Some(up), None, p.n),
-            More::Kv { k, v, n, .. } => (Some(k), Some(v), n),
+        let (second, third, n2, rope) = match &p.more {
+            More::None => (None, None, p.n, None),
+            More::Up(up) => (Some(*up), None, p.n, None),
+            More::Kv { k, v, n, rope, .. } => (Some(*k), Some(*v), *n, rope.as_ref()),
         };
         // One FACTORS override covers every weight.
         let same_factors = [second, third]
             .iter()
             .flatten()
             .all(|(_, f)| f.is_some() == factors.is_some());
-        // q, k and v in one dispatch need whole row groups of the tuned shape in each.
+        // q, k and v in one dispatch need whole row groups of the tuned shape in each, and
+        // rotated, an invocation's rows within one head and their (cos, sin) pairs in whole
+        // vec4s of the table (see `rotated` in quant_sg.wgsl).
         let whole = third.is_none() || (p.n.is_multiple_of(mv.rows) && n2.is_multiple_of(mv.rows));
-        if !(self.takes_sg8(mv, p.wtype) && same_factors && whole) {
+        let rotates =
+            rope.is_none_or(|r| mv.rows.is_multiple_of(4) && r.head_dim.is_multiple_of(mv.rows));
+        if !(self.takes_sg8(mv, p.wtype) && same_factors && whole && rotates) {
             return Ok(false);
         }
         let (k, n) = (p.k, p.n);
@@ -716,7 +730,7 @@ impl Gpu {
                 More::Kv { .. } => per_group(rows, n) + per_group(rows, n2),
                 _ => per_group(rows, end - row0),
             };
-            let d = Dispatch {
+            let mut d = Dispatch {
                 family: "quant_sg",
                 entry,
                 overrides: vec![
@@ -727,6 +741,7 @@ impl Gpu {
                     ("TEX", u32::from(textures.is_some())),
                     ("NORM", u32::from(p.norm.is_some())),
                     ("SUM", u32::from(summed)),
+                    ("ROPE", u32::from(rope.is_some())),
                 ],
                 bindings: vec![
                     (4, p.out),
@@ -743,13 +758,89 @@ impl Gpu {
                     (19, out2),
                     (20, out3),
                 ],
-                params: vec![1, k, n, row_bytes, row0, end, eps.to_bits(), n2],
+                params: vec![
+                    1,
+                    k,
+                    n,
+                    row_bytes,
+                    row0,
+                    end,
+                    eps.to_bits(),
+                    n2,
+                    rope.map_or(0, |r| r.head_dim),
+                    rope.map_or(0, |r| r.pos),
+                ],
                 groups: self.check_grid(name, u64::from(groups), 1)?,
             };
+            // Only the q, k and v entry declares the table (any read-only buffer where
+            // it does not rotate).
+            if let More::Kv { .. } = p.more {
+                d.bindings.push((21, rope.map_or(p.x, |r| r.table)));
+            }
             let [t1, t2, t3] = textures.unwrap_or([&self.no_texture; 3]);
             self.dispatch_with(d, &[(8, t1), (12, t2), (18, t3)])?;
         }
         Ok(true)
+    }
+
+    /// [`Op::NormQkv`] `qkv` as one `qmatvec_qkv_sg8` dispatch, or with `rope` (and the
+    /// outputs q_out, k_cache and v_cache in place of q, k and v) [`Op::NormQkvRope`]'s;
+    /// `false`, with nothing recorded, where [`Gpu::matvec_sg8`] does not take it.
+    fn qkv_sg8(
+        &self,
+        qkv: &Op<'_, GpuBuffer>,
+        rope: Option<(KvRope<'_>, [&GpuBuffer; 3])>,
+    ) -> Result<bool> {
+        let Op::NormQkv {
+            a,
+            h,
+            norm,
+            sum,
+            wq,
+            wk,
+            wv,
+            q,
+            k,
+            v,
+            q_factors,
+            k_factors,
+            v_factors,
+            wtype,
+            dim,
+            n_q,
+            n_kv,
+            eps,
+        } = *qkv
+        else {
+            return Ok(false);
+        };
+        let (rope, [q, k, v]) = match rope {
+            Some((r, outs)) => (Some(r), outs),
+            None => (None, [q, k, v]),
+        };
+        let fused = Matvec {
+            x: h,
+            norm: Some(PendingNorm {
+                a,
+                weight: norm,
+                sum: Some(sum),
+                eps,
+            }),
+            w: (wq, q_factors),
+            more: More::Kv {
+                k: (wk, k_factors),
+                v: (wv, v_factors),
+                k_out: k,
+                v_out: v,
+                n: n_kv,
+                rope,
+            },
+            out: q,
+            wtype,
+            k: dim,
+            n: n_q,
+        };
+        self.matvec_sg8(self.matvec_shape(n_q), &fused)
     }
 
     /// A pair of f32 scratch buffers of at least `bytes` each from `slot`, grown on demand.
@@ -924,6 +1015,26 @@ impl Gpu {
         let t = slot.as_ref()?;
         self.copy_to_texture(&mut lock(&self.pending), x, 0, k * 4, t, 0, (k / 4, m));
         Some(t.create_view(&wgpu::TextureViewDescriptor::default()))
+    }
+
+    /// `write`, which records a dispatch writing KV caches `caches` (rows of `row` f32)
+    /// from row `pos` on, with their mirrors' rows before `pos` still valid afterwards
+    /// (a decode step then copies one row per cache instead of all of them), though the
+    /// dispatch, binding the caches writable, marks them all stale.
+    fn keeping_kv_mirrors<T>(
+        &self,
+        caches: [&GpuBuffer; 2],
+        row: u32,
+        pos: u32,
+        write: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let from = u64::from(pos) * u64::from(row) * 4;
+        let kept = caches.map(|c| c.mirror_valid().min(from));
+        let done = write()?;
+        for (cache, valid) in caches.into_iter().zip(kept) {
+            cache.set_mirror_valid(valid);
+        }
+        Ok(done)
     }
 
     /// The texture mirror of KV cache `buf` (rows of `row_bytes`) with its first `rows`
@@ -1109,7 +1220,7 @@ fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) ->
         format.guaranteed_format_features(wgpu::Features::empty())
     };
     limits.max_storage_textures_per_shader_stage >= 4
-        && limits.max_storage_buffers_per_shader_stage >= 13
+        && limits.max_storage_buffers_per_shader_stage >= 14
         && usable(features)
 }
 
@@ -1441,7 +1552,8 @@ impl Backend for Gpu {
                             (16, w),
                             (17, w),
                         ],
-                        params: vec![m, k, n, row_bytes, 0, n],
+                        // Padded to the size of `Params`.
+                        params: vec![m, k, n, row_bytes, 0, n, 0, n, 0, 0],
                         groups: self.check_grid(
                             name,
                             u64::from(n.div_ceil(256)),
@@ -1687,28 +1799,7 @@ impl Backend for Gpu {
                 n_kv,
                 eps,
             } => {
-                let fused = Matvec {
-                    x: h,
-                    norm: Some(PendingNorm {
-                        a,
-                        weight: norm,
-                        sum: Some(sum),
-                        eps,
-                    }),
-                    w: (wq, q_factors),
-                    more: More::Kv {
-                        k: (wk, k_factors),
-                        v: (wv, v_factors),
-                        k_out: k,
-                        v_out: v,
-                        n: n_kv,
-                    },
-                    out: q,
-                    wtype,
-                    k: dim,
-                    n: n_q,
-                };
-                if self.matvec_sg8(self.matvec_shape(n_q), &fused)? {
+                if self.qkv_sg8(op, None)? {
                     return Ok(());
                 }
                 // Elsewhere each product with the add and norm (q's storing the sum).
@@ -1735,6 +1826,42 @@ impl Backend for Gpu {
                         n,
                         eps,
                     })?;
+                }
+                return Ok(());
+            }
+            Op::NormQkvRope {
+                table,
+                q_out,
+                k_cache,
+                v_cache,
+                n_kv,
+                head_dim,
+                pos,
+                style,
+                ..
+            } => {
+                let parts: Vec<_> = op.qkv_rope_parts().into_iter().flatten().collect();
+                // The fused kernel rotates GGUF's interleaved pairs, which lie in one
+                // invocation's adjacent rows; Hugging Face's half-split ones do not.
+                if style == RopeStyle::Interleaved
+                    && let Some(qkv) = parts.first()
+                {
+                    let into = (
+                        KvRope {
+                            table,
+                            head_dim,
+                            pos,
+                        },
+                        [q_out, k_cache, v_cache],
+                    );
+                    if self.keeping_kv_mirrors([k_cache, v_cache], n_kv, pos, || {
+                        self.qkv_sg8(qkv, Some(into))
+                    })? {
+                        return Ok(());
+                    }
+                }
+                for part in &parts {
+                    self.run(part)?;
                 }
                 return Ok(());
             }
@@ -2372,10 +2499,7 @@ impl Backend for Gpu {
                 groups: self.grid(name, u64::from(n))?,
             },
         };
-        // RopeKv writes the caches from row pos0 on: their mirrors' rows before stay valid
-        // (a decode step then copies one row per cache instead of all of them), though
-        // the dispatch, binding them writable, marked them all stale.
-        let kept = match *op {
+        match *op {
             Op::RopeKv {
                 k_cache,
                 v_cache,
@@ -2383,17 +2507,11 @@ impl Backend for Gpu {
                 head_dim,
                 pos0,
                 ..
-            } => {
-                let from = u64::from(pos0) * u64::from(n_kv_heads) * u64::from(head_dim) * 4;
-                [k_cache, v_cache].map(|c| Some((c, c.mirror_valid().min(from))))
-            }
-            _ => [None, None],
-        };
-        self.dispatch(d)?;
-        for (cache, valid) in kept.into_iter().flatten() {
-            cache.set_mirror_valid(valid);
+            } => self.keeping_kv_mirrors([k_cache, v_cache], n_kv_heads * head_dim, pos0, || {
+                self.dispatch(d)
+            }),
+            _ => self.dispatch(d),
         }
-        Ok(())
     }
 }
 

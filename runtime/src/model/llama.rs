@@ -1407,8 +1407,10 @@ impl<'b, B: Backend> Model<'b, B> {
             up,
             act,
         } = *b;
-        match input {
-            LayerIn::Raw => be.run(&Op::RmsNorm {
+        // Whether q, k and v are already rotated into `qr` and the cache.
+        let mut roped = false;
+        match (input, kv) {
+            (LayerIn::Raw, _) => be.run(&Op::RmsNorm {
                 x,
                 weight: &layer.attn_norm,
                 out: h,
@@ -1416,12 +1418,13 @@ impl<'b, B: Backend> Model<'b, B> {
                 dim,
                 eps: c.rms_eps,
             })?,
-            LayerIn::Normed => {}
-            // x = x2 + h, normed into q, k and v in one call where their weights are of
-            // one type and width (and k's and v's of one shape).
-            LayerIn::Pending if Self::same_qkv(layer) => {
+            (LayerIn::Normed, _) => {}
+            // x = x2 + h, normed into q, k and v, and those rotated into `qr` and the
+            // cache, in one call where their weights are of one type and width (and k's
+            // and v's of one shape).
+            (LayerIn::Pending, Some((k_cache, v_cache))) if Self::same_qkv(layer) => {
                 let (wq, wk, wv) = (&layer.q.weight, &layer.k.weight, &layer.v.weight);
-                be.run(&Op::NormQkv {
+                be.run(&Op::NormQkvRope {
                     a: x2,
                     h,
                     norm: &layer.attn_norm,
@@ -1432,6 +1435,10 @@ impl<'b, B: Backend> Model<'b, B> {
                     q,
                     k,
                     v,
+                    table: rope_table,
+                    q_out: qr,
+                    k_cache,
+                    v_cache,
                     q_factors: wq.scale_factors.as_ref(),
                     k_factors: wk.scale_factors.as_ref(),
                     v_factors: wv.scale_factors.as_ref(),
@@ -1440,10 +1447,14 @@ impl<'b, B: Backend> Model<'b, B> {
                     n_q: wq.rows,
                     n_kv: wk.rows,
                     eps: c.rms_eps,
+                    head_dim: hd,
+                    pos: pos0,
+                    style: c.rope_style,
                 })?;
+                roped = true;
             }
             // Elsewhere each of q, k and v takes it (q's call storing x).
-            LayerIn::Pending => {
+            (LayerIn::Pending, _) => {
                 for (i, (l, out)) in [(&layer.q, q), (&layer.k, k), (&layer.v, v)]
                     .into_iter()
                     .enumerate()
@@ -1473,6 +1484,7 @@ impl<'b, B: Backend> Model<'b, B> {
             layer.v.forward(be, h, v, t, s)?;
         }
         let (keys, values, pos0) = match kv {
+            Some((ck, cv)) if roped => (ck, cv, pos0),
             // One sequence into the cache: RoPE and the cache writes in one kernel.
             Some((ck, cv)) if segs.len() == 1 => {
                 be.run(&Op::RopeKv {
