@@ -321,77 +321,145 @@ fn kv_load(values: bool, row: u32, col: u32) -> vec4<f32> {
     return k4[i];
 }
 
+// One query head's eighth in `attention_dsg8`: DL vec4s of its query and of its
+// accumulator (named fields, not arrays: lavapipe keeps arrays indexed in loops in memory),
+// its running maximum and sum.
+struct Head {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+    a0: vec4<f32>,
+    a1: vec4<f32>,
+    a2: vec4<f32>,
+    a3: vec4<f32>,
+    mx: f32,
+    sum: f32,
+}
+
+// The head whose eighth of the query starts at vec4 `qo`, before any position.
+fn head_at(qo: u32) -> Head {
+    var h: Head;
+    h.mx = -3.0e38;
+    h.q0 = q4[qo];
+    if DL > 1u { h.q1 = q4[qo + 1u]; }
+    if DL > 2u { h.q2 = q4[qo + 2u]; }
+    if DL > 3u { h.q3 = q4[qo + 3u]; }
+    return h;
+}
+
+// An invocation's eighth of one position's key and value rows.
+struct Kv {
+    k0: vec4<f32>,
+    k1: vec4<f32>,
+    k2: vec4<f32>,
+    k3: vec4<f32>,
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+}
+
+fn kv_at(row: u32, col: u32) -> Kv {
+    var r: Kv;
+    r.k0 = kv_load(false, row, col);
+    r.v0 = kv_load(true, row, col);
+    if DL > 1u {
+        r.k1 = kv_load(false, row, col + 1u);
+        r.v1 = kv_load(true, row, col + 1u);
+    }
+    if DL > 2u {
+        r.k2 = kv_load(false, row, col + 2u);
+        r.v2 = kv_load(true, row, col + 2u);
+    }
+    if DL > 3u {
+        r.k3 = kv_load(false, row, col + 3u);
+        r.v3 = kv_load(true, row, col + 3u);
+    }
+    return r;
+}
+
+// `h` after one more position: the score completed across the subgroup, then the online
+// softmax step. Called in uniform control flow.
+fn head_step(h: Head, kv: Kv) -> Head {
+    var d = dot(h.q0, kv.k0);
+    if DL > 1u { d += dot(h.q1, kv.k1); }
+    if DL > 2u { d += dot(h.q2, kv.k2); }
+    if DL > 3u { d += dot(h.q3, kv.k3); }
+    let s = subgroupAdd(d) * p.scale;
+    var r = h;
+    r.mx = max(h.mx, s);
+    let correction = exp(h.mx - r.mx);
+    let e = exp(s - r.mx);
+    r.sum = h.sum * correction + e;
+    r.a0 = h.a0 * correction + e * kv.v0;
+    if DL > 1u { r.a1 = h.a1 * correction + e * kv.v1; }
+    if DL > 2u { r.a2 = h.a2 * correction + e * kv.v2; }
+    if DL > 3u { r.a3 = h.a3 * correction + e * kv.v3; }
+    return r;
+}
+
+// Vec4 j of an invocation's eighth of a head's chunk accumulator into `part` at `at`.
+fn part_store(at: u32, lane: u32, j: u32, a: vec4<f32>) {
+    let o = at + (lane * DL + j) * 4u;
+    part[o] = a.x;
+    part[o + 1u] = a.y;
+    part[o + 2u] = a.z;
+    part[o + 3u] = a.w;
+}
+
+// Query head g (of kv head kvh, token t) after chunk c: normalised into `out` where the
+// chunk is the whole context, else its accumulator, maximum and sum into `part`.
+fn head_store(h: Head, t: u32, kvh: u32, g: u32, c: u32, lane: u32) {
+    let head = kvh * GQA + g;
+    if p.chunks == 1u {
+        // No merge dispatch after this one.
+        let o = ((p.row0 + t) * p.n_heads + head) * HD4 + lane * DL;
+        out4[o] = h.a0 / h.sum;
+        if DL > 1u { out4[o + 1u] = h.a1 / h.sum; }
+        if DL > 2u { out4[o + 2u] = h.a2 / h.sum; }
+        if DL > 3u { out4[o + 3u] = h.a3 / h.sum; }
+        return;
+    }
+    let at = ((t * p.n_heads + head) * p.chunks + c) * (HD4 * 4u + 2u);
+    part_store(at, lane, 0u, h.a0);
+    if DL > 1u { part_store(at, lane, 1u, h.a1); }
+    if DL > 2u { part_store(at, lane, 2u, h.a2); }
+    if DL > 3u { part_store(at, lane, 3u, h.a3); }
+    if lane == 0u {
+        part[at + HD4 * 4u] = h.mx;
+        part[at + HD4 * 4u + 1u] = h.sum;
+    }
+}
+
 // Workgroup (c, t * n_kv_heads + kvh): positions c * CHUNK .. of token t, kv head kvh.
 @compute @workgroup_size(8, 1, 1)
 fn attention_dsg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let t = wid.y / p.n_kv_heads;
     let kvh = wid.y % p.n_kv_heads;
-    let chunks = p.chunks;
     let first = wid.x * CHUNK;
-    let last = p.pos0 + t;
-    let end = min(first + CHUNK, last + 1u);
+    let end = min(first + CHUNK, p.pos0 + t + 1u);
     let col = kvh * HD4 + lane * DL;
-    var qv: array<vec4<f32>, 16>;
-    var acc: array<vec4<f32>, 16>;
-    var mx: array<f32, 4>;
-    var sum: array<f32, 4>;
-    for (var g = 0u; g < GQA; g++) {
-        let qo = ((p.row0 + t) * p.n_heads + kvh * GQA + g) * HD4 + lane * DL;
-        for (var j = 0u; j < DL; j++) {
-            qv[g * 4u + j] = q4[qo + j];
-            acc[g * 4u + j] = vec4<f32>(0.0);
-        }
-        mx[g] = -3.0e38;
-        sum[g] = 0.0;
-    }
-    var kk: array<vec4<f32>, 4>;
-    var vv: array<vec4<f32>, 4>;
+    // Query head g's eighth at qo + g * HD4.
+    let qo = ((p.row0 + t) * p.n_heads + kvh * GQA) * HD4 + lane * DL;
+    var h0 = head_at(qo);
+    var h1 = h0;
+    var h2 = h0;
+    var h3 = h0;
+    if GQA > 1u { h1 = head_at(qo + HD4); }
+    if GQA > 2u { h2 = head_at(qo + 2u * HD4); }
+    if GQA > 3u { h3 = head_at(qo + 3u * HD4); }
     for (var pos = first; pos < end; pos++) {
-        let row = p.row0 + pos;
-        for (var j = 0u; j < DL; j++) {
-            kk[j] = kv_load(false, row, col + j);
-            vv[j] = kv_load(true, row, col + j);
-        }
-        for (var g = 0u; g < GQA; g++) {
-            var d = 0.0;
-            for (var j = 0u; j < DL; j++) {
-                d += dot(qv[g * 4u + j], kk[j]);
-            }
-            let s = subgroupAdd(d) * p.scale;
-            let new_mx = max(mx[g], s);
-            let correction = exp(mx[g] - new_mx);
-            let e = exp(s - new_mx);
-            sum[g] = sum[g] * correction + e;
-            mx[g] = new_mx;
-            for (var j = 0u; j < DL; j++) {
-                acc[g * 4u + j] = acc[g * 4u + j] * correction + e * vv[j];
-            }
-        }
+        let kv = kv_at(p.row0 + pos, col);
+        h0 = head_step(h0, kv);
+        if GQA > 1u { h1 = head_step(h1, kv); }
+        if GQA > 2u { h2 = head_step(h2, kv); }
+        if GQA > 3u { h3 = head_step(h3, kv); }
     }
-    for (var g = 0u; g < GQA; g++) {
-        if chunks == 1u {
-            // The whole context in this workgroup: normalised straight into `out`, with no
-            // merge dispatch after it.
-            let o = ((p.row0 + t) * p.n_heads + kvh * GQA + g) * HD4 + lane * DL;
-            for (var j = 0u; j < DL; j++) {
-                out4[o + j] = acc[g * 4u + j] / sum[g];
-            }
-            continue;
-        }
-        let at = ((t * p.n_heads + kvh * GQA + g) * chunks + wid.x) * (HD4 * 4u + 2u);
-        for (var j = 0u; j < DL; j++) {
-            let a = acc[g * 4u + j];
-            let o = at + (lane * DL + j) * 4u;
-            part[o] = a.x;
-            part[o + 1u] = a.y;
-            part[o + 2u] = a.z;
-            part[o + 3u] = a.w;
-        }
-        if lane == 0u {
-            part[at + HD4 * 4u] = mx[g];
-            part[at + HD4 * 4u + 1u] = sum[g];
-        }
-    }
+    head_store(h0, t, kvh, 0u, wid.x, lane);
+    if GQA > 1u { head_store(h1, t, kvh, 1u, wid.x, lane); }
+    if GQA > 2u { head_store(h2, t, kvh, 2u, wid.x, lane); }
+    if GQA > 3u { head_store(h3, t, kvh, 3u, wid.x, lane); }
 }
 
 // One invocation per (token, query head, vec4 of the head row): `attention_dsg8`'s
