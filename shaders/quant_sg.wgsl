@@ -705,8 +705,9 @@ fn qmatvec_qkv_sg8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 
 // Where ROPE, rows j0 .. j0+ROWS of q or k rotated by their angles at position `pos`, as
 // rope.wgsl's STYLE 0 (GGUF's pairs (2i, 2i+1) of a head) rotates them: ROWS (4 or 8 here)
-// and head_dim are multiples of 4 and j0 of ROWS, so each pair lies in one invocation's
-// rows and their (cos, sin) pairs in one or two of the table's vec4s.
+// divides head_dim and j0 is a multiple of ROWS, so an invocation's rows lie in one head,
+// each pair in one invocation, and their (cos, sin) pairs in one or two of the table's
+// vec4s.
 fn rotated(v: RowSums, j0: u32) -> RowSums {
     if !ROPE {
         return v;

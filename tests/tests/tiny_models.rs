@@ -165,9 +165,10 @@ fn gpu_matches_transformers_on_every_format() {
 }
 
 /// A decode step's fused kernels, forced where the device has subgroups of 8 (the add,
-/// norm, q/k/v products and RoPE into the cache in one dispatch; attention from the cache's
-/// texture copies or its buffer): GGUF models decoded one token at a time give
-/// transformers' logits at every position, as the prompt pass does above.
+/// norm, q/k/v products and RoPE into the cache in one dispatch; subgroup attention, from
+/// the cache buffers: these rows are too narrow for its texture copies, which
+/// tests/tests/tune.rs checks with the same op): GGUF models decoded one token at a time
+/// give transformers' logits at every position, as the prompt pass does above.
 #[test]
 fn gpu_decode_steps_on_the_fused_kernels_match_transformers() {
     use edgetune::backend::tune::{KernelShapes, Tuning};

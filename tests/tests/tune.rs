@@ -212,11 +212,13 @@ fn a_bad_cache_is_ignored_and_rebuilt() {
 }
 
 /// The texture copies of the KV cache that `attention_decode=WGdt` reads follow every write
-/// to the cache: decode steps appending rows (RopeKv), the cache overwritten with other
-/// values from position 0, a write by another kernel (Copy) and a step of several tokens,
-/// each against the CPU reference running the same ops.
+/// to the cache: decode steps appending rows (RopeKv, and NormQkvRope on the fused q/k/v
+/// kernel), the cache overwritten with other values from position 0, a write by another
+/// kernel (Copy) and a step of several tokens, each against the CPU reference running the
+/// same ops.
 #[test]
 fn decode_attention_from_kv_textures_follows_every_cache_write() {
+    use edgetune::WeightType;
     use edgetune::backend::cpu::Cpu;
     use edgetune::backend::{Backend, Op, RopeScaling, RopeStyle, rope_table};
     if common::gpu().is_none() {
@@ -224,7 +226,7 @@ fn decode_attention_from_kv_textures_follows_every_cache_write() {
     }
     let dir = scratch("kv-textures");
     let gpu = open(
-        Tuning::Force(KernelShapes::parse("attention_decode=32dt").unwrap()),
+        Tuning::Force(KernelShapes::parse("matvec=8x8g,attention_decode=32dt").unwrap()),
         &dir,
     );
     let notes = &gpu.tuning().unwrap().notes;
@@ -240,27 +242,58 @@ fn decode_attention_from_kv_textures_follows_every_cache_write() {
     // Salts below 1000 apart give different values.
     let value = |i: u32, salt: u32| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0;
     let fill = |n: u32, salt: u32| (0..n).map(|i| value(i, salt)).collect::<Vec<f32>>();
+    // The fused steps' q, k and v: products of a pending add and norm of `dim` elements
+    // (Q8_0 weights, small so that the scores stay moderate).
+    let dim = 64u32;
+    let weight = |rows: u32, salt: u32| {
+        let w: Vec<f32> = fill(rows * dim, salt).iter().map(|v| v / 16.0).collect();
+        edgetune::quant::quantize(WeightType::Q8_0, &w).unwrap()
+    };
+    let weights = [
+        weight(heads * hd, 1),
+        weight(kv * hd, 2),
+        weight(kv * hd, 3),
+    ];
     struct Bufs<B: Backend> {
         table: B::Buffer,
         k_cache: B::Buffer,
         v_cache: B::Buffer,
         q_out: B::Buffer,
         out: B::Buffer,
+        w: Vec<B::Buffer>,
+        norm: B::Buffer,
+        sum: B::Buffer,
+        scratch: Vec<B::Buffer>,
     }
-    fn bufs<B: Backend>(be: &B, table: &[f32], cache: u32, q: u32) -> Bufs<B> {
+    fn bufs<B: Backend>(
+        be: &B,
+        table: &[f32],
+        (cache, q): (u32, u32),
+        weights: &[Vec<u8>],
+        dim: u32,
+    ) -> Bufs<B> {
+        let alloc = |n: u32, what| be.alloc(u64::from(n) * 4, what).unwrap();
         Bufs {
             table: be.upload_f32(table, "table").unwrap(),
-            k_cache: be.alloc(u64::from(cache) * 4, "k cache").unwrap(),
-            v_cache: be.alloc(u64::from(cache) * 4, "v cache").unwrap(),
-            q_out: be.alloc(u64::from(q) * 4, "q out").unwrap(),
-            out: be.alloc(u64::from(q) * 4, "out").unwrap(),
+            k_cache: alloc(cache, "k cache"),
+            v_cache: alloc(cache, "v cache"),
+            q_out: alloc(q, "q out"),
+            out: alloc(q, "out"),
+            w: weights
+                .iter()
+                .map(|w| be.upload_weights(WeightType::Q8_0, w, dim, "w").unwrap())
+                .collect(),
+            norm: be.upload_f32(&vec![1.0; dim as usize], "norm").unwrap(),
+            sum: alloc(dim, "sum"),
+            scratch: (0..3).map(|_| alloc(q, "scratch")).collect(),
         }
     }
     let cache_len = capacity * kv * hd;
-    let g = bufs(&gpu, &table, cache_len, 3 * heads * hd);
-    let c = bufs(&Cpu, &table, cache_len, 3 * heads * hd);
-    // A step of `n` tokens from `pos` on both backends; the attention outputs compared.
-    let step = |pos: u32, n: u32, salt: u32| -> f32 {
+    let g = bufs(&gpu, &table, (cache_len, 3 * heads * hd), &weights, dim);
+    let c = bufs(&Cpu, &table, (cache_len, 3 * heads * hd), &weights, dim);
+    // A step of `n` tokens from `pos` on both backends, or `fused` one token through
+    // NormQkvRope; the attention outputs compared.
+    let step = |pos: u32, n: u32, salt: u32, fused: bool| -> f32 {
         let (q, k, v) = (
             fill(n * heads * hd, salt),
             fill(n * kv * hd, salt + 1),
@@ -274,22 +307,57 @@ fn decode_attention_from_kv_textures_follows_every_cache_write() {
                     $be.upload_f32(&k, "k").unwrap(),
                     $be.upload_f32(&v, "v").unwrap(),
                 );
-                $be.run(&Op::RopeKv {
-                    q: &qb,
-                    k: &kb,
-                    v: &vb,
-                    table: &$b.table,
-                    q_out: &$b.q_out,
-                    k_cache: &$b.k_cache,
-                    v_cache: &$b.v_cache,
-                    n_tokens: n,
-                    n_heads: heads,
-                    n_kv_heads: kv,
-                    head_dim: hd,
-                    pos0: pos,
-                    style: RopeStyle::HalfSplit,
-                })
-                .unwrap();
+                if fused {
+                    let (a, h) = (
+                        $be.upload_f32(&fill(dim, salt + 3), "a").unwrap(),
+                        $be.upload_f32(&fill(dim, salt + 4), "h").unwrap(),
+                    );
+                    $be.run(&Op::NormQkvRope {
+                        a: &a,
+                        h: &h,
+                        norm: &$b.norm,
+                        sum: &$b.sum,
+                        wq: &$b.w[0],
+                        wk: &$b.w[1],
+                        wv: &$b.w[2],
+                        q: &$b.scratch[0],
+                        k: &$b.scratch[1],
+                        v: &$b.scratch[2],
+                        table: &$b.table,
+                        q_out: &$b.q_out,
+                        k_cache: &$b.k_cache,
+                        v_cache: &$b.v_cache,
+                        q_factors: None,
+                        k_factors: None,
+                        v_factors: None,
+                        wtype: WeightType::Q8_0,
+                        dim,
+                        n_q: heads * hd,
+                        n_kv: kv * hd,
+                        eps: 1e-5,
+                        head_dim: hd,
+                        pos,
+                        style: RopeStyle::Interleaved,
+                    })
+                    .unwrap();
+                } else {
+                    $be.run(&Op::RopeKv {
+                        q: &qb,
+                        k: &kb,
+                        v: &vb,
+                        table: &$b.table,
+                        q_out: &$b.q_out,
+                        k_cache: &$b.k_cache,
+                        v_cache: &$b.v_cache,
+                        n_tokens: n,
+                        n_heads: heads,
+                        n_kv_heads: kv,
+                        head_dim: hd,
+                        pos0: pos,
+                        style: RopeStyle::HalfSplit,
+                    })
+                    .unwrap();
+                }
                 $be.run(&Op::Attention {
                     q: &$b.q_out,
                     k: &$b.k_cache,
@@ -316,13 +384,14 @@ fn decode_attention_from_kv_textures_follows_every_cache_write() {
             .fold(0.0, f32::max)
     };
     let mut worst = Vec::new();
+    // Every other row through the fused kernel.
     for pos in 0..70 {
-        worst.push((pos, step(pos, 1, pos)));
+        worst.push((pos, step(pos, 1, pos, pos % 2 == 1)));
     }
     // The cache overwritten with other values from position 0: no row of the first pass
     // is read.
     for pos in 0..40 {
-        worst.push((pos, step(pos, 1, 500 + pos)));
+        worst.push((pos, step(pos, 1, 500 + pos, pos % 3 == 0)));
     }
     // Another kernel overwrites rows 0..10 of the keys on both backends.
     let src = fill(10 * kv * hd, 77);
@@ -344,9 +413,9 @@ fn decode_attention_from_kv_textures_follows_every_cache_write() {
         dst_offset: 0,
     })
     .unwrap();
-    worst.push((40, step(40, 1, 333)));
+    worst.push((40, step(40, 1, 333, false)));
     // Three tokens at once, each attending to the positions up to its own.
-    worst.push((41, step(41, 3, 444)));
+    worst.push((41, step(41, 3, 444, false)));
     let bad: Vec<_> = worst
         .iter()
         .filter(|(_, w)| w.is_nan() || *w >= 1e-4)

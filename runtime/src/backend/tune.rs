@@ -666,8 +666,9 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
             best.matvec = shape;
         }
     }
-    // A decode step's attention with the RoPE and cache write before it, as a model runs
-    // them: the KV textures' copy of each new row is part of what is timed.
+    // A decode step's attention with the RoPE and cache write before it (a separate
+    // dispatch here, inside the q/k/v one for GGUF models; the same for every candidate):
+    // the KV textures' copy of each new row is part of what is timed.
     let at = DecodeAttention::new(gpu, 511)?;
     let candidates = attention_candidates()
         .into_iter()

@@ -112,8 +112,8 @@ pub struct GpuBuffer {
 
 /// A KV cache buffer's texture copy: one row of texels per cache row. The first `valid`
 /// bytes of the buffer are in the texture; a dispatch that may write the buffer sets
-/// `valid` to 0 as it is recorded (RopeKv then restores the rows before its first
-/// position), and attention copies the rows past it before reading, so a decode step
+/// `valid` to 0 as it is recorded (RopeKv and a fused NormQkvRope then restore the rows
+/// before their first position: [`Gpu::keeping_kv_mirrors`]), and attention copies the rows past it before reading, so a decode step
 /// copies only its new row. It assumes, as `&mut KvCache` ensures, that one thread at a
 /// time records the ops on a cache.
 #[derive(Debug, Default)]
@@ -366,7 +366,7 @@ impl Gpu {
         let limits = adapter.limits();
         let mut features = adapter.features();
         // The subgroup products also bind their weights and x as read-only storage
-        // textures (four per kernel, beside thirteen storage buffers); without those no
+        // textures (four per kernel, beside fourteen storage buffers); without those no
         // subgroup kernel is used.
         if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
@@ -683,7 +683,8 @@ impl Gpu {
         }
         let (k, n) = (p.k, p.n);
         let (name, entry) = match (&p.more, p.norm.is_some()) {
-            (More::Kv { .. }, _) => ("norm_qkv", "qmatvec_qkv_sg8"),
+            (More::Kv { rope: Some(_), .. }, _) => ("norm_qkv_rope", "qmatvec_qkv_sg8"),
+            (More::Kv { rope: None, .. }, _) => ("norm_qkv", "qmatvec_qkv_sg8"),
             (More::Up(_), true) => ("norm_qmatvec", "qmatvec_swiglu_sg8"),
             (More::None, true) => ("norm_qmatvec", "qmatvec_sg8"),
             (More::Up(_), false) => ("qswiglu", "qmatvec_swiglu_sg8"),
@@ -1017,18 +1018,18 @@ impl Gpu {
         Some(t.create_view(&wgpu::TextureViewDescriptor::default()))
     }
 
-    /// `write`, which records a dispatch writing KV caches `caches` (rows of `row` f32)
+    /// `write`, which records a dispatch writing KV caches `caches` (rows of `row` bytes)
     /// from row `pos` on, with their mirrors' rows before `pos` still valid afterwards
     /// (a decode step then copies one row per cache instead of all of them), though the
     /// dispatch, binding the caches writable, marks them all stale.
     fn keeping_kv_mirrors<T>(
         &self,
         caches: [&GpuBuffer; 2],
-        row: u32,
+        row: u64,
         pos: u32,
         write: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let from = u64::from(pos) * u64::from(row) * 4;
+        let from = u64::from(pos).saturating_mul(row);
         let kept = caches.map(|c| c.mirror_valid().min(from));
         let done = write()?;
         for (cache, valid) in caches.into_iter().zip(kept) {
@@ -1198,7 +1199,7 @@ fn writable_bindings(src: &str) -> u32 {
 }
 
 /// Whether `Rgba32Uint` textures can be bound as read-only storage textures, four to a
-/// kernel (`qmatmul_sg8`) beside thirteen storage buffers (the one-token kernels), as wgpu
+/// kernel (`qmatmul_sg8`) beside fourteen storage buffers (the one-token kernels), as wgpu
 /// will check it: from the adapter on downlevel devices, else from WebGPU's guarantees (the
 /// device never requests `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu
 /// ask the adapter).
@@ -1840,28 +1841,27 @@ impl Backend for Gpu {
                 style,
                 ..
             } => {
-                let parts: Vec<_> = op.qkv_rope_parts().into_iter().flatten().collect();
-                // The fused kernel rotates GGUF's interleaved pairs, which lie in one
-                // invocation's adjacent rows; Hugging Face's half-split ones do not.
-                if style == RopeStyle::Interleaved
-                    && let Some(qkv) = parts.first()
-                {
-                    let into = (
-                        KvRope {
-                            table,
-                            head_dim,
-                            pos,
-                        },
-                        [q_out, k_cache, v_cache],
-                    );
-                    if self.keeping_kv_mirrors([k_cache, v_cache], n_kv, pos, || {
-                        self.qkv_sg8(qkv, Some(into))
-                    })? {
-                        return Ok(());
+                if let Some([qkv, rope]) = op.qkv_rope_parts() {
+                    // The fused kernel rotates GGUF's interleaved pairs, which lie in one
+                    // invocation's adjacent rows; Hugging Face's half-split ones do not.
+                    if style == RopeStyle::Interleaved {
+                        let into = (
+                            KvRope {
+                                table,
+                                head_dim,
+                                pos,
+                            },
+                            [q_out, k_cache, v_cache],
+                        );
+                        let row = u64::from(n_kv) * 4;
+                        if self.keeping_kv_mirrors([k_cache, v_cache], row, pos, || {
+                            self.qkv_sg8(&qkv, Some(into))
+                        })? {
+                            return Ok(());
+                        }
                     }
-                }
-                for part in &parts {
-                    self.run(part)?;
+                    self.run(&qkv)?;
+                    self.run(&rope)?;
                 }
                 return Ok(());
             }
@@ -2507,9 +2507,10 @@ impl Backend for Gpu {
                 head_dim,
                 pos0,
                 ..
-            } => self.keeping_kv_mirrors([k_cache, v_cache], n_kv_heads * head_dim, pos0, || {
-                self.dispatch(d)
-            }),
+            } => {
+                let row = u64::from(n_kv_heads) * u64::from(head_dim) * 4;
+                self.keeping_kv_mirrors([k_cache, v_cache], row, pos0, || self.dispatch(d))
+            }
             _ => self.dispatch(d),
         }
     }

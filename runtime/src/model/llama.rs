@@ -1341,8 +1341,8 @@ impl<'b, B: Backend> Model<'b, B> {
         Ok(scratch)
     }
 
-    /// Whether `layer`'s q, k and v weights can be one [`Op::NormQkv`]: of one type and
-    /// width, k's and v's of one shape.
+    /// Whether `layer`'s q, k and v weights can be one [`Op::NormQkvRope`] (its
+    /// [`Op::NormQkv`]): of one type and width, k's and v's of one shape.
     fn same_qkv(layer: &Layer<B>) -> bool {
         let (q, k, v) = (&layer.q.weight, &layer.k.weight, &layer.v.weight);
         (q.wtype, q.cols) == (k.wtype, k.cols)
