@@ -278,8 +278,9 @@ fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgrou
 // A decode step (a few tokens over a long KV cache), split over positions and merged:
 // `attention_dsg8` gives each workgroup, one subgroup of 8 invocations, CHUNK positions of
 // one (token, kv head) for all GQA query heads of that kv head; each invocation holds an
-// eighth of every head's query and accumulator (DL vec4s), loads that eighth of each key
-// and value row, and `subgroupAdd` completes the dot products. It leaves each query
+// eighth of every head's query and accumulator (DL vec4s), scores one position of every
+// block of 8 against the whole query (gathered from the subgroup with `subgroupBroadcast`),
+// and adds the block's weighted value rows to its eighth of the accumulators. It leaves each query
 // head's unnormalised accumulator, running maximum and sum in `part`; `attention_merge`
 // combines a head's chunks into `out`. A context of one chunk is written to `out` whole
 // (a dispatch fewer: on lavapipe each costs more than the positions). With TEX the keys
@@ -322,8 +323,7 @@ fn kv_load(values: bool, row: u32, col: u32) -> vec4<f32> {
 }
 
 // One query head's eighth in `attention_dsg8`: DL vec4s of its query and of its
-// accumulator (named fields, not arrays: lavapipe keeps arrays indexed in loops in memory),
-// its running maximum and sum.
+// accumulator (named fields, not arrays: lavapipe keeps arrays indexed in loops in memory).
 struct Head {
     q0: vec4<f32>,
     q1: vec4<f32>,
@@ -333,14 +333,11 @@ struct Head {
     a1: vec4<f32>,
     a2: vec4<f32>,
     a3: vec4<f32>,
-    mx: f32,
-    sum: f32,
 }
 
 // The head whose eighth of the query starts at vec4 `qo`, before any position.
 fn head_at(qo: u32) -> Head {
     var h: Head;
-    h.mx = -3.0e38;
     h.q0 = q4[qo];
     if DL > 1u { h.q1 = q4[qo + 1u]; }
     if DL > 2u { h.q2 = q4[qo + 2u]; }
@@ -348,54 +345,106 @@ fn head_at(qo: u32) -> Head {
     return h;
 }
 
-// An invocation's eighth of one position's key and value rows.
-struct Kv {
-    k0: vec4<f32>,
-    k1: vec4<f32>,
-    k2: vec4<f32>,
-    k3: vec4<f32>,
-    v0: vec4<f32>,
-    v1: vec4<f32>,
-    v2: vec4<f32>,
-    v3: vec4<f32>,
+// The GQA query heads of one kv head (those past GQA unused), with head g's running
+// maximum in mx[g] and this invocation's part of its sum in sum[g].
+struct Group {
+    h0: Head,
+    h1: Head,
+    h2: Head,
+    h3: Head,
+    mx: vec4<f32>,
+    sum: vec4<f32>,
 }
 
-fn kv_at(row: u32, col: u32) -> Kv {
-    var r: Kv;
-    r.k0 = kv_load(false, row, col);
-    r.v0 = kv_load(true, row, col);
-    if DL > 1u {
-        r.k1 = kv_load(false, row, col + 1u);
-        r.v1 = kv_load(true, row, col + 1u);
-    }
-    if DL > 2u {
-        r.k2 = kv_load(false, row, col + 2u);
-        r.v2 = kv_load(true, row, col + 2u);
-    }
-    if DL > 3u {
-        r.k3 = kv_load(false, row, col + 3u);
-        r.v3 = kv_load(true, row, col + 3u);
-    }
+// s plus each head's query vec4 (q0 .. q3, one per head) dotted with vec4 `col` of key row
+// `row`.
+fn qk(s: vec4<f32>, row: u32, col: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) -> vec4<f32> {
+    let k = kv_load(false, row, col);
+    var r = s;
+    r.x += dot(q0, k);
+    if GQA > 1u { r.y += dot(q1, k); }
+    if GQA > 2u { r.z += dot(q2, k); }
+    if GQA > 3u { r.w += dot(q3, k); }
     return r;
 }
 
-// `h` after one more position: the score completed across the subgroup, then the online
-// softmax step. Called in uniform control flow.
-fn head_step(h: Head, kv: Kv) -> Head {
-    var d = dot(h.q0, kv.k0);
-    if DL > 1u { d += dot(h.q1, kv.k1); }
-    if DL > 2u { d += dot(h.q2, kv.k2); }
-    if DL > 3u { d += dot(h.q3, kv.k3); }
-    let s = subgroupAdd(d) * p.scale;
+// Every head's score against key row `row` (this invocation's own position), in component
+// g: the whole row's dot product in one invocation, each query vec4 taken from the
+// invocation holding it (vec4 f of invocation l's eighth is vec4 l * DL + f of the head,
+// whose key vec4 is at c0 + l * DL + f). No reduction across the subgroup per position
+// (on lavapipe each is a loop over the lanes).
+fn scores(g: Group, row: u32, c0: u32) -> vec4<f32> {
+    let a = g.h0;
+    let b = g.h1;
+    let c = g.h2;
+    let d = g.h3;
+    var s = vec4<f32>(0.0);
+    s = qk(s, row, c0, subgroupBroadcast(a.q0, 0u), subgroupBroadcast(b.q0, 0u), subgroupBroadcast(c.q0, 0u), subgroupBroadcast(d.q0, 0u));
+    s = qk(s, row, c0 + DL, subgroupBroadcast(a.q0, 1u), subgroupBroadcast(b.q0, 1u), subgroupBroadcast(c.q0, 1u), subgroupBroadcast(d.q0, 1u));
+    s = qk(s, row, c0 + 2u * DL, subgroupBroadcast(a.q0, 2u), subgroupBroadcast(b.q0, 2u), subgroupBroadcast(c.q0, 2u), subgroupBroadcast(d.q0, 2u));
+    s = qk(s, row, c0 + 3u * DL, subgroupBroadcast(a.q0, 3u), subgroupBroadcast(b.q0, 3u), subgroupBroadcast(c.q0, 3u), subgroupBroadcast(d.q0, 3u));
+    s = qk(s, row, c0 + 4u * DL, subgroupBroadcast(a.q0, 4u), subgroupBroadcast(b.q0, 4u), subgroupBroadcast(c.q0, 4u), subgroupBroadcast(d.q0, 4u));
+    s = qk(s, row, c0 + 5u * DL, subgroupBroadcast(a.q0, 5u), subgroupBroadcast(b.q0, 5u), subgroupBroadcast(c.q0, 5u), subgroupBroadcast(d.q0, 5u));
+    s = qk(s, row, c0 + 6u * DL, subgroupBroadcast(a.q0, 6u), subgroupBroadcast(b.q0, 6u), subgroupBroadcast(c.q0, 6u), subgroupBroadcast(d.q0, 6u));
+    s = qk(s, row, c0 + 7u * DL, subgroupBroadcast(a.q0, 7u), subgroupBroadcast(b.q0, 7u), subgroupBroadcast(c.q0, 7u), subgroupBroadcast(d.q0, 7u));
+    if DL > 1u {
+        s = qk(s, row, c0 + 1u, subgroupBroadcast(a.q1, 0u), subgroupBroadcast(b.q1, 0u), subgroupBroadcast(c.q1, 0u), subgroupBroadcast(d.q1, 0u));
+        s = qk(s, row, c0 + DL + 1u, subgroupBroadcast(a.q1, 1u), subgroupBroadcast(b.q1, 1u), subgroupBroadcast(c.q1, 1u), subgroupBroadcast(d.q1, 1u));
+        s = qk(s, row, c0 + 2u * DL + 1u, subgroupBroadcast(a.q1, 2u), subgroupBroadcast(b.q1, 2u), subgroupBroadcast(c.q1, 2u), subgroupBroadcast(d.q1, 2u));
+        s = qk(s, row, c0 + 3u * DL + 1u, subgroupBroadcast(a.q1, 3u), subgroupBroadcast(b.q1, 3u), subgroupBroadcast(c.q1, 3u), subgroupBroadcast(d.q1, 3u));
+        s = qk(s, row, c0 + 4u * DL + 1u, subgroupBroadcast(a.q1, 4u), subgroupBroadcast(b.q1, 4u), subgroupBroadcast(c.q1, 4u), subgroupBroadcast(d.q1, 4u));
+        s = qk(s, row, c0 + 5u * DL + 1u, subgroupBroadcast(a.q1, 5u), subgroupBroadcast(b.q1, 5u), subgroupBroadcast(c.q1, 5u), subgroupBroadcast(d.q1, 5u));
+        s = qk(s, row, c0 + 6u * DL + 1u, subgroupBroadcast(a.q1, 6u), subgroupBroadcast(b.q1, 6u), subgroupBroadcast(c.q1, 6u), subgroupBroadcast(d.q1, 6u));
+        s = qk(s, row, c0 + 7u * DL + 1u, subgroupBroadcast(a.q1, 7u), subgroupBroadcast(b.q1, 7u), subgroupBroadcast(c.q1, 7u), subgroupBroadcast(d.q1, 7u));
+    }
+    if DL > 2u {
+        s = qk(s, row, c0 + 2u, subgroupBroadcast(a.q2, 0u), subgroupBroadcast(b.q2, 0u), subgroupBroadcast(c.q2, 0u), subgroupBroadcast(d.q2, 0u));
+        s = qk(s, row, c0 + DL + 2u, subgroupBroadcast(a.q2, 1u), subgroupBroadcast(b.q2, 1u), subgroupBroadcast(c.q2, 1u), subgroupBroadcast(d.q2, 1u));
+        s = qk(s, row, c0 + 2u * DL + 2u, subgroupBroadcast(a.q2, 2u), subgroupBroadcast(b.q2, 2u), subgroupBroadcast(c.q2, 2u), subgroupBroadcast(d.q2, 2u));
+        s = qk(s, row, c0 + 3u * DL + 2u, subgroupBroadcast(a.q2, 3u), subgroupBroadcast(b.q2, 3u), subgroupBroadcast(c.q2, 3u), subgroupBroadcast(d.q2, 3u));
+        s = qk(s, row, c0 + 4u * DL + 2u, subgroupBroadcast(a.q2, 4u), subgroupBroadcast(b.q2, 4u), subgroupBroadcast(c.q2, 4u), subgroupBroadcast(d.q2, 4u));
+        s = qk(s, row, c0 + 5u * DL + 2u, subgroupBroadcast(a.q2, 5u), subgroupBroadcast(b.q2, 5u), subgroupBroadcast(c.q2, 5u), subgroupBroadcast(d.q2, 5u));
+        s = qk(s, row, c0 + 6u * DL + 2u, subgroupBroadcast(a.q2, 6u), subgroupBroadcast(b.q2, 6u), subgroupBroadcast(c.q2, 6u), subgroupBroadcast(d.q2, 6u));
+        s = qk(s, row, c0 + 7u * DL + 2u, subgroupBroadcast(a.q2, 7u), subgroupBroadcast(b.q2, 7u), subgroupBroadcast(c.q2, 7u), subgroupBroadcast(d.q2, 7u));
+    }
+    if DL > 3u {
+        s = qk(s, row, c0 + 3u, subgroupBroadcast(a.q3, 0u), subgroupBroadcast(b.q3, 0u), subgroupBroadcast(c.q3, 0u), subgroupBroadcast(d.q3, 0u));
+        s = qk(s, row, c0 + DL + 3u, subgroupBroadcast(a.q3, 1u), subgroupBroadcast(b.q3, 1u), subgroupBroadcast(c.q3, 1u), subgroupBroadcast(d.q3, 1u));
+        s = qk(s, row, c0 + 2u * DL + 3u, subgroupBroadcast(a.q3, 2u), subgroupBroadcast(b.q3, 2u), subgroupBroadcast(c.q3, 2u), subgroupBroadcast(d.q3, 2u));
+        s = qk(s, row, c0 + 3u * DL + 3u, subgroupBroadcast(a.q3, 3u), subgroupBroadcast(b.q3, 3u), subgroupBroadcast(c.q3, 3u), subgroupBroadcast(d.q3, 3u));
+        s = qk(s, row, c0 + 4u * DL + 3u, subgroupBroadcast(a.q3, 4u), subgroupBroadcast(b.q3, 4u), subgroupBroadcast(c.q3, 4u), subgroupBroadcast(d.q3, 4u));
+        s = qk(s, row, c0 + 5u * DL + 3u, subgroupBroadcast(a.q3, 5u), subgroupBroadcast(b.q3, 5u), subgroupBroadcast(c.q3, 5u), subgroupBroadcast(d.q3, 5u));
+        s = qk(s, row, c0 + 6u * DL + 3u, subgroupBroadcast(a.q3, 6u), subgroupBroadcast(b.q3, 6u), subgroupBroadcast(c.q3, 6u), subgroupBroadcast(d.q3, 6u));
+        s = qk(s, row, c0 + 7u * DL + 3u, subgroupBroadcast(a.q3, 7u), subgroupBroadcast(b.q3, 7u), subgroupBroadcast(c.q3, 7u), subgroupBroadcast(d.q3, 7u));
+    }
+    return s * p.scale;
+}
+
+// h's accumulator times c plus e times v (an eighth of a value row).
+fn head_axpy(h: Head, c: f32, e: f32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> Head {
     var r = h;
-    r.mx = max(h.mx, s);
-    let correction = exp(h.mx - r.mx);
-    let e = exp(s - r.mx);
-    r.sum = h.sum * correction + e;
-    r.a0 = h.a0 * correction + e * kv.v0;
-    if DL > 1u { r.a1 = h.a1 * correction + e * kv.v1; }
-    if DL > 2u { r.a2 = h.a2 * correction + e * kv.v2; }
-    if DL > 3u { r.a3 = h.a3 * correction + e * kv.v3; }
+    r.a0 = h.a0 * c + e * v0;
+    if DL > 1u { r.a1 = h.a1 * c + e * v1; }
+    if DL > 2u { r.a2 = h.a2 * c + e * v2; }
+    if DL > 3u { r.a3 = h.a3 * c + e * v3; }
+    return r;
+}
+
+// g's accumulators times c[g] plus e[g] times this invocation's eighth of value row `row`
+// (c 1 after a block's first position).
+fn pv(g: Group, row: u32, col: u32, c: vec4<f32>, e: vec4<f32>) -> Group {
+    let v0 = kv_load(true, row, col);
+    var v1 = v0;
+    var v2 = v0;
+    var v3 = v0;
+    if DL > 1u { v1 = kv_load(true, row, col + 1u); }
+    if DL > 2u { v2 = kv_load(true, row, col + 2u); }
+    if DL > 3u { v3 = kv_load(true, row, col + 3u); }
+    var r = g;
+    r.h0 = head_axpy(g.h0, c.x, e.x, v0, v1, v2, v3);
+    if GQA > 1u { r.h1 = head_axpy(g.h1, c.y, e.y, v0, v1, v2, v3); }
+    if GQA > 2u { r.h2 = head_axpy(g.h2, c.z, e.z, v0, v1, v2, v3); }
+    if GQA > 3u { r.h3 = head_axpy(g.h3, c.w, e.w, v0, v1, v2, v3); }
     return r;
 }
 
@@ -408,17 +457,18 @@ fn part_store(at: u32, lane: u32, j: u32, a: vec4<f32>) {
     part[o + 3u] = a.w;
 }
 
-// Query head g (of kv head kvh, token t) after chunk c: normalised into `out` where the
-// chunk is the whole context, else its accumulator, maximum and sum into `part`.
-fn head_store(h: Head, t: u32, kvh: u32, g: u32, c: u32, lane: u32) {
+// Query head g (of kv head kvh, token t, maximum mx, sum total) after chunk c: normalised
+// into `out` where the chunk is the whole context, else its accumulator, maximum and sum
+// into `part`.
+fn head_store(h: Head, mx: f32, total: f32, t: u32, kvh: u32, g: u32, c: u32, lane: u32) {
     let head = kvh * GQA + g;
     if p.chunks == 1u {
         // No merge dispatch after this one.
         let o = ((p.row0 + t) * p.n_heads + head) * HD4 + lane * DL;
-        out4[o] = h.a0 / h.sum;
-        if DL > 1u { out4[o + 1u] = h.a1 / h.sum; }
-        if DL > 2u { out4[o + 2u] = h.a2 / h.sum; }
-        if DL > 3u { out4[o + 3u] = h.a3 / h.sum; }
+        out4[o] = h.a0 / total;
+        if DL > 1u { out4[o + 1u] = h.a1 / total; }
+        if DL > 2u { out4[o + 2u] = h.a2 / total; }
+        if DL > 3u { out4[o + 3u] = h.a3 / total; }
         return;
     }
     let at = ((t * p.n_heads + head) * p.chunks + c) * (HD4 * 4u + 2u);
@@ -427,39 +477,55 @@ fn head_store(h: Head, t: u32, kvh: u32, g: u32, c: u32, lane: u32) {
     if DL > 2u { part_store(at, lane, 2u, h.a2); }
     if DL > 3u { part_store(at, lane, 3u, h.a3); }
     if lane == 0u {
-        part[at + HD4 * 4u] = h.mx;
-        part[at + HD4 * 4u + 1u] = h.sum;
+        part[at + HD4 * 4u] = mx;
+        part[at + HD4 * 4u + 1u] = total;
     }
 }
 
-// Workgroup (c, t * n_kv_heads + kvh): positions c * CHUNK .. of token t, kv head kvh.
+// Workgroup (c, t * n_kv_heads + kvh): positions c * CHUNK .. of token t, kv head kvh, in
+// blocks of 8: each invocation scores one position of a block against every head (a past
+// the chunk weighted 0), one maximum per block and head updates the online softmax, and
+// each position's weights go back to every invocation with its value row's eighth.
 @compute @workgroup_size(8, 1, 1)
 fn attention_dsg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let t = wid.y / p.n_kv_heads;
     let kvh = wid.y % p.n_kv_heads;
     let first = wid.x * CHUNK;
     let end = min(first + CHUNK, p.pos0 + t + 1u);
-    let col = kvh * HD4 + lane * DL;
+    let c0 = kvh * HD4;
+    let col = c0 + lane * DL;
     // Query head g's eighth at qo + g * HD4.
     let qo = ((p.row0 + t) * p.n_heads + kvh * GQA) * HD4 + lane * DL;
-    var h0 = head_at(qo);
-    var h1 = h0;
-    var h2 = h0;
-    var h3 = h0;
-    if GQA > 1u { h1 = head_at(qo + HD4); }
-    if GQA > 2u { h2 = head_at(qo + 2u * HD4); }
-    if GQA > 3u { h3 = head_at(qo + 3u * HD4); }
-    for (var pos = first; pos < end; pos++) {
-        let kv = kv_at(p.row0 + pos, col);
-        h0 = head_step(h0, kv);
-        if GQA > 1u { h1 = head_step(h1, kv); }
-        if GQA > 2u { h2 = head_step(h2, kv); }
-        if GQA > 3u { h3 = head_step(h3, kv); }
+    var g: Group;
+    g.h0 = head_at(qo);
+    if GQA > 1u { g.h1 = head_at(qo + HD4); }
+    if GQA > 2u { g.h2 = head_at(qo + 2u * HD4); }
+    if GQA > 3u { g.h3 = head_at(qo + 3u * HD4); }
+    g.mx = vec4<f32>(-3.0e38);
+    // Rows past the chunk read its last row, weighted 0.
+    let last = p.row0 + end - 1u;
+    for (var b = p.row0 + first; b <= last; b += 8u) {
+        let s = select(vec4<f32>(-3.0e38), scores(g, min(b + lane, last), c0), b + lane <= last);
+        let mx = max(g.mx, subgroupMax(s));
+        let c = exp(g.mx - mx);
+        let e = exp(s - mx);
+        g.sum = g.sum * c + e;
+        g.mx = mx;
+        g = pv(g, b, col, c, subgroupBroadcast(e, 0u));
+        let one = vec4<f32>(1.0);
+        g = pv(g, min(b + 1u, last), col, one, subgroupBroadcast(e, 1u));
+        g = pv(g, min(b + 2u, last), col, one, subgroupBroadcast(e, 2u));
+        g = pv(g, min(b + 3u, last), col, one, subgroupBroadcast(e, 3u));
+        g = pv(g, min(b + 4u, last), col, one, subgroupBroadcast(e, 4u));
+        g = pv(g, min(b + 5u, last), col, one, subgroupBroadcast(e, 5u));
+        g = pv(g, min(b + 6u, last), col, one, subgroupBroadcast(e, 6u));
+        g = pv(g, min(b + 7u, last), col, one, subgroupBroadcast(e, 7u));
     }
-    head_store(h0, t, kvh, 0u, wid.x, lane);
-    if GQA > 1u { head_store(h1, t, kvh, 1u, wid.x, lane); }
-    if GQA > 2u { head_store(h2, t, kvh, 2u, wid.x, lane); }
-    if GQA > 3u { head_store(h3, t, kvh, 3u, wid.x, lane); }
+    let total = subgroupAdd(g.sum);
+    head_store(g.h0, g.mx.x, total.x, t, kvh, 0u, wid.x, lane);
+    if GQA > 1u { head_store(g.h1, g.mx.y, total.y, t, kvh, 1u, wid.x, lane); }
+    if GQA > 2u { head_store(g.h2, g.mx.z, total.z, t, kvh, 2u, wid.x, lane); }
+    if GQA > 3u { head_store(g.h3, g.mx.w, total.w, t, kvh, 3u, wid.x, lane); }
 }
 
 // One invocation per (token, query head, vec4 of the head row): `attention_dsg8`'s
