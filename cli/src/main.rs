@@ -615,6 +615,11 @@ fn run(cli: &Cli) -> Result<bool, CliError> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        edgetune::backend::tune::use_llvmpipe_threads();
+    }
     // Panics caught at the runtime's boundary (inside a dependency) are reported as errors;
     // do not also print them.
     edgetune::guard::quiet_caught_panics();

@@ -914,6 +914,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
     let path = cache_path(&identity, dir);
     let mut notes = Vec::new();
     if is_llvmpipe(&r) {
+        notes.push(llvmpipe_thread_note());
         notes.extend(slow_llvmpipe(
             &r.driver_info,
             Isa::Avx512.available(),
@@ -991,6 +992,40 @@ const LLVMPIPE_ENV: [&str; 4] = [
     "LP_NATIVE_VECTOR_WIDTH",
     "LP_NUM_THREADS",
 ];
+
+/// Threads llvmpipe runs each dispatch on where [`use_llvmpipe_threads`] sets them: twice
+/// the host's cores. llvmpipe deals a dispatch's workgroups out to its threads in equal runs
+/// fixed up front (Mesa's `lp_cs_tpool`), so a decode step's small dispatches (3 to 7
+/// workgroups on SmolLM2) leave a core idle, and a thread that a neighbour slows holds up
+/// the whole dispatch; with twice as many threads as cores the OS scheduler evens the runs
+/// out (BENCHMARKS.md, sixteenth part: generation 1.2x on 2 cores, prompt and training
+/// within noise).
+pub fn llvmpipe_threads() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets `LP_NUM_THREADS` to [`llvmpipe_threads`] where the environment does not set it.
+/// llvmpipe reads it when an instance finds the device, so this goes before opening a GPU.
+///
+/// # Safety
+///
+/// As for [`std::env::set_var`]: no other thread may read or write the environment
+/// meanwhile (call it first thing in `main`).
+#[allow(unsafe_code)]
+pub unsafe fn use_llvmpipe_threads() {
+    if std::env::var_os("LP_NUM_THREADS").is_none() {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::env::set_var("LP_NUM_THREADS", llvmpipe_threads().to_string()) };
+    }
+}
+
+/// The notice naming llvmpipe's thread count.
+fn llvmpipe_thread_note() -> String {
+    match std::env::var("LP_NUM_THREADS") {
+        Ok(n) => format!("llvmpipe runs {n} threads (LP_NUM_THREADS)"),
+        Err(_) => "llvmpipe runs a thread per core (LP_NUM_THREADS unset)".into(),
+    }
+}
 
 fn is_llvmpipe(r: &super::wgpu::AdapterReport) -> bool {
     // Vulkan (lavapipe) names the driver; GL only the renderer.
