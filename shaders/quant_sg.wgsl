@@ -87,6 +87,17 @@ override SUM: bool = false;
 // to row `pos` of the caches in `out2` and `out3`, with rope.wgsl's (cos, sin) table.
 override ROPE: bool = false;
 @group(0) @binding(21) var<storage, read> rope4: array<vec4<f32>>;
+// The matrix-vector kernels' x, resid and norm_w again, as uniform buffers of their first
+// X_UNIFORM_VEC4S vec4s, read instead of the storage bindings where X_UNIFORM (k at most
+// 4 X_UNIFORM_VEC4S): lavapipe (Mesa 22) loads a storage buffer lane by lane in a loop
+// but a uniform one with a gather, so a chunk of x costs one gather here (decode steps
+// 1.17x faster on an AVX2-only host, BENCHMARKS.md). Fixed-size, as uniform arrays must
+// be; backend::wgpu's X_UNIFORM_BYTES is their size (a test keeps the two equal).
+override X_UNIFORM: bool = false;
+const X_UNIFORM_VEC4S: u32 = 1024u;
+@group(0) @binding(22) var<uniform> x_u: array<vec4<f32>, X_UNIFORM_VEC4S>;
+@group(0) @binding(23) var<uniform> resid_u: array<vec4<f32>, X_UNIFORM_VEC4S>;
+@group(0) @binding(24) var<uniform> norm_w_u: array<vec4<f32>, X_UNIFORM_VEC4S>;
 
 // Elements 4q .. 4q+4 of row r of x.
 fn x_quad(r: u32, q: u32) -> vec4<f32> {
@@ -484,20 +495,42 @@ struct XShared {
     sq: f32,
 }
 
+// Quarter-row i of x, resid and norm_w, from the uniform copies where X_UNIFORM.
+fn x_quarter(i: u32) -> vec4<f32> {
+    if X_UNIFORM {
+        return x_u[i];
+    }
+    return x4[i];
+}
+
+fn resid_quarter(i: u32) -> vec4<f32> {
+    if X_UNIFORM {
+        return resid_u[i];
+    }
+    return resid[i];
+}
+
+fn norm_w_quarter(i: u32) -> vec4<f32> {
+    if X_UNIFORM {
+        return norm_w_u[i];
+    }
+    return norm_w[i];
+}
+
 // Chunk c of x: each of the subgroup's invocations loads a quarter-row and shares it, as in
 // `qmatmul_sg8`; where NORM, its quarter-row of a + h times the norm's weight, stored to
 // `sum4` where `store`.
 fn x_shared(c: u32, lane: u32, store: bool) -> XShared {
     let i = 8u * c + lane;
-    var xv = x4[i];
+    var xv = x_quarter(i);
     var sq = 0.0;
     if NORM {
-        let s = resid[i] + xv;
+        let s = resid_quarter(i) + xv;
         if store {
             sum4[i] = s;
         }
         sq = dot(s, s);
-        xv = s * norm_w[i];
+        xv = s * norm_w_quarter(i);
     }
     let xb0 = subgroupBroadcast(xv, 0u);
     let xb1 = subgroupBroadcast(xv, 1u);

@@ -521,6 +521,9 @@ pub fn cases() -> Vec<Case> {
             // four-row subgroup kernels end on a partial group, eight-row ones take one
             // row per invocation there (as every subgroup shape does for 67 and 16_389).
             (1, k_small, 1_028),
+            // Rows longer than the subgroup products' uniform copy of x holds
+            // (backend::wgpu's X_UNIFORM_BYTES): they read x from its storage binding.
+            (1, 4_352, 67),
             // Enough tokens for the prompt paths (dequantise to f32 scratch and use the f32
             // matmul, or `qmatmul_sg8`), and more weight rows than one workgroup of
             // `qmatmul_sg8` takes, neither count a multiple of its tiles.

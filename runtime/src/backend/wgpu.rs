@@ -60,6 +60,9 @@ const ATTENTION_WG: u32 = 64;
 const PREFILL_SG_WG: u32 = 32;
 /// `cross_entropy`'s workgroup (one per row; matches CE_WG in softmax.wgsl).
 const CE_WG: u32 = 64;
+/// The uniform copies of x in quant_sg.wgsl (16 bytes X_UNIFORM_VEC4S times): products
+/// of up to 4096-element rows read x from them. Every buffer is at least this large.
+const X_UNIFORM_BYTES: u64 = 16 << 10;
 
 /// How to choose the adapter. Unset fields fall back to wgpu's environment variables
 /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), then to wgpu's default.
@@ -366,9 +369,9 @@ impl Gpu {
         let limits = adapter.limits();
         let mut features = adapter.features();
         // The subgroup products also bind their weights and x as read-only storage
-        // textures (four per kernel, beside fourteen storage buffers); without those no
-        // subgroup kernel is used.
-        if opts.without_subgroups || !read_only_storage_textures(&adapter, &limits) {
+        // textures (four per kernel, beside fourteen storage buffers and four uniforms);
+        // without those no subgroup kernel is used.
+        if opts.without_subgroups || !subgroup_bindings_fit(&adapter, &limits) {
             features.remove(wgpu::Features::SUBGROUP);
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -778,8 +781,13 @@ impl Gpu {
             if let More::Kv { .. } = p.more {
                 d.bindings.push((21, rope.map_or(p.x, |r| r.table)));
             }
+            // x, resid and norm_w again as uniforms (every buffer can be one), read
+            // instead of the storage bindings where they fit.
+            let x_uniform = u64::from(k) * 4 <= X_UNIFORM_BYTES;
+            d.overrides.push(("X_UNIFORM", u32::from(x_uniform)));
             let [t1, t2, t3] = textures.unwrap_or([&self.no_texture; 3]);
-            self.dispatch_with(d, &[(8, t1), (12, t2), (18, t3)])?;
+            let textures = [(8, t1), (12, t2), (18, t3)];
+            self.dispatch_bound(d, &textures, &[(22, p.x), (23, resid), (24, norm_w)])?;
         }
         Ok(true)
     }
@@ -866,6 +874,16 @@ impl Gpu {
 
     /// `dispatch`, with these textures bound beside the buffers.
     fn dispatch_with(&self, d: Dispatch<'_>, textures: &[(u32, &wgpu::TextureView)]) -> Result<()> {
+        self.dispatch_bound(d, textures, &[])
+    }
+
+    /// `dispatch_with`, and these buffers' first `X_UNIFORM_BYTES` bound as uniforms.
+    fn dispatch_bound(
+        &self,
+        d: Dispatch<'_>,
+        textures: &[(u32, &wgpu::TextureView)],
+        uniforms: &[(u32, &GpuBuffer)],
+    ) -> Result<()> {
         for (_, buf) in &d.bindings {
             if buf.size > self.limits.max_storage_buffer_binding_size {
                 return Err(Error::BufferTooLarge {
@@ -914,6 +932,14 @@ impl Gpu {
         entries.extend(textures.iter().map(|(binding, view)| wgpu::BindGroupEntry {
             binding: *binding,
             resource: wgpu::BindingResource::TextureView(view),
+        }));
+        entries.extend(uniforms.iter().map(|(binding, buf)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &buf.buf,
+                offset: 0,
+                size: wgpu::BufferSize::new(X_UNIFORM_BYTES),
+            }),
         }));
         // No error scope here: scopes cost a round trip per call on the hot path, and a
         // validation error still reaches our uncaptured-error handler and the next call.
@@ -1198,12 +1224,13 @@ fn writable_bindings(src: &str) -> u32 {
     parsed.iter().fold(0, |bits, b| bits | 1 << b)
 }
 
-/// Whether `Rgba32Uint` textures can be bound as read-only storage textures, four to a
-/// kernel (`qmatmul_sg8`) beside fourteen storage buffers (the one-token kernels), as wgpu
-/// will check it: from the adapter on downlevel devices, else from WebGPU's guarantees (the
-/// device never requests `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu
-/// ask the adapter).
-fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
+/// Whether the subgroup kernels' bindings fit: `Rgba32Uint` textures bound as read-only
+/// storage textures, four to a kernel (`qmatmul_sg8`) beside fourteen storage buffers and
+/// four uniforms of up to `X_UNIFORM_BYTES` (the one-token kernels), as wgpu will check
+/// it: from the adapter on downlevel devices, else from WebGPU's guarantees (the device
+/// never requests `TEXTURE_ADAPTER_SPECIFIC_FORMAT_FEATURES`, which would make wgpu ask
+/// the adapter).
+fn subgroup_bindings_fit(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
     let format = wgpu::TextureFormat::Rgba32Uint;
     let usable = |f: wgpu::TextureFormatFeatures| {
         f.allowed_usages
@@ -1222,6 +1249,8 @@ fn read_only_storage_textures(adapter: &wgpu::Adapter, limits: &wgpu::Limits) ->
     };
     limits.max_storage_textures_per_shader_stage >= 4
         && limits.max_storage_buffers_per_shader_stage >= 14
+        && limits.max_uniform_buffers_per_shader_stage >= 4
+        && limits.max_uniform_buffer_binding_size >= X_UNIFORM_BYTES
         && usable(features)
 }
 
@@ -1327,6 +1356,8 @@ impl Backend for Gpu {
         format!("{} ({:?})", self.info.name, self.info.backend)
     }
 
+    /// A buffer of `bytes`, whose wgpu buffer is at least `X_UNIFORM_BYTES` and may be
+    /// bound as a uniform too, so that any buffer can be the subgroup products' x.
     fn alloc(&self, bytes: u64, what: &'static str) -> Result<GpuBuffer> {
         self.check_health()?;
         let size = bytes.max(4).div_ceil(4) * 4;
@@ -1341,8 +1372,9 @@ impl Backend for Gpu {
             .scoped(what, || {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(what),
-                    size,
+                    size: size.max(X_UNIFORM_BYTES),
                     usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::UNIFORM
                         | wgpu::BufferUsages::COPY_SRC
                         | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
@@ -2534,5 +2566,18 @@ mod tests {
         assert_eq!(writable_bindings(odd), u32::MAX);
         let high = "@group(0) @binding(40) var<storage, read_write> o: array<f32>;";
         assert_eq!(writable_bindings(high), u32::MAX);
+    }
+
+    #[test]
+    fn x_uniform_bytes_are_the_shaders_uniform_arrays() {
+        let src = SHADERS
+            .iter()
+            .find(|(f, _)| *f == "quant_sg")
+            .map(|(_, s)| *s);
+        let vec4s = src.unwrap_or_default().lines().find_map(|l| {
+            let v = l.strip_prefix("const X_UNIFORM_VEC4S: u32 = ")?;
+            v.strip_suffix("u;")?.parse::<u64>().ok()
+        });
+        assert_eq!(vec4s.map(|v| v * 16), Some(X_UNIFORM_BYTES));
     }
 }
