@@ -280,12 +280,12 @@ fn attention_sg8(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgrou
 // one (token, kv head) for all GQA query heads of that kv head; each invocation holds an
 // eighth of every head's query and accumulator (DL vec4s), scores one position of every
 // block of 8 against the whole query (gathered from the subgroup with `subgroupBroadcast`),
-// and adds the block's weighted value rows to its eighth of the accumulators. It leaves each query
-// head's unnormalised accumulator, running maximum and sum in `part`; `attention_merge`
-// combines a head's chunks into `out`. A context of one chunk is written to `out` whole
-// (a dispatch fewer: on lavapipe each costs more than the positions). With TEX the keys
-// and values are read from textures holding the cache's rows (one row per position,
-// backend::wgpu keeps them in step with the buffers) instead of the buffers.
+// and adds the block's weighted value rows to its eighth of the accumulators. It leaves
+// each query head's unnormalised accumulator, running maximum and sum in `part`;
+// `attention_merge` combines a head's chunks into `out`. A context of one chunk is written
+// to `out` whole (a dispatch fewer: on lavapipe each costs more than the positions). With
+// TEX the keys and values are read from textures holding the cache's rows (one row per
+// position, backend::wgpu keeps them in step with the buffers) instead of the buffers.
 //
 // Why: the other decode kernels hold whole head rows per invocation (registers spill on
 // hosts with 16 vector registers) and leave the threads idle when a model has fewer kv
@@ -369,7 +369,7 @@ fn qk(s: vec4<f32>, row: u32, col: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f
 }
 
 // Every head's score against key row `row` (this invocation's own position), in component
-// g: the whole row's dot product in one invocation, each query vec4 taken from the
+// g: the whole row's dot product times `p.scale`, in one invocation, each query vec4 taken from the
 // invocation holding it (vec4 f of invocation l's eighth is vec4 l * DL + f of the head,
 // whose key vec4 is at c0 + l * DL + f). No reduction across the subgroup per position
 // (on lavapipe each is a loop over the lanes).
@@ -483,9 +483,10 @@ fn head_store(h: Head, mx: f32, total: f32, t: u32, kvh: u32, g: u32, c: u32, la
 }
 
 // Workgroup (c, t * n_kv_heads + kvh): positions c * CHUNK .. of token t, kv head kvh, in
-// blocks of 8: each invocation scores one position of a block against every head (a past
-// the chunk weighted 0), one maximum per block and head updates the online softmax, and
-// each position's weights go back to every invocation with its value row's eighth.
+// blocks of 8: each invocation scores one position of a block against every head (a
+// position past the chunk weighted 0), one maximum per block and head updates the online
+// softmax, and each position's weights go back to every invocation with its value row's
+// eighth.
 @compute @workgroup_size(8, 1, 1)
 fn attention_dsg8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let t = wid.y / p.n_kv_heads;

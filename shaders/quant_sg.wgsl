@@ -90,9 +90,10 @@ override ROPE: bool = false;
 // The matrix-vector kernels' x, resid and norm_w again, as uniform buffers of their first
 // X_UNIFORM_VEC4S vec4s, read instead of the storage bindings where X_UNIFORM (k at most
 // 4 X_UNIFORM_VEC4S): lavapipe (Mesa 22) loads a storage buffer lane by lane in a loop
-// but a uniform one with a gather, so a chunk of x costs one gather here (decode steps
-// 1.17x faster on an AVX2-only host, BENCHMARKS.md). Fixed-size, as uniform arrays must
-// be; backend::wgpu's X_UNIFORM_BYTES is their size (a test keeps the two equal).
+// but a uniform one with a gather, so a chunk of x costs one gather here (generation
+// 1.13x on an AVX2-only host, BENCHMARKS.md, seventeenth part). Fixed-size, as uniform
+// arrays must be; backend::wgpu's X_UNIFORM_BYTES is their size (a test keeps the two
+// equal).
 override X_UNIFORM: bool = false;
 const X_UNIFORM_VEC4S: u32 = 1024u;
 @group(0) @binding(22) var<uniform> x_u: array<vec4<f32>, X_UNIFORM_VEC4S>;

@@ -1146,6 +1146,11 @@ pub fn cases() -> Vec<Case> {
         (1, 8, 2, 64, 37, 0, 0),
         (2, 16, 4, 32, 9, 3, 1),
         (1, 14, 2, 64, 30, 0, 0),
+        // Decode attention's rarer forms: a head of 96 (three vec4s in each invocation's
+        // eighth of `attention_dsg8`), and a step of several tokens whose first ends
+        // before a chunk its last reads (an empty chunk, with 32 or 64 positions a chunk).
+        (1, 6, 2, 96, 100, 0, 0),
+        (4, 9, 3, 64, 62, 0, 0),
         // Prompts (enough pairs for the prefill kernels): token counts that fill no
         // subgroup or workgroup exactly, packed and not, both subgroup head widths.
         (45, 9, 3, 64, 3, 2, 5),

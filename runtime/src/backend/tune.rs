@@ -71,8 +71,8 @@ pub struct KernelShapes {
     pub matvec_wide: MatvecShape,
     /// Attention with few (token, head) pairs: a decode step.
     pub attention_decode: AttentionShape,
-    /// Attention with many: a prompt or a training pass (`attention_v4` or
-    /// `attention_sg8`).
+    /// Attention with many: a prompt or a training pass (`attention_v4`, `attention_sg8`,
+    /// or `attention_dsg8` over texture copies of the keys and values).
     pub attention_prefill: Variant,
     /// Products of a quantised weight with many rows of x (Q8_0, Q4_0, Q4_1): dequantise
     /// to f32 and `matmul8`, or `qmatmul_sg8` on the blocks.
@@ -91,8 +91,11 @@ pub enum Variant {
     /// The subgroup variant (written `sg8`); a device without subgroups of 8 runs the
     /// portable kernel instead.
     Subgroup8,
-    /// For the prompt products only: the subgroup variant reading the weights from
-    /// textures, as `MatvecShape::texture` (written `sg8t`).
+    /// A subgroup variant reading from textures (written `sg8t`): for the prompt products
+    /// their weights, as `MatvecShape::texture`; for prompt attention the decode kernel
+    /// `attention_dsg8`, one pass per (token, kv head) over texture copies of the keys and
+    /// values (lavapipe without AVX-512 loads buffers lane by lane; `attention_sg8` also
+    /// holds whole head rows per invocation, which spill with 16 vector registers).
     Subgroup8Texture,
 }
 
@@ -106,8 +109,7 @@ impl Variant {
     }
 }
 
-const VARIANTS: [Variant; 2] = [Variant::Portable, Variant::Subgroup8];
-const PROMPT_VARIANTS: [Variant; 3] = [
+const VARIANTS: [Variant; 3] = [
     Variant::Portable,
     Variant::Subgroup8,
     Variant::Subgroup8Texture,
@@ -336,17 +338,12 @@ impl KernelShapes {
                     }
                 }
                 "attention_prefill" | "prompt_matmul" => {
-                    let allowed: &[Variant] = if key == "prompt_matmul" {
-                        &PROMPT_VARIANTS
-                    } else {
-                        &VARIANTS
-                    };
-                    let v = allowed
+                    let v = VARIANTS
                         .iter()
                         .copied()
                         .find(|c| c.spec() == value)
                         .ok_or_else(|| {
-                            let names: Vec<_> = allowed.iter().map(Variant::spec).collect();
+                            let names: Vec<_> = VARIANTS.iter().map(Variant::spec).collect();
                             bad(format!(
                                 "{key}: {value:?} is not one of {}",
                                 names.join(", ")
@@ -389,7 +386,7 @@ impl KernelShapes {
                     a => a,
                 },
                 attention_prefill: VARIANTS[i % VARIANTS.len()],
-                prompt_matmul: PROMPT_VARIANTS[(i / 2) % PROMPT_VARIANTS.len()],
+                prompt_matmul: VARIANTS[(i / 2) % VARIANTS.len()],
             })
             .collect()
     }
@@ -439,7 +436,8 @@ pub struct TuneReport {
     pub shapes: KernelShapes,
     /// "measured now (…ms), cached in PATH", "cached in PATH", "defaults", "forced".
     pub origin: String,
-    /// Notices: a cache that was ignored and why, a cache that could not be written.
+    /// Notices: on llvmpipe its threads and what it runs slowly; a cache that was ignored
+    /// and why, or could not be written; forced shapes the device cannot run.
     pub notes: Vec<String>,
 }
 
@@ -541,6 +539,25 @@ const LAYER_PRODUCTS: &[(u32, u32)] = &[
 
 /// SmolLM2-135M's query heads, kv heads and head size.
 const ATTENTION_HEADS: (u32, u32, u32) = (9, 3, 64);
+
+/// Layers whose decode attention is timed together, each with its own cache: one layer's
+/// cache stays in the CPU's L2 from one run to the next, a model's do not (its weights
+/// pass through in between), and on lavapipe without AVX-512 reading the KV cache from
+/// buffers rather than textures costs far more from L3 (BENCHMARKS.md, seventeenth part).
+/// Eight of SmolLM2's caches at 512 positions are 12 MiB with their textures.
+const ATTENTION_LAYERS: usize = 8;
+
+/// [`ATTENTION_LAYERS`] layers' [`DecodeAttention`] over `pos0 + 1` positions.
+fn decode_attention(gpu: &Gpu, pos0: u32) -> Result<Vec<DecodeAttention>> {
+    (0..ATTENTION_LAYERS)
+        .map(|_| DecodeAttention::new(gpu, pos0))
+        .collect()
+}
+
+/// Every layer's ops in turn.
+fn layer_ops(layers: &[DecodeAttention]) -> Vec<Op<'_, GpuBuffer>> {
+    layers.iter().flat_map(DecodeAttention::ops).collect()
+}
 
 /// A decode step's attention over `pos0 + 1` positions of [`ATTENTION_HEADS`], with the
 /// RoPE and cache write before it.
@@ -669,14 +686,14 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     // A decode step's attention with the RoPE and cache write before it (a separate
     // dispatch here, inside the q/k/v one for GGUF models; the same for every candidate):
     // the KV textures' copy of each new row is part of what is timed.
-    let at = DecodeAttention::new(gpu, 511)?;
+    let at = decode_attention(gpu, 511)?;
     let candidates = attention_candidates()
         .into_iter()
         .filter(|a| !a.subgroup || gpu.subgroups_of_8())
         .collect();
     best.attention_decode = fastest_for_memory(
         gpu,
-        &at.ops(),
+        &layer_ops(&at),
         candidates,
         |a| a.texture,
         TEXTURE_GAIN,
@@ -696,13 +713,14 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     // chunks' hardly.
     if best.attention_decode.subgroup {
         for n in ONE_PASS {
-            let at = DecodeAttention::new(gpu, n - 1)?;
+            let at = decode_attention(gpu, n - 1)?;
             let chunked = best.attention_decode;
             let one = AttentionShape {
                 one_pass: n,
                 ..chunked
             };
-            let (choice, _) = fastest(gpu, &at.ops(), vec![chunked, one], &mut timings, |a| {
+            let ops = layer_ops(&at);
+            let (choice, _) = fastest(gpu, &ops, vec![chunked, one], &mut timings, |a| {
                 (
                     KernelShapes {
                         attention_decode: a,
@@ -719,39 +737,77 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     }
     // A prompt's attention: 128 tokens, each over the positions up to its own.
     if gpu.subgroups_of_8() {
-        let (heads, kv_heads, hd) = ATTENTION_HEADS;
+        // With its RoPE and cache write, as in a model, so that `sg8t`'s copy of the
+        // written keys and values into textures is timed too.
+        let (n_heads, n_kv_heads, head_dim) = ATTENTION_HEADS;
         let tokens = 128u32;
-        let qn = (tokens * heads * hd) as usize;
-        let q = gpu.upload_f32(&vec![0.1; qn], "tune q")?;
-        let kv = vec![0.1; (tokens * kv_heads * hd) as usize];
+        let qn = (tokens * n_heads * head_dim) as usize;
+        let kvn = (tokens * n_kv_heads * head_dim) as usize;
+        let step = gpu.upload_f32(&vec![0.1; qn], "tune q")?;
+        let new_kv = gpu.upload_f32(&vec![0.1; kvn], "tune kv")?;
+        let table = gpu.upload_f32(
+            &rope_table(10000.0, head_dim, tokens, &RopeScaling::None),
+            "tune rope",
+        )?;
+        let q = gpu.alloc(qn as u64 * 4, "tune q")?;
         let (kb, vb) = (
-            gpu.upload_f32(&kv, "tune k")?,
-            gpu.upload_f32(&kv, "tune v")?,
+            gpu.alloc(kvn as u64 * 4, "tune k")?,
+            gpu.alloc(kvn as u64 * 4, "tune v")?,
         );
         let out = gpu.alloc(qn as u64 * 4, "tune out")?;
-        let op = Op::Attention {
-            q: &q,
-            k: &kb,
-            v: &vb,
-            out: &out,
-            n_tokens: tokens,
-            n_heads: heads,
-            n_kv_heads: kv_heads,
-            head_dim: hd,
-            pos0: 0,
-            row0: 0,
-            scale: 0.125,
+        let ops = [
+            Op::RopeKv {
+                q: &step,
+                k: &new_kv,
+                v: &new_kv,
+                table: &table,
+                q_out: &q,
+                k_cache: &kb,
+                v_cache: &vb,
+                n_tokens: tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0: 0,
+                style: RopeStyle::HalfSplit,
+            },
+            Op::Attention {
+                q: &q,
+                k: &kb,
+                v: &vb,
+                out: &out,
+                n_tokens: tokens,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                pos0: 0,
+                row0: 0,
+                scale: 0.125,
+            },
+        ];
+        // The cache's textures are free where decode attention already made them.
+        let gain = if best.attention_decode.texture {
+            1.0
+        } else {
+            TEXTURE_GAIN
         };
-        best.attention_prefill = fastest(gpu, &[op], VARIANTS.to_vec(), &mut timings, |a| {
-            (
-                KernelShapes {
-                    attention_prefill: a,
-                    ..best
-                },
-                format!("attention prefill {}", a.spec()),
-            )
-        })?
-        .0;
+        best.attention_prefill = fastest_for_memory(
+            gpu,
+            &ops,
+            VARIANTS.to_vec(),
+            |v| *v == Variant::Subgroup8Texture,
+            gain,
+            &mut timings,
+            |a| {
+                (
+                    KernelShapes {
+                        attention_prefill: a,
+                        ..best
+                    },
+                    format!("attention prefill {}", a.spec()),
+                )
+            },
+        )?;
         // A prompt's product: 64 rows of x, a projection's weights.
         let (m, k, n) = (64u32, 576u32, 1536u32);
         let (x, w, out) = product_buffers(gpu, wtype, m, k, n)?;
@@ -775,7 +831,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         best.prompt_matmul = fastest_for_memory(
             gpu,
             &[op],
-            PROMPT_VARIANTS.to_vec(),
+            VARIANTS.to_vec(),
             |v| *v == Variant::Subgroup8Texture,
             gain,
             &mut timings,
@@ -891,7 +947,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .map(MatvecShape::spec)
         .chain(attention_candidates().iter().map(AttentionShape::spec))
         .chain(ONE_PASS.iter().map(|n| format!("/{n}")))
-        .chain(PROMPT_VARIANTS.iter().map(|v| v.spec().to_string()))
+        .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
         "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | subgroups {} | {} | layer {:?}{}",
@@ -928,8 +984,8 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
             if !wanted.is_empty() && !gpu.subgroups_of_8() {
                 notes.push(format!(
                     "the subgroup kernels chosen for {} need subgroups of exactly 8 \
-                     invocations and read-only storage textures, which this device lacks: \
-                     it runs the portable kernels",
+                     invocations and bindings (read-only storage textures, uniform copies \
+                     of x) that this device lacks: it runs the portable kernels",
                     wanted.join(", ")
                 ));
             }
@@ -994,17 +1050,18 @@ const LLVMPIPE_ENV: [&str; 4] = [
 ];
 
 /// Threads llvmpipe runs each dispatch on where [`use_llvmpipe_threads`] sets them: twice
-/// the host's cores. llvmpipe deals a dispatch's workgroups out to its threads in equal runs
-/// fixed up front (Mesa's `lp_cs_tpool`), so a decode step's small dispatches (3 to 7
-/// workgroups on SmolLM2) leave a core idle, and a thread that a neighbour slows holds up
-/// the whole dispatch; with twice as many threads as cores the OS scheduler evens the runs
-/// out (BENCHMARKS.md, sixteenth part: generation 1.2x on 2 cores, prompt and training
-/// within noise).
-pub fn llvmpipe_threads() -> usize {
+/// the logical CPUs this process may use (`available_parallelism`, which respects affinity
+/// and cgroup quotas). llvmpipe deals a dispatch's workgroups out to its threads in equal
+/// runs fixed up front (Mesa's `lp_cs_tpool`), so a decode step's small dispatches (3 to 7
+/// workgroups on SmolLM2) leave a CPU idle, and a thread that a neighbour slows holds up
+/// the whole dispatch; with twice as many threads as CPUs the OS scheduler evens the runs
+/// out (BENCHMARKS.md, sixteenth part: generation 1.2x on 2 CPUs, prompt and training
+/// within noise; the factor was measured on 2 CPUs only).
+fn default_llvmpipe_threads() -> usize {
     2 * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Sets `LP_NUM_THREADS` to [`llvmpipe_threads`] where the environment does not set it.
+/// Sets `LP_NUM_THREADS` to [`default_llvmpipe_threads`] where the environment does not set it.
 /// llvmpipe reads it when an instance finds the device, so this goes before opening a GPU.
 ///
 /// # Safety
@@ -1015,15 +1072,22 @@ pub fn llvmpipe_threads() -> usize {
 pub unsafe fn use_llvmpipe_threads() {
     if std::env::var_os("LP_NUM_THREADS").is_none() {
         // SAFETY: the caller's guarantee.
-        unsafe { std::env::set_var("LP_NUM_THREADS", llvmpipe_threads().to_string()) };
+        unsafe { std::env::set_var("LP_NUM_THREADS", default_llvmpipe_threads().to_string()) };
     }
 }
 
-/// The notice naming llvmpipe's thread count.
+/// The notice naming llvmpipe's thread count, as llvmpipe reads it (capped at its
+/// LP_MAX_THREADS, 16 in Mesa 22).
 fn llvmpipe_thread_note() -> String {
-    match std::env::var("LP_NUM_THREADS") {
-        Ok(n) => format!("llvmpipe runs {n} threads (LP_NUM_THREADS)"),
-        Err(_) => "llvmpipe runs a thread per core (LP_NUM_THREADS unset)".into(),
+    match std::env::var_os("LP_NUM_THREADS") {
+        Some(n) if n == "0" => {
+            "llvmpipe runs on the submitting thread only (LP_NUM_THREADS=0)".into()
+        }
+        Some(n) => format!(
+            "llvmpipe runs {} threads, at most its maximum (LP_NUM_THREADS)",
+            n.to_string_lossy()
+        ),
+        None => "llvmpipe runs a thread per CPU, at most its maximum (LP_NUM_THREADS unset)".into(),
     }
 }
 
@@ -1157,6 +1221,8 @@ mod tests {
         let m = tex.matvec_wide;
         assert!(m.subgroup && m.texture && !m.split && m.wg == 8 && m.rows == 8);
         assert_eq!(tex.prompt_matmul, Variant::Subgroup8Texture);
+        let prefill = KernelShapes::parse("attention_prefill=sg8t").unwrap();
+        assert_eq!(prefill.attention_prefill, Variant::Subgroup8Texture);
         assert_eq!(tex.subgroup_choices(), ["prompt_matmul", "matvec_wide"]);
         for bad in [
             "matvec=7x4",
@@ -1180,7 +1246,6 @@ mod tests {
             "matvec",
             "attention_decode=-1",
             "attention_prefill=sg4",
-            "attention_prefill=sg8t",
             "matvec=16x4tg",
             "matvec=16x4st",
             "prompt_matmul=v4",

@@ -58,6 +58,9 @@ const ATTENTION_WG: u32 = 64;
 /// Tokens per `attention_sg8` workgroup: several subgroups of 8, and enough workgroups for
 /// every core in a prompt of a few hundred tokens.
 const PREFILL_SG_WG: u32 = 32;
+/// Positions per `attention_dsg8` workgroup for a prompt (`sg8t`): a prompt's whole
+/// context, in practice, so each (token, kv head) is one pass with no merge.
+const PREFILL_CHUNK: u32 = 1 << 20;
 /// `cross_entropy`'s workgroup (one per row; matches CE_WG in softmax.wgsl).
 const CE_WG: u32 = 64;
 /// The uniform copies of x in quant_sg.wgsl (16 bytes X_UNIFORM_VEC4S times): products
@@ -2095,11 +2098,29 @@ impl Backend for Gpu {
                 scale,
             } => {
                 let pairs = n_tokens * n_heads;
-                let shape = if pairs < tune::DECODE_PAIRS_BELOW {
+                let decode = pairs < tune::DECODE_PAIRS_BELOW;
+                let prefill = self.shapes.attention_prefill;
+                let shape = if decode {
                     self.shapes.attention_decode
                 } else {
                     tune::AttentionShape::v4(ATTENTION_WG)
                 };
+                // `attention_dsg8`'s shape: a decode step's, or with `sg8t` a prompt's, in
+                // one pass per (token, kv head) over texture copies (the tokens are the
+                // parallelism; the chunks exist for steps of few tokens).
+                let sg = match (decode, prefill) {
+                    (true, _) => Some(shape),
+                    (false, tune::Variant::Subgroup8Texture) => Some(tune::AttentionShape {
+                        wg: PREFILL_CHUNK,
+                        split: false,
+                        gqa: false,
+                        subgroup: true,
+                        texture: true,
+                        one_pass: 0,
+                    }),
+                    _ => None,
+                }
+                .filter(|s| s.subgroup);
                 let params = vec![
                     n_tokens,
                     n_heads,
@@ -2109,20 +2130,21 @@ impl Backend for Gpu {
                     scale.to_bits(),
                     row0,
                 ];
+                let wg = shape.wg;
                 // Positions per workgroup of the subgroup form: the whole context where
                 // it takes it in one pass.
                 let context = pos0 + n_tokens;
-                let wg = match shape.subgroup && context <= shape.one_pass {
-                    true => shape.one_pass,
-                    false => shape.wg,
+                let sg_wg = match sg {
+                    Some(s) if context <= s.one_pass => s.one_pass,
+                    Some(s) => s.wg,
+                    None => 1,
                 };
                 // Chunked attention's partial results: (head_dim + 2) values per (token,
                 // head, chunk).
-                let chunks = context.div_ceil(wg.max(1));
+                let chunks = context.div_ceil(sg_wg);
                 let part_bytes =
                     u64::from(n_tokens * n_heads) * u64::from(chunks) * u64::from(head_dim + 2) * 4;
-                if pairs < tune::DECODE_PAIRS_BELOW
-                    && shape.subgroup
+                if let Some(sg) = sg
                     && part_bytes <= self.limits.max_storage_buffer_binding_size
                     && self.subgroups_of_8()
                     && head_dim.is_multiple_of(32)
@@ -2134,9 +2156,9 @@ impl Backend for Gpu {
                     // chunk goes straight into `out`.
                     let row_bytes = n_kv_heads * head_dim * 4;
                     let rows = row0 + pos0 + n_tokens;
-                    // A call from position 0 reads a cache (or per-layer keys) just written
-                    // whole: a texture copy would be all cost.
-                    let k_view = match shape.texture && pos0 > 0 {
+                    // A decode call from position 0 reads a cache (or per-layer keys) just
+                    // written whole: a texture copy would be all cost; a prompt's is not.
+                    let k_view = match sg.texture && (pos0 > 0 || !decode) {
                         true => self.kv_texture(k, row_bytes, rows),
                         false => None,
                     };
@@ -2158,7 +2180,7 @@ impl Backend for Gpu {
                             overrides: vec![
                                 ("HD4", head_dim / 4),
                                 ("GQA", n_heads / n_kv_heads),
-                                ("CHUNK", wg),
+                                ("CHUNK", sg_wg),
                                 ("TEX", u32::from(views.is_some())),
                             ],
                             bindings: vec![(5, q), (6, k), (7, v), (8, out), (9, &part)],
@@ -2188,8 +2210,9 @@ impl Backend for Gpu {
                         )?,
                     });
                 }
-                if pairs >= tune::DECODE_PAIRS_BELOW
-                    && self.shapes.attention_prefill == tune::Variant::Subgroup8
+                // `sg8t` where `attention_dsg8` cannot take the heads falls back to this.
+                if !decode
+                    && prefill != tune::Variant::Portable
                     && self.subgroups_of_8()
                     && head_dim.is_multiple_of(32)
                     && head_dim <= 128
