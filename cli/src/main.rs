@@ -146,8 +146,8 @@ struct DeviceArgs {
     /// GPU kernel shapes: `cached` (measured on first use of an adapter and driver, then
     /// read from the cache), `measure` (again, replacing the cache), `defaults`, or forced
     /// as matvec=WGxROWS[s|g|gt],matvec_wide=WGxROWS[s|g|gt],attention_decode=WG[s|q|d|dt][/N],
-    /// attention_prefill=portable|sg8,prompt_matmul=portable|sg8|sg8t (keys left out keep their
-    /// defaults).
+    /// attention_prefill=portable|sg8|sg8t,prompt_matmul=portable|sg8|sg8t (keys left out
+    /// keep their defaults).
     #[arg(long, default_value = "cached", value_parser = parse_tuning)]
     kernel_shapes: Tuning,
     /// Instruction set of the multi-threaded CPU path (to compare variants on one host).
