@@ -2140,10 +2140,18 @@ impl Backend for Gpu {
                     None => 1,
                 };
                 // Chunked attention's partial results: (head_dim + 2) values per (token,
-                // head, chunk).
+                // head, chunk); none for one chunk, which goes straight into `out` (the
+                // binding then takes the scratch as it is).
                 let chunks = context.div_ceil(sg_wg);
-                let part_bytes =
-                    u64::from(n_tokens * n_heads) * u64::from(chunks) * u64::from(head_dim + 2) * 4;
+                let part_bytes = match chunks {
+                    1 => 4,
+                    _ => {
+                        u64::from(n_tokens * n_heads)
+                            * u64::from(chunks)
+                            * u64::from(head_dim + 2)
+                            * 4
+                    }
+                };
                 if let Some(sg) = sg
                     && part_bytes <= self.limits.max_storage_buffer_binding_size
                     && self.subgroups_of_8()
