@@ -547,21 +547,21 @@ const ATTENTION_HEADS: (u32, u32, u32) = (9, 3, 64);
 /// Eight of SmolLM2's caches at 512 positions are 12 MiB with their textures.
 const ATTENTION_LAYERS: usize = 8;
 
-/// [`ATTENTION_LAYERS`] layers' [`DecodeAttention`] over `pos0 + 1` positions.
-fn decode_attention(gpu: &Gpu, pos0: u32) -> Result<Vec<DecodeAttention>> {
+/// [`ATTENTION_LAYERS`] layers' decode step at position `pos0`.
+fn decode_attention(gpu: &Gpu, pos0: u32) -> Result<Vec<AttentionStep>> {
     (0..ATTENTION_LAYERS)
-        .map(|_| DecodeAttention::new(gpu, pos0))
+        .map(|_| AttentionStep::new(gpu, pos0, 1))
         .collect()
 }
 
 /// Every layer's ops in turn.
-fn layer_ops(layers: &[DecodeAttention]) -> Vec<Op<'_, GpuBuffer>> {
-    layers.iter().flat_map(DecodeAttention::ops).collect()
+fn layer_ops(layers: &[AttentionStep]) -> Vec<Op<'_, GpuBuffer>> {
+    layers.iter().flat_map(AttentionStep::ops).collect()
 }
 
-/// A decode step's attention over `pos0 + 1` positions of [`ATTENTION_HEADS`], with the
-/// RoPE and cache write before it.
-struct DecodeAttention {
+/// The attention of `tokens` tokens at positions `pos0 ..` of [`ATTENTION_HEADS`], with
+/// the RoPE and cache write before it: a decode step (one token) or a prompt.
+struct AttentionStep {
     step: GpuBuffer,
     q: GpuBuffer,
     new_kv: GpuBuffer,
@@ -570,24 +570,28 @@ struct DecodeAttention {
     v: GpuBuffer,
     out: GpuBuffer,
     pos0: u32,
+    tokens: u32,
 }
 
-impl DecodeAttention {
-    fn new(gpu: &Gpu, pos0: u32) -> Result<DecodeAttention> {
+impl AttentionStep {
+    fn new(gpu: &Gpu, pos0: u32, tokens: u32) -> Result<AttentionStep> {
         let (heads, kv_heads, hd) = ATTENTION_HEADS;
-        let kv = vec![0.1; ((pos0 + 1) * kv_heads * hd) as usize];
-        Ok(DecodeAttention {
-            step: gpu.upload_f32(&vec![0.1; (heads * hd) as usize], "tune q")?,
-            q: gpu.alloc(u64::from(heads * hd) * 4, "tune q")?,
-            new_kv: gpu.upload_f32(&vec![0.1; (kv_heads * hd) as usize], "tune kv")?,
+        let rows = pos0 + tokens;
+        let kv = vec![0.1; (rows * kv_heads * hd) as usize];
+        let q_bytes = u64::from(tokens * heads * hd) * 4;
+        Ok(AttentionStep {
+            step: gpu.upload_f32(&vec![0.1; (tokens * heads * hd) as usize], "tune q")?,
+            q: gpu.alloc(q_bytes, "tune q")?,
+            new_kv: gpu.upload_f32(&vec![0.1; (tokens * kv_heads * hd) as usize], "tune kv")?,
             table: gpu.upload_f32(
-                &rope_table(10000.0, hd, pos0 + 1, &RopeScaling::None),
+                &rope_table(10000.0, hd, rows, &RopeScaling::None),
                 "tune rope",
             )?,
             k: gpu.upload_f32(&kv, "tune k")?,
             v: gpu.upload_f32(&kv, "tune v")?,
-            out: gpu.alloc(u64::from(heads * hd) * 4, "tune out")?,
+            out: gpu.alloc(q_bytes, "tune out")?,
             pos0,
+            tokens,
         })
     }
 
@@ -602,7 +606,7 @@ impl DecodeAttention {
                 q_out: &self.q,
                 k_cache: &self.k,
                 v_cache: &self.v,
-                n_tokens: 1,
+                n_tokens: self.tokens,
                 n_heads,
                 n_kv_heads,
                 head_dim,
@@ -614,7 +618,7 @@ impl DecodeAttention {
                 k: &self.k,
                 v: &self.v,
                 out: &self.out,
-                n_tokens: 1,
+                n_tokens: self.tokens,
                 n_heads,
                 n_kv_heads,
                 head_dim,
@@ -626,10 +630,11 @@ impl DecodeAttention {
     }
 }
 
-/// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output head, a
-/// decode step's attention at 512 positions with its RoPE and cache write; where subgroups are 8 invocations, also a
-/// 128-token prompt's attention and a 64-row Q4_1 product, whose choice then serves Q8_0
-/// and Q4_0 too) and returns the fastest of each, with the timings for the cache.
+/// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output
+/// head, eight layers' decode attention at 512 positions with its RoPE and cache write;
+/// where subgroups are 8 invocations, also a 128-token prompt's attention with its cache
+/// write and a 64-row Q4_1 product, whose choice then serves Q8_0 and Q4_0 too) and
+/// returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let mut best = KernelShapes::default();
     let mut timings = Vec::new();
@@ -739,52 +744,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     if gpu.subgroups_of_8() {
         // With its RoPE and cache write, as in a model, so that `sg8t`'s copy of the
         // written keys and values into textures is timed too.
-        let (n_heads, n_kv_heads, head_dim) = ATTENTION_HEADS;
-        let tokens = 128u32;
-        let qn = (tokens * n_heads * head_dim) as usize;
-        let kvn = (tokens * n_kv_heads * head_dim) as usize;
-        let step = gpu.upload_f32(&vec![0.1; qn], "tune q")?;
-        let new_kv = gpu.upload_f32(&vec![0.1; kvn], "tune kv")?;
-        let table = gpu.upload_f32(
-            &rope_table(10000.0, head_dim, tokens, &RopeScaling::None),
-            "tune rope",
-        )?;
-        let q = gpu.alloc(qn as u64 * 4, "tune q")?;
-        let (kb, vb) = (
-            gpu.alloc(kvn as u64 * 4, "tune k")?,
-            gpu.alloc(kvn as u64 * 4, "tune v")?,
-        );
-        let out = gpu.alloc(qn as u64 * 4, "tune out")?;
-        let ops = [
-            Op::RopeKv {
-                q: &step,
-                k: &new_kv,
-                v: &new_kv,
-                table: &table,
-                q_out: &q,
-                k_cache: &kb,
-                v_cache: &vb,
-                n_tokens: tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0: 0,
-                style: RopeStyle::HalfSplit,
-            },
-            Op::Attention {
-                q: &q,
-                k: &kb,
-                v: &vb,
-                out: &out,
-                n_tokens: tokens,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                pos0: 0,
-                row0: 0,
-                scale: 0.125,
-            },
-        ];
+        let prompt = AttentionStep::new(gpu, 0, 128)?;
         // The cache's textures are free where decode attention already made them.
         let gain = if best.attention_decode.texture {
             1.0
@@ -793,7 +753,7 @@ fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
         };
         best.attention_prefill = fastest_for_memory(
             gpu,
-            &ops,
+            &prompt.ops(),
             VARIANTS.to_vec(),
             |v| *v == Variant::Subgroup8Texture,
             gain,
@@ -1077,7 +1037,7 @@ pub unsafe fn use_llvmpipe_threads() {
 }
 
 /// The notice naming llvmpipe's thread count, as llvmpipe reads it (capped at its
-/// LP_MAX_THREADS, 16 in Mesa 22).
+/// compile-time LP_MAX_THREADS).
 fn llvmpipe_thread_note() -> String {
     match std::env::var_os("LP_NUM_THREADS") {
         Some(n) if n == "0" => {
