@@ -84,7 +84,7 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
     }
     let dir = scratch("no-subgroups");
     let forced = KernelShapes::parse(
-        "matvec=8x8g,matvec_wide=8x4g,attention_decode=32d,attention_prefill=sg8,prompt_matmul=sg8",
+        "matvec=8x8g,matvec_wide=8x4gt,attention_decode=32d,attention_prefill=sg8,prompt_matmul=sg8",
     )
     .unwrap();
     let gpu = Gpu::open(&GpuOptions {
@@ -105,6 +105,11 @@ fn subgroup_kernels_forced_on_a_device_without_subgroups_fall_back_with_a_notice
         notice[0].contains("attention_prefill, prompt_matmul") && notice[0].contains("matvec"),
         "{}",
         notice[0]
+    );
+    // The portable kernels make no textures, so nothing is said to be held twice.
+    assert!(
+        !notes.iter().any(|n| n.contains("a second time")),
+        "{notes:?}"
     );
     // Every product and attention case the forced kernels would have run, on the
     // portable kernels instead, against the reference.

@@ -245,6 +245,26 @@ impl KernelShapes {
         )
     }
 
+    /// A notice naming what these shapes hold a second time, as textures, on a device
+    /// with subgroups of 8.
+    fn held_twice(&self) -> Option<String> {
+        let weights = self.matvec.texture
+            || self.matvec_wide.texture
+            || self.prompt_matmul == Variant::Subgroup8Texture;
+        let cache =
+            self.attention_decode.texture || self.attention_prefill == Variant::Subgroup8Texture;
+        let what = match (weights, cache) {
+            (true, true) => "the quantised weights and the KV cache",
+            (true, false) => "the quantised weights",
+            (false, true) => "the KV cache",
+            (false, false) => return None,
+        };
+        Some(format!(
+            "these kernel shapes hold {what} a second time, as textures, for speed; \
+             shapes without the texture forms (gt, dt, sg8t) hold them once"
+        ))
+    }
+
     /// The choices that need subgroups of 8, by key.
     fn subgroup_choices(&self) -> Vec<&'static str> {
         [
@@ -496,6 +516,8 @@ fn save(path: &Path, identity: &str, shapes: &KernelShapes, timings: &[String]) 
 /// Seconds per call of `ops` (run one after another) on `gpu` with `shapes`: the fastest
 /// of five batches after a warm-up (which compiles the pipelines), since other work on the
 /// machine only ever adds time; or one call's time if that is over three times `best`.
+/// A batch is up to four calls, as many as take about [`BATCH_SECONDS`] (against which
+/// the sync that ends it is small).
 fn time_op(
     gpu: &mut Gpu,
     shapes: KernelShapes,
@@ -514,42 +536,38 @@ fn time_op(
     if once > 3.0 * best {
         return Ok(once);
     }
+    let calls = (BATCH_SECONDS / once).ceil().clamp(1.0, 4.0) as u32;
     let mut t = Vec::with_capacity(5);
     for _ in 0..5 {
         let start = Instant::now();
-        for _ in 0..4 {
+        for _ in 0..calls {
             run(gpu)?;
         }
         gpu.sync()?;
-        t.push(start.elapsed().as_secs_f64() / 4.0);
+        t.push(start.elapsed().as_secs_f64() / f64::from(calls));
     }
     Ok(t.into_iter().fold(f64::INFINITY, f64::min))
 }
 
-/// (k, n) of a SmolLM2-135M layer's products in a decode step: q, k, v, o, gate, up, down.
-const LAYER_PRODUCTS: &[(u32, u32)] = &[
-    (576, 576),
-    (576, 192),
-    (576, 192),
-    (576, 576),
-    (576, 1536),
-    (576, 1536),
-    (1536, 576),
-];
+const BATCH_SECONDS: f64 = 2e-3;
+
+/// SmolLM2-135M's width and feed-forward width.
+const DIM: u32 = 576;
+const FFN: u32 = 1536;
 
 /// SmolLM2-135M's query heads, kv heads and head size.
 const ATTENTION_HEADS: (u32, u32, u32) = (9, 3, 64);
 
-/// Layers whose decode attention is timed together, each with its own cache: one layer's
-/// cache stays in the CPU's L2 from one run to the next, a model's do not (its weights
-/// pass through in between), and on lavapipe without AVX-512 reading the KV cache from
-/// buffers rather than textures costs far more from L3 (BENCHMARKS.md, seventeenth part).
-/// Eight of SmolLM2's caches at 512 positions are 12 MiB with their textures.
-const ATTENTION_LAYERS: usize = 8;
+/// Layers of a decode step timed together, each with its own weights and cache: one
+/// layer's stay in the CPU's L2 from one run to the next, a model's do not, and on
+/// lavapipe reading them from buffers rather than textures costs far more from L3
+/// (BENCHMARKS.md, seventeenth part). Eight of SmolLM2's Q4_1 layers are 18 MiB, their
+/// caches at 512 positions 12 MiB with their textures.
+const DECODE_LAYERS: usize = 8;
 
-/// [`ATTENTION_LAYERS`] layers' decode step at position `pos0`.
+/// [`DECODE_LAYERS`] layers' decode step at position `pos0`.
 fn decode_attention(gpu: &Gpu, pos0: u32) -> Result<Vec<AttentionStep>> {
-    (0..ATTENTION_LAYERS)
+    (0..DECODE_LAYERS)
         .map(|_| AttentionStep::new(gpu, pos0, 1))
         .collect()
 }
@@ -630,43 +648,185 @@ impl AttentionStep {
     }
 }
 
-/// Measures every candidate on SmolLM2-135M's shapes (a layer's projections, a wide output
-/// head, eight layers' decode attention at 512 positions with its RoPE and cache write;
+/// The buffers a decode step's layers share, as in a model: the residual stream (`x`,
+/// `x2`), a product's output (`h`), the unused q/k/v outputs of the fused step, the
+/// SwiGLU activation and a norm weight.
+struct LayerIo {
+    x: GpuBuffer,
+    x2: GpuBuffer,
+    h: GpuBuffer,
+    q: GpuBuffer,
+    k: GpuBuffer,
+    v: GpuBuffer,
+    act: GpuBuffer,
+    norm: GpuBuffer,
+}
+
+impl LayerIo {
+    fn new(gpu: &Gpu) -> Result<LayerIo> {
+        let (heads, kv_heads, hd) = ATTENTION_HEADS;
+        let f32s = |n: u32, what| gpu.upload_f32(&vec![0.1; n as usize], what);
+        Ok(LayerIo {
+            x: f32s(DIM, "tune x")?,
+            x2: f32s(DIM, "tune x")?,
+            h: f32s(DIM, "tune h")?,
+            q: gpu.alloc(u64::from(heads * hd) * 4, "tune q")?,
+            k: gpu.alloc(u64::from(kv_heads * hd) * 4, "tune k")?,
+            v: gpu.alloc(u64::from(kv_heads * hd) * 4, "tune v")?,
+            act: gpu.alloc(u64::from(FFN) * 4, "tune act")?,
+            norm: f32s(DIM, "tune norm")?,
+        })
+    }
+}
+
+/// One layer of a GGUF model's decode step at position 511 with its own weights and
+/// cache, run as the model runs it: the pending residual add and norm with the q, k and
+/// v products, RoPE and cache write; the output product; the add and norm with the gate
+/// and up products and SwiGLU; the down product. The products' forms are timed on this
+/// (fused kernels read several weights per dispatch and are what a model runs; a
+/// product timed alone misjudged reading weights from textures, BENCHMARKS.md); its
+/// attention, which has its own choice, is left out.
+struct DecodeLayer {
+    attention: AttentionStep,
+    /// q, k, v, o, gate, up, down.
+    w: [GpuBuffer; 7],
+}
+
+impl DecodeLayer {
+    fn new(gpu: &Gpu) -> Result<DecodeLayer> {
+        let (heads, kv_heads, hd) = ATTENTION_HEADS;
+        let (q, kv) = (heads * hd, kv_heads * hd);
+        let shapes = [
+            (DIM, q),
+            (DIM, kv),
+            (DIM, kv),
+            (q, DIM),
+            (DIM, FFN),
+            (DIM, FFN),
+            (FFN, DIM),
+        ];
+        let mut w = Vec::with_capacity(shapes.len());
+        for (k, n) in shapes {
+            w.push(synthetic_weights(gpu, TUNE_WTYPE, k, n)?);
+        }
+        Ok(DecodeLayer {
+            attention: AttentionStep::new(gpu, 511, 1)?,
+            w: w.try_into().map_err(|_| Error::InvalidArgument {
+                name: "kernel shapes",
+                reason: "a decode layer has seven weights".into(),
+            })?,
+        })
+    }
+
+    fn ops<'a>(&'a self, io: &'a LayerIo) -> [Op<'a, GpuBuffer>; 4] {
+        let (heads, kv_heads, hd) = ATTENTION_HEADS;
+        let at = &self.attention;
+        let [wq, wk, wv, wo, gate, up, down] = &self.w;
+        let (wtype, eps) = (TUNE_WTYPE, 1e-5);
+        [
+            Op::NormQkvRope {
+                a: &io.x2,
+                h: &io.h,
+                norm: &io.norm,
+                sum: &io.x,
+                wq,
+                wk,
+                wv,
+                q: &io.q,
+                k: &io.k,
+                v: &io.v,
+                table: &at.table,
+                q_out: &at.q,
+                k_cache: &at.k,
+                v_cache: &at.v,
+                q_factors: None,
+                k_factors: None,
+                v_factors: None,
+                wtype,
+                dim: DIM,
+                n_q: heads * hd,
+                n_kv: kv_heads * hd,
+                eps,
+                head_dim: hd,
+                pos: at.pos0,
+                style: RopeStyle::Interleaved,
+            },
+            Op::QMatmul {
+                x: &at.out,
+                w: wo,
+                factors: None,
+                out: &io.h,
+                wtype,
+                m: 1,
+                k: heads * hd,
+                n: DIM,
+            },
+            Op::NormMatvec {
+                a: &io.x,
+                h: &io.h,
+                norm: &io.norm,
+                w: gate,
+                out: &io.act,
+                sum: Some(&io.x2),
+                factors: None,
+                up: Some(up),
+                up_factors: None,
+                wtype,
+                k: DIM,
+                n: FFN,
+                eps,
+            },
+            Op::QMatmul {
+                x: &io.act,
+                w: down,
+                factors: None,
+                out: &io.h,
+                wtype,
+                m: 1,
+                k: FFN,
+                n: DIM,
+            },
+        ]
+    }
+}
+
+/// Measures every candidate on SmolLM2-135M's shapes (eight layers' decode-step products
+/// as [`DecodeLayer`] runs them, a wide output head, eight layers' decode attention at 512 positions with its RoPE and cache write;
 /// where subgroups are 8 invocations, also a 128-token prompt's attention with its cache
 /// write and a 64-row Q4_1 product, whose choice then serves Q8_0 and Q4_0 too) and
 /// returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
     let mut best = KernelShapes::default();
     let mut timings = Vec::new();
-    let wtype = WeightType::Q4_1;
-    // The projections as a whole layer's decode step runs them (a shape that fills the
-    // threads on 1536 rows can leave them idle on 192), and a wide output head.
-    for (wide, shapes) in [(false, LAYER_PRODUCTS), (true, &[(576, WIDE_FROM)][..])] {
+    let wtype = TUNE_WTYPE;
+    // The projections as a model's decode step runs them, over eight layers' weights (a
+    // shape that fills the threads on 1536 rows can leave them idle on 192), and a wide
+    // output head.
+    let io = LayerIo::new(gpu)?;
+    let layers = (0..DECODE_LAYERS)
+        .map(|_| DecodeLayer::new(gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let (x, w, out) = product_buffers(gpu, wtype, 1, DIM, WIDE_FROM)?;
+    let head = [Op::QMatmul {
+        x: &x,
+        w: &w,
+        factors: None,
+        out: &out,
+        wtype,
+        m: 1,
+        k: DIM,
+        n: WIDE_FROM,
+    }];
+    let layer_products: Vec<_> = layers.iter().flat_map(|l| l.ops(&io)).collect();
+    for (wide, ops) in [(false, &layer_products[..]), (true, &head[..])] {
         let label = if wide { "head" } else { "layer" };
-        let mut bufs = Vec::with_capacity(shapes.len());
-        for &(k, n) in shapes {
-            bufs.push((k, n, product_buffers(gpu, wtype, 1, k, n)?));
-        }
-        let ops: Vec<_> = bufs
-            .iter()
-            .map(|(k, n, (x, w, out))| Op::QMatmul {
-                x,
-                w,
-                factors: None,
-                out,
-                wtype,
-                m: 1,
-                k: *k,
-                n: *n,
-            })
-            .collect();
         let candidates = matvec_candidates()
             .into_iter()
             .filter(|m| !m.subgroup || gpu.subgroups_of_8())
             .collect();
         let shape = fastest_for_memory(
             gpu,
-            &ops,
+            ops,
             candidates,
             |m| m.texture,
             TEXTURE_GAIN,
@@ -819,18 +979,28 @@ fn product_buffers(
     n: u32,
 ) -> Result<(GpuBuffer, GpuBuffer, GpuBuffer)> {
     let x = gpu.upload_f32(&vec![0.5; m as usize * k as usize], "tune x")?;
-    let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
-        .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
-        .collect();
-    let w = gpu.upload_weights(wtype, &bytes, k, "tune w")?;
+    let w = synthetic_weights(gpu, wtype, k, n)?;
     let out = gpu.alloc(u64::from(m) * u64::from(n) * 4, "tune out")?;
     Ok((x, w, out))
 }
 
-/// How much faster reading weights from textures must be to be chosen (it costs their
-/// memory a second time): 1.5x, where lavapipe without AVX-512 measured 2-4x and with it
-/// about 1x.
-const TEXTURE_GAIN: f64 = 1.5;
+/// `wtype` weights of n rows of k, with scales small enough to keep sums finite.
+fn synthetic_weights(gpu: &Gpu, wtype: WeightType, k: u32, n: u32) -> Result<GpuBuffer> {
+    let bytes: Vec<u8> = (0..wtype.row_bytes(k as usize)? * n as usize)
+        .map(|i| if i % 20 < 4 { 0x30 } else { i as u8 })
+        .collect();
+    gpu.upload_weights(wtype, &bytes, k, "tune w")
+}
+
+/// The weight type timed: the products' choice serves Q8_0 and Q4_0 too.
+const TUNE_WTYPE: WeightType = WeightType::Q4_1;
+
+/// How much faster a texture candidate must run what it is timed on to be chosen (it
+/// holds the weights, or the KV cache, a second time): 1.1x, clear of the measurement's
+/// noise. In a decode step's layers lavapipe's texture products measured 2-4x faster
+/// without AVX-512 and about 1.17x with it (1.33x for the output head), which generated
+/// 1.2x faster (BENCHMARKS.md, eighteenth part).
+const TEXTURE_GAIN: f64 = 1.1;
 
 /// The candidate whose shapes (`shapes_of` gives them and a label) run `op` fastest, and
 /// its time; each candidate's time is added to `timings`.
@@ -892,10 +1062,16 @@ fn fastest_for_memory<T: Copy>(
 
 /// Applies `tuning` to a freshly opened device: see [`Tuning`].
 pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Result<TuneReport> {
-    let report = |shapes, origin: &str, notes| TuneReport {
-        shapes,
-        origin: origin.to_string(),
-        notes,
+    let subgroups = gpu.subgroups_of_8();
+    let report = |shapes: KernelShapes, origin: &str, mut notes: Vec<String>| {
+        if subgroups {
+            notes.extend(shapes.held_twice());
+        }
+        TuneReport {
+            shapes,
+            origin: origin.to_string(),
+            notes,
+        }
     };
     let r = gpu.report();
     // The candidates, the kernels' source and the measured shapes are part of the
@@ -910,7 +1086,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         .chain(VARIANTS.iter().map(|v| v.spec().to_string()))
         .collect();
     let identity = format!(
-        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | subgroups {} | {} | layer {:?}{}",
+        "edgetune {} kernels {kernels:016x} | {} | {} | {} {} | {:04x}:{:04x} | subgroups {} | {} | decode layer (dim, ffn, heads) {:?}{}",
         env!("CARGO_PKG_VERSION"),
         r.name,
         r.backend,
@@ -920,7 +1096,7 @@ pub(crate) fn autotune(gpu: &mut Gpu, tuning: &Tuning, dir: Option<&Path>) -> Re
         gpu.vendor_device().1,
         gpu.subgroups_of_8(),
         candidates.join(" "),
-        LAYER_PRODUCTS,
+        (DIM, FFN, ATTENTION_HEADS),
         if is_llvmpipe(&r) {
             llvmpipe_codegen()
         } else {
@@ -1101,6 +1277,25 @@ fn slow_llvmpipe(driver_info: &str, host_avx512: bool, capped: bool) -> Option<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texture_forms_are_named_as_held_twice() {
+        let held = |spec: &str| KernelShapes::parse(spec).unwrap().held_twice();
+        assert_eq!(held("matvec=16x8g,attention_decode=8q"), None);
+        for (spec, what) in [
+            ("matvec_wide=32x8gt", "hold the quantised weights a"),
+            ("prompt_matmul=sg8t", "hold the quantised weights a"),
+            ("attention_decode=32dt", "hold the KV cache"),
+            ("attention_prefill=sg8t", "hold the KV cache"),
+            (
+                "matvec=16x8gt,attention_decode=64dt/1024",
+                "the quantised weights and the KV cache",
+            ),
+        ] {
+            let note = held(spec).unwrap_or_default();
+            assert!(note.contains(what), "{spec}: {note}");
+        }
+    }
 
     #[test]
     fn old_llvmpipe_without_avx512_gets_a_notice() {
