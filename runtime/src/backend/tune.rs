@@ -549,6 +549,7 @@ fn time_op(
     Ok(t.into_iter().fold(f64::INFINITY, f64::min))
 }
 
+/// What a timing batch should take at least, within four calls.
 const BATCH_SECONDS: f64 = 2e-3;
 
 /// SmolLM2-135M's width and feed-forward width.
@@ -696,25 +697,18 @@ impl DecodeLayer {
     fn new(gpu: &Gpu) -> Result<DecodeLayer> {
         let (heads, kv_heads, hd) = ATTENTION_HEADS;
         let (q, kv) = (heads * hd, kv_heads * hd);
-        let shapes = [
-            (DIM, q),
-            (DIM, kv),
-            (DIM, kv),
-            (q, DIM),
-            (DIM, FFN),
-            (DIM, FFN),
-            (FFN, DIM),
-        ];
-        let mut w = Vec::with_capacity(shapes.len());
-        for (k, n) in shapes {
-            w.push(synthetic_weights(gpu, TUNE_WTYPE, k, n)?);
-        }
+        let w = |k, n| synthetic_weights(gpu, TUNE_WTYPE, k, n);
         Ok(DecodeLayer {
             attention: AttentionStep::new(gpu, 511, 1)?,
-            w: w.try_into().map_err(|_| Error::InvalidArgument {
-                name: "kernel shapes",
-                reason: "a decode layer has seven weights".into(),
-            })?,
+            w: [
+                w(DIM, q)?,
+                w(DIM, kv)?,
+                w(DIM, kv)?,
+                w(q, DIM)?,
+                w(DIM, FFN)?,
+                w(DIM, FFN)?,
+                w(FFN, DIM)?,
+            ],
         })
     }
 
