@@ -785,8 +785,8 @@ impl DecodeLayer {
 }
 
 /// Measures every candidate on SmolLM2-135M's shapes (eight layers' decode-step products
-/// as [`DecodeLayer`] runs them, a wide output head, eight layers' decode attention at 512 positions with its RoPE and cache write;
-/// where subgroups are 8 invocations, also a 128-token prompt's attention with its cache
+/// as [`DecodeLayer`] runs them, a wide output head, eight layers' decode attention at 512
+/// positions with its RoPE and cache write; where subgroups are 8 invocations, also a 128-token prompt's attention with its cache
 /// write and a 64-row Q4_1 product, whose choice then serves Q8_0 and Q4_0 too) and
 /// returns the fastest of each, with the timings for the cache.
 fn measure(gpu: &mut Gpu) -> Result<(KernelShapes, Vec<String>)> {
@@ -991,7 +991,7 @@ const TUNE_WTYPE: WeightType = WeightType::Q4_1;
 
 /// How much faster a texture candidate must run what it is timed on to be chosen (it
 /// holds the weights, or the KV cache, a second time): 1.1x, clear of the measurement's
-/// noise. In a decode step's layers lavapipe's texture products measured 2-4x faster
+/// noise. In a decode step's layers lavapipe's texture products measured 3x faster
 /// without AVX-512 and about 1.17x with it (1.33x for the output head), which generated
 /// 1.2x faster (BENCHMARKS.md, eighteenth part).
 const TEXTURE_GAIN: f64 = 1.1;
